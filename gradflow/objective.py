@@ -1,0 +1,146 @@
+"""Expected reward and other absorption quantities in closed form (THEORY.md section 3).
+
+Every quantity solves an absorbing-chain system g(u) = cost + sum_v P(u, v) g(v) on the 2(n-1)
+non-terminal chain vertices (isolated vertices are eliminated exactly).  Row u gives weight
+exp(gamma_u deg(v)) to every vertex v except its three neighbours on its own chain, so
+
+    (T - U V^T) g = r,   T tridiagonal (the two chains, local moves),  U V^T rank 2 (far jumps:
+                          one column for degree-1 and one for degree-2 targets),
+
+solved in O(n) by Woodbury: three tridiagonal solves and a 2x2 system.  Linear attention shares one
+chain for all starts (one solve); softmax attention gives the start row its own eta, so the solve is
+vmapped over starts (O(n) each).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.lax.linalg import tridiagonal_solve
+
+from gradflow.model import ModelSpec, RowScores, Theta, local_rows, row_normaliser, row_scores, transition_matrix
+from gradflow.task import ChainTask
+
+
+def _require_closed_form(model: ModelSpec) -> None:
+    if model.context != "prompt":
+        raise ValueError(
+            f"context must be 'prompt' for closed-form quantities (got {model.context!r}); "
+            "the 'history' context is not Markov and is only available in gradflow.sampling"
+        )
+
+
+def absorption_solve(scores: RowScores, n: int, model: ModelSpec, cost: float, terminal) -> jnp.ndarray:
+    """Solve g = cost + P g on the non-terminal chain vertices; g(a_n), g(b_n) = ``terminal``.
+
+    Returns g with shape (2, n-1) (chain a, chain b; positions 1..n-1).  Isolated vertices are
+    folded in: an isolated vertex returns to chain vertex v with probability prop. to its own
+    weights y(v), so its value is (cost * Z_iso + sum_v y(v) g(v)) / W_iso.
+    """
+    rows = local_rows(scores, n, model)
+    z = row_normaliser(rows, n, model)
+    pos = jnp.arange(1, n)
+    m = model.n_isolated
+    t_a, t_b = terminal
+    chain_terminal = jnp.array([t_a, t_b])[:, None]
+
+    y1, y2 = jnp.exp(scores.isolated), jnp.exp(2.0 * scores.isolated)
+    w_iso = 4.0 * y1 + (2 * n - 4) * y2
+    z_iso = w_iso + m - (1.0 if model.mask_self else 0.0)
+    u1 = rows.far1 + m * y1 / w_iso
+    u2 = rows.far2 + m * y2 / w_iso
+
+    is_last = (pos == n - 1).astype(float)
+    corr_succ = rows.succ - rows.base_succ
+    diag = z - (rows.self_ - rows.base_self)
+    upper = -corr_succ * (1.0 - is_last)
+    lower = -(rows.pred - rows.base_pred)
+    rhs = cost * z + m * cost * z_iso / w_iso + u1 * (t_a + t_b) + is_last * corr_succ * chain_terminal
+
+    flat = lambda x: jnp.broadcast_to(x, (2, n - 1)).reshape(-1)
+    columns = jnp.stack([flat(rhs), flat(u1), flat(u2)], axis=1)
+    solved = tridiagonal_solve(flat(lower), flat(diag), flat(upper), columns)
+    degree1 = flat((pos == 1).astype(float))
+    select = jnp.stack([degree1, 1.0 - degree1], axis=1)  # V: G1 = sum over a_1, b_1; G2 = the rest
+    capacitance = jnp.eye(2) - select.T @ solved[:, 1:]
+    far_sums = jnp.linalg.solve(capacitance, select.T @ solved[:, 0])
+    return (solved[:, 0] + solved[:, 1:] @ far_sums).reshape(2, n - 1)
+
+
+def _per_start(theta: Theta, task: ChainTask, model: ModelSpec, quantity) -> jnp.ndarray:
+    """``quantity(scores)[position - 1]`` for each start a_{n-d}, returned by d = 1..n-1 (entry d-1).
+
+    ``quantity`` maps the row scores of one chain (shape (2, n-1)) to a per-position vector.  Linear
+    attention has one chain for every start; softmax has one per start (vmapped).
+    """
+    _require_closed_form(model)
+    n = task.n
+    if model.attention == "linear":
+        return quantity(row_scores(theta, n, model))[::-1]
+    at_start = lambda position: quantity(row_scores(theta, n, model, start=position))[position - 1]
+    return jax.vmap(at_start)(jnp.arange(1, n))[::-1]
+
+
+def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """h[d-1] = P(the walk from a_{n-d} is absorbed at its own terminal a_n before b_n)."""
+    n = task.n
+    return _per_start(theta, task, model, lambda s: absorption_solve(s, n, model, 0.0, (1.0, 0.0))[0])
+
+
+def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """J(theta) = sum_d p[d-1] h[d-1]; the loss is 1 - J."""
+    return task.start_probs @ same_side_probability(theta, task, model)
+
+
+def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """L[d-1] = expected number of generated tokens from a_{n-d} until the first terminal (>= d)."""
+    n = task.n
+    return _per_start(theta, task, model, lambda s: absorption_solve(s, n, model, 1.0, (0.0, 0.0))[0])
+
+
+def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """E[tokens until the first terminal], start-weighted: sum_d p[d-1] L[d-1]."""
+    return task.start_probs @ length_per_start(theta, task, model)
+
+
+def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}): the exact forward path, no detour, no self-loop."""
+    n = task.n
+
+    def log_path_from(scores):
+        rows = local_rows(scores, n, model)
+        log_forward = jnp.log(rows.succ[0] / row_normaliser(rows, n, model)[0])
+        return jnp.cumsum(log_forward[::-1])[::-1]  # entry i-1: sum over positions i..n-1
+
+    return jnp.exp(_per_start(theta, task, model, log_path_from))
+
+
+def traversal_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """P(the generated path is exactly the forward path to the terminal), start-weighted."""
+    return task.start_probs @ traversal_per_start(theta, task, model)
+
+
+def _dense_per_start(theta: Theta, task: ChainTask, model: ModelSpec, cost: float, terminal) -> jnp.ndarray:
+    """Reference: dense solve of (I - Q) g = cost + R t over all non-terminal vertices (O(n^3))."""
+    _require_closed_form(model)
+    n = task.n
+    transient = jnp.array([v for v in range(2 * n + model.n_isolated) if v not in (n - 1, 2 * n - 1)])
+
+    def at_start(position):
+        p = transition_matrix(theta, n, model, start=position if model.attention == "softmax" else None)
+        q = p[jnp.ix_(transient, transient)]
+        r = cost + p[transient, n - 1] * terminal[0] + p[transient, 2 * n - 1] * terminal[1]
+        g = jnp.linalg.solve(jnp.eye(transient.size) - q, r)
+        return g[position - 1]
+
+    return jnp.stack([at_start(n - d) for d in range(1, n)])
+
+
+def dense_same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """``same_side_probability`` by a dense linear solve on the full transition matrix (tests only)."""
+    return _dense_per_start(theta, task, model, 0.0, (1.0, 0.0))
+
+
+def dense_length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """``length_per_start`` by a dense linear solve on the full transition matrix (tests only)."""
+    return _dense_per_start(theta, task, model, 1.0, (0.0, 0.0))

@@ -1,0 +1,74 @@
+"""The chain-identification task: two chains of n vertices and a distribution over start distances.
+
+A start at distance d sits at a_{n-d}; it needs d forward steps to reach its terminal a_n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from gradflow._checks import check_distribution, check_int
+
+
+def _as_float_array(x) -> jnp.ndarray:
+    return jnp.asarray(x, dtype=float)
+
+
+class ChainTask(eqx.Module):
+    """Two disjoint chains a_1..a_n, b_1..b_n; ``start_probs[d-1]`` = P(start is d steps from its end).
+
+    ``n`` is structural (it fixes array shapes, changing it recompiles); ``start_probs`` is a traced
+    array, so sweeping over distributions of one ``n`` never recompiles.
+    """
+
+    n: int = eqx.field(static=True)
+    start_probs: jnp.ndarray = eqx.field(converter=_as_float_array)
+
+    def __check_init__(self):
+        check_int("n", self.n, 2)
+        check_distribution("start_probs", self.start_probs, self.n - 1)
+
+    @property
+    def distances(self) -> jnp.ndarray:
+        """The start distances d = 1..n-1, aligned with ``start_probs``."""
+        return jnp.arange(1, self.n)
+
+    @classmethod
+    def uniform(cls, n: int) -> "ChainTask":
+        """Starts uniform over d = 1..n-1."""
+        check_int("n", n, 2)
+        return cls(n, np.full(n - 1, 1.0 / (n - 1)))
+
+    @classmethod
+    def hardest(cls, n: int) -> "ChainTask":
+        """All mass on the hardest start d = n-1 (v_start = a_1)."""
+        check_int("n", n, 2)
+        return cls(n, np.eye(n - 1)[-1])
+
+    @classmethod
+    def mixture(cls, n: int, easy_mass: float, easy_steps: Sequence[int] = (1,)) -> "ChainTask":
+        """Mass ``easy_mass`` spread evenly over the distances ``easy_steps``, the rest on d = n-1."""
+        check_int("n", n, 2)
+        if not 0.0 <= float(easy_mass) <= 1.0:
+            raise ValueError(f"easy_mass must lie in [0, 1], got {easy_mass!r}")
+        steps = list(easy_steps)
+        if not steps or any(not 1 <= int(d) <= n - 1 for d in steps) or len(set(steps)) != len(steps):
+            raise ValueError(f"easy_steps must be distinct distances in 1..{n - 1}, got {easy_steps!r}")
+        probs = np.zeros(n - 1)
+        probs[np.asarray(steps) - 1] += float(easy_mass) / len(steps)
+        probs[-1] += 1.0 - float(easy_mass)
+        return cls(n, probs)
+
+    @classmethod
+    def k_hardest(cls, n: int, k: int) -> "ChainTask":
+        """Uniform over the k hardest starts d = n-k..n-1 (the authors' simple-examples experiment)."""
+        check_int("n", n, 2)
+        if not 1 <= k <= n - 1:
+            raise ValueError(f"k must lie in 1..{n - 1}, got {k!r}")
+        probs = np.zeros(n - 1)
+        probs[n - 1 - k :] = 1.0 / k
+        return cls(n, probs)
