@@ -260,7 +260,7 @@ def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
         "t_threshold": hit(params.reward_threshold),
         "t_converged": hit(1.0 - params.convergence_loss),
         "t_stop": solution.ts[-1],
-        "success": solution.result == diffrax.RESULTS.successful,
+        "success": (solution.result == diffrax.RESULTS.successful) | (solution.result == diffrax.RESULTS.event_occurred),
         "num_steps": solution.stats["num_steps"],
         "num_accepted_steps": solution.stats["num_accepted_steps"],
         "num_rejected_steps": solution.stats["num_rejected_steps"],
