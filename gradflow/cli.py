@@ -85,34 +85,17 @@ def cmd_run(args) -> int:
 
     trajectory = simulate(_flow_from_args(args), progress=not args.no_progress)
     print(report(trajectory))
-    out = Path(args.figure)
-    _plot_emergence(trajectory, out)
-    print(f"wrote {out}")
+    _plot_emergence(trajectory, Path(args.figure))
     return 0
 
 
 def _plot_emergence(trajectory, out: Path) -> None:
-    import matplotlib
+    """The emergence figure of ``experiments/emergence.py`` (one code path): out.png, .pdf and .json."""
+    from gradflow.plotting import emergence_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ts = trajectory.ts[1:]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for k, name in enumerate(("alpha", "beta", "gamma")):
-        axes[0].plot(ts, trajectory.theta[1:, k], label=name)
-    axes[0].set(xscale="log", xlabel="flow time t", ylabel="attention score", title="parameters")
-    axes[0].legend()
-    axes[1].plot(ts, trajectory.loss[1:])
-    axes[1].set(xscale="log", yscale="log", xlabel="flow time t", ylabel="loss 1 - J", title="loss")
-    axes[2].plot(ts, trajectory.expected_length[1:], label="expected length")
-    axes[2].axhline(trajectory.minimal_length, color="k", ls="--", label="minimal")
-    axes[2].set(xscale="log", xlabel="flow time t", ylabel="tokens", title="chain-of-thought length")
-    axes[2].legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    out = Path(out)
+    fig, data = emergence_figure(trajectory)
+    save_figure(fig, out.with_suffix("").name, out.parent, data)
 
 
 def cmd_simulate(args) -> int:
@@ -154,7 +137,7 @@ def cmd_figures(args) -> int:
             print(f"unknown figure {name!r}; known: {sorted(p.stem for p in folder.glob('*.py'))}", file=sys.stderr)
             return 2
         argv = sys.argv
-        sys.argv = [str(script)] + (["--quick"] if args.quick else [])
+        sys.argv = [str(script)] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
         try:
             runpy.run_path(str(script), run_name="__main__")
         finally:
@@ -193,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="simulate the default preset, print a report, write figures/emergence.png")
     _add_config_arguments(run)
-    run.add_argument("--figure", default="figures/emergence.png", help="where to write the figure")
+    run.add_argument("--figure", default="figures/emergence.png",
+                     help="where to write the figure (also writes the .pdf and the .json of numbers beside it)")
     run.set_defaults(func=cmd_run)
 
     simulate = sub.add_parser("simulate", help="simulate any config and save the trajectory")
@@ -210,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("name", nargs="?", help="figure name (script in experiments/)")
     figures.add_argument("--all", action="store_true", help="every figure")
     figures.add_argument("--quick", action="store_true", help="fast, reduced version (seconds)")
+    figures.add_argument("--out", help="output directory for NAME.png/.pdf/.json (default figures/)")
     figures.set_defaults(func=cmd_figures)
 
     sweep = sub.add_parser("sweep", help="job-array mode over a JSON file of configs")

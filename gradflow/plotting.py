@@ -1,0 +1,265 @@
+"""One figure style for every experiment, the shared figure drawers and a png + pdf + json writer.
+
+Palette: Okabe-Ito (colour-blind safe).  Times are flow times t; gradient descent and sampled training
+sit on the same axis at t = lr * step.  ``save_figure`` writes ``<out>/<name>.png`` (README),
+``.pdf`` (papers) and ``.json`` (the numbers behind the figure).  ``experiment_parser`` gives each
+script in ``experiments/`` the same ``--quick`` / ``--out`` options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+OKABE_ITO = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#E69F00",  # orange
+    "#56B4E9",  # sky blue
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+PARAM_COLORS = {"alpha": OKABE_ITO[0], "beta": OKABE_ITO[1], "gamma": OKABE_ITO[2]}
+PARAM_SYMBOLS = {"alpha": r"$\alpha$ (outgoing edge)", "beta": r"$\beta$ (incoming edge)", "gamma": r"$\gamma$ (far edge)"}
+TIME_LABEL = "flow time t (units of lr × steps)"
+SEQUENTIAL_CMAP = "viridis"
+DEFAULT_OUT = Path("figures")
+
+STYLE = {
+    "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "lines.linewidth": 1.8,
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,
+}
+
+
+def use_style() -> None:
+    """Apply the gradflow style to matplotlib's global rcParams."""
+    plt.rcParams.update(STYLE)
+
+
+def color(k: int) -> str:
+    """The k-th palette colour (cycled)."""
+    return OKABE_ITO[k % len(OKABE_ITO)]
+
+
+def subplots(nrows: int = 1, ncols: int = 1, width: float = 4.2, height: float = 3.4, **kwargs):
+    """``plt.subplots`` in the gradflow style, ``width`` x ``height`` inches per panel."""
+    use_style()
+    kwargs.setdefault("squeeze", False)
+    kwargs.setdefault("constrained_layout", True)
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), **kwargs)
+
+
+def panel_label(ax, letter: str) -> None:
+    """A bold (a), (b), ... in the top-left corner of a panel."""
+    ax.text(-0.02, 1.02, f"({letter})", transform=ax.transAxes, fontweight="bold", ha="right", va="bottom")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+
+
+def to_jsonable(obj):
+    """Arrays -> lists, numpy scalars -> Python numbers, NaN/inf -> None, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):
+        arr = np.asarray(obj)
+        return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def save_figure(fig, name: str, out_dir: str | Path = DEFAULT_OUT, data: dict | None = None) -> dict[str, Path]:
+    """Write ``out_dir/name``.png, .pdf and .json (``data``, NaN/inf as null); close ``fig``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("png", "pdf", "json")}
+    fig.savefig(paths["png"])
+    fig.savefig(paths["pdf"])
+    plt.close(fig)
+    paths["json"].write_text(json.dumps(to_jsonable(data or {}), indent=1) + "\n")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return paths
+
+
+def experiment_parser(description: str) -> argparse.ArgumentParser:
+    """The options every experiment script shares: --quick (seconds, tests) and --out DIR."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="reduced version that runs in seconds (used by the tests)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory for NAME.png/.pdf/.json (default figures/)")
+    return parser
+
+
+def log_times(t_max: float, num: int = 200, t_min: float | None = None) -> np.ndarray:
+    """0 followed by ``num`` log-spaced save times from ``t_min`` (default t_max * 1e-4) to ``t_max``."""
+    t_min = t_max * 1e-4 if t_min is None else t_min
+    return np.concatenate([[0.0], np.geomspace(t_min, t_max, num)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared drawers
+# --------------------------------------------------------------------------------------------------
+
+
+def _positive(ts: np.ndarray, *arrays):
+    """Drop t <= 0 and NaN saves (log time axes)."""
+    keep = (ts > 0) & np.isfinite(ts)
+    for a in arrays:
+        keep &= np.all(np.isfinite(np.reshape(a, (a.shape[0], -1))), axis=1)
+    return (ts[keep],) + tuple(a[keep] for a in arrays)
+
+
+def emergence_figure(trajectory):
+    """The four-panel emergence figure of one flow; returns (fig, data).
+
+    (a) alpha, beta, gamma against log t; (b) reward J and loss 1 - J (log); (c) P(forward | move)
+    per position of chain a (heatmap over position x log t); (d) expected chain-of-thought length
+    against the minimal one.  ``data`` holds the numbers drawn plus a few read-outs.
+    """
+    n = trajectory.config.task.n
+    ts, theta, reward, fwd, length, trav = _positive(
+        np.asarray(trajectory.ts),
+        np.asarray(trajectory.theta),
+        np.asarray(trajectory.reward),
+        np.asarray(trajectory.forward_prob),
+        np.asarray(trajectory.expected_length),
+        np.asarray(trajectory.traversal_prob),
+    )
+    fig, axes = subplots(2, 2, width=5.0, height=3.6)
+    (ax_theta, ax_reward), (ax_heat, ax_len) = axes
+
+    for k, name in enumerate(("alpha", "beta", "gamma")):
+        ax_theta.plot(ts, theta[:, k], color=PARAM_COLORS[name], label=PARAM_SYMBOLS[name])
+    ax_theta.set(xscale="log", xlabel=TIME_LABEL, ylabel="attention score", title="parameters")
+    ax_theta.legend(loc="best")
+
+    ax_reward.plot(ts, reward, color=color(0), label="reward J")
+    ax_reward.plot(ts, trav, color=color(2), ls="-.", label="exact traversal prob.")
+    ax_reward.set(xscale="log", xlabel=TIME_LABEL, ylabel="reward J", title="reward and loss", ylim=(0, 1.02))
+    ax_loss = ax_reward.twinx()
+    ax_loss.plot(ts, 1.0 - reward, color=color(1), ls="--", label="loss 1 − J (right, log)")
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss 1 − J", color=color(1))
+    ax_loss.tick_params(axis="y", colors=color(1))
+    ax_loss.grid(False)
+    ax_loss.spines["right"].set_visible(True)
+    handles = ax_reward.get_legend_handles_labels()
+    extra = ax_loss.get_legend_handles_labels()
+    ax_reward.legend(handles[0] + extra[0], handles[1] + extra[1], loc="lower left", bbox_to_anchor=(0.0, 0.1))
+
+    positions = np.arange(1, n)
+    edges_t = np.sqrt(ts[1:] * ts[:-1])
+    t_edges = np.concatenate([[ts[0] ** 2 / edges_t[0]], edges_t, [ts[-1] ** 2 / edges_t[-1]]])
+    mesh = ax_heat.pcolormesh(t_edges, np.arange(0.5, n), fwd.T, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, shading="flat")
+    half = _first_crossing(ts, fwd, 0.9)
+    ax_heat.plot(half, positions, color="white", marker="o", ms=3, lw=1, label="first t with P ≥ 0.9")
+    ax_heat.set(xscale="log", xlabel=TIME_LABEL, ylabel=f"position i of $a_i$ ($a_{{{n}}}$ = terminal)",
+                title="P(forward | move) per position")
+    ax_heat.set_yticks(positions)
+    ax_heat.legend(loc="upper left", labelcolor="white", frameon=True, facecolor="#333333", edgecolor="none")
+    ax_heat.grid(False)
+    fig.colorbar(mesh, ax=ax_heat, label=r"P($a_i \to a_{i+1}$ | move)")
+
+    minimal = trajectory.minimal_length
+    ax_len.plot(ts, length, color=color(0), label="expected length")
+    ax_len.axhline(minimal, color="k", ls="--", lw=1, label=f"minimal (forward traversal) = {minimal:.2f}")
+    ax_len.set(xscale="log", xlabel=TIME_LABEL, ylabel="generated tokens until a terminal",
+               title="chain-of-thought length")
+    ax_len.legend(loc="best")
+    for ax, letter in zip(axes.flat, "abcd"):
+        panel_label(ax, letter)
+    model = trajectory.config.model
+    fig.suptitle(
+        f"Emergence of forward traversal: n = {n}, {describe_task(trajectory.config.task)}, "
+        f"{model.attention} attention, τ = {float(model.tau):g}"
+    )
+
+    data = {
+        "config": trajectory.config.to_dict(),
+        "ts": ts,
+        "theta": theta[:, :3],
+        "reward": reward,
+        "loss": 1.0 - reward,
+        "forward_prob": fwd,
+        "traversal_prob": trav,
+        "expected_length": length,
+        "minimal_length": minimal,
+        "events": trajectory.events,
+        "t_forward_0.9_by_position": half,
+        "final": {
+            "t": ts[-1],
+            "alpha_beta_gamma": theta[-1, :3],
+            "reward": reward[-1],
+            "forward_prob": fwd[-1],
+            "expected_length": length[-1],
+        },
+    }
+    return fig, data
+
+
+def describe_task(task) -> str:
+    """'uniform starts', 'hardest start only' or the start distribution, for titles."""
+    probs = np.asarray(task.start_probs)
+    if np.allclose(probs, probs[0]):
+        return "uniform starts"
+    if probs[-1] == 1.0:
+        return "hardest start only"
+    return "P(d) = " + ", ".join(f"{p:.3g}" for p in probs)
+
+
+def _first_crossing(ts: np.ndarray, values: np.ndarray, level: float) -> np.ndarray:
+    """Per column of ``values`` (T, m): the first save time with value >= level (NaN if never)."""
+    reached = values >= level
+    first = np.argmax(reached, axis=0)
+    return np.where(reached.any(axis=0), ts[first], np.nan)
+
+
+def first_crossing(ts: Sequence[float], values: Sequence[float], level: float) -> float | None:
+    """The first save time with value >= level, linearly interpolated in log t (None if never)."""
+    ts, values = np.asarray(ts, float), np.asarray(values, float)
+    ok = np.isfinite(values)
+    ts, values = ts[ok], values[ok]
+    above = np.nonzero(values >= level)[0]
+    if above.size == 0:
+        return None
+    k = int(above[0])
+    if k == 0 or ts[k - 1] <= 0:
+        return float(ts[k])
+    w = (level - values[k - 1]) / (values[k] - values[k - 1])
+    return float(np.exp(np.log(ts[k - 1]) + w * (np.log(ts[k]) - np.log(ts[k - 1]))))
