@@ -1,0 +1,470 @@
+"""Token-level sampling: what practice does with the five numbers (THEORY.md sections 2, 4 and 6).
+
+The closed form of ``gradflow.objective`` is checked here against the model it abstracts: a full
+attention matrix over a vocabulary of vertex and edge tokens, random vertex labels per instance,
+one-hot tokens, and a chain of thought generated token by token until the first terminal.
+
+Vocabulary of ``n_vocab = N`` vertex tokens: columns 0..N-1 of A are the vertex tokens, then the
+N(N-1) edge tokens (x, y), x != y, in row-major order with the diagonal left out:
+column(x, y) = N + x (N-1) + y - [y > x].  Rows are query vertex tokens.
+
+Inside an instance every vertex has a canonical index (``gradflow.model.vertex_names`` order:
+a_1..a_n, b_1..b_n, the n_isolated isolated vertices, then the vocabulary tokens this instance does
+not use, which behave like further isolated vertices); ``labels[k]`` is the vocabulary token of
+canonical vertex k, a uniformly random permutation.  The start is always on chain a: with random
+labels this loses no generality.
+
+Policy gradient: REINFORCE, grad J = E[(R - b) grad log p(path)], with the leave-one-out baseline
+b_i = mean of the other rewards of the batch; b_i does not depend on sample i, so the estimate is
+exactly unbiased.  A path is scored by replaying it (the sampled tokens are constants) through a
+differentiable log-probability, so the same code differentiates w.r.t. the five numbers (through
+``full_attention``) or w.r.t. the full matrix A.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradflow._checks import check_choice, check_int, check_positive
+from gradflow.flow import FlowParams, Trajectory, _metrics
+from gradflow.model import ModelSpec, Theta, edge_list
+from gradflow.task import ChainTask
+
+OPTIMIZERS = ("sgd", "adam")
+PARAM_KINDS = ("reduced", "full")
+
+
+# --------------------------------------------------------------------------------------------------
+# The vocabulary and the full attention matrix
+# --------------------------------------------------------------------------------------------------
+
+
+def edge_column(x, y, n_vocab: int):
+    """Column of edge token (x, y), x != y: N + x (N-1) + y - [y > x]."""
+    return n_vocab + x * (n_vocab - 1) + y - (y > x)
+
+
+def orbit_labels(n_vocab: int) -> np.ndarray:
+    """Kind k of every entry A[u, c] (0..4 = alpha, beta, gamma, eta, delta), shape (N, N^2)."""
+    check_int("n_vocab", n_vocab, 2)
+    u = np.arange(n_vocab)[:, None]
+    w = np.arange(n_vocab)[None, :]
+    vertex = np.where(u == w, 3, 4)
+    x, y = np.nonzero(~np.eye(n_vocab, dtype=bool))  # row-major, matches edge_column
+    edge = np.where(x[None, :] == u, 0, np.where(y[None, :] == u, 1, 2))
+    return np.concatenate([vertex, edge], axis=1)
+
+
+def full_attention(theta: Theta, n_vocab: int) -> jnp.ndarray:
+    """A[u, c] = theta_k for the kind k of token c relative to query u; shape (N, N + N(N-1))."""
+    return theta.as_array()[orbit_labels(n_vocab)]
+
+
+def orbit_statistics(A: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Mean and standard deviation of A over the entries of each kind: two length-5 arrays."""
+    kinds = orbit_labels(A.shape[0]).reshape(-1)
+    counts = np.bincount(kinds, minlength=5).astype(float)
+    mean = jax.ops.segment_sum(A.reshape(-1), kinds, 5) / counts
+    var = jax.ops.segment_sum((A.reshape(-1) - mean[kinds]) ** 2, kinds, 5) / counts
+    return mean, jnp.sqrt(var)
+
+
+# --------------------------------------------------------------------------------------------------
+# Instances and one step of the policy
+# --------------------------------------------------------------------------------------------------
+
+
+class Instances(NamedTuple):
+    """A batch of labelled instances (leading axis: batch).
+
+    labels[k]: vocabulary token of canonical vertex k (shape (N,)); edge_columns: the A-columns of
+    the 2(n-1) prompt edges in ``edge_list`` order; start: canonical start a_{n-d} (= n-d-1);
+    distances: d.
+    """
+
+    labels: jnp.ndarray
+    edge_columns: jnp.ndarray
+    start: jnp.ndarray
+    distances: jnp.ndarray
+
+
+def sample_instances(task: ChainTask, n_vocab: int, key, batch: int) -> Instances:
+    """Random injective labels and d ~ start_probs for ``batch`` instances."""
+    key_labels, key_d = jax.random.split(key)
+    labels = jax.vmap(lambda k: jax.random.permutation(k, n_vocab))(jax.random.split(key_labels, batch))
+    edges = np.asarray(edge_list(task.n))
+    edge_columns = edge_column(labels[:, edges[:, 0]], labels[:, edges[:, 1]], n_vocab)
+    distances = jax.random.choice(key_d, task.distances, (batch,), p=task.start_probs)
+    return Instances(labels, edge_columns, task.n - distances - 1, distances)
+
+
+def _incidence(n: int, n_vocab: int) -> np.ndarray:
+    """V restricted to the prompt edges, canonical vertices: V[e, v] = [v is an end of edge e]."""
+    edges = np.asarray(edge_list(n))
+    return np.eye(n_vocab)[edges[:, 0]] + np.eye(n_vocab)[edges[:, 1]]
+
+
+def next_log_probs(A, labels, edge_columns, u, counts, n: int, model: ModelSpec) -> jnp.ndarray:
+    """log p(v | query u) over canonical vertices v for one instance; logit = (1/tau) sum_j w_j V[c_j, v].
+
+    linear: w_j = A[u, c_j].  softmax: w_j = exp A[u, c_j] / Z over the context, where the context
+    holds the prompt edges and ``counts[k]`` copies of the vertex token of canonical vertex k.
+    """
+    token = labels[u]
+    scores = A[token, edge_columns]
+    if model.attention == "softmax":
+        vertex_scores = A[token, labels]
+        log_z = jax.nn.logsumexp(
+            jnp.concatenate([scores, vertex_scores]),
+            b=jnp.concatenate([jnp.ones_like(scores), counts]),
+        )
+        scores = jnp.exp(scores - log_z)
+    logits = scores @ _incidence(n, A.shape[0]) / model.tau
+    if model.mask_self:
+        logits = jnp.where(jnp.arange(A.shape[0]) == u, -jnp.inf, logits)
+    return jax.nn.log_softmax(logits)
+
+
+def _is_markov(model: ModelSpec) -> bool:
+    """Next-token law depends on the current vertex only: prompt context, or linear attention."""
+    return model.context == "prompt" or model.attention == "linear"
+
+
+def _initial_counts(start, n_vocab: int) -> jnp.ndarray:
+    """Vertex tokens in the prompt: the start token once."""
+    return jax.nn.one_hot(start, n_vocab)
+
+
+def transition_log_probs(A, labels, edge_columns, start, n: int, model: ModelSpec) -> jnp.ndarray:
+    """log P[u, v] for every canonical query u of one instance, prompt context; shape (N, N)."""
+    counts = _initial_counts(start, A.shape[0])
+    return jax.vmap(lambda u: next_log_probs(A, labels, edge_columns, u, counts, n, model))(jnp.arange(A.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts
+# --------------------------------------------------------------------------------------------------
+
+
+class Rollouts(NamedTuple):
+    """Sampled chains of thought (leading axis: batch).
+
+    paths: generated vocabulary tokens, (batch, max_len), -1 after the end; rewards: 1 if the first
+    terminal is the start's own; lengths: generated tokens incl. the terminal; log_probs: sum of
+    log p of the generated tokens; truncated: no terminal within max_len (reward 0); distances: d;
+    traversed: the path is exactly the forward path a_{n-d+1}..a_n; labels: token of each canonical
+    vertex (see the module docstring).
+    """
+
+    paths: jnp.ndarray
+    rewards: jnp.ndarray
+    lengths: jnp.ndarray
+    log_probs: jnp.ndarray
+    truncated: jnp.ndarray
+    distances: jnp.ndarray
+    traversed: jnp.ndarray
+    labels: jnp.ndarray
+
+
+def default_max_len(n: int) -> int:
+    """Default truncation: 50 n generated tokens (far beyond the expected length at sane theta)."""
+    return 50 * n
+
+
+def _step_log_probs(A, inst: Instances, n: int, model: ModelSpec):
+    """(u, counts) -> log p(. | u, counts), batched; a table look-up when the walk is Markov."""
+    if _is_markov(model):
+        tables = jax.vmap(lambda lab, cols, s: transition_log_probs(A, lab, cols, s, n, model))(
+            inst.labels, inst.edge_columns, inst.start
+        )
+        return lambda u, counts: jnp.take_along_axis(tables, u[:, None, None], axis=1)[:, 0]
+    step = lambda lab, cols, u, c: next_log_probs(A, lab, cols, u, c, n, model)
+    return lambda u, counts: jax.vmap(step)(inst.labels, inst.edge_columns, u, counts)
+
+
+@eqx.filter_jit
+def _rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int) -> Rollouts:
+    n, n_vocab = task.n, A.shape[0]
+    key_inst, key_gen = jax.random.split(key)
+    inst = sample_instances(task, n_vocab, key_inst, batch)
+    log_probs_of = _step_log_probs(A, inst, n, model)
+    history = 1.0 if model.context == "history" else 0.0
+
+    def body(state):
+        t, u, counts, done, reward, length, log_p, forward, paths = state
+        step_log_probs = log_probs_of(u, counts)
+        v = jax.random.categorical(jax.random.fold_in(key_gen, t), step_log_probs)
+        active = ~done
+        terminal = (v == n - 1) | (v == 2 * n - 1)
+        token = jnp.take_along_axis(inst.labels, v[:, None], axis=1)[:, 0]
+        chosen = jnp.take_along_axis(step_log_probs, v[:, None], axis=1)[:, 0]
+        return (
+            t + 1,
+            jnp.where(active, v, u),
+            counts + history * active[:, None] * jax.nn.one_hot(v, n_vocab),
+            done | terminal,
+            jnp.where(active & terminal, (v == n - 1).astype(float), reward),
+            length + active,
+            log_p + jnp.where(active, chosen, 0.0),
+            forward & (done | (v == u + 1)),
+            paths.at[:, t].set(jnp.where(active, token, -1)),
+        )
+
+    def cond(state):
+        return (state[0] < max_len) & ~jnp.all(state[3])
+
+    init = (
+        jnp.asarray(0),
+        inst.start,
+        _initial_counts(inst.start, n_vocab),
+        jnp.zeros(batch, bool),
+        jnp.zeros(batch),
+        jnp.zeros(batch, int),
+        jnp.zeros(batch),
+        jnp.ones(batch, bool),
+        jnp.full((batch, max_len), -1),
+    )
+    _, _, _, done, reward, length, log_p, forward, paths = jax.lax.while_loop(cond, body, init)
+    return Rollouts(paths, reward, length, log_p, ~done, inst.distances, forward & done, inst.labels)
+
+
+def _check_vocabulary(A, task: ChainTask, model: ModelSpec) -> None:
+    n_vocab = A.shape[0]
+    needed = 2 * task.n + model.n_isolated
+    if n_vocab < needed:
+        raise ValueError(f"n_vocab (rows of A) must be >= 2n + n_isolated = {needed}, got {n_vocab}")
+    if A.shape != (n_vocab, n_vocab * n_vocab):
+        raise ValueError(f"A must have shape (n_vocab, n_vocab^2) = ({n_vocab}, {n_vocab**2}), got {A.shape}")
+
+
+def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None) -> Rollouts:
+    """Sample ``batch`` instances and generate until the first terminal (or ``max_len`` tokens).
+
+    Step: p(v | u) = softmax_v[(1/tau) sum_j w_j(A[u, c_j]) V[c_j, v]] over all N vertex tokens,
+    the current vertex masked if ``model.mask_self``.  Default max_len: ``default_max_len(n)``.
+    """
+    batch = check_int("batch", batch, 1)
+    max_len = check_int("max_len", default_max_len(task.n) if max_len is None else max_len, 1)
+    A = jnp.asarray(A, dtype=float)
+    _check_vocabulary(A, task, model)
+    return _rollouts(A, task, model, key, batch, max_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# Differentiable replay and the REINFORCE estimates
+# --------------------------------------------------------------------------------------------------
+
+
+def path_log_prob(A, labels, path_tokens, start, n: int, model: ModelSpec) -> jnp.ndarray:
+    """log p(path | A) = sum_t log p(v_t | v_{t-1}, context_t) for one instance, path padded with -1.
+
+    Differentiable in A; the path is data.  Markov walks read a (N, N) table of log P[u, v]; softmax
+    with history context evaluates every step in parallel.  No loop over tokens either way.
+    """
+    n_vocab = A.shape[0]
+    canonical = jnp.argsort(labels)
+    valid = path_tokens >= 0
+    path = jnp.where(valid, canonical[jnp.maximum(path_tokens, 0)], 0)
+    previous = jnp.concatenate([start[None], path[:-1]])
+    edges = np.asarray(edge_list(n))
+    edge_columns = edge_column(labels[edges[:, 0]], labels[edges[:, 1]], n_vocab)
+    if _is_markov(model):
+        chosen = transition_log_probs(A, labels, edge_columns, start, n, model)[previous, path]
+    else:
+        generated = jax.nn.one_hot(path, n_vocab) * valid[:, None]
+        counts = _initial_counts(start, n_vocab) + jnp.cumsum(generated, axis=0) - generated
+        log_probs = jax.vmap(lambda u, c: next_log_probs(A, labels, edge_columns, u, c, n, model))(previous, counts)
+        chosen = jnp.take_along_axis(log_probs, path[:, None], axis=1)[:, 0]
+    return jnp.sum(jnp.where(valid, chosen, 0.0))
+
+
+def _batch_log_probs(A, ro: Rollouts, n: int, model: ModelSpec) -> jnp.ndarray:
+    """log p of every sampled path, shape (batch,), as a differentiable function of A."""
+    start = n - ro.distances - 1
+    return jax.vmap(lambda lab, p, s: path_log_prob(A, lab, p, s, n, model))(ro.labels, ro.paths, start)
+
+
+def leave_one_out_advantage(rewards: jnp.ndarray) -> jnp.ndarray:
+    """R_i - mean_{j != i} R_j = B/(B-1) (R_i - mean R); needs batch >= 2."""
+    batch = rewards.shape[0]
+    return (rewards - jnp.mean(rewards)) * batch / (batch - 1)
+
+
+def surrogate(A, ro: Rollouts, n: int, model: ModelSpec) -> jnp.ndarray:
+    """mean_i (R_i - b_i) log p(path_i | A): its gradient is the REINFORCE estimate of grad J."""
+    advantage = jax.lax.stop_gradient(leave_one_out_advantage(ro.rewards))
+    return jnp.mean(advantage * _batch_log_probs(A, ro, n, model))
+
+
+def _mean_and_stderr(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Sample mean over the leading axis and its standard error std/sqrt(B)."""
+    return jnp.mean(x, axis=0), jnp.std(x, axis=0, ddof=1) / jnp.sqrt(x.shape[0])
+
+
+def _vocabulary_size(task: ChainTask, model: ModelSpec) -> int:
+    """N = 2n + n_isolated: the vocabulary the closed form describes."""
+    return 2 * task.n + model.n_isolated
+
+
+def estimate_reward(theta: Theta, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None):
+    """Monte-Carlo J(theta) = mean reward of ``batch`` rollouts, with its standard error."""
+    batch = check_int("batch", batch, 2)
+    ro = rollouts(full_attention(theta, _vocabulary_size(task, model)), task, model, key, batch, max_len)
+    return _mean_and_stderr(ro.rewards)
+
+
+@eqx.filter_jit
+def _per_sample_gradients(theta: Theta, ro: Rollouts, n: int, n_vocab: int, model: ModelSpec) -> jnp.ndarray:
+    """(R_i - b_i) d log p(path_i) / d theta, shape (batch, 5) (forward mode: 5 tangents)."""
+    log_probs = lambda x: _batch_log_probs(full_attention(Theta.from_array(x), n_vocab), ro, n, model)
+    scores = jax.jacfwd(log_probs)(theta.as_array())
+    return leave_one_out_advantage(ro.rewards)[:, None] * scores
+
+
+def estimate_gradient(theta: Theta, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None):
+    """REINFORCE grad J in (alpha, beta, gamma, eta, delta) with per-coordinate standard errors.
+
+    grad = mean_i (R_i - b_i) grad_theta log p(path_i), leave-one-out baseline (exactly unbiased);
+    the standard error treats the per-sample terms as independent (their coupling through b_i is
+    O(1/B)).
+    """
+    batch = check_int("batch", batch, 2)
+    n_vocab = _vocabulary_size(task, model)
+    ro = rollouts(full_attention(theta, n_vocab), task, model, key, batch, max_len)
+    return _mean_and_stderr(_per_sample_gradients(theta, ro, task.n, n_vocab, model))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingTrajectory(Trajectory):
+    """Discrete training, recorded at ts = t0 + lr * step, step = 0..steps; a flow ``Trajectory`` plus:
+
+    sampled_reward (T,): mean reward of the batch drawn at that step (NaN for exact gradient
+    descent); theta_std (T, 5): within-orbit standard deviation of A (0 when training the five
+    numbers).  theta is the five numbers (params="full": the orbit means of A) and every closed-form
+    field is evaluated there.  events: first recorded time the closed-form reward reaches the
+    config's reward_threshold / 1 - convergence_loss (None if never).
+    """
+
+    sampled_reward: np.ndarray | None = None
+    theta_std: np.ndarray | None = None
+
+    ARRAYS = Trajectory.ARRAYS + ("sampled_reward", "theta_std")
+
+
+def _first_time(ts: np.ndarray, reward: np.ndarray, level: float) -> float | None:
+    """First recorded t with reward >= level, None if never."""
+    hit = np.nonzero(reward >= level)[0]
+    return float(ts[hit[0]]) if hit.size else None
+
+
+def _make_trajectory(flow_params, lr, record: dict, stats: dict) -> TrainingTrajectory:
+    """Package the recorded steps with the closed-form read-outs of ``gradflow.flow``."""
+    record = jax.device_get(record)
+    ts = np.asarray(flow_params.t0 + lr * np.arange(record["theta"].shape[0]))
+    events = {
+        "reward_threshold": _first_time(ts, record["reward"], float(flow_params.reward_threshold)),
+        "converged": _first_time(ts, record["reward"], 1.0 - float(flow_params.convergence_loss)),
+    }
+    return TrainingTrajectory(config=flow_params, ts=ts, events=events, stats=stats, **record)
+
+
+def _make_optimizer(optimizer: str, lr) -> optax.GradientTransformation:
+    return optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
+
+
+@eqx.filter_jit
+def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, optimizer: str, kind: str):
+    model, n_vocab = flow_params.model, flow_params.vocabulary_size
+    opt = _make_optimizer(optimizer, lr)
+    to_matrix = (lambda p: p) if kind == "full" else (lambda p: full_attention(Theta.from_array(p), n_vocab))
+    orbit = orbit_statistics if kind == "full" else (lambda p: (p, jnp.zeros(5)))
+
+    def step(carry, inputs):
+        params, opt_state = carry
+        step_key, k = inputs
+        task = flow_params.training_task(flow_params.t0 + lr * k)
+        ro = _rollouts(jax.lax.stop_gradient(to_matrix(params)), task, model, step_key, batch, max_len)
+        grad = jax.grad(lambda p: surrogate(to_matrix(p), ro, task.n, model))(params)
+        updates, opt_state = opt.update(jax.tree.map(jnp.negative, grad), opt_state, params)
+        theta, spread = orbit(params)
+        record = {"theta": theta, "theta_std": spread, "sampled_reward": jnp.mean(ro.rewards)}
+        return (optax.apply_updates(params, updates), opt_state), record
+
+    _, record = jax.lax.scan(step, (params0, opt.init(params0)), (jax.random.split(key, steps + 1), jnp.arange(steps + 1)))
+    return record | jax.vmap(lambda x: _metrics(flow_params, x))(record["theta"])
+
+
+def _check_rate(lr, steps) -> int:
+    check_positive("lr", lr)
+    return check_int("steps", steps, 1)
+
+
+def train(
+    flow_params: FlowParams,
+    lr: float,
+    steps: int,
+    batch: int,
+    key,
+    optimizer: str = "sgd",
+    params: str = "reduced",
+    max_len: int | None = None,
+) -> TrainingTrajectory:
+    """Sampled policy-gradient ascent on J from ``flow_params.theta0``: x_{k+1} = optimizer(x_k, g_k).
+
+    g_k = grad of ``surrogate`` (REINFORCE, leave-one-out baseline) on a fresh batch of rollouts of
+    the training task at t_k (``flow_params.training_task``: a schedule is honoured), w.r.t. the five numbers (params="reduced") or the full matrix A (params="full", started at
+    full_attention(theta0, N), N = flow_params.vocabulary_size).  At a symmetric A the expected
+    full gradient is g_k / (N * orbit size) per entry, so SGD on A with rate lr follows the flow
+    with coords="full" at t = lr * step / N.  One scan over steps, compiled once; the record has
+    steps + 1 points (the last batch is drawn at the final parameters and not applied).
+    """
+    steps = _check_rate(lr, steps)
+    batch = check_int("batch", batch, 2)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("params", params, PARAM_KINDS)
+    max_len = check_int("max_len", default_max_len(flow_params.task.n) if max_len is None else max_len, 1)
+    params0 = flow_params.theta0.as_array()
+    if params == "full":
+        params0 = full_attention(flow_params.theta0, flow_params.vocabulary_size)
+    start = time.perf_counter()
+    lr_array = jnp.asarray(lr, dtype=float)
+    record = _train(flow_params, params0, key, lr_array, steps, batch, max_len, optimizer, params)
+    stats = {"seconds": time.perf_counter() - start, "lr": float(lr), "steps": steps, "batch": batch,
+             "optimizer": optimizer, "params": params, "max_len": max_len}
+    return _make_trajectory(flow_params, lr, record, stats)
+
+
+@eqx.filter_jit
+def _gradient_descent(flow_params, lr, steps: int):
+    def step(theta, k):
+        return theta + lr * flow_params.vector_field(flow_params.t0 + lr * k, theta), theta
+
+    final, thetas = jax.lax.scan(step, flow_params.theta0.as_array(), jnp.arange(steps))
+    thetas = jnp.concatenate([thetas, final[None]])
+    metrics = jax.vmap(lambda x: _metrics(flow_params, x))(thetas)
+    return {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)} | metrics
+
+
+def gradient_descent(flow_params: FlowParams, lr: float, steps: int) -> TrainingTrajectory:
+    """Exact gradient ascent theta_{k+1} = theta_k + lr * F(t_k, theta_k), F the flow's vector field.
+
+    F = grad J (coords, schedule as in ``flow_params``); recorded at t_k = t0 + lr * k, k = 0..steps.
+    """
+    steps = _check_rate(lr, steps)
+    start = time.perf_counter()
+    record = _gradient_descent(flow_params, jnp.asarray(lr, dtype=float), steps)
+    stats = {"seconds": time.perf_counter() - start, "lr": float(lr), "steps": steps}
+    return _make_trajectory(flow_params, lr, record, stats)
