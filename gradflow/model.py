@@ -179,6 +179,7 @@ class StepProbabilities(NamedTuple):
         return self.forward / (1.0 - self.self)
 
 
+@eqx.filter_jit
 def step_probabilities(theta: Theta, n: int, model: ModelSpec) -> StepProbabilities:
     """Per-position step probabilities on chain a (softmax: rows of vertices that are not the start)."""
     check_int("n", n, 2)
@@ -210,6 +211,7 @@ def edge_list(n: int) -> list[tuple[int, int]]:
     return [(c * n + i, c * n + i + 1) for c in range(2) for i in range(n - 1)]
 
 
+@eqx.filter_jit
 def transition_matrix(theta: Theta, n: int, model: ModelSpec, start: int | None = None) -> jnp.ndarray:
     """Dense next-vertex probabilities P[u, v], built token by token from the edge list.
 

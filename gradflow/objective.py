@@ -14,6 +14,7 @@ vmapped over starts (O(n) each).
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.lax.linalg import tridiagonal_solve
@@ -81,28 +82,33 @@ def _per_start(theta: Theta, task: ChainTask, model: ModelSpec, quantity) -> jnp
     return jax.vmap(at_start)(jnp.arange(1, n))[::-1]
 
 
+@eqx.filter_jit
 def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """h[d-1] = P(the walk from a_{n-d} is absorbed at its own terminal a_n before b_n)."""
     n = task.n
     return _per_start(theta, task, model, lambda s: absorption_solve(s, n, model, 0.0, (1.0, 0.0))[0])
 
 
+@eqx.filter_jit
 def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """J(theta) = sum_d p[d-1] h[d-1]; the loss is 1 - J."""
     return task.start_probs @ same_side_probability(theta, task, model)
 
 
+@eqx.filter_jit
 def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """L[d-1] = expected number of generated tokens from a_{n-d} until the first terminal (>= d)."""
     n = task.n
     return _per_start(theta, task, model, lambda s: absorption_solve(s, n, model, 1.0, (0.0, 0.0))[0])
 
 
+@eqx.filter_jit
 def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """E[tokens until the first terminal], start-weighted: sum_d p[d-1] L[d-1]."""
     return task.start_probs @ length_per_start(theta, task, model)
 
 
+@eqx.filter_jit
 def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}): the exact forward path, no detour, no self-loop."""
     n = task.n
@@ -115,25 +121,29 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
     return jnp.exp(_per_start(theta, task, model, log_path_from))
 
 
+@eqx.filter_jit
 def traversal_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """P(the generated path is exactly the forward path to the terminal), start-weighted."""
     return task.start_probs @ traversal_per_start(theta, task, model)
 
 
+@eqx.filter_jit
 def _dense_per_start(theta: Theta, task: ChainTask, model: ModelSpec, cost: float, terminal) -> jnp.ndarray:
     """Reference: dense solve of (I - Q) g = cost + R t over all non-terminal vertices (O(n^3))."""
     _require_closed_form(model)
     n = task.n
     transient = jnp.array([v for v in range(2 * n + model.n_isolated) if v not in (n - 1, 2 * n - 1)])
 
-    def at_start(position):
-        p = transition_matrix(theta, n, model, start=position if model.attention == "softmax" else None)
+    def solve(start):
+        p = transition_matrix(theta, n, model, start=start)
         q = p[jnp.ix_(transient, transient)]
         r = cost + p[transient, n - 1] * terminal[0] + p[transient, 2 * n - 1] * terminal[1]
-        g = jnp.linalg.solve(jnp.eye(transient.size) - q, r)
-        return g[position - 1]
+        return jnp.linalg.solve(jnp.eye(transient.size) - q, r)
 
-    return jnp.stack([at_start(n - d) for d in range(1, n)])
+    if model.attention == "linear":
+        return solve(None)[: n - 1][::-1]
+    positions = jnp.arange(1, n)
+    return jax.vmap(lambda s: solve(s)[s - 1])(positions)[::-1]
 
 
 def dense_same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:

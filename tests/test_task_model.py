@@ -1,0 +1,54 @@
+"""Configs: presets, pytree behaviour and validation errors that name the field."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow as gf
+
+
+def test_presets():
+    np.testing.assert_allclose(gf.ChainTask.uniform(5).start_probs, np.full(4, 0.25))
+    np.testing.assert_allclose(gf.ChainTask.hardest(5).start_probs, [0, 0, 0, 1])
+    np.testing.assert_allclose(gf.ChainTask.mixture(5, 0.1).start_probs, [0.1, 0, 0, 0.9])
+    np.testing.assert_allclose(gf.ChainTask.mixture(5, 0.2, (1, 2)).start_probs, [0.1, 0.1, 0, 0.8])
+    np.testing.assert_allclose(gf.ChainTask.k_hardest(5, 2).start_probs, [0, 0, 0.5, 0.5])
+
+
+def test_theta_round_trip_and_pytree():
+    theta = gf.Theta(0.3, 0, 0)
+    assert theta.as_array().dtype == jnp.float64
+    np.testing.assert_array_equal(theta.as_array(), [0.3, 0, 0, 0, 0])
+    x = jnp.arange(10.0).reshape(2, 5)
+    np.testing.assert_array_equal(gf.Theta.from_array(x).as_array(), x)
+    doubled = jax.tree_util.tree_map(lambda v: 2 * v, theta)
+    assert float(doubled.alpha) == 0.6
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: gf.ChainTask(1, []), "n"),
+        (lambda: gf.ChainTask.uniform(1), "n"),
+        (lambda: gf.ChainTask(3, [0.5, 0.6]), "start_probs"),
+        (lambda: gf.ChainTask(3, [1.5, -0.5]), "start_probs"),
+        (lambda: gf.ChainTask(3, [1.0]), "start_probs"),
+        (lambda: gf.ChainTask.mixture(4, 1.5), "easy_mass"),
+        (lambda: gf.ChainTask.mixture(4, 0.1, (5,)), "easy_steps"),
+        (lambda: gf.ModelSpec(tau=0.0), "tau"),
+        (lambda: gf.ModelSpec(tau=-1.0), "tau"),
+        (lambda: gf.ModelSpec(attention="quadratic"), "attention"),
+        (lambda: gf.ModelSpec(n_isolated=-1), "n_isolated"),
+        (lambda: gf.ModelSpec(context="future"), "context"),
+        (lambda: gf.Theta.from_array(np.zeros(4)), "theta"),
+        (lambda: gf.step_probabilities(gf.Theta(0, 0, 0), 1, gf.ModelSpec()), "n"),
+    ],
+)
+def test_bad_input_names_the_field(build, field):
+    with pytest.raises(ValueError, match=field):
+        build()
+
+
+def test_probabilities_within_tolerance_are_accepted():
+    gf.ChainTask(3, [0.5, 0.5 + 5e-10])
