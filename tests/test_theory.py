@@ -96,6 +96,11 @@ def test_only_distance_one_carries_gradient_at_uniform_policy():
     grad = lambda task: np.asarray(jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, MODEL))(jnp.zeros(5)))
     hard, uniform = np.linalg.norm(grad(ChainTask.hardest(8))), np.linalg.norm(grad(ChainTask.uniform(8)))
     assert hard < 1e-12 < uniform, f"|grad J| at theta = 0: hardest-only {hard}, uniform {uniform}"
+    # hardest-only training from theta = 0 never learns; with mass on d = 1 it does
+    zero = gf.Theta(0.0, 0.0, 0.0)
+    never = theory.learning_time(ChainTask.hardest(6), theta0=zero, t1=1e9)
+    learns = theory.learning_time(ChainTask.mixture(6, 0.1), theta0=zero, t1=1e9)
+    assert never is None and learns is not None, f"from theta = 0: hardest {never}, 10% on d = 1 {learns}"
 
 
 def test_distance_one_position_learns_first(uniform8):
@@ -220,6 +225,12 @@ def test_hardest_only_exponential_up_to_n14():
     for n, t in zip(ns, fit.times):
         if n in THEORY_TIMES:
             assert _on_grid(t, THEORY_TIMES[n][1]), f"n = {n}: T = {t}, THEORY {THEORY_TIMES[n][1]}"
+
+
+@pytest.mark.slow
+def test_learning_time_raises_when_max_steps_run_out():
+    with pytest.raises(RuntimeError, match="max_steps"):
+        theory.learning_time(ChainTask.hardest(8), max_steps=20)
 
 
 @pytest.mark.slow
