@@ -23,7 +23,7 @@ def check_int(name: str, value, low: int) -> int:
 def check_choice(name: str, value, allowed) -> None:
     """Raise ValueError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:

@@ -120,7 +120,8 @@ class FlowParams(eqx.Module):
         if self.save_ts is not None:
             return self.save_ts
         span = self.t1 - self.t0
-        return jnp.concatenate([self.t0[None], self.t0 + jnp.geomspace(span * 1e-6, span, N_DEFAULT_SAVES)])
+        logspaced = jnp.minimum(self.t0 + jnp.geomspace(span * 1e-6, span, N_DEFAULT_SAVES), self.t1)
+        return jnp.concatenate([self.t0[None], logspaced])
 
     def training_task(self, t) -> ChainTask:
         """The start distribution the flow ascends at time t (``task`` unless a schedule is given)."""
@@ -183,7 +184,7 @@ def _stop_event(params: FlowParams) -> diffrax.Event | None:
         return None
     level = params.reward_threshold if params.stop_at == "threshold" else 1.0 - params.convergence_loss
     cond = lambda t, y, args, **kw: expected_reward(Theta.from_array(y), params.task, params.model) - level
-    return diffrax.Event(cond, root_finder=optx.Newton(rtol=1e-10, atol=1e-12))
+    return diffrax.Event(cond, root_finder=optx.Bisection(rtol=1e-14, atol=1e-12, flip=False))
 
 
 def _metrics(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
@@ -247,19 +248,29 @@ def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
         throw=False,
         progress_meter=diffrax.TqdmProgressMeter(refresh_steps=200) if progress else diffrax.NoProgressMeter(),
     )
-    thetas = jnp.where(jnp.isfinite(solution.ys[:-1]), solution.ys[:-1], jnp.nan)
+    # after a requested stop diffrax writes the stop state into the next save slot (with its time)
+    # and inf into the rest: keep the real times, NaN the unused slots
+    saved_ts, saved_ys = solution.ts[:-1], solution.ys[:-1]
+    valid = jnp.isfinite(saved_ts) & jnp.all(jnp.isfinite(saved_ys), axis=1)
+    ts = jnp.where(valid, saved_ts, jnp.nan)
+    thetas = jnp.where(valid[:, None], saved_ys, jnp.nan)
     metrics = jax.vmap(lambda y: _metrics(params, y))(jnp.nan_to_num(thetas))
-    valid = jnp.isfinite(thetas[:, 0])
     metrics = {k: jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.nan) for k, v in metrics.items()}
     safe_rewards = jnp.where(valid, metrics["reward"], -jnp.inf)
-    hit = lambda level: _hit_time(params, ts, jnp.nan_to_num(thetas), safe_rewards, level)
+    t_stop = jnp.max(jnp.where(jnp.isfinite(solution.ts), solution.ts, -jnp.inf))
+    stopped = t_stop < params.t1
+    hit = lambda level, stop: jnp.where(
+        stopped & (params.stop_at == stop),
+        t_stop,
+        _hit_time(params, jnp.nan_to_num(ts), jnp.nan_to_num(thetas), safe_rewards, level),
+    )
     return {
         "ts": ts,
         "theta": thetas,
         **metrics,
-        "t_threshold": hit(params.reward_threshold),
-        "t_converged": hit(1.0 - params.convergence_loss),
-        "t_stop": solution.ts[-1],
+        "t_threshold": hit(params.reward_threshold, "threshold"),
+        "t_converged": hit(1.0 - params.convergence_loss, "converged"),
+        "t_stop": t_stop,
         "success": (solution.result == diffrax.RESULTS.successful) | (solution.result == diffrax.RESULTS.event_occurred),
         "num_steps": solution.stats["num_steps"],
         "num_accepted_steps": solution.stats["num_accepted_steps"],
@@ -328,7 +339,8 @@ class Trajectory:
             raise ValueError(f"level must lie in (0, 1), got {level}")
         rewards = np.where(np.isfinite(self.reward), self.reward, -np.inf)
         thetas = np.nan_to_num(self.theta)
-        t = _hit_time_jit(self.config, jnp.asarray(self.ts), jnp.asarray(thetas), jnp.asarray(rewards), level)
+        ts = jnp.asarray(np.nan_to_num(self.ts))
+        t = _hit_time_jit(self.config, ts, jnp.asarray(thetas), jnp.asarray(rewards), level)
         return None if np.isnan(t) else float(t)
 
     def save(self, path: str | Path) -> Path:
