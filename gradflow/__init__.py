@@ -18,11 +18,19 @@ from gradflow.objective import (  # noqa: E402
     traversal_probability,
 )
 from gradflow.task import ChainTask  # noqa: E402
+from gradflow.flow import FlowParams, Trajectory, simulate, simulate_many  # noqa: E402
+from gradflow import sampling, theory  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChainTask",
+    "FlowParams",
+    "Trajectory",
+    "sampling",
+    "simulate",
+    "simulate_many",
+    "theory",
     "ModelSpec",
     "StepProbabilities",
     "Theta",
