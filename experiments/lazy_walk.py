@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     ax_p.plot(ts[keep], 1.0 - p_self[keep] - p_fwd[keep], color=color(3), ls="-.", label="anything else")
     ax_p.set(xscale="log", xlabel=TIME_LABEL, ylabel="next-vertex probability", ylim=(0, 1),
              title="self-loops allowed: one step")
-    ax_p.legend(loc="center left")
+    ax_p.legend(loc="center right")
     for ax, letter in zip(axes.flat, "abc"):
         panel_label(ax, letter)
     fig.suptitle(f"Lazy walk: the same flow read with and without the self mask (n = {args.n}, uniform starts)")

@@ -67,7 +67,9 @@ def main(argv=None) -> dict:
     ax_log.set_xticks(sorted({n for _, ns in distributions(args.quick).values() for n in ns}))
     ax_log.xaxis.set_major_formatter("{x:g}")
     ax_log.minorticks_off()
-    ax_lin.legend(loc="upper left", fontsize=7, title="points: flow; line: better fit; legend: both fits")
+    handles, labels = ax_lin.get_legend_handles_labels()
+    fig.legend(handles[: len(labels)], labels, loc="outside lower center", ncol=2, fontsize=8,
+               title="points: flow time to reward 0.9; line: the better fit (exponential or power law; both printed)")
     panel_label(ax_lin, "a")
     panel_label(ax_log, "b")
     fig.suptitle("Simple examples make learning polynomial in n; hardest-only training is exponential")

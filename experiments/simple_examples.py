@@ -28,11 +28,14 @@ CLAIM_START = "near zero (authors)"
 LOW, HIGH = 0.6, 0.9
 
 
+@jax.jit
+def _hardest_reward(thetas, task: ChainTask, model: ModelSpec):
+    return jax.vmap(lambda x: same_side_probability(Theta.from_array(x), task, model)[-1])(thetas)
+
+
 def hardest_reward(thetas: np.ndarray, n: int, model: ModelSpec) -> np.ndarray:
     """Same-side probability of the hardest start (d = n-1) at each theta (rows of ``thetas``)."""
-    task = ChainTask.hardest(n)
-    h = jax.jit(jax.vmap(lambda x: same_side_probability(Theta.from_array(x), task, model)[-1]))
-    return np.asarray(h(jnp.nan_to_num(jnp.asarray(thetas))))
+    return np.asarray(_hardest_reward(jnp.nan_to_num(jnp.asarray(thetas)), ChainTask.hardest(n), model))
 
 
 def main(argv=None) -> dict:

@@ -190,9 +190,8 @@ def emergence_figure(trajectory):
     half = _first_crossing(ts, fwd, 0.9)
     ax_heat.plot(half, positions, color="white", marker="o", ms=3, lw=1, label="first t with P ≥ 0.9")
     ax_heat.set(xscale="log", xlabel=TIME_LABEL, ylabel=f"position i of $a_i$ ($a_{{{n}}}$ = terminal)",
-                title="P(forward | move) per position")
+                title="P(forward | move) per position\n(white dots: first t with P ≥ 0.9)")
     ax_heat.set_yticks(positions)
-    ax_heat.legend(loc="upper left", labelcolor="white", frameon=True, facecolor="#333333", edgecolor="none")
     ax_heat.grid(False)
     fig.colorbar(mesh, ax=ax_heat, label=r"P($a_i \to a_{i+1}$ | move)")
 
