@@ -97,13 +97,20 @@ class Instances(NamedTuple):
 
 
 def sample_instances(task: ChainTask, n_vocab: int, key, batch: int) -> Instances:
-    """Random injective labels and d ~ start_probs for ``batch`` instances."""
-    key_labels, key_d = jax.random.split(key)
-    labels = jax.vmap(lambda k: jax.random.permutation(k, n_vocab))(jax.random.split(key_labels, batch))
+    """Random injective labels (argsort of uniforms) and d ~ start_probs (inverse CDF), one draw each."""
+    uniforms = jax.random.uniform(key, (batch, n_vocab + 1))
+    labels = jnp.argsort(uniforms[:, :n_vocab], axis=1)
     edges = np.asarray(edge_list(task.n))
     edge_columns = edge_column(labels[:, edges[:, 0]], labels[:, edges[:, 1]], n_vocab)
-    distances = jax.random.choice(key_d, task.distances, (batch,), p=task.start_probs)
+    distances = 1 + _inverse_cdf(task.start_probs, uniforms[:, n_vocab])
     return Instances(labels, edge_columns, task.n - distances - 1, distances)
+
+
+def _inverse_cdf(probs, uniform) -> jnp.ndarray:
+    """Index k with cdf[k-1] <= uniform * total < cdf[k] (probs on the last axis, zeros never drawn)."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    below = cdf <= (uniform * cdf[..., -1])[..., None]
+    return jnp.minimum(jnp.sum(below, axis=-1), probs.shape[-1] - 1)
 
 
 def _incidence(n: int, n_vocab: int) -> np.ndarray:
@@ -157,7 +164,7 @@ def transition_log_probs(A, labels, edge_columns, start, n: int, model: ModelSpe
 class Rollouts(NamedTuple):
     """Sampled chains of thought (leading axis: batch).
 
-    paths: generated vocabulary tokens, (batch, max_len), -1 after the end; rewards: 1 if the first
+    paths: generated vocabulary tokens, (batch, max_len) int32, -1 after the end; rewards: 1 if the first
     terminal is the start's own; lengths: generated tokens incl. the terminal; log_probs: sum of
     log p of the generated tokens; truncated: no terminal within max_len (reward 0); distances: d;
     traversed: the path is exactly the forward path a_{n-d+1}..a_n; labels: token of each canonical
@@ -201,7 +208,7 @@ def _rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: in
     def body(state):
         t, u, counts, done, reward, length, log_p, forward, paths = state
         step_log_probs = log_probs_of(u, counts)
-        v = jax.random.categorical(jax.random.fold_in(key_gen, t), step_log_probs)
+        v = _inverse_cdf(jnp.exp(step_log_probs), jax.random.uniform(jax.random.fold_in(key_gen, t), (batch,)))
         active = ~done
         terminal = (v == n - 1) | (v == 2 * n - 1)
         token = jnp.take_along_axis(inst.labels, v[:, None], axis=1)[:, 0]
@@ -215,7 +222,7 @@ def _rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: in
             length + active,
             log_p + jnp.where(active, chosen, 0.0),
             forward & (done | (v == u + 1)),
-            paths.at[:, t].set(jnp.where(active, token, -1)),
+            paths.at[:, t].set(jnp.where(active, token, -1).astype(paths.dtype)),
         )
 
     def cond(state):
@@ -230,7 +237,7 @@ def _rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: in
         jnp.zeros(batch, int),
         jnp.zeros(batch),
         jnp.ones(batch, bool),
-        jnp.full((batch, max_len), -1),
+        jnp.full((batch, max_len), -1, dtype=jnp.int32),
     )
     _, _, _, done, reward, length, log_p, forward, paths = jax.lax.while_loop(cond, body, init)
     return Rollouts(paths, reward, length, log_p, ~done, inst.distances, forward & done, inst.labels)
@@ -363,6 +370,12 @@ class TrainingTrajectory(Trajectory):
 
     ARRAYS = Trajectory.ARRAYS + ("sampled_reward", "theta_std")
 
+    def t_hit(self, level: float) -> float | None:
+        """First recorded step time with closed-form reward >= ``level`` (no flow re-solve), None if never."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must lie in (0, 1), got {level}")
+        return _first_time(self.ts, self.reward, level)
+
 
 def _first_time(ts: np.ndarray, reward: np.ndarray, level: float) -> float | None:
     """First recorded t with reward >= level, None if never."""
@@ -403,7 +416,8 @@ def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, 
         record = {"theta": theta, "theta_std": spread, "sampled_reward": jnp.mean(ro.rewards)}
         return (optax.apply_updates(params, updates), opt_state), record
 
-    _, record = jax.lax.scan(step, (params0, opt.init(params0)), (jax.random.split(key, steps + 1), jnp.arange(steps + 1)))
+    inputs = (jax.random.split(key, steps + 1), jnp.arange(steps + 1))
+    _, record = jax.lax.scan(step, (params0, opt.init(params0)), inputs)
     return record | jax.vmap(lambda x: _metrics(flow_params, x))(record["theta"])
 
 
@@ -425,7 +439,8 @@ def train(
     """Sampled policy-gradient ascent on J from ``flow_params.theta0``: x_{k+1} = optimizer(x_k, g_k).
 
     g_k = grad of ``surrogate`` (REINFORCE, leave-one-out baseline) on a fresh batch of rollouts of
-    the training task at t_k (``flow_params.training_task``: a schedule is honoured), w.r.t. the five numbers (params="reduced") or the full matrix A (params="full", started at
+    the training task at t_k (``flow_params.training_task``: a schedule is honoured), w.r.t. the
+    five numbers (params="reduced") or the full matrix A (params="full", started at
     full_attention(theta0, N), N = flow_params.vocabulary_size).  At a symmetric A the expected
     full gradient is g_k / (N * orbit size) per entry, so SGD on A with rate lr follows the flow
     with coords="full" at t = lr * step / N.  One scan over steps, compiled once; the record has
@@ -442,8 +457,15 @@ def train(
     start = time.perf_counter()
     lr_array = jnp.asarray(lr, dtype=float)
     record = _train(flow_params, params0, key, lr_array, steps, batch, max_len, optimizer, params)
-    stats = {"seconds": time.perf_counter() - start, "lr": float(lr), "steps": steps, "batch": batch,
-             "optimizer": optimizer, "params": params, "max_len": max_len}
+    stats = {
+        "seconds": time.perf_counter() - start,
+        "lr": float(lr),
+        "steps": steps,
+        "batch": batch,
+        "optimizer": optimizer,
+        "params": params,
+        "max_len": max_len,
+    }
     return _make_trajectory(flow_params, lr, record, stats)
 
 
@@ -455,7 +477,8 @@ def _gradient_descent(flow_params, lr, steps: int):
     final, thetas = jax.lax.scan(step, flow_params.theta0.as_array(), jnp.arange(steps))
     thetas = jnp.concatenate([thetas, final[None]])
     metrics = jax.vmap(lambda x: _metrics(flow_params, x))(thetas)
-    return {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)} | metrics
+    exact = {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)}
+    return exact | metrics
 
 
 def gradient_descent(flow_params: FlowParams, lr: float, steps: int) -> TrainingTrajectory:

@@ -7,9 +7,9 @@ normaliser, a biased baseline) moves the mean by many standard errors at these b
 
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-import equinox as eqx
 import numpy as np
 import pytest
 from conftest import random_theta
@@ -26,14 +26,15 @@ def max_len(n):
     """Generous truncation for the exact checks: softmax at tau 0.05 can walk ~30 steps on average."""
     return 100 * n
 
+
 FAST_CASES = [  # (n, model): both attention kinds, self-loops masked and kept, isolated vertices
     (3, gf.ModelSpec("linear")),
-    (5, gf.ModelSpec("softmax", tau=0.05, mask_self=False, n_isolated=2)),
+    (3, gf.ModelSpec("softmax", mask_self=False)),
+    (5, gf.ModelSpec("softmax", tau=0.05, n_isolated=2)),
     (8, gf.ModelSpec("linear", mask_self=False)),
-    (8, gf.ModelSpec("softmax", tau=0.05)),
 ]
-SLOW_CASES = [
-    (n, gf.ModelSpec(attention, tau=0.2 if attention == "linear" else 0.05, mask_self=mask, n_isolated=iso))
+SLOW_CASES = [  # softmax at the authors' tau = 0.05 self-loops for hundreds of steps unless masked
+    (n, gf.ModelSpec(attention, tau=0.05 if attention == "softmax" and mask else 0.2, mask_self=mask, n_isolated=iso))
     for n in (3, 5, 8)
     for attention in ("linear", "softmax")
     for mask in (True, False)
@@ -136,17 +137,6 @@ def test_rollouts_match_closed_form_full_grid(case, rng):
         check_rollouts_match_closed_form(n, model, draw_theta(rng), jax.random.key(k))
 
 
-def test_larger_vocabulary_acts_as_isolated_vertices(rng):
-    """Unused vocabulary tokens are extra isolated vertices: N = 2n + 3 equals n_isolated = 3."""
-    n, theta = 3, draw_theta(rng)
-    task = gf.ChainTask.uniform(n)
-    ro = sampling.rollouts(sampling.full_attention(theta, 2 * n + 3), task, gf.ModelSpec(), jax.random.key(3), BATCH, max_len(n))
-    expected = per_start(theta, task, gf.ModelSpec(n_isolated=3))[0]
-    for d in range(1, n):
-        at_d = np.asarray(ro.distances == d)
-        assert_binomial(float(ro.rewards[at_d].sum()), int(at_d.sum()), float(expected[d - 1]), f"d={d}")
-
-
 def test_rollout_fields_are_consistent(rng):
     n, model = 5, gf.ModelSpec("softmax", context="history")
     theta = draw_theta(rng)
@@ -229,7 +219,8 @@ UNIFORM_4 = FlowParams(task=gf.ChainTask.uniform(4), t1=10.0)
 
 def flow_at(config, ts):
     """The reference flow of ``config`` saved at ``ts`` (tight tolerances; one compilation per shape)."""
-    return simulate(dataclasses.replace(config, save_ts=jnp.asarray(ts), t1=float(ts[-1]), rtol=1e-9, atol=1e-11), False)
+    config = dataclasses.replace(config, save_ts=jnp.asarray(ts), t1=float(ts[-1]), rtol=1e-9, atol=1e-11)
+    return simulate(config, progress=False)
 
 
 def test_exact_gradient_descent_follows_the_flow():
@@ -249,20 +240,19 @@ def check_reinforce_follows_the_flow(lr, steps, batch, seeds, min_reward):
     Band at step k (4 sigma): theta after k noisy steps is off by lr sqrt(k) SE_g (SE_g: per-step
     gradient standard error, measured at theta0 by ``estimate_gradient`` with the same batch), so J
     is off by sigma_k = lr sqrt(k) |SE_g * grad J| per seed and sigma_k / sqrt(seeds) for the mean;
-    plus the deterministic O(lr) gap between gradient descent and the flow, measured exactly.
+    plus the deterministic O(lr) gap between gradient descent and the flow: at lr = 0.05 it is at
+    most 0.0072 in J on this run (``gradient_descent`` against ``simulate``), so 0.15 * lr is allowed.
     """
     runs = [sampling.train(UNIFORM_4, lr, steps, batch, jax.random.key(s)) for s in range(seeds)]
-    ts = runs[0].ts
-    flow = flow_at(UNIFORM_4, ts)
-    descent = sampling.gradient_descent(UNIFORM_4, lr, steps)
+    flow = flow_at(UNIFORM_4, runs[0].ts)
     task, model, x0 = UNIFORM_4.task, UNIFORM_4.model, UNIFORM_4.theta0
     _, se_grad = sampling.estimate_gradient(x0, task, model, jax.random.key(99), batch)
     grad_j = jax.grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, model))(x0.as_array())
     sigma = lr * np.sqrt(np.arange(steps + 1)) * np.linalg.norm(se_grad * grad_j) / np.sqrt(seeds)
-    band = 4.0 * sigma + np.abs(descent.reward - flow.reward)
+    band = 4.0 * sigma + 0.15 * lr
     mean_reward = np.mean([run.reward for run in runs], axis=0)
     gap = np.abs(mean_reward - flow.reward)
-    assert np.all(gap <= band), f"sampled training leaves the flow band at t = {ts[np.argmax(gap - band)]}"
+    assert np.all(gap <= band), f"sampled training leaves the flow band at t = {runs[0].ts[np.argmax(gap - band)]}"
     assert all(run.reward[-1] >= min_reward for run in runs), [run.reward[-1] for run in runs]
     assert flow.reward[-1] - flow.reward[0] > 10 * band[-1], "the band must be narrow against the learning"
     np.testing.assert_allclose(np.mean([run.sampled_reward for run in runs]), np.mean(mean_reward), atol=0.01)
@@ -282,35 +272,35 @@ def test_full_matrix_training_stays_symmetric_in_expectation():
 
     At a symmetric A the expected gradient is grad_k J / (N |orbit_k|) on every entry of orbit k
     (|orbit_k| per row, N rows), so one SGD step of rate lr moves theta_k by lr/N times the
-    coords="full" vector field: the orbit means follow that flow at t = lr * step / N.
+    coords="full" vector field: the orbit means follow that flow at t = lr * step / N, i.e. exact
+    gradient descent on it with step lr / N (which tracks the flow, see the test above) -- the
+    reference here, so no discretisation slack is needed.
     Tolerance (alpha, beta, gamma; eta and delta get no gradient under linear attention): the orbit
     mean of the sampled gradient has the standard error of the reduced estimate divided by
-    N |orbit_k|, so after k steps 4 sigma = 4 lr sqrt(k) SE_k / (N |orbit_k|), plus the exact gap
-    between gradient descent and the flow.  The within-orbit spread of A is a random walk of the
-    per-entry gradient noise: at most lr sqrt(k) s_0 with s_0 the within-orbit standard deviation of
-    one sampled gradient at A_0 (the noise shrinks as the policy sharpens); a systematic asymmetry
-    would grow like k instead and break the bound.
+    N |orbit_k|, so after k steps 4 sigma = 4 lr sqrt(k) SE_k / (N |orbit_k|).
+    The within-orbit spread of A is a random walk of the per-entry gradient noise: about sqrt(k)
+    times its first step (A_0 is symmetric, so the first step's spread is lr times the noise, which
+    later shrinks as the policy sharpens); a systematic asymmetry (e.g. labels that are not uniformly
+    random) would grow like k, to ~0.7 in alpha here, far above the bound (~0.15).
     """
     lr, steps, batch = 4.0, 20, 2000
     config = dataclasses.replace(UNIFORM_4, coords="full")
     n_vocab, sizes = config.vocabulary_size, n_vocab_sizes(config)
     run = sampling.train(UNIFORM_4, lr, steps, batch, jax.random.key(0), params="full")
-    flow = flow_at(config, run.ts / n_vocab)
-    descent = sampling.gradient_descent(config, lr / n_vocab, steps)
-    _, se = sampling.estimate_gradient(config.theta0, config.task, config.model, jax.random.key(1), batch)
+    expected = sampling.gradient_descent(config, lr / n_vocab, steps)
+    np.testing.assert_allclose(run.ts / n_vocab, expected.ts, rtol=1e-12)
+    _, se = sampling.estimate_gradient(config.theta0, config.task, config.model, jax.random.key(99), batch)
     k = np.arange(steps + 1)[:, None]
-    band = 4.0 * lr * np.sqrt(k) * se / sizes + np.abs(descent.theta - flow.theta) + 1e-12
-    gap = np.abs(run.theta - flow.theta)
+    band = 4.0 * lr * np.sqrt(k) * se / sizes + 1e-12
+    gap = np.abs(run.theta - expected.theta)
     assert np.all(gap[:, :3] <= band[:, :3]), f"orbit means leave the flow: gap {gap[-1]}, band {band[-1]}"
-    assert flow.theta[-1, 0] - flow.theta[0, 0] > 5 * band[-1, 0], "alpha must move well beyond the band"
+    assert expected.theta[-1, 0] - expected.theta[0, 0] > 5 * band[-1, 0], "alpha must move well beyond the band"
+    assert abs(expected.reward[-1] - expected.reward[0]) > 0.2, "the comparison must span real learning"
 
-    A0 = sampling.full_attention(config.theta0, n_vocab)
-    rollouts = sampling.rollouts(A0, config.task, config.model, jax.random.key(2), batch)
-    gradient = eqx.filter_jit(jax.grad(sampling.surrogate))(A0, rollouts, config.task.n, config.model)
-    _, s0 = sampling.orbit_statistics(gradient)
-    bound = lr * np.sqrt(k[-1]) * s0
-    assert np.all(run.theta_std[-1, :3] <= bound[:3]), f"spread {run.theta_std[-1]} above random walk {bound}"
-    assert np.all(run.theta_std[-1, :3] >= 0.1 * bound[:3]), "the full matrix must feel the sampling noise"
+    spread = run.theta_std[:, :3]
+    assert np.all(spread[1] > 0), "the full matrix must feel the sampling noise"
+    # 1.5: the per-step noise first grows by up to ~10% as the policy leaves the base model
+    assert np.all(spread <= 1.5 * np.sqrt(k) * spread[1] + 1e-12), f"spread {spread[-1]} outgrows a random walk"
     np.testing.assert_array_equal(run.theta_std[:, 3:], 0.0)
 
 
