@@ -149,7 +149,7 @@ def cmd_sweep(args) -> int:
     """Job-array mode: run the configs of a JSON file, skipping results already in --out."""
     from gradflow.sweep import run_sweep
 
-    run_sweep(args.config, args.out, resume=args.resume, progress=not args.no_progress)
+    run_sweep(args.config, args.out, resume=args.resume, progress=not args.no_progress, index=args.index, count=args.count)
     return 0
 
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", help="JSON file: a list of FlowParams.to_dict() configs (or one)")
     sweep.add_argument("--out", required=True, help="directory of results, one per config hash")
     sweep.add_argument("--resume", action="store_true", help="skip configs whose result already exists")
+    sweep.add_argument("--index", type=int, default=0, help="job-array slice: take configs index, index+count, ... (default 0)")
+    sweep.add_argument("--count", type=int, default=1, help="job-array slice: number of array tasks (default 1)")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress meter")
     sweep.set_defaults(func=cmd_sweep)
 
