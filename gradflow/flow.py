@@ -35,7 +35,8 @@ COORDS = ("reduced", "full")
 STOP_AT = (None, "threshold", "converged")
 N_DEFAULT_SAVES = 200
 BISECTION_STEPS = 60
-LOCAL_MAX_STEPS = 16_384
+LOCAL_MAX_STEPS = 16_384  # dense re-solve of one bracket in Trajectory.t_hit
+BRACKET_MAX_STEPS = 128  # the same inside the (vmapped) solve; a bracket needing more falls back to t_hit
 METRIC_CHUNK_ELEMENTS = 4096
 
 
@@ -201,8 +202,12 @@ def _metrics(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
     }
 
 
-def _hit_time(params: FlowParams, ts, thetas, rewards, level) -> jnp.ndarray:
-    """First t with J(t) = level: bracket on the saves, re-solve densely inside it, bisect. NaN if never."""
+def _hit_time(params: FlowParams, ts, thetas, rewards, level, max_steps: int = LOCAL_MAX_STEPS):
+    """First t with J(t) = level: bracket on the saves, re-solve densely inside it, bisect.
+
+    Returns (time, resolved): time is NaN if the level is never reached; resolved is False when the
+    bracket's dense re-solve needed more than ``max_steps`` steps (the time is then meaningless).
+    """
     reached = rewards >= level
     k = jnp.argmax(reached)
     k_lo = jnp.maximum(k - 1, 0)
@@ -216,7 +221,7 @@ def _hit_time(params: FlowParams, ts, thetas, rewards, level) -> jnp.ndarray:
         thetas[k_lo],
         saveat=diffrax.SaveAt(dense=True),
         stepsize_controller=_controller(params),
-        max_steps=LOCAL_MAX_STEPS,
+        max_steps=max_steps,
         throw=False,
     )
     reward_at = lambda t: expected_reward(Theta.from_array(solution.evaluate(t)), params.task, params.model)
@@ -229,7 +234,8 @@ def _hit_time(params: FlowParams, ts, thetas, rewards, level) -> jnp.ndarray:
 
     _, t_hit = jax.lax.fori_loop(0, BISECTION_STEPS, bisect, (t_lo, t_hi))
     t_hit = jnp.where(k == 0, ts[0], t_hit)
-    return jnp.where(jnp.any(reached), t_hit, jnp.nan)
+    resolved = (solution.result == diffrax.RESULTS.successful) | (k == 0) | ~jnp.any(reached)
+    return jnp.where(jnp.any(reached), t_hit, jnp.nan), resolved
 
 
 def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
@@ -263,17 +269,21 @@ def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
     safe_rewards = jnp.where(valid, metrics["reward"], -jnp.inf)
     t_stop = jnp.max(jnp.where(jnp.isfinite(solution.ts), solution.ts, -jnp.inf))
     stopped = t_stop < params.t1
-    hit = lambda level, stop: jnp.where(
-        stopped & (params.stop_at == stop),
-        t_stop,
-        _hit_time(params, jnp.nan_to_num(ts), jnp.nan_to_num(thetas), safe_rewards, level),
-    )
+
+    def hit(level, stop):
+        t, resolved = _hit_time(
+            params, jnp.nan_to_num(ts), jnp.nan_to_num(thetas), safe_rewards, level, BRACKET_MAX_STEPS
+        )
+        by_event = stopped & (params.stop_at == stop)
+        return jnp.where(by_event, t_stop, t), by_event | resolved
+
     return {
         "ts": ts,
         "theta": thetas,
         **metrics,
-        "t_threshold": hit(params.reward_threshold, "threshold"),
-        "t_converged": hit(1.0 - params.convergence_loss, "converged"),
+        **dict(zip(("t_threshold", "threshold_resolved"), hit(params.reward_threshold, "threshold"))),
+        **dict(zip(("t_converged", "converged_resolved"), hit(1.0 - params.convergence_loss, "converged"))),
+
         "t_stop": t_stop,
         "success": (solution.result == diffrax.RESULTS.successful) | (solution.result == diffrax.RESULTS.event_occurred),
         "num_steps": solution.stats["num_steps"],
@@ -344,7 +354,9 @@ class Trajectory:
         rewards = np.where(np.isfinite(self.reward), self.reward, -np.inf)
         thetas = np.nan_to_num(self.theta)
         ts = jnp.asarray(np.nan_to_num(self.ts))
-        t = _hit_time_jit(self.config, ts, jnp.asarray(thetas), jnp.asarray(rewards), level)
+        t, resolved = _hit_time_jit(self.config, ts, jnp.asarray(thetas), jnp.asarray(rewards), level)
+        if not resolved:
+            raise RuntimeError(f"t_hit({level}): the bracket needs over {LOCAL_MAX_STEPS} steps; save more times (save_ts)")
         return None if np.isnan(t) else float(t)
 
     def save(self, path: str | Path) -> Path:
@@ -388,7 +400,7 @@ def _trajectory(params: FlowParams, out: dict, stats: dict) -> Trajectory:
             f"after {int(out['num_steps'])} steps: raise max_steps (now {params.max_steps}) or loosen rtol/atol"
         )
     as_time = lambda t: None if np.isnan(t) else float(t)
-    return Trajectory(
+    trajectory = Trajectory(
         config=params,
         events={"reward_threshold": as_time(out["t_threshold"]), "converged": as_time(out["t_converged"])},
         stats={
@@ -399,6 +411,11 @@ def _trajectory(params: FlowParams, out: dict, stats: dict) -> Trajectory:
         },
         **{k: np.asarray(out[k]) for k in Trajectory.ARRAYS},
     )
+    levels = {"reward_threshold": float(params.reward_threshold), "converged": 1.0 - float(params.convergence_loss)}
+    for name, flag in (("reward_threshold", "threshold_resolved"), ("converged", "converged_resolved")):
+        if not bool(out[flag]):  # the in-solve bracket re-solve ran out of steps: redo it with a larger buffer
+            trajectory.events[name] = trajectory.t_hit(levels[name])
+    return trajectory
 
 
 def simulate(flow_params: FlowParams, progress: bool = True) -> Trajectory:

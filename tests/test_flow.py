@@ -158,3 +158,11 @@ def test_bad_configs_name_the_field(kwargs, field):
 def test_simulate_many_refuses_mixed_structures():
     with pytest.raises(ValueError, match="structure"):
         simulate_many([FlowParams(TASK), FlowParams(gf.ChainTask.uniform(N + 1))])
+
+
+def test_events_with_sparse_saves_fall_back_to_a_full_bracket_solve():
+    """With saves only at t0 and t1 the in-solve bracket (128 steps) is too short; the event is redone."""
+    sparse = simulate(FlowParams(TASK, t1=1e3, save_ts=jnp.array([0.0, 1e3])), progress=False)
+    dense = simulate(FlowParams(TASK, t1=1e3), progress=False)
+    for name in ("reward_threshold", "converged"):
+        assert sparse.events[name] == pytest.approx(dense.events[name], rel=1e-6), name
