@@ -189,7 +189,7 @@ def _stop_event(params: FlowParams) -> diffrax.Event | None:
     return diffrax.Event(cond, root_finder=optx.Bisection(rtol=1e-14, atol=1e-12, flip=False))
 
 
-def _metrics(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
+def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """Closed-form read-outs at one theta (5,): reward, per-position forward/switch, length, traversal."""
     th = Theta.from_array(theta)
     steps = step_probabilities(th, params.task.n, params.model)
@@ -264,7 +264,7 @@ def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
     # lax.map in chunks of ~4096 / n saves bounds the intermediates of large n (a full vmap over the
     # saves of a 64-config sweep at n = 1000 peaks at 4.4 GB); small n stays one vmapped chunk
     chunk = max(1, min(thetas.shape[0], METRIC_CHUNK_ELEMENTS // params.task.n))
-    metrics = jax.lax.map(lambda y: _metrics(params, y), jnp.nan_to_num(thetas), batch_size=chunk)
+    metrics = jax.lax.map(lambda y: metrics_at(params, y), jnp.nan_to_num(thetas), batch_size=chunk)
     metrics = {k: jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.nan) for k, v in metrics.items()}
     safe_rewards = jnp.where(valid, metrics["reward"], -jnp.inf)
     t_stop = jnp.max(jnp.where(jnp.isfinite(solution.ts), solution.ts, -jnp.inf))

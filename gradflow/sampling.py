@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from gradflow._checks import check_choice, check_int, check_positive
-from gradflow.flow import FlowParams, Trajectory, _metrics
+from gradflow.flow import FlowParams, Trajectory, metrics_at
 from gradflow.model import ModelSpec, Theta, edge_list
 from gradflow.task import ChainTask
 
@@ -418,7 +418,7 @@ def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, 
 
     inputs = (jax.random.split(key, steps + 1), jnp.arange(steps + 1))
     _, record = jax.lax.scan(step, (params0, opt.init(params0)), inputs)
-    return record | jax.vmap(lambda x: _metrics(flow_params, x))(record["theta"])
+    return record | jax.vmap(lambda x: metrics_at(flow_params, x))(record["theta"])
 
 
 def _check_rate(lr, steps) -> int:
@@ -476,7 +476,7 @@ def _gradient_descent(flow_params, lr, steps: int):
 
     final, thetas = jax.lax.scan(step, flow_params.theta0.as_array(), jnp.arange(steps))
     thetas = jnp.concatenate([thetas, final[None]])
-    metrics = jax.vmap(lambda x: _metrics(flow_params, x))(thetas)
+    metrics = jax.vmap(lambda x: metrics_at(flow_params, x))(thetas)
     exact = {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)}
     return exact | metrics
 
