@@ -176,17 +176,37 @@ class FlowParams(eqx.Module):
         )
 
 
-def _controller(params: FlowParams) -> diffrax.PIDController:
-    return diffrax.PIDController(rtol=params.rtol, atol=params.atol)
+def level_event(params: FlowParams, level) -> diffrax.Event:
+    """A terminating event at J(theta) = level on ``task``, root-found by bisection within the step."""
+    cond = lambda t, y, args, **kw: expected_reward(Theta.from_array(y), params.task, params.model) - level
+    return diffrax.Event(cond, root_finder=optx.Bisection(rtol=1e-14, atol=1e-12, flip=False))
 
 
 def _stop_event(params: FlowParams) -> diffrax.Event | None:
-    """A terminating event at J = level (root-found on the step), or None."""
+    """The event ``stop_at`` asks for, or None."""
     if params.stop_at is None:
         return None
-    level = params.reward_threshold if params.stop_at == "threshold" else 1.0 - params.convergence_loss
-    cond = lambda t, y, args, **kw: expected_reward(Theta.from_array(y), params.task, params.model) - level
-    return diffrax.Event(cond, root_finder=optx.Bisection(rtol=1e-14, atol=1e-12, flip=False))
+    return level_event(params, params.reward_threshold if params.stop_at == "threshold" else 1.0 - params.convergence_loss)
+
+
+def integrate(params: FlowParams, saveat: diffrax.SaveAt, *, t0=None, t1=None, y0=None, max_steps=None,
+              event=None, progress: bool = False) -> diffrax.Solution:
+    """diffeqsolve of d theta/dt = grad J with the config's solver and tolerances (defaults: its span,
+    theta0 and max_steps); never throws, the caller reads ``result``."""
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(params.vector_field),
+        SOLVERS[params.solver](),
+        params.t0 if t0 is None else t0,
+        params.t1 if t1 is None else t1,
+        None,
+        params.theta0.as_array() if y0 is None else y0,
+        saveat=saveat,
+        stepsize_controller=diffrax.PIDController(rtol=params.rtol, atol=params.atol),
+        event=event,
+        max_steps=params.max_steps if max_steps is None else max_steps,
+        throw=False,
+        progress_meter=diffrax.TqdmProgressMeter(refresh_steps=200) if progress else diffrax.NoProgressMeter(),
+    )
 
 
 def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
@@ -212,18 +232,8 @@ def _hit_time(params: FlowParams, ts, thetas, rewards, level, max_steps: int = L
     k = jnp.argmax(reached)
     k_lo = jnp.maximum(k - 1, 0)
     t_lo, t_hi = ts[k_lo], ts[k]
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(params.vector_field),
-        SOLVERS[params.solver](),
-        t_lo,
-        jnp.where(t_hi > t_lo, t_hi, t_lo + 1.0),
-        None,
-        thetas[k_lo],
-        saveat=diffrax.SaveAt(dense=True),
-        stepsize_controller=_controller(params),
-        max_steps=max_steps,
-        throw=False,
-    )
+    t_end = jnp.where(t_hi > t_lo, t_hi, t_lo + 1.0)
+    solution = integrate(params, diffrax.SaveAt(dense=True), t0=t_lo, t1=t_end, y0=thetas[k_lo], max_steps=max_steps)
     reward_at = lambda t: expected_reward(Theta.from_array(solution.evaluate(t)), params.task, params.model)
 
     def bisect(_, bounds):
@@ -241,20 +251,7 @@ def _hit_time(params: FlowParams, ts, thetas, rewards, level, max_steps: int = L
 def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
     """Integrate the flow, read the closed-form metrics at the saves and locate the events."""
     ts = params.times()
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(params.vector_field),
-        SOLVERS[params.solver](),
-        params.t0,
-        params.t1,
-        None,
-        params.theta0.as_array(),
-        saveat=diffrax.SaveAt(ts=ts, t1=True),
-        stepsize_controller=_controller(params),
-        event=_stop_event(params),
-        max_steps=params.max_steps,
-        throw=False,
-        progress_meter=diffrax.TqdmProgressMeter(refresh_steps=200) if progress else diffrax.NoProgressMeter(),
-    )
+    solution = integrate(params, diffrax.SaveAt(ts=ts, t1=True), event=_stop_event(params), progress=progress)
     # after a requested stop diffrax writes the stop state into the next save slot (with its time)
     # and inf into the rest: keep the real times, NaN the unused slots
     saved_ts, saved_ys = solution.ts[:-1], solution.ys[:-1]

@@ -23,10 +23,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optimistix as optx
 
 from gradflow._checks import check_int
-from gradflow.flow import SOLVERS, FlowParams, Trajectory, stack_configs
+from gradflow.flow import FlowParams, Trajectory, integrate, level_event, stack_configs
 from gradflow.model import ModelSpec, Theta, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
 from gradflow.task import ChainTask
@@ -331,22 +330,7 @@ def _threshold_solve(params: FlowParams):
     ODE tolerance).  ``fired`` tells whether the event fired; under vmap, configs whose event did not
     fire report a meaningless stop time.
     """
-    level = params.reward_threshold
-    cond = lambda t, y, args, **kw: expected_reward(Theta.from_array(y), params.task, params.model) - level
-    event = diffrax.Event(cond, root_finder=optx.Bisection(rtol=1e-14, atol=1e-12, flip=False))
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(params.vector_field),
-        SOLVERS[params.solver](),
-        params.t0,
-        params.t1,
-        None,
-        params.theta0.as_array(),
-        saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.PIDController(rtol=params.rtol, atol=params.atol),
-        event=event,
-        max_steps=params.max_steps,
-        throw=False,
-    )
+    solution = integrate(params, diffrax.SaveAt(t1=True), event=level_event(params, params.reward_threshold))
     reward = expected_reward(Theta.from_array(solution.ys[-1]), params.task, params.model)
     return solution.ts[-1], solution.event_mask, reward, solution.stats["num_steps"]
 
