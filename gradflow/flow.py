@@ -107,6 +107,10 @@ class FlowParams(eqx.Module):
             if np.any(np.diff(ts) <= 0):
                 raise ValueError("save_ts must be strictly increasing")
 
+    def event_level(self, event: str) -> jnp.ndarray:
+        """The reward level of an event: reward_threshold for "threshold", 1 - convergence_loss for "converged"."""
+        return self.reward_threshold if event == "threshold" else 1.0 - self.convergence_loss
+
     @property
     def vocabulary_size(self) -> int:
         """N, the number of vertex tokens the full matrix A is over."""
@@ -186,7 +190,7 @@ def _stop_event(params: FlowParams) -> diffrax.Event | None:
     """The event ``stop_at`` asks for, or None."""
     if params.stop_at is None:
         return None
-    return level_event(params, params.reward_threshold if params.stop_at == "threshold" else 1.0 - params.convergence_loss)
+    return level_event(params, params.event_level(params.stop_at))
 
 
 def integrate(params: FlowParams, saveat: diffrax.SaveAt, *, t0=None, t1=None, y0=None, max_steps=None,
@@ -278,8 +282,8 @@ def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
         "ts": ts,
         "theta": thetas,
         **metrics,
-        **dict(zip(("t_threshold", "threshold_resolved"), hit(params.reward_threshold, "threshold"))),
-        **dict(zip(("t_converged", "converged_resolved"), hit(1.0 - params.convergence_loss, "converged"))),
+        **dict(zip(("t_threshold", "threshold_resolved"), hit(params.event_level("threshold"), "threshold"))),
+        **dict(zip(("t_converged", "converged_resolved"), hit(params.event_level("converged"), "converged"))),
 
         "t_stop": t_stop,
         "success": (solution.result == diffrax.RESULTS.successful) | (solution.result == diffrax.RESULTS.event_occurred),
@@ -408,10 +412,9 @@ def _trajectory(params: FlowParams, out: dict, stats: dict) -> Trajectory:
         },
         **{k: np.asarray(out[k]) for k in Trajectory.ARRAYS},
     )
-    levels = {"reward_threshold": float(params.reward_threshold), "converged": 1.0 - float(params.convergence_loss)}
-    for name, flag in (("reward_threshold", "threshold_resolved"), ("converged", "converged_resolved")):
-        if not bool(out[flag]):  # the in-solve bracket re-solve ran out of steps: redo it with a larger buffer
-            trajectory.events[name] = trajectory.t_hit(levels[name])
+    for name, event in (("reward_threshold", "threshold"), ("converged", "converged")):
+        if not bool(out[f"{event}_resolved"]):  # the in-solve bracket ran out of steps: redo it with a larger buffer
+            trajectory.events[name] = trajectory.t_hit(float(params.event_level(event)))
     return trajectory
 
 
