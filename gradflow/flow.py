@@ -439,7 +439,8 @@ def stack_configs(configs: Sequence[FlowParams]) -> FlowParams:
                 f"configs[{index}] differs in structure from configs[0] (n, attention kind, solver, coords, "
                 "n_vocab, max_steps, schedule, stop_at and save_ts length must match): run it separately"
             )
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *configs)
+    # stacked on the host, then one transfer per leaf (jnp.stack of 64 device scalars is ~1.5x slower)
+    return jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *configs)
 
 
 def simulate_many(configs: Sequence[FlowParams], progress: bool = False, devices=None) -> list[Trajectory]:

@@ -74,8 +74,9 @@ class Theta(eqx.Module):
 class RowScores(NamedTuple):
     """Effective (alpha, beta, gamma)/tau seen by each query row after the attention map.
 
-    ``chain`` entries have shape (2, n-1): chain a / chain b, positions i = 1..n-1.
-    ``isolated`` is the gamma/tau seen from an isolated query vertex (it attends only to far edges).
+    ``chain`` entries broadcast to (2, n-1): chain a / chain b, positions i = 1..n-1 (linear
+    attention: scalars, every row sees the same numbers).  ``isolated`` is the gamma/tau seen from an
+    isolated query vertex (it attends only to far edges).
     """
 
     alpha: jnp.ndarray
@@ -90,11 +91,10 @@ def row_scores(theta: Theta, n: int, model: ModelSpec, start: int | None = None)
     linear: (alpha, beta, gamma)/tau for every row.  softmax: exp(score)/Z(u)/tau with
     Z(u) = e^alpha [u has out-edge] + e^beta [u has in-edge] + e^gamma (#far edges) + e^{eta or delta}.
     """
+    if model.attention == "linear":
+        return RowScores(theta.alpha / model.tau, theta.beta / model.tau, theta.gamma / model.tau, theta.gamma / model.tau)
     pos = jnp.arange(1, n)
     shape = (2, n - 1)
-    if model.attention == "linear":
-        full = lambda x: jnp.broadcast_to(x / model.tau, shape)
-        return RowScores(full(theta.alpha), full(theta.beta), full(theta.gamma), theta.gamma / model.tau)
     n_edges = 2 * (n - 1)
     has_in = (pos >= 2).astype(float)
     is_start = jnp.zeros(shape).at[0, start - 1].set(1.0) if start is not None else jnp.zeros(shape)
@@ -131,26 +131,31 @@ class LocalRows(NamedTuple):
 
 
 def local_rows(scores: RowScores, n: int, model: ModelSpec) -> LocalRows:
-    """THEORY.md 2: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v)."""
+    """THEORY.md 2: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v).
+
+    Three exponentials per distinct score (one each for linear attention), combined by masks.  Each
+    field broadcasts to (2, n-1) (linear attention: (n-1,) or a scalar, the chains are alike).
+    """
     pos = jnp.arange(1, n)
-    a, b, g = scores.alpha, scores.beta, scores.gamma
-    interior = lambda mask: mask.astype(float)
-    has_pred = interior(pos >= 2)
-    succ = jnp.exp(a + g * interior(pos + 1 <= n - 1))
-    self_w = jnp.exp(a + b * has_pred) * (0.0 if model.mask_self else 1.0)
-    pred = jnp.exp(b + g * interior(pos >= 3)) * has_pred
-    deg = lambda idx: jnp.where((idx == 1) | (idx == n), 1.0, 2.0)
-    base = lambda idx: jnp.exp(g * deg(idx))
+    e_a, e_b, e_g = jnp.exp(scores.alpha), jnp.exp(scores.beta), jnp.exp(scores.gamma)
+    e_g2 = e_g * e_g
+    has_pred = pos >= 2
+    far_weight = lambda idx: jnp.where((idx == 1) | (idx == n), e_g, e_g2)  # exp(gamma deg(v))
     return LocalRows(
-        succ=succ,
-        self_=self_w,
-        pred=pred,
-        base_succ=base(pos + 1),
-        base_self=base(pos),
-        base_pred=base(pos - 1) * has_pred,
-        far1=jnp.exp(g),
-        far2=jnp.exp(2.0 * g),
+        succ=e_a * jnp.where(pos + 1 <= n - 1, e_g, 1.0),
+        self_=jnp.where(has_pred, e_a * e_b, e_a) * (0.0 if model.mask_self else 1.0),
+        pred=jnp.where(has_pred, e_b * jnp.where(pos >= 3, e_g, 1.0), 0.0),
+        base_succ=far_weight(pos + 1),
+        base_self=far_weight(pos),
+        base_pred=jnp.where(has_pred, far_weight(pos - 1), 0.0),
+        far1=e_g,
+        far2=e_g2,
     )
+
+
+def chain_a_rows(rows: LocalRows, n: int) -> LocalRows:
+    """The rows of chain a (positions 1..n-1): every field of ``rows`` as an (n-1,) array."""
+    return LocalRows(*(jnp.broadcast_to(x, (2, n - 1))[0] for x in rows))
 
 
 def row_normaliser(rows: LocalRows, n: int, model: ModelSpec) -> jnp.ndarray:
@@ -183,9 +188,7 @@ class StepProbabilities(NamedTuple):
 def step_probabilities(theta: Theta, n: int, model: ModelSpec) -> StepProbabilities:
     """Per-position step probabilities on chain a (softmax: rows of vertices that are not the start)."""
     check_int("n", n, 2)
-    scores = row_scores(theta, n, model)
-    chain_a = RowScores(scores.alpha[0], scores.beta[0], scores.gamma[0], scores.isolated)
-    rows = local_rows(chain_a, n, model)
+    rows = chain_a_rows(local_rows(row_scores(theta, n, model), n, model), n)
     z = row_normaliser(rows, n, model)
     chain_total = 2.0 * rows.far1 + (n - 2) * rows.far2
     jump = chain_total - rows.base_succ - rows.base_self - rows.base_pred
