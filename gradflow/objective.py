@@ -17,6 +17,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jax.lax.linalg import tridiagonal_solve
 
 from gradflow.model import ModelSpec, RowScores, Theta, chain_a_rows, local_rows, row_normaliser, row_scores, transition_matrix
@@ -29,6 +30,59 @@ def _require_closed_form(model: ModelSpec) -> None:
             f"context must be 'prompt' for closed-form quantities (got {model.context!r}); "
             "the 'history' context is not Markov and is only available in gradflow.sampling"
         )
+
+
+SMALL_SYSTEM = 32  # batched systems up to this many rows use unrolled elimination (_thomas)
+
+
+@custom_vmap
+def _tri_solve(lower, diag, upper, rhs):
+    """x = T^{-1} rhs, rhs (N, k); T has diagonals lower (lower[0] unused), diag, upper (upper[-1] unused)."""
+    return tridiagonal_solve(lower, diag, upper, rhs)
+
+
+def _thomas(lower, diag, upper, rhs):
+    """x = T^{-1} rhs by Thomas elimination unrolled over the N rows, broadcast over leading batch axes.
+
+    No pivoting: T is diagonally dominant by rows (diag = far baseline of every other vertex +
+    succ + pred >= |off-diagonals|) and T^T by columns, where elimination without pivoting is stable.
+    """
+    n_rows = diag.shape[-1]
+    scale = 1.0 / diag[..., 0]
+    ratios, values = [upper[..., 0] * scale], [rhs[..., 0, :] * scale[..., None]]
+    for i in range(1, n_rows):
+        scale = 1.0 / (diag[..., i] - lower[..., i] * ratios[-1])
+        ratios.append(upper[..., i] * scale)
+        values.append((rhs[..., i, :] - lower[..., i, None] * values[-1]) * scale[..., None])
+    solution = [values[-1]]
+    for i in range(n_rows - 2, -1, -1):
+        solution.append(values[i] - ratios[i][..., None] * solution[-1])
+    return jnp.stack(solution[::-1], axis=-2)
+
+
+@_tri_solve.def_vmap
+def _tri_solve_batched(axis_size, in_batched, lower, diag, upper, rhs):
+    """A batch of B systems: unrolled elimination for small N (one fused kernel, vectorised over the
+    batch), else on CPU one block-diagonal system of B*N rows (one LAPACK call).
+
+    jaxlib's batched CPU gtsv splits the batch over XLA's intra-op thread pool and blocks a pool
+    thread until the parts finish; two such calls running at once on a 2-thread pool deadlock (seen in
+    simulate_many's read-outs, which solve for reward and length side by side), so it is never used.
+    Zeroing the unused corners makes the blocks independent: gtsv never pivots across a zero
+    sub-diagonal, so the block-diagonal solve is exact.  Other backends keep their batched solver.
+    """
+    lower, diag, upper, rhs = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                               for x, batched in zip((lower, diag, upper, rhs), in_batched)]
+    if diag.shape[-1] <= SMALL_SYSTEM:
+        return _thomas(lower, diag, upper, rhs), True
+
+    def one_system(lower, diag, upper, rhs):
+        position = jnp.arange(diag.shape[-1])
+        lower, upper = jnp.where(position == 0, 0.0, lower), jnp.where(position == diag.shape[-1] - 1, 0.0, upper)
+        flat = _tri_solve(lower.reshape(-1), diag.reshape(-1), upper.reshape(-1), rhs.reshape(-1, rhs.shape[-1]))
+        return flat.reshape(rhs.shape)
+
+    return jax.lax.platform_dependent(lower, diag, upper, rhs, cpu=one_system, default=tridiagonal_solve), True
 
 
 def _solve_2x2(m: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -56,7 +110,7 @@ def _woodbury_solve(lower, diag, upper, rhs, u, v, extra):
 
 
 def _woodbury_forward(lower, diag, upper, rhs, u, v, extra):
-    solved = tridiagonal_solve(lower, diag, upper, jnp.concatenate([rhs[:, None], u, extra], axis=1))
+    solved = _tri_solve(lower, diag, upper, jnp.concatenate([rhs[:, None], u, extra], axis=1))
     capacitance = jnp.eye(2) - v.T @ solved[:, 1:3]
     x = solved[:, 0] + solved[:, 1:3] @ _solve_2x2(capacitance, v.T @ solved[:, 0])
     y = solved[:, 3:]
@@ -70,7 +124,7 @@ def _woodbury_backward(residuals, cotangents):
     lower, diag, upper, u, v, x, y, capacitance = residuals
     x_bar, y_bar = cotangents
     lower_t, upper_t = _transpose_bands(lower, upper)
-    solved = tridiagonal_solve(lower_t, diag, upper_t, jnp.concatenate([x_bar[:, None], v, y_bar], axis=1))
+    solved = _tri_solve(lower_t, diag, upper_t, jnp.concatenate([x_bar[:, None], v, y_bar], axis=1))
     lam = solved[:, 0] + solved[:, 1:3] @ _solve_2x2(capacitance.T, u.T @ solved[:, 0])
     mu = solved[:, 3:]
     adjoint = jnp.concatenate([lam[:, None], mu], axis=1)  # (N, 1 + k): column j pairs with primal's

@@ -1,5 +1,9 @@
 """The closed-form absorption quantities against dense linear algebra and finite differences."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +11,7 @@ import pytest
 from conftest import random_theta
 
 import gradflow as gf
-from gradflow.objective import absorption_solve, dense_length_per_start, dense_same_side_probability
+from gradflow.objective import SMALL_SYSTEM, _tri_solve, absorption_solve, dense_length_per_start, dense_same_side_probability
 from gradflow.model import row_scores
 
 MODELS = [
@@ -134,3 +138,34 @@ def test_quantities_jit_and_vmap_over_theta(rng):
 def test_history_context_is_refused_by_the_closed_form():
     with pytest.raises(ValueError, match="context"):
         gf.expected_reward(gf.Theta(0.3, 0, 0), gf.ChainTask.uniform(4), gf.ModelSpec("softmax", context="history"))
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, SMALL_SYSTEM + 9])  # unrolled elimination, and one block system
+def test_batched_tridiagonal_solves_equal_dense_solves(n_rows, rng):
+    """vmap of the tridiagonal solve (both batch rules, nested vmaps, unbatched operands) = dense solves."""
+    batch, inner = 3, 2
+    lower, upper = rng.normal(size=(2, batch, inner, n_rows))
+    diag = np.abs(lower) + np.abs(upper) + rng.uniform(0.1, 1.0, size=(batch, inner, n_rows))  # dominant rows
+    rhs = rng.normal(size=(n_rows, 3))  # shared by every system: an unbatched operand
+    solve = jax.vmap(jax.vmap(_tri_solve, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))
+    x = np.asarray(solve(lower, diag, upper, rhs))
+    for b in range(batch):
+        for i in range(inner):
+            dense = np.diag(diag[b, i]) + np.diag(lower[b, i, 1:], -1) + np.diag(upper[b, i, :-1], 1)
+            np.testing.assert_allclose(x[b, i], np.linalg.solve(dense, rhs), rtol=1e-10, atol=1e-12)
+
+
+def test_vmapped_solves_side_by_side_do_not_deadlock():
+    """Reward and length of 4000 thetas in one program, on all cores (jaxlib's batched CPU gtsv hung here)."""
+    script = (
+        "import jax, jax.numpy as jnp, gradflow as gf\n"
+        "task, model = gf.ChainTask.uniform(8), gf.ModelSpec()\n"
+        "both = lambda x: (gf.expected_reward(gf.Theta.from_array(x), task, model),"
+        " gf.expected_length(gf.Theta.from_array(x), task, model))\n"
+        "f = jax.jit(jax.vmap(both))\n"
+        "xs = jnp.linspace(0.0, 1.0, 4000)[:, None] * jnp.ones(5)\n"
+        "for _ in range(30): jax.block_until_ready(f(xs))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, timeout=120, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
