@@ -91,6 +91,14 @@ def _solve_2x2(m: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([m[1, 1] * b[0] - m[0, 1] * b[1], m[0, 0] * b[1] - m[1, 0] * b[0]]) / det
 
 
+def _thin_dot(a, b):
+    """a^T b for (N, p) a and (N,) or (N, q) b.  Small N: a fused multiply-reduce, since a vmapped dot
+    of thin matrices is a slow library call on CPU; large N: a dot, which streams memory better."""
+    if a.shape[0] > SMALL_SYSTEM:
+        return a.T @ b
+    return jnp.sum(a[:, :, None] * b.reshape(b.shape[0], 1, -1), axis=0).reshape(a.shape[1:] + b.shape[1:])
+
+
 def _transpose_bands(lower, upper):
     """The (lower, upper) bands of T^T: lower'[i] = upper[i-1], upper'[i] = lower[i+1] (ends unused, 0)."""
     zero = jnp.zeros_like(lower[:1])
@@ -111,8 +119,9 @@ def _woodbury_solve(lower, diag, upper, rhs, u, v, extra):
 
 def _woodbury_forward(lower, diag, upper, rhs, u, v, extra):
     solved = _tri_solve(lower, diag, upper, jnp.concatenate([rhs[:, None], u, extra], axis=1))
-    capacitance = jnp.eye(2) - v.T @ solved[:, 1:3]
-    x = solved[:, 0] + solved[:, 1:3] @ _solve_2x2(capacitance, v.T @ solved[:, 0])
+    far = solved[:, 1:3]
+    capacitance = jnp.eye(2) - _thin_dot(v, far)
+    x = solved[:, 0] + jnp.sum(far * _solve_2x2(capacitance, _thin_dot(v, solved[:, 0])), axis=1)
     y = solved[:, 3:]
     return (x, y), (lower, diag, upper, u, v, x, y, capacitance)
 
@@ -125,7 +134,7 @@ def _woodbury_backward(residuals, cotangents):
     x_bar, y_bar = cotangents
     lower_t, upper_t = _transpose_bands(lower, upper)
     solved = _tri_solve(lower_t, diag, upper_t, jnp.concatenate([x_bar[:, None], v, y_bar], axis=1))
-    lam = solved[:, 0] + solved[:, 1:3] @ _solve_2x2(capacitance.T, u.T @ solved[:, 0])
+    lam = solved[:, 0] + jnp.sum(solved[:, 1:3] * _solve_2x2(capacitance.T, _thin_dot(u, solved[:, 0])), axis=1)
     mu = solved[:, 3:]
     adjoint = jnp.concatenate([lam[:, None], mu], axis=1)  # (N, 1 + k): column j pairs with primal's
     primal = jnp.concatenate([x[:, None], y], axis=1)
@@ -133,7 +142,7 @@ def _woodbury_backward(residuals, cotangents):
     lower_bar = -jnp.concatenate([zero, jnp.sum(adjoint[1:] * primal[:-1], axis=1)])
     upper_bar = -jnp.concatenate([jnp.sum(adjoint[:-1] * primal[1:], axis=1), zero])
     diag_bar = -jnp.sum(adjoint * primal, axis=1)
-    return lower_bar, diag_bar, upper_bar, lam, jnp.outer(lam, v.T @ x), jnp.outer(x, u.T @ lam), mu
+    return lower_bar, diag_bar, upper_bar, lam, lam[:, None] * _thin_dot(v, x), x[:, None] * _thin_dot(u, lam), mu
 
 
 _woodbury_solve.defvjp(_woodbury_forward, _woodbury_backward)
@@ -215,7 +224,7 @@ def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jn
 @eqx.filter_jit
 def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """J(theta) = sum_d p[d-1] h[d-1]; the loss is 1 - J."""
-    return task.start_probs @ same_side_probability(theta, task, model)
+    return jnp.sum(task.start_probs * same_side_probability(theta, task, model))
 
 
 @eqx.filter_jit
@@ -228,7 +237,7 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
 @eqx.filter_jit
 def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """E[tokens until the first terminal], start-weighted: sum_d p[d-1] L[d-1]."""
-    return task.start_probs @ length_per_start(theta, task, model)
+    return jnp.sum(task.start_probs * length_per_start(theta, task, model))
 
 
 @eqx.filter_jit
@@ -247,7 +256,7 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
 @eqx.filter_jit
 def traversal_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """P(the generated path is exactly the forward path to the terminal), start-weighted."""
-    return task.start_probs @ traversal_per_start(theta, task, model)
+    return jnp.sum(task.start_probs * traversal_per_start(theta, task, model))
 
 
 @eqx.filter_jit
