@@ -7,9 +7,10 @@ exp(gamma_u deg(v)) to every vertex v except its three neighbours on its own cha
     (T - U V^T) g = r,   T tridiagonal (the two chains, local moves),  U V^T rank 2 (far jumps:
                           one column for degree-1 and one for degree-2 targets),
 
-solved in O(n) by Woodbury: three tridiagonal solves and a 2x2 system.  Linear attention shares one
-chain for all starts (one solve); softmax attention gives the start row its own eta, so the solve is
-vmapped over starts (O(n) each).
+solved in O(n) by Woodbury: one tridiagonal factorisation for the right-hand side and U's two
+columns, then a 2x2 system; its gradient is one transposed solve of the same shape.  Linear attention
+shares one chain for all starts (one solve); softmax attention gives the start row its own eta, so
+the solve is vmapped over starts (O(n) each, batched by _tri_solve's own vmap rule).
 """
 
 from __future__ import annotations
