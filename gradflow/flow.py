@@ -271,20 +271,20 @@ def _solve(params: FlowParams, progress: bool) -> dict[str, jnp.ndarray]:
     t_stop = jnp.max(jnp.where(jnp.isfinite(solution.ts), solution.ts, -jnp.inf))
     stopped = t_stop < params.t1
 
-    def hit(level, stop):
+    def hit(event: str) -> dict[str, jnp.ndarray]:
+        """t_<event> (the stop time when the solve stopped at this event) and whether it is resolved."""
         t, resolved = _hit_time(
-            params, jnp.nan_to_num(ts), jnp.nan_to_num(thetas), safe_rewards, level, BRACKET_MAX_STEPS
+            params, jnp.nan_to_num(ts), jnp.nan_to_num(thetas), safe_rewards, params.event_level(event), BRACKET_MAX_STEPS
         )
-        by_event = stopped & (params.stop_at == stop)
-        return jnp.where(by_event, t_stop, t), by_event | resolved
+        by_event = stopped & (params.stop_at == event)
+        return {f"t_{event}": jnp.where(by_event, t_stop, t), f"{event}_resolved": by_event | resolved}
 
     return {
         "ts": ts,
         "theta": thetas,
         **metrics,
-        **dict(zip(("t_threshold", "threshold_resolved"), hit(params.event_level("threshold"), "threshold"))),
-        **dict(zip(("t_converged", "converged_resolved"), hit(params.event_level("converged"), "converged"))),
-
+        **hit("threshold"),
+        **hit("converged"),
         "t_stop": t_stop,
         "success": (solution.result == diffrax.RESULTS.successful) | (solution.result == diffrax.RESULTS.event_occurred),
         "num_steps": solution.stats["num_steps"],
