@@ -137,6 +137,17 @@ def test_rollouts_match_closed_form_full_grid(case, rng):
         check_rollouts_match_closed_form(n, model, draw_theta(rng), jax.random.key(k))
 
 
+def test_larger_vocabulary_acts_as_isolated_vertices(rng):
+    """Unused vocabulary tokens are extra isolated vertices: N = 2n + 3 equals n_isolated = 3."""
+    n, theta = 3, draw_theta(rng)
+    task = gf.ChainTask.uniform(n)
+    ro = sampling.rollouts(sampling.full_attention(theta, 2 * n + 3), task, gf.ModelSpec(), jax.random.key(3), BATCH, max_len(n))
+    expected = per_start(theta, task, gf.ModelSpec(n_isolated=3))[0]
+    for d in range(1, n):
+        at_d = np.asarray(ro.distances == d)
+        assert_binomial(float(ro.rewards[at_d].sum()), int(at_d.sum()), float(expected[d - 1]), f"d={d}")
+
+
 def test_rollout_fields_are_consistent(rng):
     n, model = 5, gf.ModelSpec("softmax", context="history")
     theta = draw_theta(rng)
