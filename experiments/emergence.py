@@ -7,9 +7,10 @@ minimal one.  Regenerate: ``gradflow figures emergence`` (or ``python experiment
 
 from __future__ import annotations
 
-from gradflow import ChainTask, ModelSpec, Theta
+from gradflow import ChainTask, ModelSpec
 from gradflow.flow import FlowParams, simulate
-from gradflow.plotting import emergence_figure, experiment_parser, save_figure
+from gradflow.model import default_theta0
+from gradflow.plotting import emergence_figure, experiment_parser, save_figure, use_headless_backend
 
 NAME = "emergence"
 
@@ -19,7 +20,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=8, help="vertices per chain (default 8)")
     args = parser.parse_args(argv)
     t1 = 1e3 if args.quick else 1e4
-    params = FlowParams(ChainTask.uniform(args.n), ModelSpec(), Theta(0.3, 0.0, 0.0), t1=t1)
+    params = FlowParams(ChainTask.uniform(args.n), ModelSpec(), default_theta0(), t1=t1)
     trajectory = simulate(params, progress=False)
     fig, data = emergence_figure(trajectory)
     save_figure(fig, NAME, args.out, data)
@@ -27,4 +28,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    use_headless_backend()
     main()

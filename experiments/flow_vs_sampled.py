@@ -1,7 +1,7 @@
 """Figure `flow_vs_sampled`: the flow, exact gradient descent and sampled REINFORCE on one time axis.
 
 Gradient descent theta_{k+1} = theta_k + lr grad J(theta_k) is the flow sampled at t = lr * k, up to
-an O(lr) error; sampled REINFORCE (``gradflow.sampling.train``, leave-one-out baseline, SGD or Adam,
+an O(lr) error; sampled REINFORCE (``gradflow.training.train``, leave-one-out baseline, SGD or Adam,
 reduced parameters) adds noise around it.  n = 6, uniform starts, theta0 = (0.3, 0, 0).
 Regenerate: ``gradflow figures flow_vs_sampled``.
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from gradflow import ChainTask, ModelSpec, Theta
+from gradflow import ChainTask, ModelSpec
 from gradflow.flow import FlowParams, simulate
 from gradflow.plotting import PARAM_COLORS, TIME_LABEL, color, experiment_parser, panel_label, save_figure, subplots
-from gradflow.sampling import gradient_descent, train
+from gradflow.model import default_theta0
+from gradflow.training import gradient_descent, train
 
 NAME = "flow_vs_sampled"
 BASE_LR = 0.05  # every gradient-descent step size is a multiple of it (exact comparison times)
@@ -35,7 +36,7 @@ def main(argv=None) -> dict:
     if args.quick:
         sampled = {"REINFORCE + SGD": ("sgd", 0.2), "REINFORCE + Adam": ("adam", 0.2)}
 
-    base = FlowParams(ChainTask.uniform(args.n), ModelSpec(), Theta(0.3, 0.0, 0.0), t1=horizon,
+    base = FlowParams(ChainTask.uniform(args.n), ModelSpec(), default_theta0(), t1=horizon,
                       save_ts=BASE_LR * np.arange(round(horizon / BASE_LR) + 1))
     flow = simulate(base, progress=False)
     fig, axes = subplots(1, 3, width=4.4, height=3.6)

@@ -16,7 +16,9 @@ import numpy as np
 
 from gradflow import ChainTask, ModelSpec, Theta, step_probabilities
 from gradflow.flow import FlowParams, simulate
-from gradflow.plotting import TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots
+from gradflow.model import default_theta0
+from gradflow.plotting import (TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots,
+                               use_headless_backend)
 
 NAME = "lazy_walk"
 
@@ -29,15 +31,15 @@ def main(argv=None) -> dict:
     t1 = args.t1 or (1e3 if args.quick else 1e6)
     task = ChainTask.uniform(args.n)
     variants = {"self masked (default)": ModelSpec(mask_self=True), "self-loops allowed": ModelSpec(mask_self=False)}
-    runs = {name: simulate(FlowParams(task, model, Theta(0.3, 0.0, 0.0), t1=t1, save_ts=log_times(t1, 300, t_min=1e-2)), progress=False)
+    runs = {name: simulate(FlowParams(task, model, default_theta0(), t1=t1, save_ts=log_times(t1, 300, t_min=1e-2)), progress=False)
             for name, model in variants.items()}
     masked, lazy = runs.values()
     ts = masked.ts
     keep = ts > 0
     middle = args.n // 2
-    probs = jax.jit(jax.vmap(lambda x: step_probabilities(Theta.from_array(x), args.n, variants["self-loops allowed"])))
+    probs = jax.jit(jax.vmap(lambda x: step_probabilities(Theta.from_array(x), task, variants["self-loops allowed"])))
     steps = probs(jnp.asarray(lazy.theta))
-    p_self, p_fwd = np.asarray(steps.self)[:, middle - 1], np.asarray(steps.forward)[:, middle - 1]
+    p_self, p_fwd = np.asarray(steps.stay)[:, middle - 1], np.asarray(steps.forward)[:, middle - 1]
 
     theta_gap = float(np.nanmax(np.abs(masked.theta - lazy.theta)))
     reward_gap = float(np.nanmax(np.abs(masked.reward - lazy.reward)))
@@ -89,4 +91,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    use_headless_backend()
     main()

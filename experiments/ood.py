@@ -15,7 +15,9 @@ import numpy as np
 
 from gradflow import ChainTask, ModelSpec, Theta, expected_reward, traversal_probability
 from gradflow.flow import FlowParams, simulate
-from gradflow.plotting import TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots
+from gradflow.model import default_theta0
+from gradflow.plotting import (TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots,
+                               use_headless_backend)
 
 NAME = "ood"
 VOCABULARY = 24
@@ -46,7 +48,7 @@ def main(argv=None) -> dict:
     fig, axes = subplots(1, 3, width=4.4, height=3.6)
     data = {"snapshots": SNAPSHOTS, "eval_ns": eval_ns, "trained": {}}
     for p, n_train in enumerate(train_ns):
-        run = simulate(FlowParams(ChainTask.uniform(n_train), model, Theta(0.3, 0.0, 0.0), t1=t1, save_ts=save_ts),
+        run = simulate(FlowParams(ChainTask.uniform(n_train), model, default_theta0(), t1=t1, save_ts=save_ts),
                        progress=False)
         thetas = run.theta[1:]
         evaluated = [evaluate(thetas, m, model) for m in eval_ns]
@@ -88,7 +90,7 @@ def _isolated(ax, quick: bool) -> dict:
     """Train at n = 4 with 16 isolated vertices; reward at n = 4, 8, 12 in the 24-vertex vocabulary."""
     ts = log_times(1e4, 60 if quick else 200, t_min=1e-2)
     train_model = ModelSpec(n_isolated=VOCABULARY - 8)
-    run = simulate(FlowParams(ChainTask.uniform(4), train_model, Theta(0.3, 0.0, 0.0), t1=ts[-1], save_ts=ts),
+    run = simulate(FlowParams(ChainTask.uniform(4), train_model, default_theta0(), t1=ts[-1], save_ts=ts),
                    progress=False)
     keep = ts > 0
     out = {"ts": ts, "reward": {}, "traversal_prob": {}, "reward_final": {}}
@@ -105,4 +107,5 @@ def _isolated(ax, quick: bool) -> dict:
 
 
 if __name__ == "__main__":
+    use_headless_backend()
     main()

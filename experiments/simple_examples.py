@@ -2,8 +2,9 @@
 
 Training is uniform over the k hardest starts (``ChainTask.k_hardest(5, k)``, k = 1..4; only k = 4
 holds the one-step start d = 1); every curve is the reward on the hardest start alone,
-``same_side_probability(theta, task, model)[-1]``, along the closed-form gradient flow, with sampled
-REINFORCE (plain SGD, t = lr * step, mean +- std over seeds) overlaid.  Two starts: near theta = 0
+``same_side_probability(theta, task, model)[-1]``, along the closed-form gradient flow (no cap), with
+sampled REINFORCE (plain SGD, t = lr * step, mean +- std over seeds) overlaid.  The authors' own
+setting (cap n + 1, self-loops, Adam) is the figure `authors_setting`.  Two starts: near theta = 0
 (the authors' initialisation, where starts with d >= 2 carry no gradient at all) and the theory's
 base model theta0 = (0.3, 0, 0), which already prefers forward steps, so that even k = 1 learns.
 Regenerate: ``gradflow figures simple_examples``.
@@ -17,13 +18,15 @@ import numpy as np
 
 from gradflow import ChainTask, ModelSpec, Theta, same_side_probability
 from gradflow.flow import FlowParams, simulate_many
-from gradflow.plotting import TIME_LABEL, color, experiment_parser, first_crossing, log_times, panel_label, save_figure, subplots
-from gradflow.sampling import train
+from gradflow._series import first_crossing
+from gradflow.model import default_theta0
+from gradflow.plotting import TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots
+from gradflow.training import train
 
 NAME = "simple_examples"
 N = 5
 KS = (1, 2, 3, 4)
-STARTS = {"near zero (authors)": (0.01, 0.0, 0.0), "base model": (0.3, 0.0, 0.0)}
+STARTS = {"near zero (authors)": (0.01, 0.0, 0.0), "base model": tuple(float(x) for x in default_theta0().as_array()[:3])}
 CLAIM_START = "near zero (authors)"
 LOW, HIGH = 0.6, 0.9
 

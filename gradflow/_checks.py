@@ -1,14 +1,49 @@
-"""Input validation shared by the configs: clear ValueErrors that name the field and its range."""
+"""Input validation shared by the configs: clear ValueErrors that name the field and its range.
+
+The one home of gradflow's validators (every module imports these instead of writing its own):
+
+* ``as_float_array(x, name=None)``: the float-array field converter (``eqx.field(converter=...)``);
+* ``check_int``, ``check_choice``, ``check_positive``, ``check_nonnegative``, ``check_fraction``,
+  ``check_finite``, ``check_distribution``: raise ``ValueError`` naming the field, or return the value.
+
+Every check accepts JAX tracers (inside jit / vmap / grad) and then checks only what is known
+statically (shapes), never the numbers.
+"""
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 def is_concrete(x) -> bool:
     """True when ``x`` holds numbers we can inspect (not a tracer inside jit/vmap/grad)."""
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
+
+
+def as_float_array(x, name: str | None = None) -> jnp.ndarray:
+    """``x`` as a float JAX array (float64 when x64 is on): the converter of every float field.
+
+    Anything that is not a number or a (nested) sequence of numbers raises ValueError (naming
+    ``name`` when given) instead of the TypeError numpy or JAX would raise.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return jnp.asarray(x, dtype=float)
+    try:
+        if isinstance(x, (str, bytes)) or x is None:
+            raise TypeError
+        return jnp.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        label = name or "value"
+        raise ValueError(f"{label} must be a number or an array of numbers, got {x!r}") from None
+
+
+def optional_float_array(x, name: str | None = None):
+    """``as_float_array`` that lets None through (optional float fields)."""
+    return None if x is None else as_float_array(x, name)
 
 
 def check_int(name: str, value, low: int) -> int:
@@ -22,8 +57,43 @@ def check_int(name: str, value, low: int) -> int:
 
 def check_choice(name: str, value, allowed) -> None:
     """Raise ValueError unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
+    try:
+        ok = value in allowed
+    except TypeError:  # unhashable value against a dict/set
+        ok = False
+    if not ok:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _as_number(name: str, value, what: str) -> float:
+    """``value`` as a Python float, or ValueError naming ``name`` ("must be <what>")."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+def check_fraction(name: str, value, low: float = 0.0, high: float = 1.0, *, inclusive: bool = False) -> float:
+    """Return ``value`` as a float, raising ValueError unless low < value < high.
+
+    ``inclusive=True`` accepts the end points (low <= value <= high).  NaN is always rejected.
+    """
+    interval = f"[{low}, {high}]" if inclusive else f"({low}, {high})"
+    number = _as_number(name, value, f"a number in {interval}")
+    ok = (low <= number <= high) if inclusive else (low < number < high)
+    if not ok:
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return number
+
+
+def check_nonnegative(name: str, value) -> float:
+    """Return ``value`` as a float, raising ValueError unless it is a finite number >= 0."""
+    number = _as_number(name, value, "a finite number >= 0")
+    if not (math.isfinite(number) and number >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -35,6 +105,15 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
     if np.any(bad):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+
+
+def check_finite(name: str, value) -> None:
+    """Raise ValueError unless every entry of ``value`` is finite (no NaN, no inf)."""
+    if not is_concrete(value):
+        return
+    arr = np.asarray(value, dtype=float)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {arr}")
 
 
 def check_distribution(name: str, probs, size: int, tol: float = 1e-9) -> None:

@@ -1,16 +1,31 @@
-"""Expected reward and other absorption quantities in closed form (THEORY.md section 3).
+"""Expected reward and other absorption quantities in closed form (THEORY.md section 3), exact to
+relative round-off by construction.
 
-Every quantity solves an absorbing-chain system g(u) = cost + sum_v P(u, v) g(v) on the 2(n-1)
-non-terminal chain vertices (isolated vertices are eliminated exactly).  Row u gives weight
-exp(gamma_u deg(v)) to every vertex v except its three neighbours on its own chain, so
+Every quantity solves an absorbing-chain system on the non-terminal chain vertices; isolated
+vertices are eliminated exactly (by symmetry each has the same value; P(own terminal) = 1/2 there).
+Row u gives weight exp(g_u deg v) to every vertex v except its chain neighbours; the local weight
+minus that far weight is the coupling c (succ, pred) of a tridiagonal T.  Self-loops never change
+which terminal is reached: they drop out of every probability system exactly and change a length
+only through the row's cost Z_u (its total weight, self included) over its moving weight (a sum).
 
-    (T - U V^T) g = r,   T tridiagonal (the two chains, local moves),  U V^T rank 2 (far jumps:
-                          one column for degree-1 and one for degree-2 targets),
+Linear attention (every row alike).  By the a/b symmetry h(b_i) = 1 - h(a_i), so the far jumps
+fold into constants and h = P(own terminal), q = 1 - h and e = h - 1/2 each solve the SAME
+(n-1)-row tridiagonal system, with right-hand sides W + m/2 (q), the same plus a_n's coupling in the
+last row (h), and c_succ/2 in the last row only (e):  no low-rank term, no 1 - p anywhere.  The
+expected length folds to T L - U V^T L = cost with U V^T rank 2 (far targets by degree), solved by the
+positive Woodbury of ``gradflow._linalg``.  Softmax attention: the start row differs, so each start
+solves the 2(n-1)-row system (both chains) with the rank-2 far part, by the same positive Woodbury.
 
-solved in O(n) by Woodbury: one tridiagonal factorisation for the right-hand side and U's two
-columns, then a 2x2 system; its gradient is one transposed solve of the same shape.  Linear attention
-shares one chain for all starts (one solve); softmax attention gives the start row its own eta, so
-the solve is vmapped over starts (O(n) each, batched by _tri_solve's own vmap rule).
+Accuracy (see README "Choices"): each row is scaled by its largest weight (log-sum-exp), its
+diagonal excess is a sum of positive terms, and GTH elimination (``gradflow._linalg.gth_solve``)
+never subtracts when the couplings are >= 0 (alpha >= gamma and beta >= gamma: the learning regime):
+h, q, e, lengths to relative accuracy ~ n eps.  With a negative coupling (a far weight above the
+local one) T stays strictly diagonally dominant and the cancellations are bounded (relative accuracy
+1e-12 or better in the tests).  J is read from e near 1/2, from q near 1 and from h near 0, so
+J - 1/2, 1 - J and J keep their leading digits and so do their gradients (JAX differentiates the
+plain jax.numpy solve, any order, both modes).  An expected length above 1e300 is returned as inf.
+A row-scaled elimination that leaves float64 (a reduced row below 1e-200 of its row's scale: logit
+gaps of several hundred, e.g. |theta|/tau > ~300) returns NaN: never a wrong finite number.
 """
 
 from __future__ import annotations
@@ -18,11 +33,13 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.custom_batching import custom_vmap
-from jax.lax.linalg import tridiagonal_solve
+import numpy as np
 
-from gradflow.model import ModelSpec, RowScores, Theta, chain_a_rows, local_rows, row_normaliser, row_scores, transition_matrix
+from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth  # noqa: F401
+from gradflow.model import ModelSpec, RowLogits, Theta, row_logits, row_scores
 from gradflow.task import ChainTask
+
+LENGTH_LIMIT = 1e300  # expected lengths above this are returned as inf
 
 
 def _require_closed_form(model: ModelSpec) -> None:
@@ -33,257 +50,293 @@ def _require_closed_form(model: ModelSpec) -> None:
         )
 
 
-SMALL_SYSTEM = 32  # batched systems up to this many rows use unrolled elimination (_thomas)
+def _capped(model: ModelSpec):
+    """gradflow.capped when the model caps the rollout length (imported here: no import cycle)."""
+    if getattr(model, "max_len", None) is None:
+        return None
+    from gradflow import capped
+
+    return capped
 
 
-@custom_vmap
-def _tri_solve(lower, diag, upper, rhs):
-    """x = T^{-1} rhs, rhs (N, k); T has diagonals lower (lower[0] unused), diag, upper (upper[-1] unused)."""
-    return tridiagonal_solve(lower, diag, upper, rhs)
+# --------------------------------------------------------------------------------------------------
+# Rows in their own scale
+# --------------------------------------------------------------------------------------------------
 
 
-def _thomas(lower, diag, upper, rhs):
-    """x = T^{-1} rhs by Thomas elimination unrolled over the N rows, broadcast over leading batch axes.
+def _diff_exp(x, y, top):
+    """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (expm1 on either side)."""
+    d = x - y
+    up = d >= 0
+    d_up, d_down = jnp.where(up, d, 0.0), jnp.where(up, 0.0, -d)
+    return jnp.where(up, -jnp.exp(x - top) * jnp.expm1(-d_up), jnp.exp(y - top) * jnp.expm1(-d_down))
 
-    No pivoting: T is diagonally dominant by rows (diag = far baseline of every other vertex +
-    succ + pred >= |off-diagonals|) and T^T by columns, where elimination without pivoting is stable.
+
+class _Scaled(eqx.Module):
+    """One system's rows, each divided by exp(top) (its largest logit): the inputs of the solves."""
+
+    excess: jnp.ndarray   # absolute excess (positive sum)
+    lower: jnp.ndarray    # c_pred (0 in the first row)
+    upper: jnp.ndarray    # c_succ (0 in the last row: a_n absorbs)
+    rhs_q: jnp.ndarray    # P(other terminal) system: rate into the other terminal + isolated share
+    rhs_h: jnp.ndarray    # P(own terminal) system
+    rhs_e: jnp.ndarray    # deviation e = h - 1/2 system (linear, folded)
+    far1: jnp.ndarray     # f1: the row's weight on each degree-1 vertex (+ isolated detours)
+    far2: jnp.ndarray     # f2: the same on each degree-2 vertex
+    to_own: jnp.ndarray   # rate into a_n from a chain-a last row (succ + isolated share)
+    cost: jnp.ndarray     # Z_u + m Z_iso / (2 Y): expected tokens per unit row weight
+
+
+def _scale_rows(rows: RowLogits) -> _Scaled:
+    """The scaled row quantities of THEORY.md 3 for the chain-a rows given (any broadcast shape).
+
+    With W = 2 e^g + (n-2) e^{2g} (one chain's far weights), m isolated vertices, Y the isolated row's
+    W: diag = 2W + m + c_succ + c_pred, and the absolute excess diag - |c_succ| - |c_pred| becomes a
+    positive sum by removing the far weight of a neighbour whose coupling is negative and adding its
+    local weight twice.  The last row's successor a_n absorbs (its coupling goes to the rhs).
     """
-    n_rows = diag.shape[-1]
-    scale = 1.0 / diag[..., 0]
-    ratios, values = [upper[..., 0] * scale], [rhs[..., 0, :] * scale[..., None]]
-    for i in range(1, n_rows):
-        scale = 1.0 / (diag[..., i] - lower[..., i] * ratios[-1])
-        ratios.append(upper[..., i] * scale)
-        values.append((rhs[..., i, :] - lower[..., i, None] * values[-1]) * scale[..., None])
-    solution = [values[-1]]
-    for i in range(n_rows - 2, -1, -1):
-        solution.append(values[i] - ratios[i][..., None] * solution[-1])
-    return jnp.stack(solution[::-1], axis=-2)
+    n, m = rows.n, rows.n_isolated
+    g = rows.g
+    shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in rows[:8]))
+    bc = lambda x: jnp.broadcast_to(x, shape)
+    succ, pred, self_, g = bc(rows.succ), bc(rows.pred), bc(rows.self_), bc(g)
+    base_succ, base_pred = bc(rows.base_succ), bc(rows.base_pred)
+    has_pred, d1s, d1p, d1self = (bc(x) for x in (rows.has_pred, rows.deg1_succ, rows.deg1_pred, rows.deg1_self))
+    last = jnp.broadcast_to(jnp.arange(n - 1) == n - 2, shape)
+    pres = lambda flag: jnp.where(flag, 1.0, 0.0)
+
+    # the row scale: its largest logit (stop-gradient: any constant scale gives the same solution)
+    cands = [succ, jnp.where(has_pred, pred, -jnp.inf), g]
+    if n >= 3:
+        cands.append(2.0 * g)
+    if m:
+        cands.append(jnp.zeros(shape))
+    if rows.self_present:
+        cands.append(self_)
+    top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
+    ex = lambda logit: jnp.exp(logit - top)
+
+    # isolated detours: an isolated vertex returns to chain vertex v with prob. e^{g_iso deg v} / (2Y)
+    g_iso = jnp.broadcast_to(rows.g_iso, shape)
+    log_2y = jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(max(n - 2, 1))) if n >= 3 \
+        else jnp.log(4.0) + g_iso
+    iso1 = m * jnp.exp(g_iso - log_2y - top) if m else jnp.zeros(shape)          # isolated share on a deg-1 vertex
+    iso2 = m * jnp.exp(2.0 * g_iso - log_2y - top) if m else jnp.zeros(shape)    # ... on a deg-2 vertex
+    e_g, e_g2, e_m = ex(g), (ex(2.0 * g) if n >= 3 else jnp.zeros(shape)), (m * ex(jnp.zeros(shape)) if m else jnp.zeros(shape))
+
+    c_succ = jnp.where(last, 0.0, _diff_exp(succ, base_succ, top))
+    c_pred = jnp.where(has_pred, _diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top), 0.0)
+    neg_s = (~last) & (succ < base_succ)
+    neg_p = has_pred & (pred < base_pred)
+
+    # absolute excess: 2W + m, minus 2 far(v) + 2 local(v) for each neighbour v with negative coupling;
+    # the last row: 2W + m - far(a_n) + succ (+ the same pred correction)
+    n1 = 4.0 - jnp.where(last, 1.0, 2.0 * pres(neg_s & d1s)) - 2.0 * pres(neg_p & d1p)
+    n2 = 2.0 * (n - 2) - 2.0 * pres(neg_s & ~d1s) - 2.0 * pres(neg_p & ~d1p)
+    excess = n1 * e_g + n2 * e_g2 + e_m + jnp.where(last, 1.0, 2.0 * pres(neg_s)) * ex(succ) \
+        + 2.0 * pres(neg_p) * ex(jnp.where(has_pred, pred, top))
+
+    half_w = e_g + 0.5 * (n - 2) * e_g2  # W / 2
+    rhs_q = 2.0 * half_w + 0.5 * e_m
+    to_own = ex(succ) + iso1  # eff. weight into a_n from the last row (actual succ + isolated detour)
+    rhs_h = jnp.where(last, (e_g + (n - 2) * e_g2) + ex(succ) + 0.5 * e_m, rhs_q)
+    rhs_e = jnp.where(last, 0.5 * _diff_exp(succ, g, top), 0.0)
+
+    # cost: Z_u (all weights, self included when present) + m Z_iso / (2Y), Z_iso = 2Y + m - 1 + [self]
+    z1 = 4.0 - pres(d1s) - pres(d1self) - pres(has_pred & d1p)
+    z2 = 2.0 * (n - 2) - pres(~d1s) - pres(~d1self) - pres(has_pred & ~d1p)
+    cost = ex(succ) + pres(has_pred) * ex(jnp.where(has_pred, pred, top)) + z1 * e_g + z2 * e_g2 + e_m
+    if rows.self_present:
+        cost = cost + ex(self_)
+    if m:
+        extra = m - 1 + (1 if rows.self_present else 0)
+        cost = cost + e_m + (m * extra * jnp.exp(-log_2y - top) if extra else 0.0)
+    return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, e_g + iso1, e_g2 + iso2, to_own, cost)
 
 
-@_tri_solve.def_vmap
-def _tri_solve_batched(axis_size, in_batched, lower, diag, upper, rhs):
-    """A batch of B systems: unrolled elimination for small N (one fused kernel, vectorised over the
-    batch), else on CPU one block-diagonal system of B*N rows (one LAPACK call).
-
-    jaxlib's batched CPU gtsv splits the batch over XLA's intra-op thread pool and blocks a pool
-    thread until the parts finish; two such calls running at once on a 2-thread pool deadlock (seen in
-    simulate_many's read-outs, which solve for reward and length side by side), so it is never used.
-    Zeroing the unused corners makes the blocks independent: gtsv never pivots across a zero
-    sub-diagonal, so the block-diagonal solve is exact.  Other backends keep their batched solver.
-    """
-    lower, diag, upper, rhs = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                               for x, batched in zip((lower, diag, upper, rhs), in_batched)]
-    if diag.shape[-1] <= SMALL_SYSTEM:
-        return _thomas(lower, diag, upper, rhs), True
-
-    def one_system(lower, diag, upper, rhs):
-        position = jnp.arange(diag.shape[-1])
-        lower, upper = jnp.where(position == 0, 0.0, lower), jnp.where(position == diag.shape[-1] - 1, 0.0, upper)
-        flat = _tri_solve(lower.reshape(-1), diag.reshape(-1), upper.reshape(-1), rhs.reshape(-1, rhs.shape[-1]))
-        return flat.reshape(rhs.shape)
-
-    return jax.lax.platform_dependent(lower, diag, upper, rhs, cpu=one_system, default=tridiagonal_solve), True
+# --------------------------------------------------------------------------------------------------
+# The solves
+# --------------------------------------------------------------------------------------------------
 
 
-def _solve_2x2(m: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """x = m^{-1} b for a 2x2 m by Cramer's rule (a few fused flops; no batched LU custom call)."""
-    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
-    return jnp.stack([m[1, 1] * b[0] - m[0, 1] * b[1], m[0, 0] * b[1] - m[1, 0] * b[0]]) / det
+def _check_pivot(min_pivot, values):
+    """NaN where float64 could not hold the elimination (see ``_linalg.TINY_PIVOT``): never a wrong number."""
+    return jnp.where(min_pivot >= TINY_PIVOT, values, jnp.nan)
 
 
-def _thin_dot(a, b):
-    """a^T b for (N, p) a and (N,) or (N, q) b.  Small N: a fused multiply-reduce, since a vmapped dot
-    of thin matrices is a slow library call on CPU; large N: a dot, which streams memory better."""
-    if a.shape[0] > SMALL_SYSTEM:
-        return a.T @ b
-    return jnp.sum(a[:, :, None] * b.reshape(b.shape[0], 1, -1), axis=0).reshape(a.shape[1:] + b.shape[1:])
+def _linear_probabilities(theta: Theta, n: int, model: ModelSpec):
+    """(h, q, e) on chain a, positions 1..n-1 (linear attention): one tridiagonal, three columns."""
+    rows = row_logits(row_scores(theta, n, model), n, model)
+    s = _scale_rows(rows)
+    x, min_pivot = gth_solve(s.excess, s.lower, s.upper, jnp.stack([s.rhs_h, s.rhs_q, s.rhs_e], -1))
+    x = _check_pivot(min_pivot, x)
+    return x[:, 0], x[:, 1], x[:, 2]
 
 
-def _transpose_bands(lower, upper):
-    """The (lower, upper) bands of T^T: lower'[i] = upper[i-1], upper'[i] = lower[i+1] (ends unused, 0)."""
-    zero = jnp.zeros_like(lower[:1])
-    return jnp.concatenate([zero, upper[:-1]]), jnp.concatenate([lower[1:], zero])
+def _linear_length(theta: Theta, n: int, model: ModelSpec):
+    """Expected tokens to absorption from a_i (= from b_i), linear attention: folded rank-2 Woodbury."""
+    rows = row_logits(row_scores(theta, n, model), n, model)
+    s = _scale_rows(rows)
+    last = jnp.arange(n - 1) == n - 2
+    absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)  # into a_n and b_n
+    u = 2.0 * jnp.stack([s.far1, s.far2], -1)  # folded: the b chain's far targets count too
+    deg1 = np.arange(1, n) == 1
+    x, min_pivot = woodbury_gth(s.excess, s.lower, s.upper, s.cost[:, None], u, absorb, deg1)
+    return _check_pivot(min_pivot, x[:, 0])
 
 
-@jax.custom_vjp
-def _woodbury_solve(lower, diag, upper, rhs, u, v, extra):
-    """(x, y): x = (T - u v^T)^{-1} rhs, y = T^{-1} extra; T tridiagonal (lower[0], upper[-1] unused).
-
-    rhs (N,), u and v (N, 2), extra (N, k).  One factorisation of T (LAPACK gtsv on CPU) for all
-    1 + 2 + k columns, then a 2x2 capacitance system.  The reverse rule (below) is one transposed
-    solve of the same shape: lam = (T - u v^T)^{-T} x_bar, mu = T^{-T} y_bar, then every cotangent is
-    an outer product of (lam, mu) with (x, y), which XLA fuses into reductions.
-    """
-    return _woodbury_forward(lower, diag, upper, rhs, u, v, extra)[0]
-
-
-def _woodbury_forward(lower, diag, upper, rhs, u, v, extra):
-    solved = _tri_solve(lower, diag, upper, jnp.concatenate([rhs[:, None], u, extra], axis=1))
-    far = solved[:, 1:3]
-    capacitance = jnp.eye(2) - _thin_dot(v, far)
-    x = solved[:, 0] + jnp.sum(far * _solve_2x2(capacitance, _thin_dot(v, solved[:, 0])), axis=1)
-    y = solved[:, 3:]
-    return (x, y), (lower, diag, upper, u, v, x, y, capacitance)
-
-
-def _woodbury_backward(residuals, cotangents):
-    """A = T - u v^T: lam = A^{-T} x_bar (Woodbury with T^T, capacitance^T), mu = T^{-T} y_bar;
-    rhs_bar = lam, extra_bar = mu, T_bar[i, j] = -(lam[i] x[j] + mu[i] . y[j]), u_bar = lam (v^T x)^T,
-    v_bar = x (u^T lam)^T."""
-    lower, diag, upper, u, v, x, y, capacitance = residuals
-    x_bar, y_bar = cotangents
-    lower_t, upper_t = _transpose_bands(lower, upper)
-    solved = _tri_solve(lower_t, diag, upper_t, jnp.concatenate([x_bar[:, None], v, y_bar], axis=1))
-    lam = solved[:, 0] + jnp.sum(solved[:, 1:3] * _solve_2x2(capacitance.T, _thin_dot(u, solved[:, 0])), axis=1)
-    mu = solved[:, 3:]
-    adjoint = jnp.concatenate([lam[:, None], mu], axis=1)  # (N, 1 + k): column j pairs with primal's
-    primal = jnp.concatenate([x[:, None], y], axis=1)
-    zero = jnp.zeros_like(diag[:1])
-    lower_bar = -jnp.concatenate([zero, jnp.sum(adjoint[1:] * primal[:-1], axis=1)])
-    upper_bar = -jnp.concatenate([jnp.sum(adjoint[:-1] * primal[1:], axis=1), zero])
-    diag_bar = -jnp.sum(adjoint * primal, axis=1)
-    return lower_bar, diag_bar, upper_bar, lam, lam[:, None] * _thin_dot(v, x), x[:, None] * _thin_dot(u, lam), mu
-
-
-_woodbury_solve.defvjp(_woodbury_forward, _woodbury_backward)
-
-
-def absorption_solve(scores: RowScores, n: int, model: ModelSpec, cost: float, terminal) -> jnp.ndarray:
-    """Solve g = cost + P g on the non-terminal chain vertices; g(a_n), g(b_n) = ``terminal``.
-
-    Returns g with shape (2, n-1) (chain a, chain b; positions 1..n-1).  Isolated vertices are
-    folded in: an isolated vertex returns to chain vertex v with probability prop. to its own
-    weights y(v), so its value is (cost * Z_iso + sum_v y(v) g(v)) / W_iso.
-    Linear attention: both chains have the same rows, so s = g_a + g_b solves
-    (T - 2 U V1^T) s = r_a + r_b (V1: G1 = s(1), G2 = sum of s(2..n-1)) and d = g_a - g_b solves
-    T d = r_a - r_b (the far jumps cancel): n-1 unknowns, four columns, one factorisation.
-    """
-    rows = local_rows(scores, n, model)
-    z = row_normaliser(rows, n, model)
-    pos = jnp.arange(1, n)
-    m = model.n_isolated
-    t_a, t_b = terminal
-
-    y1, y2 = jnp.exp(scores.isolated), jnp.exp(2.0 * scores.isolated)
-    w_iso = 4.0 * y1 + (2 * n - 4) * y2
-    z_iso = w_iso + m - (1.0 if model.mask_self else 0.0)
-    u1 = rows.far1 + m * y1 / w_iso
-    u2 = rows.far2 + m * y2 / w_iso
-
-    is_last = (pos == n - 1).astype(float)
-    corr_succ = rows.succ - rows.base_succ
-    diag = z - (rows.self_ - rows.base_self)
-    upper = -corr_succ * (1.0 - is_last)
-    lower = -(rows.pred - rows.base_pred)
-    common = cost * z + m * cost * z_iso / w_iso + u1 * (t_a + t_b)
-    degree1 = (pos == 1).astype(float)
-
-    if model.attention == "linear":
-        row = lambda x: jnp.broadcast_to(x, (n - 1,))  # every row alike: chain a stands for both
-        lower, diag, upper, u1, u2, common, corr_succ = map(row, (lower, diag, upper, u1, u2, common, corr_succ))
-        select = jnp.stack([degree1, 1.0 - degree1], axis=1)
-        total, diff = _woodbury_solve(
-            lower, diag, upper,
-            2.0 * common + is_last * corr_succ * (t_a + t_b),
-            2.0 * jnp.stack([u1, u2], axis=1),
-            select,
-            (is_last * corr_succ * (t_a - t_b))[:, None],
-        )
-        return jnp.stack([0.5 * (total + diff[:, 0]), 0.5 * (total - diff[:, 0])])
-
-    rhs = common + is_last * corr_succ * jnp.array([t_a, t_b])[:, None]
+def _softmax_system(theta: Theta, n: int, model: ModelSpec, start):
+    """The 2(n-1) rows (chain a then chain b) of the softmax chain for one start, scaled."""
+    rows = row_logits(row_scores(theta, n, model, start=start), n, model)
+    s = _scale_rows(rows)  # fields (2, n-1)
     flat = lambda x: jnp.broadcast_to(x, (2, n - 1)).reshape(-1)
-    degree1 = flat(degree1)
-    select = jnp.stack([degree1, 1.0 - degree1], axis=1)  # V: G1 = sum over a_1, b_1; G2 = the rest
-    u = jnp.stack([flat(u1), flat(u2)], axis=1)
-    g, _ = _woodbury_solve(flat(lower), flat(diag), flat(upper), flat(rhs), u, select, jnp.zeros((2 * (n - 1), 0)))
-    return g.reshape(2, n - 1)
+    last = np.arange(n - 1) == n - 2
+    absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)
+    own = jnp.stack([jnp.where(last, s.to_own[0], s.far1[0]), s.far1[1]])      # into a_n
+    other = jnp.stack([s.far1[0], jnp.where(last, s.to_own[1], s.far1[1])])    # into b_n
+    deg1 = np.tile(np.arange(1, n) == 1, 2)
+    u = jnp.stack([flat(s.far1), flat(s.far2)], -1)
+    return s, flat, absorb, own, other, u, deg1
 
 
-def _per_start(theta: Theta, task: ChainTask, model: ModelSpec, quantity) -> jnp.ndarray:
-    """``quantity(scores)[position - 1]`` for each start a_{n-d}, returned by d = 1..n-1 (entry d-1).
+def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start):
+    """(h, q) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve."""
+    s, flat, absorb, own, other, u, deg1 = _softmax_system(theta, n, model, start)
+    x, min_pivot = woodbury_gth(flat(s.excess), flat(s.lower), flat(s.upper),
+                                jnp.stack([flat(own), flat(other)], -1), u, flat(absorb), deg1)
+    x = _check_pivot(min_pivot, x)
+    return x[start - 1, 0], x[start - 1, 1]
 
-    ``quantity`` maps the row scores of one chain (shape (2, n-1)) to a per-position vector.  Linear
-    attention has one chain for every start; softmax has one per start (vmapped).
+
+def _softmax_length(theta: Theta, n: int, model: ModelSpec, start):
+    s, flat, absorb, _, _, u, deg1 = _softmax_system(theta, n, model, start)
+    x, min_pivot = woodbury_gth(flat(s.excess), flat(s.lower), flat(s.upper), flat(s.cost)[:, None], u, flat(absorb), deg1)
+    return _check_pivot(min_pivot, x[start - 1, 0])
+
+
+def _by_distance(values):
+    """Chain-a positions 1..n-1 -> start distances d = 1..n-1 (entry d-1 is position n-d)."""
+    return values[::-1]
+
+
+def _softmax_per_start(fn, theta, n, model):
+    return jax.vmap(lambda position: fn(theta, n, model, position))(jnp.arange(1, n))
+
+
+def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
+    """(P(own), P(other)) per start distance, each read from the representation that keeps its digits.
+
+    Linear: from e = h - 1/2 while |e| <= 1/4 (so J - 1/2 and its gradient keep their leading digits
+    on a plateau), from q when e > 1/4 (1 - J near 1), from h when e < -1/4.  Softmax: from h and q.
     """
     _require_closed_form(model)
     n = task.n
     if model.attention == "linear":
-        return quantity(row_scores(theta, n, model))[::-1]
-    at_start = lambda position: quantity(row_scores(theta, n, model, start=position))[position - 1]
-    return jax.vmap(at_start)(jnp.arange(1, n))[::-1]
+        h, q, e = _linear_probabilities(theta, n, model)
+        mid = jnp.abs(e) <= 0.25
+        own = jnp.where(mid, 0.5 + e, jnp.where(e > 0, 1.0 - q, h))
+        other = jnp.where(mid, 0.5 - e, jnp.where(e > 0, q, 1.0 - h))
+        return _by_distance(own), _by_distance(other)
+    h, q = _softmax_per_start(_softmax_probabilities, theta, n, model)
+    own = jnp.where(h <= q, h, 1.0 - q)
+    other = jnp.where(h <= q, 1.0 - h, q)
+    return _by_distance(own), _by_distance(other)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public quantities
+# --------------------------------------------------------------------------------------------------
 
 
 @eqx.filter_jit
 def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """h[d-1] = P(the walk from a_{n-d} is absorbed at its own terminal a_n before b_n)."""
-    n = task.n
-    return _per_start(theta, task, model, lambda s: absorption_solve(s, n, model, 0.0, (1.0, 0.0))[0])
+    capped = _capped(model)
+    if capped is not None:
+        return capped.success_per_start(theta, task, model)
+    return _outcome_per_start(theta, task, model)[0]
 
 
 @eqx.filter_jit
 def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
-    """J(theta) = sum_d p[d-1] h[d-1]; the loss is 1 - J."""
-    return jnp.sum(task.start_probs * same_side_probability(theta, task, model))
+    """J(theta) = sum_d p[d-1] h[d-1] = 1 - sum_d p[d-1] q[d-1]; the loss is 1 - J (``expected_loss``
+    keeps its digits).  Read from the loss when J > 1/2, so J lies in [0, 1] at any start_probs."""
+    capped = _capped(model)
+    if capped is not None:
+        return capped.expected_reward(theta, task, model)
+    own, other = _outcome_per_start(theta, task, model)[:2]
+    loss = jnp.sum(task.start_probs * other)
+    # read J as 1 - loss above 1/2: stays in [0, 1] even when start_probs sums to 1 + ulp
+    return jnp.where(loss < 0.5, 1.0 - loss, jnp.sum(task.start_probs * own))
+
+
+@eqx.filter_jit
+def expected_loss(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """1 - J = sum_d p[d-1] P(the walk from a_{n-d} ends at the other terminal), to relative accuracy
+    even where J rounds to 1 (capped models: 1 - J of ``gradflow.capped``, no such guarantee)."""
+    capped = _capped(model)
+    if capped is not None:
+        return 1.0 - capped.expected_reward(theta, task, model)
+    return jnp.sum(task.start_probs * _outcome_per_start(theta, task, model)[1])
 
 
 @eqx.filter_jit
 def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
-    """L[d-1] = expected number of generated tokens from a_{n-d} until the first terminal (>= d)."""
+    """L[d-1] = expected number of generated tokens from a_{n-d} until the first terminal (>= d).
+
+    Self-loops (mask_self=False) count as tokens.  inf when above 1e300 (not representable).
+    """
+    capped = _capped(model)
+    if capped is not None:
+        return capped.length_per_start(theta, task, model)
+    _require_closed_form(model)
     n = task.n
-    return _per_start(theta, task, model, lambda s: absorption_solve(s, n, model, 1.0, (0.0, 0.0))[0])
+    if model.attention == "linear":
+        lengths = _by_distance(_linear_length(theta, n, model))
+    else:
+        lengths = _by_distance(_softmax_per_start(_softmax_length, theta, n, model))
+    return jnp.where(lengths > LENGTH_LIMIT, jnp.inf, lengths)
 
 
 @eqx.filter_jit
 def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
-    """E[tokens until the first terminal], start-weighted: sum_d p[d-1] L[d-1]."""
-    return jnp.sum(task.start_probs * length_per_start(theta, task, model))
+    """E[tokens until the first terminal], start-weighted: sum_d p[d-1] L[d-1] (inf above 1e300)."""
+    capped = _capped(model)
+    if capped is not None:
+        return capped.expected_length(theta, task, model)
+    lengths = length_per_start(theta, task, model)
+    total = jnp.sum(jnp.where(task.start_probs > 0, task.start_probs * lengths, 0.0))
+    return jnp.where(total > LENGTH_LIMIT, jnp.inf, total)
 
 
 @eqx.filter_jit
 def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}): the exact forward path, no detour, no self-loop."""
+    capped = _capped(model)
+    if capped is not None:
+        return capped.traversal_per_start(theta, task, model)
+    _require_closed_form(model)
     n = task.n
+    from gradflow.model import row_log_total
 
-    def log_path_from(scores):
-        rows = chain_a_rows(local_rows(scores, n, model), n)
-        log_forward = jnp.log(rows.succ / row_normaliser(rows, n, model))
+    def log_path_from(position):
+        scores = row_scores(theta, n, model, start=position)
+        rows = row_logits(scores, n, model)
+        if model.attention != "linear":
+            rows = rows._replace(**{f: jnp.broadcast_to(getattr(rows, f), (2, n - 1))[0] for f in RowLogits._fields[:8]})
+        log_forward = rows.succ - row_log_total(rows, include_self=not model.mask_self)["total"]
         return jnp.cumsum(log_forward[::-1])[::-1]  # entry i-1: sum over positions i..n-1
 
-    return jnp.exp(_per_start(theta, task, model, log_path_from))
+    if model.attention == "linear":
+        return jnp.exp(_by_distance(log_path_from(None)))
+    at_start = lambda position: log_path_from(position)[position - 1]
+    return jnp.exp(_by_distance(jax.vmap(at_start)(jnp.arange(1, n))))
 
 
 @eqx.filter_jit
 def traversal_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """P(the generated path is exactly the forward path to the terminal), start-weighted."""
+    capped = _capped(model)
+    if capped is not None:
+        return capped.traversal_probability(theta, task, model)
     return jnp.sum(task.start_probs * traversal_per_start(theta, task, model))
-
-
-@eqx.filter_jit
-def _dense_per_start(theta: Theta, task: ChainTask, model: ModelSpec, cost: float, terminal) -> jnp.ndarray:
-    """Reference: dense solve of (I - Q) g = cost + R t over all non-terminal vertices (O(n^3))."""
-    _require_closed_form(model)
-    n = task.n
-    transient = jnp.array([v for v in range(2 * n + model.n_isolated) if v not in (n - 1, 2 * n - 1)])
-
-    def solve(start):
-        p = transition_matrix(theta, n, model, start=start)
-        q = p[jnp.ix_(transient, transient)]
-        r = cost + p[transient, n - 1] * terminal[0] + p[transient, 2 * n - 1] * terminal[1]
-        return jnp.linalg.solve(jnp.eye(transient.size) - q, r)
-
-    if model.attention == "linear":
-        return solve(None)[: n - 1][::-1]
-    positions = jnp.arange(1, n)
-    return jax.vmap(lambda s: solve(s)[s - 1])(positions)[::-1]
-
-
-def dense_same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
-    """``same_side_probability`` by a dense linear solve on the full transition matrix (tests only)."""
-    return _dense_per_start(theta, task, model, 0.0, (1.0, 0.0))
-
-
-def dense_length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
-    """``length_per_start`` by a dense linear solve on the full transition matrix (tests only)."""
-    return _dense_per_start(theta, task, model, 1.0, (0.0, 0.0))

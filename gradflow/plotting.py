@@ -4,6 +4,9 @@ Palette: Okabe-Ito (colour-blind safe).  Times are flow times t; gradient descen
 sit on the same axis at t = lr * step.  ``save_figure`` writes ``<out>/<name>.png`` (README),
 ``.pdf`` (papers) and ``.json`` (the numbers behind the figure).  ``experiment_parser`` gives each
 script in ``experiments/`` the same ``--quick`` / ``--out`` options.
+
+Importing this module does not choose a matplotlib backend: the figure scripts and the CLI do
+(``use_headless_backend()``), so a user's interactive session keeps its own.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from gradflow._series import first_crossing as _series_first_crossing
+from gradflow._series import first_crossings
 
 OKABE_ITO = (
     "#0072B2",  # blue
@@ -55,6 +59,11 @@ STYLE = {
     "savefig.bbox": "tight",
     "pdf.fonttype": 42,
 }
+
+
+def use_headless_backend() -> None:
+    """Switch matplotlib to the non-interactive Agg backend (figure scripts and the CLI call this)."""
+    matplotlib.use("Agg")
 
 
 def use_style() -> None:
@@ -187,7 +196,7 @@ def emergence_figure(trajectory):
     edges_t = np.sqrt(ts[1:] * ts[:-1])
     t_edges = np.concatenate([[ts[0] ** 2 / edges_t[0]], edges_t, [ts[-1] ** 2 / edges_t[-1]]])
     mesh = ax_heat.pcolormesh(t_edges, np.arange(0.5, n), fwd.T, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, shading="flat")
-    half = _first_crossing(ts, fwd, 0.9)
+    half = first_crossings(ts, fwd, 0.9, log_time=True)
     ax_heat.plot(half, positions, color="white", marker="o", ms=3, lw=1, label="first t with P ≥ 0.9")
     ax_heat.set(xscale="log", xlabel=TIME_LABEL, ylabel=f"position i of $a_i$ ($a_{{{n}}}$ = terminal)",
                 title="P(forward | move) per position\n(white dots: first t with P ≥ 0.9)")
@@ -242,23 +251,9 @@ def describe_task(task) -> str:
     return "P(d) = " + ", ".join(f"{p:.3g}" for p in probs)
 
 
-def _first_crossing(ts: np.ndarray, values: np.ndarray, level: float) -> np.ndarray:
-    """Per column of ``values`` (T, m): the first save time with value >= level (NaN if never)."""
-    reached = values >= level
-    first = np.argmax(reached, axis=0)
-    return np.where(reached.any(axis=0), ts[first], np.nan)
-
-
 def first_crossing(ts: Sequence[float], values: Sequence[float], level: float) -> float | None:
-    """The first save time with value >= level, linearly interpolated in log t (None if never)."""
-    ts, values = np.asarray(ts, float), np.asarray(values, float)
-    ok = np.isfinite(values)
-    ts, values = ts[ok], values[ok]
-    above = np.nonzero(values >= level)[0]
-    if above.size == 0:
-        return None
-    k = int(above[0])
-    if k == 0 or ts[k - 1] <= 0:
-        return float(ts[k])
-    w = (level - values[k - 1]) / (values[k] - values[k - 1])
-    return float(np.exp(np.log(ts[k - 1]) + w * (np.log(ts[k]) - np.log(ts[k - 1]))))
+    """The first save time with value >= level, linearly interpolated in log t (None if never).
+
+    Kept for the figure scripts; it is ``gradflow._series.first_crossing(..., log_time=True)``.
+    """
+    return _series_first_crossing(ts, values, level, log_time=True)

@@ -2,7 +2,9 @@
 
 The closed form of ``gradflow.objective`` is checked here against the model it abstracts: a full
 attention matrix over a vocabulary of vertex and edge tokens, random vertex labels per instance,
-one-hot tokens, and a chain of thought generated token by token until the first terminal.
+one-hot tokens, and a chain of thought generated token by token until the first terminal (or the
+cap: ``resolve_max_len``; with ``ModelSpec(max_len=...)`` the rollouts are the capped rollouts of
+``gradflow.capped``).
 
 Vocabulary of ``n_vocab = N`` vertex tokens: columns 0..N-1 of A are the vertex tokens, then the
 N(N-1) edge tokens (x, y), x != y, in row-major order with the diagonal left out:
@@ -23,23 +25,16 @@ differentiable log-probability, so the same code differentiates w.r.t. the five 
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from gradflow._checks import check_choice, check_int, check_positive
-from gradflow.flow import FlowParams, Trajectory, metrics_at
-from gradflow.model import ModelSpec, Theta, edge_list
+from gradflow._checks import check_int
+from gradflow.model import ModelSpec, Theta, edge_list, orbit_labels  # noqa: F401  (orbit_labels: moved to model)
 from gradflow.task import ChainTask
-
-OPTIMIZERS = ("sgd", "adam")
-PARAM_KINDS = ("reduced", "full")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,17 +45,6 @@ PARAM_KINDS = ("reduced", "full")
 def edge_column(x, y, n_vocab: int):
     """Column of edge token (x, y), x != y: N + x (N-1) + y - [y > x]."""
     return n_vocab + x * (n_vocab - 1) + y - (y > x)
-
-
-def orbit_labels(n_vocab: int) -> np.ndarray:
-    """Kind k of every entry A[u, c] (0..4 = alpha, beta, gamma, eta, delta), shape (N, N^2)."""
-    check_int("n_vocab", n_vocab, 2)
-    u = np.arange(n_vocab)[:, None]
-    w = np.arange(n_vocab)[None, :]
-    vertex = np.where(u == w, 3, 4)
-    x, y = np.nonzero(~np.eye(n_vocab, dtype=bool))  # row-major, matches edge_column
-    edge = np.where(x[None, :] == u, 0, np.where(y[None, :] == u, 1, 2))
-    return np.concatenate([vertex, edge], axis=1)
 
 
 def full_attention(theta: Theta, n_vocab: int) -> jnp.ndarray:
@@ -252,14 +236,24 @@ def _check_vocabulary(A, task: ChainTask, model: ModelSpec) -> None:
         raise ValueError(f"A must have shape (n_vocab, n_vocab^2) = ({n_vocab}, {n_vocab**2}), got {A.shape}")
 
 
+def resolve_max_len(task: ChainTask, model: ModelSpec, max_len: int | None = None) -> int:
+    """The rollout cap: the ``max_len`` argument when given, else ``model.max_len`` when set, else
+    ``default_max_len(n)`` (a truncation far beyond the expected length, for uncapped models)."""
+    if max_len is None:
+        max_len = model.max_len if model.max_len is not None else default_max_len(task.n)
+    return check_int("max_len", max_len, 1)
+
+
 def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None) -> Rollouts:
     """Sample ``batch`` instances and generate until the first terminal (or ``max_len`` tokens).
 
     Step: p(v | u) = softmax_v[(1/tau) sum_j w_j(A[u, c_j]) V[c_j, v]] over all N vertex tokens,
-    the current vertex masked if ``model.mask_self``.  Default max_len: ``default_max_len(n)``.
+    the current vertex masked if ``model.mask_self``.  Cap (``resolve_max_len``): the ``max_len``
+    argument wins when given; else ``model.max_len`` (the capped reward of ``gradflow.capped``);
+    else ``default_max_len(n)``.  A rollout with no terminal within the cap earns 0 (``truncated``).
     """
     batch = check_int("batch", batch, 1)
-    max_len = check_int("max_len", default_max_len(task.n) if max_len is None else max_len, 1)
+    max_len = resolve_max_len(task, model, max_len)
     A = jnp.asarray(A, dtype=float)
     _check_vocabulary(A, task, model)
     return _rollouts(A, task, model, key, batch, max_len)
@@ -350,144 +344,17 @@ def estimate_gradient(theta: Theta, task: ChainTask, model: ModelSpec, key, batc
 
 
 # --------------------------------------------------------------------------------------------------
-# Training
+# Training: moved to gradflow.training (these names stay importable from here)
 # --------------------------------------------------------------------------------------------------
 
-
-@dataclass
-class TrainingTrajectory(Trajectory):
-    """Discrete training, recorded at ts = t0 + lr * step, step = 0..steps; a flow ``Trajectory`` plus:
-
-    sampled_reward (T,): mean reward of the batch drawn at that step (NaN for exact gradient
-    descent); theta_std (T, 5): within-orbit standard deviation of A (0 when training the five
-    numbers).  theta is the five numbers (params="full": the orbit means of A) and every closed-form
-    field is evaluated there.  events: first recorded time the closed-form reward reaches the
-    config's reward_threshold / 1 - convergence_loss (None if never).
-    """
-
-    sampled_reward: np.ndarray | None = None
-    theta_std: np.ndarray | None = None
-
-    ARRAYS = Trajectory.ARRAYS + ("sampled_reward", "theta_std")
-
-    def t_hit(self, level: float) -> float | None:
-        """First recorded step time with closed-form reward >= ``level`` (no flow re-solve), None if never."""
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"level must lie in (0, 1), got {level}")
-        return _first_time(self.ts, self.reward, level)
+_MOVED_TO_TRAINING = ("train", "gradient_descent", "TrainingTrajectory", "TrainConfig", "OPTIMIZERS", "PARAM_KINDS")
 
 
-def _first_time(ts: np.ndarray, reward: np.ndarray, level: float) -> float | None:
-    """First recorded t with reward >= level, None if never."""
-    hit = np.nonzero(reward >= level)[0]
-    return float(ts[hit[0]]) if hit.size else None
+def __getattr__(name: str):
+    """``gradflow.sampling.train`` etc. are aliases of ``gradflow.training``'s (loaded on first use:
+    gradflow.training imports this module)."""
+    if name in _MOVED_TO_TRAINING:
+        from gradflow import training
 
-
-def _make_trajectory(flow_params, lr, record: dict, stats: dict) -> TrainingTrajectory:
-    """Package the recorded steps with the closed-form read-outs of ``gradflow.flow``."""
-    record = jax.device_get(record)
-    ts = np.asarray(flow_params.t0 + lr * np.arange(record["theta"].shape[0]))
-    events = {
-        "reward_threshold": _first_time(ts, record["reward"], float(flow_params.reward_threshold)),
-        "converged": _first_time(ts, record["reward"], 1.0 - float(flow_params.convergence_loss)),
-    }
-    return TrainingTrajectory(config=flow_params, ts=ts, events=events, stats=stats, **record)
-
-
-def _make_optimizer(optimizer: str, lr) -> optax.GradientTransformation:
-    return optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
-
-
-@eqx.filter_jit
-def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, optimizer: str, kind: str):
-    model, n_vocab = flow_params.model, flow_params.vocabulary_size
-    opt = _make_optimizer(optimizer, lr)
-    to_matrix = (lambda p: p) if kind == "full" else (lambda p: full_attention(Theta.from_array(p), n_vocab))
-    orbit = orbit_statistics if kind == "full" else (lambda p: (p, jnp.zeros(5)))
-
-    def step(carry, inputs):
-        params, opt_state = carry
-        step_key, k = inputs
-        task = flow_params.training_task(flow_params.t0 + lr * k)
-        ro = _rollouts(jax.lax.stop_gradient(to_matrix(params)), task, model, step_key, batch, max_len)
-        grad = jax.grad(lambda p: surrogate(to_matrix(p), ro, task.n, model))(params)
-        updates, opt_state = opt.update(jax.tree.map(jnp.negative, grad), opt_state, params)
-        theta, spread = orbit(params)
-        record = {"theta": theta, "theta_std": spread, "sampled_reward": jnp.mean(ro.rewards)}
-        return (optax.apply_updates(params, updates), opt_state), record
-
-    inputs = (jax.random.split(key, steps + 1), jnp.arange(steps + 1))
-    _, record = jax.lax.scan(step, (params0, opt.init(params0)), inputs)
-    return record | jax.vmap(lambda x: metrics_at(flow_params, x))(record["theta"])
-
-
-def _check_rate(lr, steps) -> int:
-    check_positive("lr", lr)
-    return check_int("steps", steps, 1)
-
-
-def train(
-    flow_params: FlowParams,
-    lr: float,
-    steps: int,
-    batch: int,
-    key,
-    optimizer: str = "sgd",
-    params: str = "reduced",
-    max_len: int | None = None,
-) -> TrainingTrajectory:
-    """Sampled policy-gradient ascent on J from ``flow_params.theta0``: x_{k+1} = optimizer(x_k, g_k).
-
-    g_k = grad of ``surrogate`` (REINFORCE, leave-one-out baseline) on a fresh batch of rollouts of
-    the training task at t_k (``flow_params.training_task``: a schedule is honoured), w.r.t. the
-    five numbers (params="reduced") or the full matrix A (params="full", started at
-    full_attention(theta0, N), N = flow_params.vocabulary_size).  At a symmetric A the expected
-    full gradient is g_k / (N * orbit size) per entry, so SGD on A with rate lr follows the flow
-    with coords="full" at t = lr * step / N.  One scan over steps, compiled once; the record has
-    steps + 1 points (the last batch is drawn at the final parameters and not applied).
-    """
-    steps = _check_rate(lr, steps)
-    batch = check_int("batch", batch, 2)
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    check_choice("params", params, PARAM_KINDS)
-    max_len = check_int("max_len", default_max_len(flow_params.task.n) if max_len is None else max_len, 1)
-    params0 = flow_params.theta0.as_array()
-    if params == "full":
-        params0 = full_attention(flow_params.theta0, flow_params.vocabulary_size)
-    start = time.perf_counter()
-    lr_array = jnp.asarray(lr, dtype=float)
-    record = _train(flow_params, params0, key, lr_array, steps, batch, max_len, optimizer, params)
-    stats = {
-        "seconds": time.perf_counter() - start,
-        "lr": float(lr),
-        "steps": steps,
-        "batch": batch,
-        "optimizer": optimizer,
-        "params": params,
-        "max_len": max_len,
-    }
-    return _make_trajectory(flow_params, lr, record, stats)
-
-
-@eqx.filter_jit
-def _gradient_descent(flow_params, lr, steps: int):
-    def step(theta, k):
-        return theta + lr * flow_params.vector_field(flow_params.t0 + lr * k, theta), theta
-
-    final, thetas = jax.lax.scan(step, flow_params.theta0.as_array(), jnp.arange(steps))
-    thetas = jnp.concatenate([thetas, final[None]])
-    metrics = jax.vmap(lambda x: metrics_at(flow_params, x))(thetas)
-    exact = {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)}
-    return exact | metrics
-
-
-def gradient_descent(flow_params: FlowParams, lr: float, steps: int) -> TrainingTrajectory:
-    """Exact gradient ascent theta_{k+1} = theta_k + lr * F(t_k, theta_k), F the flow's vector field.
-
-    F = grad J (coords, schedule as in ``flow_params``); recorded at t_k = t0 + lr * k, k = 0..steps.
-    """
-    steps = _check_rate(lr, steps)
-    start = time.perf_counter()
-    record = _gradient_descent(flow_params, jnp.asarray(lr, dtype=float), steps)
-    stats = {"seconds": time.perf_counter() - start, "lr": float(lr), "steps": steps}
-    return _make_trajectory(flow_params, lr, record, stats)
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,16 +6,13 @@ A start at distance d sits at a_{n-d}; it needs d forward steps to reach its ter
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow._checks import check_distribution, check_int
-
-
-def _as_float_array(x) -> jnp.ndarray:
-    return jnp.asarray(x, dtype=float)
+from gradflow._checks import as_float_array, check_distribution, check_fraction, check_int
 
 
 class ChainTask(eqx.Module):
@@ -25,8 +22,8 @@ class ChainTask(eqx.Module):
     array, so sweeping over distributions of one ``n`` never recompiles.
     """
 
-    n: int = eqx.field(static=True)
-    start_probs: jnp.ndarray = eqx.field(converter=_as_float_array)
+    n: int = eqx.field(static=True, converter=lambda n: int(n) if isinstance(n, np.integer) else n)
+    start_probs: jnp.ndarray = eqx.field(converter=partial(as_float_array, name="start_probs"))
 
     def __check_init__(self):
         check_int("n", self.n, 2)
@@ -40,35 +37,50 @@ class ChainTask(eqx.Module):
     @classmethod
     def uniform(cls, n: int) -> "ChainTask":
         """Starts uniform over d = 1..n-1."""
-        check_int("n", n, 2)
+        n = check_int("n", n, 2)
         return cls(n, np.full(n - 1, 1.0 / (n - 1)))
 
     @classmethod
     def hardest(cls, n: int) -> "ChainTask":
         """All mass on the hardest start d = n-1 (v_start = a_1)."""
-        check_int("n", n, 2)
+        n = check_int("n", n, 2)
         return cls(n, np.eye(n - 1)[-1])
 
     @classmethod
     def mixture(cls, n: int, easy_mass: float, easy_steps: Sequence[int] = (1,)) -> "ChainTask":
         """Mass ``easy_mass`` spread evenly over the distances ``easy_steps``, the rest on d = n-1."""
-        check_int("n", n, 2)
-        if not 0.0 <= float(easy_mass) <= 1.0:
-            raise ValueError(f"easy_mass must lie in [0, 1], got {easy_mass!r}")
-        steps = list(easy_steps)
-        if not steps or any(not 1 <= int(d) <= n - 1 for d in steps) or len(set(steps)) != len(steps):
-            raise ValueError(f"easy_steps must be distinct distances in 1..{n - 1}, got {easy_steps!r}")
+        n = check_int("n", n, 2)
+        mass = check_fraction("easy_mass", easy_mass, 0.0, 1.0, inclusive=True)
+        steps = _distances("easy_steps", easy_steps, n)
         probs = np.zeros(n - 1)
-        probs[np.asarray(steps) - 1] += float(easy_mass) / len(steps)
-        probs[-1] += 1.0 - float(easy_mass)
+        probs[np.asarray(steps) - 1] += mass / len(steps)
+        probs[-1] += 1.0 - mass
         return cls(n, probs)
 
     @classmethod
     def k_hardest(cls, n: int, k: int) -> "ChainTask":
         """Uniform over the k hardest starts d = n-k..n-1 (the authors' simple-examples experiment)."""
-        check_int("n", n, 2)
-        if not 1 <= k <= n - 1:
+        n = check_int("n", n, 2)
+        k = check_int("k", k, 1)
+        if k > n - 1:
             raise ValueError(f"k must lie in 1..{n - 1}, got {k!r}")
         probs = np.zeros(n - 1)
         probs[n - 1 - k :] = 1.0 / k
         return cls(n, probs)
+
+
+def _distances(name: str, steps, n: int) -> list[int]:
+    """``steps`` as a list of distinct integer distances in 1..n-1 (a single int is one distance)."""
+    message = f"{name} must be distinct integer distances in 1..{n - 1}, got {steps!r}"
+    if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+        steps = (steps,)
+    try:
+        steps = list(steps)
+    except TypeError:
+        raise ValueError(message) from None
+    ok = bool(steps) and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and 1 <= d <= n - 1 for d in steps
+    )
+    if not ok or len(set(int(d) for d in steps)) != len(steps):
+        raise ValueError(message)
+    return [int(d) for d in steps]

@@ -1,21 +1,30 @@
-"""What the paper says should happen (THEORY.md sections 4-5), as checks on configs and trajectories.
+"""What the paper says should happen (THEORY.md sections 4-5, 7), as checks on configs and trajectories.
 
 - ``check_conditions(flow_params)``: the base-model assumption at theta0 (c0, b0), the mass on simple
-  examples, the predicted regime (polynomial / exponential) and the value of the sufficiency bound.
+  examples, the predicted regime (polynomial / exponential), the value of the sufficiency bound, and
+  the reward ceiling (``max_reward``).
 - ``phases(trajectory)``: when the reward escapes its plateau, when forward traversal emerges and
-  completes, when the loss converges, in which order the positions learn, and how fast the logit gap
+  completes, when the loss converges, when each position learns (root-found on the solution) and in
+  which order (only where the times differ beyond a tolerance), and how fast the logit gap
   alpha - gamma grows in the late phase (per unit of log t).
-- ``learning_time`` / ``learning_times`` / ``scaling``: time for the flow to reach a reward level, and
-  exponential versus power-law fits of that time against the chain length n.
-- ``gradient_by_distance``: the reward gradient carried by the starts at each distance d (prediction 1).
+- ``learning_time`` / ``learning_times`` / ``scaling``: time for the flow to reach a reward level,
+  integrated in log time s = log(1 + t) so that hardest-only training is measured far past t = 1e12,
+  and exponential versus power-law fits of that time against the chain length n.
+- ``gradient_by_distance`` / ``success_gradient``: the reward gradient carried by the starts at each
+  distance d (prediction 1), capped models included.
+- ``max_reward`` / ``reward_ceiling`` / ``reward_ceiling_warning``: the supremum of J over theta (a cap
+  and softmax attention each keep it below 1), and the warning for a level above it.
 - ``extrapolate``: the reward of fixed parameters on longer chains (prediction 6).
 
 Flow time is the time of ``gradflow.flow`` (d theta/dt = grad J, reduced coordinates by default).
+Nothing here builds an array at import: defaults (theta0, model) are made when a function is called.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,41 +32,224 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 
-from gradflow._checks import check_int
-from gradflow.flow import FlowParams, Trajectory, integrate, level_event, stack_configs
-from gradflow.model import ModelSpec, Theta, step_probabilities
+from gradflow._checks import check_fraction, check_int, check_nonnegative
+from gradflow._series import first_crossing
+from gradflow.flow import LOCAL_MAX_STEPS, SOLVERS, FlowParams, Trajectory, stack_configs
+from gradflow.model import ModelSpec, Theta, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
 from gradflow.task import ChainTask
 
 REGIMES = ("polynomial", "exponential", "undetermined")
-DEFAULT_THETA0 = Theta(0.3, 0.0, 0.0)
-DEFAULT_T1 = 1e12
+DEFAULT_T1 = 1e40
+ORDER_RTOL = 1e-6
+
+
+def __getattr__(name: str):
+    # DEFAULT_THETA0 stays importable without building an array when gradflow.theory is imported
+    if name == "DEFAULT_THETA0":
+        return default_theta0()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _check_fraction(name: str, value: float, low: float = 0.0, high: float = 1.0) -> float:
-    """Return ``value`` as a float, raising ValueError unless low < value < high."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in ({low}, {high}), got {value!r}") from None
-    if not low < value < high:
-        raise ValueError(f"{name} must lie in ({low}, {high}), got {value!r}")
-    return value
+def _model_or_default(model) -> ModelSpec:
+    if model is None:
+        return ModelSpec()
+    if not isinstance(model, ModelSpec):
+        raise ValueError(f"model must be a gradflow.ModelSpec, got {type(model).__name__}")
+    return model
 
 
-def _check_nonnegative(name: str, value: float) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
+def _theta_or_default(theta0, name: str = "theta0") -> Theta:
+    if theta0 is None:
+        return default_theta0()
+    if not isinstance(theta0, Theta):
+        raise ValueError(f"{name} must be a gradflow.Theta, got {type(theta0).__name__}")
+    return theta0
+
+
+def _is_capped(model: ModelSpec) -> bool:
+    return getattr(model, "max_len", None) is not None
+
+
+def _reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """J(theta): the closed form of ``gradflow.objective`` or, with a cap, of ``gradflow.capped``."""
+    if _is_capped(model):
+        from gradflow import capped
+
+        return capped.expected_reward(theta, task, model)
+    return expected_reward(theta, task, model)
+
+
+def _success_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """h[d-1] = P(reward 1 | start at distance d): same-side absorption, or within the cap."""
+    if _is_capped(model):
+        from gradflow import capped
+
+        return capped.success_per_start(theta, task, model)
+    return same_side_probability(theta, task, model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The best reward a model can reach
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardCeiling:
+    """sup over theta of J(theta) for one task and model (see ``reward_ceiling``).
+
+    value: the supremum.  exact: True when it is a closed form (a limit of theta, attained by no
+    finite theta), False when it is the best of a numerical maximisation (then a lower bound of the
+    supremum, to the optimiser's tolerance, which no brute-force search in the tests beat).
+    method: how it was obtained.  theta: the maximising point found numerically (None for a limit).
+    """
+
+    value: float
+    exact: bool
+    method: str
+    theta: tuple[float, ...] | None = None
+
+    def __str__(self) -> str:
+        how = "exact" if self.exact else "numerical"
+        return f"reward ceiling sup J = {self.value:.10g} ({how}: {self.method})"
+
+
+def _model_key(task: ChainTask, model: ModelSpec) -> tuple:
+    return (
+        task.n,
+        tuple(np.asarray(task.start_probs, dtype=float).tolist()),
+        model.attention,
+        float(model.tau),
+        model.mask_self,
+        model.n_isolated,
+        getattr(model, "max_len", None),
+    )
+
+
+def reward_ceiling(task: ChainTask, model: ModelSpec | None = None) -> RewardCeiling:
+    """The supremum of the expected reward J over theta, and how it was found.
+
+    - Linear attention, no cap: 1 (forward traversal, alpha - gamma -> +inf, gamma -> -inf).
+    - Linear attention, cap T (``model.max_len``): the mass on the starts the cap lets through,
+      sum_{d <= T} p[d-1], reached in the limit alpha >> 2 gamma >> 0, beta -> -inf (every step
+      forward: no self-loop, no backward step, no jump).  One exception: at n = 2 with self-loops
+      allowed the self-loop and the forward step have the same logit alpha for every theta, so the
+      best is p[0] (1 - 2^-T) (each token moves with probability at most 1/2).
+    - Softmax attention, no cap: every logit is (1/tau) times a total attention weight, at most
+      1/tau.  The supremum is the limit alpha -> +inf with the others finite: each row puts all its
+      weight on its outgoing edge, which writes 1/tau on the current vertex and its successor and 0
+      everywhere else.  That limit walk is exactly the linear-attention walk at theta = (1, 0, 0)
+      with the same tau, mask and isolated vertices (from an isolated vertex the uncapped value is
+      1/2 whatever the row, by the a/b symmetry), so its J is a closed form.  That no finite theta
+      does better is checked by multi-start numerical maximisation (tests; n = 8: 0.8381807686 at
+      tau = 0.2, 0.9985502968 at tau = 0.1, 0.99999993404 at tau = 1/20).
+    - Softmax attention with a cap: self-loops, the cap and the isolated rows make the best weights
+      interior, so the value is a numerical maximisation (multi-start L-BFGS-B on theta in a box of
+      +-40, which covers softmax weight ratios up to e^80, started also from the alpha -> inf point).
+    Results are cached per (task, model).
+    """
+    if not isinstance(task, ChainTask):
+        raise ValueError(f"task must be a gradflow.ChainTask, got {type(task).__name__}")
+    model = _model_or_default(model)
+    return _reward_ceiling_cached(_model_key(task, model))
+
+
+@functools.lru_cache(maxsize=256)
+def _reward_ceiling_cached(key: tuple) -> RewardCeiling:
+    n, probs, attention, tau, mask_self, n_isolated, max_len = key
+    probs = np.asarray(probs)
+    task = ChainTask(n, probs)
+    kwargs = dict(attention=attention, tau=tau, mask_self=mask_self, n_isolated=n_isolated)
+    if max_len is not None:
+        kwargs["max_len"] = max_len
+    model = ModelSpec(**kwargs)
+    if attention == "linear" and max_len is None:
+        return RewardCeiling(1.0, True, "linear attention: forward traversal in the limit")
+    if attention == "linear":
+        if n == 2 and not mask_self:
+            value = float(probs[0] * (1.0 - 0.5**max_len))
+            return RewardCeiling(value, True, f"n = 2, self-loops allowed: p[0] (1 - 2^-{max_len})")
+        value = float(probs[: min(max_len, n - 1)].sum())
+        return RewardCeiling(value, True, f"cap {max_len}: mass on starts d <= {max_len} (forward traversal limit)")
+    if max_len is None:
+        limit = ModelSpec(attention="linear", tau=tau, mask_self=mask_self, n_isolated=n_isolated)
+        value = float(expected_reward(Theta(1.0, 0.0, 0.0), task, limit))
+        return RewardCeiling(value, True, "softmax: alpha -> +inf limit (the linear walk at theta = (1, 0, 0))")
+    value, theta = _numerical_max_reward(task, model)
+    return RewardCeiling(value, False, "softmax with a cap: multi-start L-BFGS-B over theta in [-40, 40]^5", theta)
+
+
+def _numerical_max_reward(task: ChainTask, model: ModelSpec, n_starts: int = 12, bound: float = 40.0, seed: int = 0):
+    """Best J over theta in [-bound, bound]^k (k = 5 softmax, 3 linear) by multi-start L-BFGS-B."""
+    from scipy.optimize import minimize
+
+    k = 5 if model.attention == "softmax" else 3
+
+    def full(x):
+        return Theta.from_array(jnp.concatenate([x, jnp.zeros(5 - k)]))
+
+    value_and_grad = jax.jit(jax.value_and_grad(lambda x: -_reward(full(x), task, model)))
+
+    def objective(x):
+        v, g = value_and_grad(jnp.asarray(x))
+        v, g = float(v), np.asarray(g, dtype=float)
+        if not np.isfinite(v) or not np.all(np.isfinite(g)):
+            return 0.0, np.zeros_like(g)  # J >= 0: a non-finite point is never the best
+        return v, g
+
+    rng = np.random.default_rng(seed)
+    limit = np.zeros(k)
+    limit[0] = bound
+    starts = [limit, np.zeros(k)] + [rng.normal(scale=3.0, size=k) for _ in range(n_starts)]
+    best, best_x = -np.inf, None
+    for x0 in starts:
+        result = minimize(objective, x0, jac=True, method="L-BFGS-B", bounds=[(-bound, bound)] * k)
+        for x in (x0, result.x):
+            value = -objective(x)[0]
+            if value > best:
+                best, best_x = value, x
+    return float(best), tuple(float(v) for v in np.concatenate([best_x, np.zeros(5 - k)]))
+
+
+def max_reward(task: ChainTask, model: ModelSpec | None = None) -> float:
+    """sup over theta of J(theta) on ``task`` under ``model``; see ``reward_ceiling`` for how."""
+    return reward_ceiling(task, model).value
+
+
+def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None) -> str | None:
+    """A one-line warning when the reward ``level`` lies above what the model can reach, else None.
+
+    ``config``: a ``FlowParams`` (its task and model) or a ``ChainTask`` (then ``model``, default
+    ``ModelSpec()``).  For the flow, ``simulate``, ``phases`` and the CLI: a level at or above the
+    ceiling is never reached, whatever t1.
+    """
+    if isinstance(config, FlowParams):
+        task, model = config.task, config.model
+    elif isinstance(config, ChainTask):
+        task, model = config, _model_or_default(model)
+    else:
+        raise ValueError(f"config must be a gradflow.FlowParams or gradflow.ChainTask, got {type(config).__name__}")
+    level = check_fraction("level", level, 0.0, 1.0, inclusive=True)
+    if model.attention == "linear" and not _is_capped(model):
+        return None  # ceiling 1, and a level of 1 is refused by every caller
+    ceiling = reward_ceiling(task, model)
+    if level < ceiling.value:
+        return None
+    why = []
+    if _is_capped(model):
+        why.append(f"cap max_len = {model.max_len}")
+    if model.attention == "softmax":
+        why.append(f"softmax attention at tau = {float(model.tau):g} (every logit <= 1/tau)")
+    return (
+        f"reward level {level:g} is above the reward ceiling sup J = {ceiling.value:.6g} of this model "
+        f"({', '.join(why)}): it is never reached"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,7 +266,9 @@ class ConditionReport:
     c0 = min_i forward, b0 = min_i (forward - backward), over the non-terminal positions i = 1..n-1.
     simple_mass[k-1] = P(d <= k), k = 1..n-1.  k: the smallest k with P(d <= k) > 0; c: that mass.
     base_model: c0 > c0_min and b0 > b0_min.  regime: see ``check_conditions``.  bound: the paper's
-    sufficiency bound n^2 / (c0^(k+2) b0 c eps^2) (inf when b0 <= 0).
+    sufficiency bound n^2 / (c0^(k+2) b0 c eps^2) (inf when b0 <= 0).  ceiling: sup over theta of J
+    (``max_reward``; below 1 with a cap or softmax attention), ceiling_exact: whether it is a closed
+    form.  max_len: the model's cap (None: unbounded).
     """
 
     n: int
@@ -93,22 +287,26 @@ class ConditionReport:
     regime: str
     eps: float
     bound: float
+    ceiling: float = 1.0
+    ceiling_exact: bool = True
+    max_len: int | None = None
 
     def __str__(self) -> str:
         mass = ", ".join(f"{m:.3g}" for m in self.simple_mass)
-        return "\n".join(
-            [
-                f"conditions at theta0 (n = {self.n}):",
-                f"  c0 = min forward-step probability = {self.c0:.4g}   (need > {self.c0_min:g})",
-                f"  b0 = min (forward - backward)     = {self.b0:.4g}   (need > {self.b0_min:g})",
-                f"  base-model assumption: {'holds' if self.base_model else 'FAILS'}",
-                f"  simple-example mass P(d <= k), k = 1..{self.n - 1}: [{mass}]",
-                f"  smallest k with mass: k = {self.k}, c = P(d <= {self.k}) = {self.c:.4g}",
-                f"  predicted regime: {self.regime} (k_max = {self.k_max}, c0^k = {self.c0 ** self.k:.3g}, "
-                f"floor {self.c0_floor:g})",
-                f"  sufficiency bound n^2/(c0^(k+2) b0 c eps^2) at eps = {self.eps:g}: {self.bound:.4g}",
-            ]
-        )
+        lines = [
+            f"conditions at theta0 (n = {self.n}{'' if self.max_len is None else f', cap {self.max_len} tokens'}):",
+            f"  c0 = min forward-step probability = {self.c0:.4g}   (need > {self.c0_min:g})",
+            f"  b0 = min (forward - backward)     = {self.b0:.4g}   (need > {self.b0_min:g})",
+            f"  base-model assumption: {'holds' if self.base_model else 'FAILS'}",
+            f"  simple-example mass P(d <= k), k = 1..{self.n - 1}: [{mass}]",
+            f"  smallest k with mass: k = {self.k}, c = P(d <= {self.k}) = {self.c:.4g}",
+            f"  predicted regime: {self.regime} (k_max = {self.k_max}, c0^k = {self.c0 ** self.k:.3g}, "
+            f"floor {self.c0_floor:g})",
+            f"  sufficiency bound n^2/(c0^(k+2) b0 c eps^2) at eps = {self.eps:g}: {self.bound:.4g}",
+            f"  reward ceiling sup J = {self.ceiling:.10g} ({'exact' if self.ceiling_exact else 'numerical'})"
+            + ("" if self.ceiling >= 1.0 else ": higher reward levels are never reached"),
+        ]
+        return "\n".join(lines)
 
 
 def check_conditions(
@@ -133,19 +331,21 @@ def check_conditions(
     theta0.  "exponential" when there is no mass on d <= k_max (all starts sit at distances that grow
     with n, so c0^k is exponentially small in n).  "undetermined" otherwise (mass on a few steps but
     c0^k below the floor: the bound is vacuous).  The bound is inf when b0 <= 0.
+    Capped models (``ModelSpec.max_len``) are accepted: the step probabilities do not depend on the
+    cap, and the report adds the cap and the reward ceiling (``max_reward``) it implies.
     """
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.flow.FlowParams, got {type(flow_params).__name__}")
-    c0_min = _check_nonnegative("c0_min", c0_min)
+    c0_min = check_nonnegative("c0_min", c0_min)
     if c0_min >= 1.0:
         raise ValueError(f"c0_min must lie in [0, 1), got {c0_min!r}")
-    b0_min = _check_nonnegative("b0_min", b0_min)
-    eps = _check_fraction("eps", eps, 0.0, 1.0)
+    b0_min = check_nonnegative("b0_min", b0_min)
+    eps = check_fraction("eps", eps, 0.0, 1.0)
     k_max = check_int("k_max", k_max, 1)
-    c0_floor = _check_nonnegative("c0_floor", c0_floor)
+    c0_floor = check_nonnegative("c0_floor", c0_floor)
 
-    task, n = flow_params.task, flow_params.task.n
-    steps = step_probabilities(flow_params.theta0, n, flow_params.model)
+    task, model, n = flow_params.task, flow_params.model, flow_params.task.n
+    steps = step_probabilities(flow_params.theta0, n, model)
     forward = np.asarray(steps.forward, dtype=float)
     backward = np.asarray(steps.backward, dtype=float)
     c0 = float(forward.min())
@@ -160,6 +360,7 @@ def check_conditions(
     else:
         regime = "undetermined"
     bound = n**2 / (c0 ** (k + 2) * b0 * c * eps**2) if b0 > 0 and c0 > 0 else math.inf
+    ceiling = reward_ceiling(task, model)
     return ConditionReport(
         n=n,
         forward=tuple(forward.tolist()),
@@ -177,6 +378,9 @@ def check_conditions(
         regime=regime,
         eps=eps,
         bound=float(bound),
+        ceiling=ceiling.value,
+        ceiling_exact=ceiling.exact,
+        max_len=getattr(model, "max_len", None),
     )
 
 
@@ -189,13 +393,17 @@ def check_conditions(
 class PhaseReport:
     """Event times of one trajectory (None: did not happen within the solve).
 
-    escape: the reward has covered ``escape_fraction`` (default 10%) of the way from J(t0) to 1.
-    emergence / traversal: the forward probability given a move exceeds 0.5 / 0.99 at every position.
+    escape: the reward has covered ``escape_fraction`` (default 10%) of the way from J(t0) to the
+    reward ceiling (1 unless a cap or softmax attention bounds it; see ``max_reward``).
+    emergence / traversal: the forward probability given a move reaches 0.5 / 0.99 at every position.
     convergence: the loss 1 - J falls below ``convergence_loss``.  position_times[i-1]: first time the
-    forward probability at a_i exceeds 0.5; order: positions i sorted by that time (those that never
-    cross are left out).  gap_slope: d(alpha - gamma)/d(log t) fitted over the last third of the
-    log-t range (t > 0); None when fewer than 3 saves lie there.  Reward times are root-found
-    (``Trajectory.t_hit``) when ``exact``, the others are the first saved time meeting the condition.
+    forward probability at a_i reaches 0.5.  order: positions i sorted by that time (those that never
+    cross are left out); order_groups: the same positions grouped where their times agree within
+    ``order_rtol`` (relative): only distinct groups are an order.  gap_slope: d(alpha - gamma)/d(log t)
+    fitted over the last third of the log-t range (t > 0); None when fewer than 3 saves lie there.
+    With ``exact`` every time is root-found by bisection on a dense re-solve of the flow between the
+    two saves that bracket it; otherwise it is interpolated linearly between saves.  warnings: levels
+    asked for that lie above the reward ceiling (never reached).
     """
 
     n: int
@@ -210,44 +418,49 @@ class PhaseReport:
     gap_slope: float | None
     escape_level: float
     convergence_loss: float
+    order_groups: tuple[tuple[int, ...], ...] = ()
+    order_rtol: float = ORDER_RTOL
+    ceiling: float = 1.0
+    exact: bool = True
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def order_is_strict(self) -> bool:
+        """True when every position that learned has its own time (no ties within order_rtol)."""
+        return all(len(group) == 1 for group in self.order_groups)
+
+    def order_text(self) -> str:
+        """"a7, a1, a2" for a strict order; tied positions in parentheses: "a7, (a1 = a2 = a3)"."""
+        parts = []
+        for group in self.order_groups:
+            names = [f"a{i}" for i in group]
+            parts.append(names[0] if len(names) == 1 else "(" + " = ".join(names) + ")")
+        return ", ".join(parts) or "-"
 
     def __str__(self) -> str:
         positions = ", ".join(f"a{i}: {_fmt(t)}" for i, t in enumerate(self.position_times, start=1))
-        return "\n".join(
-            [
-                f"phases (n = {self.n}, solved to t = {self.t_end:.4g}, final reward {self.final_reward:.6g}):",
-                f"  escape      (J >= {self.escape_level:.4g}): t = {_fmt(self.escape)}",
-                f"  emergence   (forward > 0.5 everywhere):   t = {_fmt(self.emergence)}",
-                f"  traversal   (forward > 0.99 everywhere):  t = {_fmt(self.traversal)}",
-                f"  convergence (loss < {self.convergence_loss:g}):          t = {_fmt(self.convergence)}",
-                f"  forward > 0.5 first at: {positions}",
-                f"  learning order (positions): {', '.join(f'a{i}' for i in self.order) or '-'}",
-                f"  late growth of alpha - gamma per unit log t: {_fmt(self.gap_slope)}",
-            ]
-        )
-
-
-def _first_time(ts: np.ndarray, condition: np.ndarray) -> float | None:
-    """The first saved time at which ``condition`` holds, None if never."""
-    hits = np.flatnonzero(condition)
-    return float(ts[hits[0]]) if hits.size else None
-
-
-def _grid_hit(ts: np.ndarray, reward: np.ndarray, level: float) -> float | None:
-    """First crossing of ``level`` by linear interpolation between saves (the non-exact read-off)."""
-    hits = np.flatnonzero(reward >= level)
-    if not hits.size:
-        return None
-    k = hits[0]
-    if k == 0:
-        return float(ts[0])
-    r0, r1 = reward[k - 1], reward[k]
-    return float(ts[k - 1] + (level - r0) / (r1 - r0) * (ts[k] - ts[k - 1]))
+        how = "root-found on the solution" if self.exact else "interpolated between saves"
+        lines = [
+            f"phases (n = {self.n}, solved to t = {self.t_end:.4g}, final reward {self.final_reward:.6g}; times {how}):",
+            f"  escape      (J >= {self.escape_level:.4g}): t = {_fmt(self.escape)}",
+            f"  emergence   (forward > 0.5 everywhere):   t = {_fmt(self.emergence)}",
+            f"  traversal   (forward > 0.99 everywhere):  t = {_fmt(self.traversal)}",
+            f"  convergence (loss < {self.convergence_loss:g}):          t = {_fmt(self.convergence)}",
+            f"  forward > 0.5 first at: {positions}",
+            f"  learning order (positions; ties within {self.order_rtol:g} relative in parentheses): {self.order_text()}",
+            f"  late growth of alpha - gamma per unit log t: {_fmt(self.gap_slope)}",
+        ]
+        if self.ceiling < 1.0:
+            lines.append(f"  reward ceiling of this model: {self.ceiling:.6g}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
 
 
 def late_gap_slope(trajectory: Trajectory, fraction: float = 1.0 / 3.0) -> float | None:
     """Least-squares slope of alpha - gamma against log t over the last ``fraction`` of the log-t range."""
-    fraction = _check_fraction("fraction", fraction, 0.0, 1.0 + 1e-12)
+    fraction = check_fraction("fraction", fraction, 0.0, 1.0, inclusive=True)
+    if fraction == 0.0:
+        raise ValueError("fraction must lie in (0, 1], got 0.0")
     ts = np.asarray(trajectory.ts, dtype=float)
     gap = np.asarray(trajectory.theta[:, 0] - trajectory.theta[:, 2], dtype=float)
     keep = (ts > 0) & np.isfinite(gap)
@@ -260,6 +473,102 @@ def late_gap_slope(trajectory: Trajectory, fraction: float = 1.0 / 3.0) -> float
     return float(np.polyfit(log_t[late], gap[late], 1)[0])
 
 
+def _readouts(params: FlowParams, y: jnp.ndarray) -> jnp.ndarray:
+    """What phases root-finds, at one theta (5,): [forward | move at a_1..a_{n-1}, their min, J].
+
+    The same read-outs the trajectory saved (``gradflow.flow.metrics_at``), so brackets and roots agree.
+    """
+    from gradflow import flow
+
+    metrics = flow.metrics_at(params, y)
+    forward = metrics["forward_prob"]
+    return jnp.concatenate([forward, jnp.min(forward)[None], jnp.asarray(metrics["reward"])[None]])
+
+
+def _phase_crossings(params: FlowParams, ts, thetas, table, columns, levels):
+    """For each (column, level): the first time read-out ``column`` reaches ``level``, root-found.
+
+    ``gradflow.flow._crossing`` per request (bracket on the saves, dense re-solve of the bracket in
+    the config's own time variable, bisection), vmapped over the requests: one compilation per
+    structure for every position, emergence, traversal and the reward events together.
+    """
+    from gradflow import flow
+
+    def one(column, level):
+        quantity = lambda y: _readouts(params, y)[column]
+        return flow._crossing(params, ts, thetas, table[:, column], level, quantity, LOCAL_MAX_STEPS)
+
+    return jax.vmap(one)(columns, levels)
+
+
+def _root_times(trajectory: Trajectory, requests: list[tuple[int, float]], exact: bool) -> list[float | None]:
+    """First time each read-out column reaches its level (``requests``: (column, level) pairs).
+
+    Columns: 0..n-2 the forward probability given a move at a_1..a_{n-1}, n-1 its minimum, n the
+    reward.  A read-out already at its level at the first save gives that time.  With ``exact`` the
+    crossing is root-found on the solution (``_phase_crossings``, all requests in one call);
+    otherwise it is interpolated linearly between saves (``gradflow._series.first_crossing``).
+    """
+    from gradflow import flow
+
+    ts = np.asarray(trajectory.ts, dtype=float)
+    forward = np.asarray(trajectory.forward_prob, dtype=float)
+    reward = np.asarray(trajectory.reward, dtype=float)
+    table = np.concatenate([forward, np.min(forward, axis=1, keepdims=True), reward[:, None]], axis=1)
+    valid = np.isfinite(ts) & np.all(np.isfinite(table), axis=1)
+    out: list[float | None] = [None] * len(requests)
+    if not valid.any():
+        return out
+    first = int(np.flatnonzero(valid)[0])
+    pending = []
+    for index, (column, level) in enumerate(requests):
+        column_values = np.where(valid, table[:, column], np.nan)
+        if not (column_values[valid] >= level).any():
+            continue
+        if column_values[first] >= level:
+            out[index] = float(ts[first])
+        elif exact:
+            pending.append(index)
+        else:
+            out[index] = first_crossing(ts, column_values, level)
+    if not pending:
+        return out
+    columns = np.array([c for c, _ in requests])
+    levels = np.array([lv for _, lv in requests], dtype=float)
+    args = (
+        trajectory.config,
+        jnp.asarray(np.where(valid, ts, np.nan)),
+        jnp.asarray(np.nan_to_num(np.asarray(trajectory.theta, dtype=float))),
+        jnp.asarray(np.where(valid[:, None], table, np.nan)),
+        jnp.asarray(columns),
+        jnp.asarray(levels),
+    )
+    compiled, _ = flow._compiled("phases", _phase_crossings, args)
+    times, reached, resolved = jax.device_get(compiled(*args))
+    for index in pending:
+        if not resolved[index]:
+            raise RuntimeError(
+                f"phases: the dense re-solve of the bracket of read-out {requests[index]} needs more than "
+                f"{LOCAL_MAX_STEPS} steps; save more times (FlowParams.save_ts)"
+            )
+        out[index] = float(times[index]) if reached[index] else None
+    return out
+
+
+def _order_groups(position_times, rtol: float) -> tuple[tuple[int, ...], ...]:
+    """Positions sorted by time, grouped where consecutive times agree within ``rtol`` (relative)."""
+    crossed = sorted((t, i) for i, t in enumerate(position_times, start=1) if t is not None)
+    groups: list[list[int]] = []
+    anchor = None
+    for t, i in crossed:
+        if anchor is not None and abs(t - anchor) <= rtol * max(abs(t), abs(anchor)):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            anchor = t
+    return tuple(tuple(sorted(g)) for g in groups)
+
+
 def phases(
     trajectory: Trajectory,
     escape_fraction: float = 0.1,
@@ -267,51 +576,69 @@ def phases(
     traversal_level: float = 0.99,
     convergence_loss: float = 1e-3,
     exact: bool = True,
+    order_rtol: float = ORDER_RTOL,
 ) -> PhaseReport:
     """Read the phases of THEORY.md section 5 off a solved trajectory; see ``PhaseReport``.
 
-    exact=True root-finds the reward events (escape, convergence) on a dense re-solve of the flow
-    (``Trajectory.t_hit``, one compilation per structure); exact=False interpolates between saves.
+    exact=True root-finds every time (reward events, each position's forward probability, emergence,
+    traversal) on a dense re-solve of the flow between the saves that bracket it, all in one vmapped
+    call (one compilation per structure); exact=False interpolates between saves.  Positions whose
+    times agree within ``order_rtol`` (relative) are reported as tied, not ordered.  Capped models and
+    softmax attention are accepted; a reward level above the model's ceiling (``max_reward``) is
+    reported in ``warnings`` (and warned) instead of silently never being reached.
     """
     if not isinstance(trajectory, Trajectory):
         raise ValueError(f"trajectory must be a gradflow.flow.Trajectory, got {type(trajectory).__name__}")
-    escape_fraction = _check_fraction("escape_fraction", escape_fraction)
-    emergence_level = _check_fraction("emergence_level", emergence_level)
-    traversal_level = _check_fraction("traversal_level", traversal_level)
-    convergence_loss = _check_fraction("convergence_loss", convergence_loss)
+    escape_fraction = check_fraction("escape_fraction", escape_fraction)
+    emergence_level = check_fraction("emergence_level", emergence_level)
+    traversal_level = check_fraction("traversal_level", traversal_level)
+    convergence_loss = check_fraction("convergence_loss", convergence_loss)
+    order_rtol = check_nonnegative("order_rtol", order_rtol)
 
     ts = np.asarray(trajectory.ts, dtype=float)
     reward = np.asarray(trajectory.reward, dtype=float)
     forward = np.asarray(trajectory.forward_prob, dtype=float)
-    valid = np.isfinite(reward)
+    valid = np.isfinite(reward) & np.isfinite(ts)
     if not valid.any():
         raise ValueError("trajectory holds no finite reward")
-    j0 = float(reward[0])
-    escape_level = j0 + escape_fraction * (1.0 - j0)
-    reached = np.where(valid, reward, -np.inf)
+    config = trajectory.config
+    model = config.model
+    exact_ceiling = model.attention == "linear" and not _is_capped(model)
+    ceiling = 1.0 if exact_ceiling else reward_ceiling(config.task, model).value
+    j0 = float(reward[valid][0])
+    escape_level = j0 + escape_fraction * (ceiling - j0)
+    convergence_level = 1.0 - convergence_loss
+    notes = []
+    if convergence_level >= ceiling:
+        notes.append(reward_ceiling_warning(config, convergence_level) or "")
+        warnings.warn(notes[-1], stacklevel=2)
 
-    def reward_time(level: float) -> float | None:
-        if not (reached >= level).any():
-            return None
-        return trajectory.t_hit(level) if exact else _grid_hit(ts, reached, level)
-
-    safe_forward = np.where(np.isfinite(forward), forward, -np.inf)
-    position_times = tuple(_first_time(ts, safe_forward[:, i] > emergence_level) for i in range(forward.shape[1]))
-    crossed = [(t, i) for i, t in enumerate(position_times, start=1) if t is not None]
+    n_pos = forward.shape[1]
+    requests = [(i, emergence_level) for i in range(n_pos)]
+    requests += [(n_pos, emergence_level), (n_pos, traversal_level), (n_pos + 1, escape_level), (n_pos + 1, convergence_level)]
+    times = _root_times(trajectory, requests, exact)
+    position_times = tuple(times[:n_pos])
+    emergence, traversal, escape, convergence = times[n_pos:]
+    groups = _order_groups(position_times, order_rtol)
     last = int(np.flatnonzero(valid)[-1])
     return PhaseReport(
-        n=trajectory.config.task.n,
+        n=config.task.n,
         t_end=float(ts[last]),
         final_reward=float(reward[last]),
-        escape=reward_time(escape_level),
-        emergence=_first_time(ts, safe_forward.min(axis=1) > emergence_level),
-        traversal=_first_time(ts, safe_forward.min(axis=1) > traversal_level),
-        convergence=reward_time(1.0 - convergence_loss),
+        escape=escape,
+        emergence=emergence,
+        traversal=traversal,
+        convergence=convergence,
         position_times=position_times,
-        order=tuple(i for _, i in sorted(crossed)),
+        order=tuple(i for group in groups for i in group),
         gap_slope=late_gap_slope(trajectory),
         escape_level=escape_level,
         convergence_loss=convergence_loss,
+        order_groups=groups,
+        order_rtol=order_rtol,
+        ceiling=ceiling,
+        exact=exact,
+        warnings=tuple(notes),
     )
 
 
@@ -320,92 +647,155 @@ def phases(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _threshold_solve(params: FlowParams):
-    """Integrate the flow until J = reward_threshold: (stop time, J there, steps taken).
+SWITCH_SPEED = 100.0  # log-time stage hands over to linear time when theta moves this fast per unit log t
 
-    A lean solve (no saves besides the end) whose terminating event is root-found by bisection on
-    the step's interpolant.  Bisection, not Newton: after the long plateau of hardest-only training
-    J rises from 0.5 to 0.9 within a relative time ~1e-6 (n = 14, t ~ 6e8), where Newton does not
-    converge and the reward can only be matched to ~1e-8 (the time to ~1e-12 relative, far below the
-    ODE tolerance).  ``fired`` tells whether the event fired; under vmap, configs whose event did not
-    fire report a meaningless stop time.
+
+def _log_time_vector_field(params: FlowParams):
+    """d theta/ds = (1 + t) grad J at t = e^s - 1: the flow in log time s = log(1 + t)."""
+    return lambda s, y, args: jnp.exp(s) * params.vector_field(jnp.expm1(s), y)
+
+
+def _shifted_time_vector_field(params: FlowParams, origin):
+    """d theta/du = grad J at t = origin + u: linear time measured from ``origin``, so that the solver's
+    time starts at 0 with full float resolution (at t ~ 6e16 one ulp of t is 8, and diffrax's steps
+    there stopped advancing t at all)."""
+    return lambda u, y, args: params.vector_field(origin + u, y)
+
+
+def _stage(params: FlowParams, field, t0, t1, y0, conds):
+    """One diffeqsolve from t0 to t1 (solver time) with terminating events ``conds`` (falling through 0)."""
+    root_finder = optx.Bisection(rtol=1e-14, atol=1e-14, flip=True)
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        SOLVERS[params.solver](),
+        t0,
+        t1,
+        None,
+        y0,
+        saveat=diffrax.SaveAt(t1=True),
+        stepsize_controller=diffrax.PIDController(rtol=params.rtol, atol=params.atol),
+        event=diffrax.Event(conds, root_finder=root_finder),
+        max_steps=params.max_steps,
+        throw=False,
+    )
+
+
+def _learning_solve(params: FlowParams):
+    """Integrate the flow until J = reward_threshold: log time across the plateau, linear time for the rise.
+
+    Returns (stop time t, whether the level was reached, J there, steps taken, solver result code).
+    Stage 1 steps in s = log(1 + t) (d theta/ds = (1 + t) grad J): hardest-only training sits on a
+    plateau for a time exponential in n, which costs a few hundred steps in s (s = 39 at n = 20).
+    It stops when J reaches the level or when theta starts to move fast on the log scale
+    ((1 + t) |grad J| >= SWITCH_SPEED): the rise from 1/2 to 0.9 then takes a relative time as short
+    as 1e-11 (n = 20, t ~ 6e16), below what s resolves at s ~ 40 (one ulp of s is ~1e-14, i.e. 450 in
+    t), so stage 2 continues in linear time u = t - t_switch (from 0, full resolution) to the level.
+    Each event is root-found by bisection on the step interpolant.  Under vmap, configs whose event
+    did not fire report a meaningless stop time.
     """
-    solution = integrate(params, diffrax.SaveAt(t1=True), event=level_event(params, params.reward_threshold))
-    reward = expected_reward(Theta.from_array(solution.ys[-1]), params.task, params.model)
-    return solution.ts[-1], solution.event_mask, reward, solution.stats["num_steps"]
+    level = params.reward_threshold
+    reward = lambda y: _reward(Theta.from_array(y), params.task, params.model)
+    # written to fall through zero with flip=True: under vmap diffrax root-finds every member when
+    # one member's event fires, and the others get t_next - t, which also falls (see flow.level_event)
+    reached = lambda t, y, args, **kwargs: level - reward(y)
+
+    def fast(s, y):  # s = log(1 + t); scaled so the switch is at 0, like the level
+        speed = jnp.exp(s) * jnp.linalg.norm(params.vector_field(jnp.expm1(s), y))
+        return 1.0 - speed / SWITCH_SPEED
+
+    # one condition (diffrax root-finds a single scalar here): the first of the two to fall through 0
+    either = lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), fast(t, y))
+    first = _stage(params, _log_time_vector_field(params), jnp.log1p(params.t0), jnp.log1p(params.t1),
+                   params.theta0.as_array(), either)
+    s_stop, y_first = first.ts[-1], first.ys[-1]
+    t_switch = jnp.expm1(s_stop)
+    switched = first.event_mask & (fast(s_stop, y_first) < level - reward(y_first))
+    done = ~switched  # the level was reached, t1 came first, or the solve failed
+    # stage 2 in linear time (a zero-length span for the configs that are done)
+    t_start = jnp.where(done, params.t1, jnp.minimum(t_switch, params.t1))
+    second = _stage(params, _shifted_time_vector_field(params, t_start), 0.0, params.t1 - t_start, y_first, reached)
+    t_stop = jnp.where(done, t_switch, t_start + second.ts[-1])
+    fired = jnp.where(done, first.event_mask, second.event_mask)
+    y_stop = jnp.where(done, y_first, second.ys[-1])
+    steps = first.stats["num_steps"] + jnp.where(done, 0, second.stats["num_steps"])
+    result = jnp.where(done, first.result._value, second.result._value)
+    return t_stop, fired, reward(y_stop), steps, result
 
 
-_threshold_one = jax.jit(_threshold_solve)
-_threshold_batch = jax.jit(jax.vmap(_threshold_solve))
+_learning_one = jax.jit(_learning_solve)
+_learning_batch = jax.jit(jax.vmap(_learning_solve))
 
 
-def _threshold_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[FlowParams]:
-    level = _check_fraction("level", level)
-    if not (isinstance(t1, (int, float, np.floating, np.integer)) and float(t1) > 0):
-        raise ValueError(f"t1 must be a positive number, got {t1!r}")
-    if not isinstance(model, ModelSpec):
-        raise ValueError(f"model must be a gradflow.ModelSpec, got {type(model).__name__}")
-    if not isinstance(theta0, Theta):
-        raise ValueError(f"theta0 must be a gradflow.Theta, got {type(theta0).__name__}")
+def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[FlowParams]:
+    level = check_fraction("level", level)
+    if not (isinstance(t1, (int, float, np.floating, np.integer)) and math.isfinite(float(t1)) and float(t1) > 0):
+        raise ValueError(f"t1 must be a positive finite number, got {t1!r}")
+    model = _model_or_default(model)
+    theta0 = _theta_or_default(theta0)
     for key in ("task", "model", "theta0", "t1", "reward_threshold", "stop_at"):
         if key in flow_kwargs:
             raise ValueError(f"{key} is set by learning_time itself; do not pass it in flow_kwargs")
-    return [
-        FlowParams(
-            task=task,
-            model=model,
-            theta0=theta0,
-            t1=float(t1),
-            reward_threshold=level,
-            stop_at="threshold",
-            **flow_kwargs,
-        )
+    configs = [
+        FlowParams(task=task, model=model, theta0=theta0, t1=float(t1), reward_threshold=level, stop_at="threshold", **flow_kwargs)
         for task in tasks
     ]
+    for cfg in configs:
+        if float(cfg.t0) <= -1.0:
+            raise ValueError(f"t0 must be > -1 (the solve runs in s = log(1 + t)), got {float(cfg.t0)}")
+    return configs
 
 
-def _interpret(params: FlowParams, t_stop, fired, reward, num_steps) -> float | None:
+def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> float | None:
     level = float(params.reward_threshold)
     if bool(fired):
         return float(t_stop)
     if int(num_steps) >= params.max_steps:
         raise RuntimeError(
             f"the flow at n = {params.task.n} took max_steps = {params.max_steps} steps before reaching "
-            f"reward {level} (stopped at J = {float(reward):.6g}): raise max_steps or loosen rtol/atol"
+            f"reward {level} (stopped at t = {float(t_stop):.6g}, J = {float(reward):.6g}): raise max_steps or loosen rtol/atol"
+        )
+    if int(result) != 0:
+        raise RuntimeError(
+            f"the flow at n = {params.task.n} failed before reaching reward {level} at t = {float(t_stop):.6g} "
+            f"(diffrax result code {int(result)}, J = {float(reward):.6g})"
         )
     return None
 
 
 def learning_times(
     tasks: Sequence[ChainTask],
-    model: ModelSpec = ModelSpec(),
-    theta0: Theta = DEFAULT_THETA0,
+    model: ModelSpec | None = None,
+    theta0: Theta | None = None,
     level: float = 0.9,
     t1: float = DEFAULT_T1,
     **flow_kwargs,
 ) -> list[float | None]:
-    """``learning_time`` for several tasks; tasks of one n are solved as one vmapped compilation."""
+    """``learning_time`` for several tasks; tasks of one n are solved as one vmapped compilation.
+
+    A level at or above the model's reward ceiling (``max_reward``: a cap or softmax attention) gives
+    None for that task without solving, with a warning.
+    """
     tasks = list(tasks)
     if not tasks or not all(isinstance(t, ChainTask) for t in tasks):
         raise ValueError("tasks must be a non-empty sequence of gradflow.ChainTask")
-    configs = _threshold_configs(tasks, model, theta0, level, t1, flow_kwargs)
+    configs = _learning_configs(tasks, model, theta0, level, t1, flow_kwargs)
     times: list[float | None] = [None] * len(configs)
     groups: dict[int, list[int]] = {}
     for index, cfg in enumerate(configs):
-        groups.setdefault(cfg.task.n, []).append(index)
-    for index, cfg in enumerate(configs):
-        if float(expected_reward(cfg.theta0, cfg.task, cfg.model)) >= float(cfg.reward_threshold):
+        if float(_reward(cfg.theta0, cfg.task, cfg.model)) >= float(cfg.reward_threshold):
             times[index] = float(cfg.t0)
-            groups[cfg.task.n].remove(index)
-    for indices in groups.values():
-        if not indices:
             continue
+        note = reward_ceiling_warning(cfg, float(cfg.reward_threshold))
+        if note is not None:
+            warnings.warn(f"learning_time at n = {cfg.task.n}: {note}", stacklevel=3)
+            continue
+        groups.setdefault(cfg.task.n, []).append(index)
+    for indices in groups.values():
         if len(indices) == 1:
             cfg = configs[indices[0]]
-            out = jax.device_get(_threshold_one(cfg))
-            times[indices[0]] = _interpret(cfg, *out)
+            times[indices[0]] = _interpret(cfg, *jax.device_get(_learning_one(cfg)))
             continue
-        out = jax.device_get(_threshold_batch(stack_configs([configs[i] for i in indices])))
+        out = jax.device_get(_learning_batch(stack_configs([configs[i] for i in indices])))
         for row, index in enumerate(indices):
             times[index] = _interpret(configs[index], *(x[row] for x in out))
     return times
@@ -413,8 +803,8 @@ def learning_times(
 
 def learning_time(
     task: ChainTask,
-    model: ModelSpec = ModelSpec(),
-    theta0: Theta = DEFAULT_THETA0,
+    model: ModelSpec | None = None,
+    theta0: Theta | None = None,
     level: float = 0.9,
     t1: float = DEFAULT_T1,
     **flow_kwargs,
@@ -422,11 +812,15 @@ def learning_time(
     """Flow time at which the reward J first reaches ``level`` starting from ``theta0``; None if not by t1.
 
     Builds ``FlowParams(task, model, theta0, t1=t1, reward_threshold=level, stop_at="threshold",
-    **flow_kwargs)`` and integrates it with a lean event solve (the crossing is root-found by
-    bisection on the step interpolant; the time is then as accurate as the ODE solve, ~1e-5 relative
-    for hardest-only n = 14 at the default rtol 1e-8).  The default t1 = 1e12 covers hardest-only training up to n = 14
-    (~6e8); extra keyword arguments (solver, rtol, atol, coords, max_steps, ...) go to FlowParams.
-    If J(theta0) >= level already, the answer is t0.  RuntimeError if max_steps ran out first.
+    **flow_kwargs)`` (model default ``ModelSpec()``, theta0 default (0.3, 0, 0)) and integrates it in
+    log time s = log(1 + t) (d theta/ds = (1 + t) grad J) across the plateau, then in linear time
+    for the rise (``_learning_solve``); the crossing is root-found by bisection.  Hardest-only
+    training: n = 16 learns at t = 1.973e11, n = 20 at t = 5.907e16 (a few hundred steps each).
+    From n ~ 30 the rise is narrower than what the log-time stage resolves where it hands over
+    (t ~ 1e32: relative width below 1e-20) and the solve raises RuntimeError (steps ran out).
+    Extra keyword arguments (solver, rtol, atol, coords, max_steps, schedule, ...) go to FlowParams.  If J(theta0) >= level already,
+    the answer is t0; a level above the reward ceiling gives None with a warning.  RuntimeError if
+    max_steps ran out first or the solver failed.
     """
     if not isinstance(task, ChainTask):
         raise ValueError(f"task must be a gradflow.ChainTask, got {type(task).__name__}")
@@ -511,8 +905,8 @@ def fit_scaling(ns: Sequence[int], times: Sequence[float | None], level: float =
 def scaling(
     ns: Iterable[int],
     make_task: Callable[[int], ChainTask],
-    model: ModelSpec = ModelSpec(),
-    theta0: Theta = DEFAULT_THETA0,
+    model: ModelSpec | None = None,
+    theta0: Theta | None = None,
     level: float = 0.9,
     t1: float = DEFAULT_T1,
     **flow_kwargs,
@@ -539,32 +933,56 @@ def scaling(
 # ---------------------------------------------------------------------------------------------------
 
 
-def gradient_by_distance(theta: Theta, n: int, model: ModelSpec = ModelSpec()) -> np.ndarray:
+def _task_of(task_or_n, name: str = "task") -> ChainTask:
+    """A ChainTask from a task or a chain length n (then uniform starts: only n matters here)."""
+    if isinstance(task_or_n, ChainTask):
+        return task_or_n
+    if isinstance(task_or_n, (int, np.integer)) and not isinstance(task_or_n, bool):
+        return ChainTask.uniform(check_int("n", task_or_n, 2))
+    raise ValueError(f"{name} must be a gradflow.ChainTask or a chain length n >= 2, got {task_or_n!r}")
+
+
+def success_gradient(theta: Theta, task: ChainTask | int, model: ModelSpec | None = None) -> np.ndarray:
+    """G[d-1, k] = d h_d / d theta_k: the gradient of the success probability of a start at distance d.
+
+    h_d is ``same_side_probability`` (uncapped) or, with ``model.max_len`` set, the capped success
+    probability ``gradflow.capped.success_per_start`` (the own terminal written within max_len
+    tokens).  Columns k in (alpha, beta, gamma, eta, delta) order; rows d = 1..n-1.  ``task`` may be
+    an int n (only n matters: h_d does not depend on the start distribution).  A training
+    distribution p makes grad J = sum_d p[d-1] G[d-1].
+    """
+    task = _task_of(task)
+    model = _model_or_default(model)
+    theta = _theta_or_default(theta, "theta")
+    jac = jax.jacobian(lambda x: _success_per_start(Theta.from_array(x), task, model))(theta.as_array())
+    return np.asarray(jac)
+
+
+def gradient_by_distance(theta: Theta, task: ChainTask | int, model: ModelSpec | None = None) -> np.ndarray:
     """g[d-1] = || d h_d / d theta ||, the gradient norm of the success probability of a start at d.
 
-    h_d = ``same_side_probability`` (one entry per d = 1..n-1), differentiated in the five reduced
-    coordinates (eta, delta carry nothing under linear attention).  A training distribution p makes
-    grad J = sum_d p[d-1] grad h_d, so g[d-1] bounds the signal the starts at d can carry.
+    Arguments in the ``(theta, task, model)`` order of the rest of gradflow; an int n in the task's
+    place still works (only n matters).  h_d as in ``success_gradient`` (capped when
+    ``model.max_len`` is set), differentiated in the five reduced coordinates (eta, delta carry
+    nothing under linear attention).  g[d-1] bounds the signal the starts at d can carry.
     """
-    n = check_int("n", n, 2)
-    if not isinstance(theta, Theta):
-        raise ValueError(f"theta must be a gradflow.Theta, got {type(theta).__name__}")
-    task = ChainTask.uniform(n)
-    jac = jax.jacobian(lambda x: same_side_probability(Theta.from_array(x), task, model))(theta.as_array())
-    return np.linalg.norm(np.asarray(jac), axis=1)
+    if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
+        check_int("n", task, 2)
+    return np.linalg.norm(success_gradient(theta, task, model), axis=1)
 
 
 def extrapolate(
     theta: Theta,
     ns: Iterable[int],
-    model: ModelSpec = ModelSpec(),
+    model: ModelSpec | None = None,
     make_task: Callable[[int], ChainTask] = ChainTask.uniform,
 ) -> dict[int, float]:
     """The reward J of fixed parameters ``theta`` on ``make_task(n)`` for each n (closed form)."""
     if not isinstance(theta, Theta):
         raise ValueError(f"theta must be a gradflow.Theta, got {type(theta).__name__}")
+    model = _model_or_default(model)
     out = {}
     for n in ns:
         n = check_int("ns entry", n, 2)
-        out[n] = float(expected_reward(theta, make_task(n), model))
+        out[n] = float(_reward(theta, make_task(n), model))
     return out

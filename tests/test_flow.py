@@ -28,6 +28,7 @@ def _rk4(vector_field, y0, t1, dt):
     return jnp.concatenate([y0[None], ys])
 
 
+@pytest.mark.slow
 def test_trajectory_matches_fixed_step_rk4():
     save_ts = jnp.array([0.0, 0.5, 1.0, 2.0, 5.0, 10.0])
     params = FlowParams(TASK, t1=10.0, save_ts=save_ts)
@@ -59,6 +60,7 @@ def test_full_coordinates_divide_the_rate_by_orbit_sizes():
     np.testing.assert_allclose(bigger.orbit_sizes(), [29, 29, 29 * 28, 1, 29])
 
 
+@pytest.mark.slow
 def test_constant_schedule_equals_fixed_distribution():
     mixture = gf.ChainTask.mixture(N, 0.3)
 
@@ -166,3 +168,236 @@ def test_events_with_sparse_saves_fall_back_to_a_full_bracket_solve():
     dense = simulate(FlowParams(TASK, t1=1e3), progress=False)
     for name in ("reward_threshold", "converged"):
         assert sparse.events[name] == pytest.approx(dense.events[name], rel=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pure solve, typed configs, schedules as data, batches that stop apart, I/O, errors, read-outs
+# ---------------------------------------------------------------------------------------------------
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import gradflow.flow as flow
+from gradflow.flow import Numerics, Problem, Recording, Solution, hitting_times, solve, solve_many, stack_configs
+
+
+@pytest.mark.parametrize(
+    "solver", [pytest.param(s, marks=pytest.mark.slow) if s in ("dopri8", "kvaerno5") else s for s in sorted(flow.SOLVERS)]
+)
+def test_every_solver_runs_the_default_preset(solver):
+    """Every entry of SOLVERS solves the default preset and agrees with tsit5 on t_hit(0.9) to 1e-6."""
+    preset = lambda name: FlowParams(gf.ChainTask.uniform(8), t1=1e4, solver=name, stop_at="threshold")
+    reference, other = hitting_times([preset("tsit5"), preset(solver)])
+    assert other == pytest.approx(reference, rel=1e-6)
+
+
+def _target_config(start_probs, tau, t1=1.5):
+    """Train on ``start_probs`` at n = N; record J on the hardest start (a task other than the training one)."""
+    return FlowParams(gf.ChainTask(N, start_probs), gf.ModelSpec(tau=tau), t1=t1, save_ts=jnp.array([0.0, t1]),
+                      events=(), readouts=False, eval_tasks={"target": gf.ChainTask.hardest(N)})
+
+
+def test_target_reward_derivatives_through_the_whole_solve_match_finite_differences():
+    """d J_target(t1) / d start_probs and d / d tau through solve, against central differences of re-solved flows."""
+    probs, tau = np.asarray(TASK.start_probs), 0.2
+    target = lambda p, s: solve(_target_config(p, s)).eval_reward["target"][-1]
+    grad_p, grad_tau = jax.jit(jax.grad(target, argnums=(0, 1)))(jnp.asarray(probs), jnp.asarray(tau))
+    solved = lambda p, s: float(solve(_target_config(p, s)).eval_reward["target"][-1])
+    h = 1e-5
+    for k in (0, N - 2):  # perturb along directions that stay on the simplex: mass from d = 2 to d = k+1
+        e = np.zeros(N - 1)
+        e[k], e[1] = 1.0, -1.0
+        fd = (solved(probs + h * e, tau) - solved(probs - h * e, tau)) / (2 * h)
+        assert float(grad_p @ e) == pytest.approx(fd, rel=1e-4), k
+    fd_tau = (solved(probs, tau + h) - solved(probs, tau - h)) / (2 * h)
+    assert float(grad_tau) == pytest.approx(fd_tau, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_solve_vmaps_and_equals_the_batched_solve():
+    configs = [_target_config(np.asarray(gf.ChainTask.mixture(N, c).start_probs), 0.2) for c in (0.2, 0.7)]
+    batched = solve_many(configs)
+    vmapped = jax.jit(jax.vmap(solve))(stack_configs(configs))
+    assert isinstance(batched, Solution) and batched.theta.shape == (2, 2, 5)
+    np.testing.assert_allclose(vmapped.eval_reward["target"], batched.eval_reward["target"], rtol=1e-12)
+
+
+def test_configs_that_stop_apart_share_one_batch():
+    """Issue 12.4: one config stops at its event, one reaches t1 first, one never reaches it; each alone works."""
+    task = gf.ChainTask.uniform(8)
+    configs = [FlowParams(task, t1=1e4, stop_at="threshold"), FlowParams(task, t1=1.0, stop_at="threshold")]
+    batch = simulate_many(configs)
+    alone = [simulate(c, progress=False) for c in configs]
+    assert batch[0].events["reward_threshold"] == pytest.approx(alone[0].events["reward_threshold"], rel=1e-9)
+    assert batch[1].events["reward_threshold"] is None and alone[1].events["reward_threshold"] is None
+    assert np.nanmax(batch[1].ts) == 1.0 and np.nanmax(batch[0].ts) == pytest.approx(1.4648, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_hitting_times_are_the_threshold_events():
+    full = simulate(FlowParams(TASK, t1=100.0), progress=False)
+    times = hitting_times([FlowParams(TASK, t1=100.0, stop_at="threshold"), FlowParams(TASK, t1=0.1, stop_at="threshold")])
+    assert times[0] == pytest.approx(full.events["reward_threshold"], rel=1e-7) and times[1] is None
+
+
+@pytest.mark.slow
+def test_log_time_reaches_far_horizons_in_few_steps():
+    """time_scale="log" steps in s = log(1 + t): the same learning time, and t = 1e40 in a few hundred steps."""
+    hardest = gf.ChainTask.hardest(8)
+    linear = hitting_times([FlowParams(hardest, t1=1e4, stop_at="threshold")])[0]
+    logged = hitting_times([FlowParams(hardest, t1=1e4, stop_at="threshold", time_scale="log")])[0]
+    assert logged == pytest.approx(linear, rel=1e-6)
+    far = simulate(FlowParams(TASK, t1=1e40, time_scale="log"), progress=False)
+    assert far.stats["num_steps"] < 2000 and far.ts[-1] == 1e40 and far.reward[-1] > 0.99999
+
+
+@pytest.mark.slow
+def test_eval_tasks_are_recorded_at_every_save():
+    hardest = gf.ChainTask.hardest(N)
+    trajectory = simulate(FlowParams(TASK, t1=30.0, eval_tasks={"hardest": hardest}), progress=False)
+    expected = [gf.expected_reward(gf.Theta.from_array(x), hardest, gf.ModelSpec()) for x in trajectory.theta[::40]]
+    np.testing.assert_allclose(trajectory.eval_reward["hardest"][::40], expected, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_t_hit_of_any_read_out_is_a_root():
+    trajectory = simulate(FlowParams(TASK, t1=100.0), progress=False)
+    for quantity, level, index in (("traversal_prob", 0.5, None), ("forward_prob", 0.8, 2), ("expected_length", 4.0, None)):
+        t = trajectory.t_hit(level, quantity, index)
+        at_t = simulate(FlowParams(TASK, t1=t, save_ts=jnp.array([0.0, t])), progress=False)
+        value = getattr(at_t, quantity)[-1]
+        value = value if index is None else value[index]
+        assert abs(value - level) < 1e-7 * max(1.0, level), (quantity, value)
+
+
+def test_parts_and_flat_keywords_are_one_config():
+    flat = FlowParams(TASK, gf.ModelSpec(tau=0.3), (0.2, 0.0, 0.0), t1=50.0, solver="dopri5", save_ts=[0.0, 50.0])
+    parts = FlowParams(problem=Problem(TASK, gf.ModelSpec(tau=0.3), gf.Theta(0.2, 0.0, 0.0), t1=50.0),
+                       numerics=Numerics("dopri5"), recording=Recording(save_ts=[0.0, 50.0]))
+    assert flat.to_dict() == parts.to_dict()
+    assert flat.replace(t1=20.0, save_ts=None).t1 == 20.0 and flat.t1 == 50.0
+    assert FlowParams.from_dict(json.loads(json.dumps(flat.to_dict()))).to_dict() == flat.to_dict()
+
+
+@pytest.mark.slow
+def test_module_schedules_are_traced_round_trip_and_batch():
+    schedules = pytest.importorskip("gradflow.schedules")
+    easy, hard = np.asarray(gf.ChainTask.mixture(N, 0.9).start_probs), np.asarray(gf.ChainTask.hardest(N).start_probs)
+    configs = [FlowParams(TASK, t1=20.0, schedule=schedules.Step(s, easy, hard)) for s in (0.5, 2.0)]
+    before = compilation_count()
+    batch = simulate_many(configs)
+    assert compilation_count() == before + 1
+    single = simulate(configs[1], progress=False)
+    np.testing.assert_allclose(batch[1].theta, single.theta, atol=1e-8)
+    restored = FlowParams.from_dict(json.loads(json.dumps(configs[1].to_dict())))
+    assert restored.to_dict() == configs[1].to_dict() and isinstance(restored.schedule, schedules.Step)
+
+
+@pytest.mark.slow
+def test_new_callable_schedules_do_not_grow_the_cache_forever(monkeypatch):
+    monkeypatch.setattr(flow, "CACHE_SIZE", 1)
+    probs = TASK.start_probs
+    for _ in range(2):
+        simulate(FlowParams(TASK, t1=1.0, save_ts=[0.0, 1.0], events=(), readouts=False, schedule=lambda t: probs), progress=False)
+    assert len(flow._COMPILED) == 1
+
+
+def test_save_is_atomic_and_load_checks_the_arrays(tmp_path):
+    trajectory = simulate(FlowParams(TASK, t1=30.0, eval_tasks={"hardest": gf.ChainTask.hardest(N)}), progress=False)
+    trajectory.save(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.npz"], "no temporary files left behind"
+    loaded = Trajectory.load(tmp_path / "run")
+    np.testing.assert_array_equal(loaded.eval_reward["hardest"], trajectory.eval_reward["hardest"])
+    with np.load(tmp_path / "run.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["reward"] = arrays["reward"][:-1]
+    np.savez(tmp_path / "run.npz", **arrays)
+    with pytest.raises(ValueError, match="reward"):
+        Trajectory.load(tmp_path / "run")
+    (tmp_path / "run.npz").write_bytes(b"PK\x03\x04truncated")
+    with pytest.raises(ValueError, match="run.npz"):
+        Trajectory.load(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(t1=np.inf), "t1"),
+        (dict(t0=-np.inf), "t0"),
+        (dict(save_ts=[0.0, np.nan, 2.0]), "save_ts"),
+        (dict(convergence_loss=1.5), "convergence_loss"),
+        (dict(convergence_loss=0.0), "convergence_loss"),
+        (dict(theta0=(0.3, 0.0)), "theta0"),
+        (dict(theta0="alpha"), "theta0"),
+        (dict(t1="soon"), "t1"),
+        (dict(events=("never",)), "events"),
+        (dict(eval_tasks={"x": gf.ChainTask.uniform(N + 1)}), "eval_tasks"),
+        (dict(time_scale="sqrt"), "time_scale"),
+    ],
+)
+def test_more_bad_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        FlowParams(TASK, **kwargs)
+
+
+def test_theta0_as_numbers_is_accepted():
+    assert FlowParams(TASK, theta0=(0.3, 0.0, 0.0)).to_dict() == FlowParams(TASK, theta0=[0.3, 0, 0, 0, 0]).to_dict()
+
+
+def test_from_dict_names_a_missing_or_unknown_key():
+    good = FlowParams(TASK).to_dict()
+    with pytest.raises(ValueError, match="task"):
+        FlowParams.from_dict({k: v for k, v in good.items() if k != "task"})
+    with pytest.raises(ValueError, match="colour"):
+        FlowParams.from_dict({**good, "colour": "red"})
+    with pytest.raises(ValueError, match="start_probs"):
+        FlowParams.from_dict({**good, "task": {"n": N}})
+    with pytest.raises(ValueError, match="model"):
+        FlowParams.from_dict({**good, "model": {"attention": "linear", "temperature": 1.0}})
+
+
+def test_a_nan_vector_field_is_reported_as_such():
+    nan_probs = lambda t: jnp.full(N - 1, jnp.nan)
+    with pytest.raises(RuntimeError, match="not finite") as error:
+        simulate(FlowParams(TASK, t1=1.0, save_ts=[0.0, 1.0], events=(), readouts=False, schedule=nan_probs, max_steps=2000),
+                 progress=False)
+    assert "max_steps" not in str(error.value)
+
+
+def test_float32_is_refused():
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(RuntimeError, match="float64"):
+            simulate(FlowParams(TASK, t1=2.0), progress=False)
+    finally:
+        jax.config.update("jax_enable_x64", True)
+
+
+_CACHE_PROBE = textwrap.dedent(
+    """
+    import time
+    from jax._src import monitoring
+    hits = []
+    monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+    import gradflow as gf
+    from gradflow.flow import FlowParams, simulate
+    start = time.perf_counter()
+    simulate(FlowParams(gf.ChainTask.uniform(3), t1=5.0, save_ts=[0.0, 5.0], events=(), readouts=False))
+    print(len(hits), time.perf_counter() - start)
+    """
+)
+
+
+def test_persistent_cache_serves_a_second_process(tmp_path):
+    env = {**os.environ, "GRADFLOW_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("GRADFLOW_NO_CACHE", None)
+    run = lambda: subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True, timeout=600)
+    cold, warm = run(), run()
+    assert cold.returncode == 0 and warm.returncode == 0, cold.stderr[-2000:] + warm.stderr[-2000:]
+    cold_hits, cold_s = cold.stdout.split()
+    warm_hits, warm_s = warm.stdout.split()
+    assert int(cold_hits) == 0 and int(warm_hits) >= 1, (cold.stdout, warm.stdout)
+    assert any((tmp_path / "cache").iterdir())

@@ -11,8 +11,8 @@ import pytest
 from conftest import random_theta
 
 import gradflow as gf
-from gradflow.objective import SMALL_SYSTEM, _tri_solve, absorption_solve, dense_length_per_start, dense_same_side_probability
-from gradflow.model import row_scores
+from gradflow._linalg import SMALL_SYSTEM, gth_solve
+from reference import dense_length_per_start, dense_same_side_probability
 
 MODELS = [
     gf.ModelSpec("linear"),
@@ -46,13 +46,14 @@ def test_structured_solve_equals_dense_at_large_n(attention, n):
 
 
 def test_linear_chains_mirror_each_other(rng):
-    """By the a/b symmetry, P(absorbed at a_n | b_i) = 1 - h(a_i) and lengths agree."""
+    """By the a/b symmetry, P(absorbed at a_n | b_i) = 1 - h(a_i): the dense chain from b_i agrees."""
     model, n = gf.ModelSpec("linear", n_isolated=2), 9
-    scores = row_scores(random_theta(rng), n, model)
-    h = absorption_solve(scores, n, model, 0.0, (1.0, 0.0))
-    length = absorption_solve(scores, n, model, 1.0, (0.0, 0.0))
-    np.testing.assert_allclose(h[1], 1.0 - h[0], atol=1e-12)
-    np.testing.assert_allclose(length[1], length[0], rtol=1e-12)
+    theta, task = random_theta(rng), gf.ChainTask.uniform(n)
+    p = np.asarray(gf.transition_matrix(theta, task, model))
+    transient = [v for v in range(2 * n + 2) if v not in (n - 1, 2 * n - 1)]
+    h_all = np.linalg.solve(np.eye(len(transient)) - p[np.ix_(transient, transient)], p[transient, n - 1])
+    h = np.asarray(gf.same_side_probability(theta, task, model))[::-1]  # by position
+    np.testing.assert_allclose(h_all[n - 1 : 2 * n - 2], 1.0 - h, atol=1e-12)
 
 
 @pytest.mark.parametrize("model", MODELS[::2] + [gf.ModelSpec("softmax", n_isolated=3)], ids=str)
@@ -97,7 +98,7 @@ def test_traversal_is_the_product_of_dense_forward_steps(model, rng):
     traversal = gf.traversal_per_start(theta, task, model)
     for d in range(1, n):
         start = n - d
-        p = gf.transition_matrix(theta, n, model, start=start if model.attention == "softmax" else None)
+        p = gf.transition_matrix(theta, task, model, start=start if model.attention == "softmax" else None)
         path = np.prod([p[i - 1, i] for i in range(start, n)])
         assert abs(traversal[d - 1] - path) < 1e-12, f"d={d}: {traversal[d - 1]} vs {path}"
 
@@ -105,14 +106,15 @@ def test_traversal_is_the_product_of_dense_forward_steps(model, rng):
 @pytest.mark.parametrize("model", MODELS, ids=str)
 def test_step_probabilities_are_the_dense_rows(model, rng):
     n, theta = 7, random_theta(rng)
-    steps = gf.step_probabilities(theta, n, model)
+    steps = gf.step_probabilities(theta, gf.ChainTask.uniform(n), model)
+    assert steps.self is steps.stay  # old field name kept as an alias
     p = np.asarray(gf.transition_matrix(theta, n, model))
-    total = steps.forward + steps.backward + steps.self + steps.switch + steps.jump + steps.isolated
+    total = steps.forward + steps.backward + steps.stay + steps.switch + steps.jump + steps.isolated
     np.testing.assert_allclose(total, 1.0, atol=1e-12)
     for i in range(1, n):
         row = p[i - 1]
         assert abs(steps.forward[i - 1] - row[i]) < 1e-12
-        assert abs(steps.self[i - 1] - row[i - 1]) < 1e-12
+        assert abs(steps.stay[i - 1] - row[i - 1]) < 1e-12
         assert abs(steps.backward[i - 1] - (row[i - 2] if i >= 2 else 0.0)) < 1e-12
         assert abs(steps.switch[i - 1] - row[n : 2 * n].sum()) < 1e-12
         assert abs(steps.isolated[i - 1] - row[2 * n :].sum()) < 1e-12
@@ -140,23 +142,39 @@ def test_history_context_is_refused_by_the_closed_form():
         gf.expected_reward(gf.Theta(0.3, 0, 0), gf.ChainTask.uniform(4), gf.ModelSpec("softmax", context="history"))
 
 
-@pytest.mark.parametrize("n_rows", [1, 7, SMALL_SYSTEM + 9])  # unrolled elimination, and one block system
+@pytest.mark.parametrize("n_rows", [1, SMALL_SYSTEM, 40])  # written-out elimination, and the scans
 def test_batched_tridiagonal_solves_equal_dense_solves(n_rows, rng):
-    """vmap of the tridiagonal solve (both batch rules, nested vmaps, unbatched operands) = dense solves."""
+    """vmap of the GTH solve (nested vmaps, an unbatched operand, couplings of both signs) = dense solves."""
     batch, inner = 3, 2
     lower, upper = rng.normal(size=(2, batch, inner, n_rows))
-    diag = np.abs(lower) + np.abs(upper) + rng.uniform(0.1, 1.0, size=(batch, inner, n_rows))  # dominant rows
+    lower[..., 0], upper[..., -1] = 0.0, 0.0
+    excess = rng.uniform(0.1, 1.0, size=(batch, inner, n_rows))
     rhs = rng.normal(size=(n_rows, 3))  # shared by every system: an unbatched operand
-    solve = jax.vmap(jax.vmap(_tri_solve, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))
-    x = np.asarray(solve(lower, diag, upper, rhs))
+    solve = jax.vmap(jax.vmap(lambda *a: gth_solve(*a)[0], in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))
+    x = np.asarray(solve(excess, lower, upper, rhs))
     for b in range(batch):
         for i in range(inner):
-            dense = np.diag(diag[b, i]) + np.diag(lower[b, i, 1:], -1) + np.diag(upper[b, i, :-1], 1)
+            diag = excess[b, i] + np.abs(lower[b, i]) + np.abs(upper[b, i])
+            dense = np.diag(diag) - np.diag(lower[b, i, 1:], -1) - np.diag(upper[b, i, :-1], 1)
             np.testing.assert_allclose(x[b, i], np.linalg.solve(dense, rhs), rtol=1e-10, atol=1e-12)
 
 
+def test_padded_rows_are_exact_no_ops(rng):
+    """A row with excess 1, couplings 0 and rhs 0 after the last row changes nothing (issue 17 padding)."""
+    n_rows, pad = 9, 4
+    lower, upper = rng.uniform(0, 1, size=(2, n_rows))
+    lower[0], upper[-1] = 0.0, 0.0
+    excess, rhs = rng.uniform(0.1, 1.0, size=n_rows), rng.uniform(size=(n_rows, 2))
+    x = np.asarray(gth_solve(excess, lower, upper, rhs)[0])
+    padded = [np.concatenate([v, fill * np.ones(pad)]) for v, fill in ((excess, 1.0), (lower, 0.0), (upper, 0.0))]
+    y = np.asarray(gth_solve(*padded, np.concatenate([rhs, np.zeros((pad, 2))]))[0])
+    np.testing.assert_array_equal(y[:n_rows], x)
+    assert np.all(y[n_rows:] == 0.0)
+
+
 def test_vmapped_solves_side_by_side_do_not_deadlock():
-    """Reward and length of 4000 thetas in one program, on all cores (jaxlib's batched CPU gtsv hung here)."""
+    """Reward and length of 4000 thetas in one program, on all cores: two batched solves side by side
+    (jaxlib's batched CPU gtsv hung here; the GTH scans must not either)."""
     script = (
         "import jax, jax.numpy as jnp, gradflow as gf\n"
         "task, model = gf.ChainTask.uniform(8), gf.ModelSpec()\n"

@@ -1,3 +1,4 @@
+import pytest
 """simulate_many(devices=...) on a 4-device CPU mesh gives the unsharded results (5 configs: padding).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=4 must be set before jax starts, so the check runs
@@ -24,12 +25,17 @@ SCRIPT = textwrap.dedent(
     for a, b in zip(plain, sharded):
         for name in ("theta", "reward", "forward_prob", "expected_length"):
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-14)
-        assert a.events == b.events and a.stats["num_steps"] == b.stats["num_steps"]
+        assert a.events.keys() == b.events.keys(), (a.events, b.events)
+        for key, x in a.events.items():  # root-found times: equal to the event solver's tolerance
+            y = b.events[key]
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-7 * abs(x)), (key, x, y)
+        assert a.stats["num_steps"] == b.stats["num_steps"], (a.stats, b.stats)
     print("SHARDING_OK", [round(float(t.reward[-1]), 6) for t in sharded])
     """
 )
 
 
+@pytest.mark.slow
 def test_sharded_simulate_many_matches_unsharded():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()

@@ -43,6 +43,24 @@ def test_theta_round_trip_and_pytree():
         (lambda: gf.ModelSpec(context="future"), "context"),
         (lambda: gf.Theta.from_array(np.zeros(4)), "theta"),
         (lambda: gf.step_probabilities(gf.Theta(0, 0, 0), 1, gf.ModelSpec()), "n"),
+        # right type, bad value: every public constructor says which field (issue 12.5)
+        (lambda: gf.ChainTask.mixture(8, 0.1, (1.5,)), "easy_steps"),
+        (lambda: gf.ChainTask.mixture(8, 0.1, (1, 1)), "easy_steps"),
+        (lambda: gf.ChainTask.mixture(8, 0.1, ()), "easy_steps"),
+        (lambda: gf.ChainTask.mixture(8, 0.1, (0,)), "easy_steps"),
+        (lambda: gf.ChainTask.mixture(8, 0.1, None), "easy_steps"),
+        (lambda: gf.ChainTask.mixture(8, float("nan")), "easy_mass"),
+        (lambda: gf.ChainTask.mixture(8, "0.1"), "easy_mass"),
+        (lambda: gf.ChainTask.mixture(8.0, 0.1), "n"),
+        (lambda: gf.ChainTask.k_hardest(5, 2.0), "k"),
+        (lambda: gf.ChainTask.k_hardest(5, 0), "k"),
+        (lambda: gf.ChainTask.k_hardest(5, 5), "k"),
+        (lambda: gf.ChainTask.hardest(True), "n"),
+        (lambda: gf.ChainTask(3, [np.nan, 1.0]), "start_probs"),
+        (lambda: gf.ChainTask(3, [np.inf, 0.0]), "start_probs"),
+        (lambda: gf.ChainTask(3, "ab"), "start_probs"),
+        (lambda: gf.ChainTask(3, None), "start_probs"),
+        (lambda: gf.ChainTask(3, [[0.5, 0.5]]), "start_probs"),
     ],
 )
 def test_bad_input_names_the_field(build, field):
@@ -52,3 +70,16 @@ def test_bad_input_names_the_field(build, field):
 
 def test_probabilities_within_tolerance_are_accepted():
     gf.ChainTask(3, [0.5, 0.5 + 5e-10])
+
+
+def test_presets_accept_numpy_integers():
+    np.testing.assert_allclose(gf.ChainTask.mixture(np.int64(5), 0.2, np.array([1, 2])).start_probs, [0.1, 0.1, 0, 0.8])
+    np.testing.assert_allclose(gf.ChainTask.mixture(5, 0.2, 2).start_probs, [0, 0.2, 0, 0.8])  # one distance
+    np.testing.assert_allclose(gf.ChainTask.k_hardest(5, np.int32(2)).start_probs, [0, 0, 0.5, 0.5])
+
+
+def test_task_under_vmap_is_not_checked_numerically():
+    """Inside vmap the numbers are tracers: the checks look at shapes only and the task still builds."""
+    probs = jnp.array([[0.5, 0.5], [0.2, 0.8]])
+    out = jax.vmap(lambda p: gf.ChainTask(3, p).start_probs.sum())(probs)
+    np.testing.assert_allclose(out, [1.0, 1.0])

@@ -3,7 +3,8 @@
 Reference numbers quoted from THEORY.md come from an independent implementation; its learning times
 were read on a log grid of ratio 1.14, so each is at most ~14% above the true time.  The default run
 compiles the flow at n = 4, 8 (full trajectories) and the threshold solve at n = 6, 8, 10; the
-slow tests (``pytest -m slow``) extend the scaling claims to n = 4..14.
+slow tests (``pytest -m slow``) extend the scaling claims to n = 4..14 and the hardest-only
+learning time to n = 20, 30, 40 (log-time solve on the exact closed form).
 """
 
 import math
@@ -81,7 +82,8 @@ def fast_scaling():
 
 
 def test_gradient_decays_geometrically_with_distance_at_base_model():
-    norms = theory.gradient_by_distance(BASE, 8, MODEL)
+    norms = theory.gradient_by_distance(BASE, ChainTask.hardest(8), MODEL)  # (theta, task, model)
+    assert np.array_equal(norms, theory.gradient_by_distance(BASE, 8, MODEL)), "an int n must give the same"
     quoted = np.array([0.87, 0.26, 0.065, 0.015, 3.3e-3, 6.9e-4, 1.4e-4])
     assert np.allclose(norms, quoted, rtol=0.05), f"gradient norms by d = 1..7: {norms}, THEORY {quoted}"
     ratios = norms[1:] / norms[:-1]
@@ -107,6 +109,7 @@ def test_distance_one_position_learns_first(uniform8):
     report = theory.phases(uniform8)
     first = report.order[0]
     assert first == 7, f"learning order {report.order}: the position next to the terminal (a7) should lead"
+    assert report.order_groups[0] == (7,), f"a7 must lead alone, not tied: {report.order_groups}"
     assert report.position_times[6] < report.escape, (
         f"a7 crosses 0.5 at t = {report.position_times[6]}, before the escape at t = {report.escape}"
     )
@@ -188,6 +191,7 @@ def test_slow_walk_earns_the_reward_with_long_chains_of_thought(uniform8):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hardest_only_learning_time_grows_exponentially(fast_scaling):
     fit = fast_scaling["hardest"]
     ratios = fit.ratios()
@@ -197,6 +201,7 @@ def test_hardest_only_learning_time_grows_exponentially(fast_scaling):
     assert _on_grid(fit.times[1], THEORY_TIMES[8][1]), f"T(n = 8) = {fit.times[1]}, THEORY {THEORY_TIMES[8][1]}"
 
 
+@pytest.mark.slow
 def test_easy_mass_makes_learning_time_polynomial(fast_scaling):
     fit, more = fast_scaling[0.1], fast_scaling[0.3]
     assert fit.degree <= 2 and fit.better == "power", str(fit)
@@ -228,6 +233,21 @@ def test_hardest_only_exponential_up_to_n14():
 
 
 @pytest.mark.slow
+def test_hardest_only_learning_time_far_past_1e12():
+    # log-time solve on the exact closed form (the true plateau gradient at n = 20 is ~1e-19); the
+    # two solves before (t in one piece, round-off gradients) gave nothing past n ~ 16
+    t16 = theory.learning_time(ChainTask.hardest(16), t1=1e100)
+    t20 = theory.learning_time(ChainTask.hardest(20), t1=1e100)
+    assert t16 == pytest.approx(1.9732965820e11, rel=1e-6), t16
+    assert t20 == pytest.approx(5.907495184e16, rel=1e-6), t20
+    fit = theory.fit_scaling([8, 12, 14, 16, 20], [170.5, 2.297e6, 5.609e8, t16, t20])
+    assert fit.better == "exponential" and 2.5 < fit.rate < 3.1, str(fit)
+    # the local rate d log T / dn keeps growing: 2.38 (n 8-12), 2.75, 2.93, 3.15 (n 16-20)
+    local = np.diff(np.log([170.5, 2.297e6, 5.609e8, t16, t20])) / np.diff([8, 12, 14, 16, 20])
+    assert np.all(np.diff(local) > 0), local
+
+
+@pytest.mark.slow
 def test_learning_time_raises_when_max_steps_run_out():
     with pytest.raises(RuntimeError, match="max_steps"):
         theory.learning_time(ChainTask.hardest(8), max_steps=20)
@@ -247,6 +267,187 @@ def test_easy_mass_polynomial_up_to_n14():
             quoted_uniform, _, quoted_mixture = THEORY_TIMES[n]
             assert _on_grid(t_uniform, quoted_uniform), f"uniform n = {n}: {t_uniform} vs {quoted_uniform}"
             assert _on_grid(t_mixture, quoted_mixture), f"mixture n = {n}: {t_mixture} vs {quoted_mixture}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact read-outs: learning times in log time, phase times root-found on the solution
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_log_time_learning_time_matches_the_flow_event(uniform8):
+    # the flow steps in t and root-finds its event; learning_time steps in s = log(1 + t)
+    t = theory.learning_time(ChainTask.uniform(8))
+    event = uniform8.events["reward_threshold"]
+    assert abs(t / event - 1) < 1e-6, f"learning_time {t} vs the flow's event {event}"
+
+
+def test_position_times_are_root_found_not_read_off_the_saves(uniform8):
+    report = theory.phases(uniform8)
+    saves = set(np.asarray(uniform8.ts).tolist())
+    assert not saves & set(report.position_times), f"a position time is a save time: {report.position_times}"
+    # a7: the root of the forward probability, as Trajectory.t_hit root-finds it
+    t7 = uniform8.t_hit(0.5, quantity="forward_prob", index=6)
+    assert abs(report.position_times[6] / t7 - 1) < 1e-8, f"a7: phases {report.position_times[6]}, t_hit {t7}"
+    # emergence is when the last position crosses; the grid read-off is only close to it
+    assert report.emergence == pytest.approx(max(report.position_times), rel=1e-8), str(report)
+    grid = theory.phases(uniform8, exact=False)
+    assert np.allclose(grid.position_times, report.position_times, rtol=0.02), f"{grid.position_times}"
+    # the interior positions a3..a6 have identical rows under linear attention (same logits), so
+    # they cross at the same time: the report ties them instead of inventing an order
+    assert report.order_groups == ((7,), (1,), (3, 4, 5, 6), (2,)), str(report)
+    assert np.ptp(uniform8.forward_prob[:, 2:6], axis=1).max() < 1e-12, "a3..a6 identical at every save"
+    assert "a7, a1, (a3 = a4 = a5 = a6), a2" in str(report), str(report)
+
+
+def test_learning_order_claims_only_what_the_times_resolve():
+    groups = theory._order_groups((3.0, 1.0, 1.0 + 1e-9, None, 2.0), 1e-6)
+    assert groups == ((2, 3), (5,), (1,)), groups
+    assert theory._order_groups((3.0, 1.0, 1.0 + 1e-9, None, 2.0), 0.0) == ((2,), (3,), (5,), (1,))
+    report = theory.PhaseReport(
+        n=6, t_end=10.0, final_reward=0.99, escape=1.0, emergence=3.0, traversal=None, convergence=None,
+        position_times=(3.0, 1.0, 1.0 + 1e-9, None, 2.0), order=(2, 3, 5, 1), gap_slope=None,
+        escape_level=0.6, convergence_loss=1e-3, order_groups=groups,
+    )
+    assert "(a2 = a3), a5, a1" in str(report) and not report.order_is_strict, str(report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reward ceiling (issue 14.7)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_max_reward_linear_attention_exact():
+    assert theory.max_reward(ChainTask.uniform(8)) == 1.0
+    # a cap of 4 tokens: starts at d > 4 can never succeed; the others reach 1 by forward traversal
+    assert theory.max_reward(ChainTask.uniform(8), gf.ModelSpec(max_len=4)) == pytest.approx(4 / 7, rel=1e-15)
+    assert theory.max_reward(ChainTask.hardest(8), gf.ModelSpec(max_len=7)) == 1.0
+    assert theory.max_reward(ChainTask.hardest(8), gf.ModelSpec(max_len=6)) == 0.0
+    # n = 2 with self-loops: the self-loop and the step to a_2 share the logit alpha for every theta
+    assert theory.max_reward(ChainTask.uniform(2), gf.ModelSpec(max_len=3, mask_self=False)) == pytest.approx(7 / 8)
+    two = gf.ModelSpec(max_len=3, mask_self=False)
+    assert float(gf.expected_reward(gf.Theta(30.0, 0.0, -30.0), ChainTask.uniform(2), two)) == pytest.approx(7 / 8, abs=1e-12)
+
+
+def test_max_reward_capped_linear_against_brute_force():
+    task, model = ChainTask.uniform(6), gf.ModelSpec(max_len=4, mask_self=False)
+    ceiling = theory.max_reward(task, model)
+    assert ceiling == pytest.approx(4 / 5)
+    best, theta = theory._numerical_max_reward(task, model, n_starts=3)
+    assert ceiling - 1e-3 < best <= ceiling + 1e-12, f"numerical maximum {best} at {theta}, ceiling {ceiling}"
+
+
+def test_softmax_ceiling_is_the_alpha_limit():
+    task = ChainTask.uniform(8)
+    soft = gf.ModelSpec(attention="softmax", tau=0.2)
+    ceiling = theory.reward_ceiling(task, soft)
+    assert ceiling.exact and ceiling.value == pytest.approx(0.8381807686, abs=1e-10), str(ceiling)
+    # the limit is approached from finite theta (alpha -> +inf, the rest finite)
+    assert float(gf.expected_reward(gf.Theta(40.0, 0.0, 0.0), task, soft)) == pytest.approx(ceiling.value, abs=1e-12)
+    assert theory.max_reward(task, gf.ModelSpec(attention="softmax", tau=0.1)) == pytest.approx(0.99855029677, abs=1e-10)
+    assert theory.max_reward(task, gf.ModelSpec(attention="softmax", tau=1 / 20)) > 0.9999999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n, tau, mask_self", [(8, 0.2, True), (5, 0.1, False), (6, 1 / 20, True)])
+def test_softmax_ceiling_no_theta_beats_it(n, tau, mask_self):
+    # a brute-force multi-start maximisation over all five numbers never beats the alpha -> inf limit
+    task = ChainTask.mixture(n, 0.3)
+    soft = gf.ModelSpec(attention="softmax", tau=tau, mask_self=mask_self)
+    ceiling = theory.reward_ceiling(task, soft)
+    best, theta = theory._numerical_max_reward(task, soft, n_starts=6, seed=n)
+    assert ceiling.value - 1e-7 < best <= ceiling.value + 1e-12, f"numerical {best} at {theta} vs {ceiling}"
+
+
+@pytest.mark.slow
+def test_capped_softmax_ceiling_numerical():
+    # no closed form: the numerical maximum lies below the uncapped ceiling and approaches it as the cap grows
+    task = ChainTask.uniform(4)
+    uncapped = theory.max_reward(task, gf.ModelSpec(attention="softmax", tau=0.2))
+    short = theory.reward_ceiling(task, gf.ModelSpec(attention="softmax", tau=0.2, max_len=4))
+    long = theory.reward_ceiling(task, gf.ModelSpec(attention="softmax", tau=0.2, max_len=60))
+    assert not short.exact and short.theta is not None, str(short)
+    assert short.value < long.value <= uncapped + 1e-12 and long.value > uncapped - 1e-4, (short, long, uncapped)
+    model = gf.ModelSpec(attention="softmax", tau=0.2, max_len=4)
+    at = float(gf.expected_reward(gf.Theta(*short.theta), task, model))
+    assert at == pytest.approx(short.value, abs=1e-12), "the reported argmax attains the value"
+    rng = np.random.default_rng(1)
+    for x in rng.normal(scale=4.0, size=(20, 5)):
+        assert float(gf.expected_reward(gf.Theta.from_array(x), task, model)) <= short.value + 1e-12
+
+
+def test_reward_ceiling_warning_and_reports():
+    task = ChainTask.uniform(8)
+    soft = gf.ModelSpec(attention="softmax", tau=0.2)
+    message = theory.reward_ceiling_warning(task, 0.9, soft)
+    assert message is not None and "0.838181" in message and "softmax" in message, message
+    assert theory.reward_ceiling_warning(task, 0.8, soft) is None
+    assert theory.reward_ceiling_warning(task, 0.9, gf.ModelSpec(attention="softmax", tau=1 / 20)) is None
+    assert theory.reward_ceiling_warning(FlowParams(task), 0.999999) is None
+    assert "max_len = 4" in theory.reward_ceiling_warning(task, 0.6, gf.ModelSpec(max_len=4))
+    with pytest.warns(UserWarning, match="ceiling"):
+        assert theory.learning_time(task, soft, level=0.9) is None
+    report = theory.check_conditions(FlowParams(task, gf.ModelSpec(max_len=4)))
+    assert report.ceiling == pytest.approx(4 / 7) and report.max_len == 4, str(report)
+    assert "ceiling" in str(report) and "cap 4" in str(report), str(report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finite rollouts at theta = 0 (issue 14.6)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dense_capped_success(theta, n, model, cap):
+    """P(the own terminal a_n within ``cap`` tokens) from a_{n-d}, d = 1..n-1: numpy powers of the
+    token-built transition matrix (independent of gradflow.capped)."""
+    p = np.asarray(gf.transition_matrix(theta, n, model), dtype=float)
+    h = np.zeros(p.shape[0])
+    value = np.zeros(p.shape[0])
+    value[n - 1] = 1.0  # a_n absorbs with reward 1, b_n with 0
+    for _ in range(cap):
+        nxt = p @ np.where(np.isin(np.arange(p.shape[0]), (n - 1, 2 * n - 1)), value, h)
+        h = nxt
+    return h[[n - 1 - d for d in range(1, n)]]
+
+
+# d h_d / d (alpha, beta, gamma) at theta = 0, cap n + 1, self-loops allowed, tau = 0.2: rows d = 1,
+# then d = 2..n-2 (all equal), then d = n-1.  Measured here (4 digits) and checked against finite
+# differences of dense matrix powers below.
+CAPPED_GRADIENT_AT_ZERO = {
+    5: ([0.2377, -0.1556, -0.6719], [-0.0942, -0.1556, -0.3400], [-0.0942, -0.1229, -0.3727]),
+    8: ([0.1505, -0.1055, -0.7698], [-0.0594, -0.1055, -0.5599], [-0.0594, -0.0920, -0.5733]),
+}
+
+
+@pytest.mark.parametrize("n", [5, 8])
+def test_capped_gradient_at_zero_teaches_reaching_a_terminal_not_which(n):
+    from gradflow import capped
+
+    model = gf.ModelSpec(max_len=n + 1, mask_self=False)
+    zero = gf.Theta(0.0, 0.0, 0.0)
+    grad = theory.success_gradient(zero, ChainTask.uniform(n), model)
+    first, middle, last = CAPPED_GRADIENT_AT_ZERO[n]
+    expected = np.array([first] + [middle] * (n - 3) + [last])
+    assert np.allclose(grad[:, :3], expected, atol=6e-5), f"capped d h_d/d theta at 0, n = {n}:\n{grad}"
+    assert np.all(grad[:, 3:] == 0.0), "eta, delta carry nothing under linear attention"
+    # unlike the uncapped gradient, every start carries signal, and for d >= 2 it points down in all
+    # three numbers, gamma most: more weight on degree-1 vertices (the two terminals among them)
+    assert np.all(grad[1:, :3] < -0.05), grad
+    assert np.all(np.abs(grad[1:, 2]) > 3 * np.abs(grad[1:, 0])), grad
+    norms = theory.gradient_by_distance(zero, n, model)
+    assert np.allclose(norms, np.linalg.norm(grad, axis=1)) and np.all(norms > 0.3), norms
+    uncapped = theory.gradient_by_distance(zero, n, gf.ModelSpec(mask_self=False))
+    assert np.all(uncapped[1:] < 1e-12), uncapped
+    # it is exactly half the gradient of reaching *any* terminal within the cap: no a/b information
+    reach = np.asarray(jax.jacobian(lambda x: capped.reach_per_start(gf.Theta.from_array(x), ChainTask.uniform(n), model))(jnp.zeros(5)))
+    assert np.allclose(grad[1:], reach[1:] / 2, atol=1e-12), grad[1:] - reach[1:] / 2
+    # independent check: central differences of dense matrix powers
+    eps = 1e-6
+    for k in range(3):
+        up, down = np.zeros(5), np.zeros(5)
+        up[k], down[k] = eps, -eps
+        fd = (_dense_capped_success(gf.Theta.from_array(up), n, model, n + 1)
+              - _dense_capped_success(gf.Theta.from_array(down), n, model, n + 1)) / (2 * eps)
+        assert np.allclose(grad[:, k], fd, atol=1e-8), f"component {k}: {grad[:, k]} vs dense {fd}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,6 +550,12 @@ def test_scaling_fit_on_exact_laws():
         (lambda: theory.scaling([4, 5], lambda n: ChainTask.hardest(4)), "make_task"),
         (lambda: theory.fit_scaling([4, 6], [1.0, 2.0]), "times"),
         (lambda: theory.gradient_by_distance(BASE, 1), "n"),
+        (lambda: theory.gradient_by_distance(BASE, "task"), "task"),
+        (lambda: theory.reward_ceiling("task"), "task"),
+        (lambda: theory.reward_ceiling(ChainTask.uniform(4), "model"), "model"),
+        (lambda: theory.reward_ceiling_warning("config", 0.9), "config"),
+        (lambda: theory.reward_ceiling_warning(ChainTask.uniform(4), 1.5), "level"),
+        (lambda: theory.learning_time(ChainTask.uniform(4), theta0=(0.3, 0.0, 0.0)), "theta0"),
         (lambda: theory.extrapolate(BASE, [1]), "ns"),
     ],
 )
@@ -362,3 +569,11 @@ def test_phases_rejects_bad_levels(short4):
         theory.phases(short4, escape_fraction=1.5)
     with pytest.raises(ValueError, match="convergence_loss"):
         theory.phases(short4, convergence_loss=0.0)
+    with pytest.raises(ValueError, match="order_rtol"):
+        theory.phases(short4, order_rtol=-1.0)
+
+
+def test_no_arrays_at_import_and_default_theta0_alias():
+    assert "DEFAULT_THETA0" not in vars(theory), "DEFAULT_THETA0 must be made on access, not at import"
+    theta = theory.DEFAULT_THETA0
+    assert np.array_equal(theta.as_array(), gf.Theta(0.3, 0.0, 0.0).as_array())

@@ -1,0 +1,280 @@
+"""Private linear algebra of the closed form: GTH-style tridiagonal elimination and a positive Woodbury.
+
+Every system here is an absorbing-chain system with rows in their own scale (each row divided by
+its largest weight, so nothing overflows).  Row k of T reads
+
+    diag_k x_k - lower_k x_{k-1} - upper_k x_{k+1} = rhs_k,     diag_k = excess_k + |lower_k| + |upper_k|,
+
+where ``excess_k > 0`` is the row's absolute excess, supplied by the caller as a SUM OF POSITIVE
+TERMS (GTH: never 1 - row sum).  The couplings may have either sign (T is then strictly diagonally
+dominant; with both >= 0 it is an M-matrix).  Elimination carries the reduced excess instead of the
+pivot (Grassmann-Taksar-Heyman style):
+
+    s_k = excess_k + |lower_k| * tau_{k-1},   pivot p_k = s_k + |upper_k|,
+    tau_k = s_k / p_k              when lower_{k+1} upper_k > 0 (a fraction, no subtraction),
+    tau_k = 1 + |upper_k| / p_k    when lower_{k+1} upper_k < 0,
+
+so with couplings >= 0 every pivot, every multiplier and (for right-hand sides >= 0) every solution
+entry is a sum of positive terms: relative accuracy of order n * eps by construction, at any
+condition number.  The absolute values are taken with a constant sign (+1 at 0), so derivatives at a
+coupling of exactly 0 are the true ones.  Everything is plain jax.numpy (a Python-unrolled loop for
+at most ``SMALL_SYSTEM`` rows, ``lax.scan`` above), so JAX derives every derivative, any order, both
+modes, and vmap batches it.
+
+A padded row (excess 1, couplings 0, right-hand side 0) is an exact no-op: its solution is 0 and it
+does not touch its neighbours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SMALL_SYSTEM = 4  # up to this many rows the elimination is written out in Python; above, sequential scans
+
+
+def _unit_sign(x):
+    """+1 where x >= 0, -1 where x < 0, as a constant for differentiation."""
+    return jax.lax.stop_gradient(jnp.where(x < 0, -1.0, 1.0))
+
+
+def _scan_recurrence(coef, offset, reverse=False):
+    """z_k = offset_k + coef_k z_{k-1}, z_{-1} = 0 (reverse: z_k = offset_k + coef_k z_{k+1}, z_N = 0):
+    one sequential pass, rows on axis -2 of offset."""
+    def step(z_prev, row):
+        c, o = row
+        z = o + c[..., None] * z_prev
+        return z, z
+
+    init = jnp.zeros_like(offset[..., 0, :])
+    rows = jax.lax.optimization_barrier((jnp.moveaxis(coef, -1, 0), jnp.moveaxis(offset, -2, 0)))
+    _, z = jax.lax.scan(step, init, rows, reverse=reverse)
+    return jnp.moveaxis(z, 0, -2)
+
+
+def _shift_down(z):
+    """(z_{k-1})_k with z_{-1} = 0, on axis -2."""
+    return jnp.concatenate([jnp.zeros_like(z[..., :1, :]), z[..., :-1, :]], axis=-2)
+
+
+def _shift_up(z):
+    """(z_{k+1})_k with z_N = 0, on axis -2."""
+    return jnp.concatenate([z[..., 1:, :], jnp.zeros_like(z[..., :1, :])], axis=-2)
+
+
+def _linear_recurrence(coef, offset, reverse=False):
+    """z_k = offset_k + coef_k z_{k-1} (z_{-1} = 0), or with reverse=True z_k = offset_k + coef_k z_{k+1}.
+
+    coef (..., N), offset (..., N, k); here every |coef| <= 1 and the quantities are dimensionless
+    (ratios within a row), so no product overflows and, with coef, offset >= 0, every entry is a
+    positive sum.  Small N: unrolled (JAX differentiates it directly).  Large N: a sequential scan
+    wrapped in ``lax.custom_linear_solve`` (matvec z - coef * shift(z), transpose solve = the scan run
+    the other way), so every derivative, any order and both modes, is again one vectorised matvec and
+    one sequential pass; reverse mode never has to reverse-differentiate a loop.
+    """
+    n_rows = offset.shape[-2]
+    if n_rows <= SMALL_SYSTEM:
+        order = range(n_rows - 1, -1, -1) if reverse else range(n_rows)
+        out, z = {}, None
+        for k in order:
+            z = offset[..., k, :] if z is None else offset[..., k, :] + coef[..., k, None] * z
+            out[k] = z
+        return jnp.stack([out[k] for k in range(n_rows)], axis=-2)
+    shift, shift_back = (_shift_up, _shift_down) if reverse else (_shift_down, _shift_up)
+    # A z = z - coef * shift(z) = offset;  A^T w = w - shift_back(coef * w)
+    def matvec(z):
+        return z - coef[..., None] * shift(z)
+
+    def solve(_, b):
+        return _scan_recurrence(coef, b, reverse=reverse)
+
+    def transpose_solve(_, b):  # w_k = b_k + coef_{k+1} w_{k+1} (forward problem), mirrored for reverse
+        coef_t = shift_back(coef[..., None])[..., 0]
+        return _scan_recurrence(coef_t, b, reverse=not reverse)
+
+    return jax.lax.custom_linear_solve(matvec, offset, solve, transpose_solve)
+
+
+def _reduce_step(s_prev, exc, a_pred, a_succ_prev, flip_prev):
+    """One GTH step: s_k = exc_k + |lower_k| tau_{k-1}(s_{k-1})."""
+    pivot = s_prev + a_succ_prev
+    tau = jnp.where(flip_prev, 1.0 + a_succ_prev / pivot, s_prev / pivot)
+    return exc + a_pred * tau
+
+
+def _reduced_excess(excess, a_pred, a_succ, flip):
+    """s_k = excess_k + a_pred_k tau_{k-1}, tau as in the module docstring; s_0 = excess_0.
+
+    a_pred = |lower|, a_succ = |upper| (>= 0), flip[k] = (lower_{k+1} upper_k < 0).
+    """
+    n_rows = excess.shape[-1]
+    if n_rows <= SMALL_SYSTEM:
+        s = [excess[..., 0]]
+        for k in range(1, n_rows):
+            s.append(_reduce_step(s[-1], excess[..., k], a_pred[..., k], a_succ[..., k - 1], flip[..., k - 1]))
+        return jnp.stack(s, axis=-1)
+    return _reduced_excess_scan(excess, a_pred, a_succ, flip)
+
+
+@jax.custom_jvp
+def _reduced_excess_scan(excess, a_pred, a_succ, flip):
+    """``_reduced_excess`` for large N: one ``lax.scan``; its JVP (below) is a linear recurrence in the
+    relative tangents ds_k / s_k, whose coefficients are at most 1 (``_linear_recurrence``)."""
+    def step(s_prev, row):
+        s = _reduce_step(s_prev, *row)
+        return s, s
+
+    rows = tuple(jnp.moveaxis(x, -1, 0) for x in (excess[..., 1:], a_pred[..., 1:], a_succ[..., :-1], flip[..., :-1]))
+    _, s = jax.lax.scan(step, excess[..., 0], rows)
+    return jnp.concatenate([excess[..., :1], jnp.moveaxis(s, 0, -1)], axis=-1)
+
+
+def _instantiate(tangent, like):
+    return jnp.zeros_like(like) if type(tangent) is jax.custom_derivatives.SymbolicZero else tangent
+
+
+@_reduced_excess_scan.defjvp
+def _reduced_excess_scan_jvp(primals, tangents):
+    excess, a_pred, a_succ, flip = primals
+    d_excess, d_pred, d_succ = (_instantiate(t, x) for t, x in zip(tangents[:3], primals[:3]))
+    s = _reduced_excess_scan(excess, a_pred, a_succ, flip)
+    s_prev, a_s, fl, s_next = s[..., :-1], a_succ[..., :-1], flip[..., :-1], s[..., 1:]
+    pivot = s_prev + a_s
+    tau = jnp.where(fl, 1.0 + a_s / pivot, s_prev / pivot)
+    sign = jnp.where(fl, -1.0, 1.0)
+    frac_s, frac_a = a_s / pivot, s_prev / pivot
+    # s_{k+1} = exc + a_p tau(s_k, a_s):  d tau = sign (frac_a frac_s)(d s_k / s_k) - sign frac_a d a_s / p
+    coef = a_pred[..., 1:] * sign * frac_s * frac_a / s_next
+    offset = (d_excess[..., 1:] + d_pred[..., 1:] * tau - a_pred[..., 1:] * sign * frac_a * d_succ[..., :-1] / pivot) / s_next
+    first = d_excess[..., :1] / excess[..., :1]
+    coef = jnp.concatenate([jnp.zeros_like(first), coef], -1)
+    offset = jnp.concatenate([first, offset], -1)
+    relative = _linear_recurrence(coef, offset[..., None])[..., 0]
+    return s, s * relative
+
+
+def _signs(lower, upper):
+    sign_lower, sign_upper = _unit_sign(lower), _unit_sign(upper)
+    next_sign = jnp.concatenate([sign_lower[..., 1:], jnp.ones_like(lower[..., :1])], axis=-1)
+    flip = jax.lax.stop_gradient(next_sign * sign_upper < 0)
+    return sign_lower, sign_upper, flip
+
+
+def _solve_unrolled(excess, lower, upper, rhs):
+    """Small systems: the elimination written out row by row (JAX differentiates it directly)."""
+    sign_lower, sign_upper, flip = _signs(lower, upper)
+    s = _reduced_excess(excess, sign_lower * lower, sign_upper * upper, flip)
+    pivot = s + sign_upper * upper
+    rho, sigma = s / pivot, upper / pivot
+    rho_prev = jnp.concatenate([jnp.zeros_like(rho[..., :1]), rho[..., :-1]], axis=-1)
+    t = _linear_recurrence(lower * rho_prev / s, rhs / s[..., None])
+    return _linear_recurrence(sigma, rho[..., None] * t, reverse=True), pivot
+
+
+def _factor_scan(excess, lower, upper, rhs):
+    """Large systems, primal: one forward scan (reduced excess s and reduced rhs t together) and one
+    backward scan (x).  Returns x, s, rho, sigma, omega (t_k = rhs_k / s_k + omega_k t_{k-1})."""
+    sign_lower, sign_upper, flip = _signs(lower, upper)
+
+    def step(carry, row):
+        tau_prev, rho_prev, t_prev = carry
+        exc, lo, up, s_lo, s_up, fl, r = row
+        s = exc + (s_lo * lo) * tau_prev
+        pivot = s + s_up * up
+        rho, sigma = s / pivot, up / pivot
+        omega = lo * rho_prev / s
+        t = r / s[..., None] + omega[..., None] * t_prev
+        tau = jnp.where(fl, 1.0 + s_up * sigma, rho)
+        return (tau, rho, t), (s, rho, sigma, omega, t)
+
+    rows = (excess, lower, upper, sign_lower, sign_upper, flip)
+    rows = tuple(jnp.moveaxis(x, -1, 0) for x in rows) + (jnp.moveaxis(rhs, -2, 0),)
+    zero = jnp.zeros_like(excess[..., 0])
+    _, (s, rho, sigma, omega, t) = jax.lax.scan(step, (zero, zero, jnp.zeros_like(rhs[..., 0, :])), rows)
+    s, rho, sigma, omega = (jnp.moveaxis(x, 0, -1) for x in (s, rho, sigma, omega))
+    t = jnp.moveaxis(t, 0, -2)
+    x = _scan_recurrence(sigma, rho[..., None] * t, reverse=True)
+    return x, s, rho, sigma, omega
+
+
+@jax.custom_jvp
+def _solve_scan(excess, lower, upper, rhs):
+    """(x, smallest pivot); the pivot is for the caller's range check only (zero tangent)."""
+    x, s, rho, _, _ = _factor_scan(excess, lower, upper, rhs)
+    return x, jnp.min(s / rho, axis=-1)
+
+
+@_solve_scan.defjvp
+def _solve_scan_jvp(primals, tangents):
+    """dx = T^{-1} (d rhs - dT x), with T^{-1} applied through the primal's factors as two linear
+    recurrences in dimensionless quantities (``_linear_recurrence``: reverse mode transposes them)."""
+    excess, lower, upper, rhs = primals
+    d_exc, d_lo, d_up, d_rhs = (_instantiate(t, x) for t, x in zip(tangents, primals))
+    x, s, rho, sigma, omega = _factor_scan(excess, lower, upper, rhs)
+    sign_lower, sign_upper = _unit_sign(lower), _unit_sign(upper)
+    d_diag = d_exc + sign_lower * d_lo + sign_upper * d_up
+    d_tx = d_diag[..., None] * x - d_lo[..., None] * _shift_down(x) - d_up[..., None] * _shift_up(x)
+    t_dot = _linear_recurrence(omega, (d_rhs - d_tx) / s[..., None])
+    min_pivot = jnp.min(s / rho, axis=-1)
+    return (x, min_pivot), (_linear_recurrence(sigma, rho[..., None] * t_dot, reverse=True), jnp.zeros_like(min_pivot))
+
+
+def gth_solve(excess, lower, upper, rhs):
+    """x = T^{-1} rhs for the row-scaled tridiagonal T above; returns (x, smallest pivot).
+
+    excess, lower, upper: (..., N); ``lower[..., 0]`` and ``upper[..., N-1]`` must be 0 (the caller
+    folds known neighbours into the right-hand side).  rhs: (..., N, k).  The smallest pivot (in row
+    units: each row's largest weight is 1) tells the caller whether float64 held the elimination: below
+    ``TINY_PIVOT`` some reduced row fell under the float range and the result must not be trusted.
+
+    With s the reduced excesses, p = s + |upper| the pivots, rho = s / p, sigma = upper / p:
+        t_k = rhs_k / s_k + (lower_k rho_{k-1} / s_k) t_{k-1}     (t = reduced rhs / reduced excess)
+        x_k = rho_k t_k + sigma_k x_{k+1},
+    two affine recurrences whose coefficients are at most 1 in magnitude.  Small N: written out;
+    large N: two sequential scans, and a JVP that reuses the factors (dx = T^{-1}(d rhs - dT x)).
+    """
+    if excess.shape[-1] <= SMALL_SYSTEM:
+        x, pivot = _solve_unrolled(excess, lower, upper, rhs)
+        return x, jax.lax.stop_gradient(jnp.min(pivot, axis=-1))
+    x, min_pivot = _solve_scan(excess, lower, upper, rhs)
+    return x, jax.lax.stop_gradient(min_pivot)
+
+
+TINY_PIVOT = 1e-200
+
+
+def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1):
+    """x = (T - U V^T)^{-1} rhs for an absorbing chain whose far jumps are rank 2 by target degree.
+
+    T: the row-scaled tridiagonal of ``gth_solve``; u: (..., N, 2) the row's (scaled) weight on each
+    degree-1 and on each degree-2 transient vertex; V = (deg1, not deg1) indicator columns, ``deg1`` a
+    static numpy bool array (N,); absorb: (..., N) the row's (scaled) rate into the absorbing states,
+    absorb = (T - U V^T) 1, supplied as a positive sum.  rhs: (..., N, k).
+
+    The capacitance C = I - K, K = V^T T^{-1} U, is rebuilt from alpha = V^T T^{-1} absorb and the
+    counts c = V^T 1 (C c = alpha), so its diagonal and its determinant are positive sums (K >= 0):
+        C_11 = (alpha_1 + K_12 c_2) / c_1,   C_22 = (alpha_2 + K_21 c_1) / c_2,
+        det C = (alpha_1 alpha_2 + alpha_1 K_21 c_1 + alpha_2 K_12 c_2) / (c_1 c_2),
+    and C^{-1} = [[C_22, K_12], [K_21, C_11]] / det C >= 0.  Without degree-2 rows the update is rank 1.
+    Returns (x, smallest pivot).
+    """
+    deg1 = np.asarray(deg1, dtype=bool)
+    c1, c2 = int(deg1.sum()), int((~deg1).sum())
+    k = rhs.shape[-1]
+    z, min_pivot = gth_solve(excess, lower, upper, jnp.concatenate([rhs, u, absorb[..., None]], axis=-1))
+    z_r, z_u, z_a = z[..., :k], z[..., k:k + 2], z[..., k + 2]
+    v1, v2 = jnp.asarray(deg1, dtype=z.dtype), jnp.asarray(~deg1, dtype=z.dtype)
+    a1, a2 = jnp.einsum("n,...n->...", v1, z_a), jnp.einsum("n,...n->...", v2, z_a)
+    vr1, vr2 = jnp.einsum("n,...nj->...j", v1, z_r), jnp.einsum("n,...nj->...j", v2, z_r)
+    if c2 == 0:
+        det = a1 / c1  # C = 1 - K_11 = alpha_1 / c_1
+        return z_r + z_u[..., 0, None] * (vr1 / det[..., None])[..., None, :], min_pivot
+    k12 = jnp.einsum("n,...n->...", v1, z_u[..., 1])
+    k21 = jnp.einsum("n,...n->...", v2, z_u[..., 0])
+    c11 = (a1 + k12 * c2) / c1
+    c22 = (a2 + k21 * c1) / c2
+    det = (a1 * a2 + a1 * k21 * c1 + a2 * k12 * c2) / (c1 * c2)
+    w1 = (c22[..., None] * vr1 + k12[..., None] * vr2) / det[..., None]
+    w2 = (k21[..., None] * vr1 + c11[..., None] * vr2) / det[..., None]
+    return z_r + z_u[..., 0, None] * w1[..., None, :] + z_u[..., 1, None] * w2[..., None, :], min_pivot

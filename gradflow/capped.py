@@ -1,0 +1,307 @@
+"""Finite rollouts: the reward and its read-outs with at most ``max_len`` generated tokens (THEORY.md 7).
+
+With a cap of T tokens a rollout that writes no terminal within T tokens earns 0, so the success
+probability of a start is a T-step absorption probability.  On the transient vertices (chain
+vertices a_1..a_{n-1}, b_1..b_{n-1} and the isolated vertices) this module runs
+
+    f_{k+1} = P f_k  (a_n valued 1),   g_{k+1} = P g_k  (b_n valued 1),   s_{k+1} = P s_k  (terminals 0),
+
+from f_0 = g_0 = 0, s_0 = 1: f_k(u) = P(a_n written within k tokens | at u), g_k the same for b_n,
+s_k(u) = P(no terminal within k tokens) = P(L > k), L the number of tokens up to and including the
+first terminal.  So, per start u = a_{n-d}:
+
+    success   f_T(u)                 (own terminal within the cap: the reward)
+    reach     f_T(u) + g_T(u)        (any terminal within the cap)
+    length    sum_{k<T} s_k(u) = E[min(L, T)]
+    traversal prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}) if d <= T, else 0  (the exact forward path)
+
+Each step applies P as the structured operator of ``gradflow.model``, never as a matrix: row u
+gives the three local targets (successor, itself, predecessor on its own chain) their own weights
+and every other vertex v the far weight exp(gamma_u deg(v)) (1 for an isolated vertex), so
+
+    (P v)(u) = [w_succ v(succ) + w_self v(u) + w_pred v(pred)
+                + e1 (sum of v over the non-local degree-1 vertices)
+                + e2 (sum of v over the non-local degree-2 vertices) + e0 m v(iso)] / Z(u),
+
+the non-local sums being prefix + suffix sums along the row's own chain plus the other chain's
+total: O(n) per step, O(n T) for the whole recursion, and every probability a sum of positive terms
+(no cancellation).  Row weights are exponentials of the logits minus the row's largest logit, so any
+|theta| / tau is safe.  The isolated vertices are interchangeable, so they carry one shared value.
+
+Linear attention: every row of both chains sees the same numbers, so one recursion serves every
+start.  Softmax attention: the start row attends to its own token with eta, so there is one
+recursion per start (vmapped over starts: O(n^2 T)).  Both chains are carried in full because with a
+cap P(own) + P(other) < 1 (the uncapped a/b symmetry h(b_i) = 1 - h(a_i) no longer holds).
+
+Gradients: the recursion is one ``lax.scan`` whose body is rematerialised (``jax.checkpoint``), so
+reverse mode stores only the carry of each step, 3 * (2(n-1) + 1) + 2(n-1) floats, i.e. about
+8 n T floats in all (per start for softmax), and recomputes each step's intermediates once in the
+backward pass (about twice the forward cost).  Forward mode (jvp, jacfwd) stores nothing extra;
+every order of derivative works (jax.hessian included).
+
+All public functions take ``(theta, task, model)`` and need ``model.max_len`` set (or the keyword
+``max_len``, which wins when given).  Per-start arrays are indexed by start distance d = 1..n-1
+(entry d-1); the scalar versions weight them by ``task.start_probs``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from gradflow._checks import check_int
+from gradflow.model import ModelSpec, RowScores, Theta, row_scores
+from gradflow.task import ChainTask
+
+__all__ = [
+    "CappedPerStart",
+    "per_start",
+    "success_per_start",
+    "reach_per_start",
+    "length_per_start",
+    "traversal_per_start",
+    "expected_reward",
+    "reach_probability",
+    "expected_length",
+    "traversal_probability",
+    "failure_per_start",
+    "expected_loss",
+]
+
+
+class CappedPerStart(NamedTuple):
+    """The capped read-outs per start distance d = 1..n-1 (entry d-1), each shape (n-1,).
+
+    failure = 1 - success, computed as P(other terminal first) + P(no terminal within the cap), a sum
+    of positive terms: accurate where success rounds to 1.
+    """
+
+    success: jnp.ndarray
+    reach: jnp.ndarray
+    length: jnp.ndarray
+    traversal: jnp.ndarray
+    failure: jnp.ndarray
+
+
+class _Rows(NamedTuple):
+    """Row weights (divided by exp of the row's largest logit) of the chain rows, shape (2, n-1),
+    and of the isolated row (scalars): targets succ/self/pred, far weights e1 (degree 1), e2
+    (degree 2), e0 (an isolated vertex), normaliser z, and log P(forward)."""
+
+    succ: jnp.ndarray
+    self_: jnp.ndarray
+    pred: jnp.ndarray
+    e1: jnp.ndarray
+    e2: jnp.ndarray
+    e0: jnp.ndarray
+    z: jnp.ndarray
+    log_forward: jnp.ndarray
+    iso1: jnp.ndarray
+    iso2: jnp.ndarray
+    iso0: jnp.ndarray
+    iso_z: jnp.ndarray
+
+
+def _resolve_cap(model: ModelSpec, max_len: int | None) -> int:
+    cap = model.max_len if max_len is None else max_len
+    if cap is None:
+        raise ValueError("max_len must be set (ModelSpec(max_len=...) or the max_len keyword) for capped quantities")
+    return check_int("max_len", cap, 1)
+
+
+def _require_closed_form(model: ModelSpec) -> None:
+    if model.context != "prompt":
+        raise ValueError(
+            f"context must be 'prompt' for closed-form quantities (got {model.context!r}); "
+            "the 'history' context is not Markov and is only available in gradflow.sampling"
+        )
+
+
+def _rows(scores: RowScores, n: int, model: ModelSpec) -> _Rows:
+    """Logits of THEORY.md 2 (succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far g*deg(v)),
+    exponentiated after subtracting each row's largest logit (a constant that cancels: no gradient)."""
+    shape = (2, n - 1)
+    a, b, g = (jnp.broadcast_to(x, shape) for x in (scores.alpha, scores.beta, scores.gamma))
+    pos = jnp.arange(1, n)
+    m = model.n_isolated
+    has_self = not model.mask_self
+    has_pred = pos >= 2
+    # non-local vertices of each degree: own chain (ends 1 and n unless adjacent) + the other chain
+    count1 = (pos >= 3).astype(float) + (pos <= n - 2) + 2.0
+    local2 = sum(((pos + s >= 2) & (pos + s <= n - 1)).astype(float) for s in (-1, 0, 1))
+    count2 = 2.0 * (n - 2) - local2
+    l_succ = a + jnp.where(pos + 1 <= n - 1, g, 0.0)
+    l_self = a + jnp.where(has_pred, b, 0.0)
+    l_pred = b + jnp.where(pos >= 3, g, 0.0)
+    l_far2 = 2.0 * g
+    candidates = [l_succ, jnp.where(has_pred, l_pred, -jnp.inf), g, jnp.where(count2 > 0, l_far2, -jnp.inf)]
+    if has_self:
+        candidates.append(l_self)
+    if m > 0:
+        candidates.append(jnp.zeros(shape))
+    top = jax.lax.stop_gradient(jnp.max(jnp.stack(candidates), axis=0))
+    w_succ = jnp.exp(l_succ - top)
+    w_self = jnp.exp(l_self - top) if has_self else jnp.zeros(shape)
+    w_pred = jnp.exp(jnp.where(has_pred, l_pred - top, -jnp.inf))
+    e1 = jnp.exp(g - top)
+    e2 = jnp.exp(jnp.where(count2 > 0, l_far2 - top, -jnp.inf))
+    e0 = jnp.exp(-top) if m > 0 else jnp.zeros(shape)
+    z = w_succ + w_self + w_pred + count1 * e1 + count2 * e2 + m * e0
+    log_forward = (l_succ - top) - jnp.log(z)
+
+    # the isolated row: 4 degree-1 and 2n-4 degree-2 vertices, m - [masked] isolated ones
+    m_iso = m - (1 if model.mask_self else 0)
+    y = scores.isolated
+    iso_candidates = [y] + ([2.0 * y] if n >= 3 else []) + ([jnp.zeros_like(y)] if m_iso > 0 else [])
+    iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack(iso_candidates)))
+    iso1 = jnp.exp(y - iso_top)
+    iso2 = jnp.exp(2.0 * y - iso_top) if n >= 3 else jnp.zeros_like(y)
+    iso0 = jnp.exp(-iso_top) if m_iso > 0 else jnp.zeros_like(y)
+    iso_z = 4.0 * iso1 + (2 * n - 4) * iso2 + m_iso * iso0
+    return _Rows(w_succ, w_self, w_pred, e1, e2, e0, z, log_forward, iso1, iso2, iso0, iso_z)
+
+
+def _apply(rows: _Rows, values: jnp.ndarray, iso: jnp.ndarray, n: int, model: ModelSpec):
+    """One step v -> P v for K value vectors at once.
+
+    values (K, 2, n): chain a / chain b at positions 1..n (terminal values in the last column);
+    iso (K,): the shared value of the isolated vertices.  Returns the new (K, 2, n-1) chain values
+    and (K,) isolated value.  Every term is a product of non-negative numbers.
+    """
+    m = model.n_isolated
+    m_iso = m - (1 if model.mask_self else 0)
+    pos = jnp.arange(1, n)
+    position = jnp.arange(1, n + 1)
+    degree2 = ((position >= 2) & (position <= n - 1)).astype(values.dtype)
+    v2 = values * degree2
+    prefix = jnp.cumsum(v2, axis=-1)  # prefix[j-1] = sum over positions <= j
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(v2, -1), axis=-1), -1)  # suffix[j-1] = sum over positions >= j
+    left = jnp.pad(prefix, ((0, 0), (0, 0), (2, 0)))[..., : n - 1]  # row i: positions <= i-2
+    right = jnp.pad(suffix, ((0, 0), (0, 0), (0, 3)))[..., 2 : n + 1]  # row i: positions >= i+2
+    own1 = values[..., :1] * (pos >= 3) + values[..., n - 1 :] * (pos <= n - 2)
+    total1 = values[..., 0] + values[..., n - 1]  # (K, 2)
+    total2 = suffix[..., 0]
+    other1 = jnp.flip(total1, -1)[..., None]
+    other2 = jnp.flip(total2, -1)[..., None]
+    pred_values = jnp.pad(values, ((0, 0), (0, 0), (1, 0)))[..., : n - 1]
+    numerator = (
+        rows.succ * values[..., 1:]
+        + rows.self_ * values[..., : n - 1]
+        + rows.pred * pred_values
+        + rows.e1 * (own1 + other1)
+        + rows.e2 * (left + right + other2)
+    )
+    if m > 0:
+        numerator = numerator + rows.e0 * m * iso[:, None, None]
+    chain = numerator / rows.z
+    if m == 0:
+        return chain, iso
+    iso_new = (rows.iso1 * jnp.sum(total1, -1) + rows.iso2 * jnp.sum(total2, -1) + rows.iso0 * m_iso * iso) / rows.iso_z
+    return chain, iso_new
+
+
+# terminal values of the three recursions (f: a_n, g: b_n, s: none), shape (3, 2, 1)
+def _terminal_values():
+    return jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])[:, :, None]
+
+
+def _recursion(rows: _Rows, n: int, model: ModelSpec, cap: int):
+    """Run the three recursions for ``cap`` steps; returns f_T, g_T, s_T and sum_{k<T} s_k, each (2, n-1)."""
+    terminal = _terminal_values()
+    chain0 = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0])[:, None, None], (3, 2, n - 1))
+    iso0 = jnp.array([0.0, 0.0, 1.0])
+
+    def body(carry, _):
+        chain, iso, length = carry
+        length = length + chain[2]
+        full = jnp.concatenate([chain, jnp.broadcast_to(terminal, (3, 2, 1))], axis=-1)
+        chain, iso = _apply(rows, full, iso, n, model)
+        return (chain, iso, length), None
+
+    body = jax.checkpoint(body, prevent_cse=False)
+    (chain, _, length), _ = jax.lax.scan(body, (chain0, iso0, jnp.zeros((2, n - 1))), None, length=cap)
+    return chain[0], chain[1], chain[2], length
+
+
+def _per_start_from_rows(rows: _Rows, n: int, model: ModelSpec, cap: int) -> CappedPerStart:
+    """All four read-outs of every chain-a position (index i-1 for a_i), shape (n-1,) each."""
+    f, g, s, length = _recursion(rows, n, model, cap)
+    log_path = jnp.cumsum(rows.log_forward[0][::-1])[::-1]  # entry i-1: log prod over positions i..n-1
+    distance = n - jnp.arange(1, n)
+    traversal = jnp.where(distance <= cap, jnp.exp(log_path), 0.0)
+    return CappedPerStart(f[0], f[0] + g[0], length[0], traversal, g[0] + s[0])
+
+
+@eqx.filter_jit
+def per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> CappedPerStart:
+    """Success, reach, E[min(L, max_len)], exact traversal and failure per start distance d (entry d-1)."""
+    _require_closed_form(model)
+    cap = _resolve_cap(model, max_len)
+    n = task.n
+    if model.attention == "linear":
+        out = _per_start_from_rows(_rows(row_scores(theta, n, model), n, model), n, model, cap)
+        return CappedPerStart(*(x[::-1] for x in out))
+
+    def at_start(position):
+        rows = _rows(row_scores(theta, n, model, start=position), n, model)
+        return CappedPerStart(*(x[position - 1] for x in _per_start_from_rows(rows, n, model, cap)))
+
+    out = jax.vmap(at_start)(jnp.arange(1, n))
+    return CappedPerStart(*(x[::-1] for x in out))
+
+
+def success_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """P(the own terminal a_n is the first terminal and is written within max_len tokens), by d."""
+    return per_start(theta, task, model, max_len).success
+
+
+def reach_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """P(some terminal is written within max_len tokens), by d."""
+    return per_start(theta, task, model, max_len).reach
+
+
+def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """E[min(L, max_len)] by d: the expected number of generated tokens (self-loops count)."""
+    return per_start(theta, task, model, max_len).length
+
+
+def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """P(the generated path is exactly a_{n-d+1}, ..., a_n) by d; 0 when d > max_len."""
+    return per_start(theta, task, model, max_len).traversal
+
+
+def _weighted(values: jnp.ndarray, task: ChainTask) -> jnp.ndarray:
+    return jnp.sum(task.start_probs * values)
+
+
+def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """J_T(theta) = sum_d p[d-1] success[d-1]."""
+    return _weighted(success_per_start(theta, task, model, max_len), task)
+
+
+def reach_probability(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """P(some terminal within the cap), start-weighted."""
+    return _weighted(reach_per_start(theta, task, model, max_len), task)
+
+
+def expected_length(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """E[min(L, max_len)], start-weighted."""
+    return _weighted(length_per_start(theta, task, model, max_len), task)
+
+
+def traversal_probability(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """P(exact forward path within the cap), start-weighted."""
+    return _weighted(traversal_per_start(theta, task, model, max_len), task)
+
+
+def failure_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """1 - success by d, as P(other terminal first within the cap) + P(no terminal within the cap)."""
+    return per_start(theta, task, model, max_len).failure
+
+
+def expected_loss(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
+    """1 - J_T, start-weighted, from ``failure_per_start`` (accurate where J_T rounds to 1)."""
+    return _weighted(failure_per_start(theta, task, model, max_len), task)

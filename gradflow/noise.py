@@ -1,0 +1,785 @@
+"""Policy-gradient noise in closed form: the REINFORCE covariance, the critical batch, the SGD diffusion.
+
+THEORY.md section 8.  A rollout from start s writes s = v_0, v_1, ..., v_L; it earns R in {0, 1} and has
+score S = sum_t psi(v_t, v_{t+1}), psi(u, v) = grad_theta log P_theta(u, v).  REINFORCE with a constant
+baseline b steps on g = (R - b) S, whose mean is grad J for every b.  Per vertex u,
+
+    h(u) = E[R | u],  m(u) = E[R S | u] (= grad h(u)),  M(u) = E[R S S^T | u],  F(u) = E[S S^T | u],
+
+and, with terminals giving h = 1 (own) or 0 (other) and m = M = F = 0,
+
+    m(u) = sum_v P(u,v) [psi h(v) + m(v)]
+    M(u) = sum_v P(u,v) [psi psi^T h(v) + psi m(v)^T + m(v) psi^T + M(v)]
+    F(u) = sum_v P(u,v) [psi psi^T + F(v)].
+
+Each is the absorbing system of h, (I - Q) x = rhs, with a new right-hand side.  With the cap
+``model.max_len = T`` the same recursions run T times from zero instead of being solved (THEORY.md 7).
+
+How the sums over v stay O(1) per row.  The logit of v in row u is l(u, v) = c(u, v) . s(u), with
+s(u) = the row's effective (alpha, beta, gamma) scores (``gradflow.model.row_scores``: theta/tau for
+linear attention, softmax-normalised weights for softmax) and c(u, v) in N^3 the number of context
+edges of each kind that contain v: successor (1, 0, [v has an out-edge]), self (1, [u has an in-edge],
+0), predecessor (0, 1, [v has an in-edge]), any other chain vertex (0, 0, deg v), an isolated vertex 0.
+So psi(u, v) = Js(u)^T (c(u, v) - cbar(u)) with Js(u) = d s(u) / d theta (3 x 5) and cbar(u) =
+sum_v P(u, v) c(u, v).  Row u puts weight exp(gamma_u deg v) on every vertex (the far baseline) plus
+corrections on its three chain neighbours (``gradflow.model.local_rows``), so any sum
+sum_v P(u, v) f(c(u, v) - cbar(u)) g(v) is nine terms: the far degree-1 and degree-2 classes (f fixed by
+the class, g summed over the class: two global sums G1, G2), the isolated vertices, and the actual minus
+baseline weights of successor, self and predecessor.
+
+The solve.  Unknowns: the 2(n-1) non-terminal chain vertices; the isolated vertices (all alike, one
+value) are transient states too and are eliminated exactly (their row: y(v) = exp(gamma_iso deg v) on
+chain vertices, 1 on each other isolated vertex, itself unless masked).  The matrix is tridiagonal
+(the local moves) minus rank 2 (far jumps, one column per degree class): Thomas elimination for
+the right-hand sides and the two rank columns (no pivoting: the tridiagonal part is diagonally
+dominant; unrolled up to 16 rows, a ``lax.scan`` above), then a 2 x 2 Woodbury correction.  O(n) per right-hand side,
+differentiable and vmappable (no LAPACK custom call, whose batched CPU version can deadlock, see
+``gradflow.objective``).  Three solves: [h | F] (26 columns), m (5), M (25).  Linear attention: one
+chain serves every start; softmax: the start row has its own eta, one chain per start (vmapped), as in
+``gradflow.objective``.  The a/b mirror symmetry is not used (both chains are solved: a factor 2, and the
+capped case needs both anyway).
+
+Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
+``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradflow._checks import check_choice, check_int, check_positive
+from gradflow.model import ModelSpec, Theta, local_rows, row_scores
+from gradflow.task import ChainTask
+
+BASELINES = ("mean", "none")
+BATCH_BASELINES = ("mean", "none", "leave_one_out")
+UNROLL_ROWS = 16  # tridiagonal systems up to this many rows (n <= 9) are eliminated in unrolled code
+ZERO_GRADIENT_RTOL = 1e-12  # critical_batch: |grad| below this times sqrt(trace Sigma) counts as 0 (inf)
+
+
+# --------------------------------------------------------------------------------------------------
+# Moments of the estimator per start
+# --------------------------------------------------------------------------------------------------
+
+
+class Moments(NamedTuple):
+    """Per-start moments of the per-rollout REINFORCE terms, by start distance d (entry d-1).
+
+    reward (n-1,): h = E[R]; grad (n-1, 5): m = E[R S] (= grad h); reward_second (n-1, 5, 5):
+    M = E[R S S^T]; score_second (n-1, 5, 5): F = E[S S^T].  Coordinates (alpha, beta, gamma, eta, delta).
+    """
+
+    reward: jnp.ndarray
+    grad: jnp.ndarray
+    reward_second: jnp.ndarray
+    score_second: jnp.ndarray
+
+
+class _Rows(NamedTuple):
+    """Everything the recursions need about one chain (one start for softmax)."""
+
+    weights: jnp.ndarray  # (9, 2, n-1): the nine row terms (see _chain_terms)
+    counts: jnp.ndarray  # (9, 2, n-1, 3): c(u, v) of each term
+    z: jnp.ndarray  # (2, n-1) row normaliser
+    cbar: jnp.ndarray  # (2, n-1, 3)
+    jac: jnp.ndarray  # (2, n-1, 3, 5) d s(u) / d theta
+    iso_weights: jnp.ndarray  # (3,): degree-1, degree-2, other isolated vertex
+    iso_counts: jnp.ndarray  # (3, 3)
+    iso_z: jnp.ndarray  # ()
+    iso_cbar: jnp.ndarray  # (3,)
+    iso_jac: jnp.ndarray  # (3, 5)
+
+
+def _degree(index, n: int):
+    """Degree of chain vertex at position ``index`` (1..n): 1 at the chain ends, else 2."""
+    return jnp.where((index == 1) | (index == n), 1.0, 2.0)
+
+
+def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _Rows:
+    """Row weights, edge counts, normalisers and score Jacobians of the chain seen from ``start``."""
+    shape = (2, n - 1)
+
+    def scores_of(x):
+        s = row_scores(Theta.from_array(x), n, model, start=start)
+        chain = jnp.stack([jnp.broadcast_to(f, shape) for f in (s.alpha, s.beta, s.gamma)], axis=-1)
+        return chain, jnp.asarray(s.isolated)
+
+    x = jnp.asarray(theta_array, dtype=float)
+    jac, iso_jac = jax.jacfwd(scores_of)(x)
+    scores = row_scores(Theta.from_array(x), n, model, start=start)
+    rows = local_rows(scores, n, model)
+    b = lambda v: jnp.broadcast_to(v, shape)
+    pos = jnp.arange(1, n, dtype=float)
+    zero, one = jnp.zeros(shape), jnp.ones(shape)
+    gamma_count = lambda k: jnp.stack([zero, zero, b(k)], axis=-1)
+    weights = jnp.stack([
+        b(rows.far1), b(rows.far2), one,
+        b(rows.succ), -b(rows.base_succ),
+        b(rows.self_), -b(rows.base_self),
+        b(rows.pred), -b(rows.base_pred),
+    ])
+    counts = jnp.stack([
+        gamma_count(1.0), gamma_count(2.0), gamma_count(0.0),
+        jnp.stack([one, zero, b((pos + 1 <= n - 1).astype(float))], axis=-1), gamma_count(_degree(pos + 1, n)),
+        jnp.stack([one, b((pos >= 2).astype(float)), zero], axis=-1), gamma_count(_degree(pos, n)),
+        jnp.stack([zero, one, b((pos >= 3).astype(float))], axis=-1), gamma_count(_degree(pos - 1, n)),
+    ])
+    m = model.n_isolated
+    ones_values = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)[..., 0]  # vertex counts per term
+    z = jnp.sum(weights * ones_values, axis=0)
+    cbar = jnp.sum((weights * ones_values)[..., None] * counts, axis=0) / z[..., None]
+
+    y1 = jnp.exp(scores.isolated)
+    iso_weights = jnp.stack([y1, y1 * y1, jnp.asarray(1.0)])
+    iso_counts = jnp.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    iso_multiplicity = jnp.array([4.0, 2.0 * n - 4.0, m - (1.0 if model.mask_self else 0.0)])
+    iso_z = jnp.sum(iso_weights * iso_multiplicity)
+    iso_cbar = jnp.sum((iso_weights * iso_multiplicity)[:, None] * iso_counts, axis=0) / iso_z
+    iso_jac = jnp.zeros((3, 5)).at[2].set(iso_jac)
+    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_counts, iso_z, iso_cbar, iso_jac)
+
+
+def _class_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int) -> jnp.ndarray:
+    """Values of the nine row terms for vertex values g (2, n, K) (terminals at position n) and the
+    isolated value g_iso (K,): (9, 2, n-1, K).  Far classes carry the sum over the class."""
+    k = g.shape[-1]
+    g1 = g[0, 0] + g[1, 0] + g[0, n - 1] + g[1, n - 1]
+    g2 = jnp.sum(g[:, 1 : n - 1], axis=(0, 1))
+    succ, self_ = g[:, 1:n], g[:, 0 : n - 1]
+    pred = jnp.concatenate([jnp.zeros((2, 1, k)), g[:, 0 : n - 2]], axis=1)
+    full = lambda v: jnp.broadcast_to(v, (2, n - 1, k))
+    return jnp.stack([full(g1), full(g2), full(m * g_iso), succ, succ, self_, self_, pred, pred])
+
+
+def _iso_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int, mask_self: bool) -> jnp.ndarray:
+    """Values of the isolated row's three terms: (3, K)."""
+    g1 = g[0, 0] + g[1, 0] + g[0, n - 1] + g[1, n - 1]
+    g2 = jnp.sum(g[:, 1 : n - 1], axis=(0, 1))
+    return jnp.stack([g1, g2, (m - (1.0 if mask_self else 0.0)) * g_iso])
+
+
+def _expectations(weights, counts, z, cbar, values, order: int):
+    """sum_v P(u, v) f(c(u, v) - cbar(u)) g(v) for f = 1 (order 0), c~ (1) or c~ c~^T (2).
+
+    weights (T, *R), counts (T, *R, 3), values (T, *R, K): returns (*R, K), (*R, 3, K) or (*R, 3, 3, K).
+    """
+    wv = weights[..., None] * values / z[..., None]
+    if order == 0:
+        return jnp.sum(wv, axis=0)
+    centred = counts - cbar
+    if order == 1:
+        return jnp.sum(centred[..., :, None] * wv[..., None, :], axis=0)
+    return jnp.sum(centred[..., :, None, None] * centred[..., None, :, None] * wv[..., None, None, :], axis=0)
+
+
+def _project(jac, a1):
+    """Js^T a1 for a1 (..., 3, K): (..., 5, K)."""
+    return jnp.einsum("...ai,...ak->...ik", jac, a1)
+
+
+def _project2(jac, a2):
+    """Js^T a2 Js for a2 (..., 3, 3) (one column): (..., 5, 5)."""
+    return jnp.einsum("...ai,...ab,...bj->...ij", jac, a2, jac)
+
+
+def _tridiagonal_solve(lower, diag, upper, rhs):
+    """x = T^{-1} rhs for rhs (N, K); T has bands lower (lower[0] = 0), diag, upper (upper[-1] = 0).
+
+    Thomas elimination without pivoting (T is diagonally dominant by rows: the diagonal holds the
+    far baseline weight of every vertex plus the successor's and predecessor's actual weights).
+    Unrolled in Python up to ``UNROLL_ROWS`` rows (fast to run), a ``lax.scan`` above.
+    """
+    n_rows = diag.shape[0]
+    if n_rows <= UNROLL_ROWS:
+        ratios, values = [], []
+        ratio, value = jnp.zeros((), rhs.dtype), jnp.zeros(rhs.shape[1:], rhs.dtype)
+        for k in range(n_rows):
+            scale = 1.0 / (diag[k] - lower[k] * ratio)
+            ratio, value = upper[k] * scale, (rhs[k] - lower[k] * value) * scale
+            ratios.append(ratio)
+            values.append(value)
+        xs = [values[-1]]
+        for k in range(n_rows - 2, -1, -1):
+            xs.append(values[k] - ratios[k] * xs[-1])
+        return jnp.stack(xs[::-1])
+
+    def forward(carry, row):
+        ratio_prev, value_prev = carry
+        lo, dg, up, r = row
+        scale = 1.0 / (dg - lo * ratio_prev)
+        ratio, value = up * scale, (r - lo * value_prev) * scale
+        return (ratio, value), (ratio, value)
+
+    init = (jnp.zeros((), rhs.dtype), jnp.zeros(rhs.shape[1:], rhs.dtype))
+    _, (ratios, values) = jax.lax.scan(forward, init, (lower, diag, upper, rhs))
+
+    def backward(x_next, row):
+        ratio, value = row
+        x = value - ratio * x_next
+        return x, x
+
+    _, xs = jax.lax.scan(backward, jnp.zeros(rhs.shape[1:], rhs.dtype), (ratios, values), reverse=True)
+    return xs
+
+
+def _solve_2x2(m, b):
+    """m^{-1} b for a 2x2 m and b (2, K), Cramer's rule."""
+    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    return jnp.stack([m[1, 1] * b[0] - m[0, 1] * b[1], m[0, 0] * b[1] - m[1, 0] * b[0]]) / det
+
+
+def structured_solve(lower, diag, upper, u, select, rhs):
+    """x = (T - u select^T)^{-1} rhs: T tridiagonal (N rows), u and select (N, 2), rhs (N, K).
+
+    Woodbury: one Thomas elimination for [rhs | u], then a 2x2 capacitance system.  O(N K).
+    """
+    k = rhs.shape[1]
+    solved = _tridiagonal_solve(lower, diag, upper, jnp.concatenate([rhs, u], axis=1))
+    y, tu = solved[:, :k], solved[:, k:]
+    capacitance = jnp.eye(2) - select.T @ tu
+    return y + tu @ _solve_2x2(capacitance, select.T @ y)
+
+
+def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b):
+    """Solve g = rhs + sum_v P(u, v) g(v) on the transient vertices (chains and isolated).
+
+    rhs (2, n-1, K), rhs_iso (K,), terminal values (K,) at a_n and b_n.  Returns g (2, n, K) with the
+    terminal values at position n, and g_iso (K,).
+    """
+    m = model.n_isolated
+    weights = rows.weights
+    far1, far2 = weights[0], weights[1]
+    succ_corr = weights[3] + weights[4]  # actual - baseline
+    self_corr = weights[5] + weights[6]
+    pred_corr = weights[7] + weights[8]
+    pos = jnp.arange(1, n)
+    is_last = (pos == n - 1).astype(float)
+    if m > 0:
+        y1, y2 = rows.iso_weights[0], rows.iso_weights[1]
+        w_iso = 4.0 * y1 + (2 * n - 4) * y2
+        u1, u2 = far1 + m * y1 / w_iso, far2 + m * y2 / w_iso
+        iso_rhs_term = (m * rows.iso_z / w_iso) * rhs_iso
+    else:
+        u1, u2, iso_rhs_term = far1, far2, jnp.zeros_like(rhs_iso)
+    diag = rows.z - self_corr
+    upper = -succ_corr * (1.0 - is_last)
+    lower = -pred_corr  # zero at position 1 (no predecessor)
+    terminal_own = jnp.stack([terminal_a, terminal_b])  # (2, K)
+    b = (
+        rows.z[..., None] * rhs
+        + iso_rhs_term
+        + u1[..., None] * (terminal_a + terminal_b)
+        + (is_last * succ_corr)[..., None] * terminal_own[:, None, :]
+    )
+    flat = lambda x: x.reshape((2 * (n - 1),) + x.shape[2:])
+    degree1 = jnp.broadcast_to((pos == 1).astype(float), (2, n - 1))
+    select = jnp.stack([flat(degree1), flat(1.0 - degree1)], axis=1)
+    u = jnp.stack([flat(u1), flat(u2)], axis=1)
+    x = structured_solve(flat(lower), flat(diag), flat(upper), u, select, flat(b)).reshape(b.shape)
+    g = jnp.concatenate([x, terminal_own[:, None, :]], axis=1)
+    if m > 0:
+        g1 = x[0, 0] + x[1, 0] + terminal_a + terminal_b
+        g2 = jnp.sum(x[:, 1:], axis=(0, 1))
+        g_iso = (y1 * g1 + y2 * g2 + rows.iso_z * rhs_iso) / w_iso
+    else:
+        g_iso = jnp.zeros_like(rhs_iso)
+    return g, g_iso
+
+
+def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_iso):
+    """Right-hand sides of m and M from (h, m) values: (rhs_m, rhs_m_iso, rhs_M, rhs_M_iso).
+
+    rhs_m = Js^T E[c~ h(v)], rhs_M = Js^T E[c~ c~^T h(v)] Js + Js^T E[c~ m(v)^T] + transpose.
+    h (2, n, 1), grad (2, n, 5) with terminals; the isolated ones (1,), (5,).
+    """
+    m = model.n_isolated
+    values = _class_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m)
+    iso_values = _iso_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m, model.mask_self)
+    a1 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values, 1)  # (2, n-1, 3, 6)
+    a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values[..., :1], 2)[..., 0]  # (2, n-1, 3, 3)
+    i1 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values, 1)  # (3, 6)
+    i2 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values[..., :1], 2)[..., 0]
+    p1, ip1 = _project(rows.jac, a1), _project(rows.iso_jac, i1)  # (2, n-1, 5, 6), (5, 6)
+    rhs_m, rhs_m_iso = p1[..., 0], ip1[..., 0]
+    cross, iso_cross = p1[..., 1:], ip1[..., 1:]  # Js^T E[c~ m(v)^T]
+    rhs_big = _project2(rows.jac, a2) + cross + jnp.swapaxes(cross, -1, -2)
+    rhs_big_iso = _project2(rows.iso_jac, i2) + iso_cross + iso_cross.T
+    return rhs_m, rhs_m_iso, rhs_big, rhs_big_iso
+
+
+def _score_source(rows: _Rows, n: int, model: ModelSpec):
+    """Right-hand side of F: sum_v P(u, v) psi psi^T = Js^T Cov_P(c) Js, chains (2, n-1, 5, 5) and isolated."""
+    m = model.n_isolated
+    ones = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)
+    iso_ones = _iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, model.mask_self)
+    a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, ones, 2)[..., 0]
+    i2 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_ones, 2)[..., 0]
+    return _project2(rows.jac, a2), _project2(rows.iso_jac, i2)
+
+
+def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, ...]:
+    """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, 5), (n-1, 5, 5) x2."""
+    rows = _chain_rows(theta_array, n, model, start)
+    f_src, f_src_iso = _score_source(rows, n, model)
+    flat5 = lambda x: x.reshape(x.shape[:-2] + (25,))
+    if model.max_len is None:
+        one_zero = jnp.concatenate([jnp.ones(1), jnp.zeros(25)])
+        rhs = jnp.concatenate([jnp.zeros((2, n - 1, 1)), flat5(f_src)], axis=-1)
+        rhs_iso = jnp.concatenate([jnp.zeros(1), flat5(f_src_iso)])
+        g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, jnp.zeros(26))
+        h, h_iso, big_f = g[..., :1], g_iso[:1], g[:, : n - 1, 1:]
+        zero5 = jnp.zeros(5)
+        rhs_m, rhs_m_iso, _, _ = _moment_sources(rows, n, model, h, h_iso, jnp.zeros((2, n, 5)), zero5)
+        grad, grad_iso = _absorbing_solve(rows, n, model, rhs_m, rhs_m_iso, zero5, zero5)
+        _, _, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h, h_iso, grad, grad_iso)
+        zero25 = jnp.zeros(25)
+        big_m, _ = _absorbing_solve(rows, n, model, flat5(rhs_big), flat5(rhs_big_iso), zero25, zero25)
+        big_m = big_m[:, : n - 1]
+    else:
+        h, h_iso, grad, grad_iso, big_m, big_f = _capped_moments(rows, n, model, f_src, f_src_iso)
+        big_m, big_f = flat5(big_m), flat5(big_f)
+    return (
+        h[0, : n - 1, 0],
+        grad[0, : n - 1],
+        big_m[0].reshape(n - 1, 5, 5),
+        big_f[0].reshape(n - 1, 5, 5),
+    )
+
+
+def _capped_moments(rows: _Rows, n: int, model: ModelSpec, f_src, f_src_iso):
+    """The recursions run ``model.max_len`` times from 0 (THEORY.md 7): values with k tokens left.
+
+    h_{k+1} = E[h_k(v)], m_{k+1} = E[psi h_k(v) + m_k(v)], M_{k+1} = E[psi psi^T h_k + psi m_k^T +
+    m_k psi^T + M_k(v)], F_{k+1} = E[psi psi^T + F_k(v)]; terminals h = 1 (a_n), 0 (b_n), others 0.
+    Returns chains with terminals (2, n, .) for h, m and (2, n-1, 5, 5) for M, F, plus isolated h, m.
+    """
+    m = model.n_isolated
+    terminal_h = jnp.zeros((2, 1, 1)).at[0].set(1.0)
+
+    def with_terminals(x, terminal):
+        return jnp.concatenate([x, terminal], axis=1)
+
+    def step(_, state):
+        h, h_iso, grad, grad_iso, big_m, big_m_iso, big_f, big_f_iso = state
+        h_full = with_terminals(h, terminal_h)
+        grad_full = with_terminals(grad, jnp.zeros((2, 1, 5)))
+        stacked = jnp.concatenate([
+            h_full, grad_full,
+            with_terminals(big_m.reshape(2, n - 1, 25), jnp.zeros((2, 1, 25))),
+            with_terminals(big_f.reshape(2, n - 1, 25), jnp.zeros((2, 1, 25))),
+        ], axis=-1)
+        stacked_iso = jnp.concatenate([h_iso, grad_iso, big_m_iso.reshape(25), big_f_iso.reshape(25)])
+        a0 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, _class_values(stacked, stacked_iso, n, m), 0)
+        i0 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar,
+                           _iso_values(stacked, stacked_iso, n, m, model.mask_self), 0)
+        rhs_m, rhs_m_iso, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h_full, h_iso, grad_full, grad_iso)
+        return (
+            a0[..., :1], i0[:1],
+            a0[..., 1:6] + rhs_m, i0[1:6] + rhs_m_iso,
+            a0[..., 6:31].reshape(2, n - 1, 5, 5) + rhs_big, i0[6:31].reshape(5, 5) + rhs_big_iso,
+            a0[..., 31:].reshape(2, n - 1, 5, 5) + f_src, i0[31:].reshape(5, 5) + f_src_iso,
+        )
+
+    init = (
+        jnp.zeros((2, n - 1, 1)), jnp.zeros(1), jnp.zeros((2, n - 1, 5)), jnp.zeros(5),
+        jnp.zeros((2, n - 1, 5, 5)), jnp.zeros((5, 5)), jnp.zeros((2, n - 1, 5, 5)), jnp.zeros((5, 5)),
+    )
+    h, h_iso, grad, grad_iso, big_m, _, big_f, _ = jax.lax.fori_loop(0, model.max_len, step, init)
+    return with_terminals(h, terminal_h), h_iso, with_terminals(grad, jnp.zeros((2, 1, 5))), grad_iso, big_m, big_f
+
+
+def _require_prompt_context(model: ModelSpec) -> None:
+    if model.context != "prompt":
+        raise ValueError(
+            f"context must be 'prompt' for closed-form noise (got {model.context!r}); "
+            "the 'history' context is not Markov: estimate it with gradflow.noise.sample_scores"
+        )
+
+
+@eqx.filter_jit
+def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moments:
+    n = task.n
+    if model.attention == "linear":
+        h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None)
+    else:
+        at_start = lambda s: jax.tree.map(lambda x: x[s - 1], _chain_moments(theta_array, n, model, s))
+        h, grad, big_m, big_f = jax.vmap(at_start)(jnp.arange(1, n))
+    return Moments(h[::-1], grad[::-1], big_m[::-1], big_f[::-1])
+
+
+def _theta_array(theta) -> jnp.ndarray:
+    return theta.as_array() if isinstance(theta, Theta) else jnp.asarray(theta, dtype=float)
+
+
+def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
+    """h, m = E[R S], M = E[R S S^T], F = E[S S^T] for each start a_{n-d}, by d = 1..n-1 (``Moments``).
+
+    ``theta``: a Theta or a (5,) array.  Uncapped: three O(n) structured solves; ``model.max_len`` set:
+    max_len steps of the recursions.  jit/vmap-able.
+    """
+    _require_prompt_context(model)
+    return _moments_per_start(_theta_array(theta), task, model)
+
+
+class GradientNoise(NamedTuple):
+    """Per-rollout estimator g = (R - b) S: covariance (5, 5) and mean (5,) (= grad J)."""
+
+    covariance: jnp.ndarray
+    mean: jnp.ndarray
+
+
+def _baseline_value(baseline, reward):
+    if isinstance(baseline, str):
+        check_choice("baseline", baseline, BASELINES)
+        return reward if baseline == "mean" else jnp.zeros_like(reward)
+    return jnp.asarray(baseline, dtype=float)
+
+
+def _second_moment(big_m, big_f, b):
+    """E[(R - b)^2 S S^T] = (1 - 2b) E[R S S^T] + b^2 E[S S^T] (R in {0, 1})."""
+    b = b[..., None, None]
+    return (1.0 - 2.0 * b) * big_m + b * b * big_f
+
+
+def gradient_covariance(theta, task: ChainTask, model: ModelSpec, baseline="mean") -> GradientNoise:
+    """Covariance and mean of the per-rollout REINFORCE estimator g = (R - b) S, S = sum_t psi.
+
+    Over the start distribution ``task.start_probs`` and the rollout.  baseline: "mean" (b = J(theta),
+    the large-batch limit of the batch-mean baseline), "none" (b = 0) or a number.  Returns
+    ``GradientNoise(covariance, mean)`` in (alpha, beta, gamma, eta, delta); mean = grad J to round-off.
+    A batch of B independent rollouts has covariance covariance / B (``batch_covariance``).
+    """
+    mo = moments_per_start(theta, task, model)
+    p = task.start_probs
+    reward = p @ mo.reward
+    mean = p @ mo.grad
+    b = _baseline_value(baseline, reward)
+    second = jnp.einsum("d,dij->ij", p, _second_moment(mo.reward_second, mo.score_second, jnp.broadcast_to(b, mo.reward.shape)))
+    return GradientNoise(second - jnp.outer(mean, mean), mean)
+
+
+def _pooled(mo: Moments, p):
+    """Start-weighted J, grad J, E[R S S^T], E[S S^T]."""
+    return (p @ mo.reward, p @ mo.grad, jnp.einsum("d,dij->ij", p, mo.reward_second),
+            jnp.einsum("d,dij->ij", p, mo.score_second))
+
+
+def _batch_noise(theta_array, task: ChainTask, model: ModelSpec, batch, baseline: str) -> GradientNoise:
+    """``batch_covariance`` with a traced ``batch`` (no checks)."""
+    reward, mean, big_m, big_f = _pooled(_moments_per_start(theta_array, task, model), task.start_probs)
+    outer = jnp.outer(mean, mean)
+    if baseline == "none":
+        return GradientNoise((big_m - outer) / batch, mean)
+    sigma = (1.0 - 2.0 * reward) * big_m + reward**2 * big_f - outer
+    if baseline == "mean":
+        return GradientNoise(sigma / batch, mean)
+    extra = (reward * (1.0 - reward) * big_f + outer) / (batch - 1)
+    return GradientNoise((sigma + extra) / batch, mean)
+
+
+def batch_covariance(theta, task: ChainTask, model: ModelSpec, batch: int, baseline: str = "leave_one_out") -> GradientNoise:
+    """Covariance of the batch estimator (1/B) sum_i (R_i - b_i) S_i of B independent rollouts, and its mean.
+
+    "mean" / "none": Sigma / B with b = J / 0.  "leave_one_out" (b_i = mean of the other B-1 rewards,
+    what ``gradflow.sampling`` uses; exactly unbiased): exactly
+    (Sigma_mean + (J (1 - J) E[S S^T] + grad J grad J^T) / (B - 1)) / B, where Sigma_mean is the
+    per-rollout covariance with b = J (expand the U-statistic: only pairs that share a rollout survive).
+    """
+    check_choice("baseline", baseline, BATCH_BASELINES)
+    batch = check_int("batch", batch, 2 if baseline == "leave_one_out" else 1)
+    _require_prompt_context(model)
+    return _batch_noise(_theta_array(theta), task, model, float(batch), baseline)
+
+
+# --------------------------------------------------------------------------------------------------
+# Critical batch
+# --------------------------------------------------------------------------------------------------
+
+
+class CriticalBatch(NamedTuple):
+    """trace(Sigma) / |grad J|^2: the batch at which the estimator's signal-to-noise ratio is 1.
+
+    total: for the task; per_start (n-1,): for the task concentrated on d (entry d-1), baseline b = h_d
+    for "mean".  inf where the gradient is 0 (|grad| <= 1e-12 sqrt(trace Sigma): round-off level).
+    """
+
+    total: jnp.ndarray
+    per_start: jnp.ndarray
+
+
+def _ratio(trace, grad_sq):
+    zero = grad_sq <= (ZERO_GRADIENT_RTOL**2) * trace
+    return jnp.where(zero, jnp.inf, trace / jnp.where(zero, 1.0, grad_sq))
+
+
+def critical_batch(theta, task: ChainTask, model: ModelSpec, baseline: str = "mean") -> CriticalBatch:
+    """trace(Sigma) / |grad J|^2 for the task and per start distance d (``CriticalBatch``).
+
+    Reduced coordinates (alpha, beta, gamma, eta, delta); with linear attention eta and delta carry no
+    noise and no signal.  Batches B >> critical follow the flow; B << critical are noise-dominated.
+    """
+    mo = moments_per_start(theta, task, model)
+    p = task.start_probs
+    reward, mean = p @ mo.reward, p @ mo.grad
+    b = _baseline_value(baseline, reward)
+    second = jnp.einsum("d,dij->ij", p, _second_moment(mo.reward_second, mo.score_second, jnp.broadcast_to(b, mo.reward.shape)))
+    total = _ratio(jnp.trace(second) - mean @ mean, mean @ mean)
+    b_d = _baseline_value(baseline, mo.reward)
+    trace_d = jnp.trace(_second_moment(mo.reward_second, mo.score_second, jnp.broadcast_to(b_d, mo.reward.shape)), axis1=-2, axis2=-1)
+    grad_sq = jnp.sum(mo.grad**2, axis=-1)
+    return CriticalBatch(total, _ratio(trace_d - grad_sq, grad_sq))
+
+
+def critical_batch_along(trajectory, baseline: str = "mean") -> CriticalBatch:
+    """``critical_batch`` at every save of a flow ``Trajectory`` (total (T,), per_start (T, n-1)).
+
+    Uses the task the flow ascends at each save (``config.training_task(t)``) for ``total``; saves
+    that are NaN (after a requested stop) give NaN.
+    """
+    config = trajectory.config
+    thetas = np.asarray(trajectory.theta)
+    ts = np.asarray(trajectory.ts)
+    valid = np.isfinite(ts) & np.all(np.isfinite(thetas), axis=1)
+    safe_t = jnp.asarray(np.where(valid, ts, 0.0))
+    safe_theta = jnp.asarray(np.where(valid[:, None], thetas, 0.0))
+    out = _critical_along(config, safe_t, safe_theta, baseline)
+    total = np.where(valid, np.asarray(out.total), np.nan)
+    per_start = np.where(valid[:, None], np.asarray(out.per_start), np.nan)
+    return CriticalBatch(total, per_start)
+
+
+@eqx.filter_jit
+def _critical_along(config, ts, thetas, baseline):
+    one = lambda t, x: critical_batch(x, config.training_task(t), config.model, baseline)
+    return jax.vmap(one)(ts, thetas)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stochastic flow
+# --------------------------------------------------------------------------------------------------
+
+
+class _ClockAndNoise(diffrax.AbstractPath):
+    """The control (t, W(t)) in R^{1+5}: one vector field [drift | diffusion] times d(t, W)."""
+
+    brownian: diffrax.VirtualBrownianTree
+    t0: float
+    t1: float
+
+    def evaluate(self, t0, t1=None, left=True):
+        if t1 is None:
+            return jnp.concatenate([jnp.atleast_1d(jnp.asarray(t0, dtype=float)), self.brownian.evaluate(t0, left=left)])
+        return jnp.concatenate([jnp.atleast_1d(jnp.asarray(t1 - t0, dtype=float)), self.brownian.evaluate(t0, t1, left=left)])
+
+
+def _matrix_sqrt(cov):
+    """Symmetric square root by eigendecomposition, eigenvalues clipped at 0 (round-off negatives)."""
+    cov = 0.5 * (cov + cov.T)
+    values, vectors = jnp.linalg.eigh(cov)
+    return (vectors * jnp.sqrt(jnp.clip(values, 0.0))) @ vectors.T
+
+
+def _noise_field(flow_params, lr, batch: int, baseline: str):
+    """(t, y) -> [grad J | sqrt(lr) Cov(batch estimator)^{1/2}] of shape (5, 6)."""
+
+    def field(t, y, args):
+        task = flow_params.training_task(t)
+        noise = _batch_noise(y, task, flow_params.model, batch, baseline)
+        return jnp.concatenate([noise.mean[:, None], jnp.sqrt(lr) * _matrix_sqrt(noise.covariance)], axis=1)
+
+    return field
+
+
+@dataclass
+class SGDPaths:
+    """Per-seed solutions of the SGD diffusion (``simulate_sgd``).
+
+    ts (T,): save times (flow time t = lr * step); theta (S, T, 5); reward (S, T): J on ``config.task``;
+    level: the reward level of ``hit_times`` (S,): first crossing on the save grid (linear
+    interpolation), inf where not reached by the last save (counted, never dropped).  diverged (S,):
+    the path became non-finite (saves NaN from then on; its hit time counts only crossings before).
+    Uncapped models diverge where the rollouts become astronomically long (gamma/tau >> 1: the walk
+    hops among degree-2 vertices and the terminals have degree 1), a region very small batches can
+    diffuse into; sampled training truncates rollouts there (50 n tokens), so give the model that
+    cap (``ModelSpec(max_len=...)``) to follow it.
+    """
+
+    config: object
+    lr: float
+    batch: int
+    baseline: str
+    dt: float
+    ts: np.ndarray
+    theta: np.ndarray
+    reward: np.ndarray
+    level: float
+    hit_times: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def reached(self) -> np.ndarray:
+        return np.isfinite(self.hit_times)
+
+    @property
+    def diverged(self) -> np.ndarray:
+        return ~np.all(np.isfinite(self.theta), axis=(1, 2))
+
+    def time_to(self, level: float) -> np.ndarray:
+        """First crossing of ``level`` per seed (inf where not reached)."""
+        return _hit_times(self.ts, self.reward, level)
+
+    def hit_summary(self, level: float | None = None) -> dict:
+        """Distribution of the time to ``level`` (default ``self.level``) over seeds.
+
+        n_seeds, n_reached, n_not_reached, n_diverged (non-finite paths, see the class); mean, std and
+        standard error over the seeds that reached (None if none did); quantiles 10/25/50/75/90 % over all seeds with "not reached" as +inf
+        (None where the quantile is not reached).
+        """
+        times = self.hit_times if level is None else self.time_to(level)
+        reached = times[np.isfinite(times)]
+        q = np.quantile(times, [0.1, 0.25, 0.5, 0.75, 0.9], method="inverted_cdf") if times.size else []
+        summary = {
+            "level": float(self.level if level is None else level),
+            "n_seeds": int(times.size),
+            "n_reached": int(reached.size),
+            "n_not_reached": int(times.size - reached.size),
+            "n_diverged": int(np.sum(self.diverged)),
+            "mean": float(reached.mean()) if reached.size else None,
+            "std": float(reached.std(ddof=1)) if reached.size > 1 else None,
+            "sem": float(reached.std(ddof=1) / np.sqrt(reached.size)) if reached.size > 1 else None,
+        }
+        summary["quantiles"] = {f"{int(round(100 * p))}": (float(v) if np.isfinite(v) else None)
+                                for p, v in zip((0.1, 0.25, 0.5, 0.75, 0.9), q)}
+        return summary
+
+
+def _hit_times(ts, rewards, level) -> np.ndarray:
+    from gradflow._series import first_crossing
+
+    out = [first_crossing(ts, r, level) for r in np.asarray(rewards)]
+    return np.array([np.inf if t is None else t for t in out])
+
+
+@eqx.filter_jit
+def _sde_solve(flow_params, y0, lr, keys, dt, t0, t1, save_ts, n_steps: int, batch, baseline: str):
+    field_fn = _noise_field(flow_params, lr, batch, baseline)
+    model = flow_params.model
+
+    def one(key):
+        brownian = diffrax.VirtualBrownianTree(t0, t1, tol=dt / 8.0, shape=(5,), key=key)
+        term = diffrax.ControlTerm(field_fn, _ClockAndNoise(brownian, t0, t1))
+        solution = diffrax.diffeqsolve(
+            term, diffrax.Euler(), t0, t1, dt, y0,
+            saveat=diffrax.SaveAt(ts=save_ts), max_steps=n_steps + 2, throw=False,
+        )
+        return solution.ys, solution.result == diffrax.RESULTS.successful
+
+    thetas, ok = jax.vmap(one)(keys)
+    from gradflow.objective import expected_reward
+
+    reward = jax.vmap(jax.vmap(lambda x: expected_reward(Theta.from_array(x), flow_params.task, model)))(thetas)
+    return thetas, reward, ok
+
+
+def simulate_sgd(flow_params, lr: float, batch: int, keys, *, baseline: str = "mean", level: float | None = None,
+                 t1: float | None = None, dt: float | None = None, save_every: int | None = None) -> SGDPaths:
+    """SGD with rate lr and batch B in the diffusion limit, on the flow's time axis t = lr * step:
+
+        d theta = grad J dt + sqrt(lr) Cov_B(theta)^{1/2} dW,   Cov_B = Sigma / B for baseline "mean",
+
+    (``batch_covariance``: "none", or "leave_one_out", exactly what ``gradflow.sampling.train`` steps
+    on).  Integrated with diffrax: Euler-Maruyama (Ito, as SGD: the noise is evaluated at the start of
+    each step) with step ``dt`` (default lr: the SGD grid itself, so the drift's O(lr) discretisation
+    is SGD's), a ``VirtualBrownianTree`` (tol dt/8) per key, Sigma^{1/2} by a symmetric
+    eigendecomposition with eigenvalues clipped at 0.  All keys in one vmapped compilation.
+
+    keys: an array of jax PRNG keys (one per seed).  Saves every ``save_every`` steps (default: every
+    step up to 20000 steps, else 20000 saves) from t0 to t1 (default ``flow_params.t1``); reward is J on
+    ``flow_params.task``; hit_times: first crossing of ``level`` (default reward_threshold), inf if
+    not reached.  Coordinates "reduced" only; a schedule is honoured through ``training_task(t)``.
+    """
+    check_positive("lr", lr)
+    check_choice("baseline", baseline, BATCH_BASELINES)
+    batch = check_int("batch", batch, 2 if baseline == "leave_one_out" else 1)
+    if flow_params.coords != "reduced":
+        raise ValueError("simulate_sgd: coords must be 'reduced' (the full-matrix noise is not in the five numbers)")
+    _require_prompt_context(flow_params.model)
+    dt = float(lr if dt is None else dt)
+    check_positive("dt", dt)
+    t0 = float(flow_params.t0)
+    t1 = float(flow_params.t1 if t1 is None else t1)
+    if not t1 > t0:
+        raise ValueError(f"t1 must be > t0, got t0={t0}, t1={t1}")
+    n_steps = int(np.ceil((t1 - t0) / dt - 1e-9))
+    t1 = t0 + n_steps * dt
+    if save_every is None:
+        save_every = max(1, int(np.ceil(n_steps / 20_000)))
+    save_every = check_int("save_every", save_every, 1)
+    save_ts = t0 + dt * np.arange(0, n_steps + 1, save_every)
+    keys = jnp.asarray(keys)
+    if keys.ndim == 0 or (not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) and keys.ndim == 1):
+        keys = keys[None]
+    level = float(flow_params.reward_threshold if level is None else level)
+    start = time.perf_counter()
+    thetas, reward, ok = _sde_solve(
+        flow_params, flow_params.theta0.as_array(), jnp.asarray(lr, dtype=float), keys,
+        jnp.asarray(dt), jnp.asarray(t0), jnp.asarray(t1), jnp.asarray(save_ts), n_steps, jnp.asarray(float(batch)), baseline,
+    )
+    thetas, reward, ok = jax.device_get((thetas, reward, ok))
+    seconds = time.perf_counter() - start
+    if not np.all(ok):
+        raise RuntimeError("simulate_sgd: the SDE solve failed for some seeds")
+    stats = {"seconds": seconds, "steps": n_steps, "seeds": int(thetas.shape[0]), "save_every": save_every}
+    return SGDPaths(flow_params, float(lr), batch, baseline, dt, np.asarray(save_ts), np.asarray(thetas),
+                    np.asarray(reward), level, _hit_times(save_ts, reward, level), stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-level samples of (R, S)
+# --------------------------------------------------------------------------------------------------
+
+
+class ScoreSamples(NamedTuple):
+    """Per-rollout reward (B,), score S = grad log p(path) in the five numbers (B, 5), distance d (B,)."""
+
+    rewards: jnp.ndarray
+    scores: jnp.ndarray
+    distances: jnp.ndarray
+
+
+def sample_scores(theta, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None) -> ScoreSamples:
+    """Token-level rollouts (``gradflow.sampling.rollouts``) and each path's score in the five numbers.
+
+    The path is replayed through ``gradflow.sampling.path_log_prob`` (full attention matrix built from
+    theta) and differentiated in forward mode.  max_len: the cap (default ``model.max_len``, else the
+    sampler's truncation).
+    """
+    from gradflow import sampling
+
+    theta = theta if isinstance(theta, Theta) else Theta.from_array(theta)
+    n_vocab = 2 * task.n + model.n_isolated
+    if max_len is None:
+        max_len = model.max_len
+    ro = sampling.rollouts(sampling.full_attention(theta, n_vocab), task, model, key, batch, max_len)
+    return ScoreSamples(ro.rewards, _replay_scores(theta.as_array(), ro, task.n, n_vocab, model), ro.distances)
+
+
+@eqx.filter_jit
+def _replay_scores(theta_array, ro, n: int, n_vocab: int, model: ModelSpec):
+    from gradflow import sampling
+
+    start = n - ro.distances - 1
+
+    def log_probs(x):
+        a = sampling.full_attention(Theta.from_array(x), n_vocab)
+        return jax.vmap(lambda lab, p, s: sampling.path_log_prob(a, lab, p, s, n, model))(ro.labels, ro.paths, start)
+
+    return jax.jacfwd(log_probs)(theta_array)

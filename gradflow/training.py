@@ -1,0 +1,390 @@
+"""Discrete training: exact-gradient descent with any optax optimizer, and sampled REINFORCE.
+
+``gradient_descent`` ascends the exact reward J (capped when ``model.max_len`` is set, see
+``gradflow.capped``) with one ``lax.scan``; ``train`` ascends the REINFORCE estimate of sampled
+rollouts (leave-one-out baseline, ``gradflow.sampling``).  Both record theta, J and the read-outs
+(closed form, capped when the model is, and greedy decoding) at every step, as a
+``TrainingTrajectory`` on the time axis t_k = t0 + lr * k.
+
+Time axes.  SGD with rate lr is the gradient flow sampled at t = lr * k, up to O(lr) (THEORY.md 4).
+Adam is not: its step is lr * m_k / (sqrt(v_k) + eps), a per-coordinate rescaling of the gradient
+by a running root-mean-square, so while a coordinate's gradient keeps its sign each coordinate moves
+about lr per step whatever the gradient's size (the flow of sign(grad J), not of grad J), and the
+size of the gradient only shows when it changes sign or shrinks below eps.  So t = lr * k for Adam
+is "distance a coordinate may have moved", not flow time: Adam on the exact gradient is the
+noise-free counterpart of the authors' runs (REINFORCE + Adam), and it escapes plateaus where the
+flow crawls (a tiny gradient is amplified to a step of ~lr).  ``coords="full"`` divides each
+coordinate's gradient by its orbit size (the flow of the full matrix A on the symmetric subspace);
+for SGD this rescales time per coordinate, for Adam it changes almost nothing (Adam is invariant to a
+constant per-coordinate scale, up to eps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradflow import capped, greedy, objective
+from gradflow._checks import check_choice, check_int, check_positive
+from gradflow.flow import FlowParams, Trajectory
+from gradflow.model import ModelSpec, Theta, orbit_sizes, step_probabilities
+from gradflow.sampling import _rollouts, full_attention, orbit_statistics, resolve_max_len, surrogate
+from gradflow.task import ChainTask
+
+OPTIMIZERS = ("sgd", "adam")  # the common ones; any optax optimizer name is accepted
+COORDS = ("reduced", "full")
+PARAM_KINDS = COORDS  # old name (``train(params=...)``)
+
+__all__ = ["TrainConfig", "TrainingTrajectory", "gradient_descent", "train", "readouts_at", "reward_function",
+           "OPTIMIZERS", "COORDS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_optimizer(optimizer) -> None:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return
+    if not isinstance(optimizer, str) or not callable(getattr(optax, optimizer, None)) or optimizer.startswith("_"):
+        raise ValueError(f"optimizer must be an optax optimizer name such as {list(OPTIMIZERS)} "
+                         f"(or an optax.GradientTransformation), got {optimizer!r}")
+
+
+def _make_optimizer(optimizer, lr) -> optax.GradientTransformation:
+    """An optax transformation: ``optax.<name>(lr)`` for a name, or the given transformation."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    try:
+        return getattr(optax, optimizer)(lr)
+    except TypeError as error:
+        raise ValueError(f"optimizer {optimizer!r}: optax.{optimizer}(learning_rate) failed ({error})") from error
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of discrete training (the problem itself, task/model/theta0/schedule, is a FlowParams).
+
+    lr: step size; steps: number of updates; batch: rollouts per step (sampled ``train`` only);
+    optimizer: "sgd", "adam" or any optax optimizer name (``optax.<name>(lr)``), or an
+    ``optax.GradientTransformation`` (then ``lr`` only sets the time axis, and each new instance
+    recompiles); coords: "reduced" (the five numbers) or "full" (sampled: the full matrix A;
+    exact: the full-matrix flow, gradient divided by orbit sizes; None, the default: "reduced" for
+    sampled training, the FlowParams' coords for exact gradient descent);
+    max_len: rollout cap of sampled training (None: ``sampling.resolve_max_len``, i.e. the model's
+    cap if set, else 50 n).
+    """
+
+    lr: float
+    steps: int
+    batch: int | None = None
+    optimizer: object = "sgd"
+    coords: str | None = None
+    max_len: int | None = None
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_int("steps", self.steps, 1)
+        if self.batch is not None:
+            check_int("batch", self.batch, 2)
+        _check_optimizer(self.optimizer)
+        if self.coords is not None:
+            check_choice("coords", self.coords, COORDS)
+        if self.max_len is not None:
+            check_int("max_len", self.max_len, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Read-outs (capped when the model is)
+# --------------------------------------------------------------------------------------------------
+
+
+def reward_function(model: ModelSpec):
+    """J(theta, task, model): ``gradflow.capped.expected_reward`` when ``model.max_len`` is set,
+    else ``gradflow.objective.expected_reward``."""
+    return capped.expected_reward if model.max_len is not None else objective.expected_reward
+
+
+def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Exact read-outs at one theta (5,), capped when ``model.max_len`` is set.
+
+    reward, success_per_start (n-1,), reach_probability and reach_per_start (1 without a cap),
+    expected_length (E[min(L, max_len)] with a cap), traversal_prob, forward_prob and switch_prob
+    per position (given that the walk moves), and the greedy read-outs (``gradflow.greedy``):
+    greedy_accuracy, greedy_conditional_accuracy, greedy_reach_rate, greedy_traversal_accuracy,
+    greedy_tie_rate and greedy_correct / greedy_reached per start.
+    """
+    th = Theta.from_array(theta)
+    steps = step_probabilities(th, task.n, model)
+    stay = steps.stay if hasattr(steps, "stay") else steps.self
+    if model.max_len is not None:
+        per = capped.per_start(th, task, model)
+        success, reach, length, traversal = per.success, per.reach, per.length, per.traversal
+    else:
+        success = objective.same_side_probability(th, task, model)
+        reach = jnp.ones_like(success)
+        length = objective.length_per_start(th, task, model)
+        traversal = objective.traversal_per_start(th, task, model)
+    weigh = lambda x: jnp.sum(task.start_probs * x)
+    g = greedy._summarise(greedy._greedy_per_start(th, task, model, model.max_len, "first", greedy.DEFAULT_TIE_TOL),
+                          task.start_probs)
+    return {
+        "reward": weigh(success),
+        "forward_prob": steps.forward_given_move,
+        "switch_prob": steps.switch / (1.0 - stay),
+        "expected_length": weigh(length),
+        "traversal_prob": weigh(traversal),
+        "success_per_start": success,
+        "reach_per_start": reach,
+        "reach_probability": weigh(reach),
+        "greedy_accuracy": g.accuracy,
+        "greedy_conditional_accuracy": g.conditional_accuracy,
+        "greedy_reach_rate": g.reach_rate,
+        "greedy_traversal_accuracy": g.traversal_accuracy,
+        "greedy_tie_rate": g.tie_rate,
+        "greedy_correct": g.per_start.correct.astype(float),
+        "greedy_reached": g.per_start.reached.astype(float),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The trajectory
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingTrajectory(Trajectory):
+    """Discrete training, recorded at ts = t0 + lr * step, step = 0..steps; a flow ``Trajectory`` plus:
+
+    sampled_reward (T,): mean reward of the batch drawn at that step (NaN for exact gradient
+    descent); theta_std (T, 5): within-orbit standard deviation of A (0 when training the five
+    numbers); success_per_start, reach_per_start (T, n-1) and reach_probability (T,): exact
+    (capped) read-outs; greedy_* : greedy decoding read-outs (``gradflow.greedy``, tie rule
+    "first"), scalars (T,) and greedy_correct / greedy_reached per start (T, n-1).  theta is the
+    five numbers (coords="full" in sampled training: the orbit means of A) and every exact field is
+    evaluated there, on ``config.task``, capped when ``config.model.max_len`` is set.  events: first
+    recorded time the exact reward reaches the config's reward_threshold / 1 - convergence_loss.
+    """
+
+    sampled_reward: np.ndarray | None = None
+    theta_std: np.ndarray | None = None
+    success_per_start: np.ndarray | None = None
+    reach_per_start: np.ndarray | None = None
+    reach_probability: np.ndarray | None = None
+    greedy_accuracy: np.ndarray | None = None
+    greedy_conditional_accuracy: np.ndarray | None = None
+    greedy_reach_rate: np.ndarray | None = None
+    greedy_traversal_accuracy: np.ndarray | None = None
+    greedy_tie_rate: np.ndarray | None = None
+    greedy_correct: np.ndarray | None = None
+    greedy_reached: np.ndarray | None = None
+
+    ARRAYS = Trajectory.ARRAYS + (
+        "sampled_reward", "theta_std", "success_per_start", "reach_per_start", "reach_probability",
+        "greedy_accuracy", "greedy_conditional_accuracy", "greedy_reach_rate", "greedy_traversal_accuracy",
+        "greedy_tie_rate", "greedy_correct", "greedy_reached",
+    )
+
+    @property
+    def steps(self) -> np.ndarray:
+        """The step index k of every record (0..steps)."""
+        return np.arange(self.ts.shape[0])
+
+    def t_hit(self, level: float) -> float | None:
+        """First recorded step time with exact reward >= ``level`` (no flow re-solve), None if never."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must lie in (0, 1), got {level}")
+        return _first_time(self.ts, self.reward, level)
+
+
+def _first_time(ts: np.ndarray, reward: np.ndarray, level: float) -> float | None:
+    """First recorded t with reward >= level (no interpolation: a step time), None if never."""
+    hit = np.nonzero(np.asarray(reward) >= level)[0]
+    return float(ts[hit[0]]) if hit.size else None
+
+
+def _make_trajectory(flow_params: FlowParams, lr, record: dict, stats: dict) -> TrainingTrajectory:
+    record = {k: np.asarray(v) for k, v in jax.device_get(record).items()}
+    ts = np.asarray(flow_params.t0 + lr * np.arange(record["theta"].shape[0]))
+    events = {
+        "reward_threshold": _first_time(ts, record["reward"], float(flow_params.reward_threshold)),
+        "converged": _first_time(ts, record["reward"], 1.0 - float(flow_params.convergence_loss)),
+    }
+    return TrainingTrajectory(config=flow_params, ts=ts, events=events, stats=stats, **record)
+
+
+@eqx.filter_jit
+def _metrics_along(task: ChainTask, model: ModelSpec, thetas: jnp.ndarray) -> dict:
+    """``readouts_at`` at every recorded theta; compiled apart from the training scan, so runs that
+    differ only in optimizer, steps' values or coords share it."""
+    return jax.vmap(lambda x: readouts_at(task, model, x))(thetas)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact-gradient training
+# --------------------------------------------------------------------------------------------------
+
+
+def exact_gradient(flow_params: FlowParams, t, theta: jnp.ndarray, coords: str = "reduced") -> jnp.ndarray:
+    """grad J at the training task of time t (capped if the model is); divided by the orbit sizes
+    for coords="full" (the vector field of the full-matrix flow)."""
+    model = flow_params.model
+    reward = reward_function(model)
+    grad = jax.grad(lambda x: reward(Theta.from_array(x), flow_params.training_task(t), model))(theta)
+    return grad / orbit_sizes(flow_params.vocabulary_size) if coords == "full" else grad
+
+
+@eqx.filter_jit
+def _gradient_descent(flow_params, lr, steps: int, optimizer, coords: str):
+    opt = _make_optimizer(optimizer, lr)
+
+    def step(carry, k):
+        theta, opt_state = carry
+        grad = exact_gradient(flow_params, flow_params.t0 + lr * k, theta, coords)
+        updates, opt_state = opt.update(-grad, opt_state, theta)
+        return (optax.apply_updates(theta, updates), opt_state), theta
+
+    theta0 = flow_params.theta0.as_array()
+    (final, _), thetas = jax.lax.scan(step, (theta0, opt.init(theta0)), jnp.arange(steps))
+    thetas = jnp.concatenate([thetas, final[None]])
+    return {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)}
+
+
+def _config(config, **given) -> TrainConfig:
+    """A TrainConfig from ``config`` with the explicitly given (non-None) fields replaced."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if config is None:
+        missing = [k for k in ("lr", "steps") if k not in given]
+        if missing:
+            raise ValueError(f"{missing[0]} is required (or pass config=TrainConfig(...))")
+        return TrainConfig(**given)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a gradflow.training.TrainConfig, got {type(config).__name__}")
+    return dataclasses.replace(config, **given)
+
+
+def gradient_descent(
+    flow_params: FlowParams,
+    lr: float | None = None,
+    steps: int | None = None,
+    optimizer=None,
+    coords: str | None = None,
+    *,
+    config: TrainConfig | None = None,
+) -> TrainingTrajectory:
+    """Exact-gradient ascent on J from ``flow_params.theta0``: theta_{k+1} = optimizer(theta_k, grad J).
+
+    grad J is the exact gradient at the training task of time t_k = t0 + lr k (a schedule is
+    honoured), of the capped reward when ``flow_params.model.max_len`` is set.  optimizer: "sgd"
+    (default: theta_{k+1} = theta_k + lr grad J, the flow sampled at t = lr k), "adam" or any optax
+    name; coords: "reduced" or "full" (default: ``flow_params.coords``).  Settings may come from
+    ``config`` (a TrainConfig; explicit arguments win).  One scan over the steps, compiled once per
+    structure; the record has steps + 1 points (theta_0 .. theta_steps), with every read-out of
+    ``readouts_at``.
+    """
+    cfg = _config(config, lr=lr, steps=steps, optimizer=optimizer, coords=coords)
+    coords = cfg.coords or flow_params.coords
+    start = time.perf_counter()
+    record = _gradient_descent(flow_params, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.optimizer, coords)
+    record = record | _metrics_along(flow_params.task, flow_params.model, record["theta"])
+    stats = {"seconds": time.perf_counter() - start, "lr": float(cfg.lr), "steps": cfg.steps,
+             "optimizer": _optimizer_name(cfg.optimizer), "coords": coords, "max_len": flow_params.model.max_len}
+    return _make_trajectory(flow_params, cfg.lr, record, stats)
+
+
+def _optimizer_name(optimizer) -> str:
+    return optimizer if isinstance(optimizer, str) else type(optimizer).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampled REINFORCE
+# --------------------------------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, optimizer, kind: str):
+    model, n_vocab = flow_params.model, flow_params.vocabulary_size
+    opt = _make_optimizer(optimizer, lr)
+    to_matrix = (lambda p: p) if kind == "full" else (lambda p: full_attention(Theta.from_array(p), n_vocab))
+    orbit = orbit_statistics if kind == "full" else (lambda p: (p, jnp.zeros(5)))
+
+    def step(carry, inputs):
+        params, opt_state = carry
+        step_key, k = inputs
+        task = flow_params.training_task(flow_params.t0 + lr * k)
+        ro = _rollouts(jax.lax.stop_gradient(to_matrix(params)), task, model, step_key, batch, max_len)
+        grad = jax.grad(lambda p: surrogate(to_matrix(p), ro, task.n, model))(params)
+        updates, opt_state = opt.update(jax.tree.map(jnp.negative, grad), opt_state, params)
+        theta, spread = orbit(params)
+        record = {"theta": theta, "theta_std": spread, "sampled_reward": jnp.mean(ro.rewards)}
+        return (optax.apply_updates(params, updates), opt_state), record
+
+    inputs = (jax.random.split(key, steps + 1), jnp.arange(steps + 1))
+    _, record = jax.lax.scan(step, (params0, opt.init(params0)), inputs)
+    return record
+
+
+def train(
+    flow_params: FlowParams,
+    lr: float | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    key=None,
+    optimizer=None,
+    coords: str | None = None,
+    max_len: int | None = None,
+    *,
+    config: TrainConfig | None = None,
+    params: str | None = None,
+) -> TrainingTrajectory:
+    """Sampled policy-gradient ascent on J from ``flow_params.theta0``: x_{k+1} = optimizer(x_k, g_k).
+
+    g_k = grad of ``sampling.surrogate`` (REINFORCE, leave-one-out baseline) on a fresh batch of
+    rollouts of the training task at t_k (``flow_params.training_task``: a schedule is honoured),
+    w.r.t. the five numbers (coords="reduced", default) or the full matrix A (coords="full", started
+    at full_attention(theta0, N), N = flow_params.vocabulary_size).  At a symmetric A the expected
+    full gradient is g_k / (N * orbit size) per entry, so SGD on A with rate lr follows the flow
+    with coords="full" at t = lr * step / N.  Rollouts stop at the cap ``max_len`` (default: the
+    model's ``max_len`` if set, else 50 n; ``sampling.resolve_max_len``).  Settings may come from
+    ``config`` (a TrainConfig; explicit arguments win); ``params=`` is the old name of ``coords=``.
+    One scan over steps, compiled once; the record has steps + 1 points (the last batch is drawn at
+    the final parameters and not applied); the exact read-outs are those of ``readouts_at``.
+    """
+    if params is not None:
+        check_choice("params", params, PARAM_KINDS)
+        if coords is not None and coords != params:
+            raise ValueError(f"params (old name of coords) = {params!r} contradicts coords = {coords!r}")
+        coords = params
+    if key is None:
+        raise ValueError("key (a jax.random key) is required")
+    cfg = _config(config, lr=lr, steps=steps, batch=batch, optimizer=optimizer, coords=coords, max_len=max_len)
+    if cfg.batch is None:
+        raise ValueError("batch is required for sampled training (rollouts per step, >= 2)")
+    kind = cfg.coords or "reduced"
+    cap = resolve_max_len(flow_params.task, flow_params.model, cfg.max_len)
+    params0 = flow_params.theta0.as_array()
+    if kind == "full":
+        params0 = full_attention(flow_params.theta0, flow_params.vocabulary_size)
+    start = time.perf_counter()
+    record = _train(flow_params, params0, key, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.batch, cap,
+                    cfg.optimizer, kind)
+    record = record | _metrics_along(flow_params.task, flow_params.model, record["theta"])
+    stats = {
+        "seconds": time.perf_counter() - start,
+        "lr": float(cfg.lr),
+        "steps": cfg.steps,
+        "batch": cfg.batch,
+        "optimizer": _optimizer_name(cfg.optimizer),
+        "coords": kind,
+        "params": kind,
+        "max_len": cap,
+    }
+    return _make_trajectory(flow_params, cfg.lr, record, stats)

