@@ -162,6 +162,7 @@ def test_simulate_many_refuses_mixed_structures():
         simulate_many([FlowParams(TASK), FlowParams(gf.ChainTask.uniform(N + 1))])
 
 
+@pytest.mark.slow
 def test_events_with_sparse_saves_fall_back_to_a_full_bracket_solve():
     """With saves only at t0 and t1 the in-solve bracket (128 steps) is too short; the event is redone."""
     sparse = simulate(FlowParams(TASK, t1=1e3, save_ts=jnp.array([0.0, 1e3])), progress=False)
@@ -185,7 +186,7 @@ from gradflow.flow import Numerics, Problem, Recording, Solution, hitting_times,
 
 
 @pytest.mark.parametrize(
-    "solver", [pytest.param(s, marks=pytest.mark.slow) if s in ("dopri8", "kvaerno5") else s for s in sorted(flow.SOLVERS)]
+    "solver", [pytest.param(s, marks=pytest.mark.slow) if s in ("dopri5", "dopri8", "kvaerno5") else s for s in sorted(flow.SOLVERS)]
 )
 def test_every_solver_runs_the_default_preset(solver):
     """Every entry of SOLVERS solves the default preset and agrees with tsit5 on t_hit(0.9) to 1e-6."""

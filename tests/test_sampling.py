@@ -202,7 +202,7 @@ def check_estimates(n, model, theta, key):
     return grad, grad_stderr, exact_grad
 
 
-@pytest.mark.parametrize("case", [FAST_CASES[0], FAST_CASES[1]], ids=case_id)
+@pytest.mark.parametrize("case", [FAST_CASES[0], pytest.param(FAST_CASES[1], marks=pytest.mark.slow)], ids=case_id)
 def test_estimates_match_exact_reward_and_gradient(case, rng):
     n, model = case
     for k in range(2):
@@ -284,6 +284,7 @@ def test_reinforce_training_follows_the_flow_long():
     check_reinforce_follows_the_flow(lr=0.05, steps=200, batch=5000, seeds=5, min_reward=0.99)
 
 
+@pytest.mark.slow
 def test_full_matrix_training_stays_symmetric_in_expectation():
     """SGD on all of A from a symmetric start: orbit means follow the flow, spreads stay sampling noise.
 

@@ -105,6 +105,7 @@ def test_only_distance_one_carries_gradient_at_uniform_policy():
     assert never is None and learns is not None, f"from theta = 0: hardest {never}, 10% on d = 1 {learns}"
 
 
+@pytest.mark.slow
 def test_distance_one_position_learns_first(uniform8):
     report = theory.phases(uniform8)
     first = report.order[0]
@@ -274,6 +275,7 @@ def test_easy_mass_polynomial_up_to_n14():
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_log_time_learning_time_matches_the_flow_event(uniform8):
     # the flow steps in t and root-finds its event; learning_time steps in s = log(1 + t)
     t = theory.learning_time(ChainTask.uniform(8))
