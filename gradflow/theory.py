@@ -722,8 +722,17 @@ def _learning_solve(params: FlowParams):
     return t_stop, fired, reward(y_stop), steps, result
 
 
-_learning_one = jax.jit(_learning_solve)
-_learning_batch = jax.jit(jax.vmap(_learning_solve))
+
+
+def _learning_run(configs) -> dict:
+    """The learning-time solve of one config, or of a stacked batch, through the flow's one compile cache."""
+    from gradflow import flow
+
+    batched = isinstance(configs, list)
+    args = (stack_configs(configs),) if batched else (configs,)
+    fn = jax.vmap(_learning_solve) if batched else _learning_solve
+    compiled, _ = flow._compiled("learning_batch" if batched else "learning", fn, args)
+    return jax.device_get(compiled(*args))
 
 
 def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[FlowParams]:
@@ -793,9 +802,9 @@ def learning_times(
     for indices in groups.values():
         if len(indices) == 1:
             cfg = configs[indices[0]]
-            times[indices[0]] = _interpret(cfg, *jax.device_get(_learning_one(cfg)))
+            times[indices[0]] = _interpret(cfg, *_learning_run(cfg))
             continue
-        out = jax.device_get(_learning_batch(stack_configs([configs[i] for i in indices])))
+        out = _learning_run([configs[i] for i in indices])
         for row, index in enumerate(indices):
             times[index] = _interpret(configs[index], *(x[row] for x in out))
     return times
