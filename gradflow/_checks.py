@@ -33,7 +33,7 @@ def as_float_array(x, name: str | None = None) -> jnp.ndarray:
     if isinstance(x, jax.core.Tracer):
         return jnp.asarray(x, dtype=float)
     try:
-        if isinstance(x, (str, bytes)) or x is None:
+        if isinstance(x, (str, bytes, bool)) or x is None:  # a flag or a name is never a float field
             raise TypeError
         return jnp.asarray(x, dtype=float)
     except (TypeError, ValueError):

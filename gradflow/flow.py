@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
-from gradflow._checks import check_choice, check_int, check_positive, is_concrete
+from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
 from gradflow.model import ModelSpec, Theta, step_probabilities
 from gradflow.objective import expected_length, expected_reward, traversal_probability
 from gradflow.task import ChainTask
@@ -76,23 +76,12 @@ CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradf
 # ---------------------------------------------------------------------------------------------------
 
 
-def _as_float_array(x, name: str = "value") -> jnp.ndarray:
-    if isinstance(x, jax.core.Tracer):
-        return jnp.asarray(x, dtype=float)
-    if x is None or isinstance(x, (str, bytes, bool)):
-        raise ValueError(f"{name} must be a number, got {x!r}")
-    try:
-        return jnp.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number or an array of numbers, got {x!r}") from None
-
-
 def _float_converter(name: str):
-    return lambda x: _as_float_array(x, name)
+    return lambda x: as_float_array(x, name)
 
 
 def _optional_float_converter(name: str):
-    return lambda x: None if x is None else _as_float_array(x, name)
+    return lambda x: optional_float_array(x, name)
 
 
 def default_theta0() -> Theta:

@@ -20,7 +20,6 @@ from gradflow._checks import as_float_array, check_choice, check_int, check_posi
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
 
-_as_float_array = as_float_array  # the one float-field converter (gradflow._checks)
 
 
 class ModelSpec(eqx.Module):
@@ -37,7 +36,7 @@ class ModelSpec(eqx.Module):
     """
 
     attention: str = eqx.field(static=True, default="linear")
-    tau: jnp.ndarray = eqx.field(converter=_as_float_array, default=0.2)
+    tau: jnp.ndarray = eqx.field(converter=as_float_array, default=0.2)
     mask_self: bool = eqx.field(static=True, default=True)
     n_isolated: int = eqx.field(static=True, default=0)
     context: str = eqx.field(static=True, default="prompt")
@@ -57,11 +56,11 @@ class ModelSpec(eqx.Module):
 class Theta(eqx.Module):
     """The five attention numbers (alpha, beta, gamma, eta, delta); a pytree for grad/jit/vmap."""
 
-    alpha: jnp.ndarray = eqx.field(converter=_as_float_array)
-    beta: jnp.ndarray = eqx.field(converter=_as_float_array)
-    gamma: jnp.ndarray = eqx.field(converter=_as_float_array)
-    eta: jnp.ndarray = eqx.field(converter=_as_float_array, default=0.0)
-    delta: jnp.ndarray = eqx.field(converter=_as_float_array, default=0.0)
+    alpha: jnp.ndarray = eqx.field(converter=as_float_array)
+    beta: jnp.ndarray = eqx.field(converter=as_float_array)
+    gamma: jnp.ndarray = eqx.field(converter=as_float_array)
+    eta: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0)
+    delta: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0)
 
     def as_array(self) -> jnp.ndarray:
         """The numbers stacked on the last axis, in the order (alpha, beta, gamma, eta, delta)."""

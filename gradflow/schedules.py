@@ -30,13 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow._checks import check_distribution, check_int, is_concrete
+from gradflow._checks import as_float_array, check_distribution, check_int, is_concrete
 
 KINDS = ("constant", "step", "piecewise_constant", "piecewise_linear")
-
-
-def _as_float_array(x) -> jnp.ndarray:
-    return jnp.asarray(x, dtype=float)
 
 
 def _check_rows(name: str, probs, tol: float = 1e-9) -> None:
@@ -109,7 +105,7 @@ class Schedule(eqx.Module):
 class Constant(Schedule):
     """One start distribution at all times (a fixed mixture, as a schedule)."""
 
-    probs: jnp.ndarray = eqx.field(converter=_as_float_array)
+    probs: jnp.ndarray = eqx.field(converter=as_float_array)
     DISTRIBUTION_FIELDS = ("probs",)
 
     def __check_init__(self):
@@ -130,9 +126,9 @@ class Constant(Schedule):
 class Step(Schedule):
     """``before`` for t < switch_time, ``after`` for t >= switch_time."""
 
-    switch_time: jnp.ndarray = eqx.field(converter=_as_float_array)
-    before: jnp.ndarray = eqx.field(converter=_as_float_array)
-    after: jnp.ndarray = eqx.field(converter=_as_float_array)
+    switch_time: jnp.ndarray = eqx.field(converter=as_float_array)
+    before: jnp.ndarray = eqx.field(converter=as_float_array)
+    after: jnp.ndarray = eqx.field(converter=as_float_array)
     DISTRIBUTION_FIELDS = ("before", "after")
 
     def __check_init__(self):
@@ -166,8 +162,8 @@ class Step(Schedule):
 class PiecewiseConstant(Schedule):
     """K pieces: probs[k] on [boundaries[k-1], boundaries[k]), piece 0 from t = 0, piece K-1 onwards."""
 
-    boundaries: jnp.ndarray = eqx.field(converter=_as_float_array)
-    probs: jnp.ndarray = eqx.field(converter=_as_float_array)
+    boundaries: jnp.ndarray = eqx.field(converter=as_float_array)
+    probs: jnp.ndarray = eqx.field(converter=as_float_array)
     DISTRIBUTION_FIELDS = ("probs",)
 
     def __check_init__(self):
@@ -195,8 +191,8 @@ class PiecewiseConstant(Schedule):
 class PiecewiseLinear(Schedule):
     """K knots; linear interpolation of the distributions in log t, constant outside the knots."""
 
-    knots: jnp.ndarray = eqx.field(converter=_as_float_array)
-    probs: jnp.ndarray = eqx.field(converter=_as_float_array)
+    knots: jnp.ndarray = eqx.field(converter=as_float_array)
+    probs: jnp.ndarray = eqx.field(converter=as_float_array)
     DISTRIBUTION_FIELDS = ("probs",)
 
     def __check_init__(self):
