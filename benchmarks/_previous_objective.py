@@ -1,7 +1,7 @@
 """Frozen copy of gradflow/objective.py at commit 573e434 (Woodbury + LAPACK gtsv, custom VJP), kept
 only so that bench_objective.py can time the old and new solves in one run.
 
-Expected reward and other absorption quantities in closed form (THEORY.md section 3).
+Expected reward and other absorption quantities in closed form (docs/THEORY.md §3).
 
 Every quantity solves an absorbing-chain system g(u) = cost + sum_v P(u, v) g(v) on the 2(n-1)
 non-terminal chain vertices (isolated vertices are eliminated exactly).  Row u gives weight

@@ -5,8 +5,8 @@ mass c = 0.01, 0.1, 0.5 on d = 1 and the rest on the hardest start.  The hardest
 n = 20 (learning time 5.9e16): ``learning_times`` integrates in log time s = log(1 + t) across the
 plateau on the exact closed form, whose plateau gradients keep their leading digits.  Each curve carries
 ``gradflow.theory.scaling``'s exponential (T ~ e^{rate n}) and power-law (T ~ n^degree) fits, the
-better of which is drawn and both printed in the legend.  Hardest-only grows exponentially (THEORY.md
-prediction 4), the others polynomially (prediction 5).  Regenerate: ``gradflow figures scaling``.
+better of which is drawn and both printed in the legend.  Hardest-only grows exponentially
+(docs/THEORY.md §5.4), the others polynomially (§5.5).  Regenerate: ``gradflow figures scaling``.
 """
 
 from __future__ import annotations

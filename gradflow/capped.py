@@ -1,4 +1,4 @@
-"""Finite rollouts: the reward and its read-outs with at most ``max_len`` generated tokens (THEORY.md 7).
+"""Finite rollouts: the reward and its read-outs with at most ``max_len`` generated tokens (docs/THEORY.md §7).
 
 With a cap of T tokens a rollout that writes no terminal within T tokens earns 0, so the success
 probability of a start is a T-step absorption probability.  On the transient vertices (chain
@@ -121,7 +121,7 @@ def _require_closed_form(model: ModelSpec) -> None:
 
 
 def _rows(scores: RowScores, n: int, model: ModelSpec) -> _Rows:
-    """Logits of THEORY.md 2 (succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far g*deg(v)),
+    """Logits of docs/THEORY.md §2.2 (succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far g*deg(v)),
     exponentiated after subtracting each row's largest logit (a constant that cancels: no gradient)."""
     shape = (2, n - 1)
     a, b, g = (jnp.broadcast_to(x, shape) for x in (scores.alpha, scores.beta, scores.gamma))

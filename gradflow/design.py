@@ -1,7 +1,7 @@
 """Data design: the training distribution (or schedule) that maximises a target's reward at a budget.
 
 The reward on a target task q of theta(T) flowed on training data p, J_q(theta(T; p)), is a smooth
-function of p, of a schedule's parameters, of theta0 and of tau (THEORY.md section 9).
+function of p, of a schedule's parameters, of theta0 and of tau (docs/THEORY.md §9).
 ``target_reward`` computes it by one diffrax solve of d theta/dt = grad J_p(theta) that
 reverse-mode differentiates (discretise-then-optimise through the solver steps, with binomial
 checkpointing; ``adjoint="backsolve"`` solves the continuous adjoint instead).  The vector field is

@@ -1,4 +1,4 @@
-"""Continuous-time gradient flow d theta/dt = grad J(theta), integrated with diffrax (THEORY.md 4).
+"""Continuous-time gradient flow d theta/dt = grad J(theta), integrated with diffrax (docs/THEORY.md §4).
 
 A config says three things, each its own typed module:
 
@@ -379,7 +379,7 @@ class FlowParams(eqx.Module):
         return self.n_vocab or 2 * self.task.n + self.model.n_isolated
 
     def orbit_sizes(self) -> jnp.ndarray:
-        """Entries per query row of A that share each of the five numbers (THEORY.md section 4)."""
+        """Entries per query row of A that share each of the five numbers (docs/THEORY.md §4.2)."""
         from gradflow import model
 
         helper = getattr(model, "orbit_sizes", None)

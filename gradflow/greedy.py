@@ -1,4 +1,4 @@
-"""Greedy decoding read-outs, exact at any theta (THEORY.md section 7: the authors' evaluation).
+"""Greedy decoding read-outs, exact at any theta (docs/THEORY.md §7.5: the authors' evaluation).
 
 Greedy decoding writes the most probable next vertex at every step (argmax of the next-vertex
 logits), so the path from each start is deterministic and the read-outs are exact 0/1 outcomes per

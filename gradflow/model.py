@@ -1,4 +1,4 @@
-"""The one-layer attention policy over vertices, in the five symmetric numbers of THEORY.md section 2.
+"""The one-layer attention policy over vertices, in the five symmetric numbers of docs/THEORY.md §2.
 
 For a query vertex u the trained attention row A[u, .] takes five values by the relation of the
 context token to u: alpha (edge u->w), beta (edge w->u), gamma (edge not touching u), eta (the vertex
@@ -32,7 +32,7 @@ class ModelSpec(eqx.Module):
     or "history" (also every generated vertex; not Markov for softmax, token-level sampling only).
     max_len: None (rollouts run until a terminal, default) or the maximum number of generated tokens
     (an int >= 1; self-loops count): reward 1 iff the start's own terminal is written within max_len
-    tokens (THEORY.md section 7; closed form in ``gradflow.capped``).
+    tokens (docs/THEORY.md §7; closed form in ``gradflow.capped``).
     """
 
     attention: str = eqx.field(static=True, default="linear")
@@ -107,7 +107,7 @@ def orbit_labels(n_vocab: int) -> np.ndarray:
 
 
 def orbit_sizes(n_vocab: int) -> jnp.ndarray:
-    """Entries per query row of the full A that share each of the five numbers (THEORY.md section 4):
+    """Entries per query row of the full A that share each of the five numbers (docs/THEORY.md §4.2):
     (N-1, N-1, (N-1)(N-2), 1, N-1) for (alpha, beta, gamma, eta, delta)."""
     big_n = check_int("n_vocab", n_vocab, 2)
     return jnp.array([big_n - 1, big_n - 1, (big_n - 1) * (big_n - 2), 1, big_n - 1], dtype=float)
@@ -184,7 +184,7 @@ class LocalRows(NamedTuple):
 
 
 def local_rows(scores: RowScores, n: int, model: ModelSpec) -> LocalRows:
-    """THEORY.md 2: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v).
+    """docs/THEORY.md §2.2: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v).
 
     Three exponentials per distinct score (one each for linear attention), combined by masks.  Each
     field broadcasts to (2, n-1) (linear attention: (n-1,) or a scalar, the chains are alike).
@@ -246,7 +246,7 @@ class RowLogits(NamedTuple):
 
 
 def row_logits(scores: RowScores, n: int, model: ModelSpec) -> RowLogits:
-    """THEORY.md 2 in logits: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v)."""
+    """docs/THEORY.md §2.2 in logits: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v)."""
     pos = jnp.arange(1, n)
     a, b, g = scores.alpha, scores.beta, scores.gamma
     has_pred = pos >= 2

@@ -1,6 +1,6 @@
 """Policy-gradient noise in closed form: the REINFORCE covariance, the critical batch, the SGD diffusion.
 
-THEORY.md section 8.  A rollout from start s writes s = v_0, v_1, ..., v_L; it earns R in {0, 1} and has
+docs/THEORY.md §8.  A rollout from start s writes s = v_0, v_1, ..., v_L; it earns R in {0, 1} and has
 score S = sum_t psi(v_t, v_{t+1}), psi(u, v) = grad_theta log P_theta(u, v).  REINFORCE with a constant
 baseline b steps on g = (R - b) S, whose mean is grad J for every b.  Per vertex u,
 
@@ -13,7 +13,7 @@ and, with terminals giving h = 1 (own) or 0 (other) and m = M = F = 0,
     F(u) = sum_v P(u,v) [psi psi^T + F(v)].
 
 Each is the absorbing system of h, (I - Q) x = rhs, with a new right-hand side.  With the cap
-``model.max_len = T`` the same recursions run T times from zero instead of being solved (THEORY.md 7).
+``model.max_len = T`` the same recursions run T times from zero instead of being solved (docs/THEORY.md §8.4).
 
 How the sums over v stay O(1) per row.  The logit of v in row u is l(u, v) = c(u, v) . s(u), with
 s(u) = the row's effective (alpha, beta, gamma) scores (``gradflow.model.row_scores``: theta/tau for
@@ -355,7 +355,7 @@ def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.nd
 
 
 def _capped_moments(rows: _Rows, n: int, model: ModelSpec, f_src, f_src_iso):
-    """The recursions run ``model.max_len`` times from 0 (THEORY.md 7): values with k tokens left.
+    """The recursions run ``model.max_len`` times from 0 (docs/THEORY.md §8.4): values with k tokens left.
 
     h_{k+1} = E[h_k(v)], m_{k+1} = E[psi h_k(v) + m_k(v)], M_{k+1} = E[psi psi^T h_k + psi m_k^T +
     m_k psi^T + M_k(v)], F_{k+1} = E[psi psi^T + F_k(v)]; terminals h = 1 (a_n), 0 (b_n), others 0.

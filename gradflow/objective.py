@@ -1,4 +1,4 @@
-"""Expected reward and other absorption quantities in closed form (THEORY.md section 3), exact to
+"""Expected reward and other absorption quantities in closed form (docs/THEORY.md §3), exact to
 relative round-off by construction.
 
 Every quantity solves an absorbing-chain system on the non-terminal chain vertices; isolated
@@ -88,7 +88,7 @@ class _Scaled(eqx.Module):
 
 
 def _scale_rows(rows: RowLogits) -> _Scaled:
-    """The scaled row quantities of THEORY.md 3 for the chain-a rows given (any broadcast shape).
+    """The scaled row quantities of docs/THEORY.md §3.3 for the chain-a rows given (any broadcast shape).
 
     With W = 2 e^g + (n-2) e^{2g} (one chain's far weights), m isolated vertices, Y the isolated row's
     W: diag = 2W + m + c_succ + c_pred, and the absolute excess diag - |c_succ| - |c_pred| becomes a

@@ -1,4 +1,4 @@
-"""Token-level sampling: what practice does with the five numbers (THEORY.md sections 2, 4 and 6).
+"""Token-level sampling: what practice does with the five numbers (docs/THEORY.md §2, §4 and §6).
 
 The closed form of ``gradflow.objective`` is checked here against the model it abstracts: a full
 attention matrix over a vocabulary of vertex and edge tokens, random vertex labels per instance,

@@ -1,4 +1,4 @@
-"""What the paper says should happen (THEORY.md sections 4-5, 7), as checks on configs and trajectories.
+"""What the paper says should happen (docs/THEORY.md §4, §5 and §7), as checks on configs and trajectories.
 
 - ``check_conditions(flow_params)``: the base-model assumption at theta0 (c0, b0), the mass on simple
   examples, the predicted regime (polynomial / exponential), the value of the sufficiency bound, and
@@ -578,7 +578,7 @@ def phases(
     exact: bool = True,
     order_rtol: float = ORDER_RTOL,
 ) -> PhaseReport:
-    """Read the phases of THEORY.md section 5 off a solved trajectory; see ``PhaseReport``.
+    """Read the phases of docs/THEORY.md §5 off a solved trajectory; see ``PhaseReport``.
 
     exact=True root-finds every time (reward events, each position's forward probability, emergence,
     traversal) on a dense re-solve of the flow between the saves that bracket it, all in one vmapped

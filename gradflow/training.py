@@ -6,7 +6,7 @@ rollouts (leave-one-out baseline, ``gradflow.sampling``).  Both record theta, J 
 (closed form, capped when the model is, and greedy decoding) at every step, as a
 ``TrainingTrajectory`` on the time axis t_k = t0 + lr * k.
 
-Time axes.  SGD with rate lr is the gradient flow sampled at t = lr * k, up to O(lr) (THEORY.md 4).
+Time axes.  SGD with rate lr is the gradient flow sampled at t = lr * k, up to O(lr) (docs/THEORY.md §4.4).
 Adam is not: its step is lr * m_k / (sqrt(v_k) + eps), a per-coordinate rescaling of the gradient
 by a running root-mean-square, so while a coordinate's gradient keeps its sign each coordinate moves
 about lr per step whatever the gradient's size (the flow of sign(grad J), not of grad J), and the

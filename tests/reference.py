@@ -5,7 +5,7 @@
 gradflow.objective: tests and benchmarks only).
 
 ``mp_chain(theta, n, model, start)``: the transition matrix rebuilt token by token in mpmath from the
-edge list (THEORY.md 2; nothing shared with gradflow's solves), and ``mp_absorption`` its absorption
+edge list (docs/THEORY.md §2.2; nothing shared with gradflow's solves), and ``mp_absorption`` its absorption
 probabilities and expected lengths by GTH state reduction (Grassmann-Taksar-Heyman: every
 elimination divides by the eliminated state's summed leaving probability, never 1 - p), so the
 reference keeps relative accuracy at any theta; the working precision is raised until

@@ -23,7 +23,7 @@ from gradflow.model import Theta, transition_matrix
 
 
 # --------------------------------------------------------------------------------------------------
-# Dense reference: the recursions of THEORY.md 8 on the full token-built chain
+# Dense reference: the recursions of docs/THEORY.md §8.2 on the full token-built chain
 # --------------------------------------------------------------------------------------------------
 
 
@@ -253,7 +253,7 @@ def test_critical_batch():
     assert np.all(np.diff(per_d) > 0) and per_d[0] > 1.0
     # per start d equals the total for the task concentrated on d
     _close(per_d[3], noise.critical_batch(base, gf.ChainTask(8, np.eye(7)[3]), model).total, rtol=1e-9)
-    # theta = 0: only d = 1 carries a gradient (THEORY.md 5.1)
+    # theta = 0: only d = 1 carries a gradient (docs/THEORY.md §5.1)
     zero = noise.critical_batch(Theta(0.0, 0.0, 0.0), gf.ChainTask.hardest(8), model)
     assert np.isinf(float(zero.total))
     assert np.isfinite(float(zero.per_start[0])) and np.all(np.isinf(np.asarray(zero.per_start[1:])))

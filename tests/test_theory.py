@@ -1,6 +1,6 @@
-"""The six predictions of THEORY.md section 5, checked on exact gradient-flow trajectories.
+"""The six predictions of docs/THEORY.md §5, checked on exact gradient-flow trajectories.
 
-Reference numbers quoted from THEORY.md come from an independent implementation; its learning times
+Reference numbers quoted from docs/THEORY.md §5.7 come from an independent implementation; its learning times
 were read on a log grid of ratio 1.14, so each is at most ~14% above the true time.  The default run
 compiles the flow at n = 4, 8 (full trajectories) and the threshold solve at n = 6, 8, 10; the
 slow tests (``pytest -m slow``) extend the scaling claims to n = 4..14 and the hardest-only
@@ -21,7 +21,7 @@ from gradflow.task import ChainTask
 
 BASE = gf.Theta(0.3, 0.0, 0.0)
 MODEL = gf.ModelSpec()
-GRID = 1.15  # THEORY's log grid ratio (1.14) plus rounding of its printed entries
+GRID = 1.15  # the log grid ratio of docs/THEORY.md §5.7 (1.14) plus rounding of its printed entries
 FAST_NS = (6, 8, 10)
 THEORY_TIMES = {  # n: (uniform, hardest only, 90% hardest + 10% d = 1), time to J >= 0.9
     4: (0.64, 0.96, 0.84),
@@ -36,7 +36,7 @@ def easy(mass):
 
 
 def _on_grid(measured, quoted):
-    """True when the THEORY entry ``quoted`` is a grid read-off (<= 15% above) of ``measured``."""
+    """True when the docs/THEORY.md §5.7 entry ``quoted`` is a grid read-off (<= 15% above) of ``measured``."""
     return quoted / GRID <= measured <= quoted * 1.001
 
 
@@ -85,14 +85,14 @@ def test_gradient_decays_geometrically_with_distance_at_base_model():
     norms = theory.gradient_by_distance(BASE, ChainTask.hardest(8), MODEL)  # (theta, task, model)
     assert np.array_equal(norms, theory.gradient_by_distance(BASE, 8, MODEL)), "an int n must give the same"
     quoted = np.array([0.87, 0.26, 0.065, 0.015, 3.3e-3, 6.9e-4, 1.4e-4])
-    assert np.allclose(norms, quoted, rtol=0.05), f"gradient norms by d = 1..7: {norms}, THEORY {quoted}"
+    assert np.allclose(norms, quoted, rtol=0.05), f"gradient norms by d = 1..7: {norms}, docs/THEORY.md §5.1: {quoted}"
     ratios = norms[1:] / norms[:-1]
     assert np.all((ratios > 0.19) & (ratios < 0.31)), f"ratio per extra step: {ratios}"
 
 
 def test_only_distance_one_carries_gradient_at_uniform_policy():
     norms = theory.gradient_by_distance(gf.Theta(0.0, 0.0, 0.0), 8, MODEL)
-    assert abs(norms[0] - 0.2210) < 1e-3, f"d = 1 gradient norm {norms[0]} (THEORY: 0.22)"
+    assert abs(norms[0] - 0.2210) < 1e-3, f"d = 1 gradient norm {norms[0]} (docs/THEORY.md §5.1: 0.22)"
     assert np.all(norms[1:] < 1e-12), f"d >= 2 gradient norms {norms[1:]} (must vanish exactly)"
     # hence theta = 0 is a fixed point of hardest-only training, and not of uniform training
     grad = lambda task: np.asarray(jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, MODEL))(jnp.zeros(5)))
@@ -132,7 +132,7 @@ def test_emergence_of_forward_traversal(uniform8):
         f"expected length {tr.expected_length[-1]} vs minimal {tr.minimal_length}"
     )
     assert tr.traversal_prob[-1] > 0.999, f"exact-traversal probability {tr.traversal_prob[-1]}"
-    # THEORY at t = 100: alpha 1.95, gamma -0.62, beta ~ -0.025, J = 0.9996; J = 0.9 at t = 1.465
+    # docs/THEORY.md §5.7 at t = 100: alpha 1.95, gamma -0.62, beta ~ -0.025, J = 0.9996; J = 0.9 at t = 1.465
     at100 = _at_time(tr, 100.0)
     assert np.allclose(at100[:3], [1.95, -0.025, -0.62], atol=0.02), f"theta(100) = {at100[:3]}"
     assert abs(_at_time(tr, 100.0, "reward") - 0.9996) < 1e-4, f"J(100) = {_at_time(tr, 100.0, 'reward')}"
@@ -199,14 +199,14 @@ def test_hardest_only_learning_time_grows_exponentially(fast_scaling):
     assert all(r > 10 for r in ratios[1:]), f"T = {fit.times} at n = {fit.ns}; ratios per +2: {ratios}"
     assert fit.better == "exponential", str(fit)
     assert fit.factor > 3, f"fitted growth per unit n: x{fit.factor:.3g}\n{fit}"
-    assert _on_grid(fit.times[1], THEORY_TIMES[8][1]), f"T(n = 8) = {fit.times[1]}, THEORY {THEORY_TIMES[8][1]}"
+    assert _on_grid(fit.times[1], THEORY_TIMES[8][1]), f"T(n = 8) = {fit.times[1]}, docs/THEORY.md §5.7 {THEORY_TIMES[8][1]}"
 
 
 @pytest.mark.slow
 def test_easy_mass_makes_learning_time_polynomial(fast_scaling):
     fit, more = fast_scaling[0.1], fast_scaling[0.3]
     assert fit.degree <= 2 and fit.better == "power", str(fit)
-    assert _on_grid(fit.times[1], THEORY_TIMES[8][2]), f"T(n = 8) = {fit.times[1]}, THEORY {THEORY_TIMES[8][2]}"
+    assert _on_grid(fit.times[1], THEORY_TIMES[8][2]), f"T(n = 8) = {fit.times[1]}, docs/THEORY.md §5.7 {THEORY_TIMES[8][2]}"
     hard = fast_scaling["hardest"].times
     for n, t_low, t_high, t_hard in zip(FAST_NS, fit.times, more.times, hard):
         assert t_high < t_low < t_hard, f"n = {n}: T(c = 0.3) = {t_high}, T(c = 0.1) = {t_low}, hardest {t_hard}"
@@ -230,7 +230,7 @@ def test_hardest_only_exponential_up_to_n14():
     assert fit.better == "exponential" and fit.exp_rss < fit.power_rss, str(fit)
     for n, t in zip(ns, fit.times):
         if n in THEORY_TIMES:
-            assert _on_grid(t, THEORY_TIMES[n][1]), f"n = {n}: T = {t}, THEORY {THEORY_TIMES[n][1]}"
+            assert _on_grid(t, THEORY_TIMES[n][1]), f"n = {n}: T = {t}, docs/THEORY.md §5.7 {THEORY_TIMES[n][1]}"
 
 
 @pytest.mark.slow
@@ -461,7 +461,7 @@ def test_parameters_learned_at_n4_solve_longer_chains(uniform4):
     learned = gf.Theta(*uniform4.theta[-1, :3])
     rewards = theory.extrapolate(learned, [8, 12, 32])
     assert all(rewards[n] >= 0.9999 for n in rewards), f"trained to t = 1e4: J by n = {rewards}"
-    # THEORY: trained to t = 100, theta = (1.74, -0.04, -0.51), J = 0.9996, 0.9987, 0.9976 at n = 4, 8, 12
+    # docs/THEORY.md §5.7: trained to t = 100, theta = (1.74, -0.04, -0.51), J = 0.9996, 0.9987, 0.9976 at n = 4, 8, 12
     early = gf.Theta(*_at_time(uniform4, 100.0)[:3])
     rewards = theory.extrapolate(early, [4, 8, 12])
     assert np.allclose(list(rewards.values()), [0.9996, 0.9987, 0.9976], atol=2e-4), f"t = 100: {rewards}"
