@@ -1,4 +1,4 @@
-"""What the paper says should happen (docs/THEORY.md §4, §5 and §7), as checks on configs and trajectories.
+"""What the paper says should happen (docs/THEORY.md §4, §5, §7, §12 and §13), as checks on configs and trajectories.
 
 - ``check_conditions(flow_params)``: the base-model assumption at theta0 (c0, b0), the mass on simple
   examples, the predicted regime (polynomial / exponential), the value of the sufficiency bound, and
