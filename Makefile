@@ -1,17 +1,18 @@
 # Quick start: `make run` then `make test`. Both create .venv when missing and install gradflow into it.
+# `make docs` builds the documentation site (mkdocs, --strict: a warning fails) into build/site.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow bench figures clean
+.PHONY: run test test-slow bench figures docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -28,6 +29,9 @@ bench: $(STAMP)
 
 figures: $(STAMP)
 	$(BIN)/gradflow figures --all
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
