@@ -75,7 +75,9 @@ def jump_ts(params, clock: Clock):
 
 
 def falling_event(cond: Callable) -> diffrax.Event:
-    """A terminating event where ``cond(s, y, args)`` falls through zero, root-found by bisection.
+    """A terminating event where ``cond(t, y, args, **kwargs)`` falls through zero, root-found by bisection.
+
+    diffrax calls ``cond`` with keyword arguments, ``t`` being the solver's time (s in log time).
 
     The condition must fall (``flip=True``): diffrax root-finds every batch member when one member's
     event fires, and the members whose event did not fire get the function t_next - t, which also

@@ -674,7 +674,7 @@ def _learning_solve(params: FlowParams):
         return 1.0 - speed / SWITCH_SPEED
 
     # one condition (diffrax root-finds a single scalar here): the first of the two to fall through 0
-    either = falling_event(lambda s, y, args, **kwargs: jnp.minimum(level - reward(y), fast(s, y)))
+    either = falling_event(lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), fast(t, y)))  # t: here s
     first = integrate(params, diffrax.SaveAt(t1=True), clock=plateau, event=either)
     s_stop, y_first = first.ts[-1], first.ys[-1]
     t_switch = plateau.to_time(s_stop)
