@@ -37,7 +37,8 @@ import optax
 from gradflow import objective
 from gradflow import schedules as sched
 from gradflow._checks import check_choice, check_int, is_concrete
-from gradflow.flow import SOLVERS, FlowParams
+from gradflow.config import FlowParams
+from gradflow.integrator import flow_clock, integrate
 from gradflow.model import ModelSpec, Theta, default_theta0
 from gradflow.task import ChainTask
 
@@ -61,59 +62,28 @@ def training_probs(flow_params: FlowParams, t, schedule=None) -> jnp.ndarray:
     return flow_params.task.start_probs if schedule is None else schedule(t)
 
 
-def _vector_field(t, y, args):
-    flow_params, schedule = args
-    n = flow_params.task.n
-    task = ChainTask(n, training_probs(flow_params, t, schedule))
-    grad = jax.grad(lambda x: objective.expected_reward(Theta.from_array(x), task, flow_params.model))(y)
-    return grad / flow_params.orbit_sizes() if flow_params.coords == "full" else grad
-
-
-def _log_time_field(s, y, args):
-    """The same flow in s = log(1 + t - t0): d theta/ds = (1 + t - t0) grad J at t = t0 + expm1(s)."""
-    t0 = args[0].t0
-    elapsed = jnp.expm1(s)
-    return (1.0 + elapsed) * _vector_field(t0 + elapsed, y, args)
-
-
-def _log_scale(flow_params) -> bool:
-    return getattr(flow_params, "time_scale", "linear") == "log"
-
-
 def flow_theta(flow_params: FlowParams, t_budget, *, schedule=None, adjoint: str = "recursive",
                max_steps: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """theta(t_budget) (5,) flowed from flow_params.theta0 at flow_params.t0, and whether the solve
     succeeded; reverse-mode differentiable in every traced number of flow_params and ``schedule``.
 
-    Solver, rtol and atol come from flow_params; max_steps defaults to min(flow_params.max_steps,
-    16384) (the checkpointed adjoint sizes its buffers by it).  A schedule's jump times are passed
-    to the step controller, so the solver steps exactly to each switch.  With flow_params.time_scale
-    "log" the solver steps in s = log(1 + t - t0), as ``gradflow.flow`` does.
+    One ``gradflow.integrator.integrate`` of the config's own vector field (with ``schedule``, when
+    given, in place of the config's).  Solver, rtol and atol come from flow_params; max_steps defaults
+    to min(flow_params.max_steps, 16384) (the checkpointed adjoint sizes its buffers by it).  A
+    schedule's jump times end a step, so the solver steps exactly to each switch.  With
+    flow_params.time_scale "log" the solver steps in s = log(1 + t - t0), as ``gradflow.flow`` does.
     """
     check_choice("adjoint", adjoint, ADJOINTS)
-    schedule = flow_params.schedule if schedule is None else schedule
     if schedule is not None and not sched.is_schedule(schedule) and not callable(schedule):
         raise ValueError(f"schedule must be a gradflow.schedules.Schedule or a callable, got {type(schedule).__name__}")
     max_steps = min(flow_params.max_steps, DEFAULT_MAX_STEPS) if max_steps is None else check_int("max_steps", max_steps, 1)
-    log_scale = _log_scale(flow_params)  # FlowParams.time_scale "log": step in s = log(1 + t - t0)
-    to_solver = (lambda t: jnp.log1p(t - flow_params.t0)) if log_scale else (lambda t: t)
-    controller = diffrax.PIDController(rtol=flow_params.rtol, atol=flow_params.atol)
-    jumps = schedule.jump_times() if sched.is_schedule(schedule) else None
-    if jumps is not None:
-        controller = diffrax.ClipStepSizeController(controller, jump_ts=to_solver(jnp.maximum(jumps, flow_params.t0)))
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(_log_time_field if log_scale else _vector_field),
-        SOLVERS[flow_params.solver](),
-        to_solver(flow_params.t0),
-        to_solver(t_budget),
-        None,
-        flow_params.theta0.as_array(),
-        args=(flow_params, schedule),
-        saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=controller,
-        adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint == "recursive" else diffrax.BacksolveAdjoint(),
+    params = flow_params if schedule is None else flow_params.replace(schedule=schedule)
+    solution = integrate(
+        params,
+        diffrax.SaveAt(t1=True),
+        t1=flow_clock(params).to_solver(t_budget),
         max_steps=max_steps,
-        throw=False,
+        adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint == "recursive" else diffrax.BacksolveAdjoint(),
     )
     return solution.ys[-1], solution.result == diffrax.RESULTS.successful
 

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow._checks import check_choice, check_int, check_positive
+from gradflow.integrator import EulerMaruyama, integrate
 from gradflow.model import ModelSpec, Theta, local_rows, row_scores
 from gradflow.task import ChainTask
 
@@ -675,11 +676,8 @@ def _sde_solve(flow_params, y0, lr, keys, dt, t0, t1, save_ts, n_steps: int, bat
 
     def one(key):
         brownian = diffrax.VirtualBrownianTree(t0, t1, tol=dt / 8.0, shape=(5,), key=key)
-        term = diffrax.ControlTerm(field_fn, _ClockAndNoise(brownian, t0, t1))
-        solution = diffrax.diffeqsolve(
-            term, diffrax.Euler(), t0, t1, dt, y0,
-            saveat=diffrax.SaveAt(ts=save_ts), max_steps=n_steps + 2, throw=False,
-        )
+        sde = EulerMaruyama(field_fn, _ClockAndNoise(brownian, t0, t1), dt)
+        solution = integrate(flow_params, diffrax.SaveAt(ts=save_ts), t0=t0, t1=t1, y0=y0, max_steps=n_steps + 2, sde=sde)
         return solution.ys, solution.result == diffrax.RESULTS.successful
 
     thetas, ok = jax.vmap(one)(keys)

@@ -8,7 +8,7 @@
   which order (only where the times differ beyond a tolerance), and how fast the logit gap
   alpha - gamma grows in the late phase (per unit of log t).
 - ``learning_time`` / ``learning_times`` / ``scaling``: time for the flow to reach a reward level,
-  integrated in log time s = log(1 + t) so that hardest-only training is measured far past t = 1e12,
+  integrated in log time s = log(1 + t - t0) so that hardest-only training is measured far past t = 1e12,
   and exponential versus power-law fits of that time against the chain length n.
 - ``gradient_by_distance`` / ``success_gradient``: the reward gradient carried by the starts at each
   distance d (prediction 1), capped models included.
@@ -32,11 +32,14 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optimistix as optx
 
 from gradflow._checks import check_fraction, check_int, check_nonnegative
 from gradflow._series import first_crossing
-from gradflow.flow import LOCAL_MAX_STEPS, SOLVERS, FlowParams, Trajectory, stack_configs
+from gradflow.compile_cache import compiled
+from gradflow.config import FlowParams
+from gradflow.flow import stack_configs
+from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate, level_event
+from gradflow.trajectory import Trajectory
 from gradflow.model import ModelSpec, Theta, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
 from gradflow.task import ChainTask
@@ -488,15 +491,14 @@ def _readouts(params: FlowParams, y: jnp.ndarray) -> jnp.ndarray:
 def _phase_crossings(params: FlowParams, ts, thetas, table, columns, levels):
     """For each (column, level): the first time read-out ``column`` reaches ``level``, root-found.
 
-    ``gradflow.flow._crossing`` per request (bracket on the saves, dense re-solve of the bracket in
+    ``gradflow.integrator.crossing`` per request (bracket on the saves, dense re-solve of the bracket in
     the config's own time variable, bisection), vmapped over the requests: one compilation per
     structure for every position, emergence, traversal and the reward events together.
     """
-    from gradflow import flow
 
     def one(column, level):
         quantity = lambda y: _readouts(params, y)[column]
-        return flow._crossing(params, ts, thetas, table[:, column], level, quantity, LOCAL_MAX_STEPS)
+        return crossing(params, ts, thetas, table[:, column], level, quantity, LOCAL_MAX_STEPS)
 
     return jax.vmap(one)(columns, levels)
 
@@ -509,8 +511,6 @@ def _root_times(trajectory: Trajectory, requests: list[tuple[int, float]], exact
     crossing is root-found on the solution (``_phase_crossings``, all requests in one call);
     otherwise it is interpolated linearly between saves (``gradflow._series.first_crossing``).
     """
-    from gradflow import flow
-
     ts = np.asarray(trajectory.ts, dtype=float)
     forward = np.asarray(trajectory.forward_prob, dtype=float)
     reward = np.asarray(trajectory.reward, dtype=float)
@@ -543,8 +543,8 @@ def _root_times(trajectory: Trajectory, requests: list[tuple[int, float]], exact
         jnp.asarray(columns),
         jnp.asarray(levels),
     )
-    compiled, _ = flow._compiled("phases", _phase_crossings, args)
-    times, reached, resolved = jax.device_get(compiled(*args))
+    executable, _ = compiled("phases", _phase_crossings, args)
+    times, reached, resolved = jax.device_get(executable(*args))
     for index in pending:
         if not resolved[index]:
             raise RuntimeError(
@@ -650,71 +650,40 @@ def phases(
 SWITCH_SPEED = 100.0  # log-time stage hands over to linear time when theta moves this fast per unit log t
 
 
-def _log_time_vector_field(params: FlowParams):
-    """d theta/ds = (1 + t) grad J at t = e^s - 1: the flow in log time s = log(1 + t)."""
-    return lambda s, y, args: jnp.exp(s) * params.vector_field(jnp.expm1(s), y)
-
-
-def _shifted_time_vector_field(params: FlowParams, origin):
-    """d theta/du = grad J at t = origin + u: linear time measured from ``origin``, so that the solver's
-    time starts at 0 with full float resolution (at t ~ 6e16 one ulp of t is 8, and diffrax's steps
-    there stopped advancing t at all)."""
-    return lambda u, y, args: params.vector_field(origin + u, y)
-
-
-def _stage(params: FlowParams, field, t0, t1, y0, conds):
-    """One diffeqsolve from t0 to t1 (solver time) with terminating events ``conds`` (falling through 0)."""
-    root_finder = optx.Bisection(rtol=1e-14, atol=1e-14, flip=True)
-    return diffrax.diffeqsolve(
-        diffrax.ODETerm(field),
-        SOLVERS[params.solver](),
-        t0,
-        t1,
-        None,
-        y0,
-        saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.PIDController(rtol=params.rtol, atol=params.atol),
-        event=diffrax.Event(conds, root_finder=root_finder),
-        max_steps=params.max_steps,
-        throw=False,
-    )
-
-
 def _learning_solve(params: FlowParams):
     """Integrate the flow until J = reward_threshold: log time across the plateau, linear time for the rise.
 
     Returns (stop time t, whether the level was reached, J there, steps taken, solver result code).
-    Stage 1 steps in s = log(1 + t) (d theta/ds = (1 + t) grad J): hardest-only training sits on a
-    plateau for a time exponential in n, which costs a few hundred steps in s (s = 39 at n = 20).
+    Stage 1 steps in s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J): hardest-only training sits
+    on a plateau for a time exponential in n, which costs a few hundred steps in s (s = 39 at n = 20).
     It stops when J reaches the level or when theta starts to move fast on the log scale
-    ((1 + t) |grad J| >= SWITCH_SPEED): the rise from 1/2 to 0.9 then takes a relative time as short
-    as 1e-11 (n = 20, t ~ 6e16), below what s resolves at s ~ 40 (one ulp of s is ~1e-14, i.e. 450 in
-    t), so stage 2 continues in linear time u = t - t_switch (from 0, full resolution) to the level.
-    Each event is root-found by bisection on the step interpolant.  Under vmap, configs whose event
+    ((1 + t - t0) |grad J| >= SWITCH_SPEED): the rise from 1/2 to 0.9 then takes a relative time as
+    short as 1e-11 (n = 20, t ~ 6e16), below what s resolves at s ~ 40 (one ulp of s is ~1e-14, i.e.
+    450 in t), so stage 2 continues in linear time u = t - t_switch (from 0, full resolution: at
+    t ~ 6e16 one ulp of t is 8, and steps in t itself stopped advancing) to the level.  Both stages
+    go through ``gradflow.integrator.integrate``: a schedule's jumps end a step in either clock, and
+    each event is root-found by bisection on the step interpolant.  Under vmap, configs whose event
     did not fire report a meaningless stop time.
     """
     level = params.reward_threshold
     reward = lambda y: _reward(Theta.from_array(y), params.task, params.model)
-    # written to fall through zero with flip=True: under vmap diffrax root-finds every member when
-    # one member's event fires, and the others get t_next - t, which also falls (see flow.level_event)
-    reached = lambda t, y, args, **kwargs: level - reward(y)
+    plateau = Clock(params.t0, log=True)
 
-    def fast(s, y):  # s = log(1 + t); scaled so the switch is at 0, like the level
-        speed = jnp.exp(s) * jnp.linalg.norm(params.vector_field(jnp.expm1(s), y))
+    def fast(s, y):  # scaled so the switch is at 0, like the level
+        speed = plateau.rate(s) * jnp.linalg.norm(params.vector_field(plateau.to_time(s), y))
         return 1.0 - speed / SWITCH_SPEED
 
     # one condition (diffrax root-finds a single scalar here): the first of the two to fall through 0
-    either = lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), fast(t, y))
-    first = _stage(params, _log_time_vector_field(params), jnp.log1p(params.t0), jnp.log1p(params.t1),
-                   params.theta0.as_array(), either)
+    either = falling_event(lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), fast(t, y)))  # t: here s
+    first = integrate(params, diffrax.SaveAt(t1=True), clock=plateau, event=either)
     s_stop, y_first = first.ts[-1], first.ys[-1]
-    t_switch = jnp.expm1(s_stop)
+    t_switch = plateau.to_time(s_stop)
     switched = first.event_mask & (fast(s_stop, y_first) < level - reward(y_first))
     done = ~switched  # the level was reached, t1 came first, or the solve failed
-    # stage 2 in linear time (a zero-length span for the configs that are done)
-    t_start = jnp.where(done, params.t1, jnp.minimum(t_switch, params.t1))
-    second = _stage(params, _shifted_time_vector_field(params, t_start), 0.0, params.t1 - t_start, y_first, reached)
-    t_stop = jnp.where(done, t_switch, t_start + second.ts[-1])
+    # stage 2 in linear time from the switch (a zero-length span for the configs that are done)
+    rise = Clock(jnp.where(done, params.t1, jnp.minimum(t_switch, params.t1)), log=False)
+    second = integrate(params, diffrax.SaveAt(t1=True), clock=rise, t0=0.0, y0=y_first, event=level_event(params, level))
+    t_stop = jnp.where(done, t_switch, rise.to_time(second.ts[-1]))
     fired = jnp.where(done, first.event_mask, second.event_mask)
     y_stop = jnp.where(done, y_first, second.ys[-1])
     steps = first.stats["num_steps"] + jnp.where(done, 0, second.stats["num_steps"])
@@ -722,17 +691,13 @@ def _learning_solve(params: FlowParams):
     return t_stop, fired, reward(y_stop), steps, result
 
 
-
-
 def _learning_run(configs) -> dict:
     """The learning-time solve of one config, or of a stacked batch, through the flow's one compile cache."""
-    from gradflow import flow
-
     batched = isinstance(configs, list)
     args = (stack_configs(configs),) if batched else (configs,)
     fn = jax.vmap(_learning_solve) if batched else _learning_solve
-    compiled, _ = flow._compiled("learning_batch" if batched else "learning", fn, args)
-    return jax.device_get(compiled(*args))
+    executable, _ = compiled("learning_batch" if batched else "learning", fn, args)
+    return jax.device_get(executable(*args))
 
 
 def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[FlowParams]:
@@ -744,14 +709,10 @@ def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[Flow
     for key in ("task", "model", "theta0", "t1", "reward_threshold", "stop_at"):
         if key in flow_kwargs:
             raise ValueError(f"{key} is set by learning_time itself; do not pass it in flow_kwargs")
-    configs = [
+    return [
         FlowParams(task=task, model=model, theta0=theta0, t1=float(t1), reward_threshold=level, stop_at="threshold", **flow_kwargs)
         for task in tasks
     ]
-    for cfg in configs:
-        if float(cfg.t0) <= -1.0:
-            raise ValueError(f"t0 must be > -1 (the solve runs in s = log(1 + t)), got {float(cfg.t0)}")
-    return configs
 
 
 def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> float | None:
@@ -822,7 +783,7 @@ def learning_time(
 
     Builds ``FlowParams(task, model, theta0, t1=t1, reward_threshold=level, stop_at="threshold",
     **flow_kwargs)`` (model default ``ModelSpec()``, theta0 default (0.3, 0, 0)) and integrates it in
-    log time s = log(1 + t) (d theta/ds = (1 + t) grad J) across the plateau, then in linear time
+    log time s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J) across the plateau, then in linear time
     for the rise (``_learning_solve``); the crossing is root-found by bisection.  Hardest-only
     training: n = 16 learns at t = 1.973e11, n = 20 at t = 5.907e16 (a few hundred steps each).
     From n ~ 30 the rise is narrower than what the log-time stage resolves where it hands over

@@ -34,7 +34,7 @@ import optax
 from gradflow import capped, greedy, objective
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow.flow import FlowParams, Trajectory
-from gradflow.model import ModelSpec, Theta, orbit_sizes, step_probabilities
+from gradflow.model import ModelSpec, Theta, step_probabilities
 from gradflow.sampling import _rollouts, full_attention, orbit_statistics, resolve_max_len, surrogate
 from gradflow.task import ChainTask
 
@@ -235,11 +235,8 @@ def _metrics_along(task: ChainTask, model: ModelSpec, thetas: jnp.ndarray) -> di
 
 def exact_gradient(flow_params: FlowParams, t, theta: jnp.ndarray, coords: str = "reduced") -> jnp.ndarray:
     """grad J at the training task of time t (capped if the model is); divided by the orbit sizes
-    for coords="full" (the vector field of the full-matrix flow)."""
-    model = flow_params.model
-    reward = reward_function(model)
-    grad = jax.grad(lambda x: reward(Theta.from_array(x), flow_params.training_task(t), model))(theta)
-    return grad / orbit_sizes(flow_params.vocabulary_size) if coords == "full" else grad
+    for coords="full": the flow's vector field (``FlowParams.vector_field``) in ``coords``."""
+    return flow_params.vector_field(t, theta, coords=coords)
 
 
 @eqx.filter_jit

@@ -181,6 +181,7 @@ import subprocess
 import sys
 import textwrap
 
+import gradflow.compile_cache as compile_cache
 import gradflow.flow as flow
 from gradflow.flow import Numerics, Problem, Recording, Solution, hitting_times, solve, solve_many, stack_configs
 
@@ -283,6 +284,19 @@ def test_parts_and_flat_keywords_are_one_config():
     assert FlowParams.from_dict(json.loads(json.dumps(flat.to_dict()))).to_dict() == flat.to_dict()
 
 
+def test_a_part_and_its_flat_keywords_together_raise_naming_them():
+    problem = Problem(TASK, t1=50.0)
+    with pytest.raises(ValueError, match=r"problem= with t1; numerics= with solver"):
+        FlowParams(problem=problem, numerics=Numerics(), solver="dopri5", t1=5.0)
+    with pytest.raises(ValueError, match=r"recording= with reward_threshold, save_ts"):
+        FlowParams(TASK, recording=Recording(), save_ts=[0.0, 1.0], reward_threshold=0.5)
+    with pytest.raises(ValueError, match=r"problem= with task"):
+        FlowParams(TASK, problem=problem)
+    # a part not given is still built from the flat keywords of that part
+    mixed = FlowParams(problem=problem, solver="dopri5", save_ts=[0.0, 50.0])
+    assert mixed.solver == "dopri5" and mixed.t1 == 50.0 and mixed.save_ts.shape == (2,)
+
+
 @pytest.mark.slow
 def test_module_schedules_are_traced_round_trip_and_batch():
     schedules = pytest.importorskip("gradflow.schedules")
@@ -299,11 +313,11 @@ def test_module_schedules_are_traced_round_trip_and_batch():
 
 @pytest.mark.slow
 def test_new_callable_schedules_do_not_grow_the_cache_forever(monkeypatch):
-    monkeypatch.setattr(flow, "CACHE_SIZE", 1)
+    monkeypatch.setattr(compile_cache, "CACHE_SIZE", 1)
     probs = TASK.start_probs
     for _ in range(2):
         simulate(FlowParams(TASK, t1=1.0, save_ts=[0.0, 1.0], events=(), readouts=False, schedule=lambda t: probs), progress=False)
-    assert len(flow._COMPILED) == 1
+    assert len(compile_cache._COMPILED) == 1
 
 
 def test_save_is_atomic_and_load_checks_the_arrays(tmp_path):

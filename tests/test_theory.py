@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import gradflow as gf
-from gradflow import theory
-from gradflow.flow import FlowParams, simulate
+from gradflow import schedules, theory
+from gradflow.flow import FlowParams, hitting_times, simulate
 from gradflow.task import ChainTask
 
 BASE = gf.Theta(0.3, 0.0, 0.0)
@@ -579,3 +579,15 @@ def test_no_arrays_at_import_and_default_theta0_alias():
     assert "DEFAULT_THETA0" not in vars(theory), "DEFAULT_THETA0 must be made on access, not at import"
     theta = theory.DEFAULT_THETA0
     assert np.array_equal(theta.as_array(), gf.Theta(0.3, 0.0, 0.0).as_array())
+
+
+def test_learning_time_of_a_step_schedule_matches_the_flow_event():
+    # learning_time and the flow solve through one integrator: both end a step on the schedule's switch
+    # (here at t = 5, on the plateau), so the two agree to the solver's tolerance
+    n = 6
+    step = schedules.Step(5.0, ChainTask.hardest(n).start_probs, ChainTask.uniform(n).start_probs)
+    t = theory.learning_time(ChainTask.hardest(n), schedule=step, t1=1e4)
+    config = FlowParams(ChainTask.hardest(n), t1=1e4, schedule=step, stop_at="threshold")
+    event = hitting_times([config])[0]
+    assert t is not None and t > 5.0
+    assert abs(t / event - 1) < 1e-6, f"learning_time {t} vs the flow's event {event}"

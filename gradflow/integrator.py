@@ -1,0 +1,186 @@
+"""The one integrator: every diffrax solve in gradflow goes through ``integrate``.
+
+It holds the conventions every solve shares:
+
+- the clock (``Clock``): the time the solver steps in, s = t - origin ("linear") or
+  s = log(1 + t - origin) ("log", d theta/ds = (1 + t - origin) grad J: few steps to t = 1e40), with
+  its inverse and its rate dt/ds; a config's clock (``flow_clock``) has origin t0 in log time and 0
+  in linear time (the solver then steps in flow time itself);
+- schedule jumps: a schedule's jump times, mapped through the clock, are steps the adaptive solver
+  must end on (``diffrax.ClipStepSizeController(jump_ts=...)``); the fixed-step SDE steps on the
+  grid t0 + k dt and evaluates its field at the left end of each step, so a jump inside a step
+  takes effect at the next grid point, as it does in the discrete SGD the SDE stands for;
+- one event tolerance (``EVENT_RTOL``, ``EVENT_ATOL``) for the bisection of every terminating
+  event (``falling_event``, ``level_event``), and one crossing search on a solution (``crossing``).
+
+The vector field is the config's own (``FlowParams.vector_field``); ``integrate`` only rescales it
+by the clock's rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+
+from gradflow.model import Theta
+from gradflow.objective import expected_reward
+
+SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+    "kvaerno5": diffrax.Kvaerno5,
+}
+EVENT_RTOL = 1e-14  # bisection of a terminating event: relative tolerance on the event time
+EVENT_ATOL = 1e-12  # ... absolute tolerance on the event time and on the event condition's value
+BISECTION_STEPS = 60  # halvings of a bracket in ``crossing``
+LOCAL_MAX_STEPS = 16_384  # dense re-solve of one bracket on the host side (Trajectory.t_hit, theory.phases)
+BRACKET_MAX_STEPS = 128  # the same inside the (vmapped) solve; a bracket needing more falls back to t_hit
+
+
+class Clock(eqx.Module):
+    """Flow time t <-> solver time s: s = t - origin (linear) or s = log(1 + t - origin) (log)."""
+
+    origin: jnp.ndarray
+    log: bool = eqx.field(static=True)
+
+    def to_solver(self, t):
+        """s(t)."""
+        return jnp.log1p(t - self.origin) if self.log else t - self.origin
+
+    def to_time(self, s):
+        """t(s), the inverse of ``to_solver``."""
+        return self.origin + (jnp.expm1(s) if self.log else s)
+
+    def rate(self, s):
+        """dt/ds: 1 + t - origin = e^s in log time, 1 in linear time."""
+        return jnp.exp(s) if self.log else jnp.ones_like(s)
+
+
+def flow_clock(params) -> Clock:
+    """A config's clock: log time from t0 for time_scale "log"; flow time itself (origin 0) for "linear"."""
+    log = params.time_scale == "log"
+    return Clock(params.t0 if log else jnp.zeros_like(params.t0), log)
+
+
+def jump_ts(params, clock: Clock):
+    """The schedule's jump times (clamped at t0) in the clock's time, or None when it has none."""
+    jumps = params.jump_times()
+    return None if jumps is None else clock.to_solver(jnp.maximum(jnp.asarray(jumps, dtype=float), params.t0))
+
+
+def falling_event(cond: Callable) -> diffrax.Event:
+    """A terminating event where ``cond(t, y, args, **kwargs)`` falls through zero, root-found by bisection.
+
+    diffrax calls ``cond`` with keyword arguments, ``t`` being the solver's time (s in log time).
+
+    The condition must fall (``flip=True``): diffrax root-finds every batch member when one member's
+    event fires, and the members whose event did not fire get the function t_next - t, which also
+    falls; with a rising condition and ``flip=False`` their bisection ran the wrong way and failed
+    (issue 12.4).
+    """
+    return diffrax.Event(cond, root_finder=optx.Bisection(rtol=EVENT_RTOL, atol=EVENT_ATOL, flip=True))
+
+
+def level_event(params, level, quantity: Callable | None = None, rising=True) -> diffrax.Event:
+    """A terminating event at quantity(theta) = level (default: the reward J on the config's task).
+
+    The condition is level - q (or q - level for a falling quantity), so that it falls through zero
+    (``falling_event``).
+    """
+    if quantity is None:
+        quantity = lambda y: expected_reward(Theta.from_array(y), params.task, params.model)
+    sign = 1.0 if rising else -1.0
+    return falling_event(lambda t, y, args, **kw: sign * (level - quantity(y)))
+
+
+class EulerMaruyama(eqx.Module):
+    """The Ito SDE d theta = field(t, theta) d control(t), stepped by Euler at the fixed step dt.
+
+    field: (t, y, args) -> a matrix whose product with the control's increment is the step
+    (for SGD: [drift | diffusion] against d(t, W)); control: a ``diffrax.AbstractPath``.  It runs in
+    flow time (a linear clock); a schedule's jumps are taken at the next grid point (module docstring).
+    """
+
+    field: Callable
+    control: diffrax.AbstractPath
+    dt: jnp.ndarray
+
+
+def integrate(params, saveat: diffrax.SaveAt, *, clock: Clock | None = None, t0=None, t1=None, y0=None,
+              max_steps=None, event=None, progress: bool = False, adjoint=None,
+              sde: EulerMaruyama | None = None) -> diffrax.Solution:
+    """The one diffeqsolve of gradflow; never throws (read ``result``).
+
+    Without ``sde``: d theta/ds = rate(s) * params.vector_field(t(s), theta) with the config's solver
+    and PID tolerances, ending a step on every schedule jump.  With ``sde``: that SDE, by Euler steps of
+    ``sde.dt`` in flow time (default clock: linear, origin 0).  Times (t0, t1, the saveat times and the solution's ts) are in the
+    clock's time (default ``flow_clock(params)``).  Defaults: the config's span, theta0 and
+    max_steps; adjoint: diffrax's ``RecursiveCheckpointAdjoint``.
+    """
+    if clock is None:
+        clock = flow_clock(params) if sde is None else Clock(jnp.zeros_like(params.t0), False)
+    if sde is None:
+        term = diffrax.ODETerm(lambda s, y, args: clock.rate(s) * params.vector_field(clock.to_time(s), y))
+        solver, dt0 = SOLVERS[params.solver](), None
+        controller = diffrax.PIDController(rtol=params.rtol, atol=params.atol)
+        jumps = jump_ts(params, clock)
+        if jumps is not None:
+            controller = diffrax.ClipStepSizeController(controller, jump_ts=jumps)
+    else:
+        if clock.log:
+            raise ValueError("integrate: the SDE runs in flow time (a linear clock)")
+        term, solver, dt0, controller = diffrax.ControlTerm(sde.field, sde.control), diffrax.Euler(), sde.dt, None
+    return diffrax.diffeqsolve(
+        term,
+        solver,
+        clock.to_solver(params.t0) if t0 is None else t0,
+        clock.to_solver(params.t1) if t1 is None else t1,
+        dt0,
+        params.theta0.as_array() if y0 is None else y0,
+        saveat=saveat,
+        stepsize_controller=diffrax.ConstantStepSize() if controller is None else controller,
+        event=event,
+        max_steps=params.max_steps if max_steps is None else max_steps,
+        throw=False,
+        adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
+        progress_meter=diffrax.TqdmProgressMeter(refresh_steps=200) if progress else diffrax.NoProgressMeter(),
+    )
+
+
+def crossing(params, ts, thetas, values, level, quantity_fn: Callable, max_steps: int):
+    """First t at which a read-out reaches ``level``: bracket on the saves, re-solve densely, bisect.
+
+    ``values`` are the read-out at the saves ``ts`` (flow time; NaN rows skipped), ``quantity_fn`` the
+    read-out at one theta; the crossing direction is up when the first value lies below the level,
+    down otherwise.  The bracket is re-solved in the config's clock and halved ``BISECTION_STEPS``
+    times.  Returns (t, reached, resolved): t is NaN when no save reaches the level; resolved is False
+    when the bracket's dense re-solve needed more than ``max_steps`` steps (t is then meaningless).
+    """
+    clock = flow_clock(params)
+    finite = jnp.isfinite(values) & jnp.isfinite(ts)
+    rising = values[0] < level
+    hit = finite & jnp.where(rising, values >= level, values <= level)
+    reached = jnp.any(hit)
+    k = jnp.argmax(hit)
+    k_lo = jnp.maximum(k - 1, 0)
+    s_lo, s_hi = clock.to_solver(ts[k_lo]), clock.to_solver(ts[k])
+    s_end = jnp.where(s_hi > s_lo, s_hi, s_lo + 1.0)
+    solution = integrate(params, diffrax.SaveAt(dense=True), t0=s_lo, t1=s_end, y0=thetas[k_lo], max_steps=max_steps)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        value = quantity_fn(solution.evaluate(mid))
+        short = jnp.where(rising, value < level, value > level)
+        return jnp.where(short, mid, lo), jnp.where(short, hi, mid)
+
+    _, s_hit = jax.lax.fori_loop(0, BISECTION_STEPS, bisect, (s_lo, s_hi))
+    t_hit = jnp.where(k == 0, ts[0], clock.to_time(s_hit))
+    resolved = (solution.result == diffrax.RESULTS.successful) | (k == 0) | ~reached
+    return jnp.where(reached, t_hit, jnp.nan), reached, resolved

@@ -1,0 +1,191 @@
+"""The host-side record of one solved flow (``Trajectory``): arrays over the save times, events,
+solver statistics and the config, with an atomic save/load and root-found crossing times (``t_hit``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gradflow
+from gradflow._checks import check_choice
+from gradflow.compile_cache import compiled
+from gradflow.config import FlowParams
+from gradflow.integrator import LOCAL_MAX_STEPS, crossing
+
+
+@dataclass
+class Trajectory:
+    """A solved flow: arrays over the save times, events, solver statistics and the config.
+
+    ts (T,), theta (T, 5) in (alpha, beta, gamma, eta, delta) order, reward (T,), forward_prob (T, n-1)
+    = P(forward | the walk moves) at each position of chain a, switch_prob (T, n-1) = P(jump to the
+    other chain | moves), expected_length (T,), traversal_prob (T,).  eval_reward: name -> (T,) reward
+    on each of the config's eval_tasks.  events maps "reward_threshold" and "converged" to a time or
+    None.  Times after a requested stop are NaN.
+    """
+
+    config: FlowParams
+    ts: np.ndarray
+    theta: np.ndarray
+    reward: np.ndarray
+    forward_prob: np.ndarray
+    switch_prob: np.ndarray
+    expected_length: np.ndarray
+    traversal_prob: np.ndarray
+    events: dict[str, float | None]
+    stats: dict[str, float] = field(default_factory=dict)
+    eval_reward: dict[str, np.ndarray] = field(default_factory=dict)
+
+    ARRAYS = ("ts", "theta", "reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob")
+
+    @property
+    def loss(self) -> np.ndarray:
+        """1 - J along the trajectory."""
+        return 1.0 - self.reward
+
+    @property
+    def minimal_length(self) -> float:
+        """The expected length of exact forward traversal: sum_d p[d-1] d."""
+        return float(np.asarray(self.config.task.start_probs) @ np.arange(1, self.config.task.n))
+
+    def _values(self, quantity: str, index) -> np.ndarray:
+        if quantity == "eval_reward":
+            if index not in self.eval_reward:
+                raise ValueError(f"index must name one of eval_tasks {sorted(self.eval_reward)}, got {index!r}")
+            return np.asarray(self.eval_reward[index], dtype=float)
+        values = np.asarray(getattr(self, quantity), dtype=float)
+        if values.ndim == 2:
+            values = values.min(axis=1) if index is None else values[:, index]
+        return values
+
+    def t_hit(self, level: float, quantity: str = "reward", index=None) -> float | None:
+        """First (absolute) flow time at which a read-out reaches ``level``, root-found; None if never.
+
+        quantity: "reward" (default), "forward_prob" or "switch_prob" (entry ``index`` = position
+        i - 1, or the minimum over positions when index is None), "expected_length",
+        "traversal_prob", or "eval_reward" (``index`` = the eval task's name).  The crossing goes up
+        when the quantity starts below the level and down otherwise.  It is bracketed on the saves,
+        the bracket is re-solved densely and bisected (60 halvings of the bracket), so the time is
+        exact to the solver tolerance.  The returned time is absolute (it includes t0).
+        """
+        from gradflow import flow  # the read-outs live in gradflow.flow, which imports this module
+
+        check_choice("quantity", quantity, flow.QUANTITIES)
+        if not isinstance(level, (int, float, np.floating, np.integer)) or not math.isfinite(float(level)):
+            raise ValueError(f"level must be a finite number, got {level!r}")
+        if quantity in ("reward", "eval_reward", "traversal_prob", "forward_prob", "switch_prob") and not 0.0 < level < 1.0:
+            raise ValueError(f"level must lie in (0, 1) for {quantity}, got {level}")
+        if quantity in ("forward_prob", "switch_prob", "expected_length", "traversal_prob") and not self.config.readouts:
+            raise ValueError(f"quantity {quantity!r} was not recorded (readouts=False)")
+        values = self._values(quantity, index)
+        if quantity in ("forward_prob", "switch_prob") and index is not None:
+            index = int(index)
+        thetas = jnp.asarray(np.nan_to_num(self.theta))
+        ts = jnp.asarray(np.nan_to_num(self.ts))
+
+        def hit(config, ts, thetas, values, level):
+            return crossing(config, ts, thetas, values, level, flow._quantity_fn(config, quantity, index), LOCAL_MAX_STEPS)
+
+        args = (self.config, ts, thetas, jnp.asarray(values), jnp.asarray(float(level)))
+        executable, _ = compiled("crossing", hit, args, (quantity, index))
+        t, reached, resolved = jax.device_get(executable(*args))
+        if not bool(resolved):
+            raise RuntimeError(
+                f"t_hit({level}, {quantity!r}): the bracket needs over {LOCAL_MAX_STEPS} steps; save more times (save_ts)"
+            )
+        return float(t) if bool(reached) else None
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path``.npz (arrays) and then ``path``.json (config, events, stats, versions), each atomically.
+
+        Each file is written to a temporary name in the same folder and renamed into place, the
+        JSON last: a present ``.json`` means the pair is complete.
+        """
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        npz, sidecar = path.with_suffix(".npz"), path.with_suffix(".json")
+        arrays = {k: np.asarray(getattr(self, k)) for k in self.ARRAYS}
+        arrays.update({f"eval_reward/{name}": np.asarray(v) for name, v in self.eval_reward.items()})
+        meta = {
+            "config": self.config.to_dict(),
+            "events": self.events,
+            "stats": self.stats,
+            "eval_tasks": sorted(self.eval_reward),
+            "versions": _versions(),
+        }
+        if sidecar.exists():  # a rewrite: drop the old marker first, so a crash in between leaves no stale pair
+            sidecar.unlink()
+        _atomic_write(npz, lambda f: np.savez(f, **arrays))
+        _atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        return npz
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trajectory":
+        """Read a trajectory written by ``save``; ValueError naming the field when the files disagree."""
+        path = Path(path).with_suffix("")
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path.with_suffix('.json')}: not valid JSON ({error})") from None
+        for key in ("config", "events", "stats"):
+            if key not in meta:
+                raise ValueError(f"{path.with_suffix('.json')}: missing key '{key}'")
+        config = FlowParams.from_dict(meta["config"])
+        eval_names = meta.get("eval_tasks", [])
+        try:
+            with np.load(path.with_suffix(".npz")) as data:
+                missing = [k for k in cls.ARRAYS if k not in data.files]
+                missing += [f"eval_reward/{name}" for name in eval_names if f"eval_reward/{name}" not in data.files]
+                if missing:
+                    raise ValueError(f"{path.with_suffix('.npz')}: missing array(s) {missing}")
+                arrays = {k: data[k] for k in cls.ARRAYS}
+                eval_reward = {name: data[f"eval_reward/{name}"] for name in eval_names}
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path.with_suffix('.npz')}: cannot be read ({error})") from None
+        except Exception as error:  # noqa: BLE001  (a truncated zip raises zipfile.BadZipFile and others)
+            if isinstance(error, ValueError):
+                raise
+            raise ValueError(f"{path.with_suffix('.npz')}: cannot be read ({type(error).__name__}: {error})") from None
+        _check_shapes(config, arrays, eval_reward, path)
+        events = {k: (None if v is None else float(v)) for k, v in meta["events"].items()}
+        return cls(config=config, events=events, stats=meta["stats"], eval_reward=eval_reward, **arrays)
+
+
+def _check_shapes(config: FlowParams, arrays: dict, eval_reward: dict, path) -> None:
+    """Every array must have the sidecar config's number of saves and n."""
+    saves, width = config.n_saves(), config.task.n - 1
+    expected = {"ts": (saves,), "theta": (saves, 5), "reward": (saves,), "forward_prob": (saves, width),
+                "switch_prob": (saves, width), "expected_length": (saves,), "traversal_prob": (saves,)}
+    expected.update({f"eval_reward/{name}": (saves,) for name in eval_reward})
+    found = {**arrays, **{f"eval_reward/{k}": v for k, v in eval_reward.items()}}
+    for name, shape in expected.items():
+        if np.shape(found[name]) != shape:
+            raise ValueError(f"{path}: array {name} has shape {np.shape(found[name])}, the config implies {shape} "
+                             f"({saves} saves, n = {config.task.n})")
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _versions() -> dict[str, str]:
+    return {"gradflow": gradflow.__version__, "jax": jax.__version__, "diffrax": diffrax.__version__}
