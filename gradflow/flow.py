@@ -45,9 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
+from gradflow import readouts
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
-from gradflow.model import ModelSpec, Theta, step_probabilities
-from gradflow.objective import expected_length, expected_reward, traversal_probability
+from gradflow.model import ModelSpec, Theta
+from gradflow.objective import expected_reward
 from gradflow.task import ChainTask
 
 SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
@@ -61,7 +62,8 @@ STOP_AT = (None, "threshold", "converged")
 EVENTS = ("threshold", "converged")
 EVENT_NAMES = {"threshold": "reward_threshold", "converged": "converged"}  # Trajectory.events keys
 TIME_SCALES = ("linear", "log")
-QUANTITIES = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob", "eval_reward")
+RECORDED = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob")  # the read-outs a Solution holds
+QUANTITIES = RECORDED + ("eval_reward",)
 N_DEFAULT_SAVES = 200
 BISECTION_STEPS = 60
 LOCAL_MAX_STEPS = 16_384  # dense re-solve of one bracket in Trajectory.t_hit
@@ -214,6 +216,18 @@ def _as_eval_tasks(x) -> dict:
     return dict(x)
 
 
+def _as_readouts(x):
+    """True / False as given; a name or a sequence of names as a tuple (a static field must hash)."""
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, str):
+        return (x,)
+    try:
+        return tuple(x)
+    except TypeError:
+        raise ValueError(f"readouts must be True, False or a tuple of read-out names {list(RECORDED)}, got {x!r}") from None
+
+
 def _as_events(x) -> tuple:
     if x is None:
         return EVENTS
@@ -227,8 +241,9 @@ class Recording(eqx.Module):
 
     save_ts None: t0 plus 200 log-spaced times from (t1-t0)*1e-6 to t1.  events: which reward
     events are located ("threshold": J reaches reward_threshold; "converged": the loss 1 - J falls
-    below convergence_loss).  readouts False records only theta and the reward (no per-position
-    probabilities, length or traversal: NaN).  eval_tasks: name -> ChainTask of the same n whose
+    below convergence_loss).  readouts: which read-outs of ``gradflow.readouts`` are saved, a tuple
+    of names from ``RECORDED`` (the reward is always saved), True for all of them, False for the
+    reward only; the others are NaN.  eval_tasks: name -> ChainTask of the same n whose
     reward is recorded at every save.  stop_at: None, "threshold" or "converged": stop the solve
     at that event (saves after the stop are NaN).
     """
@@ -238,7 +253,7 @@ class Recording(eqx.Module):
     convergence_loss: jnp.ndarray = eqx.field(converter=_float_converter("convergence_loss"), default=1e-3)
     stop_at: str | None = eqx.field(static=True, default=None)
     events: tuple = eqx.field(static=True, converter=_as_events, default=EVENTS)
-    readouts: bool = eqx.field(static=True, default=True)
+    readouts: bool | tuple = eqx.field(static=True, converter=_as_readouts, default=True)
     eval_tasks: dict = eqx.field(converter=_as_eval_tasks, default=None)
 
     def __check_init__(self):
@@ -246,7 +261,9 @@ class Recording(eqx.Module):
         for event in self.events:
             check_choice("events entry", event, EVENTS)
         if not isinstance(self.readouts, bool):
-            raise ValueError(f"readouts must be True or False, got {self.readouts!r}")
+            for name in readouts.check_names(self.readouts):
+                if name not in RECORDED:
+                    raise ValueError(f"readouts: the flow records the read-outs {list(RECORDED)}, not {name!r}")
         for name, task in self.eval_tasks.items():
             if not isinstance(name, str) or not isinstance(task, ChainTask):
                 raise ValueError(f"eval_tasks must map names (str) to gradflow.ChainTask, got {name!r}: {task!r}")
@@ -264,6 +281,12 @@ class Recording(eqx.Module):
                 raise ValueError(f"save_ts must be finite (no NaN or inf), got {ts}")
             if np.any(np.diff(ts) <= 0):
                 raise ValueError("save_ts must be strictly increasing")
+
+    def readout_names(self) -> tuple[str, ...]:
+        """The read-outs saved at every save time: the reward, then those ``readouts`` asks for."""
+        if isinstance(self.readouts, bool):
+            return RECORDED if self.readouts else ("reward",)
+        return ("reward",) + tuple(name for name in RECORDED[1:] if name in self.readouts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -448,8 +471,8 @@ class FlowParams(eqx.Module):
         # newer keys only when they differ from their defaults, so older configs keep their JSON (and hash)
         if self.events != EVENTS:
             out["events"] = list(self.events)
-        if not self.readouts:
-            out["readouts"] = False
+        if self.readouts is not True:
+            out["readouts"] = self.readouts if self.readouts is False else list(self.readouts)
         if self.eval_tasks:
             out["eval_tasks"] = {name: _task_dict(task) for name, task in self.eval_tasks.items()}
         if self.time_scale != "linear":
@@ -610,39 +633,31 @@ def integrate(params: FlowParams, saveat: diffrax.SaveAt, *, t0=None, t1=None, y
 
 
 def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Closed-form read-outs at one theta (5,): reward, per-position forward/switch, length, traversal."""
-    th = Theta.from_array(theta)
-    steps = step_probabilities(th, params.task.n, params.model)
-    moving = steps.forward + steps.backward + steps.switch + steps.jump + steps.isolated  # 1 - stay, as a sum
-    return {
-        "reward": expected_reward(th, params.task, params.model),
-        "forward_prob": steps.forward / moving,
-        "switch_prob": steps.switch / moving,
-        "expected_length": expected_length(th, params.task, params.model),
-        "traversal_prob": traversal_probability(th, params.task, params.model),
-    }
+    """The read-outs a Solution holds (``RECORDED``, from ``gradflow.readouts``) at one theta (5,) on the task."""
+    return readouts.read(RECORDED, theta, params.task, params.model)
 
 
 def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
-    """What the recording asks for at one theta: the reward, the read-outs if asked, the eval rewards."""
-    out = metrics_at(params, theta) if params.readouts else {"reward": _reward(params, theta)}
-    out["eval_reward"] = {name: _reward(params, theta, task) for name, task in params.eval_tasks.items()}
+    """What the recording asks for at one theta: its read-outs and the reward on each eval task."""
+    out = readouts.read(params.recording.readout_names(), theta, params.task, params.model)
+    out["eval_reward"] = {name: readouts.read(("reward",), theta, task, params.model)["reward"]
+                          for name, task in params.eval_tasks.items()}
     return out
 
 
 def _quantity_fn(params: FlowParams, quantity: str, index) -> Callable:
     """theta (5,) -> the scalar read-out ``quantity`` (per-position ones: entry ``index``, or the min)."""
     check_choice("quantity", quantity, QUANTITIES)
-    if quantity == "reward":
-        return lambda y: _reward(params, y)
+    task = params.task
     if quantity == "eval_reward":
         if index not in params.eval_tasks:
             raise ValueError(f"index must name one of eval_tasks {sorted(params.eval_tasks)} for quantity 'eval_reward', got {index!r}")
-        return lambda y: _reward(params, y, params.eval_tasks[index])
+        task, quantity = params.eval_tasks[index], "reward"
+    readout = readouts.READOUTS[quantity]
 
     def read(y):
-        value = metrics_at(params, y)[quantity]
-        if value.ndim == 0:
+        value = readout.fn(Theta.from_array(y), task, params.model)
+        if readout.axis is None:
             return value
         return jnp.min(value) if index is None else value[index]
 
@@ -1009,12 +1024,12 @@ class Trajectory:
         check_choice("quantity", quantity, QUANTITIES)
         if not isinstance(level, (int, float, np.floating, np.integer)) or not math.isfinite(float(level)):
             raise ValueError(f"level must be a finite number, got {level!r}")
-        if quantity in ("reward", "eval_reward", "traversal_prob", "forward_prob", "switch_prob") and not 0.0 < level < 1.0:
+        if (quantity == "eval_reward" or readouts.READOUTS[quantity].probability) and not 0.0 < level < 1.0:
             raise ValueError(f"level must lie in (0, 1) for {quantity}, got {level}")
-        if quantity in ("forward_prob", "switch_prob", "expected_length", "traversal_prob") and not self.config.readouts:
-            raise ValueError(f"quantity {quantity!r} was not recorded (readouts=False)")
+        if quantity != "eval_reward" and quantity not in self.config.recording.readout_names():
+            raise ValueError(f"quantity {quantity!r} was not recorded (readouts={self.config.readouts!r})")
         values = self._values(quantity, index)
-        if quantity in ("forward_prob", "switch_prob") and index is not None:
+        if quantity != "eval_reward" and readouts.READOUTS[quantity].axis is not None and index is not None:
             index = int(index)
         thetas = jnp.asarray(np.nan_to_num(self.theta))
         ts = jnp.asarray(np.nan_to_num(self.ts))

@@ -13,7 +13,7 @@ P(move) summed over the moves (never 1 - P(stay)), so they do not depend on ``ma
 five of them sum to 1 at every position.
 
 ``read(names, theta, task, model)`` evaluates several read-outs at once; within one call the shared
-intermediates (the step probabilities, the greedy walks) are computed once.
+intermediates (the step probabilities, the greedy walks, the capped reach) are computed once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from gradflow import capped, greedy, objective
-from gradflow.model import ModelSpec, StepProbabilities, Theta, step_probabilities
+from gradflow.model import ModelSpec, Theta, step_probabilities
 from gradflow.task import ChainTask
 
 AXES = (None, "position", "start")
@@ -112,14 +112,8 @@ def _shared(fn: Callable) -> Callable:
     return once
 
 
-@_shared
-def _steps(theta: Theta, task: ChainTask, model: ModelSpec) -> StepProbabilities:
-    return step_probabilities(theta, task, model)
-
-
-@_shared
-def _greedy(theta: Theta, task: ChainTask, model: ModelSpec) -> greedy.GreedyMetrics:
-    return greedy.greedy_metrics(theta, task, model)
+_steps = _shared(step_probabilities)
+_greedy = _shared(greedy.greedy_metrics)
 
 
 def _given_move(kind: str) -> Callable:
@@ -141,6 +135,7 @@ def _greedy_per_start_field(field: str) -> Callable:
     return lambda theta, task, model: getattr(_greedy(theta, task, model).per_start, field).astype(float)
 
 
+@_shared
 def _reach_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """P(some terminal within the cap) by d: ``capped.reach_per_start``; 1 without a cap (absorption is certain)."""
     if model.max_len is None:
