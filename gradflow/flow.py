@@ -6,8 +6,8 @@ A config says three things, each its own typed module:
   variable the solver steps in (``time_scale``: "linear", or "log" for s = log(1 + t - t0), which
   takes few steps to t = 1e40);
 - ``Numerics`` -- how: solver, tolerances, max_steps;
-- ``Recording`` -- what is recorded: save times, which events are located, the per-position
-  read-outs, extra evaluation tasks and where to stop.
+- ``Recording`` -- what is recorded: save times, which events are located, which read-outs of
+  ``gradflow.readouts``, extra evaluation tasks and where to stop.
 
 ``FlowParams`` holds one of each and keeps the flat keywords and attributes of earlier versions
 (``FlowParams(task, model, theta0, t1=..., solver=..., save_ts=...)``, ``params.t1``, ...).
@@ -705,7 +705,7 @@ class Solution(eqx.Module):
     """The arrays of one solve (a leading batch axis on every field under ``solve_many`` / vmap).
 
     ts (T,) flow times of the saves (NaN after a stop), theta (T, 5), reward (T,); forward_prob and
-    switch_prob (T, n-1), expected_length and traversal_prob (T,) (NaN when ``readouts`` is off);
+    switch_prob (T, n-1), expected_length and traversal_prob (T,) (NaN when not recorded);
     eval_reward: name -> (T,).  event_times / event_reached / event_resolved: event name ->
     time (NaN if not reached), whether it was reached, and whether its bracket re-solve fitted in
     its step budget.  t_stop: where the solve ended (t1, or the stop event); theta_stop its state.

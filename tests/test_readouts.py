@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gradflow as gf
-from gradflow import flow, readouts, theory, training
+from gradflow import cli, flow, readouts, theory, training
 from gradflow.flow import FlowParams, Recording
 
 N = 4
@@ -111,3 +111,12 @@ def test_recording_saves_only_the_asked_read_outs():
     assert np.isnan(traj.forward_prob).all() and np.isnan(traj.switch_prob).all() and np.isnan(traj.expected_length).all()
     with pytest.raises(ValueError, match="'forward_prob' was not recorded"):
         traj.t_hit(0.5, "forward_prob")
+    report = cli.report(traj)
+    assert "traversal_prob = " in report and readouts.READOUTS["traversal_prob"].description in report
+    assert "forward_prob" not in report and "expected_length" not in report
+
+
+def test_the_cli_flag_chooses_the_recorded_read_outs():
+    args = cli.build_parser().parse_args(["simulate", "--out", "x", "--readouts", "traversal_prob", "switch_prob"])
+    assert cli._flow_from_args(args).readouts == ("traversal_prob", "switch_prob")
+    assert cli._flow_from_args(cli.build_parser().parse_args(["simulate", "--out", "x"])).readouts is True
