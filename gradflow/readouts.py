@@ -66,15 +66,12 @@ def register(name: str, fn: Callable, axis: str | None = None, probability: bool
     return READOUTS[name]
 
 
-def check_names(names: Iterable[str], allowed: Iterable[str] | None = None) -> tuple[str, ...]:
-    """``names`` as a tuple; ValueError naming the allowed names (default: every registered one) otherwise."""
-    if isinstance(names, str):
-        names = (names,)
-    names = tuple(names)
-    allowed = tuple(READOUTS) if allowed is None else tuple(allowed)
+def check_names(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` (one name or several) as a tuple; ValueError naming the registered read-outs if one is unknown."""
+    names = (names,) if isinstance(names, str) else tuple(names)
     for name in names:
-        if name not in allowed:
-            raise ValueError(f"unknown read-out {name!r}; the read-outs are {list(allowed)}")
+        if name not in READOUTS:
+            raise ValueError(f"unknown read-out {name!r}; the read-outs are {list(READOUTS)}")
     return names
 
 
