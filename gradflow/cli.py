@@ -73,6 +73,8 @@ def _flow_from_args(args):
 
     model = ModelSpec(attention=args.attention, tau=args.tau, mask_self=not args.allow_self, n_isolated=args.n_isolated)
     extra = {} if args.theta0 is None else {"theta0": Theta(*args.theta0)}
+    if args.readouts is not None:
+        extra["readouts"] = tuple(args.readouts)
     return FlowParams(
         _task_from_args(args),
         model,
@@ -134,10 +136,10 @@ def load_trajectory(path, flag: str = "--run"):
 
 def _choices():
     """The choice lists, read from the modules that define them."""
-    from gradflow.flow import COORDS, SOLVERS
+    from gradflow.flow import COORDS, RECORDED, SOLVERS
     from gradflow.model import ATTENTION_KINDS
 
-    return {"solver": tuple(SOLVERS), "coords": tuple(COORDS), "attention": tuple(ATTENTION_KINDS)}
+    return {"solver": tuple(SOLVERS), "coords": tuple(COORDS), "attention": tuple(ATTENTION_KINDS), "readouts": RECORDED}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> None:
@@ -159,6 +161,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> Non
     parser.add_argument("--rtol", type=float, default=1e-8, help="relative tolerance (default 1e-8)")
     parser.add_argument("--atol", type=float, default=1e-10, help="absolute tolerance (default 1e-10)")
     parser.add_argument("--threshold", type=float, default=0.9, help="reward level whose hitting time is reported (default 0.9)")
+    parser.add_argument("--readouts", nargs="+", choices=choices["readouts"], default=None, metavar="NAME",
+                        help=f"read-outs to record (gradflow.readouts; the reward always is): {', '.join(choices['readouts'])} "
+                             "(default all)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress meter")
 
 
@@ -197,11 +202,25 @@ def report(trajectory) -> str:
     last = int(finite[-1]) if finite.size else -1
     alpha, beta, gamma = np.asarray(trajectory.theta)[last, :3]
     lines.append(f"final alpha = {alpha:.4f}, beta = {beta:.4f}, gamma = {gamma:.4f}")
-    lines.append(f"expected length = {np.asarray(trajectory.expected_length)[last]:.4f} (minimal {trajectory.minimal_length:.4f})")
+    lines += _readout_lines(trajectory, last)
     stats = trajectory.stats
     lines.append(f"solver: {stats.get('num_steps')} steps ({stats.get('num_rejected_steps')} rejected), "
                  f"compile {stats.get('compile_seconds', 0.0):.2f} s, run {stats.get('run_seconds', 0.0):.3f} s")
     return "\n".join(lines)
+
+
+def _readout_lines(trajectory, k: int) -> list[str]:
+    """The recorded read-outs other than the reward at save k, each with its math (``gradflow.readouts``)."""
+    from gradflow.readouts import READOUTS
+
+    lines = ["read-outs at the final save:"]
+    for name in trajectory.config.recording.readout_names()[1:]:
+        value = np.asarray(getattr(trajectory, name))[k]
+        shown = f"{value:.4f}" if value.ndim == 0 else f"{value.min():.4f} .. {value.max():.4f} over positions"
+        if name == "expected_length":
+            shown += f" (minimal {trajectory.minimal_length:.4f})"
+        lines.append(f"  {name} = {shown}   [{READOUTS[name].description}]")
+    return lines
 
 
 def cmd_run(args) -> int:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow import readouts
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
 from gradflow.integrator import SOLVERS, flow_clock
 from gradflow.model import ModelSpec, Theta
@@ -27,6 +28,7 @@ STOP_AT = (None, "threshold", "converged")
 EVENTS = ("threshold", "converged")
 EVENT_NAMES = {"threshold": "reward_threshold", "converged": "converged"}  # Trajectory.events keys
 TIME_SCALES = ("linear", "log")
+RECORDED = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob")  # the read-outs a Solution holds
 N_DEFAULT_SAVES = 200
 
 
@@ -174,6 +176,18 @@ def _as_eval_tasks(x) -> dict:
     return dict(x)
 
 
+def _as_readouts(x):
+    """True / False as given; a name or a sequence of names as a tuple (a static field must hash)."""
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, str):
+        return (x,)
+    try:
+        return tuple(x)
+    except TypeError:
+        raise ValueError(f"readouts must be True, False or a tuple of read-out names {list(RECORDED)}, got {x!r}") from None
+
+
 def _as_events(x) -> tuple:
     if x is None:
         return EVENTS
@@ -187,8 +201,9 @@ class Recording(eqx.Module):
 
     save_ts None: t0 plus 200 log-spaced times from (t1-t0)*1e-6 to t1.  events: which reward
     events are located ("threshold": J reaches reward_threshold; "converged": the loss 1 - J falls
-    below convergence_loss).  readouts False records only theta and the reward (no per-position
-    probabilities, length or traversal: NaN).  eval_tasks: name -> ChainTask of the same n whose
+    below convergence_loss).  readouts: which read-outs of ``gradflow.readouts`` are saved, a tuple
+    of names from ``RECORDED`` (the reward is always saved), True for all of them, False for the
+    reward only; the others are NaN.  eval_tasks: name -> ChainTask of the same n whose
     reward is recorded at every save.  stop_at: None, "threshold" or "converged": stop the solve
     at that event (saves after the stop are NaN).
     """
@@ -198,7 +213,7 @@ class Recording(eqx.Module):
     convergence_loss: jnp.ndarray = eqx.field(converter=_float_converter("convergence_loss"), default=1e-3)
     stop_at: str | None = eqx.field(static=True, default=None)
     events: tuple = eqx.field(static=True, converter=_as_events, default=EVENTS)
-    readouts: bool = eqx.field(static=True, default=True)
+    readouts: bool | tuple = eqx.field(static=True, converter=_as_readouts, default=True)
     eval_tasks: dict = eqx.field(converter=_as_eval_tasks, default=None)
 
     def __check_init__(self):
@@ -206,7 +221,9 @@ class Recording(eqx.Module):
         for event in self.events:
             check_choice("events entry", event, EVENTS)
         if not isinstance(self.readouts, bool):
-            raise ValueError(f"readouts must be True or False, got {self.readouts!r}")
+            for name in readouts.check_names(self.readouts):
+                if name not in RECORDED:
+                    raise ValueError(f"readouts: the flow records the read-outs {list(RECORDED)}, not {name!r}")
         for name, task in self.eval_tasks.items():
             if not isinstance(name, str) or not isinstance(task, ChainTask):
                 raise ValueError(f"eval_tasks must map names (str) to gradflow.ChainTask, got {name!r}: {task!r}")
@@ -224,6 +241,12 @@ class Recording(eqx.Module):
                 raise ValueError(f"save_ts must be finite (no NaN or inf), got {ts}")
             if np.any(np.diff(ts) <= 0):
                 raise ValueError("save_ts must be strictly increasing")
+
+    def readout_names(self) -> tuple[str, ...]:
+        """The read-outs saved at every save time: the reward, then those ``readouts`` asks for."""
+        if isinstance(self.readouts, bool):
+            return RECORDED if self.readouts else ("reward",)
+        return ("reward",) + tuple(name for name in RECORDED[1:] if name in self.readouts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,8 +456,8 @@ class FlowParams(eqx.Module):
         # newer keys only when they differ from their defaults, so older configs keep their JSON (and hash)
         if self.events != EVENTS:
             out["events"] = list(self.events)
-        if not self.readouts:
-            out["readouts"] = False
+        if self.readouts is not True:
+            out["readouts"] = self.readouts if self.readouts is False else list(self.readouts)
         if self.eval_tasks:
             out["eval_tasks"] = {name: _task_dict(task) for name, task in self.eval_tasks.items()}
         if self.time_scale != "linear":

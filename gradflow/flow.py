@@ -19,7 +19,7 @@ cache of compiled executables, ``compilation_count``, the persistent compilation
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import diffrax
 import equinox as eqx
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gradflow._checks import check_choice, is_concrete
+from gradflow import readouts
+from gradflow._checks import is_concrete
 from gradflow.compile_cache import (
     CACHE_MAX_BYTES,
     CACHE_SIZE,
@@ -44,6 +45,7 @@ from gradflow.config import (
     EVENT_NAMES,
     EVENTS,
     N_DEFAULT_SAVES,
+    RECORDED,
     STOP_AT,
     TIME_SCALES,
     FlowParams,
@@ -63,20 +65,19 @@ from gradflow.integrator import (
     integrate,
     level_event,
 )
-from gradflow.model import Theta, step_probabilities
-from gradflow.objective import expected_length, expected_reward, traversal_probability
+from gradflow.model import Theta
+from gradflow.objective import expected_reward
 from gradflow.task import ChainTask
-from gradflow.trajectory import Trajectory
+from gradflow.trajectory import QUANTITIES, Trajectory
 
 __all__ = [
     "BISECTION_STEPS", "BRACKET_MAX_STEPS", "CACHE_MAX_BYTES", "CACHE_SIZE", "COORDS", "EVENTS", "EVENT_NAMES",
-    "LOCAL_MAX_STEPS", "METRIC_CHUNK_ELEMENTS", "N_DEFAULT_SAVES", "QUANTITIES", "SOLVERS", "STOP_AT", "TIME_SCALES",
+    "LOCAL_MAX_STEPS", "METRIC_CHUNK_ELEMENTS", "N_DEFAULT_SAVES", "QUANTITIES", "RECORDED", "SOLVERS", "STOP_AT", "TIME_SCALES",
     "FlowParams", "Numerics", "Problem", "Recording", "Solution", "Trajectory", "as_theta", "compilation_count",
     "default_theta0", "enable_persistent_cache", "failure_message", "hitting_times", "integrate", "level_event",
     "metrics_at", "persistent_cache_dir", "simulate", "simulate_many", "solve", "solve_many", "stack_configs",
 ]
 
-QUANTITIES = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob", "eval_reward")
 METRIC_CHUNK_ELEMENTS = 4096
 
 
@@ -97,43 +98,16 @@ def _stop_event(params: FlowParams) -> diffrax.Event | None:
 
 
 def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Closed-form read-outs at one theta (5,): reward, per-position forward/switch, length, traversal."""
-    th = Theta.from_array(theta)
-    steps = step_probabilities(th, params.task.n, params.model)
-    moving = steps.forward + steps.backward + steps.switch + steps.jump + steps.isolated  # 1 - stay, as a sum
-    return {
-        "reward": expected_reward(th, params.task, params.model),
-        "forward_prob": steps.forward / moving,
-        "switch_prob": steps.switch / moving,
-        "expected_length": expected_length(th, params.task, params.model),
-        "traversal_prob": traversal_probability(th, params.task, params.model),
-    }
+    """The read-outs a Solution holds (``RECORDED``, from ``gradflow.readouts``) at one theta on the task."""
+    return readouts.read(RECORDED, theta, params.task, params.model)
 
 
 def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
-    """What the recording asks for at one theta: the reward, the read-outs if asked, the eval rewards."""
-    out = metrics_at(params, theta) if params.readouts else {"reward": _reward(params, theta)}
-    out["eval_reward"] = {name: _reward(params, theta, task) for name, task in params.eval_tasks.items()}
+    """What the recording asks for at one theta: its read-outs and the reward on each eval task."""
+    out = readouts.read(params.recording.readout_names(), theta, params.task, params.model)
+    out["eval_reward"] = {name: readouts.read(("reward",), theta, task, params.model)["reward"]
+                          for name, task in params.eval_tasks.items()}
     return out
-
-
-def _quantity_fn(params: FlowParams, quantity: str, index) -> Callable:
-    """theta (5,) -> the scalar read-out ``quantity`` (per-position ones: entry ``index``, or the min)."""
-    check_choice("quantity", quantity, QUANTITIES)
-    if quantity == "reward":
-        return lambda y: _reward(params, y)
-    if quantity == "eval_reward":
-        if index not in params.eval_tasks:
-            raise ValueError(f"index must name one of eval_tasks {sorted(params.eval_tasks)} for quantity 'eval_reward', got {index!r}")
-        return lambda y: _reward(params, y, params.eval_tasks[index])
-
-    def read(y):
-        value = metrics_at(params, y)[quantity]
-        if value.ndim == 0:
-            return value
-        return jnp.min(value) if index is None else value[index]
-
-    return read
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +119,7 @@ class Solution(eqx.Module):
     """The arrays of one solve (a leading batch axis on every field under ``solve_many`` / vmap).
 
     ts (T,) flow times of the saves (NaN after a stop), theta (T, 5), reward (T,); forward_prob and
-    switch_prob (T, n-1), expected_length and traversal_prob (T,) (NaN when ``readouts`` is off);
+    switch_prob (T, n-1), expected_length and traversal_prob (T,) (NaN when not recorded);
     eval_reward: name -> (T,).  event_times / event_reached / event_resolved: event name ->
     time (NaN if not reached), whether it was reached, and whether its bracket re-solve fitted in
     its step budget.  t_stop: where the solve ended (t1, or the stop event); theta_stop its state.

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow import readouts
 from gradflow._checks import check_fraction, check_int, check_nonnegative
 from gradflow._series import first_crossing
 from gradflow.compile_cache import compiled
@@ -479,13 +480,11 @@ def late_gap_slope(trajectory: Trajectory, fraction: float = 1.0 / 3.0) -> float
 def _readouts(params: FlowParams, y: jnp.ndarray) -> jnp.ndarray:
     """What phases root-finds, at one theta (5,): [forward | move at a_1..a_{n-1}, their min, J].
 
-    The same read-outs the trajectory saved (``gradflow.flow.metrics_at``), so brackets and roots agree.
+    The read-outs of ``gradflow.readouts`` the trajectory saved, so brackets and roots agree.
     """
-    from gradflow import flow
-
-    metrics = flow.metrics_at(params, y)
-    forward = metrics["forward_prob"]
-    return jnp.concatenate([forward, jnp.min(forward)[None], jnp.asarray(metrics["reward"])[None]])
+    values = readouts.read(("forward_prob", "reward"), y, params.task, params.model)
+    forward = values["forward_prob"]
+    return jnp.concatenate([forward, jnp.min(forward)[None], jnp.asarray(values["reward"])[None]])
 
 
 def _phase_crossings(params: FlowParams, ts, thetas, table, columns, levels):

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradflow import capped, greedy, objective
+from gradflow import capped, objective, readouts
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow.flow import FlowParams, Trajectory
-from gradflow.model import ModelSpec, Theta, step_probabilities
+from gradflow.model import ModelSpec, Theta
 from gradflow.sampling import _rollouts, full_attention, orbit_statistics, resolve_max_len, surrogate
 from gradflow.task import ChainTask
 
@@ -43,7 +43,7 @@ COORDS = ("reduced", "full")
 PARAM_KINDS = COORDS  # old name (``train(params=...)``)
 
 __all__ = ["TrainConfig", "TrainingTrajectory", "gradient_descent", "train", "readouts_at", "reward_function",
-           "OPTIMIZERS", "COORDS"]
+           "OPTIMIZERS", "COORDS", "RECORDED"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,46 +113,21 @@ def reward_function(model: ModelSpec):
     return capped.expected_reward if model.max_len is not None else objective.expected_reward
 
 
-def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Exact read-outs at one theta (5,), capped when ``model.max_len`` is set.
+RECORDED = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob", "success_per_start",
+            "reach_per_start", "reach_probability", "greedy_accuracy", "greedy_conditional_accuracy", "greedy_reach_rate",
+            "greedy_traversal_accuracy", "greedy_tie_rate", "greedy_correct", "greedy_reached")  # TrainingTrajectory's
 
-    reward, success_per_start (n-1,), reach_probability and reach_per_start (1 without a cap),
-    expected_length (E[min(L, max_len)] with a cap), traversal_prob, forward_prob and switch_prob
-    per position (given that the walk moves), and the greedy read-outs (``gradflow.greedy``):
-    greedy_accuracy, greedy_conditional_accuracy, greedy_reach_rate, greedy_traversal_accuracy,
-    greedy_tie_rate and greedy_correct / greedy_reached per start.
+
+def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """The read-outs ``RECORDED`` of ``gradflow.readouts`` at one theta (5,), capped when ``model.max_len`` is set.
+
+    reward, forward_prob and switch_prob per position (given that the walk moves), expected_length
+    (E[min(L, max_len)] with a cap), traversal_prob, success_per_start, reach_per_start and
+    reach_probability (1 without a cap), and the greedy read-outs (``gradflow.greedy``, tie rule
+    "first"): greedy_accuracy, greedy_conditional_accuracy, greedy_reach_rate,
+    greedy_traversal_accuracy, greedy_tie_rate and greedy_correct / greedy_reached per start.
     """
-    th = Theta.from_array(theta)
-    steps = step_probabilities(th, task.n, model)
-    stay = steps.stay if hasattr(steps, "stay") else steps.self
-    if model.max_len is not None:
-        per = capped.per_start(th, task, model)
-        success, reach, length, traversal = per.success, per.reach, per.length, per.traversal
-    else:
-        success = objective.same_side_probability(th, task, model)
-        reach = jnp.ones_like(success)
-        length = objective.length_per_start(th, task, model)
-        traversal = objective.traversal_per_start(th, task, model)
-    weigh = lambda x: jnp.sum(task.start_probs * x)
-    g = greedy._summarise(greedy._greedy_per_start(th, task, model, model.max_len, "first", greedy.DEFAULT_TIE_TOL),
-                          task.start_probs)
-    return {
-        "reward": weigh(success),
-        "forward_prob": steps.forward_given_move,
-        "switch_prob": steps.switch / (1.0 - stay),
-        "expected_length": weigh(length),
-        "traversal_prob": weigh(traversal),
-        "success_per_start": success,
-        "reach_per_start": reach,
-        "reach_probability": weigh(reach),
-        "greedy_accuracy": g.accuracy,
-        "greedy_conditional_accuracy": g.conditional_accuracy,
-        "greedy_reach_rate": g.reach_rate,
-        "greedy_traversal_accuracy": g.traversal_accuracy,
-        "greedy_tie_rate": g.tie_rate,
-        "greedy_correct": g.per_start.correct.astype(float),
-        "greedy_reached": g.per_start.reached.astype(float),
-    }
+    return readouts.read(RECORDED, theta, task, model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,11 +162,7 @@ class TrainingTrajectory(Trajectory):
     greedy_correct: np.ndarray | None = None
     greedy_reached: np.ndarray | None = None
 
-    ARRAYS = Trajectory.ARRAYS + (
-        "sampled_reward", "theta_std", "success_per_start", "reach_per_start", "reach_probability",
-        "greedy_accuracy", "greedy_conditional_accuracy", "greedy_reach_rate", "greedy_traversal_accuracy",
-        "greedy_tie_rate", "greedy_correct", "greedy_reached",
-    )
+    ARRAYS = Trajectory.ARRAYS + ("sampled_reward", "theta_std") + tuple(n for n in RECORDED if n not in Trajectory.ARRAYS)
 
     @property
     def steps(self) -> np.ndarray:

@@ -17,10 +17,33 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradflow
+from gradflow import readouts
 from gradflow._checks import check_choice
 from gradflow.compile_cache import compiled
-from gradflow.config import FlowParams
+from gradflow.config import RECORDED, FlowParams
 from gradflow.integrator import LOCAL_MAX_STEPS, crossing
+from gradflow.model import Theta
+
+QUANTITIES = RECORDED + ("eval_reward",)  # what Trajectory.t_hit reads
+
+
+def quantity_fn(params: FlowParams, quantity: str, index) -> Callable:
+    """theta -> the scalar read-out ``quantity`` (per-position ones: entry ``index``, or the min)."""
+    check_choice("quantity", quantity, QUANTITIES)
+    task = params.task
+    if quantity == "eval_reward":
+        if index not in params.eval_tasks:
+            raise ValueError(f"index must name one of eval_tasks {sorted(params.eval_tasks)} for quantity 'eval_reward', got {index!r}")
+        task, quantity = params.eval_tasks[index], "reward"
+    readout = readouts.READOUTS[quantity]
+
+    def read(y):
+        value = readout.fn(Theta.from_array(y), task, params.model)
+        if readout.axis is None:
+            return value
+        return jnp.min(value) if index is None else value[index]
+
+    return read
 
 
 @dataclass
@@ -78,23 +101,21 @@ class Trajectory:
         the bracket is re-solved densely and bisected (60 halvings of the bracket), so the time is
         exact to the solver tolerance.  The returned time is absolute (it includes t0).
         """
-        from gradflow import flow  # the read-outs live in gradflow.flow, which imports this module
-
-        check_choice("quantity", quantity, flow.QUANTITIES)
+        check_choice("quantity", quantity, QUANTITIES)
         if not isinstance(level, (int, float, np.floating, np.integer)) or not math.isfinite(float(level)):
             raise ValueError(f"level must be a finite number, got {level!r}")
-        if quantity in ("reward", "eval_reward", "traversal_prob", "forward_prob", "switch_prob") and not 0.0 < level < 1.0:
+        if (quantity == "eval_reward" or readouts.READOUTS[quantity].probability) and not 0.0 < level < 1.0:
             raise ValueError(f"level must lie in (0, 1) for {quantity}, got {level}")
-        if quantity in ("forward_prob", "switch_prob", "expected_length", "traversal_prob") and not self.config.readouts:
-            raise ValueError(f"quantity {quantity!r} was not recorded (readouts=False)")
+        if quantity != "eval_reward" and quantity not in self.config.recording.readout_names():
+            raise ValueError(f"quantity {quantity!r} was not recorded (readouts={self.config.readouts!r})")
         values = self._values(quantity, index)
-        if quantity in ("forward_prob", "switch_prob") and index is not None:
+        if quantity != "eval_reward" and readouts.READOUTS[quantity].axis is not None and index is not None:
             index = int(index)
         thetas = jnp.asarray(np.nan_to_num(self.theta))
         ts = jnp.asarray(np.nan_to_num(self.ts))
 
         def hit(config, ts, thetas, values, level):
-            return crossing(config, ts, thetas, values, level, flow._quantity_fn(config, quantity, index), LOCAL_MAX_STEPS)
+            return crossing(config, ts, thetas, values, level, quantity_fn(config, quantity, index), LOCAL_MAX_STEPS)
 
         args = (self.config, ts, thetas, jnp.asarray(values), jnp.asarray(float(level)))
         executable, _ = compiled("crossing", hit, args, (quantity, index))
