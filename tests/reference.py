@@ -2,7 +2,8 @@
 
 ``dense_same_side_probability`` / ``dense_length_per_start``: the token-built transition matrix
 (``gradflow.transition_matrix``) and one dense float64 solve of (I - Q) g = r (moved here from
-gradflow.objective: tests and benchmarks only).
+gradflow.objective: tests and benchmarks only).  ``dense_capped``: the capped read-outs by numpy
+powers of the same matrix with both terminals made absorbing.
 
 ``mp_chain(theta, n, model, start)``: the transition matrix rebuilt token by token in mpmath from the
 edge list (docs/THEORY.md §2.2; nothing shared with gradflow's solves), and ``mp_absorption`` its absorption
@@ -52,6 +53,36 @@ def dense_same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec)
 def dense_length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """``length_per_start`` by a dense float64 solve on the full transition matrix."""
     return _dense_per_start(theta, task, model, 1.0, (0.0, 0.0))
+
+
+def dense_matrix(theta: Theta, n: int, model: ModelSpec, position: int) -> np.ndarray:
+    """The token-built transition matrix (numpy) of a walk started at a_position (the start token enters softmax only)."""
+    return np.asarray(transition_matrix(theta, n, model, start=position if model.attention == "softmax" else None))
+
+
+def dense_capped(theta: Theta, n: int, model: ModelSpec, cap: int) -> np.ndarray:
+    """(success, reach, length, traversal) per start distance d (entry d-1) by dense matrix powers.
+
+    With both terminals absorbing, P(a_n within T tokens) is entry (start, a_n) of the T-th power, and
+    E[min(L, T)] = sum_{k<T} P(no terminal after k tokens).
+    """
+    out = np.zeros((4, n - 1))
+    for d in range(1, n):
+        position = n - d
+        p = dense_matrix(theta, n, model, position)
+        absorbing = p.copy()
+        for terminal in (n - 1, 2 * n - 1):
+            absorbing[terminal] = 0.0
+            absorbing[terminal, terminal] = 1.0
+        power = np.eye(len(p))
+        survival = 0.0
+        for _ in range(cap):
+            survival += 1.0 - power[position - 1, n - 1] - power[position - 1, 2 * n - 1]
+            power = power @ absorbing
+        row = power[position - 1]
+        path = np.prod([p[i - 1, i] for i in range(position, n)]) if d <= cap else 0.0
+        out[:, d - 1] = row[n - 1], row[n - 1] + row[2 * n - 1], survival, path
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The capped closed form (gradflow.capped) against dense matrix powers, finite differences, token-level
 sampling and the uncapped closed form.
 
-Dense reference: the token-built transition matrix (``gradflow.model.transition_matrix``) with both
-terminals made absorbing, raised to the T-th power in numpy: P(a_n within T tokens) is entry
-(start, a_n) of its T-th power, and E[min(L, T)] = sum_{k<T} P(no terminal after k tokens).
+Dense reference: ``dense_capped`` of tests/reference.py, the token-built transition matrix
+(``gradflow.model.transition_matrix``) with both terminals made absorbing, raised to the T-th power in
+numpy: P(a_n within T tokens) is entry (start, a_n) of its T-th power, and E[min(L, T)] = sum_{k<T}
+P(no terminal after k tokens).
 """
 
 import jax
@@ -13,32 +14,11 @@ import pytest
 
 import gradflow as gf
 from gradflow import capped, sampling
-from gradflow.model import transition_matrix
+from helpers import case_id, model_grid, random_theta
+from reference import dense_capped
 
 Z = 4.0
 BATCH = 20_000
-
-
-def dense_capped(theta, n, model, cap):
-    """(success, reach, length, traversal) per start distance d (entry d-1) by dense matrix powers."""
-    out = np.zeros((4, n - 1))
-    for d in range(1, n):
-        position = n - d
-        start = position if model.attention == "softmax" else None
-        p = np.asarray(transition_matrix(theta, n, model, start=start))
-        absorbing = p.copy()
-        for terminal in (n - 1, 2 * n - 1):
-            absorbing[terminal] = 0.0
-            absorbing[terminal, terminal] = 1.0
-        power = np.eye(len(p))
-        survival = 0.0
-        for _ in range(cap):
-            survival += 1.0 - power[position - 1, n - 1] - power[position - 1, 2 * n - 1]
-            power = power @ absorbing
-        row = power[position - 1]
-        path = np.prod([p[i - 1, i] for i in range(position, n)]) if d <= cap else 0.0
-        out[:, d - 1] = row[n - 1], row[n - 1] + row[2 * n - 1], survival, path
-    return out
 
 
 def closed(theta, task, model):
@@ -54,23 +34,7 @@ CASES = [  # (n, cap, model kwargs): both attentions, self-loops masked and kept
     (4, 7, dict(attention="softmax", mask_self=False, n_isolated=1)),
     (3, 4, dict(attention="softmax", mask_self=True, tau=0.05)),
 ]
-SLOW_CASES = [
-    (n, cap, dict(attention=att, mask_self=mask, n_isolated=iso))
-    for n in (2, 3, 6)
-    for cap in (1, n + 1, 2 * n)
-    for att in ("linear", "softmax")
-    for mask in (True, False)
-    for iso in (0, 3)
-]
-
-
-def case_id(case):
-    n, cap, kw = case
-    return f"n{n}-T{cap}-" + "-".join(f"{k}{v}" for k, v in kw.items())
-
-
-def random_theta(rng, scale=1.0):
-    return gf.Theta(*rng.normal(0.0, scale, size=5))
+SLOW_CASES = [(n, cap, kw) for n in (2, 3, 6) for cap in (1, n + 1, 2 * n) for kw in model_grid()]
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+import types
 from pathlib import Path
 
 import pytest
@@ -237,7 +238,7 @@ def _imported_packages(folders) -> set[str]:
                     names |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     names.add(node.module.split(".")[0])
-    local = {"gradflow", "experiments", "reference", "conftest", "_common", "tests", "benchmarks"}
+    local = {"gradflow", "experiments", "helpers", "reference", "conftest", "_common", "tests", "benchmarks"}
     return {n for n in names - local if n not in sys.stdlib_module_names}
 
 
@@ -373,8 +374,14 @@ def test_figures_from_a_regular_install(tmp_path):
 
 
 def test_every_public_name_resolves():
+    """Each name in gf.__all__ loads the gradflow object of that name: a submodule is gradflow.<name>."""
     for name in gf.__all__:
-        assert getattr(gf, name) is not None, name
-    assert gf.flow.FlowParams is gf.FlowParams and gf.sweep.run_sweep is not None  # submodules load on use
+        value = getattr(gf, name)
+        if isinstance(value, types.ModuleType):
+            assert value.__name__ == f"gradflow.{name}", (name, value)
+        else:
+            assert value.__name__ == name and value.__module__.split(".")[0] == "gradflow", (name, value)
+    assert gf.flow.FlowParams is gf.FlowParams and gf.sweep.__name__ == "gradflow.sweep"  # submodules load on use
+    assert callable(gf.sweep.run_sweep)
     with pytest.raises(AttributeError):
         gf.no_such_name

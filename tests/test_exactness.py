@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import gradflow as gf
 from gradflow.objective import expected_loss
+from helpers import ATTENTIONS, model_id
 from reference import mp_per_start, mp_reward, mp_reward_gradient
 
 RTOL = 1e-8
@@ -117,7 +118,7 @@ thetas = st.tuples(*[st.floats(-3.0, 3.0)] * 5)
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=thetas, n=st.integers(2, 5), tau=st.sampled_from([0.05, 0.3, 2.0]), mask=st.booleans(),
-       iso=st.integers(0, 2), attention=st.sampled_from(["linear", "softmax"]), seed=st.integers(0, 99))
+       iso=st.integers(0, 2), attention=st.sampled_from(ATTENTIONS), seed=st.integers(0, 99))
 @pytest.mark.slow
 def test_property_small(x, n, tau, mask, iso, attention, seed):
     model = gf.ModelSpec(attention, tau=tau, mask_self=mask, n_isolated=iso)
@@ -128,7 +129,7 @@ def test_property_small(x, n, tau, mask, iso, attention, seed):
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=st.tuples(*[st.floats(-200.0, 200.0)] * 5), n=st.integers(2, 40), tau=st.floats(0.01, 5.0),
-       mask=st.booleans(), iso=st.integers(0, 3), attention=st.sampled_from(["linear", "softmax"]),
+       mask=st.booleans(), iso=st.integers(0, 3), attention=st.sampled_from(ATTENTIONS),
        seed=st.integers(0, 99))
 def test_property_wide(x, n, tau, mask, iso, attention, seed):
     if attention == "softmax":
@@ -171,7 +172,7 @@ DEFAULT_DERIV = {("reward", 0)}  # the rest: slow (compiles dominate)
 
 @pytest.mark.parametrize("model_index, name", [
     pytest.param(i, name, marks=() if (name, i) in DEFAULT_DERIV else pytest.mark.slow,
-                 id=f"{name}-{DERIV_MODELS[i].attention}-mask{DERIV_MODELS[i].mask_self}")
+                 id=f"{name}-{model_id(DERIV_MODELS[i])}")
     for i in range(len(DERIV_MODELS)) for name in QUANTITIES
 ])
 def test_hessian_jvp_jacfwd_match_finite_differences(model_index, name):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import gradflow as gf
+from gradflow import schedules
 from gradflow.flow import FlowParams, Trajectory, compilation_count, simulate, simulate_many
+from helpers import solver_params
 
 N = 6
 TASK = gf.ChainTask.uniform(N)
@@ -40,8 +42,9 @@ def test_trajectory_matches_fixed_step_rk4():
     assert error < 1e-6, f"max |theta - RK4| = {error:.2e}"
 
 
-def test_default_preset_learns_forward_traversal():
-    trajectory = simulate(FlowParams(gf.ChainTask.uniform(8), t1=100.0), progress=False)
+@pytest.mark.parametrize("solver", solver_params())
+def test_default_preset_learns_forward_traversal(solver):
+    trajectory = simulate(FlowParams(gf.ChainTask.uniform(8), t1=100.0, solver=solver), progress=False)
     assert trajectory.reward[0] < 0.6 and trajectory.reward[-1] >= 0.999, f"J: {trajectory.reward[0]} -> {trajectory.reward[-1]}"
     assert np.all(np.diff(trajectory.theta[:, 0]) > 0), "alpha must increase along the flow"
     assert np.all(np.diff(trajectory.theta[:, 2]) < 0), "gamma must decrease along the flow"
@@ -99,12 +102,13 @@ def test_changing_numbers_does_not_recompile():
     assert compilation_count() == before
 
 
-def test_t_hit_is_a_root_of_the_reward():
-    params = FlowParams(TASK, t1=100.0)
+@pytest.mark.parametrize("solver", solver_params())
+def test_t_hit_is_a_root_of_the_reward(solver):
+    params = FlowParams(TASK, t1=100.0, solver=solver)
     trajectory = simulate(params, progress=False)
     for level in (0.7, 0.95):
         t = trajectory.t_hit(level)
-        at_t = simulate(FlowParams(TASK, t1=t, save_ts=jnp.array([0.0, t])), progress=False).reward[-1]
+        at_t = simulate(FlowParams(TASK, t1=t, save_ts=jnp.array([0.0, t]), solver=solver), progress=False).reward[-1]
         assert abs(at_t - level) < 1e-7, f"J(t_hit({level})) = {at_t}"
     assert trajectory.t_hit(1 - 1e-12) is None
 
@@ -186,9 +190,7 @@ import gradflow.flow as flow
 from gradflow.flow import Numerics, Problem, Recording, Solution, hitting_times, solve, solve_many, stack_configs
 
 
-@pytest.mark.parametrize(
-    "solver", [pytest.param(s, marks=pytest.mark.slow) if s in ("dopri5", "dopri8", "kvaerno5") else s for s in sorted(flow.SOLVERS)]
-)
+@pytest.mark.parametrize("solver", solver_params())
 def test_every_solver_runs_the_default_preset(solver):
     """Every entry of SOLVERS solves the default preset and agrees with tsit5 on t_hit(0.9) to 1e-6."""
     preset = lambda name: FlowParams(gf.ChainTask.uniform(8), t1=1e4, solver=name, stop_at="threshold")
@@ -299,7 +301,6 @@ def test_a_part_and_its_flat_keywords_together_raise_naming_them():
 
 @pytest.mark.slow
 def test_module_schedules_are_traced_round_trip_and_batch():
-    schedules = pytest.importorskip("gradflow.schedules")
     easy, hard = np.asarray(gf.ChainTask.mixture(N, 0.9).start_probs), np.asarray(gf.ChainTask.hardest(N).start_probs)
     configs = [FlowParams(TASK, t1=20.0, schedule=schedules.Step(s, easy, hard)) for s in (0.5, 2.0)]
     before = compilation_count()

@@ -5,7 +5,8 @@ import pytest
 
 import gradflow as gf
 from gradflow import greedy
-from gradflow.model import transition_matrix
+from helpers import case_id, random_theta
+from reference import dense_matrix
 
 
 def brute_force(theta, n, model, cap, tie_break="first"):
@@ -14,7 +15,7 @@ def brute_force(theta, n, model, cap, tie_break="first"):
     n_vertices = 2 * n + model.n_isolated
     for d in range(1, n):
         position = n - d
-        p = np.asarray(transition_matrix(theta, n, model, start=position if model.attention == "softmax" else None))
+        p = dense_matrix(theta, n, model, position)
         pick = (lambda row: int(np.argmax(row))) if tie_break == "first" else (lambda row: n_vertices - 1 - int(np.argmax(row[::-1])))
         u, forward, length, reached, correct = position - 1, True, 0, False, False
         for _ in range(n_vertices if cap is None else cap):
@@ -42,13 +43,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-T{c[1]}-" + "-".join(f"{k}{v}" for k, v in c[2].items()))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_brute_force_argmax_walk(case, rng):
     n, cap, kw = case
     model = gf.ModelSpec(max_len=cap, **kw)
     task = gf.ChainTask.uniform(n)
     for _ in range(6):  # random theta: forward walks, stalls, cycles, jumps (far vertices of one degree
-        theta = gf.Theta(*rng.normal(0.0, 1.0, size=5))  # tie exactly: both walks take the first)
+        theta = random_theta(rng)  # tie exactly: both walks take the first)
         for tie_break in greedy.TIE_BREAKS:
             got, _ = greedy_outcome(theta, task, model, tie_break)
             np.testing.assert_array_equal(got, brute_force(theta, n, model, cap, tie_break))
@@ -59,7 +60,7 @@ def test_metrics_average_the_starts(rng):
     task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
     p = np.asarray(task.start_probs)
     for _ in range(4):
-        theta = gf.Theta(*rng.normal(0.0, 1.0, size=5))
+        theta = random_theta(rng)
         metrics = greedy.greedy_metrics(theta, task, model)
         per = metrics.per_start
         np.testing.assert_allclose(metrics.accuracy, p @ np.asarray(per.correct, float), rtol=1e-14)

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_theta
 
 import gradflow as gf
 from gradflow import sampling
 from gradflow.flow import FlowParams, simulate
+from helpers import case_id, model_grid, random_theta
 
 Z = 4.0
 BATCH = 20_000  # one batch size for every rollout check, so compiled samplers are reused
@@ -32,17 +32,10 @@ FAST_CASES = [  # (n, model): both attention kinds, self-loops masked and kept, 
     (8, gf.ModelSpec("linear", mask_self=False)),
 ]
 SLOW_CASES = [  # softmax at the authors' tau = 0.05 self-loops for hundreds of steps unless masked
-    (n, gf.ModelSpec(attention, tau=0.05 if attention == "softmax" and mask else 0.2, mask_self=mask, n_isolated=iso))
+    (n, gf.ModelSpec(**kw, tau=0.05 if kw["attention"] == "softmax" and kw["mask_self"] else 0.2))
     for n in (3, 5, 8)
-    for attention in ("linear", "softmax")
-    for mask in (True, False)
-    for iso in (0, 3)
+    for kw in model_grid()
 ]
-
-
-def case_id(case):
-    n, m = case
-    return f"n{n}-{m.attention}-mask{m.mask_self}-iso{m.n_isolated}"
 
 
 def draw_theta(rng):

@@ -18,6 +18,8 @@ import gradflow as gf
 from gradflow import schedules, theory
 from gradflow.flow import FlowParams, hitting_times, simulate
 from gradflow.task import ChainTask
+from helpers import solver_params
+from reference import dense_capped
 
 BASE = gf.Theta(0.3, 0.0, 0.0)
 MODEL = gf.ModelSpec()
@@ -213,11 +215,12 @@ def test_easy_mass_makes_learning_time_polynomial(fast_scaling):
         assert t_low / t_high <= 3.0, f"n = {n}: T grows faster than 1/c: {t_low} / {t_high}"
 
 
-def test_learning_time_matches_flow_event_and_reports_unreached():
-    t = theory.learning_time(ChainTask.hardest(8))
+@pytest.mark.parametrize("solver", solver_params())
+def test_learning_time_matches_flow_event_and_reports_unreached(solver):
+    t = theory.learning_time(ChainTask.hardest(8), solver=solver)
     assert _on_grid(t, 181.0), f"hardest n = 8: {t}"
-    assert theory.learning_time(ChainTask.hardest(8), t1=10.0) is None
-    assert theory.learning_time(ChainTask.uniform(8), theta0=gf.Theta(5.0, 0.0, -2.0)) == 0.0
+    assert theory.learning_time(ChainTask.hardest(8), t1=10.0, solver=solver) is None
+    assert theory.learning_time(ChainTask.uniform(8), theta0=gf.Theta(5.0, 0.0, -2.0), solver=solver) == 0.0
 
 
 @pytest.mark.slow
@@ -398,19 +401,6 @@ def test_reward_ceiling_warning_and_reports():
 # ---------------------------------------------------------------------------------------------------
 
 
-def _dense_capped_success(theta, n, model, cap):
-    """P(the own terminal a_n within ``cap`` tokens) from a_{n-d}, d = 1..n-1: numpy powers of the
-    token-built transition matrix (independent of gradflow.capped)."""
-    p = np.asarray(gf.transition_matrix(theta, n, model), dtype=float)
-    h = np.zeros(p.shape[0])
-    value = np.zeros(p.shape[0])
-    value[n - 1] = 1.0  # a_n absorbs with reward 1, b_n with 0
-    for _ in range(cap):
-        nxt = p @ np.where(np.isin(np.arange(p.shape[0]), (n - 1, 2 * n - 1)), value, h)
-        h = nxt
-    return h[[n - 1 - d for d in range(1, n)]]
-
-
 # d h_d / d (alpha, beta, gamma) at theta = 0, cap n + 1, self-loops allowed, tau = 0.2: rows d = 1,
 # then d = 2..n-2 (all equal), then d = n-1.  Measured here (4 digits) and checked against finite
 # differences of dense matrix powers below.
@@ -447,8 +437,8 @@ def test_capped_gradient_at_zero_teaches_reaching_a_terminal_not_which(n):
     for k in range(3):
         up, down = np.zeros(5), np.zeros(5)
         up[k], down[k] = eps, -eps
-        fd = (_dense_capped_success(gf.Theta.from_array(up), n, model, n + 1)
-              - _dense_capped_success(gf.Theta.from_array(down), n, model, n + 1)) / (2 * eps)
+        fd = (dense_capped(gf.Theta.from_array(up), n, model, n + 1)[0]
+              - dense_capped(gf.Theta.from_array(down), n, model, n + 1)[0]) / (2 * eps)
         assert np.allclose(grad[:, k], fd, atol=1e-8), f"component {k}: {grad[:, k]} vs dense {fd}"
 
 
