@@ -12,7 +12,6 @@ defines them; ``gradflow.flow``, ``gradflow.theory``, ... load the same way.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 from typing import TYPE_CHECKING
 
@@ -20,10 +19,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-try:
-    __version__ = importlib.metadata.version("gradflow")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from gradflow._version import __version__
 
 # public name -> the module that defines it (loaded on first access)
 _EXPORTS = {

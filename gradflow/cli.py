@@ -19,7 +19,19 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import diffrax
+import jax
+import jaxlib
 import numpy as np
+
+import gradflow
+from gradflow import design, schedules, theory
+from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory, simulate
+from gradflow.model import ATTENTION_KINDS, ModelSpec, Theta
+from gradflow.plotting import emergence_figure, save_figure, use_headless_backend
+from gradflow.readouts import READOUTS
+from gradflow.sweep import SweepError, read_configs, run_sweep
+from gradflow.task import ChainTask
 
 DEFAULT_N = 8
 REPORT_TIMES = (0.0, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -56,8 +68,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _task_from_args(args):
-    from gradflow.task import ChainTask
-
     if args.dist == "uniform":
         return ChainTask.uniform(args.n)
     if args.dist == "hardest":
@@ -68,9 +78,6 @@ def _task_from_args(args):
 
 
 def _flow_from_args(args):
-    from gradflow.flow import FlowParams
-    from gradflow.model import ModelSpec, Theta
-
     model = ModelSpec(attention=args.attention, tau=args.tau, mask_self=not args.allow_self, n_isolated=args.n_isolated)
     extra = {} if args.theta0 is None else {"theta0": Theta(*args.theta0)}
     if args.readouts is not None:
@@ -120,8 +127,6 @@ def _writable_files(path, flag: str, suffixes: Sequence) -> Path:
 
 def load_trajectory(path, flag: str = "--run"):
     """``Trajectory.load(path)`` with one-line ValueErrors naming the file (missing, truncated, foreign)."""
-    from gradflow.flow import Trajectory
-
     path = Path(path)
     npz = path.with_suffix(".npz")
     for file in (npz, npz.with_suffix(".json")):
@@ -136,9 +141,6 @@ def load_trajectory(path, flag: str = "--run"):
 
 def _choices():
     """The choice lists, read from the modules that define them."""
-    from gradflow.flow import COORDS, RECORDED, SOLVERS
-    from gradflow.model import ATTENTION_KINDS
-
     return {"solver": tuple(SOLVERS), "coords": tuple(COORDS), "attention": tuple(ATTENTION_KINDS), "readouts": RECORDED}
 
 
@@ -211,8 +213,6 @@ def report(trajectory) -> str:
 
 def _readout_lines(trajectory, k: int) -> list[str]:
     """The recorded read-outs other than the reward at save k, each with its math (``gradflow.readouts``)."""
-    from gradflow.readouts import READOUTS
-
     lines = ["read-outs at the final save:"]
     for name in trajectory.config.recording.readout_names()[1:]:
         value = np.asarray(getattr(trajectory, name))[k]
@@ -225,8 +225,6 @@ def _readout_lines(trajectory, k: int) -> list[str]:
 
 def cmd_run(args) -> int:
     """The main job: the default preset, a report and figures/emergence.png."""
-    from gradflow.flow import simulate
-
     with _input_stage():
         params = _flow_from_args(args)
         figure = _writable_files(args.figure, "--figure", (".png", ".pdf", ".json"))
@@ -238,8 +236,6 @@ def cmd_run(args) -> int:
 
 def _plot_emergence(trajectory, out: Path) -> None:
     """The emergence figure of ``experiments/emergence.py`` (one code path): out.png, .pdf and .json."""
-    from gradflow.plotting import emergence_figure, save_figure, use_headless_backend
-
     use_headless_backend()
     out = Path(out)
     fig, data = emergence_figure(trajectory)
@@ -248,8 +244,6 @@ def _plot_emergence(trajectory, out: Path) -> None:
 
 def cmd_simulate(args) -> int:
     """Run any config and save it (npz + JSON sidecar)."""
-    from gradflow.flow import simulate
-
     with _input_stage():
         params = _flow_from_args(args)
         out = _writable_files(args.out, "--out", (".npz", ".json"))
@@ -261,9 +255,6 @@ def cmd_simulate(args) -> int:
 
 def cmd_check(args) -> int:
     """Condition and phase reports for a preset or a saved run."""
-    from gradflow import theory
-    from gradflow.flow import simulate
-
     with _input_stage():
         if args.run:
             trajectory = load_trajectory(args.run, "--run")
@@ -302,7 +293,6 @@ def cmd_figures(args) -> int:
     """Run experiments/<name>.py for one figure or all of them."""
     import runpy
 
-    from gradflow.plotting import use_headless_backend
 
     with _input_stage():
         known = figure_names()
@@ -346,8 +336,6 @@ def _executor_params(items) -> dict:
 
 def cmd_sweep(args) -> int:
     """Job-array mode: run the configs of a JSON file, skipping results already in --out."""
-    from gradflow.sweep import SweepError, read_configs, run_sweep
-
     with _input_stage():
         read_configs(args.config)  # a missing or malformed file fails here, in one line
         _writable_dir(args.out, "--out")
@@ -382,12 +370,6 @@ def cmd_sweep(args) -> int:
 
 def cmd_info(args) -> int:
     """Versions, backend, devices and float64 status."""
-    import diffrax
-    import jax
-    import jaxlib
-
-    import gradflow
-
     print(f"gradflow {gradflow.__version__}")
     print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, diffrax {diffrax.__version__}")
     print(f"default backend: {jax.default_backend()}")
@@ -473,10 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_design(args) -> int:
     """Optimal training mixture (and curriculum) for a target task at a budget; prints and writes JSON."""
-    from gradflow import design, schedules
-    from gradflow.model import ModelSpec, Theta
-    from gradflow.task import ChainTask
-
     with _input_stage():
         if args.n < 3:
             raise ValueError(f"--n must be an integer >= 3, got {args.n}")

@@ -19,7 +19,8 @@ import numpy as np
 from gradflow import readouts
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
 from gradflow.integrator import SOLVERS, flow_clock
-from gradflow.model import ModelSpec, Theta
+from gradflow import schedules
+from gradflow.model import ModelSpec, Theta, default_theta0, orbit_sizes
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask
 
@@ -44,14 +45,6 @@ def _float_converter(name: str):
 
 def _optional_float_converter(name: str):
     return lambda x: optional_float_array(x, name)
-
-
-def default_theta0() -> Theta:
-    """The default start (alpha, beta, gamma) = (0.3, 0, 0) (``gradflow.model.default_theta0`` when present)."""
-    from gradflow import model
-
-    factory = getattr(model, "default_theta0", None)
-    return factory() if factory is not None else Theta(0.3, 0.0, 0.0)
 
 
 def as_theta(x, name: str = "theta0") -> Theta:
@@ -381,13 +374,7 @@ class FlowParams(eqx.Module):
 
     def orbit_sizes(self) -> jnp.ndarray:
         """Entries per query row of A that share each of the five numbers (docs/THEORY.md §4.2)."""
-        from gradflow import model
-
-        helper = getattr(model, "orbit_sizes", None)
-        if helper is not None:
-            return jnp.asarray(helper(self.vocabulary_size), dtype=float)
-        big_n = self.vocabulary_size
-        return jnp.array([big_n - 1, big_n - 1, (big_n - 1) * (big_n - 2), 1, big_n - 1], dtype=float)
+        return jnp.asarray(orbit_sizes(self.vocabulary_size), dtype=float)
 
     def times(self) -> jnp.ndarray:
         """The save times: ``save_ts`` or t0 followed by 200 log-spaced times up to t1."""
@@ -484,8 +471,6 @@ class FlowParams(eqx.Module):
             kwargs["theta0"] = as_theta(config["theta0"], "theta0")
         schedule = config.get("schedule")
         if isinstance(schedule, Mapping):
-            from gradflow import schedules
-
             kwargs["schedule"] = schedules.from_dict(dict(schedule))
         elif schedule is not None:
             raise ValueError(f"schedule: the function {schedule!r} was recorded by name only and cannot be rebuilt "

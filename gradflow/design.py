@@ -36,6 +36,7 @@ import optax
 
 from gradflow import objective
 from gradflow import schedules as sched
+from gradflow._version import versions
 from gradflow._checks import check_choice, check_int, is_concrete
 from gradflow.config import FlowParams
 from gradflow.integrator import flow_clock, integrate
@@ -324,13 +325,6 @@ def _jsonable(value):
     return value
 
 
-def _versions() -> dict:
-    import gradflow
-
-    return {"gradflow": gradflow.__version__, "jax": jax.__version__, "diffrax": diffrax.__version__,
-            "optax": optax.__version__}
-
-
 # --------------------------------------------------------------------------------------------------
 # Optimisers
 # --------------------------------------------------------------------------------------------------
@@ -482,7 +476,7 @@ def optimal_mixture(target: ChainTask, t_budget: float, model: ModelSpec | None 
     return DesignResult(
         kind="mixture", n=n, target=np.asarray(target.start_probs).tolist(), t_budget=float(t_budget),
         reward=float(reward), probs=probs, rows=rows, history={"constant": {"rewards": history, "inits": list(inits)}},
-        source=source, config=config, versions=_versions(),
+        source=source, config=config, versions=versions(),
         timings={"rows_seconds": rows_s, "total_seconds": time.perf_counter() - start},
     )
 
@@ -618,7 +612,7 @@ def optimal_curriculum(target: ChainTask, t_budget: float, knots: int = 4, model
     return DesignResult(
         kind="curriculum", n=n, target=q.tolist(), t_budget=budget, reward=float(reward), schedule=schedule,
         rows=rows, history=history, source=source, config=config, families=family_best,
-        mixture_reward=float(mixture.reward), versions=_versions(),
+        mixture_reward=float(mixture.reward), versions=versions(),
         timings={"rows_seconds": rows_s, "mixture_seconds": mixture.timings.get("total_seconds"),
                  "total_seconds": time.perf_counter() - start},
     )

@@ -64,6 +64,7 @@ import jax
 import numpy as np
 
 from gradflow.flow import FlowParams, Trajectory, simulate_many
+from gradflow.task import ChainTask
 
 TMP_PREFIX = ".tmp-"
 DEFAULT_ARRAY_SIZE = 8
@@ -104,8 +105,6 @@ _HASHED_KEYS_0_1 = {
 
 @functools.lru_cache(maxsize=1)
 def _default_dict() -> str:
-    from gradflow.task import ChainTask
-
     return json.dumps(FlowParams(ChainTask.uniform(2)).to_dict())
 
 

@@ -11,14 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import gradflow
 from gradflow import readouts
 from gradflow._checks import check_choice
+from gradflow._version import versions
 from gradflow.compile_cache import compiled
 from gradflow.config import RECORDED, FlowParams
 from gradflow.integrator import LOCAL_MAX_STEPS, crossing
@@ -142,7 +141,7 @@ class Trajectory:
             "events": self.events,
             "stats": self.stats,
             "eval_tasks": sorted(self.eval_reward),
-            "versions": _versions(),
+            "versions": versions(),
         }
         if sidecar.exists():  # a rewrite: drop the old marker first, so a crash in between leaves no stale pair
             sidecar.unlink()
@@ -206,7 +205,3 @@ def _atomic_write(path: Path, write: Callable) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def _versions() -> dict[str, str]:
-    return {"gradflow": gradflow.__version__, "jax": jax.__version__, "diffrax": diffrax.__version__}
