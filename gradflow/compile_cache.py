@@ -9,7 +9,6 @@ persistent compilation cache in ``~/.cache/gradflow/jax`` (``GRADFLOW_CACHE_DIR`
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections import OrderedDict
@@ -18,6 +17,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gradflow._dependencies import runtime_checks_as_nan
 
 CACHE_SIZE = 64  # compiled executables kept in memory (least recently used dropped first)
 CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradflow sets it up
@@ -91,28 +92,6 @@ def _has_filelock() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _no_host_callbacks():
-    """Trace with equinox's runtime checks as NaN-returning selects instead of host callbacks.
-
-    diffrax checks ``SaveAt(ts=...)`` with ``eqx.error_if``, which lowers to a Python callback; JAX
-    never writes an executable holding a callback to its persistent cache (and its key would hold a
-    process-specific pointer).  The configs validate their save times at construction, so nothing
-    is lost.  The diffrax progress meter is a callback too: ``progress=True`` is never cached.
-    """
-    try:
-        from equinox import _errors
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    old = getattr(_errors, "EQX_ON_ERROR", None)
-    _errors.EQX_ON_ERROR = "nan"
-    try:
-        yield
-    finally:
-        _errors.EQX_ON_ERROR = old
-
-
 def structure_key(tree) -> tuple:
     """What a compiled executable depends on: the tree structure and each leaf's shape and dtype."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -129,7 +108,7 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=()) -> tuple[Calla
     require_x64()
     enable_persistent_cache()
     start = time.perf_counter()
-    with _no_host_callbacks():
+    with runtime_checks_as_nan():
         executable = jax.jit(fn).lower(*args).compile()
     _COMPILATIONS += 1
     _COMPILED[key] = executable

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import readouts
 from gradflow._checks import is_concrete
+from gradflow._dependencies import is_result, result_code, result_message
 from gradflow.compile_cache import (
     CACHE_MAX_BYTES,
     CACHE_SIZE,
@@ -196,7 +197,6 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
         event_reached[event] = reached
         event_resolved[event] = resolved
 
-    result = solution.result._value if hasattr(solution.result, "_value") else solution.result
     success = (solution.result == diffrax.RESULTS.successful) | stopped
     field = params.vector_field(jnp.where(finite_stop, t_stop, params.t0), jnp.nan_to_num(theta_stop))
     return Solution(
@@ -213,7 +213,7 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
         event_resolved=event_resolved,
         t_stop=t_stop,
         theta_stop=theta_stop,
-        result=jnp.asarray(result),
+        result=result_code(solution.result),
         success=success,
         field_finite=jnp.all(jnp.isfinite(field)) & jnp.all(jnp.isfinite(theta_stop)),
         num_steps=solution.stats["num_steps"],
@@ -271,14 +271,12 @@ def failure_message(params: FlowParams, out) -> str | None:
     if not bool(out.field_finite):
         return (f"the flow's vector field grad J is not finite (NaN or inf) {where}, theta = "
                 f"{np.round(np.asarray(out.theta_stop), 6).tolist()}: the closed form cannot be evaluated there")
-    if code == diffrax.RESULTS.max_steps_reached._value:
+    if is_result(code, diffrax.RESULTS.max_steps_reached):
         return f"the flow solve ran out of steps {where}: raise max_steps (now {params.max_steps}) or loosen rtol/atol"
-    if code in (diffrax.RESULTS.nonlinear_max_steps_reached._value, diffrax.RESULTS.nonlinear_divergence._value):
+    if is_result(code, diffrax.RESULTS.nonlinear_max_steps_reached) or is_result(code, diffrax.RESULTS.nonlinear_divergence):
         return (f"the root-find of the stop event ({params.stop_at}) failed {where}; the event level was "
                 f"{float(params.event_level(params.stop_at)) if params.stop_at else float('nan'):.6g}")
-    message = diffrax.RESULTS._index_to_message.get(code, f"result code {code}") if hasattr(
-        diffrax.RESULTS, "_index_to_message") else f"result code {code}"
-    return f"the flow solve failed {where}: {str(message).strip().splitlines()[0] if message else code}"
+    return f"the flow solve failed {where}: {result_message(code)}"
 
 
 def _trajectory(params: FlowParams, out, stats: dict) -> Trajectory:

@@ -35,6 +35,7 @@ import numpy as np
 
 from gradflow import readouts
 from gradflow._checks import check_fraction, check_int, check_nonnegative
+from gradflow._dependencies import is_result, result_code, result_message
 from gradflow._series import first_crossing
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams
@@ -686,7 +687,7 @@ def _learning_solve(params: FlowParams):
     fired = jnp.where(done, first.event_mask, second.event_mask)
     y_stop = jnp.where(done, y_first, second.ys[-1])
     steps = first.stats["num_steps"] + jnp.where(done, 0, second.stats["num_steps"])
-    result = jnp.where(done, first.result._value, second.result._value)
+    result = result_code(diffrax.RESULTS.where(done, first.result, second.result))
     return t_stop, fired, reward(y_stop), steps, result
 
 
@@ -723,10 +724,10 @@ def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> 
             f"the flow at n = {params.task.n} took max_steps = {params.max_steps} steps before reaching "
             f"reward {level} (stopped at t = {float(t_stop):.6g}, J = {float(reward):.6g}): raise max_steps or loosen rtol/atol"
         )
-    if int(result) != 0:
+    if not is_result(result, diffrax.RESULTS.successful):
         raise RuntimeError(
             f"the flow at n = {params.task.n} failed before reaching reward {level} at t = {float(t_stop):.6g} "
-            f"(diffrax result code {int(result)}, J = {float(reward):.6g})"
+            f"({result_message(result)}, J = {float(reward):.6g})"
         )
     return None
 

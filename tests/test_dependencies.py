@@ -1,0 +1,47 @@
+"""The private dependency APIs gradflow holds in gradflow/_dependencies.py still exist and still mean the same.
+
+These fail on a dependency release that moves them, before any result depends on a changed meaning.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gradflow import _dependencies
+
+
+def test_result_codes_round_trip_every_diffrax_result():
+    for name in ("successful", "max_steps_reached", "event_occurred", "nonlinear_divergence"):
+        item = getattr(diffrax.RESULTS, name)
+        code = int(_dependencies.result_code(item))
+        assert _dependencies.is_result(code, item)
+        assert not _dependencies.is_result(code + 1, item)
+    assert int(_dependencies.result_code(diffrax.RESULTS.successful)) == 0  # theory reads 0 as success
+
+
+def test_result_message_names_the_failure():
+    code = int(_dependencies.result_code(diffrax.RESULTS.max_steps_reached))
+    assert "max" in _dependencies.result_message(code).lower()
+    assert _dependencies.result_message(10_000) == "result code 10000"
+
+
+def _checked(x):
+    return eqx.error_if(x, x < 0, "negative")
+
+
+def test_runtime_checks_trace_without_host_callbacks():
+    plain = jax.jit(_checked).lower(jnp.asarray(1.0)).as_text()
+    assert "callback" in plain  # by default a runtime check is a host callback (never persistently cached)
+    with _dependencies.runtime_checks_as_nan():
+        lowered = jax.jit(lambda x: _checked(x)).lower(jnp.asarray(1.0))
+    assert "callback" not in lowered.as_text()
+    assert jnp.isnan(lowered.compile()(jnp.asarray(-1.0)))  # a failed check returns NaN instead of raising
+
+
+def test_runtime_checks_switch_is_restored():
+    before = _dependencies.equinox_errors.EQX_ON_ERROR
+    with pytest.raises(RuntimeError), _dependencies.runtime_checks_as_nan():
+        raise RuntimeError("inside")
+    assert _dependencies.equinox_errors.EQX_ON_ERROR == before
