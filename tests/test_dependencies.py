@@ -27,17 +27,14 @@ def test_result_message_names_the_failure():
     assert _dependencies.result_message(10_000) == "result code 10000"
 
 
-def _checked(x):
-    return eqx.error_if(x, x < 0, "negative")
-
-
 def test_runtime_checks_trace_without_host_callbacks():
-    plain = jax.jit(_checked).lower(jnp.asarray(1.0)).as_text()
-    assert "callback" in plain  # by default a runtime check is a host callback (never persistently cached)
+    # two checks with their own messages: equinox caches a traced check, so each is traced once here
     with _dependencies.runtime_checks_as_nan():
-        lowered = jax.jit(lambda x: _checked(x)).lower(jnp.asarray(1.0))
+        lowered = jax.jit(lambda x: eqx.error_if(x, x < 0, "negative, switched")).lower(jnp.asarray(1.0))
     assert "callback" not in lowered.as_text()
     assert jnp.isnan(lowered.compile()(jnp.asarray(-1.0)))  # a failed check returns NaN instead of raising
+    plain = jax.jit(lambda x: eqx.error_if(x, x < 0, "negative, default")).lower(jnp.asarray(1.0))
+    assert "callback" in plain.as_text()  # by default a runtime check is a host callback (never persistently cached)
 
 
 def test_runtime_checks_switch_is_restored():
