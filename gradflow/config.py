@@ -439,16 +439,11 @@ class FlowParams(eqx.Module):
             "schedule": schedule_record,
             "convergence_loss": float(self.convergence_loss),
             "stop_at": self.stop_at,
+            "events": list(self.events),
+            "readouts": self.readouts if isinstance(self.readouts, bool) else list(self.readouts),
+            "eval_tasks": {name: _task_dict(task) for name, task in self.eval_tasks.items()},
+            "time_scale": self.time_scale,
         }
-        # newer keys only when they differ from their defaults, so older configs keep their JSON (and hash)
-        if self.events != EVENTS:
-            out["events"] = list(self.events)
-        if self.readouts is not True:
-            out["readouts"] = self.readouts if self.readouts is False else list(self.readouts)
-        if self.eval_tasks:
-            out["eval_tasks"] = {name: _task_dict(task) for name, task in self.eval_tasks.items()}
-        if self.time_scale != "linear":
-            out["time_scale"] = self.time_scale
         return out
 
     @classmethod
@@ -497,11 +492,8 @@ def _task_from_dict(d, name: str) -> ChainTask:
 
 
 def _model_dict(model: ModelSpec) -> dict:
-    out = {"attention": model.attention, "tau": float(model.tau), "mask_self": model.mask_self,
-           "n_isolated": model.n_isolated, "context": model.context}
-    for name in ModelSpec.__dataclass_fields__:  # fields added later (e.g. max_len), when set
-        if name not in out and getattr(model, name) is not None:
-            out[name] = getattr(model, name)
+    out = {name: getattr(model, name) for name in ModelSpec.__dataclass_fields__}
+    out["tau"] = float(model.tau)
     return out
 
 
