@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import readouts
+from gradflow._deprecated import module_getattr
 from gradflow._checks import check_fraction, check_int, check_nonnegative
 from gradflow._dependencies import is_result, result_code, result_message
 from gradflow._series import first_crossing
@@ -51,11 +52,7 @@ DEFAULT_T1 = 1e40
 ORDER_RTOL = 1e-6
 
 
-def __getattr__(name: str):
-    # DEFAULT_THETA0 stays importable without building an array when gradflow.theory is imported
-    if name == "DEFAULT_THETA0":
-        return default_theta0()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = module_getattr(__name__)  # deprecated names (gradflow._deprecated)
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:

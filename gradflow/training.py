@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from gradflow import capped, objective, readouts
+from gradflow._deprecated import module_getattr, renamed_keyword
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow.flow import FlowParams, Trajectory
 from gradflow.model import ModelSpec, Theta
@@ -40,7 +41,8 @@ from gradflow.task import ChainTask
 
 OPTIMIZERS = ("sgd", "adam")  # the common ones; any optax optimizer name is accepted
 COORDS = ("reduced", "full")
-PARAM_KINDS = COORDS  # old name (``train(params=...)``)
+
+__getattr__ = module_getattr(__name__)  # deprecated names (gradflow._deprecated)
 
 __all__ = ["TrainConfig", "TrainingTrajectory", "gradient_descent", "train", "readouts_at", "reward_function",
            "OPTIMIZERS", "COORDS", "RECORDED"]
@@ -322,15 +324,11 @@ def train(
     full gradient is g_k / (N * orbit size) per entry, so SGD on A with rate lr follows the flow
     with coords="full" at t = lr * step / N.  Rollouts stop at the cap ``max_len`` (default: the
     model's ``max_len`` if set, else 50 n; ``sampling.resolve_max_len``).  Settings may come from
-    ``config`` (a TrainConfig; explicit arguments win); ``params=`` is the old name of ``coords=``.
+    ``config`` (a TrainConfig; explicit arguments win); ``params=`` is the deprecated name of ``coords=``.
     One scan over steps, compiled once; the record has steps + 1 points (the last batch is drawn at
     the final parameters and not applied); the exact read-outs are those of ``readouts_at``.
     """
-    if params is not None:
-        check_choice("params", params, PARAM_KINDS)
-        if coords is not None and coords != params:
-            raise ValueError(f"params (old name of coords) = {params!r} contradicts coords = {coords!r}")
-        coords = params
+    coords = renamed_keyword("gradflow.training.train(params=)", params, coords)
     if key is None:
         raise ValueError("key (a jax.random key) is required")
     cfg = _config(config, lr=lr, steps=steps, batch=batch, optimizer=optimizer, coords=coords, max_len=max_len)
