@@ -31,13 +31,14 @@ gaps of several hundred, e.g. |theta|/tau > ~300) returns NaN: never a wrong fin
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth  # noqa: F401
+from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
 from gradflow import capped
 from gradflow.model import ModelSpec, RowLogits, Theta, chain_a_logits, row_log_total, row_logits, row_scores
 from gradflow.task import ChainTask
@@ -94,6 +95,7 @@ class _Scaled(eqx.Module):
     far2: jnp.ndarray     # f2: the same on each degree-2 vertex
     to_own: jnp.ndarray   # rate into a_n from a chain-a last row (succ + isolated share)
     cost: jnp.ndarray     # Z_u + m Z_iso / (2 Y): expected tokens per unit row weight
+    top: jnp.ndarray      # the row's scale: its largest logit (no gradient)
 
 
 def _scale_rows(rows: RowLogits) -> _Scaled:
@@ -158,7 +160,7 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     if m:
         extra = m - 1 + (1 if rows.self_present else 0)
         cost = cost + e_m + (m * extra * jnp.exp(-log_2y - top) if extra else 0.0)
-    return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, e_g + iso1, e_g2 + iso2, to_own, cost)
+    return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, e_g + iso1, e_g2 + iso2, to_own, cost, top)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,33 +194,63 @@ def _linear_length(theta: Theta, n: int, model: ModelSpec):
     return _check_pivot(min_pivot, x[:, 0])
 
 
-def _softmax_system(theta: Theta, n: int, model: ModelSpec, start):
-    """The 2(n-1) rows (chain a then chain b) of the softmax chain for one start, scaled."""
+class ChainSystem(NamedTuple):
+    """The absorbing chain of the 2(n-1) chain rows (chain a then chain b) seen from one start, each row
+    in its own scale (divided by exp(``scaled.top``)); isolated vertices eliminated exactly.
+
+    scaled: the row quantities of THEORY.md 3, fields (2, n-1); own, other (2, n-1): each row's rate
+    into a_n and into b_n; absorb (2(n-1),): into either; u (2(n-1), 2): weight on each degree-1 and
+    degree-2 transient vertex; deg1 (2(n-1),): static, the rows of a degree-1 vertex (a_1, b_1).
+    """
+
+    scaled: _Scaled
+    own: jnp.ndarray
+    other: jnp.ndarray
+    absorb: jnp.ndarray
+    u: jnp.ndarray
+    deg1: np.ndarray
+
+
+def _flat(x, n: int):
+    """(2, n-1) (or broadcastable) -> (2(n-1),): chain a then chain b."""
+    return jnp.broadcast_to(x, (2, n - 1)).reshape(-1)
+
+
+def chain_system(theta: Theta, n: int, model: ModelSpec, start) -> ChainSystem:
+    """The ``ChainSystem`` of the policy's rows for one start (``start`` only matters for softmax)."""
     rows = row_logits(row_scores(theta, n, model, start=start), n, model)
     s = _scale_rows(rows)  # fields (2, n-1)
-    flat = lambda x: jnp.broadcast_to(x, (2, n - 1)).reshape(-1)
     last = np.arange(n - 1) == n - 2
     absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)
-    own = jnp.stack([jnp.where(last, s.to_own[0], s.far1[0]), s.far1[1]])      # into a_n
-    other = jnp.stack([s.far1[0], jnp.where(last, s.to_own[1], s.far1[1])])    # into b_n
-    deg1 = np.tile(np.arange(1, n) == 1, 2)
-    u = jnp.stack([flat(s.far1), flat(s.far2)], -1)
-    return s, flat, absorb, own, other, u, deg1
+    far1 = jnp.broadcast_to(s.far1, (2, n - 1))
+    to_own = jnp.broadcast_to(s.to_own, (2, n - 1))
+    own = jnp.stack([jnp.where(last, to_own[0], far1[0]), far1[1]])      # into a_n
+    other = jnp.stack([far1[0], jnp.where(last, to_own[1], far1[1])])    # into b_n
+    u = jnp.stack([_flat(s.far1, n), _flat(s.far2, n)], -1)
+    return ChainSystem(s, own, other, _flat(absorb, n), u, np.tile(np.arange(1, n) == 1, 2))
+
+
+def chain_solve(system: ChainSystem, rhs, signed: bool = False) -> jnp.ndarray:
+    """x = (I - Q)^{-1} rhs on the chain rows, rhs (2(n-1), k) in the rows' scale: the positive Woodbury
+    of ``gradflow._linalg`` (``signed``: right-hand sides of either sign, by their two positive parts).
+    NaN where float64 could not hold the elimination."""
+    s, n = system.scaled, system.u.shape[0] // 2 + 1
+    flat = lambda x: _flat(x, n)
+    solve = woodbury_gth_signed if signed else woodbury_gth
+    x, min_pivot = solve(flat(s.excess), flat(s.lower), flat(s.upper), rhs, system.u, system.absorb, system.deg1)
+    return _check_pivot(min_pivot, x)
 
 
 def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start):
     """(h, q) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve."""
-    s, flat, absorb, own, other, u, deg1 = _softmax_system(theta, n, model, start)
-    x, min_pivot = woodbury_gth(flat(s.excess), flat(s.lower), flat(s.upper),
-                                jnp.stack([flat(own), flat(other)], -1), u, flat(absorb), deg1)
-    x = _check_pivot(min_pivot, x)
+    system = chain_system(theta, n, model, start)
+    x = chain_solve(system, jnp.stack([_flat(system.own, n), _flat(system.other, n)], -1))
     return x[start - 1, 0], x[start - 1, 1]
 
 
 def _softmax_length(theta: Theta, n: int, model: ModelSpec, start):
-    s, flat, absorb, _, _, u, deg1 = _softmax_system(theta, n, model, start)
-    x, min_pivot = woodbury_gth(flat(s.excess), flat(s.lower), flat(s.upper), flat(s.cost)[:, None], u, flat(absorb), deg1)
-    return _check_pivot(min_pivot, x[start - 1, 0])
+    system = chain_system(theta, n, model, start)
+    return chain_solve(system, _flat(system.scaled.cost, n)[:, None])[start - 1, 0]
 
 
 def _by_distance(values):
