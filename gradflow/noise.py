@@ -17,27 +17,26 @@ Each is the absorbing system of h, (I - Q) x = rhs, with a new right-hand side. 
 
 How the sums over v stay O(1) per row.  The logit of v in row u is l(u, v) = c(u, v) . s(u), with
 s(u) = the row's effective (alpha, beta, gamma) scores (``gradflow.model.row_scores``: theta/tau for
-linear attention, softmax-normalised weights for softmax) and c(u, v) in N^3 the number of context
-edges of each kind that contain v: successor (1, 0, [v has an out-edge]), self (1, [u has an in-edge],
-0), predecessor (0, 1, [v has an in-edge]), any other chain vertex (0, 0, deg v), an isolated vertex 0.
-So psi(u, v) = Js(u)^T (c(u, v) - cbar(u)) with Js(u) = d s(u) / d theta (3 x 5) and cbar(u) =
-sum_v P(u, v) c(u, v).  Row u puts weight exp(gamma_u deg v) on every vertex (the far baseline) plus
-corrections on its three chain neighbours (``gradflow.model.local_rows``), so any sum
-sum_v P(u, v) f(c(u, v) - cbar(u)) g(v) is nine terms: the far degree-1 and degree-2 classes (f fixed by
-the class, g summed over the class: two global sums G1, G2), the isolated vertices, and the actual minus
-baseline weights of successor, self and predecessor.
+linear attention, softmax-normalised weights for softmax) and c(u, v) in N^3 the prompt edges of each
+kind that contain v (``gradflow.policy.edge_counts``, the one definition of the rows).  So
+psi(u, v) = Js(u)^T (c(u, v) - cbar(u)) with Js(u) = d s(u) / d theta (3 x P, P = ``Theta.size()``) and
+cbar(u) = sum_v P(u, v) c(u, v).  Row u puts weight exp(gamma_u deg v) on every vertex (the far
+baseline) plus corrections on its three chain neighbours, so any sum sum_v P(u, v) f(c(u, v) - cbar(u)) g(v)
+is nine terms: the far degree-1 and degree-2 classes (f fixed by the class, g summed over the class:
+two global sums G1, G2), the isolated vertices, and the actual minus baseline weights of successor,
+self and predecessor.  Weights are in each row's own scale (divided by its largest weight).
 
 The solve.  Unknowns: the 2(n-1) non-terminal chain vertices; the isolated vertices (all alike, one
 value) are transient states too and are eliminated exactly (their row: y(v) = exp(gamma_iso deg v) on
-chain vertices, 1 on each other isolated vertex, itself unless masked).  The matrix is tridiagonal
-(the local moves) minus rank 2 (far jumps, one column per degree class): Thomas elimination for
-the right-hand sides and the two rank columns (no pivoting: the tridiagonal part is diagonally
-dominant; unrolled up to 16 rows, a ``lax.scan`` above), then a 2 x 2 Woodbury correction.  O(n) per right-hand side,
-differentiable and vmappable (no LAPACK custom call, whose batched CPU version can deadlock, see
-``gradflow.objective``).  Three solves: [h | F] (26 columns), m (5), M (25).  Linear attention: one
-chain serves every start; softmax: the start row has its own eta, one chain per start (vmapped), as in
-``gradflow.objective``.  The a/b mirror symmetry is not used (both chains are solved: a factor 2, and the
-capped case needs both anyway).
+chain vertices, 1 on each other isolated vertex, itself unless masked).  Multiplied by the row's
+weight, each system is the absorbing chain of ``gradflow.objective.chain_system`` (tridiagonal local
+moves minus rank 2 far jumps, one column per degree class) with a new right-hand side, solved by the
+positive GTH elimination and Woodbury of ``gradflow._linalg`` (``chain_solve``; a signed right-hand
+side as the difference of its positive and negative parts, both solved with the positive guarantees).
+O(n) per right-hand side, differentiable and vmappable.  Three solves: [h | F] (1 + P^2 columns),
+m (P), M (P^2).  Linear attention: one chain serves every start; softmax: the start row has its own
+eta, one chain per start (vmapped), as in ``gradflow.objective``.  The a/b mirror symmetry is not used
+(both chains are solved: a factor 2, and the capped case needs both anyway).
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
@@ -74,8 +73,8 @@ ZERO_GRADIENT_RTOL = 1e-12  # critical_batch: |grad| below this times sqrt(trace
 class Moments(NamedTuple):
     """Per-start moments of the per-rollout REINFORCE terms, by start distance d (entry d-1).
 
-    reward (n-1,): h = E[R]; grad (n-1, 5): m = E[R S] (= grad h); reward_second (n-1, 5, 5):
-    M = E[R S S^T]; score_second (n-1, 5, 5): F = E[S S^T].  Coordinates (alpha, beta, gamma, eta, delta).
+    reward (n-1,): h = E[R]; grad (n-1, P): m = E[R S] (= grad h); reward_second (n-1, P, P):
+    M = E[R S S^T]; score_second (n-1, P, P): F = E[S S^T].  Coordinates ``Theta.fields()``, P = ``Theta.size()``.
     """
 
     reward: jnp.ndarray
@@ -192,12 +191,12 @@ def _expectations(weights, counts, z, cbar, values, order: int):
 
 
 def _project(jac, a1):
-    """Js^T a1 for a1 (..., 3, K): (..., 5, K)."""
+    """Js^T a1 for a1 (..., 3, K): (..., P, K)."""
     return jnp.einsum("...ai,...ak->...ik", jac, a1)
 
 
 def _project2(jac, a2):
-    """Js^T a2 Js for a2 (..., 3, 3) (one column): (..., 5, 5)."""
+    """Js^T a2 Js for a2 (..., 3, 3) (one column): (..., P, P)."""
     return jnp.einsum("...ai,...ab,...bj->...ij", jac, a2, jac)
 
 
@@ -236,16 +235,16 @@ def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_
     """Right-hand sides of m and M from (h, m) values: (rhs_m, rhs_m_iso, rhs_M, rhs_M_iso).
 
     rhs_m = Js^T E[c~ h(v)], rhs_M = Js^T E[c~ c~^T h(v)] Js + Js^T E[c~ m(v)^T] + transpose.
-    h (2, n, 1), grad (2, n, 5) with terminals; the isolated ones (1,), (5,).
+    h (2, n, 1), grad (2, n, P) with terminals; the isolated ones (1,), (P,).
     """
     m = model.n_isolated
     values = _class_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m)
     iso_values = _iso_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m, model.mask_self)
-    a1 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values, 1)  # (2, n-1, 3, 6)
+    a1 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values, 1)  # (2, n-1, 3, 1 + P)
     a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values[..., :1], 2)[..., 0]  # (2, n-1, 3, 3)
-    i1 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values, 1)  # (3, 6)
+    i1 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values, 1)  # (3, 1 + P)
     i2 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values[..., :1], 2)[..., 0]
-    p1, ip1 = _project(rows.jac, a1), _project(rows.iso_jac, i1)  # (2, n-1, 5, 6), (5, 6)
+    p1, ip1 = _project(rows.jac, a1), _project(rows.iso_jac, i1)  # (2, n-1, P, 1 + P), (P, 1 + P)
     rhs_m, rhs_m_iso = p1[..., 0], ip1[..., 0]
     cross, iso_cross = p1[..., 1:], ip1[..., 1:]  # Js^T E[c~ m(v)^T]
     rhs_big = _project2(rows.jac, a2) + cross + jnp.swapaxes(cross, -1, -2)
@@ -254,7 +253,7 @@ def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_
 
 
 def _score_source(rows: _Rows, n: int, model: ModelSpec):
-    """Right-hand side of F: sum_v P(u, v) psi psi^T = Js^T Cov_P(c) Js, chains (2, n-1, 5, 5) and isolated."""
+    """Right-hand side of F: sum_v P(u, v) psi psi^T = Js^T Cov_P(c) Js, chains (2, n-1, P, P) and isolated."""
     m = model.n_isolated
     ones = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)
     iso_ones = _iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, model.mask_self)
@@ -367,7 +366,7 @@ def _theta_array(theta) -> jnp.ndarray:
 def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
     """h, m = E[R S], M = E[R S S^T], F = E[S S^T] for each start a_{n-d}, by d = 1..n-1 (``Moments``).
 
-    ``theta``: a Theta or a (5,) array.  Uncapped: three O(n) structured solves; ``model.max_len`` set:
+    ``theta``: a Theta or a (P,) array.  Uncapped: three O(n) positive Woodbury solves; ``model.max_len`` set:
     max_len steps of the recursions.  jit/vmap-able.
     """
     _require_prompt_context(model)
@@ -375,7 +374,7 @@ def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
 
 
 class GradientNoise(NamedTuple):
-    """Per-rollout estimator g = (R - b) S: covariance (5, 5) and mean (5,) (= grad J)."""
+    """Per-rollout estimator g = (R - b) S: covariance (P, P) and mean (P,) (= grad J), P = ``Theta.size()``."""
 
     covariance: jnp.ndarray
     mean: jnp.ndarray
@@ -533,7 +532,7 @@ def _matrix_sqrt(cov):
 
 
 def _noise_field(flow_params, lr, batch: int, baseline: str):
-    """(t, y) -> [grad J | sqrt(lr) Cov(batch estimator)^{1/2}] of shape (5, 6)."""
+    """(t, y) -> [grad J | sqrt(lr) Cov(batch estimator)^{1/2}] of shape (P, 1 + P)."""
 
     def field(t, y, args):
         task = flow_params.training_task(t)
@@ -547,7 +546,7 @@ def _noise_field(flow_params, lr, batch: int, baseline: str):
 class SGDPaths:
     """Per-seed solutions of the SGD diffusion (``simulate_sgd``).
 
-    ts (T,): save times (flow time t = lr * step); theta (S, T, 5); reward (S, T): J on ``config.task``;
+    ts (T,): save times (flow time t = lr * step); theta (S, T, P); reward (S, T): J on ``config.task``;
     level: the reward level of ``hit_times`` (S,): first crossing on the save grid (linear
     interpolation), inf where not reached by the last save (counted, never dropped).  diverged (S,):
     the path became non-finite (saves NaN from then on; its hit time counts only crossings before).
@@ -693,7 +692,7 @@ def simulate_sgd(flow_params, lr: float, batch: int, keys, *, baseline: str = "m
 
 
 class ScoreSamples(NamedTuple):
-    """Per-rollout reward (B,), score S = grad log p(path) in the five numbers (B, 5), distance d (B,)."""
+    """Per-rollout reward (B,), score S = grad log p(path) in the numbers of ``Theta`` (B, P), distance d (B,)."""
 
     rewards: jnp.ndarray
     scores: jnp.ndarray
