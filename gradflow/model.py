@@ -155,9 +155,9 @@ def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
     Z(u) = e^alpha #out(u) + e^beta #in(u) + e^gamma #far(u) + e^{eta if u is the start else delta}
     (``gradflow.policy.context_counts``), by log-sum-exp (no overflow at any theta).
     """
-    inv_tau = 1.0 / model.tau
     if model.attention == "linear":
-        return theta.alpha * inv_tau, theta.beta * inv_tau, theta.gamma * inv_tau
+        return theta.alpha / model.tau, theta.beta / model.tau, theta.gamma / model.tau
+    inv_tau = 1.0 / model.tau
     n_out, n_in, n_far = context_counts(u, n)
     log_count = lambda score, count: jnp.where(count > 0, score + jnp.log(jnp.maximum(count, 1.0)), -jnp.inf)
     vertex = jnp.where(u == start_vertex, theta.eta, theta.delta)
