@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive
-from gradflow.policy import chain_targets, context_counts, edge_counts, logit
+from gradflow.policy import chain_targets, context_counts, count_logit, edge_counts
 
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
@@ -262,7 +262,7 @@ def row_logits(scores: RowScores, n: int, model: ModelSpec) -> RowLogits:
     """THEORY.md 2 in logits, read off ``gradflow.policy.chain_targets``: logit = c(u, v) . s(u)."""
     targets = chain_targets(n)
     a, b, g = scores.alpha, scores.beta, scores.gamma
-    row_logit = lambda counts: logit(counts, a, b, g)
+    row_logit = lambda counts: count_logit(counts, a, b, g)
     return RowLogits(
         succ=row_logit(targets.succ),
         self_=row_logit(targets.self_),
@@ -411,7 +411,7 @@ def next_vertex_logits(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-
     u = jnp.asarray(u)[..., None]
     v = jnp.arange(2 * n + model.n_isolated)
     a, b, g = (jnp.asarray(x)[..., None] for x in query_scores(theta, u[..., 0], n, model, start_vertex))
-    logits = logit(edge_counts(u, v, n), a, b, g)
+    logits = count_logit(edge_counts(u, v, n), a, b, g)
     if model.mask_self:
         logits = jnp.where(u == v, -jnp.inf, logits)
     return logits

@@ -93,7 +93,7 @@ def chain_targets(n: int) -> ChainTargets:
                         has_pred, (4 - local1).astype(float), (2.0 * (n - 2) - local2).astype(float))
 
 
-def logit(counts, alpha, beta, gamma):
+def count_logit(counts, alpha, beta, gamma):
     """c . (alpha, beta, gamma) for counts (..., 3) and scores broadcasting against counts[..., 0]."""
     counts = jnp.asarray(counts, dtype=float)
     return counts[..., 0] * alpha + counts[..., 1] * beta + counts[..., 2] * gamma
