@@ -278,3 +278,16 @@ def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1):
     w1 = (c22[..., None] * vr1 + k12[..., None] * vr2) / det[..., None]
     w2 = (k21[..., None] * vr1 + c11[..., None] * vr2) / det[..., None]
     return z_r + z_u[..., 0, None] * w1[..., None, :] + z_u[..., 1, None] * w2[..., None, :], min_pivot
+
+
+def woodbury_gth_signed(excess, lower, upper, rhs, u, absorb, deg1):
+    """``woodbury_gth`` for right-hand sides of either sign: x = solve(rhs+) - solve(rhs-), rhs+- >= 0.
+
+    The solve is linear, so this is exact; both parts go through the positive elimination together
+    (one solve, 2k columns) and keep its relative accuracy, and only the final difference can cancel
+    (as it must where x itself is small).  max(rhs, 0) and max(-rhs, 0) share the derivative at 0.
+    """
+    k = rhs.shape[-1]
+    parts = jnp.concatenate([jnp.maximum(rhs, 0.0), jnp.maximum(-rhs, 0.0)], axis=-1)
+    x, min_pivot = woodbury_gth(excess, lower, upper, parts, u, absorb, deg1)
+    return x[..., :k] - x[..., k:], min_pivot

@@ -53,7 +53,8 @@ import jax
 import jax.numpy as jnp
 
 from gradflow._checks import check_int
-from gradflow.model import ModelSpec, RowScores, Theta, row_scores
+from gradflow.model import ModelSpec, RowScores, Theta, row_logits, row_scores
+from gradflow.policy import degree_counts
 from gradflow.task import ChainTask
 
 __all__ = [
@@ -121,21 +122,15 @@ def _require_closed_form(model: ModelSpec) -> None:
 
 
 def _rows(scores: RowScores, n: int, model: ModelSpec) -> _Rows:
-    """Logits of docs/THEORY.md §2.2 (succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far g*deg(v)),
-    exponentiated after subtracting each row's largest logit (a constant that cancels: no gradient)."""
+    """The logits of ``gradflow.model.row_logits`` (docs/THEORY.md §2.2), exponentiated after subtracting each
+    row's largest logit (a constant that cancels: no gradient)."""
     shape = (2, n - 1)
-    a, b, g = (jnp.broadcast_to(x, shape) for x in (scores.alpha, scores.beta, scores.gamma))
-    pos = jnp.arange(1, n)
+    rows = row_logits(scores, n, model)
+    l_succ, l_self, l_pred, g = (jnp.broadcast_to(x, shape) for x in (rows.succ, rows.self_, rows.pred, rows.g))
     m = model.n_isolated
-    has_self = not model.mask_self
-    has_pred = pos >= 2
-    # non-local vertices of each degree: own chain (ends 1 and n unless adjacent) + the other chain
-    count1 = (pos >= 3).astype(float) + (pos <= n - 2) + 2.0
-    local2 = sum(((pos + s >= 2) & (pos + s <= n - 1)).astype(float) for s in (-1, 0, 1))
-    count2 = 2.0 * (n - 2) - local2
-    l_succ = a + jnp.where(pos + 1 <= n - 1, g, 0.0)
-    l_self = a + jnp.where(has_pred, b, 0.0)
-    l_pred = b + jnp.where(pos >= 3, g, 0.0)
+    has_self = rows.self_present
+    has_pred = rows.has_pred
+    count1, count2 = rows.far1, rows.far2  # non-local vertices of each degree
     l_far2 = 2.0 * g
     candidates = [l_succ, jnp.where(has_pred, l_pred, -jnp.inf), g, jnp.where(count2 > 0, l_far2, -jnp.inf)]
     if has_self:
@@ -152,15 +147,16 @@ def _rows(scores: RowScores, n: int, model: ModelSpec) -> _Rows:
     z = w_succ + w_self + w_pred + count1 * e1 + count2 * e2 + m * e0
     log_forward = (l_succ - top) - jnp.log(z)
 
-    # the isolated row: 4 degree-1 and 2n-4 degree-2 vertices, m - [masked] isolated ones
-    m_iso = m - (1 if model.mask_self else 0)
+    # the isolated row: every chain vertex by degree, the other isolated vertices (itself unless masked)
+    n_deg1, n_deg2, n_deg0 = degree_counts(n, m)
+    m_iso = n_deg0 - (1 if model.mask_self else 0)
     y = scores.isolated
-    iso_candidates = [y] + ([2.0 * y] if n >= 3 else []) + ([jnp.zeros_like(y)] if m_iso > 0 else [])
+    iso_candidates = [y] + ([2.0 * y] if n_deg2 else []) + ([jnp.zeros_like(y)] if m_iso > 0 else [])
     iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack(iso_candidates)))
     iso1 = jnp.exp(y - iso_top)
-    iso2 = jnp.exp(2.0 * y - iso_top) if n >= 3 else jnp.zeros_like(y)
+    iso2 = jnp.exp(2.0 * y - iso_top) if n_deg2 else jnp.zeros_like(y)
     iso0 = jnp.exp(-iso_top) if m_iso > 0 else jnp.zeros_like(y)
-    iso_z = 4.0 * iso1 + (2 * n - 4) * iso2 + m_iso * iso0
+    iso_z = n_deg1 * iso1 + n_deg2 * iso2 + m_iso * iso0
     return _Rows(w_succ, w_self, w_pred, e1, e2, e0, z, log_forward, iso1, iso2, iso0, iso_z)
 
 

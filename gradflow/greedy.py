@@ -27,8 +27,8 @@ logit at every interior vertex, and with gamma = 0 at the chain head a_1 as well
 stalls on the self-loop and "last" steps forward.  A tie counts when at least two vertices
 (isolated vertices counted as one, they are interchangeable) lie within ``tie_tol`` (relative to
 max(1, |largest logit|)) of the largest logit; ``margin`` is the smallest gap between the chosen
-logit and the best other one along the path.  Logits are computed as ``transition_matrix`` computes
-them, one O(n) row per step, so ties are bitwise the same as the dense matrix's.
+logit and the best other one along the path.  Logits are the rows of ``transition_matrix``
+(``gradflow.model.next_vertex_logits``), one O(n) row per step, so ties are bitwise the same as the dense matrix's.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gradflow._checks import check_choice, check_int
-from gradflow.model import ModelSpec, Theta, edge_list
+from gradflow.model import ModelSpec, Theta, next_vertex_logits, vertex_names
 from gradflow.task import ChainTask
 
 TIE_BREAKS = ("first", "last")
@@ -84,26 +83,11 @@ class GreedyMetrics(NamedTuple):
 
 
 def row_logits(theta: Theta, n: int, model: ModelSpec, u, start_vertex) -> jnp.ndarray:
-    """Next-vertex logits of query vertex ``u`` (canonical index), shape (2n + n_isolated,).
-
-    The same arithmetic as ``transition_matrix`` (edge weights alpha/beta/gamma by how the edge
-    touches u; softmax: normalised with the prompt's start token, eta on the start's own row), then
-    the current vertex set to -inf when ``model.mask_self``.  ``start_vertex`` is the canonical index
-    of the start (it only matters for softmax).
+    """Next-vertex logits of query vertex ``u`` (canonical index), shape (2n + n_isolated,): the row of
+    ``transition_matrix`` (``gradflow.model.next_vertex_logits``), the current vertex at -inf when
+    ``model.mask_self``.  ``start_vertex`` is the canonical index of the start (it only matters for softmax).
     """
-    n_vertices = 2 * n + model.n_isolated
-    edges = np.asarray(edge_list(n))
-    src, dst = jnp.asarray(edges[:, 0]), jnp.asarray(edges[:, 1])
-    score = jnp.where(src == u, theta.alpha, jnp.where(dst == u, theta.beta, theta.gamma))
-    if model.attention == "softmax":
-        vertex_score = jnp.where(u == start_vertex, theta.eta, theta.delta)
-        weights = jax.nn.softmax(jnp.concatenate([score, vertex_score[None]]))[:-1]
-    else:
-        weights = score
-    logits = jnp.zeros(n_vertices, dtype=weights.dtype).at[src].add(weights).at[dst].add(weights) / model.tau
-    if model.mask_self:
-        logits = jnp.where(jnp.arange(n_vertices) == u, -jnp.inf, logits)
-    return logits
+    return next_vertex_logits(theta, u, n, model, start_vertex)
 
 
 def _choose(logits: jnp.ndarray, n: int, tie_break: str, tie_tol: float):
@@ -195,8 +179,6 @@ def greedy_path(theta: Theta, task: ChainTask, model: ModelSpec, distance: int, 
 
     Stops at the first terminal, at the cap, or after 2n + n_isolated tokens without a cap (a cycle).
     """
-    from gradflow.model import vertex_names
-
     cap = _resolve(model, max_len, tie_break)
     n = task.n
     check_int("distance", distance, 1)

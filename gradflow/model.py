@@ -8,6 +8,7 @@ y, a vertex token writes 0.  The next-vertex logits are (1/tau) * sum_j weight_j
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive
+from gradflow.policy import chain_targets, context_counts, count_logit, edge_counts
 
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
@@ -54,7 +56,11 @@ class ModelSpec(eqx.Module):
 
 
 class Theta(eqx.Module):
-    """The five attention numbers (alpha, beta, gamma, eta, delta); a pytree for grad/jit/vmap."""
+    """The attention numbers (alpha, beta, gamma, eta, delta); a pytree for grad/jit/vmap.
+
+    The parameter vector is the fields in order (``fields``, ``size``): code that handles theta as an
+    array takes its length from here, so a model with more numbers changes only this class.
+    """
 
     alpha: jnp.ndarray = eqx.field(converter=as_float_array)
     beta: jnp.ndarray = eqx.field(converter=as_float_array)
@@ -62,17 +68,27 @@ class Theta(eqx.Module):
     eta: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0)
     delta: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0)
 
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The names of the numbers, in array order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def size(cls) -> int:
+        """The length of the parameter vector."""
+        return len(cls.fields())
+
     def as_array(self) -> jnp.ndarray:
-        """The numbers stacked on the last axis, in the order (alpha, beta, gamma, eta, delta)."""
-        return jnp.stack([self.alpha, self.beta, self.gamma, self.eta, self.delta], axis=-1)
+        """The numbers stacked on the last axis, in the order of ``fields``."""
+        return jnp.stack([getattr(self, name) for name in self.fields()], axis=-1)
 
     @classmethod
     def from_array(cls, x) -> "Theta":
-        """Inverse of ``as_array``: the last axis of ``x`` holds the five numbers."""
+        """Inverse of ``as_array``: the last axis of ``x`` holds the ``size()`` numbers."""
         x = jnp.asarray(x, dtype=float)
-        if x.shape[-1:] != (5,):
-            raise ValueError(f"theta array must have last axis of size 5, got shape {x.shape}")
-        return cls(*(x[..., k] for k in range(5)))
+        if x.shape[-1:] != (cls.size(),):
+            raise ValueError(f"theta array must have last axis of size {cls.size()}, got shape {x.shape}")
+        return cls(*(x[..., k] for k in range(cls.size())))
 
 
 def default_theta0() -> Theta:
@@ -132,36 +148,34 @@ class RowScores(NamedTuple):
     isolated: jnp.ndarray
 
 
-def row_scores(theta: Theta, n: int, model: ModelSpec, start: int | None = None) -> RowScores:
-    """Per-row effective scores; for softmax, ``start`` (position on chain a, 1..n-1) gets eta.
+def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
+    """s(u) = the effective (alpha, beta, gamma)/tau of query vertex u (canonical index, any shape).
 
-    linear: (alpha, beta, gamma)/tau for every row.  softmax: exp(score)/Z(u)/tau with
-    Z(u) = e^alpha [u has out-edge] + e^beta [u has in-edge] + e^gamma (#far edges) + e^{eta or delta}.
+    linear: theta/tau for every row.  softmax: exp(score)/Z(u)/tau over the prompt's context tokens,
+    Z(u) = e^alpha #out(u) + e^beta #in(u) + e^gamma #far(u) + e^{eta if u is the start else delta}
+    (``gradflow.policy.context_counts``), by log-sum-exp (no overflow at any theta).
     """
     if model.attention == "linear":
-        return RowScores(theta.alpha / model.tau, theta.beta / model.tau, theta.gamma / model.tau, theta.gamma / model.tau)
-    pos = jnp.arange(1, n)
-    shape = (2, n - 1)
-    n_edges = 2 * (n - 1)
-    has_in = pos >= 2
-    is_start = jnp.zeros(shape, dtype=bool)
-    if start is not None:
-        is_start = is_start.at[0, start - 1].set(True)
-    # log Z(u) by log-sum-exp (no overflow at any theta); far edges: n_edges - 1 - [has in-edge]
-    n_far = (n_edges - 1 - has_in).astype(float)
-    log_far = jnp.where(n_far > 0, theta.gamma + jnp.log(jnp.maximum(n_far, 1.0)), -jnp.inf)
-    log_in = jnp.where(has_in, theta.beta, -jnp.inf)
-    vertex = jnp.where(is_start, theta.eta, theta.delta)
-    terms = jnp.broadcast_arrays(theta.alpha, log_in, log_far, vertex)
-    log_z = jax.nn.logsumexp(jnp.stack(terms, axis=-1), axis=-1)
-    log_z_iso = jnp.logaddexp(theta.gamma + jnp.log(float(n_edges)), theta.delta)
+        return theta.alpha / model.tau, theta.beta / model.tau, theta.gamma / model.tau
     inv_tau = 1.0 / model.tau
-    return RowScores(
-        jnp.exp(theta.alpha - log_z) * inv_tau,
-        jnp.exp(theta.beta - log_z) * inv_tau,
-        jnp.exp(theta.gamma - log_z) * inv_tau,
-        jnp.exp(theta.gamma - log_z_iso) * inv_tau,
-    )
+    n_out, n_in, n_far = context_counts(u, n)
+    log_count = lambda score, count: jnp.where(count > 0, score + jnp.log(jnp.maximum(count, 1.0)), -jnp.inf)
+    vertex = jnp.where(u == start_vertex, theta.eta, theta.delta)
+    terms = jnp.broadcast_arrays(log_count(theta.alpha, n_out), log_count(theta.beta, n_in), log_count(theta.gamma, n_far), vertex)
+    log_z = jax.nn.logsumexp(jnp.stack(terms, axis=-1), axis=-1)
+    return tuple(jnp.exp(score - log_z) * inv_tau for score in (theta.alpha, theta.beta, theta.gamma))
+
+
+def row_scores(theta: Theta, n: int, model: ModelSpec, start: int | None = None) -> RowScores:
+    """``query_scores`` of the chain rows (2, n-1) and of an isolated row; softmax: ``start`` (position on
+    chain a, 1..n-1) gets eta.  Linear attention: scalars (every row sees theta/tau)."""
+    if model.attention == "linear":
+        a, b, g = query_scores(theta, None, n, model)
+        return RowScores(a, b, g, g)
+    chain_rows = np.arange(2)[:, None] * n + np.arange(n - 1)[None, :]
+    start_vertex = -1 if start is None else start - 1
+    a, b, g = query_scores(theta, chain_rows, n, model, start_vertex)
+    return RowScores(a, b, g, query_scores(theta, 2 * n, n, model)[2])
 
 
 class LocalRows(NamedTuple):
@@ -184,25 +198,21 @@ class LocalRows(NamedTuple):
 
 
 def local_rows(scores: RowScores, n: int, model: ModelSpec) -> LocalRows:
-    """docs/THEORY.md §2.2: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v).
+    """The weights of ``row_logits`` (exp of the logits; self 0 when masked, pred 0 at i = 1).
 
-    Three exponentials per distinct score (one each for linear attention), combined by masks.  Each
-    field broadcasts to (2, n-1) (linear attention: (n-1,) or a scalar, the chains are alike).
+    Each field broadcasts to (2, n-1) (linear attention: (n-1,) or a scalar, the chains are alike).
     """
-    pos = jnp.arange(1, n)
-    e_a, e_b, e_g = jnp.exp(scores.alpha), jnp.exp(scores.beta), jnp.exp(scores.gamma)
-    e_g2 = e_g * e_g
-    has_pred = pos >= 2
-    far_weight = lambda idx: jnp.where((idx == 1) | (idx == n), e_g, e_g2)  # exp(gamma deg(v))
+    rows = row_logits(scores, n, model)
+    present = lambda flag, x: jnp.where(flag, jnp.exp(jnp.where(flag, x, 0.0)), 0.0)
     return LocalRows(
-        succ=e_a * jnp.where(pos + 1 <= n - 1, e_g, 1.0),
-        self_=jnp.where(has_pred, e_a * e_b, e_a) * (0.0 if model.mask_self else 1.0),
-        pred=jnp.where(has_pred, e_b * jnp.where(pos >= 3, e_g, 1.0), 0.0),
-        base_succ=far_weight(pos + 1),
-        base_self=far_weight(pos),
-        base_pred=jnp.where(has_pred, far_weight(pos - 1), 0.0),
-        far1=e_g,
-        far2=e_g2,
+        succ=jnp.exp(rows.succ),
+        self_=jnp.exp(rows.self_) * (0.0 if model.mask_self else 1.0),
+        pred=present(rows.has_pred, rows.pred),
+        base_succ=jnp.exp(rows.base_succ),
+        base_self=jnp.exp(rows.base_self),
+        base_pred=present(rows.has_pred, rows.base_pred),
+        far1=jnp.exp(scores.gamma),
+        far2=jnp.exp(2.0 * scores.gamma),
     )
 
 
@@ -225,7 +235,8 @@ class RowLogits(NamedTuple):
     absent: see ``has_pred`` and ``self_present``); ``base_*``: the far-vertex logit g * deg(v) those
     vertices would get; ``g``: the row's far logit per edge end (degree-2 vertices get 2g);
     ``g_iso``: the same for an isolated query vertex.  ``deg1_*``: the vertex has degree 1 (a chain
-    end).  Static: ``n``, ``n_isolated``.
+    end).  ``far1``, ``far2``: the row's non-local degree-1 and degree-2 chain vertices (both chains).
+    Static: ``n``, ``n_isolated``.
     """
 
     succ: jnp.ndarray
@@ -240,34 +251,43 @@ class RowLogits(NamedTuple):
     deg1_succ: jnp.ndarray
     deg1_self: jnp.ndarray
     deg1_pred: jnp.ndarray
+    far1: np.ndarray
+    far2: np.ndarray
     self_present: bool
     n: int
     n_isolated: int
 
 
 def row_logits(scores: RowScores, n: int, model: ModelSpec) -> RowLogits:
-    """docs/THEORY.md §2.2 in logits: succ a+g[i+1<=n-1], self a+b[i>=2], pred b+g[i>=3], far vertex g*deg(v)."""
-    pos = jnp.arange(1, n)
+    """docs/THEORY.md §2.2 in logits, read off ``gradflow.policy.chain_targets``: logit = c(u, v) . s(u)."""
+    targets = chain_targets(n)
     a, b, g = scores.alpha, scores.beta, scores.gamma
-    has_pred = pos >= 2
-    deg1_succ, deg1_self, deg1_pred = pos + 1 == n, pos == 1, pos - 1 == 1
+    row_logit = lambda counts: count_logit(counts, a, b, g)
     return RowLogits(
-        succ=a + jnp.where(deg1_succ, 0.0, g),
-        self_=a + jnp.where(has_pred, b, 0.0),
-        pred=b + jnp.where(pos >= 3, g, 0.0),
-        base_succ=jnp.where(deg1_succ, g, 2.0 * g),
-        base_self=jnp.where(deg1_self, g, 2.0 * g),
-        base_pred=jnp.where(deg1_pred, g, 2.0 * g),
-        g=g + jnp.zeros_like(pos, dtype=float),
+        succ=row_logit(targets.succ),
+        self_=row_logit(targets.self_),
+        pred=row_logit(targets.pred),
+        base_succ=targets.deg_succ * g,
+        base_self=targets.deg_self * g,
+        base_pred=targets.deg_pred * g,
+        g=g + jnp.zeros(n - 1),
         g_iso=scores.isolated,
-        has_pred=has_pred,
-        deg1_succ=deg1_succ,
-        deg1_self=deg1_self,
-        deg1_pred=deg1_pred,
+        has_pred=targets.has_pred,
+        deg1_succ=targets.deg_succ == 1,
+        deg1_self=targets.deg_self == 1,
+        deg1_pred=targets.deg_pred == 1,
+        far1=targets.far1,
+        far2=targets.far2,
         self_present=not model.mask_self,
         n=n,
         n_isolated=model.n_isolated,
     )
+
+
+def chain_a_logits(rows: RowLogits) -> RowLogits:
+    """The rows of chain a: every per-row field of ``rows`` as an (n-1,) array (softmax rows are (2, n-1))."""
+    per_row = RowLogits._fields[:8]
+    return rows._replace(**{f: jnp.broadcast_to(getattr(rows, f), (2, rows.n - 1))[0] for f in per_row})
 
 
 def log_sum(terms) -> jnp.ndarray:
@@ -299,9 +319,8 @@ def row_log_total(rows: RowLogits, include_self: bool) -> dict:
     g = rows.g
     one = jnp.ones_like(g)
     d1 = lambda flag: jnp.where(flag, 1.0, 0.0)
-    # chain a far weights except the local vertices present in the row (self always, pred if i >= 2)
-    n1 = 2.0 - d1(rows.deg1_succ) - d1(rows.deg1_self) - d1(rows.has_pred & rows.deg1_pred)
-    n2 = (n - 2.0) - (1 - d1(rows.deg1_succ)) - (1 - d1(rows.deg1_self)) - d1(rows.has_pred & ~rows.deg1_pred)
+    # chain a far weights except the local vertices present in the row: all far vertices but chain b's
+    n1, n2 = rows.far1 - 2.0, rows.far2 - (n - 2.0)
     jump = log_sum([(g, n1), (2.0 * g, n2)])
     switch = log_sum([(g, 2.0 * one), (2.0 * g, (n - 2.0) * one)])
     total_terms = [(rows.succ, one), (rows.pred, d1(rows.has_pred)), (g, n1 + 2.0), (2.0 * g, n2 + (n - 2.0))]
@@ -353,9 +372,7 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
     log-sum-exp, so they are accurate to relative round-off at any theta/tau.
     """
     n = _chain_length(task)
-    rows = row_logits(row_scores(theta, n, model), n, model)
-    if model.attention != "linear":
-        rows = rows._replace(**{f: jnp.broadcast_to(getattr(rows, f), (2, n - 1))[0] for f in RowLogits._fields[:8]})
+    rows = chain_a_logits(row_logits(row_scores(theta, n, model), n, model))
     logs = row_log_total(rows, include_self=not model.mask_self)
     log_z = logs["total"]
     prob = lambda log_w: jnp.exp(log_w - log_z)
@@ -385,28 +402,29 @@ def edge_list(n: int) -> list[tuple[int, int]]:
     return [(c * n + i, c * n + i + 1) for c in range(2) for i in range(n - 1)]
 
 
+def next_vertex_logits(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1) -> jnp.ndarray:
+    """Logits c(u, v) . s(u) of every vertex v (canonical order) for query vertices ``u`` (any shape):
+    shape u.shape + (2n + n_isolated,), the current vertex at -inf when ``model.mask_self``.
+
+    ``start_vertex``: the canonical start (softmax only: that row attends to its own token with eta).
+    """
+    u = jnp.asarray(u)[..., None]
+    v = jnp.arange(2 * n + model.n_isolated)
+    a, b, g = (jnp.asarray(x)[..., None] for x in query_scores(theta, u[..., 0], n, model, start_vertex))
+    logits = count_logit(edge_counts(u, v, n), a, b, g)
+    if model.mask_self:
+        logits = jnp.where(u == v, -jnp.inf, logits)
+    return logits
+
+
 @eqx.filter_jit
 def transition_matrix(theta: Theta, task, model: ModelSpec, start: int | None = None) -> jnp.ndarray:
-    """Dense next-vertex probabilities P[u, v], built token by token from the edge list.
+    """Dense next-vertex probabilities P[u, v] = softmax_v of ``next_vertex_logits`` (docs/THEORY.md §2.2).
 
-    logit[u, v] = (1/tau) sum_{edges e containing v} w[u, e], w[u, e] in {alpha, beta, gamma} by how
-    e touches u (softmax: normalised with the start vertex token).  ``start`` is the start's position
-    on chain a (softmax only: that row attends to its own token with eta); rows of terminals are
-    computed like any other (the walk stops there).  ``task``: a ChainTask or the chain length n.
+    ``start`` is the start's position on chain a (softmax only: that row attends to its own token with
+    eta); rows of terminals are computed like any other (the walk stops there).  ``task``: a
+    ChainTask or the chain length n.  ``gradflow.sampling`` builds the same matrix token by token.
     """
     n = _chain_length(task)
-    n_vertices = 2 * n + model.n_isolated
-    edges = jnp.asarray(edge_list(n))
-    u = jnp.arange(n_vertices)[:, None]
-    score = jnp.where(edges[None, :, 0] == u, theta.alpha, jnp.where(edges[None, :, 1] == u, theta.beta, theta.gamma))
-    if model.attention == "softmax":
-        start_vertex = -1 if start is None else start - 1
-        vertex_score = jnp.where(jnp.arange(n_vertices) == start_vertex, theta.eta, theta.delta)[:, None]
-        weights = jax.nn.softmax(jnp.concatenate([score, vertex_score], axis=1), axis=1)[:, :-1]
-    else:
-        weights = score
-    incidence = jax.nn.one_hot(edges[:, 0], n_vertices) + jax.nn.one_hot(edges[:, 1], n_vertices)
-    logits = weights @ incidence / model.tau
-    if model.mask_self:
-        logits = jnp.where(jnp.eye(n_vertices, dtype=bool), -jnp.inf, logits)
-    return jax.nn.softmax(logits, axis=1)
+    start_vertex = -1 if start is None else start - 1
+    return jax.nn.softmax(next_vertex_logits(theta, jnp.arange(2 * n + model.n_isolated), n, model, start_vertex), axis=1)

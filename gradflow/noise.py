@@ -17,27 +17,26 @@ Each is the absorbing system of h, (I - Q) x = rhs, with a new right-hand side. 
 
 How the sums over v stay O(1) per row.  The logit of v in row u is l(u, v) = c(u, v) . s(u), with
 s(u) = the row's effective (alpha, beta, gamma) scores (``gradflow.model.row_scores``: theta/tau for
-linear attention, softmax-normalised weights for softmax) and c(u, v) in N^3 the number of context
-edges of each kind that contain v: successor (1, 0, [v has an out-edge]), self (1, [u has an in-edge],
-0), predecessor (0, 1, [v has an in-edge]), any other chain vertex (0, 0, deg v), an isolated vertex 0.
-So psi(u, v) = Js(u)^T (c(u, v) - cbar(u)) with Js(u) = d s(u) / d theta (3 x 5) and cbar(u) =
-sum_v P(u, v) c(u, v).  Row u puts weight exp(gamma_u deg v) on every vertex (the far baseline) plus
-corrections on its three chain neighbours (``gradflow.model.local_rows``), so any sum
-sum_v P(u, v) f(c(u, v) - cbar(u)) g(v) is nine terms: the far degree-1 and degree-2 classes (f fixed by
-the class, g summed over the class: two global sums G1, G2), the isolated vertices, and the actual minus
-baseline weights of successor, self and predecessor.
+linear attention, softmax-normalised weights for softmax) and c(u, v) in N^3 the prompt edges of each
+kind that contain v (``gradflow.policy.edge_counts``, the one definition of the rows).  So
+psi(u, v) = Js(u)^T (c(u, v) - cbar(u)) with Js(u) = d s(u) / d theta (3 x P, P = ``Theta.size()``) and
+cbar(u) = sum_v P(u, v) c(u, v).  Row u puts weight exp(gamma_u deg v) on every vertex (the far
+baseline) plus corrections on its three chain neighbours, so any sum sum_v P(u, v) f(c(u, v) - cbar(u)) g(v)
+is nine terms: the far degree-1 and degree-2 classes (f fixed by the class, g summed over the class:
+two global sums G1, G2), the isolated vertices, and the actual minus baseline weights of successor,
+self and predecessor.  Weights are in each row's own scale (divided by its largest weight).
 
 The solve.  Unknowns: the 2(n-1) non-terminal chain vertices; the isolated vertices (all alike, one
 value) are transient states too and are eliminated exactly (their row: y(v) = exp(gamma_iso deg v) on
-chain vertices, 1 on each other isolated vertex, itself unless masked).  The matrix is tridiagonal
-(the local moves) minus rank 2 (far jumps, one column per degree class): Thomas elimination for
-the right-hand sides and the two rank columns (no pivoting: the tridiagonal part is diagonally
-dominant; unrolled up to 16 rows, a ``lax.scan`` above), then a 2 x 2 Woodbury correction.  O(n) per right-hand side,
-differentiable and vmappable (no LAPACK custom call, whose batched CPU version can deadlock, see
-``gradflow.objective``).  Three solves: [h | F] (26 columns), m (5), M (25).  Linear attention: one
-chain serves every start; softmax: the start row has its own eta, one chain per start (vmapped), as in
-``gradflow.objective``.  The a/b mirror symmetry is not used (both chains are solved: a factor 2, and the
-capped case needs both anyway).
+chain vertices, 1 on each other isolated vertex, itself unless masked).  Multiplied by the row's
+weight, each system is the absorbing chain of ``gradflow.objective.chain_system`` (tridiagonal local
+moves minus rank 2 far jumps, one column per degree class) with a new right-hand side, solved by the
+positive GTH elimination and Woodbury of ``gradflow._linalg`` (``chain_solve``; a signed right-hand
+side as the difference of its positive and negative parts, both solved with the positive guarantees).
+O(n) per right-hand side, differentiable and vmappable.  Three solves: [h | F] (1 + P^2 columns),
+m (P), M (P^2).  Linear attention: one chain serves every start; softmax: the start row has its own
+eta, one chain per start (vmapped), as in ``gradflow.objective``.  The a/b mirror symmetry is not used
+(both chains are solved: a factor 2, and the capped case needs both anyway).
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
@@ -57,12 +56,13 @@ import numpy as np
 
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow.integrator import EulerMaruyama, integrate
-from gradflow.model import ModelSpec, Theta, local_rows, row_scores
+from gradflow.model import ModelSpec, Theta, row_logits, row_scores
+from gradflow.objective import ChainSystem, chain_solve, chain_system
+from gradflow.policy import chain_targets, degree_counts
 from gradflow.task import ChainTask
 
 BASELINES = ("mean", "none")
 BATCH_BASELINES = ("mean", "none", "leave_one_out")
-UNROLL_ROWS = 16  # tridiagonal systems up to this many rows (n <= 9) are eliminated in unrolled code
 ZERO_GRADIENT_RTOL = 1e-12  # critical_batch: |grad| below this times sqrt(trace Sigma) counts as 0 (inf)
 
 
@@ -74,8 +74,8 @@ ZERO_GRADIENT_RTOL = 1e-12  # critical_batch: |grad| below this times sqrt(trace
 class Moments(NamedTuple):
     """Per-start moments of the per-rollout REINFORCE terms, by start distance d (entry d-1).
 
-    reward (n-1,): h = E[R]; grad (n-1, 5): m = E[R S] (= grad h); reward_second (n-1, 5, 5):
-    M = E[R S S^T]; score_second (n-1, 5, 5): F = E[S S^T].  Coordinates (alpha, beta, gamma, eta, delta).
+    reward (n-1,): h = E[R]; grad (n-1, P): m = E[R S] (= grad h); reward_second (n-1, P, P):
+    M = E[R S S^T]; score_second (n-1, P, P): F = E[S S^T].  Coordinates ``Theta.fields()``, P = ``Theta.size()``.
     """
 
     reward: jnp.ndarray
@@ -85,27 +85,30 @@ class Moments(NamedTuple):
 
 
 class _Rows(NamedTuple):
-    """Everything the recursions need about one chain (one start for softmax)."""
+    """Everything the recursions need about one chain (one start for softmax); P = ``Theta.size()``.
 
-    weights: jnp.ndarray  # (9, 2, n-1): the nine row terms (see _chain_terms)
+    Weights are in each row's own scale (divided by exp of its largest logit, as in ``system``)."""
+
+    weights: jnp.ndarray  # (9, 2, n-1): the nine row terms (see _chain_rows)
     counts: jnp.ndarray  # (9, 2, n-1, 3): c(u, v) of each term
     z: jnp.ndarray  # (2, n-1) row normaliser
     cbar: jnp.ndarray  # (2, n-1, 3)
-    jac: jnp.ndarray  # (2, n-1, 3, 5) d s(u) / d theta
+    jac: jnp.ndarray  # (2, n-1, 3, P) d s(u) / d theta
     iso_weights: jnp.ndarray  # (3,): degree-1, degree-2, other isolated vertex
     iso_counts: jnp.ndarray  # (3, 3)
     iso_z: jnp.ndarray  # ()
     iso_cbar: jnp.ndarray  # (3,)
-    iso_jac: jnp.ndarray  # (3, 5)
-
-
-def _degree(index, n: int):
-    """Degree of chain vertex at position ``index`` (1..n): 1 at the chain ends, else 2."""
-    return jnp.where((index == 1) | (index == n), 1.0, 2.0)
+    iso_jac: jnp.ndarray  # (3, P)
+    system: ChainSystem  # the absorbing chain of ``gradflow.objective`` (the matrix of every solve)
 
 
 def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _Rows:
-    """Row weights, edge counts, normalisers and score Jacobians of the chain seen from ``start``."""
+    """Row weights, edge counts c(u, v) (``gradflow.policy``), normalisers and score Jacobians of the
+    chain seen from ``start``.
+
+    Nine terms per row: the far classes (every degree-1 / degree-2 chain vertex, every isolated vertex)
+    with the far formula, then successor, self and predecessor each as actual weight minus far weight.
+    """
     shape = (2, n - 1)
 
     def scores_of(x):
@@ -115,37 +118,44 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _R
 
     x = jnp.asarray(theta_array, dtype=float)
     jac, iso_jac = jax.jacfwd(scores_of)(x)
-    scores = row_scores(Theta.from_array(x), n, model, start=start)
-    rows = local_rows(scores, n, model)
+    theta = Theta.from_array(x)
+    scores = row_scores(theta, n, model, start=start)
+    rows = row_logits(scores, n, model)
+    system = chain_system(theta, n, model, start)
+    top = system.scaled.top
+    targets = chain_targets(n)
     b = lambda v: jnp.broadcast_to(v, shape)
-    pos = jnp.arange(1, n, dtype=float)
-    zero, one = jnp.zeros(shape), jnp.ones(shape)
-    gamma_count = lambda k: jnp.stack([zero, zero, b(k)], axis=-1)
+    ex = lambda logit: b(jnp.exp(logit - top))
+    present = lambda flag, logit: jnp.where(flag, ex(jnp.where(flag, logit, top)), 0.0)
     weights = jnp.stack([
-        b(rows.far1), b(rows.far2), one,
-        b(rows.succ), -b(rows.base_succ),
-        b(rows.self_), -b(rows.base_self),
-        b(rows.pred), -b(rows.base_pred),
+        ex(rows.g), ex(2.0 * rows.g), ex(jnp.zeros(shape)),
+        ex(rows.succ), -ex(rows.base_succ),
+        ex(rows.self_) * (0.0 if model.mask_self else 1.0), -ex(rows.base_self),
+        present(rows.has_pred, rows.pred), -present(rows.has_pred, rows.base_pred),
     ])
+    local = lambda c: jnp.broadcast_to(jnp.asarray(c, float), shape + (3,))
+    gamma_count = lambda degree: local(np.stack(np.broadcast_arrays(0, 0, degree), -1))
     counts = jnp.stack([
         gamma_count(1.0), gamma_count(2.0), gamma_count(0.0),
-        jnp.stack([one, zero, b((pos + 1 <= n - 1).astype(float))], axis=-1), gamma_count(_degree(pos + 1, n)),
-        jnp.stack([one, b((pos >= 2).astype(float)), zero], axis=-1), gamma_count(_degree(pos, n)),
-        jnp.stack([zero, one, b((pos >= 3).astype(float))], axis=-1), gamma_count(_degree(pos - 1, n)),
+        local(targets.succ), gamma_count(targets.deg_succ),
+        local(targets.self_), gamma_count(targets.deg_self),
+        local(targets.pred), gamma_count(targets.deg_pred),
     ])
     m = model.n_isolated
     ones_values = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)[..., 0]  # vertex counts per term
     z = jnp.sum(weights * ones_values, axis=0)
     cbar = jnp.sum((weights * ones_values)[..., None] * counts, axis=0) / z[..., None]
 
-    y1 = jnp.exp(scores.isolated)
-    iso_weights = jnp.stack([y1, y1 * y1, jnp.asarray(1.0)])
+    y = scores.isolated
+    n_deg1, n_deg2, n_deg0 = degree_counts(n, m)
+    iso_top = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(y, 2.0 * y), 0.0))
+    iso_weights = jnp.exp(jnp.stack([y, 2.0 * y, jnp.zeros_like(y)]) - iso_top)
     iso_counts = jnp.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
-    iso_multiplicity = jnp.array([4.0, 2.0 * n - 4.0, m - (1.0 if model.mask_self else 0.0)])
+    iso_multiplicity = jnp.array([n_deg1, n_deg2, n_deg0 - (1.0 if model.mask_self else 0.0)])
     iso_z = jnp.sum(iso_weights * iso_multiplicity)
     iso_cbar = jnp.sum((iso_weights * iso_multiplicity)[:, None] * iso_counts, axis=0) / iso_z
-    iso_jac = jnp.zeros((3, 5)).at[2].set(iso_jac)
-    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_counts, iso_z, iso_cbar, iso_jac)
+    iso_jac = jnp.zeros((3, Theta.size())).at[2].set(iso_jac)
+    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_counts, iso_z, iso_cbar, iso_jac, system)
 
 
 def _class_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int) -> jnp.ndarray:
@@ -182,109 +192,36 @@ def _expectations(weights, counts, z, cbar, values, order: int):
 
 
 def _project(jac, a1):
-    """Js^T a1 for a1 (..., 3, K): (..., 5, K)."""
+    """Js^T a1 for a1 (..., 3, K): (..., P, K)."""
     return jnp.einsum("...ai,...ak->...ik", jac, a1)
 
 
 def _project2(jac, a2):
-    """Js^T a2 Js for a2 (..., 3, 3) (one column): (..., 5, 5)."""
+    """Js^T a2 Js for a2 (..., 3, 3) (one column): (..., P, P)."""
     return jnp.einsum("...ai,...ab,...bj->...ij", jac, a2, jac)
-
-
-def _tridiagonal_solve(lower, diag, upper, rhs):
-    """x = T^{-1} rhs for rhs (N, K); T has bands lower (lower[0] = 0), diag, upper (upper[-1] = 0).
-
-    Thomas elimination without pivoting (T is diagonally dominant by rows: the diagonal holds the
-    far baseline weight of every vertex plus the successor's and predecessor's actual weights).
-    Unrolled in Python up to ``UNROLL_ROWS`` rows (fast to run), a ``lax.scan`` above.
-    """
-    n_rows = diag.shape[0]
-    if n_rows <= UNROLL_ROWS:
-        ratios, values = [], []
-        ratio, value = jnp.zeros((), rhs.dtype), jnp.zeros(rhs.shape[1:], rhs.dtype)
-        for k in range(n_rows):
-            scale = 1.0 / (diag[k] - lower[k] * ratio)
-            ratio, value = upper[k] * scale, (rhs[k] - lower[k] * value) * scale
-            ratios.append(ratio)
-            values.append(value)
-        xs = [values[-1]]
-        for k in range(n_rows - 2, -1, -1):
-            xs.append(values[k] - ratios[k] * xs[-1])
-        return jnp.stack(xs[::-1])
-
-    def forward(carry, row):
-        ratio_prev, value_prev = carry
-        lo, dg, up, r = row
-        scale = 1.0 / (dg - lo * ratio_prev)
-        ratio, value = up * scale, (r - lo * value_prev) * scale
-        return (ratio, value), (ratio, value)
-
-    init = (jnp.zeros((), rhs.dtype), jnp.zeros(rhs.shape[1:], rhs.dtype))
-    _, (ratios, values) = jax.lax.scan(forward, init, (lower, diag, upper, rhs))
-
-    def backward(x_next, row):
-        ratio, value = row
-        x = value - ratio * x_next
-        return x, x
-
-    _, xs = jax.lax.scan(backward, jnp.zeros(rhs.shape[1:], rhs.dtype), (ratios, values), reverse=True)
-    return xs
-
-
-def _solve_2x2(m, b):
-    """m^{-1} b for a 2x2 m and b (2, K), Cramer's rule."""
-    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
-    return jnp.stack([m[1, 1] * b[0] - m[0, 1] * b[1], m[0, 0] * b[1] - m[1, 0] * b[0]]) / det
-
-
-def structured_solve(lower, diag, upper, u, select, rhs):
-    """x = (T - u select^T)^{-1} rhs: T tridiagonal (N rows), u and select (N, 2), rhs (N, K).
-
-    Woodbury: one Thomas elimination for [rhs | u], then a 2x2 capacitance system.  O(N K).
-    """
-    k = rhs.shape[1]
-    solved = _tridiagonal_solve(lower, diag, upper, jnp.concatenate([rhs, u], axis=1))
-    y, tu = solved[:, :k], solved[:, k:]
-    capacitance = jnp.eye(2) - select.T @ tu
-    return y + tu @ _solve_2x2(capacitance, select.T @ y)
 
 
 def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b):
     """Solve g = rhs + sum_v P(u, v) g(v) on the transient vertices (chains and isolated).
 
     rhs (2, n-1, K), rhs_iso (K,), terminal values (K,) at a_n and b_n.  Returns g (2, n, K) with the
-    terminal values at position n, and g_iso (K,).
+    terminal values at position n, and g_iso (K,).  Multiplied by each row's (scaled) weight Z, the
+    system is the chain of ``gradflow.objective.chain_system`` with right-hand side Z rhs + (weight
+    on the isolated vertices x their expected visits) rhs_iso + (rates into a_n, b_n) . terminal values,
+    solved by the positive Woodbury of ``gradflow._linalg`` (a signed right-hand side by its two parts).
     """
     m = model.n_isolated
-    weights = rows.weights
-    far1, far2 = weights[0], weights[1]
-    succ_corr = weights[3] + weights[4]  # actual - baseline
-    self_corr = weights[5] + weights[6]
-    pred_corr = weights[7] + weights[8]
-    pos = jnp.arange(1, n)
-    is_last = (pos == n - 1).astype(float)
+    system = rows.system
     if m > 0:
         y1, y2 = rows.iso_weights[0], rows.iso_weights[1]
-        w_iso = 4.0 * y1 + (2 * n - 4) * y2
-        u1, u2 = far1 + m * y1 / w_iso, far2 + m * y2 / w_iso
-        iso_rhs_term = (m * rows.iso_z / w_iso) * rhs_iso
+        n_deg1, n_deg2, _ = degree_counts(n, m)
+        w_iso = n_deg1 * y1 + n_deg2 * y2
+        iso_rhs_term = (rows.weights[2] * m * rows.iso_z / w_iso)[..., None] * rhs_iso
     else:
-        u1, u2, iso_rhs_term = far1, far2, jnp.zeros_like(rhs_iso)
-    diag = rows.z - self_corr
-    upper = -succ_corr * (1.0 - is_last)
-    lower = -pred_corr  # zero at position 1 (no predecessor)
+        iso_rhs_term = jnp.zeros_like(rhs_iso)
+    b = rows.z[..., None] * rhs + iso_rhs_term + system.own[..., None] * terminal_a + system.other[..., None] * terminal_b
+    x = chain_solve(system, b.reshape((2 * (n - 1),) + b.shape[2:]), signed=True).reshape(b.shape)
     terminal_own = jnp.stack([terminal_a, terminal_b])  # (2, K)
-    b = (
-        rows.z[..., None] * rhs
-        + iso_rhs_term
-        + u1[..., None] * (terminal_a + terminal_b)
-        + (is_last * succ_corr)[..., None] * terminal_own[:, None, :]
-    )
-    flat = lambda x: x.reshape((2 * (n - 1),) + x.shape[2:])
-    degree1 = jnp.broadcast_to((pos == 1).astype(float), (2, n - 1))
-    select = jnp.stack([flat(degree1), flat(1.0 - degree1)], axis=1)
-    u = jnp.stack([flat(u1), flat(u2)], axis=1)
-    x = structured_solve(flat(lower), flat(diag), flat(upper), u, select, flat(b)).reshape(b.shape)
     g = jnp.concatenate([x, terminal_own[:, None, :]], axis=1)
     if m > 0:
         g1 = x[0, 0] + x[1, 0] + terminal_a + terminal_b
@@ -299,16 +236,16 @@ def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_
     """Right-hand sides of m and M from (h, m) values: (rhs_m, rhs_m_iso, rhs_M, rhs_M_iso).
 
     rhs_m = Js^T E[c~ h(v)], rhs_M = Js^T E[c~ c~^T h(v)] Js + Js^T E[c~ m(v)^T] + transpose.
-    h (2, n, 1), grad (2, n, 5) with terminals; the isolated ones (1,), (5,).
+    h (2, n, 1), grad (2, n, P) with terminals; the isolated ones (1,), (P,).
     """
     m = model.n_isolated
     values = _class_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m)
     iso_values = _iso_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m, model.mask_self)
-    a1 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values, 1)  # (2, n-1, 3, 6)
+    a1 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values, 1)  # (2, n-1, 3, 1 + P)
     a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values[..., :1], 2)[..., 0]  # (2, n-1, 3, 3)
-    i1 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values, 1)  # (3, 6)
+    i1 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values, 1)  # (3, 1 + P)
     i2 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values[..., :1], 2)[..., 0]
-    p1, ip1 = _project(rows.jac, a1), _project(rows.iso_jac, i1)  # (2, n-1, 5, 6), (5, 6)
+    p1, ip1 = _project(rows.jac, a1), _project(rows.iso_jac, i1)  # (2, n-1, P, 1 + P), (P, 1 + P)
     rhs_m, rhs_m_iso = p1[..., 0], ip1[..., 0]
     cross, iso_cross = p1[..., 1:], ip1[..., 1:]  # Js^T E[c~ m(v)^T]
     rhs_big = _project2(rows.jac, a2) + cross + jnp.swapaxes(cross, -1, -2)
@@ -317,7 +254,7 @@ def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_
 
 
 def _score_source(rows: _Rows, n: int, model: ModelSpec):
-    """Right-hand side of F: sum_v P(u, v) psi psi^T = Js^T Cov_P(c) Js, chains (2, n-1, 5, 5) and isolated."""
+    """Right-hand side of F: sum_v P(u, v) psi psi^T = Js^T Cov_P(c) Js, chains (2, n-1, P, P) and isolated."""
     m = model.n_isolated
     ones = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)
     iso_ones = _iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, model.mask_self)
@@ -327,31 +264,32 @@ def _score_source(rows: _Rows, n: int, model: ModelSpec):
 
 
 def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, ...]:
-    """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, 5), (n-1, 5, 5) x2."""
+    """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2."""
     rows = _chain_rows(theta_array, n, model, start)
     f_src, f_src_iso = _score_source(rows, n, model)
-    flat5 = lambda x: x.reshape(x.shape[:-2] + (25,))
+    p = Theta.size()
+    flat = lambda x: x.reshape(x.shape[:-2] + (p * p,))
     if model.max_len is None:
-        one_zero = jnp.concatenate([jnp.ones(1), jnp.zeros(25)])
-        rhs = jnp.concatenate([jnp.zeros((2, n - 1, 1)), flat5(f_src)], axis=-1)
-        rhs_iso = jnp.concatenate([jnp.zeros(1), flat5(f_src_iso)])
-        g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, jnp.zeros(26))
+        one_zero = jnp.zeros(1 + p * p).at[0].set(1.0)
+        rhs = jnp.concatenate([jnp.zeros((2, n - 1, 1)), flat(f_src)], axis=-1)
+        rhs_iso = jnp.concatenate([jnp.zeros(1), flat(f_src_iso)])
+        g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, jnp.zeros_like(one_zero))
         h, h_iso, big_f = g[..., :1], g_iso[:1], g[:, : n - 1, 1:]
-        zero5 = jnp.zeros(5)
-        rhs_m, rhs_m_iso, _, _ = _moment_sources(rows, n, model, h, h_iso, jnp.zeros((2, n, 5)), zero5)
-        grad, grad_iso = _absorbing_solve(rows, n, model, rhs_m, rhs_m_iso, zero5, zero5)
+        zero = jnp.zeros(p)
+        rhs_m, rhs_m_iso, _, _ = _moment_sources(rows, n, model, h, h_iso, jnp.zeros((2, n, p)), zero)
+        grad, grad_iso = _absorbing_solve(rows, n, model, rhs_m, rhs_m_iso, zero, zero)
         _, _, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h, h_iso, grad, grad_iso)
-        zero25 = jnp.zeros(25)
-        big_m, _ = _absorbing_solve(rows, n, model, flat5(rhs_big), flat5(rhs_big_iso), zero25, zero25)
+        zeros = jnp.zeros(p * p)
+        big_m, _ = _absorbing_solve(rows, n, model, flat(rhs_big), flat(rhs_big_iso), zeros, zeros)
         big_m = big_m[:, : n - 1]
     else:
         h, h_iso, grad, grad_iso, big_m, big_f = _capped_moments(rows, n, model, f_src, f_src_iso)
-        big_m, big_f = flat5(big_m), flat5(big_f)
+        big_m, big_f = flat(big_m), flat(big_f)
     return (
         h[0, : n - 1, 0],
         grad[0, : n - 1],
-        big_m[0].reshape(n - 1, 5, 5),
-        big_f[0].reshape(n - 1, 5, 5),
+        big_m[0].reshape(n - 1, p, p),
+        big_f[0].reshape(n - 1, p, p),
     )
 
 
@@ -360,41 +298,47 @@ def _capped_moments(rows: _Rows, n: int, model: ModelSpec, f_src, f_src_iso):
 
     h_{k+1} = E[h_k(v)], m_{k+1} = E[psi h_k(v) + m_k(v)], M_{k+1} = E[psi psi^T h_k + psi m_k^T +
     m_k psi^T + M_k(v)], F_{k+1} = E[psi psi^T + F_k(v)]; terminals h = 1 (a_n), 0 (b_n), others 0.
-    Returns chains with terminals (2, n, .) for h, m and (2, n-1, 5, 5) for M, F, plus isolated h, m.
+    Returns chains with terminals (2, n, .) for h, m and (2, n-1, P, P) for M, F, plus isolated h, m.
     """
     m = model.n_isolated
+    p = Theta.size()
     terminal_h = jnp.zeros((2, 1, 1)).at[0].set(1.0)
+    # the columns of one stacked state: h | m | M | F
+    cut_m, cut_big_m = 1 + p, 1 + p + p * p
 
     def with_terminals(x, terminal):
         return jnp.concatenate([x, terminal], axis=1)
 
+    def with_zero_terminals(x):
+        return with_terminals(x, jnp.zeros((2, 1) + x.shape[2:]))
+
     def step(_, state):
         h, h_iso, grad, grad_iso, big_m, big_m_iso, big_f, big_f_iso = state
         h_full = with_terminals(h, terminal_h)
-        grad_full = with_terminals(grad, jnp.zeros((2, 1, 5)))
+        grad_full = with_zero_terminals(grad)
         stacked = jnp.concatenate([
             h_full, grad_full,
-            with_terminals(big_m.reshape(2, n - 1, 25), jnp.zeros((2, 1, 25))),
-            with_terminals(big_f.reshape(2, n - 1, 25), jnp.zeros((2, 1, 25))),
+            with_zero_terminals(big_m.reshape(2, n - 1, p * p)),
+            with_zero_terminals(big_f.reshape(2, n - 1, p * p)),
         ], axis=-1)
-        stacked_iso = jnp.concatenate([h_iso, grad_iso, big_m_iso.reshape(25), big_f_iso.reshape(25)])
+        stacked_iso = jnp.concatenate([h_iso, grad_iso, big_m_iso.reshape(p * p), big_f_iso.reshape(p * p)])
         a0 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, _class_values(stacked, stacked_iso, n, m), 0)
         i0 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar,
                            _iso_values(stacked, stacked_iso, n, m, model.mask_self), 0)
         rhs_m, rhs_m_iso, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h_full, h_iso, grad_full, grad_iso)
         return (
             a0[..., :1], i0[:1],
-            a0[..., 1:6] + rhs_m, i0[1:6] + rhs_m_iso,
-            a0[..., 6:31].reshape(2, n - 1, 5, 5) + rhs_big, i0[6:31].reshape(5, 5) + rhs_big_iso,
-            a0[..., 31:].reshape(2, n - 1, 5, 5) + f_src, i0[31:].reshape(5, 5) + f_src_iso,
+            a0[..., 1:cut_m] + rhs_m, i0[1:cut_m] + rhs_m_iso,
+            a0[..., cut_m:cut_big_m].reshape(2, n - 1, p, p) + rhs_big, i0[cut_m:cut_big_m].reshape(p, p) + rhs_big_iso,
+            a0[..., cut_big_m:].reshape(2, n - 1, p, p) + f_src, i0[cut_big_m:].reshape(p, p) + f_src_iso,
         )
 
-    init = (
-        jnp.zeros((2, n - 1, 1)), jnp.zeros(1), jnp.zeros((2, n - 1, 5)), jnp.zeros(5),
-        jnp.zeros((2, n - 1, 5, 5)), jnp.zeros((5, 5)), jnp.zeros((2, n - 1, 5, 5)), jnp.zeros((5, 5)),
-    )
+    chain = (2, n - 1)
+    init = tuple(jnp.zeros(shape) for shape in (
+        chain + (1,), (1,), chain + (p,), (p,), chain + (p, p), (p, p), chain + (p, p), (p, p),
+    ))
     h, h_iso, grad, grad_iso, big_m, _, big_f, _ = jax.lax.fori_loop(0, model.max_len, step, init)
-    return with_terminals(h, terminal_h), h_iso, with_terminals(grad, jnp.zeros((2, 1, 5))), grad_iso, big_m, big_f
+    return with_terminals(h, terminal_h), h_iso, with_zero_terminals(grad), grad_iso, big_m, big_f
 
 
 def _require_prompt_context(model: ModelSpec) -> None:
@@ -423,7 +367,7 @@ def _theta_array(theta) -> jnp.ndarray:
 def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
     """h, m = E[R S], M = E[R S S^T], F = E[S S^T] for each start a_{n-d}, by d = 1..n-1 (``Moments``).
 
-    ``theta``: a Theta or a (5,) array.  Uncapped: three O(n) structured solves; ``model.max_len`` set:
+    ``theta``: a Theta or a (P,) array.  Uncapped: three O(n) positive Woodbury solves; ``model.max_len`` set:
     max_len steps of the recursions.  jit/vmap-able.
     """
     _require_prompt_context(model)
@@ -431,7 +375,7 @@ def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
 
 
 class GradientNoise(NamedTuple):
-    """Per-rollout estimator g = (R - b) S: covariance (5, 5) and mean (5,) (= grad J)."""
+    """Per-rollout estimator g = (R - b) S: covariance (P, P) and mean (P,) (= grad J), P = ``Theta.size()``."""
 
     covariance: jnp.ndarray
     mean: jnp.ndarray
@@ -589,7 +533,7 @@ def _matrix_sqrt(cov):
 
 
 def _noise_field(flow_params, lr, batch: int, baseline: str):
-    """(t, y) -> [grad J | sqrt(lr) Cov(batch estimator)^{1/2}] of shape (5, 6)."""
+    """(t, y) -> [grad J | sqrt(lr) Cov(batch estimator)^{1/2}] of shape (P, 1 + P)."""
 
     def field(t, y, args):
         task = flow_params.training_task(t)
@@ -603,7 +547,7 @@ def _noise_field(flow_params, lr, batch: int, baseline: str):
 class SGDPaths:
     """Per-seed solutions of the SGD diffusion (``simulate_sgd``).
 
-    ts (T,): save times (flow time t = lr * step); theta (S, T, 5); reward (S, T): J on ``config.task``;
+    ts (T,): save times (flow time t = lr * step); theta (S, T, P); reward (S, T): J on ``config.task``;
     level: the reward level of ``hit_times`` (S,): first crossing on the save grid (linear
     interpolation), inf where not reached by the last save (counted, never dropped).  diverged (S,):
     the path became non-finite (saves NaN from then on; its hit time counts only crossings before).
@@ -746,7 +690,7 @@ def simulate_sgd(flow_params, lr: float, batch: int, keys, *, baseline: str = "m
 
 
 class ScoreSamples(NamedTuple):
-    """Per-rollout reward (B,), score S = grad log p(path) in the five numbers (B, 5), distance d (B,)."""
+    """Per-rollout reward (B,), score S = grad log p(path) in the numbers of ``Theta`` (B, P), distance d (B,)."""
 
     rewards: jnp.ndarray
     scores: jnp.ndarray

@@ -30,13 +30,17 @@ gaps of several hundred, e.g. |theta|/tau > ~300) returns NaN: never a wrong fin
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth  # noqa: F401
-from gradflow.model import ModelSpec, RowLogits, Theta, row_logits, row_scores
+from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
+from gradflow import capped
+from gradflow.model import ModelSpec, RowLogits, Theta, chain_a_logits, row_log_total, row_logits, row_scores
 from gradflow.task import ChainTask
 
 LENGTH_LIMIT = 1e300  # expected lengths above this are returned as inf
@@ -50,13 +54,19 @@ def _require_closed_form(model: ModelSpec) -> None:
         )
 
 
-def _capped(model: ModelSpec):
-    """gradflow.capped when the model caps the rollout length (imported here: no import cycle)."""
-    if getattr(model, "max_len", None) is None:
-        return None
-    from gradflow import capped
+def _capped_when_set(capped_quantity):
+    """The one capped/uncapped choice: the decorated closed form, or ``capped_quantity`` (the same
+    quantity with at most ``model.max_len`` tokens, docs/THEORY.md §7.1) when the model sets a cap."""
 
-    return capped
+    def dispatch(uncapped_quantity):
+        @functools.wraps(uncapped_quantity)
+        def quantity(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+            chosen = uncapped_quantity if model.max_len is None else capped_quantity
+            return chosen(theta, task, model)
+
+        return quantity
+
+    return dispatch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,6 +95,7 @@ class _Scaled(eqx.Module):
     far2: jnp.ndarray     # f2: the same on each degree-2 vertex
     to_own: jnp.ndarray   # rate into a_n from a chain-a last row (succ + isolated share)
     cost: jnp.ndarray     # Z_u + m Z_iso / (2 Y): expected tokens per unit row weight
+    top: jnp.ndarray      # the row's scale: its largest logit (no gradient)
 
 
 def _scale_rows(rows: RowLogits) -> _Scaled:
@@ -101,7 +112,7 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     bc = lambda x: jnp.broadcast_to(x, shape)
     succ, pred, self_, g = bc(rows.succ), bc(rows.pred), bc(rows.self_), bc(g)
     base_succ, base_pred = bc(rows.base_succ), bc(rows.base_pred)
-    has_pred, d1s, d1p, d1self = (bc(x) for x in (rows.has_pred, rows.deg1_succ, rows.deg1_pred, rows.deg1_self))
+    has_pred, d1s, d1p = (bc(x) for x in (rows.has_pred, rows.deg1_succ, rows.deg1_pred))
     last = jnp.broadcast_to(jnp.arange(n - 1) == n - 2, shape)
     pres = lambda flag: jnp.where(flag, 1.0, 0.0)
 
@@ -143,15 +154,13 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     rhs_e = jnp.where(last, 0.5 * _diff_exp(succ, g, top), 0.0)
 
     # cost: Z_u (all weights, self included when present) + m Z_iso / (2Y), Z_iso = 2Y + m - 1 + [self]
-    z1 = 4.0 - pres(d1s) - pres(d1self) - pres(has_pred & d1p)
-    z2 = 2.0 * (n - 2) - pres(~d1s) - pres(~d1self) - pres(has_pred & ~d1p)
-    cost = ex(succ) + pres(has_pred) * ex(jnp.where(has_pred, pred, top)) + z1 * e_g + z2 * e_g2 + e_m
+    cost = ex(succ) + pres(has_pred) * ex(jnp.where(has_pred, pred, top)) + bc(rows.far1) * e_g + bc(rows.far2) * e_g2 + e_m
     if rows.self_present:
         cost = cost + ex(self_)
     if m:
         extra = m - 1 + (1 if rows.self_present else 0)
         cost = cost + e_m + (m * extra * jnp.exp(-log_2y - top) if extra else 0.0)
-    return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, e_g + iso1, e_g2 + iso2, to_own, cost)
+    return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, e_g + iso1, e_g2 + iso2, to_own, cost, top)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,33 +194,63 @@ def _linear_length(theta: Theta, n: int, model: ModelSpec):
     return _check_pivot(min_pivot, x[:, 0])
 
 
-def _softmax_system(theta: Theta, n: int, model: ModelSpec, start):
-    """The 2(n-1) rows (chain a then chain b) of the softmax chain for one start, scaled."""
+class ChainSystem(NamedTuple):
+    """The absorbing chain of the 2(n-1) chain rows (chain a then chain b) seen from one start, each row
+    in its own scale (divided by exp(``scaled.top``)); isolated vertices eliminated exactly.
+
+    scaled: the row quantities of docs/THEORY.md §3.1, fields (2, n-1); own, other (2, n-1): each row's rate
+    into a_n and into b_n; absorb (2(n-1),): into either; u (2(n-1), 2): weight on each degree-1 and
+    degree-2 transient vertex; deg1 (2(n-1),): static, the rows of a degree-1 vertex (a_1, b_1).
+    """
+
+    scaled: _Scaled
+    own: jnp.ndarray
+    other: jnp.ndarray
+    absorb: jnp.ndarray
+    u: jnp.ndarray
+    deg1: np.ndarray
+
+
+def _flat(x, n: int):
+    """(2, n-1) (or broadcastable) -> (2(n-1),): chain a then chain b."""
+    return jnp.broadcast_to(x, (2, n - 1)).reshape(-1)
+
+
+def chain_system(theta: Theta, n: int, model: ModelSpec, start) -> ChainSystem:
+    """The ``ChainSystem`` of the policy's rows for one start (``start`` only matters for softmax)."""
     rows = row_logits(row_scores(theta, n, model, start=start), n, model)
     s = _scale_rows(rows)  # fields (2, n-1)
-    flat = lambda x: jnp.broadcast_to(x, (2, n - 1)).reshape(-1)
     last = np.arange(n - 1) == n - 2
     absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)
-    own = jnp.stack([jnp.where(last, s.to_own[0], s.far1[0]), s.far1[1]])      # into a_n
-    other = jnp.stack([s.far1[0], jnp.where(last, s.to_own[1], s.far1[1])])    # into b_n
-    deg1 = np.tile(np.arange(1, n) == 1, 2)
-    u = jnp.stack([flat(s.far1), flat(s.far2)], -1)
-    return s, flat, absorb, own, other, u, deg1
+    far1 = jnp.broadcast_to(s.far1, (2, n - 1))
+    to_own = jnp.broadcast_to(s.to_own, (2, n - 1))
+    own = jnp.stack([jnp.where(last, to_own[0], far1[0]), far1[1]])      # into a_n
+    other = jnp.stack([far1[0], jnp.where(last, to_own[1], far1[1])])    # into b_n
+    u = jnp.stack([_flat(s.far1, n), _flat(s.far2, n)], -1)
+    return ChainSystem(s, own, other, _flat(absorb, n), u, np.tile(np.arange(1, n) == 1, 2))
+
+
+def chain_solve(system: ChainSystem, rhs, signed: bool = False) -> jnp.ndarray:
+    """x = (I - Q)^{-1} rhs on the chain rows, rhs (2(n-1), k) in the rows' scale: the positive Woodbury
+    of ``gradflow._linalg`` (``signed``: right-hand sides of either sign, by their two positive parts).
+    NaN where float64 could not hold the elimination."""
+    s, n = system.scaled, system.u.shape[0] // 2 + 1
+    flat = lambda x: _flat(x, n)
+    solve = woodbury_gth_signed if signed else woodbury_gth
+    x, min_pivot = solve(flat(s.excess), flat(s.lower), flat(s.upper), rhs, system.u, system.absorb, system.deg1)
+    return _check_pivot(min_pivot, x)
 
 
 def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start):
     """(h, q) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve."""
-    s, flat, absorb, own, other, u, deg1 = _softmax_system(theta, n, model, start)
-    x, min_pivot = woodbury_gth(flat(s.excess), flat(s.lower), flat(s.upper),
-                                jnp.stack([flat(own), flat(other)], -1), u, flat(absorb), deg1)
-    x = _check_pivot(min_pivot, x)
+    system = chain_system(theta, n, model, start)
+    x = chain_solve(system, jnp.stack([_flat(system.own, n), _flat(system.other, n)], -1))
     return x[start - 1, 0], x[start - 1, 1]
 
 
 def _softmax_length(theta: Theta, n: int, model: ModelSpec, start):
-    s, flat, absorb, _, _, u, deg1 = _softmax_system(theta, n, model, start)
-    x, min_pivot = woodbury_gth(flat(s.excess), flat(s.lower), flat(s.upper), flat(s.cost)[:, None], u, flat(absorb), deg1)
-    return _check_pivot(min_pivot, x[start - 1, 0])
+    system = chain_system(theta, n, model, start)
+    return chain_solve(system, _flat(system.scaled.cost, n)[:, None])[start - 1, 0]
 
 
 def _by_distance(values):
@@ -249,21 +288,17 @@ def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
 
 
 @eqx.filter_jit
+@_capped_when_set(capped.success_per_start)
 def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """h[d-1] = P(the walk from a_{n-d} is absorbed at its own terminal a_n before b_n)."""
-    capped = _capped(model)
-    if capped is not None:
-        return capped.success_per_start(theta, task, model)
     return _outcome_per_start(theta, task, model)[0]
 
 
 @eqx.filter_jit
+@_capped_when_set(capped.expected_reward)
 def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """J(theta) = sum_d p[d-1] h[d-1] = 1 - sum_d p[d-1] q[d-1]; the loss is 1 - J (``expected_loss``
     keeps its digits).  Read from the loss when J > 1/2, so J lies in [0, 1] at any start_probs."""
-    capped = _capped(model)
-    if capped is not None:
-        return capped.expected_reward(theta, task, model)
     own, other = _outcome_per_start(theta, task, model)[:2]
     loss = jnp.sum(task.start_probs * other)
     # read J as 1 - loss above 1/2: stays in [0, 1] even when start_probs sums to 1 + ulp
@@ -271,24 +306,20 @@ def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndar
 
 
 @eqx.filter_jit
+@_capped_when_set(capped.expected_loss)
 def expected_loss(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """1 - J = sum_d p[d-1] P(the walk from a_{n-d} ends at the other terminal), to relative accuracy
-    even where J rounds to 1 (capped models: 1 - J of ``gradflow.capped``, no such guarantee)."""
-    capped = _capped(model)
-    if capped is not None:
-        return 1.0 - capped.expected_reward(theta, task, model)
+    even where J rounds to 1 (capped models: ``gradflow.capped.expected_loss``, a sum of positive terms)."""
     return jnp.sum(task.start_probs * _outcome_per_start(theta, task, model)[1])
 
 
 @eqx.filter_jit
+@_capped_when_set(capped.length_per_start)
 def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """L[d-1] = expected number of generated tokens from a_{n-d} until the first terminal (>= d).
 
     Self-loops (mask_self=False) count as tokens.  inf when above 1e300 (not representable).
     """
-    capped = _capped(model)
-    if capped is not None:
-        return capped.length_per_start(theta, task, model)
     _require_closed_form(model)
     n = task.n
     if model.attention == "linear":
@@ -299,31 +330,23 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
 
 
 @eqx.filter_jit
+@_capped_when_set(capped.expected_length)
 def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """E[tokens until the first terminal], start-weighted: sum_d p[d-1] L[d-1] (inf above 1e300)."""
-    capped = _capped(model)
-    if capped is not None:
-        return capped.expected_length(theta, task, model)
     lengths = length_per_start(theta, task, model)
     total = jnp.sum(jnp.where(task.start_probs > 0, task.start_probs * lengths, 0.0))
     return jnp.where(total > LENGTH_LIMIT, jnp.inf, total)
 
 
 @eqx.filter_jit
+@_capped_when_set(capped.traversal_per_start)
 def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}): the exact forward path, no detour, no self-loop."""
-    capped = _capped(model)
-    if capped is not None:
-        return capped.traversal_per_start(theta, task, model)
     _require_closed_form(model)
     n = task.n
-    from gradflow.model import row_log_total
 
     def log_path_from(position):
-        scores = row_scores(theta, n, model, start=position)
-        rows = row_logits(scores, n, model)
-        if model.attention != "linear":
-            rows = rows._replace(**{f: jnp.broadcast_to(getattr(rows, f), (2, n - 1))[0] for f in RowLogits._fields[:8]})
+        rows = chain_a_logits(row_logits(row_scores(theta, n, model, start=position), n, model))
         log_forward = rows.succ - row_log_total(rows, include_self=not model.mask_self)["total"]
         return jnp.cumsum(log_forward[::-1])[::-1]  # entry i-1: sum over positions i..n-1
 
@@ -334,9 +357,7 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
 
 
 @eqx.filter_jit
+@_capped_when_set(capped.traversal_probability)
 def traversal_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """P(the generated path is exactly the forward path to the terminal), start-weighted."""
-    capped = _capped(model)
-    if capped is not None:
-        return capped.traversal_probability(theta, task, model)
     return jnp.sum(task.start_probs * traversal_per_start(theta, task, model))

@@ -1,4 +1,4 @@
-"""Read-outs: one registry of the closed-form quantities recorded at a theta (THEORY.md sections 3 and 7).
+"""Read-outs: one registry of the closed-form quantities recorded at a theta (docs/THEORY.md §3.8 and §7.3).
 
 A read-out is a name mapped to one function ``fn(theta, task, model)`` of a ``Theta``, a
 ``ChainTask`` and a ``ModelSpec`` (capped when ``model.max_len`` is set, as the objective is), with a

@@ -53,11 +53,12 @@ def full_attention(theta: Theta, n_vocab: int) -> jnp.ndarray:
 
 
 def orbit_statistics(A: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Mean and standard deviation of A over the entries of each kind: two length-5 arrays."""
+    """Mean and standard deviation of A over the entries of each kind: two arrays of length ``Theta.size()``."""
     kinds = orbit_labels(A.shape[0]).reshape(-1)
-    counts = np.bincount(kinds, minlength=5).astype(float)
-    mean = jax.ops.segment_sum(A.reshape(-1), kinds, 5) / counts
-    var = jax.ops.segment_sum((A.reshape(-1) - mean[kinds]) ** 2, kinds, 5) / counts
+    n_kinds = Theta.size()
+    counts = np.bincount(kinds, minlength=n_kinds).astype(float)
+    mean = jax.ops.segment_sum(A.reshape(-1), kinds, n_kinds) / counts
+    var = jax.ops.segment_sum((A.reshape(-1) - mean[kinds]) ** 2, kinds, n_kinds) / counts
     return mean, jnp.sqrt(var)
 
 
@@ -324,7 +325,7 @@ def estimate_reward(theta: Theta, task: ChainTask, model: ModelSpec, key, batch:
 
 @eqx.filter_jit
 def _per_sample_gradients(theta: Theta, ro: Rollouts, n: int, n_vocab: int, model: ModelSpec) -> jnp.ndarray:
-    """(R_i - b_i) d log p(path_i) / d theta, shape (batch, 5) (forward mode: 5 tangents)."""
+    """(R_i - b_i) d log p(path_i) / d theta, shape (batch, P) (forward mode: P = ``Theta.size()`` tangents)."""
     log_probs = lambda x: _batch_log_probs(full_attention(Theta.from_array(x), n_vocab), ro, n, model)
     scores = jax.jacfwd(log_probs)(theta.as_array())
     return leave_one_out_advantage(ro.rewards)[:, None] * scores

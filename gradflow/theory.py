@@ -76,24 +76,16 @@ def _theta_or_default(theta0, name: str = "theta0") -> Theta:
 
 
 def _is_capped(model: ModelSpec) -> bool:
-    return getattr(model, "max_len", None) is not None
+    return model.max_len is not None
 
 
 def _reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
-    """J(theta): the closed form of ``gradflow.objective`` or, with a cap, of ``gradflow.capped``."""
-    if _is_capped(model):
-        from gradflow import capped
-
-        return capped.expected_reward(theta, task, model)
+    """J(theta): ``gradflow.objective.expected_reward`` (capped when the model is)."""
     return expected_reward(theta, task, model)
 
 
 def _success_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """h[d-1] = P(reward 1 | start at distance d): same-side absorption, or within the cap."""
-    if _is_capped(model):
-        from gradflow import capped
-
-        return capped.success_per_start(theta, task, model)
     return same_side_probability(theta, task, model)
 
 
@@ -130,7 +122,7 @@ def _model_key(task: ChainTask, model: ModelSpec) -> tuple:
         float(model.tau),
         model.mask_self,
         model.n_isolated,
-        getattr(model, "max_len", None),
+        model.max_len,
     )
 
 
@@ -382,7 +374,7 @@ def check_conditions(
         bound=float(bound),
         ceiling=ceiling.value,
         ceiling_exact=ceiling.exact,
-        max_len=getattr(model, "max_len", None),
+        max_len=model.max_len,
     )
 
 

@@ -110,9 +110,9 @@ class TrainConfig:
 
 
 def reward_function(model: ModelSpec):
-    """J(theta, task, model): ``gradflow.capped.expected_reward`` when ``model.max_len`` is set,
-    else ``gradflow.objective.expected_reward``."""
-    return capped.expected_reward if model.max_len is not None else objective.expected_reward
+    """J(theta, task, model): ``gradflow.objective.expected_reward``, which is the capped reward of
+    ``gradflow.capped`` when ``model.max_len`` is set (the one dispatch)."""
+    return objective.expected_reward
 
 
 RECORDED = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob", "success_per_start",

@@ -77,6 +77,16 @@ def test_scalars_weight_the_starts(rng):
                                per.success, rtol=1e-14)
 
 
+def test_objective_loss_keeps_its_digits_with_a_cap():
+    """Issue 23: with a cap, gf.expected_loss is gradflow.capped.expected_loss (a sum of positive terms),
+    not 1 - J, which rounds to 0 where J rounds to 1."""
+    model, task, theta = gf.ModelSpec(max_len=6), gf.ChainTask.uniform(4), gf.Theta(8.0, 0.0, 0.0)
+    assert float(gf.expected_reward(theta, task, model)) == 1.0
+    loss = gf.expected_loss(theta, task, model)
+    assert 0.0 < float(loss) < 1e-15
+    np.testing.assert_allclose(loss, capped.expected_loss(theta, task, model), rtol=1e-14)
+
+
 def test_probabilities_are_consistent(rng):
     """0 <= success <= reach <= 1, 1 <= E[min(L, T)] <= T, traversal 0 beyond the cap (success is not:
     a far jump can land on a_n directly)."""

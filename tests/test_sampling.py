@@ -114,6 +114,21 @@ def test_orbit_statistics_recover_the_five_numbers(rng):
     np.testing.assert_allclose(std, 0.0, atol=1e-14)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(mask_self=False, n_isolated=2),
+                                dict(attention="softmax", n_isolated=1), dict(attention="softmax", mask_self=False, tau=0.05)])
+def test_token_level_transition_matrix_is_the_row_structure(kw, rng):
+    """The token-level policy (full attention matrix, random labels, one-hot tokens) has the transition
+    matrix that ``gradflow.policy``'s row structure c(u, v) . s(u) gives (``model.transition_matrix``)."""
+    n, model = 5, gf.ModelSpec(**kw)
+    n_vocab = 2 * n + model.n_isolated
+    theta = random_theta(rng)
+    inst = sampling.sample_instances(gf.ChainTask.uniform(n), n_vocab, jax.random.PRNGKey(3), 4)
+    for labels, columns, start in zip(inst.labels, inst.edge_columns, inst.start):
+        tokens = sampling.transition_log_probs(sampling.full_attention(theta, n_vocab), labels, columns, start, n, model)
+        rows = gf.transition_matrix(theta, n, model, start=int(start) + 1)
+        np.testing.assert_allclose(np.exp(tokens), rows, rtol=1e-12, atol=1e-15)
+
+
 # --------------------------------------------------------------------------------------------------
 # Rollouts against the closed form (the brute-force check of the whole abstraction)
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,13 @@ def test_presets():
     np.testing.assert_allclose(gf.ChainTask.k_hardest(5, 2).start_probs, [0, 0, 0.5, 0.5])
 
 
+def test_theta_length_comes_from_its_fields():
+    assert gf.Theta.fields() == ("alpha", "beta", "gamma", "eta", "delta")
+    assert gf.Theta.size() == len(gf.Theta.fields()) == gf.Theta(0.3, 0, 0).as_array().shape[-1]
+    with pytest.raises(ValueError, match=f"size {gf.Theta.size()}"):
+        gf.Theta.from_array(np.zeros(gf.Theta.size() + 1))
+
+
 def test_theta_round_trip_and_pytree():
     theta = gf.Theta(0.3, 0, 0)
     assert theta.as_array().dtype == jnp.float64
