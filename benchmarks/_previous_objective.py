@@ -271,7 +271,7 @@ def _dense_per_start(theta: Theta, task: ChainTask, model: ModelSpec, cost: floa
     transient = jnp.array([v for v in range(2 * n + model.n_isolated) if v not in (n - 1, 2 * n - 1)])
 
     def solve(start):
-        p = transition_matrix(theta, n, model, start=start)
+        p = transition_matrix(theta, task, model, start=start)
         q = p[jnp.ix_(transient, transient)]
         r = cost + p[transient, n - 1] * terminal[0] + p[transient, 2 * n - 1] * terminal[1]
         return jnp.linalg.solve(jnp.eye(transient.size) - q, r)

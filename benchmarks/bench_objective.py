@@ -60,7 +60,7 @@ def old_vs_new():
 
 def dense_same_side(theta_array, n):
     """h for every start from one dense LU solve of (I - Q) h = r on the 2n - 2 transient vertices."""
-    p = transition_matrix(Theta.from_array(theta_array), n, MODEL)
+    p = transition_matrix(Theta.from_array(theta_array), ChainTask.uniform(n), MODEL)
     transient = np.array([v for v in range(2 * n) if v not in (n - 1, 2 * n - 1)])
     q = p[np.ix_(transient, transient)]
     h = jnp.linalg.solve(jnp.eye(transient.size) - q, p[transient, n - 1])

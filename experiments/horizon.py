@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         ax_len.plot(traj.ts[keep], traj.expected_length[keep], color=color(j + 3), ls=STYLES[j], label=label)
         ax_j.plot(traj.ts[keep], traj.reward[keep], color=color(j + 3), ls=STYLES[j], label=label)
         final = Theta.from_array(traj.theta[-1])
-        steps = step_probabilities(final, n, model)
+        steps = step_probabilities(final, task, model)
         forward, stay = np.asarray(steps.forward), np.asarray(steps.stay)
         ax_pos.plot(positions, forward, "o", color=color(j + 3), ls=STYLES[j], label=f"forward, {label}")
         ax_pos.plot(positions, stay, "s", color=color(j + 3), ls=STYLES[j], mfc="none", label=f"self-loop, {label}")

@@ -24,13 +24,12 @@ import jax
 import jaxlib
 import numpy as np
 
-import gradflow
-from gradflow import design, schedules, theory
-from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory, simulate
+from gradflow import design, flow, schedules, sweep, theory
+from gradflow._version import __version__
+from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory
 from gradflow.model import ATTENTION_KINDS, ModelSpec, Theta
 from gradflow.plotting import emergence_figure, save_figure, use_headless_backend
 from gradflow.readouts import READOUTS
-from gradflow.sweep import SweepError, read_configs, run_sweep
 from gradflow.task import ChainTask
 
 DEFAULT_N = 8
@@ -228,7 +227,7 @@ def cmd_run(args) -> int:
     with _input_stage():
         params = _flow_from_args(args)
         figure = _writable_files(args.figure, "--figure", (".png", ".pdf", ".json"))
-    trajectory = simulate(params, progress=not args.no_progress)
+    trajectory = flow.simulate(params, progress=not args.no_progress)
     print(report(trajectory))
     _plot_emergence(trajectory, figure)
     return 0
@@ -247,7 +246,7 @@ def cmd_simulate(args) -> int:
     with _input_stage():
         params = _flow_from_args(args)
         out = _writable_files(args.out, "--out", (".npz", ".json"))
-    trajectory = simulate(params, progress=not args.no_progress)
+    trajectory = flow.simulate(params, progress=not args.no_progress)
     print(report(trajectory))
     print(f"saved {trajectory.save(out)}")
     return 0
@@ -261,7 +260,7 @@ def cmd_check(args) -> int:
         else:
             params = _flow_from_args(args)
     if not args.run:
-        trajectory = simulate(params, progress=not args.no_progress)
+        trajectory = flow.simulate(params, progress=not args.no_progress)
     print(theory.check_conditions(trajectory.config))
     print(theory.phases(trajectory))
     return 0
@@ -337,7 +336,7 @@ def _executor_params(items) -> dict:
 def cmd_sweep(args) -> int:
     """Job-array mode: run the configs of a JSON file, skipping results already in --out."""
     with _input_stage():
-        read_configs(args.config)  # a missing or malformed file fails here, in one line
+        sweep.read_configs(args.config)  # a missing or malformed file fails here, in one line
         _writable_dir(args.out, "--out")
         if args.count < 1 or not 0 <= args.index < args.count:
             raise ValueError(f"--index/--count: need 0 <= index < count, got index={args.index}, count={args.count}")
@@ -357,10 +356,10 @@ def cmd_sweep(args) -> int:
         kwargs = dict(executor=args.executor, array_size=args.array_size, executor_params=params,
                       executor_folder=args.executor_folder)
     try:
-        paths = run_sweep(args.config, args.out, resume=args.resume or args.executor is not None,
+        paths = sweep.run_sweep(args.config, args.out, resume=args.resume or args.executor is not None,
                           progress=not args.no_progress, index=args.index, count=args.count,
                           batch_size=args.batch_size, **kwargs)
-    except SweepError as error:
+    except sweep.SweepError as error:
         print(f"gradflow sweep: {error}", file=sys.stderr)
         return EXIT_FAILED
     if not args.no_progress:
@@ -370,7 +369,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_info(args) -> int:
     """Versions, backend, devices and float64 status."""
-    print(f"gradflow {gradflow.__version__}")
+    print(f"gradflow {__version__}")
     print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, diffrax {diffrax.__version__}")
     print(f"default backend: {jax.default_backend()}")
     for device in jax.devices():
@@ -408,48 +407,48 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--out", help="output directory for NAME.png/.pdf/.json (default figures/)")
     figures.set_defaults(func=cmd_figures)
 
-    sweep = sub.add_parser("sweep", help="job-array mode over a JSON file of configs")
-    sweep.add_argument("config", help="JSON file: a list of FlowParams.to_dict() configs (or one)")
-    sweep.add_argument("--out", required=True, help="directory of results, one per config hash")
-    sweep.add_argument("--resume", action="store_true", help="skip configs whose result already loads completely")
-    sweep.add_argument("--index", type=int, default=0, help="job-array slice: take configs index, index+count, ... (default 0)")
-    sweep.add_argument("--count", type=int, default=1, help="job-array slice: number of array tasks (default 1)")
-    sweep.add_argument("--batch-size", type=int, default=None, help="solve (and save) at most this many configs at once")
-    sweep.add_argument("--executor", choices=("local", "slurm"), default=None,
+    sweep_cmd = sub.add_parser("sweep", help="job-array mode over a JSON file of configs")
+    sweep_cmd.add_argument("config", help="JSON file: a list of FlowParams.to_dict() configs (or one)")
+    sweep_cmd.add_argument("--out", required=True, help="directory of results, one per config hash")
+    sweep_cmd.add_argument("--resume", action="store_true", help="skip configs whose result already loads completely")
+    sweep_cmd.add_argument("--index", type=int, default=0, help="job-array slice: take configs index, index+count, ... (default 0)")
+    sweep_cmd.add_argument("--count", type=int, default=1, help="job-array slice: number of array tasks (default 1)")
+    sweep_cmd.add_argument("--batch-size", type=int, default=None, help="solve (and save) at most this many configs at once")
+    sweep_cmd.add_argument("--executor", choices=("local", "slurm"), default=None,
                        help="launch the sweep as one submitit job array (always resumes)")
-    sweep.add_argument("--array-size", type=int, default=None, help="--executor: number of array tasks (default min(#configs, 8))")
-    sweep.add_argument("--executor-param", action="append", metavar="KEY=VALUE",
+    sweep_cmd.add_argument("--array-size", type=int, default=None, help="--executor: number of array tasks (default min(#configs, 8))")
+    sweep_cmd.add_argument("--executor-param", action="append", metavar="KEY=VALUE",
                        help="--executor: a submitit parameter, e.g. timeout_min=60 or slurm_partition=gpu (repeatable)")
-    sweep.add_argument("--executor-folder", default=None, help="--executor: submitit's log folder (default OUT/.submitit)")
-    sweep.add_argument("--no-progress", action="store_true", help="hide the progress lines")
-    sweep.set_defaults(func=cmd_sweep)
+    sweep_cmd.add_argument("--executor-folder", default=None, help="--executor: submitit's log folder (default OUT/.submitit)")
+    sweep_cmd.add_argument("--no-progress", action="store_true", help="hide the progress lines")
+    sweep_cmd.set_defaults(func=cmd_sweep)
 
     info = sub.add_parser("info", help="versions, backend, devices, float64")
     info.set_defaults(func=cmd_info)
 
-    design = sub.add_parser("design", help="the training distribution (or curriculum) best for a target at a budget")
-    design.add_argument("--n", type=int, default=10, help="vertices per chain (>= 3), default 10")
-    design.add_argument("--target", default="hardest",
+    design_cmd = sub.add_parser("design", help="the training distribution (or curriculum) best for a target at a budget")
+    design_cmd.add_argument("--n", type=int, default=10, help="vertices per chain (>= 3), default 10")
+    design_cmd.add_argument("--target", default="hardest",
                         help="target start distribution: hardest (default), uniform, easiest, d<k>, mix<c> or p1/p2/...")
-    design.add_argument("--budget", type=float, default=100.0, help="training time t of the flow (default 100)")
-    design.add_argument("--curriculum", type=int, default=None, metavar="K",
+    design_cmd.add_argument("--budget", type=float, default=100.0, help="training time t of the flow (default 100)")
+    design_cmd.add_argument("--curriculum", type=int, default=None, metavar="K",
                         help="also optimise schedules with K pieces / knots (step, piecewise constant, piecewise linear)")
-    design.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
+    design_cmd.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                         help="with --curriculum: step, piecewise_constant, piecewise_linear (default all three)")
-    design.add_argument("--mean-easy-mass", type=float, default=None,
+    design_cmd.add_argument("--mean-easy-mass", type=float, default=None,
                         help="cap on the time-averaged training mass off the target's support (default none)")
-    design.add_argument("--schedule", default=None, metavar="SPEC",
+    design_cmd.add_argument("--schedule", default=None, metavar="SPEC",
                         help="also report the target reward of this schedule, e.g. step:t=2.5,before=easiest,after=hardest "
                              "or a JSON file (see gradflow.schedules.schedule_from_spec)")
-    design.add_argument("--tau", type=float, default=0.2, help="logit temperature > 0 (default 0.2)")
-    design.add_argument("--theta0", type=float, nargs=3, default=[0.3, 0.0, 0.0], metavar=("ALPHA", "BETA", "GAMMA"),
+    design_cmd.add_argument("--tau", type=float, default=0.2, help="logit temperature > 0 (default 0.2)")
+    design_cmd.add_argument("--theta0", type=float, nargs=3, default=[0.3, 0.0, 0.0], metavar=("ALPHA", "BETA", "GAMMA"),
                         help="start (default 0.3 0 0)")
-    design.add_argument("--steps", type=int, default=80, help="at most this many Adam steps per family (default 80)")
-    design.add_argument("--restarts", type=int, default=3, help="Adam starts run together (default 3)")
-    design.add_argument("--lr", type=float, default=0.1, help="Adam step size (default 0.1)")
-    design.add_argument("--seed", type=int, default=0, help="seed of the random restarts (default 0)")
-    design.add_argument("--out", default=None, help="JSON result file (default design-n<N>-t<BUDGET>.json)")
-    design.set_defaults(func=cmd_design)
+    design_cmd.add_argument("--steps", type=int, default=80, help="at most this many Adam steps per family (default 80)")
+    design_cmd.add_argument("--restarts", type=int, default=3, help="Adam starts run together (default 3)")
+    design_cmd.add_argument("--lr", type=float, default=0.1, help="Adam step size (default 0.1)")
+    design_cmd.add_argument("--seed", type=int, default=0, help="seed of the random restarts (default 0)")
+    design_cmd.add_argument("--out", default=None, help="JSON result file (default design-n<N>-t<BUDGET>.json)")
+    design_cmd.set_defaults(func=cmd_design)
     return parser
 
 

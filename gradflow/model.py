@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow._deprecated import deprecated_int_task, renamed_property
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive
 from gradflow.policy import chain_targets, context_counts, count_logit, edge_counts
+from gradflow.task import ChainTask
 
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
@@ -130,8 +132,11 @@ def orbit_sizes(n_vocab: int) -> jnp.ndarray:
 
 
 def _chain_length(task) -> int:
-    """``task.n`` for a ChainTask, or the int itself (the old ``n`` argument)."""
-    return check_int("n", getattr(task, "n", task), 2)
+    """``task.n`` for a ChainTask (an int n is deprecated: it warns once and is used as n)."""
+    if isinstance(task, ChainTask):
+        return task.n
+    deprecated_int_task()
+    return check_int("n", task, 2)
 
 
 class RowScores(NamedTuple):
@@ -341,7 +346,7 @@ class StepProbabilities(NamedTuple):
 
     forward: to a_{i+1}; backward: to a_{i-1}; stay: the self-loop a_i -> a_i (0 under mask_self);
     switch: to any b vertex; jump: to a non-adjacent vertex of chain a; isolated: to an isolated vertex.
-    ``self`` is the old name of ``stay`` (kept as an alias).
+    ``self`` is the deprecated name of ``stay``.
     """
 
     forward: jnp.ndarray
@@ -352,10 +357,7 @@ class StepProbabilities(NamedTuple):
     isolated: jnp.ndarray
     move: jnp.ndarray = None
 
-    @property
-    def self(self) -> jnp.ndarray:  # noqa: D401  (alias)
-        """Alias of ``stay`` (the field's old name)."""
-        return self.stay
+    self = renamed_property("StepProbabilities.self")
 
     @property
     def forward_given_move(self) -> jnp.ndarray:

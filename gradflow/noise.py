@@ -54,10 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow import sampling
 from gradflow._checks import check_choice, check_int, check_positive
+from gradflow._series import first_crossing
 from gradflow.integrator import EulerMaruyama, integrate
 from gradflow.model import ModelSpec, Theta, row_logits, row_scores
-from gradflow.objective import ChainSystem, chain_solve, chain_system
+from gradflow.objective import ChainSystem, chain_solve, chain_system, expected_reward
 from gradflow.policy import chain_targets, degree_counts
 from gradflow.task import ChainTask
 
@@ -607,8 +609,6 @@ class SGDPaths:
 
 
 def _hit_times(ts, rewards, level) -> np.ndarray:
-    from gradflow._series import first_crossing
-
     out = [first_crossing(ts, r, level) for r in np.asarray(rewards)]
     return np.array([np.inf if t is None else t for t in out])
 
@@ -619,14 +619,12 @@ def _sde_solve(flow_params, y0, lr, keys, dt, t0, t1, save_ts, n_steps: int, bat
     model = flow_params.model
 
     def one(key):
-        brownian = diffrax.VirtualBrownianTree(t0, t1, tol=dt / 8.0, shape=(5,), key=key)
+        brownian = diffrax.VirtualBrownianTree(t0, t1, tol=dt / 8.0, shape=(Theta.size(),), key=key)
         sde = EulerMaruyama(field_fn, _ClockAndNoise(brownian, t0, t1), dt)
         solution = integrate(flow_params, diffrax.SaveAt(ts=save_ts), t0=t0, t1=t1, y0=y0, max_steps=n_steps + 2, sde=sde)
         return solution.ys, solution.result == diffrax.RESULTS.successful
 
     thetas, ok = jax.vmap(one)(keys)
-    from gradflow.objective import expected_reward
-
     reward = jax.vmap(jax.vmap(lambda x: expected_reward(Theta.from_array(x), flow_params.task, model)))(thetas)
     return thetas, reward, ok
 
@@ -704,8 +702,6 @@ def sample_scores(theta, task: ChainTask, model: ModelSpec, key, batch: int, max
     theta) and differentiated in forward mode.  max_len: the cap (default ``model.max_len``, else the
     sampler's truncation).
     """
-    from gradflow import sampling
-
     theta = theta if isinstance(theta, Theta) else Theta.from_array(theta)
     n_vocab = 2 * task.n + model.n_isolated
     if max_len is None:
@@ -716,8 +712,6 @@ def sample_scores(theta, task: ChainTask, model: ModelSpec, key, batch: int, max
 
 @eqx.filter_jit
 def _replay_scores(theta_array, ro, n: int, n_vocab: int, model: ModelSpec):
-    from gradflow import sampling
-
     start = n - ro.distances - 1
 
     def log_probs(x):

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow._checks import check_int
-from gradflow.model import ModelSpec, Theta, edge_list, orbit_labels  # noqa: F401  (orbit_labels: moved to model)
+from gradflow._deprecated import module_getattr
+from gradflow.model import ModelSpec, Theta, edge_list, orbit_labels
 from gradflow.task import ChainTask
 
 
@@ -344,18 +345,4 @@ def estimate_gradient(theta: Theta, task: ChainTask, model: ModelSpec, key, batc
     return _mean_and_stderr(_per_sample_gradients(theta, ro, task.n, n_vocab, model))
 
 
-# --------------------------------------------------------------------------------------------------
-# Training: moved to gradflow.training (these names stay importable from here)
-# --------------------------------------------------------------------------------------------------
-
-_MOVED_TO_TRAINING = ("train", "gradient_descent", "TrainingTrajectory", "TrainConfig", "OPTIMIZERS", "PARAM_KINDS")
-
-
-def __getattr__(name: str):
-    """``gradflow.sampling.train`` etc. are aliases of ``gradflow.training``'s (loaded on first use:
-    gradflow.training imports this module)."""
-    if name in _MOVED_TO_TRAINING:
-        from gradflow import training
-
-        return getattr(training, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = module_getattr(__name__)  # deprecated names (gradflow._deprecated)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import readouts
-from gradflow._deprecated import module_getattr
+from gradflow._deprecated import deprecated_int_task, module_getattr
 from gradflow._checks import check_fraction, check_int, check_nonnegative
 from gradflow._dependencies import is_result, result_code, result_message
 from gradflow._series import first_crossing
@@ -339,7 +339,7 @@ def check_conditions(
     c0_floor = check_nonnegative("c0_floor", c0_floor)
 
     task, model, n = flow_params.task, flow_params.model, flow_params.task.n
-    steps = step_probabilities(flow_params.theta0, n, model)
+    steps = step_probabilities(flow_params.theta0, task, model)
     forward = np.asarray(steps.forward, dtype=float)
     backward = np.asarray(steps.backward, dtype=float)
     c0 = float(forward.min())
@@ -893,10 +893,11 @@ def scaling(
 
 
 def _task_of(task_or_n, name: str = "task") -> ChainTask:
-    """A ChainTask from a task or a chain length n (then uniform starts: only n matters here)."""
+    """A ChainTask from a task, or from a chain length n (deprecated; uniform starts: only n matters here)."""
     if isinstance(task_or_n, ChainTask):
         return task_or_n
     if isinstance(task_or_n, (int, np.integer)) and not isinstance(task_or_n, bool):
+        deprecated_int_task()
         return ChainTask.uniform(check_int("n", task_or_n, 2))
     raise ValueError(f"{name} must be a gradflow.ChainTask or a chain length n >= 2, got {task_or_n!r}")
 
@@ -920,13 +921,11 @@ def success_gradient(theta: Theta, task: ChainTask | int, model: ModelSpec | Non
 def gradient_by_distance(theta: Theta, task: ChainTask | int, model: ModelSpec | None = None) -> np.ndarray:
     """g[d-1] = || d h_d / d theta ||, the gradient norm of the success probability of a start at d.
 
-    Arguments in the ``(theta, task, model)`` order of the rest of gradflow; an int n in the task's
-    place still works (only n matters).  h_d as in ``success_gradient`` (capped when
+    Arguments in the ``(theta, task, model)`` order of the rest of gradflow (an int n in the task's
+    place is deprecated).  h_d as in ``success_gradient`` (capped when
     ``model.max_len`` is set), differentiated in the five reduced coordinates (eta, delta carry
     nothing under linear attention).  g[d-1] bounds the signal the starts at d can carry.
     """
-    if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
-        check_int("n", task, 2)
     return np.linalg.norm(success_gradient(theta, task, model), axis=1)
 
 

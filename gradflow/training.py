@@ -36,7 +36,7 @@ from gradflow._deprecated import module_getattr, renamed_keyword
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow.flow import FlowParams, Trajectory
 from gradflow.model import ModelSpec, Theta
-from gradflow.sampling import _rollouts, full_attention, orbit_statistics, resolve_max_len, surrogate
+from gradflow.sampling import full_attention, rollouts, orbit_statistics, resolve_max_len, surrogate
 from gradflow.task import ChainTask
 
 OPTIMIZERS = ("sgd", "adam")  # the common ones; any optax optimizer name is accepted
@@ -290,7 +290,7 @@ def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, 
         params, opt_state = carry
         step_key, k = inputs
         task = flow_params.training_task(flow_params.t0 + lr * k)
-        ro = _rollouts(jax.lax.stop_gradient(to_matrix(params)), task, model, step_key, batch, max_len)
+        ro = rollouts(jax.lax.stop_gradient(to_matrix(params)), task, model, step_key, batch, max_len)
         grad = jax.grad(lambda p: surrogate(to_matrix(p), ro, task.n, model))(params)
         updates, opt_state = opt.update(jax.tree.map(jnp.negative, grad), opt_state, params)
         theta, spread = orbit(params)
@@ -328,6 +328,8 @@ def train(
     One scan over steps, compiled once; the record has steps + 1 points (the last batch is drawn at
     the final parameters and not applied); the exact read-outs are those of ``readouts_at``.
     """
+    if params is not None:
+        check_choice("params", params, COORDS)
     coords = renamed_keyword("gradflow.training.train(params=)", params, coords)
     if key is None:
         raise ValueError("key (a jax.random key) is required")

@@ -101,7 +101,8 @@ def test_recording_saves_only_the_asked_read_outs():
     assert config.readouts == ("reward", "traversal_prob")
     assert config.recording.readout_names() == ("reward", "traversal_prob")
     assert FlowParams.from_dict(config.to_dict()).readouts == ("reward", "traversal_prob")
-    assert "readouts" not in CONFIG.to_dict() and CONFIG.replace(readouts=False).to_dict()["readouts"] is False
+    assert CONFIG.to_dict()["readouts"] is True and CONFIG.replace(readouts=False).to_dict()["readouts"] is False
+    assert FlowParams.from_dict(CONFIG.replace(readouts=False).to_dict()).readouts is False
     assert CONFIG.recording.readout_names() == flow.RECORDED
     assert CONFIG.replace(readouts=False).recording.readout_names() == ("reward",)
     traj = gf.simulate(config)
