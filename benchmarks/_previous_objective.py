@@ -75,8 +75,9 @@ def _tri_solve_batched(axis_size, in_batched, lower, diag, upper, rhs):
     Zeroing the unused corners makes the blocks independent: gtsv never pivots across a zero
     sub-diagonal, so the block-diagonal solve is exact.  Other backends keep their batched solver.
     """
-    lower, diag, upper, rhs = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                               for x, batched in zip((lower, diag, upper, rhs), in_batched)]
+    lower, diag, upper, rhs = [
+        x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, batched in zip((lower, diag, upper, rhs), in_batched)
+    ]
     if diag.shape[-1] <= SMALL_SYSTEM:
         return _thomas(lower, diag, upper, rhs), True
 
@@ -187,7 +188,9 @@ def absorption_solve(scores: RowScores, n: int, model: ModelSpec, cost: float, t
         lower, diag, upper, u1, u2, common, corr_succ = map(row, (lower, diag, upper, u1, u2, common, corr_succ))
         select = jnp.stack([degree1, 1.0 - degree1], axis=1)
         total, diff = _woodbury_solve(
-            lower, diag, upper,
+            lower,
+            diag,
+            upper,
             2.0 * common + is_last * corr_succ * (t_a + t_b),
             2.0 * jnp.stack([u1, u2], axis=1),
             select,

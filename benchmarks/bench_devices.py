@@ -11,14 +11,13 @@ import os
 
 os.environ.setdefault("GRADFLOW_BENCH_ALL_CORES", "1")
 
-import _common  # noqa: E402,F401
-from _common import best_time, finish, header, table  # noqa: E402
-
 import argparse  # noqa: E402
 import time  # noqa: E402
 
+import _common  # noqa: E402,F401
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from _common import best_time, finish, header, table  # noqa: E402
 
 from gradflow import ChainTask, ModelSpec, Theta, expected_reward  # noqa: E402
 from gradflow.flow import FlowParams, simulate_many  # noqa: E402

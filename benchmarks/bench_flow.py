@@ -9,14 +9,14 @@ evaluations per attempted step, plus 1 at the start.
 Run: python benchmarks/bench_flow.py [--no-processes]
 """
 
-import _common  # noqa: F401
-from _common import check, finish, header, table
-
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+import _common  # noqa: F401
+from _common import check, finish, header, table
 
 from gradflow import ChainTask
 from gradflow.flow import FlowParams, simulate
@@ -48,8 +48,19 @@ def main():
     evals = STAGES_PER_STEP * stats["num_steps"] + 1
     run_s = min(runs)
     table(
-        [(8, f"{stats['compile_seconds']:.2f}", f"{run_s:.4f}", stats["num_steps"], stats["num_accepted_steps"],
-          stats["num_rejected_steps"], evals, f"{run_s / evals * 1e6:.1f}", f"{first.reward[-1]:.6f}")],
+        [
+            (
+                8,
+                f"{stats['compile_seconds']:.2f}",
+                f"{run_s:.4f}",
+                stats["num_steps"],
+                stats["num_accepted_steps"],
+                stats["num_rejected_steps"],
+                evals,
+                f"{run_s / evals * 1e6:.1f}",
+                f"{first.reward[-1]:.6f}",
+            )
+        ],
         ("n", "compile s", "run s", "steps", "accepted", "rejected", "grad evals", "us/eval", "J(1e4)"),
     )
     check("default flow run < 0.5 s after compilation", run_s < 0.5, f"{run_s:.4f} s")
@@ -64,9 +75,13 @@ def main():
             cold_run, _ = _fresh(FRESH_RUN, run_cache, figure)
             warm_run, _ = _fresh(FRESH_RUN, run_cache, figure)
         cold_compile, warm_compile = float(cold_out.split()[1]), float(warm_out.split()[1])
-        table([("simulate (fresh process)", f"{cold_sim:.2f}", f"{warm_sim:.2f}", f"{cold_compile:.2f}", f"{warm_compile:.2f}"),
-               ("gradflow run (fresh process)", f"{cold_run:.2f}", f"{warm_run:.2f}", "-", "-")],
-              ("", "cold cache wall s", "warm cache wall s", "cold compile s", "warm compile s"))
+        table(
+            [
+                ("simulate (fresh process)", f"{cold_sim:.2f}", f"{warm_sim:.2f}", f"{cold_compile:.2f}", f"{warm_compile:.2f}"),
+                ("gradflow run (fresh process)", f"{cold_run:.2f}", f"{warm_run:.2f}", "-", "-"),
+            ],
+            ("", "cold cache wall s", "warm cache wall s", "cold compile s", "warm compile s"),
+        )
         check("fresh-process simulate with a warm cache < 3 s", warm_sim < 3, f"{warm_sim:.2f} s (cold {cold_sim:.2f} s)")
         check("gradflow run with a warm cache < 3 s", warm_run < 3, f"{warm_run:.2f} s (cold {cold_run:.2f} s)")
     return finish()

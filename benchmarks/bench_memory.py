@@ -6,13 +6,13 @@ the save buffers are fixed at 201 times), reported as resource.getrusage(RUSAGE_
 Run: python benchmarks/bench_memory.py [--n N] [--t1 T]
 """
 
-import _common  # noqa: F401
-from _common import check, finish, header, table
-
 import argparse
 import os
 import subprocess
 import sys
+
+import _common  # noqa: F401
+from _common import check, finish, header, table
 
 CHILD = """
 import resource, sys, time
@@ -44,8 +44,10 @@ def main():
         return finish()
     _, maxrss_kb, seconds, steps, reward = line[0].split()
     gb = int(maxrss_kb) / 1024**2  # Linux reports kilobytes
-    table([(64, args.n, args.t1, f"{float(seconds):.2f}", steps, f"{int(maxrss_kb) / 1024:.0f}")],
-          ("configs", "n", "t1", "compile+run s", "steps[0]", "peak RSS MiB"))
+    table(
+        [(64, args.n, args.t1, f"{float(seconds):.2f}", steps, f"{int(maxrss_kb) / 1024:.0f}")],
+        ("configs", "n", "t1", "compile+run s", "steps[0]", "peak RSS MiB"),
+    )
     check(f"64-config sweep at n={args.n} peak RSS < 2 GB", gb < 2.0, f"{gb:.3f} GB")
     return finish()
 

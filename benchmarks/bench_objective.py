@@ -8,18 +8,16 @@ value+grad at n = 1e5 no more than 1.3x slower; vmapped small sweeps).
 Run: python benchmarks/bench_objective.py   (pins itself to one core; see _common.py)
 """
 
-import _common  # noqa: F401  (first: pins the core before jax starts)
-from _common import best_time, check, finish, header, table
-
 import time
 
+import _common  # noqa: F401  (first: pins the core before jax starts)
+import _previous_objective as previous
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import best_time, check, finish, header, table
 
 from gradflow import ChainTask, ModelSpec, Theta, expected_reward, same_side_probability, transition_matrix
-
-import _previous_objective as previous
 
 MODEL = ModelSpec()
 THETA = jnp.array([0.3, 0.0, 0.0, 0.0, 0.0])
@@ -89,8 +87,10 @@ def main():
     diff = float(jnp.max(jnp.abs(closed(theta) - dense(theta))))
     t_closed = best_time(lambda: closed(theta), repeats=20, min_total=0.5)
     t_dense = best_time(lambda: dense(theta), repeats=5)
-    table([(n, f"{t_closed * 1e3:.3f}", f"{t_dense * 1e3:.2f}", f"{t_dense / t_closed:.0f}", f"{diff:.1e}")],
-          ("n", "closed ms", "dense ms", "speed-up", "max |dh|"))
+    table(
+        [(n, f"{t_closed * 1e3:.3f}", f"{t_dense * 1e3:.2f}", f"{t_dense / t_closed:.0f}", f"{diff:.1e}")],
+        ("n", "closed ms", "dense ms", "speed-up", "max |dh|"),
+    )
 
     printable, raw = old_vs_new()
     table(printable, ("same run", "old ms", "new ms", "new/old"))

@@ -8,15 +8,14 @@ Only the evaluation is timed; training by sampled gradients would cost far more 
 Run: python benchmarks/bench_sampling.py [--batch B]
 """
 
-import _common  # noqa: F401
-from _common import check, finish, header, table
-
 import argparse
 import math
 import time
 
+import _common  # noqa: F401
 import jax
 import numpy as np
+from _common import check, finish, header, table
 
 from gradflow import ChainTask, ModelSpec, Theta
 from gradflow.flow import FlowParams, simulate
@@ -47,9 +46,21 @@ def main():
     stderrs = np.array([float(s) for _, s in estimates])
     error = np.abs(means - trajectory.reward)
     ratio = t_sample / t_flow
-    table([(POINTS, args.batch, f"{t_flow * 1e3:.2f}", f"{t_sample:.2f}", f"{ratio:.0f}", f"{stderrs.max():.4f}",
-            f"{error.max():.4f}", int((error <= TOL).sum()))],
-          ("points", "batch", "flow ms", "sampling s", "ratio", "max stderr", "max |err|", "within 0.01"))
+    table(
+        [
+            (
+                POINTS,
+                args.batch,
+                f"{t_flow * 1e3:.2f}",
+                f"{t_sample:.2f}",
+                f"{ratio:.0f}",
+                f"{stderrs.max():.4f}",
+                f"{error.max():.4f}",
+                int((error <= TOL).sum()),
+            )
+        ],
+        ("points", "batch", "flow ms", "sampling s", "ratio", "max stderr", "max |err|", "within 0.01"),
+    )
     check("flow faster than sampling by > 100x", ratio > 100, f"{ratio:.0f}x")
     check("sampled stderr <= 0.005 at every point", stderrs.max() <= TOL / 2 + 1e-12, f"{stderrs.max():.4f}")
     return finish()

@@ -8,13 +8,12 @@ core, whatever the rest of the sweep costs.
 Run: python benchmarks/bench_sweep.py
 """
 
-import _common  # noqa: F401
-from _common import best_time, check, finish, header, table
-
 import time
 
+import _common  # noqa: F401
 import jax
 import numpy as np
+from _common import best_time, check, finish, header, table
 
 from gradflow import ChainTask, Theta
 from gradflow.flow import FlowParams, compilation_count, simulate, simulate_many, stack_configs
@@ -58,12 +57,25 @@ def main():
     single = [simulate(c, progress=False) for c in cfgs]
     t_single = time.perf_counter() - start
     diff = max(float(np.nanmax(np.abs(a.theta - b.theta))) for a, b in zip(batched, single))
-    table([(SIZE, compiles, f"{compile_batch:.2f}", f"{t_batch:.3f}", f"{t_single:.3f}", f"{t_single / t_batch:.1f}",
-            f"{diff:.1e}")],
-          ("configs", "compilations", "compile s", "batched s", "64 x simulate s", "speed-up", "max |dtheta|"))
+    table(
+        [
+            (
+                SIZE,
+                compiles,
+                f"{compile_batch:.2f}",
+                f"{t_batch:.3f}",
+                f"{t_single:.3f}",
+                f"{t_single / t_batch:.1f}",
+                f"{diff:.1e}",
+            )
+        ],
+        ("configs", "compilations", "compile s", "batched s", "64 x simulate s", "speed-up", "max |dtheta|"),
+    )
     t_one, t_batch_eval = vector_field_seconds(cfgs[0], False), vector_field_seconds(stack_configs(cfgs), True)
-    table([(f"{t_one * 1e6:.2f}", f"{t_batch_eval * 1e6:.2f}", f"{SIZE * t_one / t_batch_eval:.1f}")],
-          ("grad J us, 1 config", f"grad J us, {SIZE} vmapped", "throughput gain per step"))
+    table(
+        [(f"{t_one * 1e6:.2f}", f"{t_batch_eval * 1e6:.2f}", f"{SIZE * t_one / t_batch_eval:.1f}")],
+        ("grad J us, 1 config", f"grad J us, {SIZE} vmapped", "throughput gain per step"),
+    )
     check("64-config sweep is one compilation", compiles == 1, f"{compiles}")
     check("sweep >= 10x faster than 64 simulate calls", t_single / t_batch >= 10, f"{t_single / t_batch:.1f}x")
     return finish()

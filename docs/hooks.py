@@ -38,8 +38,8 @@ def _trim_inline_math(paragraph: str) -> str:
         return paragraph
     out, last = [], 0
     for open_, close in zip(dollars[::2], dollars[1::2]):
-        inner = paragraph[open_ + 1:close]
-        out += [paragraph[last:open_ + 1], inner.rstrip() if inner.strip() else inner]
+        inner = paragraph[open_ + 1 : close]
+        out += [paragraph[last : open_ + 1], inner.rstrip() if inner.strip() else inner]
         last = close
     return "".join(out) + paragraph[last:]
 

@@ -48,8 +48,11 @@ def greedy_hardest(thetas: np.ndarray, task: ChainTask, model: ModelSpec, tie_br
     """Greedy correct / reached / tied on the hardest start at each theta (rows of ``thetas``)."""
     fn = jax.jit(jax.vmap(lambda x: greedy_per_start(Theta.from_array(x), task, model, tie_break=tie_break)))
     per = jax.device_get(fn(jnp.asarray(thetas)))
-    return {"correct": per.correct[:, -1].astype(float), "reached": per.reached[:, -1].astype(float),
-            "tied": per.tied[:, -1].astype(float)}
+    return {
+        "correct": per.correct[:, -1].astype(float),
+        "reached": per.reached[:, -1].astype(float),
+        "tied": per.tied[:, -1].astype(float),
+    }
 
 
 def main(argv=None) -> dict:
@@ -66,8 +69,18 @@ def main(argv=None) -> dict:
 
     fig, axes = subplots(1, 4, width=4.0, height=3.4)
     ax_r, ax_reach, ax_greedy, ax_theta = axes[0]
-    data = {"n": N, "ks": KS, "lr": LR, "steps": steps, "max_len": N + 1, "tau": 0.2, "theta0": [0.0, 0.0, 0.0],
-            "sampling": {"optimizer": "adam", "lr": LR, "batch": batch, "seeds": args.seeds}, "exact": {}, "sampled": {}}
+    data = {
+        "n": N,
+        "ks": KS,
+        "lr": LR,
+        "steps": steps,
+        "max_len": N + 1,
+        "tau": 0.2,
+        "theta0": [0.0, 0.0, 0.0],
+        "sampling": {"optimizer": "adam", "lr": LR, "batch": batch, "seeds": args.seeds},
+        "exact": {},
+        "sampled": {},
+    }
     step_axis = np.arange(steps + 1)
     for j, k in enumerate(KS):
         params = FlowParams(ChainTask.k_hardest(N, k), model, theta0)
@@ -83,35 +96,59 @@ def main(argv=None) -> dict:
         for name, ls in zip(("alpha", "beta", "gamma"), ("-", "--", ":")):
             ax_theta.plot(step_axis, run.theta[:, ("alpha", "beta", "gamma").index(name)], color=c, ls=ls)
         data["exact"][k] = {
-            "hardest_reward": hardest, "hardest_reach": reach, "reward": run.reward, "reach": run.reach_probability,
-            "theta": run.theta[:, :3], "greedy_hardest": greedy,
-            "greedy_accuracy": run.greedy_accuracy, "greedy_conditional_accuracy": run.greedy_conditional_accuracy,
-            "greedy_reach_rate": run.greedy_reach_rate, "greedy_traversal_accuracy": run.greedy_traversal_accuracy,
+            "hardest_reward": hardest,
+            "hardest_reach": reach,
+            "reward": run.reward,
+            "reach": run.reach_probability,
+            "theta": run.theta[:, :3],
+            "greedy_hardest": greedy,
+            "greedy_accuracy": run.greedy_accuracy,
+            "greedy_conditional_accuracy": run.greedy_conditional_accuracy,
+            "greedy_reach_rate": run.greedy_reach_rate,
+            "greedy_traversal_accuracy": run.greedy_traversal_accuracy,
             "theta_at": {s: run.theta[s, :3] for s in REPORT_STEPS if s <= steps},
-            "final": {"theta": run.theta[-1, :3], "hardest_reward": float(hardest[-1]), "hardest_reach": float(reach[-1]),
-                      "greedy_first": float(greedy["first"]["correct"][-1]), "greedy_last": float(greedy["last"]["correct"][-1]),
-                      "greedy_tied": bool(greedy["first"]["tied"][-1])},
+            "final": {
+                "theta": run.theta[-1, :3],
+                "hardest_reward": float(hardest[-1]),
+                "hardest_reach": float(reach[-1]),
+                "greedy_first": float(greedy["first"]["correct"][-1]),
+                "greedy_last": float(greedy["last"]["correct"][-1]),
+                "greedy_tied": bool(greedy["first"]["tied"][-1]),
+            },
         }
         sampled = [train(params, LR, steps, batch, key, optimizer="adam") for key in keys]
         h = np.stack([s.success_per_start[:, -1] for s in sampled])
         m, sd = h.mean(0), h.std(0)
         ax_r.plot(step_axis, m, color=c, ls="--", lw=0.9)
         ax_r.fill_between(step_axis, np.clip(m - sd, 0, 1), np.clip(m + sd, 0, 1), color=c, alpha=0.2, lw=0)
-        data["sampled"][k] = {"hardest_reward_mean": m, "hardest_reward_std": sd,
-                              "theta_mean": np.mean([s.theta[:, :3] for s in sampled], axis=0),
-                              "final_hardest_reward": h[:, -1], "final_theta": [s.theta[-1, :3] for s in sampled]}
+        data["sampled"][k] = {
+            "hardest_reward_mean": m,
+            "hardest_reward_std": sd,
+            "theta_mean": np.mean([s.theta[:, :3] for s in sampled], axis=0),
+            "final_hardest_reward": h[:, -1],
+            "final_theta": [s.theta[-1, :3] for s in sampled],
+        }
 
     ax_r.plot([], [], color="0.3", ls="--", lw=0.9, label=f"REINFORCE + Adam, batch {batch} (± std, {args.seeds} seeds)")
     ax_r.axhline(0.5, color="0.5", lw=0.8, ls=":")
-    ax_r.set(xlabel="Adam step", ylabel=f"reward on the hardest start (d = {N - 1})", ylim=(0, 1.02),
-             title=f"exact-gradient Adam (lr {LR:g}), cap {N + 1}")
+    ax_r.set(
+        xlabel="Adam step",
+        ylabel=f"reward on the hardest start (d = {N - 1})",
+        ylim=(0, 1.02),
+        title=f"exact-gradient Adam (lr {LR:g}), cap {N + 1}",
+    )
     ax_r.legend(loc="lower right", fontsize=6.5)
-    ax_reach.set(xlabel="Adam step", ylabel="P(any terminal within the cap)", ylim=(0, 1.02),
-                 title="reach, hardest start (exact)")
+    ax_reach.set(
+        xlabel="Adam step", ylabel="P(any terminal within the cap)", ylim=(0, 1.02), title="reach, hardest start (exact)"
+    )
     ax_greedy.plot([], [], color="0.3", ls="-", label='tie rule "first"')
     ax_greedy.plot([], [], color="0.3", ls=":", label='tie rule "last"')
-    ax_greedy.set(xlabel="Adam step", ylabel="greedy answer correct, hardest start", ylim=(-0.1, 1.1),
-                  title="greedy (rules differ: a tie decides)")
+    ax_greedy.set(
+        xlabel="Adam step",
+        ylabel="greedy answer correct, hardest start",
+        ylim=(-0.1, 1.1),
+        title="greedy (rules differ: a tie decides)",
+    )
     ax_greedy.legend(loc="center right", fontsize=7)
     for name, ls in zip(("alpha", "beta", "gamma"), ("-", "--", ":")):
         ax_theta.plot([], [], color="0.3", ls=ls, label=f"$\\{name}$")
@@ -119,20 +156,24 @@ def main(argv=None) -> dict:
     ax_theta.legend(loc="lower left", fontsize=7)
     for ax, letter in zip(axes.flat, "abcd"):
         panel_label(ax, letter)
-    fig.suptitle(f"The authors' setting (n = {N}, k hardest starts, cap n + 1, self-loops, θ0 = 0): "
-                 "without d = 1 the capped reward teaches reaching a terminal, not which")
+    fig.suptitle(
+        f"The authors' setting (n = {N}, k hardest starts, cap n + 1, self-loops, θ0 = 0): "
+        "without d = 1 the capped reward teaches reaching a terminal, not which"
+    )
 
     ex = data["exact"]
     finals = {k: ex[k]["final"] for k in KS}
     data["claim"] = {
         "statement": "k = 1, 2, 3: hardest-start reward never exceeds 0.55 and ends in [0.45, 0.55] while reach passes "
-                     "0.95 and alpha < 0 "
-                     "(they learn to jump to a terminal); k = 4: hardest-start reward > 0.9 with alpha > gamma > 0 > beta",
+        "0.95 and alpha < 0 "
+        "(they learn to jump to a terminal); k = 4: hardest-start reward > 0.9 with alpha > gamma > 0 > beta",
         "final": finals,
         "holds": bool(
             all(np.all(ex[k]["hardest_reward"] <= 0.55) for k in KS[:-1])
-            and all(0.45 <= finals[k]["hardest_reward"] and finals[k]["hardest_reach"] > 0.95 and finals[k]["theta"][0] < 0
-                    for k in KS[:-1])
+            and all(
+                0.45 <= finals[k]["hardest_reward"] and finals[k]["hardest_reach"] > 0.95 and finals[k]["theta"][0] < 0
+                for k in KS[:-1]
+            )
             and finals[4]["hardest_reward"] > 0.9
             and finals[4]["theta"][0] > finals[4]["theta"][2] > 0 > finals[4]["theta"][1]
         ),
@@ -140,11 +181,18 @@ def main(argv=None) -> dict:
     if not args.quick:  # the sampled runs agree with the exact ones (noise small at batch 5000)
         sampled_final = {k: float(np.mean(data["sampled"][k]["final_hardest_reward"])) for k in KS}
         data["claim"]["sampled_final_hardest_reward"] = sampled_final
-        data["claim"]["holds"] = bool(data["claim"]["holds"] and all(sampled_final[k] < 0.6 for k in KS[:-1])
-                                      and sampled_final[4] > 0.8)
-    print(f"{NAME}: " + "; ".join(
-        f"k={k}: theta {np.round(finals[k]['theta'], 3).tolist()}, hardest {finals[k]['hardest_reward']:.4f}, "
-        f"reach {finals[k]['hardest_reach']:.4f}" for k in KS) + f"; claim holds: {data['claim']['holds']}")
+        data["claim"]["holds"] = bool(
+            data["claim"]["holds"] and all(sampled_final[k] < 0.6 for k in KS[:-1]) and sampled_final[4] > 0.8
+        )
+    print(
+        f"{NAME}: "
+        + "; ".join(
+            f"k={k}: theta {np.round(finals[k]['theta'], 3).tolist()}, hardest {finals[k]['hardest_reward']:.4f}, "
+            f"reach {finals[k]['hardest_reach']:.4f}"
+            for k in KS
+        )
+        + f"; claim holds: {data['claim']['holds']}"
+    )
     save_figure(fig, NAME, args.out, data)
     return data
 

@@ -18,8 +18,14 @@ from gradflow.model import default_theta0
 from gradflow.plotting import color, experiment_parser, panel_label, save_figure, subplots, use_headless_backend
 
 NAME = "design"
-FULL = {"ns": (6, 8, 10, 12, 14, 16), "budgets": (1e1, 1e2, 1e3, 1e4), "steps": 60,
-        "curricula": ((8, 1e2), (12, 1e2), (12, 1e3)), "knots": 5, "curriculum_steps": 40}
+FULL = {
+    "ns": (6, 8, 10, 12, 14, 16),
+    "budgets": (1e1, 1e2, 1e3, 1e4),
+    "steps": 60,
+    "curricula": ((8, 1e2), (12, 1e2), (12, 1e3)),
+    "knots": 5,
+    "curriculum_steps": 40,
+}
 QUICK = {"ns": (5,), "budgets": (1e1, 1e2), "steps": 4, "curricula": ((5, 1e1),), "knots": 3, "curriculum_steps": 4}
 
 
@@ -38,36 +44,74 @@ def compute(settings: dict, model: ModelSpec) -> dict:
             result = design.optimal_mixture(target, budget, model, theta0, steps=settings["steps"])
             rows = {row["name"]: row for row in result.rows}
             best_c = result.rows[2]
-            cells.append({
-                "n": n, "budget": budget, "probs": result.probs.tolist(), "reward": result.reward,
-                "target_only_reward": rows["target itself"]["reward"], "uniform_reward": rows["uniform"]["reward"],
-                "best_c": best_c["c"], "best_c_reward": best_c["reward"], "source": result.source,
-                "seconds": result.timings["total_seconds"],
-            })
-            print(f"n = {n:2d}, t = {budget:8.0f}: reward {result.reward:.6f} (target only "
-                  f"{cells[-1]['target_only_reward']:.6f}), mass d=1/middle/hardest "
-                  f"{'/'.join(f'{m:.3f}' for m in _groups(result.probs))}  [{result.timings['total_seconds']:.1f} s]")
+            cells.append(
+                {
+                    "n": n,
+                    "budget": budget,
+                    "probs": result.probs.tolist(),
+                    "reward": result.reward,
+                    "target_only_reward": rows["target itself"]["reward"],
+                    "uniform_reward": rows["uniform"]["reward"],
+                    "best_c": best_c["c"],
+                    "best_c_reward": best_c["reward"],
+                    "source": result.source,
+                    "seconds": result.timings["total_seconds"],
+                }
+            )
+            print(
+                f"n = {n:2d}, t = {budget:8.0f}: reward {result.reward:.6f} (target only "
+                f"{cells[-1]['target_only_reward']:.6f}), mass d=1/middle/hardest "
+                f"{'/'.join(f'{m:.3f}' for m in _groups(result.probs))}  [{result.timings['total_seconds']:.1f} s]"
+            )
     curricula = []
     for n, budget in settings["curricula"]:
         target = ChainTask.hardest(n)
-        mixture = next(c for c in cells if c["n"] == n and c["budget"] == budget) if any(
-            c["n"] == n and c["budget"] == budget for c in cells) else None
+        mixture = (
+            next(c for c in cells if c["n"] == n and c["budget"] == budget)
+            if any(c["n"] == n and c["budget"] == budget for c in cells)
+            else None
+        )
         mix_result = None
         if mixture is not None:
-            mix_result = design.DesignResult(kind="mixture", n=n, target=np.asarray(target.start_probs).tolist(),
-                                             t_budget=budget, reward=mixture["reward"], probs=np.asarray(mixture["probs"]))
-        result = design.optimal_curriculum(target, budget, settings["knots"], model, theta0,
-                                           families=("piecewise_linear",), steps=settings["curriculum_steps"],
-                                           mixture=mix_result)
+            mix_result = design.DesignResult(
+                kind="mixture",
+                n=n,
+                target=np.asarray(target.start_probs).tolist(),
+                t_budget=budget,
+                reward=mixture["reward"],
+                probs=np.asarray(mixture["probs"]),
+            )
+        result = design.optimal_curriculum(
+            target,
+            budget,
+            settings["knots"],
+            model,
+            theta0,
+            families=("piecewise_linear",),
+            steps=settings["curriculum_steps"],
+            mixture=mix_result,
+        )
         ts = np.geomspace(budget * 1e-4, budget, 60)
         shape = np.array([_groups(result.schedule(t)) for t in ts])
-        curricula.append({
-            "n": n, "budget": budget, "reward": result.reward, "mixture_reward": result.mixture_reward,
-            "gain": result.gain, "schedule": result.schedule.to_dict(), "source": result.source,
-            "ts": ts.tolist(), "easy": shape[:, 0].tolist(), "middle": shape[:, 1].tolist(), "hardest": shape[:, 2].tolist(),
-        })
-        print(f"curriculum n = {n}, t = {budget:g}: reward {result.reward:.6f} vs fixed mixture "
-              f"{result.mixture_reward:.6f} (gain {result.gain:+.2e}), {result.source}")
+        curricula.append(
+            {
+                "n": n,
+                "budget": budget,
+                "reward": result.reward,
+                "mixture_reward": result.mixture_reward,
+                "gain": result.gain,
+                "schedule": result.schedule.to_dict(),
+                "source": result.source,
+                "ts": ts.tolist(),
+                "easy": shape[:, 0].tolist(),
+                "middle": shape[:, 1].tolist(),
+                "hardest": shape[:, 2].tolist(),
+            }
+        )
+        print(
+            f"curriculum n = {n}, t = {budget:g}: reward {result.reward:.6f} vs fixed mixture "
+            f"{result.mixture_reward:.6f} (gain {result.gain:+.2e}), {result.source}"
+        )
     return {"cells": cells, "curricula": curricula}
 
 
@@ -120,8 +164,13 @@ def main(argv=None) -> dict:
     settings = QUICK if args.quick else FULL
     model = ModelSpec() if args.cap is None else ModelSpec(max_len=args.cap)
     data = compute(settings, model)
-    data["config"] = {"quick": args.quick, "max_len": args.cap, "tau": 0.2, "theta0": [0.3, 0.0, 0.0],
-                      **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+    data["config"] = {
+        "quick": args.quick,
+        "max_len": args.cap,
+        "tau": 0.2,
+        "theta0": [0.3, 0.0, 0.0],
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+    }
     save_figure(draw(data), NAME if args.cap is None else f"{NAME}_cap{args.cap}", args.out, data)
     return data
 

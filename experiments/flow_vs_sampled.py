@@ -13,8 +13,8 @@ import numpy as np
 
 from gradflow import ChainTask, ModelSpec
 from gradflow.flow import FlowParams, simulate
-from gradflow.plotting import PARAM_COLORS, TIME_LABEL, color, experiment_parser, panel_label, save_figure, subplots
 from gradflow.model import default_theta0
+from gradflow.plotting import TIME_LABEL, color, experiment_parser, panel_label, save_figure, subplots
 from gradflow.training import gradient_descent, train
 
 NAME = "flow_vs_sampled"
@@ -36,8 +36,13 @@ def main(argv=None) -> dict:
     if args.quick:
         sampled = {"REINFORCE + SGD": ("sgd", 0.2), "REINFORCE + Adam": ("adam", 0.2)}
 
-    base = FlowParams(ChainTask.uniform(args.n), ModelSpec(), default_theta0(), t1=horizon,
-                      save_ts=BASE_LR * np.arange(round(horizon / BASE_LR) + 1))
+    base = FlowParams(
+        ChainTask.uniform(args.n),
+        ModelSpec(),
+        default_theta0(),
+        t1=horizon,
+        save_ts=BASE_LR * np.arange(round(horizon / BASE_LR) + 1),
+    )
     flow = simulate(base, progress=False)
     fig, axes = subplots(1, 3, width=4.4, height=3.6)
     ax_r, ax_p, ax_err = axes[0]
@@ -47,8 +52,13 @@ def main(argv=None) -> dict:
         k = 0 if name == "alpha" else 2
         ax_p.plot(flow.ts[keep], flow.theta[keep, k], color="k", lw=2.4, zorder=5)
 
-    data = {"n": args.n, "horizon": horizon, "flow": {"ts": flow.ts, "reward": flow.reward, "theta": flow.theta[:, :3]},
-            "gradient_descent": {}, "sampled": {}}
+    data = {
+        "n": args.n,
+        "horizon": horizon,
+        "flow": {"ts": flow.ts, "reward": flow.reward, "theta": flow.theta[:, :3]},
+        "gradient_descent": {},
+        "sampled": {},
+    }
     errors = []
     for j, lr in enumerate(gd_lrs):
         steps = round(horizon / lr)
@@ -78,10 +88,19 @@ def main(argv=None) -> dict:
             m, s = theta[:, :, k].mean(0), theta[:, :, k].std(0)
             ax_p.plot(ts[1:], m[1:], color=c, ls="--")
             ax_p.fill_between(ts[1:], (m - s)[1:], (m + s)[1:], color=c, alpha=0.25, lw=0)
-        data["sampled"][name] = {"optimizer": optimizer, "lr": lr, "steps": steps, "batch": batch, "seeds": seeds,
-                                 "ts": ts, "reward_mean": reward.mean(0), "reward_std": reward.std(0),
-                                 "theta_mean": theta.mean(0), "theta_std": theta.std(0),
-                                 "final_reward_mean": float(reward[:, -1].mean())}
+        data["sampled"][name] = {
+            "optimizer": optimizer,
+            "lr": lr,
+            "steps": steps,
+            "batch": batch,
+            "seeds": seeds,
+            "ts": ts,
+            "reward_mean": reward.mean(0),
+            "reward_std": reward.std(0),
+            "theta_mean": theta.mean(0),
+            "theta_std": theta.std(0),
+            "final_reward_mean": float(reward[:, -1].mean()),
+        }
 
     ax_r.set(xscale="log", xlabel=TIME_LABEL, ylabel="reward J (closed form at the current θ)", title="reward")
     ax_r.legend(loc="upper left", fontsize=6.5)
@@ -91,18 +110,25 @@ def main(argv=None) -> dict:
     slope = float(np.polyfit(np.log(gd_lrs), np.log(errors), 1)[0])
     ax_err.loglog(gd_lrs, errors, "o-", color=color(0), label=f"gradient descent (slope {slope:.2f})")
     ax_err.loglog(gd_lrs, errors[0] * np.asarray(gd_lrs) / gd_lrs[0], ":", color="0.4", label="∝ lr")
-    ax_err.set(xlabel="step size lr", ylabel=r"max over t of $|\theta_{\rm GD}(t) - \theta_{\rm flow}(t)|$", title="discretisation error")
+    ax_err.set(
+        xlabel="step size lr", ylabel=r"max over t of $|\theta_{\rm GD}(t) - \theta_{\rm flow}(t)|$", title="discretisation error"
+    )
     ax_err.legend(loc="upper left")
     for ax, letter in zip(axes.flat, "abc"):
         panel_label(ax, letter)
     fig.suptitle(f"Flow, gradient descent and sampled REINFORCE on one axis t = lr × step (n = {args.n}, uniform starts)")
     data["gd_error_slope"] = slope
-    data["claim"] = {"statement": "gradient descent converges to the flow as lr -> 0 (error ~ lr)",
-                     "errors": dict(zip(gd_lrs, errors)), "slope": slope,
-                     "holds": bool(all(np.diff(errors) > 0))}
-    print(f"{NAME}: GD max |theta error| by lr: {dict(zip(gd_lrs, np.round(errors, 5)))}, slope {slope:.2f}; "
-          + ", ".join(f"{k}: final J {v['final_reward_mean']:.4f}" for k, v in data["sampled"].items())
-          + f"; flow final J {flow.reward[-1]:.4f}")
+    data["claim"] = {
+        "statement": "gradient descent converges to the flow as lr -> 0 (error ~ lr)",
+        "errors": dict(zip(gd_lrs, errors)),
+        "slope": slope,
+        "holds": bool(all(np.diff(errors) > 0)),
+    }
+    print(
+        f"{NAME}: GD max |theta error| by lr: {dict(zip(gd_lrs, np.round(errors, 5)))}, slope {slope:.2f}; "
+        + ", ".join(f"{k}: final J {v['final_reward_mean']:.4f}" for k, v in data["sampled"].items())
+        + f"; flow final J {flow.reward[-1]:.4f}"
+    )
     save_figure(fig, NAME, args.out, data)
     return data
 

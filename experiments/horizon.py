@@ -59,9 +59,15 @@ def main(argv=None) -> dict:
         ax_pos.plot(positions, stay, "s", color=color(j + 3), ls=STYLES[j], mfc="none", label=f"self-loop, {label}")
         alpha, beta, gamma = (float(x) for x in traj.theta[-1, :3])
         data["runs"][label] = {
-            "max_len": cap, "ts": traj.ts, "theta": traj.theta[:, :3], "reward": traj.reward,
-            "expected_length": traj.expected_length, "final_theta": [alpha, beta, gamma],
-            "final_forward": forward, "final_stay": stay, "final_reward": float(traj.reward[-1]),
+            "max_len": cap,
+            "ts": traj.ts,
+            "theta": traj.theta[:, :3],
+            "reward": traj.reward,
+            "expected_length": traj.expected_length,
+            "final_theta": [alpha, beta, gamma],
+            "final_forward": forward,
+            "final_stay": stay,
+            "final_reward": float(traj.reward[-1]),
             "final_length": float(traj.expected_length[-1]),
         }
     minimal = float(np.mean(positions))
@@ -77,8 +83,13 @@ def main(argv=None) -> dict:
     ax_len.legend(loc="upper left", fontsize=7)
     ax_j.set(xscale="log", xlabel=TIME_LABEL, ylabel="reward J (own objective)", title="reward")
     ax_j.legend(loc="lower right", fontsize=7)
-    ax_pos.set(xlabel="position i of a_i", ylabel="probability at t = horizon", title="final step probabilities",
-               ylim=(-0.02, 1.02), xticks=positions)
+    ax_pos.set(
+        xlabel="position i of a_i",
+        ylabel="probability at t = horizon",
+        title="final step probabilities",
+        ylim=(-0.02, 1.02),
+        xticks=positions,
+    )
     ax_pos.legend(loc="center left", fontsize=6)
     for ax, letter in zip(axes.flat, "abcd"):
         panel_label(ax, letter)
@@ -88,8 +99,8 @@ def main(argv=None) -> dict:
     uncapped, capped_runs = runs[0], runs[1:]
     data["claim"] = {
         "statement": "uncapped: gamma < 0 and the walk stays more than it moves at every interior position; "
-                     "capped (n + 1 and 2n): beta < 0 < gamma at the end and the forward step beats the self-loop "
-                     "at every position, with the tighter cap further (larger gamma - beta)",
+        "capped (n + 1 and 2n): beta < 0 < gamma at the end and the forward step beats the self-loop "
+        "at every position, with the tighter cap further (larger gamma - beta)",
         "final_theta": {label: run["final_theta"] for label, run in data["runs"].items()},
         "holds": bool(
             uncapped["final_theta"][2] < 0
@@ -100,9 +111,11 @@ def main(argv=None) -> dict:
             > (capped_runs[1]["final_theta"][2] - capped_runs[1]["final_theta"][1])
         ),
     }
-    print(f"{NAME}: final (alpha, beta, gamma): "
-          + "; ".join(f"{k}: {np.round(v, 3).tolist()}" for k, v in data["claim"]["final_theta"].items())
-          + f"; claim holds: {data['claim']['holds']}")
+    print(
+        f"{NAME}: final (alpha, beta, gamma): "
+        + "; ".join(f"{k}: {np.round(v, 3).tolist()}" for k, v in data["claim"]["final_theta"].items())
+        + f"; claim holds: {data['claim']['holds']}"
+    )
     save_figure(fig, NAME, args.out, data)
     return data
 

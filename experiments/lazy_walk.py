@@ -17,8 +17,16 @@ import numpy as np
 from gradflow import ChainTask, ModelSpec, Theta, step_probabilities
 from gradflow.flow import FlowParams, simulate
 from gradflow.model import default_theta0
-from gradflow.plotting import (TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots,
-                               use_headless_backend)
+from gradflow.plotting import (
+    TIME_LABEL,
+    color,
+    experiment_parser,
+    log_times,
+    panel_label,
+    save_figure,
+    subplots,
+    use_headless_backend,
+)
 
 NAME = "lazy_walk"
 
@@ -31,8 +39,10 @@ def main(argv=None) -> dict:
     t1 = args.t1 or (1e3 if args.quick else 1e6)
     task = ChainTask.uniform(args.n)
     variants = {"self masked (default)": ModelSpec(mask_self=True), "self-loops allowed": ModelSpec(mask_self=False)}
-    runs = {name: simulate(FlowParams(task, model, default_theta0(), t1=t1, save_ts=log_times(t1, 300, t_min=1e-2)), progress=False)
-            for name, model in variants.items()}
+    runs = {
+        name: simulate(FlowParams(task, model, default_theta0(), t1=t1, save_ts=log_times(t1, 300, t_min=1e-2)), progress=False)
+        for name, model in variants.items()
+    }
     masked, lazy = runs.values()
     ts = masked.ts
     keep = ts > 0
@@ -52,14 +62,14 @@ def main(argv=None) -> dict:
     ax_r.set(xscale="log", xlabel=TIME_LABEL, ylabel="reward J", title="reward: identical", ylim=(0.45, 1.02))
     ax_r.legend(loc="lower right", title=f"max |ΔJ| = {reward_gap:.1e}")
     ax_len.axhline(masked.minimal_length, color="k", lw=1, ls=":", label=f"minimal = {masked.minimal_length:.1f}")
-    ax_len.set(xscale="log", yscale="log", xlabel=TIME_LABEL, ylabel="expected tokens until a terminal",
-               title="chain-of-thought length")
+    ax_len.set(
+        xscale="log", yscale="log", xlabel=TIME_LABEL, ylabel="expected tokens until a terminal", title="chain-of-thought length"
+    )
     ax_len.legend(loc="upper left")
     ax_p.plot(ts[keep], p_self[keep], color=color(1), label=rf"stay at $a_{{{middle}}}$ (self-loop)")
     ax_p.plot(ts[keep], p_fwd[keep], color=color(2), label=rf"forward $a_{{{middle}}} \to a_{{{middle + 1}}}$")
     ax_p.plot(ts[keep], 1.0 - p_self[keep] - p_fwd[keep], color=color(3), ls="-.", label="anything else")
-    ax_p.set(xscale="log", xlabel=TIME_LABEL, ylabel="next-vertex probability", ylim=(0, 1),
-             title="self-loops allowed: one step")
+    ax_p.set(xscale="log", xlabel=TIME_LABEL, ylabel="next-vertex probability", ylim=(0, 1), title="self-loops allowed: one step")
     ax_p.legend(loc="center right")
     for ax, letter in zip(axes.flat, "abc"):
         panel_label(ax, letter)
@@ -84,8 +94,10 @@ def main(argv=None) -> dict:
             "length_self_loops": float(lazy.expected_length[-1]),
         },
     }
-    print(f"{NAME}: max |d theta| = {theta_gap:.2e}, max |d J| = {reward_gap:.2e}, final length "
-          f"{data['final']['length_masked']:.3f} (masked) vs {data['final']['length_self_loops']:.3f} (self-loops)")
+    print(
+        f"{NAME}: max |d theta| = {theta_gap:.2e}, max |d J| = {reward_gap:.2e}, final length "
+        f"{data['final']['length_masked']:.3f} (masked) vs {data['final']['length_self_loops']:.3f} (self-loops)"
+    )
     save_figure(fig, NAME, args.out, data)
     return data
 

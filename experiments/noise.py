@@ -41,8 +41,11 @@ THETA0 = (0.3, 0.0, 0.0)
 
 
 def _task_presets(n: int) -> dict[str, ChainTask]:
-    return {"uniform": ChainTask.uniform(n), "mixture (10% on d=1)": ChainTask.mixture(n, 0.1),
-            "hardest only": ChainTask.hardest(n)}
+    return {
+        "uniform": ChainTask.uniform(n),
+        "mixture (10% on d=1)": ChainTask.mixture(n, 0.1),
+        "hardest only": ChainTask.hardest(n),
+    }
 
 
 def hit_statistics(times: np.ndarray, horizon: float, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -84,8 +87,12 @@ def _sampled_runs(params: FlowParams, batch: int, steps: int, seeds: int):
         if seed == 0:
             first = time.perf_counter()
     steady = (time.perf_counter() - first) / max(seeds - 1, 1)  # per seed, compiled
-    return np.asarray(run.ts), np.asarray(rewards), np.asarray(times), {"first_seconds": first - start,
-                                                                      "seconds_per_seed": steady}
+    return (
+        np.asarray(run.ts),
+        np.asarray(rewards),
+        np.asarray(times),
+        {"first_seconds": first - start, "seconds_per_seed": steady},
+    )
 
 
 def _sde_runs(params: FlowParams, batch: int, horizon: float, seeds: int, timed: bool):
@@ -93,8 +100,9 @@ def _sde_runs(params: FlowParams, batch: int, horizon: float, seeds: int, timed:
     paths = simulate_sgd(params, LR, batch, keys, baseline="leave_one_out", t1=horizon)
     timing = {"first_seconds": paths.stats["seconds"]}
     if timed:  # a second call with fresh keys: compiled
-        again = simulate_sgd(params, LR, batch, jax.random.split(jax.random.key(batch + 1), seeds),
-                             baseline="leave_one_out", t1=horizon)
+        again = simulate_sgd(
+            params, LR, batch, jax.random.split(jax.random.key(batch + 1), seeds), baseline="leave_one_out", t1=horizon
+        )
         timing["seconds"] = again.stats["seconds"]
     return paths, timing
 
@@ -122,10 +130,25 @@ def main(argv=None) -> dict:
     horizon = args.horizon or (3.0 if quick else 8.0)
     steps = int(round(horizon / LR))
     model = ModelSpec()
-    tasks = {"uniform": ChainTask.uniform(N)} if quick else {"uniform": ChainTask.uniform(N),
-                                                               "mixture (10% on d=1)": ChainTask.mixture(N, 0.1)}
-    data = {"n": N, "lr": LR, "batches": BATCHES, "level": LEVEL, "horizon": horizon, "seeds": seeds,
-            "sde_seeds": sde_seeds, "theta0": THETA0, "quick": quick, "validation": {}, "speed": {}, "bands": {}}
+    tasks = (
+        {"uniform": ChainTask.uniform(N)}
+        if quick
+        else {"uniform": ChainTask.uniform(N), "mixture (10% on d=1)": ChainTask.mixture(N, 0.1)}
+    )
+    data = {
+        "n": N,
+        "lr": LR,
+        "batches": BATCHES,
+        "level": LEVEL,
+        "horizon": horizon,
+        "seeds": seeds,
+        "sde_seeds": sde_seeds,
+        "theta0": THETA0,
+        "quick": quick,
+        "validation": {},
+        "speed": {},
+        "bands": {},
+    }
 
     fig, axes = subplots(1, 4, width=4.0, height=3.4)
     for task_name, task in tasks.items():
@@ -137,8 +160,11 @@ def main(argv=None) -> dict:
             paths, sde_timing = _sde_runs(params, batch, horizon, sde_seeds, timed=not quick)
             sde_stats = hit_statistics(paths.hit_times, horizon)
             sampled_stats = hit_statistics(sampled_times, horizon)
-            data["validation"][task_name][batch] = {"sde": sde_stats, "sampled": sampled_stats,
-                                                    **compare(sde_stats, sampled_stats)}
+            data["validation"][task_name][batch] = {
+                "sde": sde_stats,
+                "sampled": sampled_stats,
+                **compare(sde_stats, sampled_stats),
+            }
             if task_name == "uniform":
                 ax = axes[0, j]
                 _band(ax, paths.ts, paths.reward, 0, f"SDE ({sde_seeds} seeds)")
@@ -146,8 +172,7 @@ def main(argv=None) -> dict:
                 if flow is not None:
                     ax.plot(flow.ts, flow.reward, color="k", lw=1.2, label="flow (no noise)")
                 ax.axhline(LEVEL, color="0.5", lw=0.8, ls=":")
-                ax.set(xlabel=TIME_LABEL, ylabel="J(theta)", title=f"n = {N}, uniform, lr = {LR}, B = {batch}",
-                       xlim=(0, horizon))
+                ax.set(xlabel=TIME_LABEL, ylabel="J(theta)", title=f"n = {N}, uniform, lr = {LR}, B = {batch}", xlim=(0, horizon))
                 ax.legend(loc="lower right")
                 panel_label(ax, "ab"[j])
                 band = lambda r: np.quantile(r, [0.1, 0.5, 0.9], axis=0)
@@ -177,8 +202,13 @@ def main(argv=None) -> dict:
         if t_hit is not None:
             ax.axvline(t_hit, color=color(k), lw=0.7, ls=":")
         data["critical_along"][name] = {"ts": traj.ts, "critical_batch": crit.total, "reward": traj.reward, "t_hit": t_hit}
-    ax.set(xscale="log", yscale="log", xlabel=TIME_LABEL, ylabel="critical batch trace(Σ)/|∇J|²",
-           title=f"along the flow, n = {CRITICAL_N} (dotted: J = 0.9)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel=TIME_LABEL,
+        ylabel="critical batch trace(Σ)/|∇J|²",
+        title=f"along the flow, n = {CRITICAL_N} (dotted: J = 0.9)",
+    )
     ax.legend(loc="best")
     panel_label(ax, "c")
 
@@ -190,16 +220,23 @@ def main(argv=None) -> dict:
         per_d = np.asarray(crit.per_start)
         ax.plot(np.arange(1, n), per_d, color=color(k), marker="o", ms=3, label=f"n = {n}")
         data["critical_base"][n] = {"per_start": per_d, "uniform_total": float(crit.total)}
-    ax.set(yscale="log", xlabel="start distance d", ylabel="critical batch (task = start d only)",
-           title="base model θ0 = (0.3, 0, 0)")
+    ax.set(
+        yscale="log",
+        xlabel="start distance d",
+        ylabel="critical batch (task = start d only)",
+        title="base model θ0 = (0.3, 0, 0)",
+    )
     ax.legend(loc="best")
     panel_label(ax, "d")
 
     # noise at theta = 0, hardest only: no mean gradient, the run diffuses
     zero = Theta(0.0, 0.0, 0.0)
     sigma0 = np.asarray(gradient_covariance(zero, ChainTask.hardest(CRITICAL_N), model).covariance)
-    data["diffusion"] = {"n": CRITICAL_N, "trace_sigma_at_0": float(np.trace(sigma0)),
-                         "formula": "RMS |theta_k - theta_0| ~= lr * sqrt(k * trace(Sigma(0)) / B)"}
+    data["diffusion"] = {
+        "n": CRITICAL_N,
+        "trace_sigma_at_0": float(np.trace(sigma0)),
+        "formula": "RMS |theta_k - theta_0| ~= lr * sqrt(k * trace(Sigma(0)) / B)",
+    }
     if not quick:
         data["diffusion"]["runs"] = _diffusion_runs(model)
 
@@ -216,11 +253,15 @@ def _diffusion_runs(model: ModelSpec, steps: int = 200, seeds: int = 256) -> dic
         params = FlowParams(task, model, Theta(0.0, 0.0, 0.0), t1=steps * LR)
         paths = simulate_sgd(params, LR, batch, jax.random.split(jax.random.key(7), seeds), t1=steps * LR)
         displacement = np.linalg.norm(paths.theta[:, -1] - paths.theta[:, 0], axis=1)
-        out[batch] = {"steps": steps, "lr": LR, "rms_displacement": float(np.sqrt(np.mean(displacement**2))),
-                      "formula": LR * np.sqrt(steps * trace0 / batch),
-                      "final_reward_mean": float(paths.reward[:, -1].mean()),
-                      "final_reward_max": float(paths.reward[:, -1].max()),
-                      "rms_by_coordinate": np.sqrt(np.mean((paths.theta[:, -1] - paths.theta[:, 0]) ** 2, axis=0))[:3]}
+        out[batch] = {
+            "steps": steps,
+            "lr": LR,
+            "rms_displacement": float(np.sqrt(np.mean(displacement**2))),
+            "formula": LR * np.sqrt(steps * trace0 / batch),
+            "final_reward_mean": float(paths.reward[:, -1].mean()),
+            "final_reward_max": float(paths.reward[:, -1].max()),
+            "rms_by_coordinate": np.sqrt(np.mean((paths.theta[:, -1] - paths.theta[:, 0]) ** 2, axis=0))[:3],
+        }
     return out
 
 

@@ -16,8 +16,16 @@ import numpy as np
 from gradflow import ChainTask, ModelSpec, Theta, expected_reward, traversal_probability
 from gradflow.flow import FlowParams, simulate
 from gradflow.model import default_theta0
-from gradflow.plotting import (TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots,
-                               use_headless_backend)
+from gradflow.plotting import (
+    TIME_LABEL,
+    color,
+    experiment_parser,
+    log_times,
+    panel_label,
+    save_figure,
+    subplots,
+    use_headless_backend,
+)
 
 NAME = "ood"
 VOCABULARY = 24
@@ -48,8 +56,7 @@ def main(argv=None) -> dict:
     fig, axes = subplots(1, 3, width=4.4, height=3.6)
     data = {"snapshots": SNAPSHOTS, "eval_ns": eval_ns, "trained": {}}
     for p, n_train in enumerate(train_ns):
-        run = simulate(FlowParams(ChainTask.uniform(n_train), model, default_theta0(), t1=t1, save_ts=save_ts),
-                       progress=False)
+        run = simulate(FlowParams(ChainTask.uniform(n_train), model, default_theta0(), t1=t1, save_ts=save_ts), progress=False)
         thetas = run.theta[1:]
         evaluated = [evaluate(thetas, m, model) for m in eval_ns]
         rewards = np.stack([r for r, _ in evaluated], axis=1)  # (snapshots, eval_ns)
@@ -58,13 +65,20 @@ def main(argv=None) -> dict:
         for j, t in enumerate(SNAPSHOTS):
             ax.plot(eval_ns, 1.0 - rewards[j], marker="o", ms=3, color=color(j), label=f"t = {t:g}")
         ax.axvline(n_train, color="0.5", lw=0.8, ls=":")
-        ax.set(xscale="log", yscale="log", xlabel="evaluation chain length n (uniform starts)",
-               ylabel="loss 1 − J at evaluation n", title=f"trained at n = {n_train}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="evaluation chain length n (uniform starts)",
+            ylabel="loss 1 − J at evaluation n",
+            title=f"trained at n = {n_train}",
+        )
         ax.set_xticks(eval_ns, [str(m) for m in eval_ns], minor=False)
         ax.minorticks_off()
         ax.legend(loc="lower right", title="training time")
         data["trained"][n_train] = {
-            "theta": thetas[:, :3], "reward": rewards, "traversal_prob": traversal,
+            "theta": thetas[:, :3],
+            "reward": rewards,
+            "traversal_prob": traversal,
             "reward_final": dict(zip(eval_ns, rewards[-1])),
         }
 
@@ -77,7 +91,8 @@ def main(argv=None) -> dict:
     final = data["trained"][4]["reward_final"]
     data["claim"] = {
         "statement": "parameters trained at n = 4 (t = 1e4) reach reward >= 0.99 at n = 8 and 12",
-        "reward_n8": final[8], "reward_n12": final[12],
+        "reward_n8": final[8],
+        "reward_n12": final[12],
         "holds": bool(final[8] >= 0.99 and final[12] >= 0.99),
         "isolated_final": data["isolated"]["reward_final"],
     }
@@ -90,8 +105,7 @@ def _isolated(ax, quick: bool) -> dict:
     """Train at n = 4 with 16 isolated vertices; reward at n = 4, 8, 12 in the 24-vertex vocabulary."""
     ts = log_times(1e4, 60 if quick else 200, t_min=1e-2)
     train_model = ModelSpec(n_isolated=VOCABULARY - 8)
-    run = simulate(FlowParams(ChainTask.uniform(4), train_model, default_theta0(), t1=ts[-1], save_ts=ts),
-                   progress=False)
+    run = simulate(FlowParams(ChainTask.uniform(4), train_model, default_theta0(), t1=ts[-1], save_ts=ts), progress=False)
     keep = ts > 0
     out = {"ts": ts, "reward": {}, "traversal_prob": {}, "reward_final": {}}
     for j, m in enumerate((4, 8, 12)):
@@ -100,8 +114,13 @@ def _isolated(ax, quick: bool) -> dict:
         ax.plot(ts[keep], reward[keep], color=color(j), label=f"evaluate n = {m} (J)")
         ax.plot(ts[keep], traversal[keep], color=color(j), ls="--", lw=1.0, label=f"n = {m}, exact traversal")
         out["reward"][m], out["traversal_prob"][m], out["reward_final"][m] = reward, traversal, float(reward[-1])
-    ax.set(xscale="log", xlabel=TIME_LABEL + ", training at n = 4", ylabel="reward / traversal probability", ylim=(0, 1.02),
-           title=f"paper's setting: {VOCABULARY}-vertex vocabulary\n(trained at n = 4, evaluated at n = 4, 8, 12)")
+    ax.set(
+        xscale="log",
+        xlabel=TIME_LABEL + ", training at n = 4",
+        ylabel="reward / traversal probability",
+        ylim=(0, 1.02),
+        title=f"paper's setting: {VOCABULARY}-vertex vocabulary\n(trained at n = 4, evaluated at n = 4, 8, 12)",
+    )
     ax.legend(loc="lower right", ncol=1)
     return out
 

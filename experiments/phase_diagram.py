@@ -38,7 +38,13 @@ def main(argv=None) -> dict:
     parser = experiment_parser(__doc__.splitlines()[0])
     parser.add_argument("--t1", type=float, default=1e8, help="longest flow time solved (default 1e8)")
     parser.add_argument("--budget", type=float, default=1e3, help="time budget drawn as the feasibility boundary (default 1e3)")
-    parser.add_argument("--ns", type=int, nargs="+", default=None, help=f"chain lengths (default {FULL_NS[0]}..{FULL_NS[-1]}, {len(FULL_NS)} values)")
+    parser.add_argument(
+        "--ns",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"chain lengths (default {FULL_NS[0]}..{FULL_NS[-1]}, {len(FULL_NS)} values)",
+    )
     parser.add_argument("--n-masses", type=int, default=32, help="number of easy masses c > 0, log-spaced 1e-4..1 (default 32)")
     args = parser.parse_args(argv)
     ns = tuple(args.ns) if args.ns else (QUICK_NS if args.quick else FULL_NS)
@@ -53,11 +59,13 @@ def main(argv=None) -> dict:
         row = learning_times([ChainTask.mixture(n, c) for c in cs], model, theta0, level=LEVEL, t1=args.t1)
         seconds[n], cpu_seconds[n] = time.perf_counter() - tick, _cpu_seconds() - cpu_tick
         times[:, j] = [np.nan if t is None else t for t in row]
-        print(f"{NAME}: n = {n} ({seconds[n]:.1f} s, cpu {cpu_seconds[n]:.1f} s): "
-              + ", ".join(f"c={c:.3g}: {'-' if np.isnan(t) else f'{t:.3g}'}" for c, t in zip(cs, times[:, j])), flush=True)
+        print(
+            f"{NAME}: n = {n} ({seconds[n]:.1f} s, cpu {cpu_seconds[n]:.1f} s): "
+            + ", ".join(f"c={c:.3g}: {'-' if np.isnan(t) else f'{t:.3g}'}" for c, t in zip(cs, times[:, j])),
+            flush=True,
+        )
     total, total_cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
-    print(f"{NAME}: {len(ns)} chain lengths x {len(cs)} masses in {total:.1f} s (cpu {total_cpu:.1f} s), "
-          f"one compilation per n")
+    print(f"{NAME}: {len(ns)} chain lengths x {len(cs)} masses in {total:.1f} s (cpu {total_cpu:.1f} s), one compilation per n")
     log_t = np.log10(times)
 
     big = len(ns) * len(cs) > 300  # too many cells to print each value
@@ -71,8 +79,15 @@ def main(argv=None) -> dict:
         if big and np.isfinite(value):
             continue
         text = f"{value:.1f}" if np.isfinite(value) else "∞"
-        ax.text(j, i, text, ha="center", va="center", fontsize=5.5 if big else 6.5,
-                color="white" if not np.isfinite(value) or value < norm.vmax * 0.6 else "black")
+        ax.text(
+            j,
+            i,
+            text,
+            ha="center",
+            va="center",
+            fontsize=5.5 if big else 6.5,
+            color="white" if not np.isfinite(value) or value < norm.vmax * 0.6 else "black",
+        )
     ax.patch.set_facecolor("0.35")
     feasible = np.isfinite(times) & (times <= args.budget)
     # rows are sorted by c: the boundary of each column sits below its lowest feasible row
@@ -83,27 +98,45 @@ def main(argv=None) -> dict:
     every = 4 if big else 1
     rows = [i for i in range(len(cs)) if i == 0 or (len(cs) - 1 - i) % every == 0]
     ax.set_yticks(rows, [labels[i] for i in rows])
-    ax.set(xlabel="chain length n (vertices per chain)", ylabel="mass c on the one-step start d = 1 (rest on d = n − 1)",
-           title=f"log10 flow time to reward {LEVEL} (∞: not by t1 = {args.t1:g});\n"
-                 f"white line: budget T = {args.budget:g}, learning infeasible below it")
+    ax.set(
+        xlabel="chain length n (vertices per chain)",
+        ylabel="mass c on the one-step start d = 1 (rest on d = n − 1)",
+        title=f"log10 flow time to reward {LEVEL} (∞: not by t1 = {args.t1:g});\n"
+        f"white line: budget T = {args.budget:g}, learning infeasible below it",
+    )
     ax.grid(False)
     fig.colorbar(mesh, ax=ax, label=f"log10 T (flow time to reward {LEVEL})")
 
     boundary = {n: (float(cs[np.argmax(feasible[:, j])]) if feasible[:, j].any() else None) for j, n in enumerate(ns)}
     data = {
-        "ns": ns, "cs": cs, "level": LEVEL, "t1": args.t1, "budget": args.budget,
-        "times": times, "log10_times": log_t,
-        "seconds_per_n": seconds, "cpu_seconds_per_n": cpu_seconds, "seconds_total": total, "cpu_seconds_total": total_cpu,
+        "ns": ns,
+        "cs": cs,
+        "level": LEVEL,
+        "t1": args.t1,
+        "budget": args.budget,
+        "times": times,
+        "log10_times": log_t,
+        "seconds_per_n": seconds,
+        "cpu_seconds_per_n": cpu_seconds,
+        "seconds_total": total,
+        "cpu_seconds_total": total_cpu,
         "compilations": len(ns),
         "smallest_feasible_c": boundary,
         "slope_logT_logc_small_c": _small_c_slopes(ns, cs, times),
         "claim": {
             "statement": "at fixed n, more easy mass is never slower (for c <= 0.5); hardest-only is slowest",
-            "monotone_in_c": bool(all(
-                np.all(np.diff(np.nan_to_num(times[1:, j][np.asarray(cs[1:]) <= 0.5], nan=np.inf)) <= 1e-9)
-                for j in range(len(ns)))),
-            "hardest_slowest": bool(all(np.nanmax(np.nan_to_num(times[:, j], nan=np.inf)) == np.nan_to_num(times[0, j], nan=np.inf)
-                                        for j in range(len(ns)))),
+            "monotone_in_c": bool(
+                all(
+                    np.all(np.diff(np.nan_to_num(times[1:, j][np.asarray(cs[1:]) <= 0.5], nan=np.inf)) <= 1e-9)
+                    for j in range(len(ns))
+                )
+            ),
+            "hardest_slowest": bool(
+                all(
+                    np.nanmax(np.nan_to_num(times[:, j], nan=np.inf)) == np.nan_to_num(times[0, j], nan=np.inf)
+                    for j in range(len(ns))
+                )
+            ),
         },
     }
     print(f"{NAME}: smallest c within budget {args.budget:g}: {boundary}")

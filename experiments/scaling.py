@@ -46,8 +46,10 @@ def main(argv=None) -> dict:
     for j, (name, (make_task, ns)) in enumerate(distributions(args.quick).items()):
         result = scaling(ns, make_task, model, theta0, level=LEVEL, t1=T1)
         times = np.array([np.nan if t is None else t for t in result.times])
-        label = (f"{name}: T ∝ $e^{{{result.rate:.2f}\\,n}}$ (rss {result.exp_rss:.2g}) or "
-                 f"$n^{{{result.degree:.2f}}}$ (rss {result.power_rss:.2g})")
+        label = (
+            f"{name}: T ∝ $e^{{{result.rate:.2f}\\,n}}$ (rss {result.exp_rss:.2g}) or "
+            f"$n^{{{result.degree:.2f}}}$ (rss {result.power_rss:.2g})"
+        )
         reached = [n for n, t in zip(ns, times) if np.isfinite(t)]
         grid = np.linspace(min(reached), max(reached), 100)
         if result.better == "exponential":
@@ -58,37 +60,61 @@ def main(argv=None) -> dict:
             ax.plot(ns, times, "o", ms=4, color=color(j), label=label)
             ax.plot(grid, fit_line, "-", lw=1.2, color=color(j), alpha=0.8)
         data["curves"][name] = {
-            "ns": ns, "times": times, "rate": result.rate, "factor_per_n": result.factor,
-            "exp_intercept": result.exp_intercept, "exp_rss": result.exp_rss,
-            "degree": result.degree, "power_intercept": result.power_intercept, "power_rss": result.power_rss,
+            "ns": ns,
+            "times": times,
+            "rate": result.rate,
+            "factor_per_n": result.factor,
+            "exp_intercept": result.exp_intercept,
+            "exp_rss": result.exp_rss,
+            "degree": result.degree,
+            "power_intercept": result.power_intercept,
+            "power_rss": result.power_rss,
             "better": result.better,
         }
         print(f"{NAME}: {name}: " + ", ".join(f"T({n})={t:.4g}" for n, t in zip(ns, times)) + f"; better fit {result.better}")
     ax_lin, ax_log = axes[0]
-    ax_lin.set(yscale="log", xlabel="chain length n (vertices per chain)",
-               ylabel=f"flow time to reward {LEVEL} (log)", title="log T against n: exponential = straight line")
-    ax_log.set(xscale="log", yscale="log", xlabel="chain length n (log)",
-               ylabel=f"flow time to reward {LEVEL} (log)", title="log T against log n: power law = straight line")
+    ax_lin.set(
+        yscale="log",
+        xlabel="chain length n (vertices per chain)",
+        ylabel=f"flow time to reward {LEVEL} (log)",
+        title="log T against n: exponential = straight line",
+    )
+    ax_log.set(
+        xscale="log",
+        yscale="log",
+        xlabel="chain length n (log)",
+        ylabel=f"flow time to reward {LEVEL} (log)",
+        title="log T against log n: power law = straight line",
+    )
     ax_log.set_xticks(sorted({n for _, ns in distributions(args.quick).values() for n in ns}))
     ax_log.xaxis.set_major_formatter("{x:g}")
     ax_log.minorticks_off()
     handles, labels = ax_lin.get_legend_handles_labels()
-    fig.legend(handles[: len(labels)], labels, loc="outside lower center", ncol=2, fontsize=8,
-               title="points: flow time to reward 0.9; line: the better fit (exponential or power law; both printed)")
+    fig.legend(
+        handles[: len(labels)],
+        labels,
+        loc="outside lower center",
+        ncol=2,
+        fontsize=8,
+        title="points: flow time to reward 0.9; line: the better fit (exponential or power law; both printed)",
+    )
     panel_label(ax_lin, "a")
     panel_label(ax_log, "b")
     fig.suptitle("Simple examples make learning polynomial in n; hardest-only training is exponential")
 
     curves = data["curves"]
     common = [n for n in curves["hardest only"]["ns"] if n in curves["uniform"]["ns"]]
-    ratio = {n: curves["hardest only"]["times"][list(curves["hardest only"]["ns"]).index(n)]
-             / curves["uniform"]["times"][list(curves["uniform"]["ns"]).index(n)] for n in common}
+    ratio = {
+        n: curves["hardest only"]["times"][list(curves["hardest only"]["ns"]).index(n)]
+        / curves["uniform"]["times"][list(curves["uniform"]["ns"]).index(n)]
+        for n in common
+    }
     data["claim"] = {
         "statement": "hardest-only grows faster in n than uniform (larger exponential rate, growing ratio)",
-        "rate_hardest": curves["hardest only"]["rate"], "rate_uniform": curves["uniform"]["rate"],
+        "rate_hardest": curves["hardest only"]["rate"],
+        "rate_uniform": curves["uniform"]["rate"],
         "hardest_over_uniform": ratio,
-        "holds": bool(curves["hardest only"]["rate"] > curves["uniform"]["rate"]
-                      and ratio[common[-1]] > ratio[common[0]]),
+        "holds": bool(curves["hardest only"]["rate"] > curves["uniform"]["rate"] and ratio[common[-1]] > ratio[common[0]]),
     }
     save_figure(fig, NAME, args.out, data)
     return data

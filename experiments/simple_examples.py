@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import ChainTask, ModelSpec, Theta, same_side_probability
-from gradflow.flow import FlowParams, simulate_many
 from gradflow._series import first_crossing
+from gradflow.flow import FlowParams, simulate_many
 from gradflow.model import default_theta0
 from gradflow.plotting import TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots
 from gradflow.training import train
@@ -63,8 +63,15 @@ def main(argv=None) -> dict:
     trajectories = simulate_many(configs)
 
     fig, axes = subplots(1, len(STARTS), width=5.0, height=3.8, sharey=True)
-    data = {"n": N, "ks": KS, "horizon": args.horizon, "starts": STARTS, "flow": {}, "sampled": {},
-            "sampling": {"optimizer": "sgd", "lr": args.lr, "steps": steps, "batch": batch, "seeds": seeds}}
+    data = {
+        "n": N,
+        "ks": KS,
+        "horizon": args.horizon,
+        "starts": STARTS,
+        "flow": {},
+        "sampled": {},
+        "sampling": {"optimizer": "sgd", "lr": args.lr, "steps": steps, "batch": batch, "seeds": seeds},
+    }
     for s, (start_name, theta0) in enumerate(STARTS.items()):
         ax = axes[0, s]
         data["flow"][start_name] = {}
@@ -73,21 +80,29 @@ def main(argv=None) -> dict:
             h = hardest_reward(traj.theta, N, model)
             ax.plot(traj.ts[1:], h[1:], color=color(j), label=f"k = {k}" + (" (hardest only)" if k == 1 else ""))
             data["flow"][start_name][k] = {
-                "ts": traj.ts, "hardest_reward": h,
+                "ts": traj.ts,
+                "hardest_reward": h,
                 "t_hit_0.9": first_crossing(traj.ts, h, HIGH),
-                "max_reward": float(np.nanmax(h)), "final_reward": float(h[-1]),
+                "max_reward": float(np.nanmax(h)),
+                "final_reward": float(h[-1]),
             }
         if start_name == CLAIM_START:
             data["sampled"] = _sampled(ax, theta0, model, args.lr, steps, batch, seeds)
         ax.axhline(HIGH, color="0.5", lw=0.8, ls=":")
-        ax.set(xscale="log", xlabel=TIME_LABEL, ylim=(0.45, 1.02), xlim=(ts[1], args.horizon),
-               title=f"{start_name}: θ0 = (α, β, γ) = {theta0}")
+        ax.set(
+            xscale="log",
+            xlabel=TIME_LABEL,
+            ylim=(0.45, 1.02),
+            xlim=(ts[1], args.horizon),
+            title=f"{start_name}: θ0 = (α, β, γ) = {theta0}",
+        )
         panel_label(ax, "ab"[s])
     axes[0, 0].set_ylabel(f"reward on the hardest start (d = {N - 1})")
     axes[0, 0].legend(loc="upper left", title=f"train on the k hardest starts, n = {N}")
     axes[0, 1].legend(loc="upper left", title="closed-form flow")
-    fig.suptitle("Simple examples are needed: only k = 4 holds the one-step start d = 1 "
-                 "(lines: flow; bands: REINFORCE mean ± std)")
+    fig.suptitle(
+        "Simple examples are needed: only k = 4 holds the one-step start d = 1 (lines: flow; bands: REINFORCE mean ± std)"
+    )
 
     claim = data["flow"][CLAIM_START]
     data["claim"] = {

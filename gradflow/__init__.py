@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
-
 from gradflow._version import __version__
+
+jax.config.update("jax_enable_x64", True)
 
 # public name -> the module that defines it (loaded on first access)
 _EXPORTS = {

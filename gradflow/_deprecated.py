@@ -25,13 +25,23 @@ ALIASES: tuple[Alias, ...] = (
     Alias("gradflow.theory:DEFAULT_THETA0", "gradflow.model.default_theta0()", "gradflow.model:default_theta0()"),
     Alias("gradflow.training:PARAM_KINDS", "gradflow.training.COORDS", "gradflow.training:COORDS"),
     Alias("gradflow.training.train(params=)", "gradflow.training.train(coords=)", "coords"),
-    *(Alias(f"gradflow.sampling:{name}", f"gradflow.training.{new}", f"gradflow.training:{new}")
-      for name, new in (("train", "train"), ("gradient_descent", "gradient_descent"),
-                        ("TrainingTrajectory", "TrainingTrajectory"), ("TrainConfig", "TrainConfig"),
-                        ("OPTIMIZERS", "OPTIMIZERS"), ("PARAM_KINDS", "COORDS"))),
+    *(
+        Alias(f"gradflow.sampling:{name}", f"gradflow.training.{new}", f"gradflow.training:{new}")
+        for name, new in (
+            ("train", "train"),
+            ("gradient_descent", "gradient_descent"),
+            ("TrainingTrajectory", "TrainingTrajectory"),
+            ("TrainConfig", "TrainConfig"),
+            ("OPTIMIZERS", "OPTIMIZERS"),
+            ("PARAM_KINDS", "COORDS"),
+        )
+    ),
     Alias("StepProbabilities.self", "StepProbabilities.stay", "stay"),
-    Alias(INT_TASK := "an int n in place of the task (step_probabilities, transition_matrix, gradient_by_distance)",
-          "a ChainTask (e.g. gradflow.ChainTask.uniform(n))", "task"),
+    Alias(
+        INT_TASK := "an int n in place of the task (step_probabilities, transition_matrix, gradient_by_distance)",
+        "a ChainTask (e.g. gradflow.ChainTask.uniform(n))",
+        "task",
+    ),
 )
 
 _WARNED: set[str] = set()

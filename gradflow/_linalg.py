@@ -42,6 +42,7 @@ def _unit_sign(x):
 def _scan_recurrence(coef, offset, reverse=False):
     """z_k = offset_k + coef_k z_{k-1}, z_{-1} = 0 (reverse: z_k = offset_k + coef_k z_{k+1}, z_N = 0):
     one sequential pass, rows on axis -2 of offset."""
+
     def step(z_prev, row):
         c, o = row
         z = o + c[..., None] * z_prev
@@ -82,6 +83,7 @@ def _linear_recurrence(coef, offset, reverse=False):
             out[k] = z
         return jnp.stack([out[k] for k in range(n_rows)], axis=-2)
     shift, shift_back = (_shift_up, _shift_down) if reverse else (_shift_down, _shift_up)
+
     # A z = z - coef * shift(z) = offset;  A^T w = w - shift_back(coef * w)
     def matvec(z):
         return z - coef[..., None] * shift(z)
@@ -121,6 +123,7 @@ def _reduced_excess(excess, a_pred, a_succ, flip):
 def _reduced_excess_scan(excess, a_pred, a_succ, flip):
     """``_reduced_excess`` for large N: one ``lax.scan``; its JVP (below) is a linear recurrence in the
     relative tangents ds_k / s_k, whose coefficients are at most 1 (``_linear_recurrence``)."""
+
     def step(s_prev, row):
         s = _reduce_step(s_prev, *row)
         return s, s
@@ -263,7 +266,7 @@ def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1):
     c1, c2 = int(deg1.sum()), int((~deg1).sum())
     k = rhs.shape[-1]
     z, min_pivot = gth_solve(excess, lower, upper, jnp.concatenate([rhs, u, absorb[..., None]], axis=-1))
-    z_r, z_u, z_a = z[..., :k], z[..., k:k + 2], z[..., k + 2]
+    z_r, z_u, z_a = z[..., :k], z[..., k : k + 2], z[..., k + 2]
     v1, v2 = jnp.asarray(deg1, dtype=z.dtype), jnp.asarray(~deg1, dtype=z.dtype)
     a1, a2 = jnp.einsum("n,...n->...", v1, z_a), jnp.einsum("n,...n->...", v2, z_a)
     vr1, vr2 = jnp.einsum("n,...nj->...j", v1, z_r), jnp.einsum("n,...nj->...j", v2, z_r)

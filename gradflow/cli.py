@@ -134,7 +134,13 @@ def load_trajectory(path, flag: str = "--run"):
     try:
         return Trajectory.load(npz)
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
-        detail = f"missing key {error}" if isinstance(error, KeyError) else str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = (
+            f"missing key {error}"
+            if isinstance(error, KeyError)
+            else str(error).strip().splitlines()[0]
+            if str(error).strip()
+            else ""
+        )
         raise ValueError(f"{flag} {str(path)!r}: not a readable gradflow result ({type(error).__name__}: {detail})") from None
 
 
@@ -145,8 +151,12 @@ def _choices():
 
 def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> None:
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="vertices per chain (>= 2), default 8")
-    parser.add_argument("--dist", choices=("uniform", "hardest", "mixture", "k_hardest"), default="uniform",
-                        help="start distribution over distances d = 1..n-1 (default uniform)")
+    parser.add_argument(
+        "--dist",
+        choices=("uniform", "hardest", "mixture", "k_hardest"),
+        default="uniform",
+        help="start distribution over distances d = 1..n-1 (default uniform)",
+    )
     parser.add_argument("--easy-mass", type=float, default=0.1, help="mixture: mass on the easy distances (default 0.1)")
     parser.add_argument("--easy-steps", type=int, nargs="+", default=[1], help="mixture: the easy distances (default 1)")
     parser.add_argument("--k", type=int, default=1, help="k_hardest: uniform over the k hardest starts (default 1)")
@@ -154,17 +164,28 @@ def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> Non
     parser.add_argument("--tau", type=float, default=0.2, help="logit temperature > 0 (default 0.2)")
     parser.add_argument("--allow-self", action="store_true", help="let the model write the current vertex (self-loops)")
     parser.add_argument("--n-isolated", type=int, default=0, help="isolated vertices in the vocabulary (default 0)")
-    parser.add_argument("--theta0", type=float, nargs=5, default=None, metavar=("ALPHA", "BETA", "GAMMA", "ETA", "DELTA"),
-                        help="start (default: FlowParams' default theta0, (0.3, 0, 0, 0, 0))")
+    parser.add_argument(
+        "--theta0",
+        type=float,
+        nargs=5,
+        default=None,
+        metavar=("ALPHA", "BETA", "GAMMA", "ETA", "DELTA"),
+        help="start (default: FlowParams' default theta0, (0.3, 0, 0, 0, 0))",
+    )
     parser.add_argument("--t1", type=float, default=1e4, help="final time of the flow (default 1e4)")
     parser.add_argument("--coords", choices=choices["coords"], default="reduced", help="flow coordinates (default reduced)")
     parser.add_argument("--solver", choices=choices["solver"], default="tsit5", help="ODE solver (default tsit5)")
     parser.add_argument("--rtol", type=float, default=1e-8, help="relative tolerance (default 1e-8)")
     parser.add_argument("--atol", type=float, default=1e-10, help="absolute tolerance (default 1e-10)")
     parser.add_argument("--threshold", type=float, default=0.9, help="reward level whose hitting time is reported (default 0.9)")
-    parser.add_argument("--readouts", nargs="+", choices=choices["readouts"], default=None, metavar="NAME",
-                        help=f"read-outs to record (gradflow.readouts; the reward always is): {', '.join(choices['readouts'])} "
-                             "(default all)")
+    parser.add_argument(
+        "--readouts",
+        nargs="+",
+        choices=choices["readouts"],
+        default=None,
+        metavar="NAME",
+        help=f"read-outs to record (gradflow.readouts; the reward always is): {', '.join(choices['readouts'])} (default all)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress meter")
 
 
@@ -186,7 +207,8 @@ def report(trajectory) -> str:
     ts = np.asarray(trajectory.ts)
     reward = np.asarray(trajectory.reward)
     finite = np.flatnonzero(np.isfinite(ts))
-    lines = [f"config: n={trajectory.config.task.n}, start_probs={np.round(np.asarray(trajectory.config.task.start_probs), 4).tolist()}"]
+    task = trajectory.config.task
+    lines = [f"config: n={task.n}, start_probs={np.round(np.asarray(task.start_probs), 4).tolist()}"]
     shown = set()
     for t in REPORT_TIMES:
         if finite.size and ts[finite[0]] <= t <= ts[finite[-1]]:
@@ -205,8 +227,10 @@ def report(trajectory) -> str:
     lines.append(f"final alpha = {alpha:.4f}, beta = {beta:.4f}, gamma = {gamma:.4f}")
     lines += _readout_lines(trajectory, last)
     stats = trajectory.stats
-    lines.append(f"solver: {stats.get('num_steps')} steps ({stats.get('num_rejected_steps')} rejected), "
-                 f"compile {stats.get('compile_seconds', 0.0):.2f} s, run {stats.get('run_seconds', 0.0):.3f} s")
+    lines.append(
+        f"solver: {stats.get('num_steps')} steps ({stats.get('num_rejected_steps')} rejected), "
+        f"compile {stats.get('compile_seconds', 0.0):.2f} s, run {stats.get('run_seconds', 0.0):.3f} s"
+    )
     return "\n".join(lines)
 
 
@@ -292,7 +316,6 @@ def cmd_figures(args) -> int:
     """Run experiments/<name>.py for one figure or all of them."""
     import runpy
 
-
     with _input_stage():
         known = figure_names()
         if args.list:
@@ -353,12 +376,20 @@ def cmd_sweep(args) -> int:
         params = _executor_params(args.executor_param)
     kwargs = {}
     if args.executor is not None:
-        kwargs = dict(executor=args.executor, array_size=args.array_size, executor_params=params,
-                      executor_folder=args.executor_folder)
+        kwargs = dict(
+            executor=args.executor, array_size=args.array_size, executor_params=params, executor_folder=args.executor_folder
+        )
     try:
-        paths = sweep.run_sweep(args.config, args.out, resume=args.resume or args.executor is not None,
-                          progress=not args.no_progress, index=args.index, count=args.count,
-                          batch_size=args.batch_size, **kwargs)
+        paths = sweep.run_sweep(
+            args.config,
+            args.out,
+            resume=args.resume or args.executor is not None,
+            progress=not args.no_progress,
+            index=args.index,
+            count=args.count,
+            batch_size=args.batch_size,
+            **kwargs,
+        )
     except sweep.SweepError as error:
         print(f"gradflow sweep: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -385,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="simulate the default preset, print a report, write figures/emergence.png")
     _add_config_arguments(run, choices)
-    run.add_argument("--figure", default="figures/emergence.png",
-                     help="where to write the figure (also writes the .pdf and the .json of numbers beside it)")
+    run.add_argument(
+        "--figure",
+        default="figures/emergence.png",
+        help="where to write the figure (also writes the .pdf and the .json of numbers beside it)",
+    )
     run.set_defaults(func=cmd_run)
 
     simulate = sub.add_parser("simulate", help="simulate any config and save the trajectory")
@@ -411,14 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cmd.add_argument("config", help="JSON file: a list of FlowParams.to_dict() configs (or one)")
     sweep_cmd.add_argument("--out", required=True, help="directory of results, one per config hash")
     sweep_cmd.add_argument("--resume", action="store_true", help="skip configs whose result already loads completely")
-    sweep_cmd.add_argument("--index", type=int, default=0, help="job-array slice: take configs index, index+count, ... (default 0)")
+    sweep_cmd.add_argument(
+        "--index", type=int, default=0, help="job-array slice: take configs index, index+count, ... (default 0)"
+    )
     sweep_cmd.add_argument("--count", type=int, default=1, help="job-array slice: number of array tasks (default 1)")
     sweep_cmd.add_argument("--batch-size", type=int, default=None, help="solve (and save) at most this many configs at once")
-    sweep_cmd.add_argument("--executor", choices=("local", "slurm"), default=None,
-                       help="launch the sweep as one submitit job array (always resumes)")
-    sweep_cmd.add_argument("--array-size", type=int, default=None, help="--executor: number of array tasks (default min(#configs, 8))")
-    sweep_cmd.add_argument("--executor-param", action="append", metavar="KEY=VALUE",
-                       help="--executor: a submitit parameter, e.g. timeout_min=60 or slurm_partition=gpu (repeatable)")
+    sweep_cmd.add_argument(
+        "--executor", choices=("local", "slurm"), default=None, help="launch the sweep as one submitit job array (always resumes)"
+    )
+    sweep_cmd.add_argument(
+        "--array-size", type=int, default=None, help="--executor: number of array tasks (default min(#configs, 8))"
+    )
+    sweep_cmd.add_argument(
+        "--executor-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="--executor: a submitit parameter, e.g. timeout_min=60 or slurm_partition=gpu (repeatable)",
+    )
     sweep_cmd.add_argument("--executor-folder", default=None, help="--executor: submitit's log folder (default OUT/.submitit)")
     sweep_cmd.add_argument("--no-progress", action="store_true", help="hide the progress lines")
     sweep_cmd.set_defaults(func=cmd_sweep)
@@ -428,21 +471,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     design_cmd = sub.add_parser("design", help="the training distribution (or curriculum) best for a target at a budget")
     design_cmd.add_argument("--n", type=int, default=10, help="vertices per chain (>= 3), default 10")
-    design_cmd.add_argument("--target", default="hardest",
-                        help="target start distribution: hardest (default), uniform, easiest, d<k>, mix<c> or p1/p2/...")
+    design_cmd.add_argument(
+        "--target",
+        default="hardest",
+        help="target start distribution: hardest (default), uniform, easiest, d<k>, mix<c> or p1/p2/...",
+    )
     design_cmd.add_argument("--budget", type=float, default=100.0, help="training time t of the flow (default 100)")
-    design_cmd.add_argument("--curriculum", type=int, default=None, metavar="K",
-                        help="also optimise schedules with K pieces / knots (step, piecewise constant, piecewise linear)")
-    design_cmd.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
-                        help="with --curriculum: step, piecewise_constant, piecewise_linear (default all three)")
-    design_cmd.add_argument("--mean-easy-mass", type=float, default=None,
-                        help="cap on the time-averaged training mass off the target's support (default none)")
-    design_cmd.add_argument("--schedule", default=None, metavar="SPEC",
-                        help="also report the target reward of this schedule, e.g. step:t=2.5,before=easiest,after=hardest "
-                             "or a JSON file (see gradflow.schedules.schedule_from_spec)")
+    design_cmd.add_argument(
+        "--curriculum",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also optimise schedules with K pieces / knots (step, piecewise constant, piecewise linear)",
+    )
+    design_cmd.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        metavar="FAMILY",
+        help="with --curriculum: step, piecewise_constant, piecewise_linear (default all three)",
+    )
+    design_cmd.add_argument(
+        "--mean-easy-mass",
+        type=float,
+        default=None,
+        help="cap on the time-averaged training mass off the target's support (default none)",
+    )
+    design_cmd.add_argument(
+        "--schedule",
+        default=None,
+        metavar="SPEC",
+        help="also report the target reward of this schedule, e.g. step:t=2.5,before=easiest,after=hardest "
+        "or a JSON file (see gradflow.schedules.schedule_from_spec)",
+    )
     design_cmd.add_argument("--tau", type=float, default=0.2, help="logit temperature > 0 (default 0.2)")
-    design_cmd.add_argument("--theta0", type=float, nargs=3, default=[0.3, 0.0, 0.0], metavar=("ALPHA", "BETA", "GAMMA"),
-                        help="start (default 0.3 0 0)")
+    design_cmd.add_argument(
+        "--theta0",
+        type=float,
+        nargs=3,
+        default=[0.3, 0.0, 0.0],
+        metavar=("ALPHA", "BETA", "GAMMA"),
+        help="start (default 0.3 0 0)",
+    )
     design_cmd.add_argument("--steps", type=int, default=80, help="at most this many Adam steps per family (default 80)")
     design_cmd.add_argument("--restarts", type=int, default=3, help="Adam starts run together (default 3)")
     design_cmd.add_argument("--lr", type=float, default=0.1, help="Adam step size (default 0.1)")
@@ -464,18 +534,24 @@ def cmd_design(args) -> int:
         given = None if args.schedule is None else schedules.schedule_from_spec(args.schedule, args.n)
         out = Path(args.out or f"design-n{args.n}-t{args.budget:g}.json")
         _writable_dir(out.parent if str(out.parent) else ".", "--out")
-        options = dict(steps=args.steps, restarts=args.restarts, lr=args.lr, seed=args.seed,
-                       mean_easy_mass=args.mean_easy_mass)
+        options = dict(steps=args.steps, restarts=args.restarts, lr=args.lr, seed=args.seed, mean_easy_mass=args.mean_easy_mass)
         theta0 = Theta(*args.theta0)
         result = design.optimal_mixture(target, args.budget, model, theta0, **options)
         if args.curriculum is not None:
             families = design.FAMILIES if args.families is None else tuple(args.families)
-            result = design.optimal_curriculum(target, args.budget, args.curriculum, model, theta0,
-                                               families=families, mixture=result, **options)
+            result = design.optimal_curriculum(
+                target, args.budget, args.curriculum, model, theta0, families=families, mixture=result, **options
+            )
         if given is not None:
-            result.rows.append({"name": f"given schedule {args.schedule}", "feasible": True, "schedule": given.to_dict(),
-                                "reward": design.reward_of(given, target, args.budget, model, theta0),
-                                "note": "not part of the optimisation"})
+            result.rows.append(
+                {
+                    "name": f"given schedule {args.schedule}",
+                    "feasible": True,
+                    "schedule": given.to_dict(),
+                    "reward": design.reward_of(given, target, args.budget, model, theta0),
+                    "note": "not part of the optimisation",
+                }
+            )
     print(result.summary())
     print(f"wrote {result.save(out)}")
     return 0

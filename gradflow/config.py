@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import readouts
+from gradflow import readouts, schedules
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
 from gradflow.integrator import SOLVERS, flow_clock
-from gradflow import schedules
 from gradflow.model import ModelSpec, Theta, default_theta0, orbit_sizes
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask
@@ -31,7 +30,6 @@ EVENT_NAMES = {"threshold": "reward_threshold", "converged": "converged"}  # Tra
 TIME_SCALES = ("linear", "log")
 RECORDED = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob")  # the read-outs a Solution holds
 N_DEFAULT_SAVES = 200
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,13 +247,47 @@ class Recording(eqx.Module):
 _PROBLEM_KEYS = ("task", "model", "theta0", "t0", "t1", "coords", "n_vocab", "schedule", "time_scale")
 _NUMERICS_KEYS = ("solver", "rtol", "atol", "max_steps")
 _RECORDING_KEYS = ("save_ts", "reward_threshold", "convergence_loss", "stop_at", "events", "readouts", "eval_tasks")
-_FLAT_ORDER = ("task", "model", "theta0", "t0", "t1", "coords", "n_vocab", "solver", "rtol", "atol", "save_ts",
-               "max_steps", "reward_threshold", "schedule", "convergence_loss", "stop_at")
+_FLAT_ORDER = (
+    "task",
+    "model",
+    "theta0",
+    "t0",
+    "t1",
+    "coords",
+    "n_vocab",
+    "solver",
+    "rtol",
+    "atol",
+    "save_ts",
+    "max_steps",
+    "reward_threshold",
+    "schedule",
+    "convergence_loss",
+    "stop_at",
+)
 _UNSET = object()  # a flat keyword that was not given
-_FLAT_DEFAULTS = {"task": None, "model": None, "theta0": None, "t0": 0.0, "t1": 1e4, "coords": "reduced", "n_vocab": None,
-                  "solver": "tsit5", "rtol": 1e-8, "atol": 1e-10, "save_ts": None, "max_steps": 1_000_000,
-                  "reward_threshold": 0.9, "schedule": None, "convergence_loss": 1e-3, "stop_at": None,
-                  "eval_tasks": None, "events": EVENTS, "readouts": True, "time_scale": "linear"}
+_FLAT_DEFAULTS = {
+    "task": None,
+    "model": None,
+    "theta0": None,
+    "t0": 0.0,
+    "t1": 1e4,
+    "coords": "reduced",
+    "n_vocab": None,
+    "solver": "tsit5",
+    "rtol": 1e-8,
+    "atol": 1e-10,
+    "save_ts": None,
+    "max_steps": 1_000_000,
+    "reward_threshold": 0.9,
+    "schedule": None,
+    "convergence_loss": 1e-3,
+    "stop_at": None,
+    "eval_tasks": None,
+    "events": EVENTS,
+    "readouts": True,
+    "time_scale": "linear",
+}
 
 
 def _check_no_conflict(given: dict, **parts) -> None:
@@ -289,12 +321,55 @@ class FlowParams(eqx.Module):
     numerics: Numerics
     recording: Recording
 
-    def __init__(self, task=_UNSET, model=_UNSET, theta0=_UNSET, t0=_UNSET, t1=_UNSET, coords=_UNSET, n_vocab=_UNSET,
-                 solver=_UNSET, rtol=_UNSET, atol=_UNSET, save_ts=_UNSET, max_steps=_UNSET, reward_threshold=_UNSET,
-                 schedule=_UNSET, convergence_loss=_UNSET, stop_at=_UNSET, *, eval_tasks=_UNSET, events=_UNSET,
-                 readouts=_UNSET, time_scale=_UNSET, problem=None, numerics=None, recording=None):
-        values = (task, model, theta0, t0, t1, coords, n_vocab, solver, rtol, atol, save_ts, max_steps, reward_threshold,
-                  schedule, convergence_loss, stop_at, eval_tasks, events, readouts, time_scale)
+    def __init__(
+        self,
+        task=_UNSET,
+        model=_UNSET,
+        theta0=_UNSET,
+        t0=_UNSET,
+        t1=_UNSET,
+        coords=_UNSET,
+        n_vocab=_UNSET,
+        solver=_UNSET,
+        rtol=_UNSET,
+        atol=_UNSET,
+        save_ts=_UNSET,
+        max_steps=_UNSET,
+        reward_threshold=_UNSET,
+        schedule=_UNSET,
+        convergence_loss=_UNSET,
+        stop_at=_UNSET,
+        *,
+        eval_tasks=_UNSET,
+        events=_UNSET,
+        readouts=_UNSET,
+        time_scale=_UNSET,
+        problem=None,
+        numerics=None,
+        recording=None,
+    ):
+        values = (
+            task,
+            model,
+            theta0,
+            t0,
+            t1,
+            coords,
+            n_vocab,
+            solver,
+            rtol,
+            atol,
+            save_ts,
+            max_steps,
+            reward_threshold,
+            schedule,
+            convergence_loss,
+            stop_at,
+            eval_tasks,
+            events,
+            readouts,
+            time_scale,
+        )
         given = {key: value for key, value in zip(_FLAT_DEFAULTS, values) if value is not _UNSET}
         _check_no_conflict(given, problem=problem, numerics=numerics, recording=recording)
         flat = {**_FLAT_DEFAULTS, **given}
@@ -309,8 +384,11 @@ class FlowParams(eqx.Module):
         self.recording = Recording(*(flat[key] for key in _RECORDING_KEYS)) if recording is None else recording
 
     def __check_init__(self):
-        for name, part, cls in (("problem", self.problem, Problem), ("numerics", self.numerics, Numerics),
-                                ("recording", self.recording, Recording)):
+        for name, part, cls in (
+            ("problem", self.problem, Problem),
+            ("numerics", self.numerics, Numerics),
+            ("recording", self.recording, Recording),
+        ):
             if not isinstance(part, cls):
                 raise ValueError(f"{name} must be a gradflow.flow.{cls.__name__}, got {type(part).__name__}")
         n = self.task.n
@@ -349,7 +427,7 @@ class FlowParams(eqx.Module):
         s = self.problem.schedule
         return s.fn if isinstance(s, _CallableSchedule) else s
 
-    def replace(self, **changes) -> "FlowParams":
+    def replace(self, **changes) -> FlowParams:
         """A copy with some flat fields changed (``params.replace(t1=10.0, stop_at="threshold")``)."""
         unknown = set(changes) - set(_PROBLEM_KEYS + _NUMERICS_KEYS + _RECORDING_KEYS)
         if unknown:
@@ -359,8 +437,7 @@ class FlowParams(eqx.Module):
         if set(changes) & set(_PROBLEM_KEYS):
             problem = Problem(*(get(k) if k != "schedule" else changes.get(k, self.problem.schedule) for k in _PROBLEM_KEYS))
         numerics = Numerics(*(get(k) for k in _NUMERICS_KEYS)) if set(changes) & set(_NUMERICS_KEYS) else self.numerics
-        recording = (Recording(*(get(k) for k in _RECORDING_KEYS)) if set(changes) & set(_RECORDING_KEYS)
-                     else self.recording)
+        recording = Recording(*(get(k) for k in _RECORDING_KEYS)) if set(changes) & set(_RECORDING_KEYS) else self.recording
         return FlowParams(problem=problem, numerics=numerics, recording=recording)
 
     def event_level(self, event: str) -> jnp.ndarray:
@@ -447,7 +524,7 @@ class FlowParams(eqx.Module):
         return out
 
     @classmethod
-    def from_dict(cls, config: dict) -> "FlowParams":
+    def from_dict(cls, config: dict) -> FlowParams:
         """Inverse of ``to_dict``; ValueError naming a missing or unknown key, or a schedule stored by name only."""
         if not isinstance(config, Mapping):
             raise ValueError(f"config must be a dict (FlowParams.to_dict()), got {type(config).__name__}")
@@ -468,8 +545,10 @@ class FlowParams(eqx.Module):
         if isinstance(schedule, Mapping):
             kwargs["schedule"] = schedules.from_dict(dict(schedule))
         elif schedule is not None:
-            raise ValueError(f"schedule: the function {schedule!r} was recorded by name only and cannot be rebuilt "
-                             "from JSON; use a gradflow.schedules module")
+            raise ValueError(
+                f"schedule: the function {schedule!r} was recorded by name only and cannot be rebuilt "
+                "from JSON; use a gradflow.schedules module"
+            )
         if config.get("eval_tasks"):
             kwargs["eval_tasks"] = {name: _task_from_dict(d, f"eval_tasks.{name}") for name, d in config["eval_tasks"].items()}
         return cls(**kwargs)

@@ -36,8 +36,8 @@ import optax
 
 from gradflow import objective
 from gradflow import schedules as sched
-from gradflow._version import versions
 from gradflow._checks import check_choice, check_int, is_concrete
+from gradflow._version import versions
 from gradflow.config import FlowParams
 from gradflow.integrator import flow_clock, integrate
 from gradflow.model import ModelSpec, Theta, default_theta0
@@ -63,8 +63,9 @@ def training_probs(flow_params: FlowParams, t, schedule=None) -> jnp.ndarray:
     return flow_params.task.start_probs if schedule is None else schedule(t)
 
 
-def flow_theta(flow_params: FlowParams, t_budget, *, schedule=None, adjoint: str = "recursive",
-               max_steps: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+def flow_theta(
+    flow_params: FlowParams, t_budget, *, schedule=None, adjoint: str = "recursive", max_steps: int | None = None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """theta(t_budget) (5,) flowed from flow_params.theta0 at flow_params.t0, and whether the solve
     succeeded; reverse-mode differentiable in every traced number of flow_params and ``schedule``.
 
@@ -100,8 +101,15 @@ def _check_target(flow_params: FlowParams, target: ChainTask, t_budget) -> None:
             raise ValueError(f"t_budget must be a finite time > t0 = {float(flow_params.t0)}, got {t_budget!r}")
 
 
-def target_reward(flow_params: FlowParams, target: ChainTask, t_budget, *, schedule=None,
-                  adjoint: str = "recursive", max_steps: int | None = None) -> jnp.ndarray:
+def target_reward(
+    flow_params: FlowParams,
+    target: ChainTask,
+    t_budget,
+    *,
+    schedule=None,
+    adjoint: str = "recursive",
+    max_steps: int | None = None,
+) -> jnp.ndarray:
     """J_target(theta(t_budget)): the reward on ``target`` (a ChainTask of the same n) after flowing
     on flow_params' training data (its task.start_probs, or its schedule, or ``schedule`` given
     here) from theta0 for t_budget - t0.  NaN when the solve fails (max_steps reached).
@@ -258,7 +266,7 @@ class DesignResult:
         }
 
     @classmethod
-    def from_dict(cls, record: dict) -> "DesignResult":
+    def from_dict(cls, record: dict) -> DesignResult:
         record = dict(record)
         record.pop("gain", None)
         probs = record.pop("probs")
@@ -279,7 +287,7 @@ class DesignResult:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "DesignResult":
+    def load(cls, path: str | Path) -> DesignResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:
@@ -289,7 +297,9 @@ class DesignResult:
         if self.kind == "mixture":
             lines.append(f"optimal mixture (mass on d = 1..{self.n - 1}): {fmt(self.probs)}")
         else:
-            lines.append(f"optimal curriculum ({self.schedule.to_dict()['kind']}): {json.dumps(_rounded(self.schedule.to_dict()))}")
+            lines.append(
+                f"optimal curriculum ({self.schedule.to_dict()['kind']}): {json.dumps(_rounded(self.schedule.to_dict()))}"
+            )
         lines.append(f"target reward {self.reward:.6f}   (from {self.source})")
         for row in self.rows:
             mark = "" if row["feasible"] else "   (violates the easy-mass cap)"
@@ -337,8 +347,18 @@ def _base_params(target, t_budget, model, theta0, solver, rtol, atol, max_steps,
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"t_budget must be a finite time > 0, got {t_budget!r}")
     theta0 = default_theta0() if theta0 is None else theta0
-    return FlowParams(target, model, theta0, t1=budget, solver=solver, rtol=rtol, atol=atol,
-                      max_steps=check_int("max_steps", max_steps, 1), coords=coords, n_vocab=n_vocab)
+    return FlowParams(
+        target,
+        model,
+        theta0,
+        t1=budget,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        max_steps=check_int("max_steps", max_steps, 1),
+        coords=coords,
+        n_vocab=n_vocab,
+    )
 
 
 def _check_cap(mean_easy_mass):
@@ -369,8 +389,15 @@ class _Problem:
 
     def __init__(self, kind, times, base, target, t_budget, cap, adjoint, batch):
         self.kind, self.batch = kind, batch
-        self.args = (kind, jnp.asarray(times, dtype=float), base, target, jnp.asarray(float(t_budget)),
-                     jnp.asarray(float(cap)), adjoint)
+        self.args = (
+            kind,
+            jnp.asarray(times, dtype=float),
+            base,
+            target,
+            jnp.asarray(float(t_budget)),
+            jnp.asarray(float(cap)),
+            adjoint,
+        )
 
     def __call__(self, stacked, cap=None):
         args = self.args if cap is None else self.args[:5] + (jnp.asarray(float(cap)),) + self.args[6:]
@@ -382,7 +409,7 @@ class _Problem:
         ``cap`` is inf)."""
         out = []
         for start in range(0, len(members), self.batch):
-            chunk = members[start:start + self.batch]
+            chunk = members[start : start + self.batch]
             chunk = chunk + [chunk[-1]] * (self.batch - len(chunk))
             out.append(self(_stack(chunk), cap)[0][: len(members) - start])
         return np.concatenate(out)[: len(members)]
@@ -403,8 +430,11 @@ class _Problem:
             if finite[k] > best[0] + tol * max(1.0 - finite[k], 0.0):  # the loss 1 - J fell by a factor (1 - tol)
                 last_gain = step
             if finite[k] > best[0]:
-                best = (float(finite[k]), jax.tree_util.tree_map(lambda x: np.asarray(x[k]), params),
-                        f"Adam from {names[k]}, step {step}")
+                best = (
+                    float(finite[k]),
+                    jax.tree_util.tree_map(lambda x, k=k: np.asarray(x[k]), params),
+                    f"Adam from {names[k]}, step {step}",
+                )
             if step == steps or step - last_gain >= patience:
                 break
             ascent = jax.tree_util.tree_map(lambda g: -jnp.nan_to_num(g), grads)  # a failed solve adds nothing
@@ -428,18 +458,39 @@ def _rows_for_mixture(problem: _Problem, target: ChainTask, cap: float, grid: in
     return [
         {"name": "target itself", "reward": float(rewards[0]), "feasible": True, "probs": q.tolist()},
         {"name": "uniform", "reward": float(rewards[1]), "feasible": feasible(uniform), "probs": uniform.tolist()},
-        {"name": f"best mixture c = {cs[k]:.4g} on d = 1", "reward": float(rewards[2 + k]),
-         "feasible": feasible(mixtures[k]), "probs": mixtures[k].tolist(), "c": float(cs[k]),
-         "grid": {"c": cs.tolist(), "reward": rewards[2:].tolist()}},
+        {
+            "name": f"best mixture c = {cs[k]:.4g} on d = 1",
+            "reward": float(rewards[2 + k]),
+            "feasible": feasible(mixtures[k]),
+            "probs": mixtures[k].tolist(),
+            "c": float(cs[k]),
+            "grid": {"c": cs.tolist(), "reward": rewards[2:].tolist()},
+        },
     ]
 
 
-def optimal_mixture(target: ChainTask, t_budget: float, model: ModelSpec | None = None, theta0: Theta | None = None,
-                    *, steps: int = 80, lr: float = 0.1, restarts: int = 3, seed: int = 0, grid: int = GRID_SIZE,
-                    mean_easy_mass: float | None = None, solver: str = "tsit5", rtol: float = 1e-8,
-                    atol: float = 1e-10, max_steps: int = DEFAULT_MAX_STEPS, coords: str = "reduced",
-                    n_vocab: int | None = None, adjoint: str = "recursive", tol: float = 1e-4,
-                    patience: int = 15) -> DesignResult:
+def optimal_mixture(
+    target: ChainTask,
+    t_budget: float,
+    model: ModelSpec | None = None,
+    theta0: Theta | None = None,
+    *,
+    steps: int = 80,
+    lr: float = 0.1,
+    restarts: int = 3,
+    seed: int = 0,
+    grid: int = GRID_SIZE,
+    mean_easy_mass: float | None = None,
+    solver: str = "tsit5",
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    coords: str = "reduced",
+    n_vocab: int | None = None,
+    adjoint: str = "recursive",
+    tol: float = 1e-4,
+    patience: int = 15,
+) -> DesignResult:
     """The fixed start distribution p over d = 1..n-1 that maximises ``target_reward`` at t_budget.
 
     p = softmax(logits) (projected onto the ``mean_easy_mass`` cap when given); Adam ascent (``lr``,
@@ -471,12 +522,31 @@ def optimal_mixture(target: ChainTask, t_budget: float, model: ModelSpec | None 
         reward, probs, source = best_row["reward"], np.asarray(best_row["probs"]), f"row '{best_row['name']}'"
     else:
         probs = np.asarray(_feasible_probs(jax.nn.softmax(params["logits"][0]), target.start_probs, cap))
-    config = _config(base, t_budget, steps=steps, lr=lr, restarts=restarts, seed=seed, grid=grid,
-                     mean_easy_mass=mean_easy_mass, adjoint=adjoint, tol=tol, patience=patience)
+    config = _config(
+        base,
+        t_budget,
+        steps=steps,
+        lr=lr,
+        restarts=restarts,
+        seed=seed,
+        grid=grid,
+        mean_easy_mass=mean_easy_mass,
+        adjoint=adjoint,
+        tol=tol,
+        patience=patience,
+    )
     return DesignResult(
-        kind="mixture", n=n, target=np.asarray(target.start_probs).tolist(), t_budget=float(t_budget),
-        reward=float(reward), probs=probs, rows=rows, history={"constant": {"rewards": history, "inits": list(inits)}},
-        source=source, config=config, versions=versions(),
+        kind="mixture",
+        n=n,
+        target=np.asarray(target.start_probs).tolist(),
+        t_budget=float(t_budget),
+        reward=float(reward),
+        probs=probs,
+        rows=rows,
+        history={"constant": {"rewards": history, "inits": list(inits)}},
+        source=source,
+        config=config,
+        versions=versions(),
         timings={"rows_seconds": rows_s, "total_seconds": time.perf_counter() - start},
     )
 
@@ -492,12 +562,23 @@ def _check_step_size(lr, tol, patience) -> None:
 def _config(base: FlowParams, t_budget, **extra) -> dict:
     model = base.model
     return {
-        "model": {"attention": model.attention, "tau": float(model.tau), "mask_self": model.mask_self,
-                  "n_isolated": model.n_isolated, "context": model.context,
-                  "max_len": getattr(model, "max_len", None)},
+        "model": {
+            "attention": model.attention,
+            "tau": float(model.tau),
+            "mask_self": model.mask_self,
+            "n_isolated": model.n_isolated,
+            "context": model.context,
+            "max_len": getattr(model, "max_len", None),
+        },
         "theta0": np.asarray(base.theta0.as_array()).tolist(),
-        "t0": float(base.t0), "t_budget": float(t_budget), "solver": base.solver, "rtol": float(base.rtol),
-        "atol": float(base.atol), "max_steps": base.max_steps, "coords": base.coords, "n_vocab": base.n_vocab,
+        "t0": float(base.t0),
+        "t_budget": float(t_budget),
+        "solver": base.solver,
+        "rtol": float(base.rtol),
+        "atol": float(base.atol),
+        "max_steps": base.max_steps,
+        "coords": base.coords,
+        "n_vocab": base.n_vocab,
         **extra,
     }
 
@@ -517,8 +598,9 @@ def _embed(kind: str, schedule, times, t_budget: float, smoothing: float = SMOOT
     "step" and a Constant into any family, up to ``smoothing``)."""
     if kind == "step":
         if isinstance(schedule, sched.Step):
-            return _params(_logits_of(np.stack([schedule.before, schedule.after]), smoothing),
-                           float(schedule.switch_time) / t_budget)
+            return _params(
+                _logits_of(np.stack([schedule.before, schedule.after]), smoothing), float(schedule.switch_time) / t_budget
+            )
         probs = np.asarray(schedule(0.0))
         return _params(_logits_of(np.stack([probs, probs]), smoothing))
     if kind == "piecewise_constant":  # each piece: the schedule's mean over it
@@ -529,13 +611,31 @@ def _embed(kind: str, schedule, times, t_budget: float, smoothing: float = SMOOT
     return _params(_logits_of(probs, smoothing))
 
 
-def optimal_curriculum(target: ChainTask, t_budget: float, knots: int = 4, model: ModelSpec | None = None,
-                       theta0: Theta | None = None, *, families=FAMILIES, steps: int = 80, lr: float = 0.1,
-                       restarts: int = 3, seed: int = 0, grid: int = GRID_SIZE, mean_easy_mass: float | None = None,
-                       mixture: DesignResult | None = None, solver: str = "tsit5", rtol: float = 1e-8,
-                       atol: float = 1e-10, max_steps: int = DEFAULT_MAX_STEPS, coords: str = "reduced",
-                       n_vocab: int | None = None, adjoint: str = "recursive", tol: float = 1e-4,
-                       patience: int = 15) -> DesignResult:
+def optimal_curriculum(
+    target: ChainTask,
+    t_budget: float,
+    knots: int = 4,
+    model: ModelSpec | None = None,
+    theta0: Theta | None = None,
+    *,
+    families=FAMILIES,
+    steps: int = 80,
+    lr: float = 0.1,
+    restarts: int = 3,
+    seed: int = 0,
+    grid: int = GRID_SIZE,
+    mean_easy_mass: float | None = None,
+    mixture: DesignResult | None = None,
+    solver: str = "tsit5",
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    coords: str = "reduced",
+    n_vocab: int | None = None,
+    adjoint: str = "recursive",
+    tol: float = 1e-4,
+    patience: int = 15,
+) -> DesignResult:
     """The schedule t -> start_probs that maximises ``target_reward`` at t_budget, over ``families``:
     "step" (two distributions and a free switch time), "piecewise_constant" (``knots`` pieces) and
     "piecewise_linear" (``knots`` knots), the latter two on times log-spaced from t_budget/1000 to
@@ -564,10 +664,27 @@ def optimal_curriculum(target: ChainTask, t_budget: float, knots: int = 4, model
     n = target.n
     q = np.asarray(target.start_probs)
     if mixture is None:
-        mixture = optimal_mixture(target, t_budget, model, theta0, steps=steps, lr=lr, restarts=restarts, seed=seed,
-                                  grid=grid, mean_easy_mass=mean_easy_mass, solver=solver, rtol=rtol, atol=atol,
-                                  max_steps=max_steps, coords=coords, n_vocab=n_vocab, adjoint=adjoint, tol=tol,
-                                  patience=patience)
+        mixture = optimal_mixture(
+            target,
+            t_budget,
+            model,
+            theta0,
+            steps=steps,
+            lr=lr,
+            restarts=restarts,
+            seed=seed,
+            grid=grid,
+            mean_easy_mass=mean_easy_mass,
+            solver=solver,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            coords=coords,
+            n_vocab=n_vocab,
+            adjoint=adjoint,
+            tol=tol,
+            patience=patience,
+        )
     elif mixture.kind != "mixture" or mixture.n != n or not np.allclose(mixture.target, q):
         raise ValueError("mixture must be an optimal_mixture result for the same target")
     best_mixture = sched.Constant(mixture.probs)
@@ -580,9 +697,13 @@ def optimal_curriculum(target: ChainTask, t_budget: float, knots: int = 4, model
     best_step = step_rows[k]
     rows = list(mixture.rows) + [
         {"name": "best fixed mixture", "reward": mixture.reward, "feasible": True, "schedule": best_mixture.to_dict()},
-        {"name": f"easiest until t = {switches[k]:.4g}, then target", "reward": float(step_rewards[k]),
-         "feasible": True, "schedule": best_step.to_dict(),
-         "grid": {"switch_time": switches.tolist(), "reward": step_rewards.tolist()}},
+        {
+            "name": f"easiest until t = {switches[k]:.4g}, then target",
+            "reward": float(step_rewards[k]),
+            "feasible": True,
+            "schedule": best_step.to_dict(),
+            "grid": {"switch_time": switches.tolist(), "reward": step_rewards.tolist()},
+        },
     ]
     rows_s = time.perf_counter() - start
     rng = np.random.default_rng(seed)
@@ -590,8 +711,10 @@ def optimal_curriculum(target: ChainTask, t_budget: float, knots: int = 4, model
     for kind in families:
         count = {"step": 2, "piecewise_constant": knots, "piecewise_linear": knots}[kind]
         times = _family_times(kind, knots, budget)
-        inits = {"best step row": _embed(kind, best_step, times, budget),
-                 "best mixture": _embed(kind, best_mixture, times, budget)}
+        inits = {
+            "best step row": _embed(kind, best_step, times, budget),
+            "best mixture": _embed(kind, best_mixture, times, budget),
+        }
         for r in range(restarts - 2):
             inits[f"random {r}"] = _params(rng.normal(0.0, 1.0, (count, n - 1)), rng.uniform(0.05, 0.5))
         inits = dict(list(inits.items())[:restarts])
@@ -607,20 +730,57 @@ def optimal_curriculum(target: ChainTask, t_budget: float, knots: int = 4, model
     if overall[1] is None or row_best["reward"] >= overall[0]:
         overall = (row_best["reward"], sched.from_dict(row_best["schedule"]), f"row '{row_best['name']}'")
     reward, schedule, source = overall
-    config = _config(base, t_budget, knots=knots, families=list(families), steps=steps, lr=lr, restarts=restarts,
-                     seed=seed, grid=grid, mean_easy_mass=mean_easy_mass, adjoint=adjoint, tol=tol, patience=patience)
+    config = _config(
+        base,
+        t_budget,
+        knots=knots,
+        families=list(families),
+        steps=steps,
+        lr=lr,
+        restarts=restarts,
+        seed=seed,
+        grid=grid,
+        mean_easy_mass=mean_easy_mass,
+        adjoint=adjoint,
+        tol=tol,
+        patience=patience,
+    )
     return DesignResult(
-        kind="curriculum", n=n, target=q.tolist(), t_budget=budget, reward=float(reward), schedule=schedule,
-        rows=rows, history=history, source=source, config=config, families=family_best,
-        mixture_reward=float(mixture.reward), versions=versions(),
-        timings={"rows_seconds": rows_s, "mixture_seconds": mixture.timings.get("total_seconds"),
-                 "total_seconds": time.perf_counter() - start},
+        kind="curriculum",
+        n=n,
+        target=q.tolist(),
+        t_budget=budget,
+        reward=float(reward),
+        schedule=schedule,
+        rows=rows,
+        history=history,
+        source=source,
+        config=config,
+        families=family_best,
+        mixture_reward=float(mixture.reward),
+        versions=versions(),
+        timings={
+            "rows_seconds": rows_s,
+            "mixture_seconds": mixture.timings.get("total_seconds"),
+            "total_seconds": time.perf_counter() - start,
+        },
     )
 
 
-def reward_of(training, target: ChainTask, t_budget: float, model: ModelSpec | None = None,
-              theta0: Theta | None = None, *, solver: str = "tsit5", rtol: float = 1e-8, atol: float = 1e-10,
-              max_steps: int = DEFAULT_MAX_STEPS, coords: str = "reduced", n_vocab: int | None = None) -> float:
+def reward_of(
+    training,
+    target: ChainTask,
+    t_budget: float,
+    model: ModelSpec | None = None,
+    theta0: Theta | None = None,
+    *,
+    solver: str = "tsit5",
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    coords: str = "reduced",
+    n_vocab: int | None = None,
+) -> float:
     """The target reward at t_budget of training on ``training``: a distribution over d = 1..n-1
     (array) or a schedule (``gradflow.schedules``) -- one forward solve, for comparisons."""
     model = ModelSpec() if model is None else model

@@ -72,11 +72,42 @@ from gradflow.task import ChainTask
 from gradflow.trajectory import QUANTITIES, Trajectory
 
 __all__ = [
-    "BISECTION_STEPS", "BRACKET_MAX_STEPS", "CACHE_MAX_BYTES", "CACHE_SIZE", "COORDS", "EVENTS", "EVENT_NAMES",
-    "LOCAL_MAX_STEPS", "METRIC_CHUNK_ELEMENTS", "N_DEFAULT_SAVES", "QUANTITIES", "RECORDED", "SOLVERS", "STOP_AT", "TIME_SCALES",
-    "FlowParams", "Numerics", "Problem", "Recording", "Solution", "Trajectory", "as_theta", "compilation_count",
-    "default_theta0", "enable_persistent_cache", "failure_message", "hitting_times", "integrate", "level_event",
-    "metrics_at", "persistent_cache_dir", "simulate", "simulate_many", "solve", "solve_many", "stack_configs",
+    "BISECTION_STEPS",
+    "BRACKET_MAX_STEPS",
+    "CACHE_MAX_BYTES",
+    "CACHE_SIZE",
+    "COORDS",
+    "EVENTS",
+    "EVENT_NAMES",
+    "LOCAL_MAX_STEPS",
+    "METRIC_CHUNK_ELEMENTS",
+    "N_DEFAULT_SAVES",
+    "QUANTITIES",
+    "RECORDED",
+    "SOLVERS",
+    "STOP_AT",
+    "TIME_SCALES",
+    "FlowParams",
+    "Numerics",
+    "Problem",
+    "Recording",
+    "Solution",
+    "Trajectory",
+    "as_theta",
+    "compilation_count",
+    "default_theta0",
+    "enable_persistent_cache",
+    "failure_message",
+    "hitting_times",
+    "integrate",
+    "level_event",
+    "metrics_at",
+    "persistent_cache_dir",
+    "simulate",
+    "simulate_many",
+    "solve",
+    "solve_many",
+    "stack_configs",
 ]
 
 METRIC_CHUNK_ELEMENTS = 4096
@@ -106,8 +137,9 @@ def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]
 def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
     """What the recording asks for at one theta: its read-outs and the reward on each eval task."""
     out = readouts.read(params.recording.readout_names(), theta, params.task, params.model)
-    out["eval_reward"] = {name: readouts.read(("reward",), theta, task, params.model)["reward"]
-                          for name, task in params.eval_tasks.items()}
+    out["eval_reward"] = {
+        name: readouts.read(("reward",), theta, task, params.model)["reward"] for name, task in params.eval_tasks.items()
+    }
     return out
 
 
@@ -189,8 +221,15 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
             t, reached, resolved = t_stop, stopped, jnp.asarray(True)
         else:
             level = params.event_level(event)
-            t, reached, resolved = crossing(params, jnp.nan_to_num(ts), jnp.nan_to_num(thetas), recorded["reward"], level,
-                                            lambda y: _reward(params, y), BRACKET_MAX_STEPS)
+            t, reached, resolved = crossing(
+                params,
+                jnp.nan_to_num(ts),
+                jnp.nan_to_num(thetas),
+                recorded["reward"],
+                level,
+                lambda y: _reward(params, y),
+                BRACKET_MAX_STEPS,
+            )
             if event == params.stop_at:
                 t, reached, resolved = jnp.where(stopped, t_stop, t), stopped | reached, stopped | resolved
         event_times[event] = jnp.where(reached, t, jnp.nan)
@@ -256,6 +295,7 @@ def _run_batch(batch: FlowParams, progress: bool, n_devices: int):
     executable, compile_s = compiled("solve_many", jax.vmap(lambda p: _solve(p, progress)), (batch,), (progress, n_devices))
     return executable(batch), compile_s
 
+
 # ---------------------------------------------------------------------------------------------------
 # Host-side wrappers: trajectories, batches, hitting times
 # ---------------------------------------------------------------------------------------------------
@@ -269,13 +309,17 @@ def failure_message(params: FlowParams, out) -> str | None:
     t_stop = float(out.t_stop)
     where = f"at t={t_stop:.6g} < t1={float(params.t1):.6g} after {int(out.num_steps)} steps"
     if not bool(out.field_finite):
-        return (f"the flow's vector field grad J is not finite (NaN or inf) {where}, theta = "
-                f"{np.round(np.asarray(out.theta_stop), 6).tolist()}: the closed form cannot be evaluated there")
+        return (
+            f"the flow's vector field grad J is not finite (NaN or inf) {where}, theta = "
+            f"{np.round(np.asarray(out.theta_stop), 6).tolist()}: the closed form cannot be evaluated there"
+        )
     if is_result(code, diffrax.RESULTS.max_steps_reached):
         return f"the flow solve ran out of steps {where}: raise max_steps (now {params.max_steps}) or loosen rtol/atol"
     if is_result(code, diffrax.RESULTS.nonlinear_max_steps_reached) or is_result(code, diffrax.RESULTS.nonlinear_divergence):
-        return (f"the root-find of the stop event ({params.stop_at}) failed {where}; the event level was "
-                f"{float(params.event_level(params.stop_at)) if params.stop_at else float('nan'):.6g}")
+        return (
+            f"the root-find of the stop event ({params.stop_at}) failed {where}; the event level was "
+            f"{float(params.event_level(params.stop_at)) if params.stop_at else float('nan'):.6g}"
+        )
     return f"the flow solve failed {where}: {result_message(code)}"
 
 
@@ -360,7 +404,7 @@ def simulate_many(configs: Sequence[FlowParams], progress: bool = False, devices
     out, compile_s = _run_batch(batch, progress, n_devices)
     out = jax.device_get(out)
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start - compile_s, "batch": size}
-    return [_trajectory(cfg, jax.tree_util.tree_map(lambda v: v[i], out), stats) for i, cfg in enumerate(configs)]
+    return [_trajectory(cfg, jax.tree_util.tree_map(lambda v, i=i: v[i], out), stats) for i, cfg in enumerate(configs)]
 
 
 def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
@@ -385,7 +429,7 @@ def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
         batch = stack_configs([lean[i] for i in indices])
         solution = jax.device_get(solve_many(batch))
         for row, index in enumerate(indices):
-            one = jax.tree_util.tree_map(lambda v: v[row], solution)
+            one = jax.tree_util.tree_map(lambda v, row=row: v[row], solution)
             cfg = configs[index]
             message = failure_message(cfg, one)
             if message is not None:

@@ -125,8 +125,15 @@ def _walk(theta: Theta, n: int, model: ModelSpec, start_vertex, steps: int, tie_
             jnp.where(active, jnp.minimum(margin, gap), margin),
         ), None
 
-    init = (jnp.asarray(start_vertex), jnp.asarray(False), jnp.asarray(False), jnp.asarray(0), jnp.asarray(True),
-            jnp.asarray(False), jnp.asarray(jnp.inf))
+    init = (
+        jnp.asarray(start_vertex),
+        jnp.asarray(False),
+        jnp.asarray(False),
+        jnp.asarray(0),
+        jnp.asarray(True),
+        jnp.asarray(False),
+        jnp.asarray(jnp.inf),
+    )
     (u, done, correct, length, forward, tied, margin), _ = jax.lax.scan(body, init, None, length=steps)
     return done, correct, length, forward & done, tied, margin
 
@@ -152,15 +159,27 @@ def _greedy_per_start(theta, task, model, cap, tie_break, tie_tol):
     return GreedyPerStart(correct & done, done, traversed, length, tied, margin)
 
 
-def greedy_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None,
-                     tie_break: str = "first", tie_tol: float = DEFAULT_TIE_TOL) -> GreedyPerStart:
+def greedy_per_start(
+    theta: Theta,
+    task: ChainTask,
+    model: ModelSpec,
+    max_len: int | None = None,
+    tie_break: str = "first",
+    tie_tol: float = DEFAULT_TIE_TOL,
+) -> GreedyPerStart:
     """Greedy outcome of every start distance d (entry d-1); see the module docstring for the rules."""
     cap = _resolve(model, max_len, tie_break)
     return _greedy_per_start(theta, task, model, cap, tie_break, float(tie_tol))
 
 
-def greedy_metrics(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None,
-                   tie_break: str = "first", tie_tol: float = DEFAULT_TIE_TOL) -> GreedyMetrics:
+def greedy_metrics(
+    theta: Theta,
+    task: ChainTask,
+    model: ModelSpec,
+    max_len: int | None = None,
+    tie_break: str = "first",
+    tie_tol: float = DEFAULT_TIE_TOL,
+) -> GreedyMetrics:
     """Start-weighted greedy accuracy, conditional accuracy, reach rate, traversal accuracy, tie rate."""
     per = greedy_per_start(theta, task, model, max_len, tie_break, tie_tol)
     return _summarise(per, task.start_probs)
@@ -173,8 +192,9 @@ def _summarise(per: GreedyPerStart, probs) -> GreedyMetrics:
     return GreedyMetrics(accuracy, conditional, reach, weigh(per.traversed), weigh(per.tied), per)
 
 
-def greedy_path(theta: Theta, task: ChainTask, model: ModelSpec, distance: int, max_len: int | None = None,
-                tie_break: str = "first") -> list[str]:
+def greedy_path(
+    theta: Theta, task: ChainTask, model: ModelSpec, distance: int, max_len: int | None = None, tie_break: str = "first"
+) -> list[str]:
     """The greedy path from the start at distance ``distance`` as vertex names (for reading, not jit).
 
     Stops at the first terminal, at the cap, or after 2n + n_isolated tokens without a cap (a cycle).

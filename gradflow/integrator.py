@@ -112,9 +112,20 @@ class EulerMaruyama(eqx.Module):
     dt: jnp.ndarray
 
 
-def integrate(params, saveat: diffrax.SaveAt, *, clock: Clock | None = None, t0=None, t1=None, y0=None,
-              max_steps=None, event=None, progress: bool = False, adjoint=None,
-              sde: EulerMaruyama | None = None) -> diffrax.Solution:
+def integrate(
+    params,
+    saveat: diffrax.SaveAt,
+    *,
+    clock: Clock | None = None,
+    t0=None,
+    t1=None,
+    y0=None,
+    max_steps=None,
+    event=None,
+    progress: bool = False,
+    adjoint=None,
+    sde: EulerMaruyama | None = None,
+) -> diffrax.Solution:
     """The one diffeqsolve of gradflow; never throws (read ``result``).
 
     Without ``sde``: d theta/ds = rate(s) * params.vector_field(t(s), theta) with the config's solver

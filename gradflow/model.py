@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow._deprecated import deprecated_int_task, renamed_property
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive
+from gradflow._deprecated import deprecated_int_task, renamed_property
 from gradflow.policy import chain_targets, context_counts, count_logit, edge_counts
 from gradflow.task import ChainTask
 
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
-
 
 
 class ModelSpec(eqx.Module):
@@ -85,7 +84,7 @@ class Theta(eqx.Module):
         return jnp.stack([getattr(self, name) for name in self.fields()], axis=-1)
 
     @classmethod
-    def from_array(cls, x) -> "Theta":
+    def from_array(cls, x) -> Theta:
         """Inverse of ``as_array``: the last axis of ``x`` holds the ``size()`` numbers."""
         x = jnp.asarray(x, dtype=float)
         if x.shape[-1:] != (cls.size(),):
@@ -166,7 +165,9 @@ def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
     n_out, n_in, n_far = context_counts(u, n)
     log_count = lambda score, count: jnp.where(count > 0, score + jnp.log(jnp.maximum(count, 1.0)), -jnp.inf)
     vertex = jnp.where(u == start_vertex, theta.eta, theta.delta)
-    terms = jnp.broadcast_arrays(log_count(theta.alpha, n_out), log_count(theta.beta, n_in), log_count(theta.gamma, n_far), vertex)
+    terms = jnp.broadcast_arrays(
+        log_count(theta.alpha, n_out), log_count(theta.beta, n_in), log_count(theta.gamma, n_far), vertex
+    )
     log_z = jax.nn.logsumexp(jnp.stack(terms, axis=-1), axis=-1)
     return tuple(jnp.exp(score - log_z) * inv_tau for score in (theta.alpha, theta.beta, theta.gamma))
 
@@ -379,7 +380,9 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
     log_z = logs["total"]
     prob = lambda log_w: jnp.exp(log_w - log_z)
     stay = prob(rows.self_) if not model.mask_self else jnp.zeros(n - 1)
-    local_move = jnp.stack([rows.succ, jnp.where(rows.has_pred, rows.pred, -jnp.inf), logs["switch"], logs["jump"], logs["isolated"]], -1)
+    local_move = jnp.stack(
+        [rows.succ, jnp.where(rows.has_pred, rows.pred, -jnp.inf), logs["switch"], logs["jump"], logs["isolated"]], -1
+    )
     log_move = jax.nn.logsumexp(local_move, axis=-1)
     return StepProbabilities(
         forward=prob(rows.succ),
@@ -394,9 +397,7 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
 
 def vertex_names(n: int, n_isolated: int = 0) -> list[str]:
     """Vertex order of every dense matrix: a_1..a_n, b_1..b_n, then i_1..i_m."""
-    return [f"a{i}" for i in range(1, n + 1)] + [f"b{i}" for i in range(1, n + 1)] + [
-        f"i{k}" for k in range(1, n_isolated + 1)
-    ]
+    return [f"a{i}" for i in range(1, n + 1)] + [f"b{i}" for i in range(1, n + 1)] + [f"i{k}" for k in range(1, n_isolated + 1)]
 
 
 def edge_list(n: int) -> list[tuple[int, int]]:

@@ -129,20 +129,34 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _R
     b = lambda v: jnp.broadcast_to(v, shape)
     ex = lambda logit: b(jnp.exp(logit - top))
     present = lambda flag, logit: jnp.where(flag, ex(jnp.where(flag, logit, top)), 0.0)
-    weights = jnp.stack([
-        ex(rows.g), ex(2.0 * rows.g), ex(jnp.zeros(shape)),
-        ex(rows.succ), -ex(rows.base_succ),
-        ex(rows.self_) * (0.0 if model.mask_self else 1.0), -ex(rows.base_self),
-        present(rows.has_pred, rows.pred), -present(rows.has_pred, rows.base_pred),
-    ])
+    weights = jnp.stack(
+        [
+            ex(rows.g),
+            ex(2.0 * rows.g),
+            ex(jnp.zeros(shape)),
+            ex(rows.succ),
+            -ex(rows.base_succ),
+            ex(rows.self_) * (0.0 if model.mask_self else 1.0),
+            -ex(rows.base_self),
+            present(rows.has_pred, rows.pred),
+            -present(rows.has_pred, rows.base_pred),
+        ]
+    )
     local = lambda c: jnp.broadcast_to(jnp.asarray(c, float), shape + (3,))
     gamma_count = lambda degree: local(np.stack(np.broadcast_arrays(0, 0, degree), -1))
-    counts = jnp.stack([
-        gamma_count(1.0), gamma_count(2.0), gamma_count(0.0),
-        local(targets.succ), gamma_count(targets.deg_succ),
-        local(targets.self_), gamma_count(targets.deg_self),
-        local(targets.pred), gamma_count(targets.deg_pred),
-    ])
+    counts = jnp.stack(
+        [
+            gamma_count(1.0),
+            gamma_count(2.0),
+            gamma_count(0.0),
+            local(targets.succ),
+            gamma_count(targets.deg_succ),
+            local(targets.self_),
+            gamma_count(targets.deg_self),
+            local(targets.pred),
+            gamma_count(targets.deg_pred),
+        ]
+    )
     m = model.n_isolated
     ones_values = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)[..., 0]  # vertex counts per term
     z = jnp.sum(weights * ones_values, axis=0)
@@ -318,27 +332,51 @@ def _capped_moments(rows: _Rows, n: int, model: ModelSpec, f_src, f_src_iso):
         h, h_iso, grad, grad_iso, big_m, big_m_iso, big_f, big_f_iso = state
         h_full = with_terminals(h, terminal_h)
         grad_full = with_zero_terminals(grad)
-        stacked = jnp.concatenate([
-            h_full, grad_full,
-            with_zero_terminals(big_m.reshape(2, n - 1, p * p)),
-            with_zero_terminals(big_f.reshape(2, n - 1, p * p)),
-        ], axis=-1)
+        stacked = jnp.concatenate(
+            [
+                h_full,
+                grad_full,
+                with_zero_terminals(big_m.reshape(2, n - 1, p * p)),
+                with_zero_terminals(big_f.reshape(2, n - 1, p * p)),
+            ],
+            axis=-1,
+        )
         stacked_iso = jnp.concatenate([h_iso, grad_iso, big_m_iso.reshape(p * p), big_f_iso.reshape(p * p)])
         a0 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, _class_values(stacked, stacked_iso, n, m), 0)
-        i0 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar,
-                           _iso_values(stacked, stacked_iso, n, m, model.mask_self), 0)
+        i0 = _expectations(
+            rows.iso_weights,
+            rows.iso_counts,
+            rows.iso_z,
+            rows.iso_cbar,
+            _iso_values(stacked, stacked_iso, n, m, model.mask_self),
+            0,
+        )
         rhs_m, rhs_m_iso, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h_full, h_iso, grad_full, grad_iso)
         return (
-            a0[..., :1], i0[:1],
-            a0[..., 1:cut_m] + rhs_m, i0[1:cut_m] + rhs_m_iso,
-            a0[..., cut_m:cut_big_m].reshape(2, n - 1, p, p) + rhs_big, i0[cut_m:cut_big_m].reshape(p, p) + rhs_big_iso,
-            a0[..., cut_big_m:].reshape(2, n - 1, p, p) + f_src, i0[cut_big_m:].reshape(p, p) + f_src_iso,
+            a0[..., :1],
+            i0[:1],
+            a0[..., 1:cut_m] + rhs_m,
+            i0[1:cut_m] + rhs_m_iso,
+            a0[..., cut_m:cut_big_m].reshape(2, n - 1, p, p) + rhs_big,
+            i0[cut_m:cut_big_m].reshape(p, p) + rhs_big_iso,
+            a0[..., cut_big_m:].reshape(2, n - 1, p, p) + f_src,
+            i0[cut_big_m:].reshape(p, p) + f_src_iso,
         )
 
     chain = (2, n - 1)
-    init = tuple(jnp.zeros(shape) for shape in (
-        chain + (1,), (1,), chain + (p,), (p,), chain + (p, p), (p, p), chain + (p, p), (p, p),
-    ))
+    init = tuple(
+        jnp.zeros(shape)
+        for shape in (
+            chain + (1,),
+            (1,),
+            chain + (p,),
+            (p,),
+            chain + (p, p),
+            (p, p),
+            chain + (p, p),
+            (p, p),
+        )
+    )
     h, h_iso, grad, grad_iso, big_m, _, big_f, _ = jax.lax.fori_loop(0, model.max_len, step, init)
     return with_terminals(h, terminal_h), h_iso, with_zero_terminals(grad), grad_iso, big_m, big_f
 
@@ -415,8 +453,7 @@ def gradient_covariance(theta, task: ChainTask, model: ModelSpec, baseline="mean
 
 def _pooled(mo: Moments, p):
     """Start-weighted J, grad J, E[R S S^T], E[S S^T]."""
-    return (p @ mo.reward, p @ mo.grad, jnp.einsum("d,dij->ij", p, mo.reward_second),
-            jnp.einsum("d,dij->ij", p, mo.score_second))
+    return (p @ mo.reward, p @ mo.grad, jnp.einsum("d,dij->ij", p, mo.reward_second), jnp.einsum("d,dij->ij", p, mo.score_second))
 
 
 def _batch_noise(theta_array, task: ChainTask, model: ModelSpec, batch, baseline: str) -> GradientNoise:
@@ -480,7 +517,9 @@ def critical_batch(theta, task: ChainTask, model: ModelSpec, baseline: str = "me
     second = jnp.einsum("d,dij->ij", p, _second_moment(mo.reward_second, mo.score_second, jnp.broadcast_to(b, mo.reward.shape)))
     total = _ratio(jnp.trace(second) - mean @ mean, mean @ mean)
     b_d = _baseline_value(baseline, mo.reward)
-    trace_d = jnp.trace(_second_moment(mo.reward_second, mo.score_second, jnp.broadcast_to(b_d, mo.reward.shape)), axis1=-2, axis2=-1)
+    trace_d = jnp.trace(
+        _second_moment(mo.reward_second, mo.score_second, jnp.broadcast_to(b_d, mo.reward.shape)), axis1=-2, axis2=-1
+    )
     grad_sq = jnp.sum(mo.grad**2, axis=-1)
     return CriticalBatch(total, _ratio(trace_d - grad_sq, grad_sq))
 
@@ -587,8 +626,8 @@ class SGDPaths:
         """Distribution of the time to ``level`` (default ``self.level``) over seeds.
 
         n_seeds, n_reached, n_not_reached, n_diverged (non-finite paths, see the class); mean, std and
-        standard error over the seeds that reached (None if none did); quantiles 10/25/50/75/90 % over all seeds with "not reached" as +inf
-        (None where the quantile is not reached).
+        standard error over the seeds that reached (None if none did); quantiles 10/25/50/75/90 % over
+        all seeds with "not reached" as +inf (None where the quantile is not reached).
         """
         times = self.hit_times if level is None else self.time_to(level)
         reached = times[np.isfinite(times)]
@@ -603,8 +642,9 @@ class SGDPaths:
             "std": float(reached.std(ddof=1)) if reached.size > 1 else None,
             "sem": float(reached.std(ddof=1) / np.sqrt(reached.size)) if reached.size > 1 else None,
         }
-        summary["quantiles"] = {f"{int(round(100 * p))}": (float(v) if np.isfinite(v) else None)
-                                for p, v in zip((0.1, 0.25, 0.5, 0.75, 0.9), q)}
+        summary["quantiles"] = {
+            f"{int(round(100 * p))}": (float(v) if np.isfinite(v) else None) for p, v in zip((0.1, 0.25, 0.5, 0.75, 0.9), q)
+        }
         return summary
 
 
@@ -629,8 +669,18 @@ def _sde_solve(flow_params, y0, lr, keys, dt, t0, t1, save_ts, n_steps: int, bat
     return thetas, reward, ok
 
 
-def simulate_sgd(flow_params, lr: float, batch: int, keys, *, baseline: str = "mean", level: float | None = None,
-                 t1: float | None = None, dt: float | None = None, save_every: int | None = None) -> SGDPaths:
+def simulate_sgd(
+    flow_params,
+    lr: float,
+    batch: int,
+    keys,
+    *,
+    baseline: str = "mean",
+    level: float | None = None,
+    t1: float | None = None,
+    dt: float | None = None,
+    save_every: int | None = None,
+) -> SGDPaths:
     """SGD with rate lr and batch B in the diffusion limit, on the flow's time axis t = lr * step:
 
         d theta = grad J dt + sqrt(lr) Cov_B(theta)^{1/2} dW,   Cov_B = Sigma / B for baseline "mean",
@@ -670,16 +720,36 @@ def simulate_sgd(flow_params, lr: float, batch: int, keys, *, baseline: str = "m
     level = float(flow_params.reward_threshold if level is None else level)
     start = time.perf_counter()
     thetas, reward, ok = _sde_solve(
-        flow_params, flow_params.theta0.as_array(), jnp.asarray(lr, dtype=float), keys,
-        jnp.asarray(dt), jnp.asarray(t0), jnp.asarray(t1), jnp.asarray(save_ts), n_steps, jnp.asarray(float(batch)), baseline,
+        flow_params,
+        flow_params.theta0.as_array(),
+        jnp.asarray(lr, dtype=float),
+        keys,
+        jnp.asarray(dt),
+        jnp.asarray(t0),
+        jnp.asarray(t1),
+        jnp.asarray(save_ts),
+        n_steps,
+        jnp.asarray(float(batch)),
+        baseline,
     )
     thetas, reward, ok = jax.device_get((thetas, reward, ok))
     seconds = time.perf_counter() - start
     if not np.all(ok):
         raise RuntimeError("simulate_sgd: the SDE solve failed for some seeds")
     stats = {"seconds": seconds, "steps": n_steps, "seeds": int(thetas.shape[0]), "save_every": save_every}
-    return SGDPaths(flow_params, float(lr), batch, baseline, dt, np.asarray(save_ts), np.asarray(thetas),
-                    np.asarray(reward), level, _hit_times(save_ts, reward, level), stats)
+    return SGDPaths(
+        flow_params,
+        float(lr),
+        batch,
+        baseline,
+        dt,
+        np.asarray(save_ts),
+        np.asarray(thetas),
+        np.asarray(reward),
+        level,
+        _hit_times(save_ts, reward, level),
+        stats,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
 from gradflow import capped
+from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
 from gradflow.model import ModelSpec, RowLogits, Theta, chain_a_logits, row_log_total, row_logits, row_scores
 from gradflow.task import ChainTask
 
@@ -85,17 +85,17 @@ def _diff_exp(x, y, top):
 class _Scaled(eqx.Module):
     """One system's rows, each divided by exp(top) (its largest logit): the inputs of the solves."""
 
-    excess: jnp.ndarray   # absolute excess (positive sum)
-    lower: jnp.ndarray    # c_pred (0 in the first row)
-    upper: jnp.ndarray    # c_succ (0 in the last row: a_n absorbs)
-    rhs_q: jnp.ndarray    # P(other terminal) system: rate into the other terminal + isolated share
-    rhs_h: jnp.ndarray    # P(own terminal) system
-    rhs_e: jnp.ndarray    # deviation e = h - 1/2 system (linear, folded)
-    far1: jnp.ndarray     # f1: the row's weight on each degree-1 vertex (+ isolated detours)
-    far2: jnp.ndarray     # f2: the same on each degree-2 vertex
-    to_own: jnp.ndarray   # rate into a_n from a chain-a last row (succ + isolated share)
-    cost: jnp.ndarray     # Z_u + m Z_iso / (2 Y): expected tokens per unit row weight
-    top: jnp.ndarray      # the row's scale: its largest logit (no gradient)
+    excess: jnp.ndarray  # absolute excess (positive sum)
+    lower: jnp.ndarray  # c_pred (0 in the first row)
+    upper: jnp.ndarray  # c_succ (0 in the last row: a_n absorbs)
+    rhs_q: jnp.ndarray  # P(other terminal) system: rate into the other terminal + isolated share
+    rhs_h: jnp.ndarray  # P(own terminal) system
+    rhs_e: jnp.ndarray  # deviation e = h - 1/2 system (linear, folded)
+    far1: jnp.ndarray  # f1: the row's weight on each degree-1 vertex (+ isolated detours)
+    far2: jnp.ndarray  # f2: the same on each degree-2 vertex
+    to_own: jnp.ndarray  # rate into a_n from a chain-a last row (succ + isolated share)
+    cost: jnp.ndarray  # Z_u + m Z_iso / (2 Y): expected tokens per unit row weight
+    top: jnp.ndarray  # the row's scale: its largest logit (no gradient)
 
 
 def _scale_rows(rows: RowLogits) -> _Scaled:
@@ -129,10 +129,13 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
 
     # isolated detours: an isolated vertex returns to chain vertex v with prob. e^{g_iso deg v} / (2Y)
     g_iso = jnp.broadcast_to(rows.g_iso, shape)
-    log_2y = jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(max(n - 2, 1))) if n >= 3 \
+    log_2y = (
+        jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(max(n - 2, 1)))
+        if n >= 3
         else jnp.log(4.0) + g_iso
-    iso1 = m * jnp.exp(g_iso - log_2y - top) if m else jnp.zeros(shape)          # isolated share on a deg-1 vertex
-    iso2 = m * jnp.exp(2.0 * g_iso - log_2y - top) if m else jnp.zeros(shape)    # ... on a deg-2 vertex
+    )
+    iso1 = m * jnp.exp(g_iso - log_2y - top) if m else jnp.zeros(shape)  # isolated share on a deg-1 vertex
+    iso2 = m * jnp.exp(2.0 * g_iso - log_2y - top) if m else jnp.zeros(shape)  # ... on a deg-2 vertex
     e_g, e_g2, e_m = ex(g), (ex(2.0 * g) if n >= 3 else jnp.zeros(shape)), (m * ex(jnp.zeros(shape)) if m else jnp.zeros(shape))
 
     c_succ = jnp.where(last, 0.0, _diff_exp(succ, base_succ, top))
@@ -144,8 +147,13 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     # the last row: 2W + m - far(a_n) + succ (+ the same pred correction)
     n1 = 4.0 - jnp.where(last, 1.0, 2.0 * pres(neg_s & d1s)) - 2.0 * pres(neg_p & d1p)
     n2 = 2.0 * (n - 2) - 2.0 * pres(neg_s & ~d1s) - 2.0 * pres(neg_p & ~d1p)
-    excess = n1 * e_g + n2 * e_g2 + e_m + jnp.where(last, 1.0, 2.0 * pres(neg_s)) * ex(succ) \
+    excess = (
+        n1 * e_g
+        + n2 * e_g2
+        + e_m
+        + jnp.where(last, 1.0, 2.0 * pres(neg_s)) * ex(succ)
         + 2.0 * pres(neg_p) * ex(jnp.where(has_pred, pred, top))
+    )
 
     half_w = e_g + 0.5 * (n - 2) * e_g2  # W / 2
     rhs_q = 2.0 * half_w + 0.5 * e_m
@@ -224,8 +232,8 @@ def chain_system(theta: Theta, n: int, model: ModelSpec, start) -> ChainSystem:
     absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)
     far1 = jnp.broadcast_to(s.far1, (2, n - 1))
     to_own = jnp.broadcast_to(s.to_own, (2, n - 1))
-    own = jnp.stack([jnp.where(last, to_own[0], far1[0]), far1[1]])      # into a_n
-    other = jnp.stack([far1[0], jnp.where(last, to_own[1], far1[1])])    # into b_n
+    own = jnp.stack([jnp.where(last, to_own[0], far1[0]), far1[1]])  # into a_n
+    other = jnp.stack([far1[0], jnp.where(last, to_own[1], far1[1])])  # into b_n
     u = jnp.stack([_flat(s.far1, n), _flat(s.far2, n)], -1)
     return ChainSystem(s, own, other, _flat(absorb, n), u, np.tile(np.arange(1, n) == 1, 2))
 

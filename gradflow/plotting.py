@@ -198,8 +198,12 @@ def emergence_figure(trajectory):
     mesh = ax_heat.pcolormesh(t_edges, np.arange(0.5, n), fwd.T, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, shading="flat")
     half = first_crossings(ts, fwd, 0.9, log_time=True)
     ax_heat.plot(half, positions, color="white", marker="o", ms=3, lw=1, label="first t with P ≥ 0.9")
-    ax_heat.set(xscale="log", xlabel=TIME_LABEL, ylabel=f"position i of $a_i$ ($a_{{{n}}}$ = terminal)",
-                title="P(forward | move) per position\n(white dots: first t with P ≥ 0.9)")
+    ax_heat.set(
+        xscale="log",
+        xlabel=TIME_LABEL,
+        ylabel=f"position i of $a_i$ ($a_{{{n}}}$ = terminal)",
+        title="P(forward | move) per position\n(white dots: first t with P ≥ 0.9)",
+    )
     ax_heat.set_yticks(positions)
     ax_heat.grid(False)
     fig.colorbar(mesh, ax=ax_heat, label=r"P($a_i \to a_{i+1}$ | move)")
@@ -207,8 +211,7 @@ def emergence_figure(trajectory):
     minimal = trajectory.minimal_length
     ax_len.plot(ts, length, color=color(0), label="expected length")
     ax_len.axhline(minimal, color="k", ls="--", lw=1, label=f"minimal (forward traversal) = {minimal:.2f}")
-    ax_len.set(xscale="log", xlabel=TIME_LABEL, ylabel="generated tokens until a terminal",
-               title="chain-of-thought length")
+    ax_len.set(xscale="log", xlabel=TIME_LABEL, ylabel="generated tokens until a terminal", title="chain-of-thought length")
     ax_len.legend(loc="best")
     for ax, letter in zip(axes.flat, "abcd"):
         panel_label(ax, letter)

@@ -44,8 +44,8 @@ def edge_counts(u, v, n: int):
     same = on_u & on_v & (chain_u == chain_v)
     has_out, has_in = on_u & (pos_u < n), on_u & (pos_u > 1)
     is_self = u == v
-    out = is_self * has_out + (same & (pos_v == pos_u + 1)) * 1   # the edge (u, v), or u's own out-edge
-    inc = is_self * has_in + (same & (pos_v == pos_u - 1)) * 1    # the edge (v, u), or u's own in-edge
+    out = is_self * has_out + (same & (pos_v == pos_u + 1)) * 1  # the edge (u, v), or u's own out-edge
+    inc = is_self * has_in + (same & (pos_v == pos_u - 1)) * 1  # the edge (v, u), or u's own in-edge
     touching = out + inc  # edges containing v that touch u
     far = vertex_degree(v, n) - touching
     xp = jnp if isinstance(u, jax.Array) or isinstance(v, jax.Array) else np
@@ -89,8 +89,17 @@ def chain_targets(n: int) -> ChainTargets:
     deg_succ, deg_self, deg_pred = deg(u + 1), deg(u), np.where(has_pred, deg(pred), 0)
     local1 = (deg_succ == 1) * 1 + (deg_self == 1) + (deg_pred == 1)
     local2 = (deg_succ == 2) * 1 + (deg_self == 2) + (deg_pred == 2)
-    return ChainTargets(edge_counts(u, u + 1, n), edge_counts(u, u, n), c_pred, deg_succ, deg_self, deg_pred,
-                        has_pred, (4 - local1).astype(float), (2.0 * (n - 2) - local2).astype(float))
+    return ChainTargets(
+        edge_counts(u, u + 1, n),
+        edge_counts(u, u, n),
+        c_pred,
+        deg_succ,
+        deg_self,
+        deg_pred,
+        has_pred,
+        (4 - local1).astype(float),
+        (2.0 * (n - 2) - local2).astype(float),
+    )
 
 
 def count_logit(counts, alpha, beta, gamma):

@@ -149,39 +149,111 @@ def _reach_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.n
 # The registry
 # --------------------------------------------------------------------------------------------------
 
-register("reward", objective.expected_reward, probability=True,
-         description="J = sum_d p[d-1] h[d-1], h = P(own terminal first) (capped: within max_len tokens)")
-register("forward_prob", _given_move("forward"), axis="position", probability=True,
-         description="P(a_i -> a_{i+1} | the walk moves)")
-register("backward_prob", _given_move("backward"), axis="position", probability=True,
-         description="P(a_i -> a_{i-1} | the walk moves)")
-register("switch_prob", _given_move("switch"), axis="position", probability=True,
-         description="P(a_i -> a vertex of chain b | the walk moves)")
-register("jump_prob", _given_move("jump"), axis="position", probability=True,
-         description="P(a_i -> a non-adjacent vertex of chain a | the walk moves)")
-register("isolated_prob", _given_move("isolated"), axis="position", probability=True,
-         description="P(a_i -> an isolated vertex | the walk moves)")
-register("expected_length", objective.expected_length,
-         description="E[tokens up to the first terminal] = sum_d p[d-1] L[d-1] (capped: E[min(L, max_len)])")
-register("traversal_prob", objective.traversal_probability, probability=True,
-         description="P(the path is exactly the forward path) = sum_d p[d-1] prod_{i=n-d}^{n-1} P(a_i -> a_{i+1})")
-register("success_per_start", objective.same_side_probability, axis="start", probability=True,
-         description="h[d-1] = P(the own terminal is the first written, within the cap if any) from a_{n-d}")
-register("reach_per_start", _reach_per_start, axis="start", probability=True,
-         description="P(some terminal within the cap) from a_{n-d} (1 uncapped)")
-register("reach_probability", _reach_probability, probability=True,
-         description="sum_d p[d-1] P(some terminal within the cap) (1 uncapped)")
-register("greedy_accuracy", _greedy_field("accuracy"), probability=True,
-         description="sum_d p[d-1] [the greedy path's first terminal is its own]")
-register("greedy_conditional_accuracy", _greedy_field("conditional_accuracy"), probability=True,
-         description="greedy accuracy / greedy reach rate (NaN when no greedy path writes a terminal)")
-register("greedy_reach_rate", _greedy_field("reach_rate"), probability=True,
-         description="sum_d p[d-1] [the greedy path writes a terminal]")
-register("greedy_traversal_accuracy", _greedy_field("traversal_accuracy"), probability=True,
-         description="sum_d p[d-1] [the greedy path is exactly the chain suffix a_{n-d+1}..a_n]")
-register("greedy_tie_rate", _greedy_field("tie_rate"), probability=True,
-         description="sum_d p[d-1] [the greedy path passed an exact tie]")
-register("greedy_correct", _greedy_per_start_field("correct"), axis="start", probability=True,
-         description="[the greedy path from a_{n-d} first writes its own terminal], as 0/1")
-register("greedy_reached", _greedy_per_start_field("reached"), axis="start", probability=True,
-         description="[the greedy path from a_{n-d} writes a terminal], as 0/1")
+register(
+    "reward",
+    objective.expected_reward,
+    probability=True,
+    description="J = sum_d p[d-1] h[d-1], h = P(own terminal first) (capped: within max_len tokens)",
+)
+register(
+    "forward_prob", _given_move("forward"), axis="position", probability=True, description="P(a_i -> a_{i+1} | the walk moves)"
+)
+register(
+    "backward_prob", _given_move("backward"), axis="position", probability=True, description="P(a_i -> a_{i-1} | the walk moves)"
+)
+register(
+    "switch_prob",
+    _given_move("switch"),
+    axis="position",
+    probability=True,
+    description="P(a_i -> a vertex of chain b | the walk moves)",
+)
+register(
+    "jump_prob",
+    _given_move("jump"),
+    axis="position",
+    probability=True,
+    description="P(a_i -> a non-adjacent vertex of chain a | the walk moves)",
+)
+register(
+    "isolated_prob",
+    _given_move("isolated"),
+    axis="position",
+    probability=True,
+    description="P(a_i -> an isolated vertex | the walk moves)",
+)
+register(
+    "expected_length",
+    objective.expected_length,
+    description="E[tokens up to the first terminal] = sum_d p[d-1] L[d-1] (capped: E[min(L, max_len)])",
+)
+register(
+    "traversal_prob",
+    objective.traversal_probability,
+    probability=True,
+    description="P(the path is exactly the forward path) = sum_d p[d-1] prod_{i=n-d}^{n-1} P(a_i -> a_{i+1})",
+)
+register(
+    "success_per_start",
+    objective.same_side_probability,
+    axis="start",
+    probability=True,
+    description="h[d-1] = P(the own terminal is the first written, within the cap if any) from a_{n-d}",
+)
+register(
+    "reach_per_start",
+    _reach_per_start,
+    axis="start",
+    probability=True,
+    description="P(some terminal within the cap) from a_{n-d} (1 uncapped)",
+)
+register(
+    "reach_probability",
+    _reach_probability,
+    probability=True,
+    description="sum_d p[d-1] P(some terminal within the cap) (1 uncapped)",
+)
+register(
+    "greedy_accuracy",
+    _greedy_field("accuracy"),
+    probability=True,
+    description="sum_d p[d-1] [the greedy path's first terminal is its own]",
+)
+register(
+    "greedy_conditional_accuracy",
+    _greedy_field("conditional_accuracy"),
+    probability=True,
+    description="greedy accuracy / greedy reach rate (NaN when no greedy path writes a terminal)",
+)
+register(
+    "greedy_reach_rate",
+    _greedy_field("reach_rate"),
+    probability=True,
+    description="sum_d p[d-1] [the greedy path writes a terminal]",
+)
+register(
+    "greedy_traversal_accuracy",
+    _greedy_field("traversal_accuracy"),
+    probability=True,
+    description="sum_d p[d-1] [the greedy path is exactly the chain suffix a_{n-d+1}..a_n]",
+)
+register(
+    "greedy_tie_rate",
+    _greedy_field("tie_rate"),
+    probability=True,
+    description="sum_d p[d-1] [the greedy path passed an exact tie]",
+)
+register(
+    "greedy_correct",
+    _greedy_per_start_field("correct"),
+    axis="start",
+    probability=True,
+    description="[the greedy path from a_{n-d} first writes its own terminal], as 0/1",
+)
+register(
+    "greedy_reached",
+    _greedy_per_start_field("reached"),
+    axis="start",
+    probability=True,
+    description="[the greedy path from a_{n-d} writes a terminal], as 0/1",
+)

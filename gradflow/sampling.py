@@ -37,7 +37,6 @@ from gradflow._deprecated import module_getattr
 from gradflow.model import ModelSpec, Theta, edge_list, orbit_labels
 from gradflow.task import ChainTask
 
-
 # --------------------------------------------------------------------------------------------------
 # The vocabulary and the full attention matrix
 # --------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class Schedule(eqx.Module):
         """The time-averaged distribution (1/(t1-t0)) int_{t0}^{t1} schedule(t) dt (exact)."""
         raise NotImplementedError
 
-    def map_distributions(self, fn) -> "Schedule":
+    def map_distributions(self, fn) -> Schedule:
         """The same schedule with ``fn`` applied to every stored distribution (arrays (..., n-1))."""
         where = lambda s: tuple(getattr(s, name) for name in self.DISTRIBUTION_FIELDS)
         return eqx.tree_at(where, self, tuple(fn(getattr(self, name)) for name in self.DISTRIBUTION_FIELDS))
@@ -155,8 +155,12 @@ class Step(Schedule):
         return early * self.before + (1.0 - early) * self.after
 
     def to_dict(self) -> dict:
-        return {"kind": "step", "switch_time": float(self.switch_time), "before": _tolist(self.before),
-                "after": _tolist(self.after)}
+        return {
+            "kind": "step",
+            "switch_time": float(self.switch_time),
+            "before": _tolist(self.before),
+            "after": _tolist(self.after),
+        }
 
 
 class PiecewiseConstant(Schedule):
@@ -254,7 +258,9 @@ def from_dict(config: dict) -> Schedule:
     expected = {name for name in family.__dataclass_fields__ if name != "DISTRIBUTION_FIELDS"}
     unknown, missing = set(config) - expected, expected - set(config)
     if unknown or missing:
-        raise ValueError(f"{kind} schedule: fields must be {sorted(expected)}, unknown {sorted(unknown)}, missing {sorted(missing)}")
+        raise ValueError(
+            f"{kind} schedule: fields must be {sorted(expected)}, unknown {sorted(unknown)}, missing {sorted(missing)}"
+        )
     return family(**config)
 
 
@@ -383,8 +389,12 @@ def schedule_from_spec(text: str, n: int) -> Schedule:
     if kind == "constant" and "=" not in body:
         body = f"probs={body}"
     fields = _split_fields(body, text)
-    allowed = {"constant": {"probs"}, "step": {"t", "before", "after"},
-               "piecewise_constant": {"boundaries", "probs"}, "piecewise_linear": {"knots", "probs"}}[kind]
+    allowed = {
+        "constant": {"probs"},
+        "step": {"t", "before", "after"},
+        "piecewise_constant": {"boundaries", "probs"},
+        "piecewise_linear": {"knots", "probs"},
+    }[kind]
     if set(fields) != allowed:
         raise ValueError(f"schedule {text!r}: {kind} needs exactly the keys {sorted(allowed)}, got {sorted(fields)}")
     if kind == "constant":

@@ -82,10 +82,7 @@ class SweepError(RuntimeError):
     def __init__(self, failures: dict[str, str]):
         self.failures = dict(failures)
         first = next(iter(self.failures.items()))
-        super().__init__(
-            f"{len(self.failures)} config(s) failed, the other results are saved "
-            f"(first: {first[0]}: {first[1]})"
-        )
+        super().__init__(f"{len(self.failures)} config(s) failed, the other results are saved (first: {first[0]}: {first[1]})")
 
 
 def _as_dict(config) -> dict:
@@ -98,8 +95,24 @@ def _as_dict(config) -> dict:
 _HASHED_KEYS_0_1 = {
     "task": {"n": None, "start_probs": None},
     "model": {"attention": None, "tau": None, "mask_self": None, "n_isolated": None, "context": None},
-    **dict.fromkeys(("theta0", "t0", "t1", "coords", "n_vocab", "solver", "rtol", "atol", "save_ts",
-                     "max_steps", "reward_threshold", "schedule", "convergence_loss", "stop_at")),
+    **dict.fromkeys(
+        (
+            "theta0",
+            "t0",
+            "t1",
+            "coords",
+            "n_vocab",
+            "solver",
+            "rtol",
+            "atol",
+            "save_ts",
+            "max_steps",
+            "reward_threshold",
+            "schedule",
+            "convergence_loss",
+            "stop_at",
+        )
+    ),
 }
 
 
@@ -291,8 +304,10 @@ def _solve_and_save(batch, paths, devices, failures: dict, progress: bool) -> No
         save_atomic(trajectory, path)
     if progress:
         stats = trajectories[0].stats
-        print(f"sweep: solved {len(batch)} configs (n = {batch[0].task.n}) "
-              f"compile {stats['compile_seconds']:.2f} s, run {stats['run_seconds']:.2f} s")
+        print(
+            f"sweep: solved {len(batch)} configs (n = {batch[0].task.n}) "
+            f"compile {stats['compile_seconds']:.2f} s, run {stats['run_seconds']:.2f} s"
+        )
 
 
 def run_sweep(
@@ -325,8 +340,16 @@ def run_sweep(
     if executor is not None:
         if (index, count) != (0, 1):
             raise ValueError("index/count: an executor splits the sweep itself; leave index=0, count=1")
-        jobs = submit_sweep(config_path, out_dir, executor=executor, array_size=array_size, devices=devices,
-                            batch_size=batch_size, executor_params=executor_params, executor_folder=executor_folder)
+        jobs = submit_sweep(
+            config_path,
+            out_dir,
+            executor=executor,
+            array_size=array_size,
+            devices=devices,
+            batch_size=batch_size,
+            executor_params=executor_params,
+            executor_folder=executor_folder,
+        )
         return wait_sweep(jobs, config_path, out_dir)
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise ValueError(f"count must be an integer >= 1, got {count!r}")
@@ -369,8 +392,9 @@ def load_results(config_path: str | Path, out_dir: str | Path) -> list[Trajector
 
 def _array_task(config_path: str, out_dir: str, index: int, count: int, batch_size, devices) -> list[str]:
     """One array task: its slice of the sweep, resumed (runs inside the submitit job)."""
-    paths = run_sweep(config_path, out_dir, resume=True, progress=True, index=index, count=count,
-                      devices=devices, batch_size=batch_size)
+    paths = run_sweep(
+        config_path, out_dir, resume=True, progress=True, index=index, count=count, devices=devices, batch_size=batch_size
+    )
     return [str(p) for p in paths]
 
 
@@ -426,8 +450,9 @@ def submit_sweep(
         executor = make_executor(executor, folder, **(executor_params or {}))
     elif executor_params:
         executor.update_parameters(**executor_params)
-    task = functools.partial(_array_task, str(config_path), str(out_dir), count=array_size,
-                             batch_size=batch_size, devices=devices)
+    task = functools.partial(
+        _array_task, str(config_path), str(out_dir), count=array_size, batch_size=batch_size, devices=devices
+    )
     return executor.map_array(task, list(range(array_size)))
 
 
@@ -442,7 +467,9 @@ def wait_sweep(jobs, config_path: str | Path, out_dir: str | Path) -> list[Path]
         try:
             job.result()
         except Exception as error:  # noqa: BLE001 - submitit re-raises whatever the task raised
-            failures[f"job {job.job_id}"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+            failures[f"job {job.job_id}"] = (
+                f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+            )
     configs = read_configs(config_path)
     paths = [result_path(out_dir, c) for c in configs]
     missing = {p.stem: "no complete result" for p, c in zip(paths, configs) if not is_complete(p, c)}

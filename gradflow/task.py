@@ -35,19 +35,19 @@ class ChainTask(eqx.Module):
         return jnp.arange(1, self.n)
 
     @classmethod
-    def uniform(cls, n: int) -> "ChainTask":
+    def uniform(cls, n: int) -> ChainTask:
         """Starts uniform over d = 1..n-1."""
         n = check_int("n", n, 2)
         return cls(n, np.full(n - 1, 1.0 / (n - 1)))
 
     @classmethod
-    def hardest(cls, n: int) -> "ChainTask":
+    def hardest(cls, n: int) -> ChainTask:
         """All mass on the hardest start d = n-1 (v_start = a_1)."""
         n = check_int("n", n, 2)
         return cls(n, np.eye(n - 1)[-1])
 
     @classmethod
-    def mixture(cls, n: int, easy_mass: float, easy_steps: Sequence[int] = (1,)) -> "ChainTask":
+    def mixture(cls, n: int, easy_mass: float, easy_steps: Sequence[int] = (1,)) -> ChainTask:
         """Mass ``easy_mass`` spread evenly over the distances ``easy_steps``, the rest on d = n-1."""
         n = check_int("n", n, 2)
         mass = check_fraction("easy_mass", easy_mass, 0.0, 1.0, inclusive=True)
@@ -58,7 +58,7 @@ class ChainTask(eqx.Module):
         return cls(n, probs)
 
     @classmethod
-    def k_hardest(cls, n: int, k: int) -> "ChainTask":
+    def k_hardest(cls, n: int, k: int) -> ChainTask:
         """Uniform over the k hardest starts d = n-k..n-1 (the authors' simple-examples experiment)."""
         n = check_int("n", n, 2)
         k = check_int("k", k, 1)
@@ -78,9 +78,7 @@ def _distances(name: str, steps, n: int) -> list[int]:
         steps = list(steps)
     except TypeError:
         raise ValueError(message) from None
-    ok = bool(steps) and all(
-        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and 1 <= d <= n - 1 for d in steps
-    )
+    ok = bool(steps) and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and 1 <= d <= n - 1 for d in steps)
     if not ok or len(set(int(d) for d in steps)) != len(steps):
         raise ValueError(message)
     return [int(d) for d in steps]

@@ -34,18 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import readouts
-from gradflow._deprecated import deprecated_int_task, module_getattr
 from gradflow._checks import check_fraction, check_int, check_nonnegative
 from gradflow._dependencies import is_result, result_code, result_message
+from gradflow._deprecated import deprecated_int_task, module_getattr
 from gradflow._series import first_crossing
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams
 from gradflow.flow import stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate, level_event
-from gradflow.trajectory import Trajectory
 from gradflow.model import ModelSpec, Theta, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
 from gradflow.task import ChainTask
+from gradflow.trajectory import Trajectory
 
 REGIMES = ("polynomial", "exponential", "undetermined")
 DEFAULT_T1 = 1e40
@@ -294,8 +294,7 @@ class ConditionReport:
             f"  base-model assumption: {'holds' if self.base_model else 'FAILS'}",
             f"  simple-example mass P(d <= k), k = 1..{self.n - 1}: [{mass}]",
             f"  smallest k with mass: k = {self.k}, c = P(d <= {self.k}) = {self.c:.4g}",
-            f"  predicted regime: {self.regime} (k_max = {self.k_max}, c0^k = {self.c0 ** self.k:.3g}, "
-            f"floor {self.c0_floor:g})",
+            f"  predicted regime: {self.regime} (k_max = {self.k_max}, c0^k = {self.c0**self.k:.3g}, floor {self.c0_floor:g})",
             f"  sufficiency bound n^2/(c0^(k+2) b0 c eps^2) at eps = {self.eps:g}: {self.bound:.4g}",
             f"  reward ceiling sup J = {self.ceiling:.10g} ({'exact' if self.ceiling_exact else 'numerical'})"
             + ("" if self.ceiling >= 1.0 else ": higher reward levels are never reached"),
@@ -424,7 +423,7 @@ class PhaseReport:
         return all(len(group) == 1 for group in self.order_groups)
 
     def order_text(self) -> str:
-        """"a7, a1, a2" for a strict order; tied positions in parentheses: "a7, (a1 = a2 = a3)"."""
+        """ "a7, a1, a2" for a strict order; tied positions in parentheses: "a7, (a1 = a2 = a3)"."""
         parts = []
         for group in self.order_groups:
             names = [f"a{i}" for i in group]
@@ -699,7 +698,9 @@ def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[Flow
         if key in flow_kwargs:
             raise ValueError(f"{key} is set by learning_time itself; do not pass it in flow_kwargs")
     return [
-        FlowParams(task=task, model=model, theta0=theta0, t1=float(t1), reward_threshold=level, stop_at="threshold", **flow_kwargs)
+        FlowParams(
+            task=task, model=model, theta0=theta0, t1=float(t1), reward_threshold=level, stop_at="threshold", **flow_kwargs
+        )
         for task in tasks
     ]
 
@@ -777,8 +778,8 @@ def learning_time(
     training: n = 16 learns at t = 1.973e11, n = 20 at t = 5.907e16 (a few hundred steps each).
     From n ~ 30 the rise is narrower than what the log-time stage resolves where it hands over
     (t ~ 1e32: relative width below 1e-20) and the solve raises RuntimeError (steps ran out).
-    Extra keyword arguments (solver, rtol, atol, coords, max_steps, schedule, ...) go to FlowParams.  If J(theta0) >= level already,
-    the answer is t0; a level above the reward ceiling gives None with a warning.  RuntimeError if
+    Extra keyword arguments (solver, rtol, atol, coords, max_steps, schedule, ...) go to FlowParams.
+    If J(theta0) >= level already, the answer is t0; a level above the reward ceiling gives None with a warning.  RuntimeError if
     max_steps ran out first or the solver failed.
     """
     if not isinstance(task, ChainTask):
@@ -820,8 +821,7 @@ class ScalingResult:
                 rows,
                 f"  exponential fit: log T = {self.exp_intercept:.3f} + {self.rate:.4f} n  "
                 f"(x{self.factor:.3g} per unit n), rss {self.exp_rss:.3g}",
-                f"  power-law fit:   log T = {self.power_intercept:.3f} + {self.degree:.4f} log n, "
-                f"rss {self.power_rss:.3g}",
+                f"  power-law fit:   log T = {self.power_intercept:.3f} + {self.degree:.4f} log n, rss {self.power_rss:.3g}",
                 f"  better fit: {self.better}",
             ]
         )

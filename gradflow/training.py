@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradflow import capped, objective, readouts
-from gradflow._deprecated import module_getattr, renamed_keyword
+from gradflow import objective, readouts
 from gradflow._checks import check_choice, check_int, check_positive
+from gradflow._deprecated import module_getattr, renamed_keyword
 from gradflow.flow import FlowParams, Trajectory
 from gradflow.model import ModelSpec, Theta
-from gradflow.sampling import full_attention, rollouts, orbit_statistics, resolve_max_len, surrogate
+from gradflow.sampling import full_attention, orbit_statistics, resolve_max_len, rollouts, surrogate
 from gradflow.task import ChainTask
 
 OPTIMIZERS = ("sgd", "adam")  # the common ones; any optax optimizer name is accepted
@@ -44,8 +44,17 @@ COORDS = ("reduced", "full")
 
 __getattr__ = module_getattr(__name__)  # deprecated names (gradflow._deprecated)
 
-__all__ = ["TrainConfig", "TrainingTrajectory", "gradient_descent", "train", "readouts_at", "reward_function",
-           "OPTIMIZERS", "COORDS", "RECORDED"]
+__all__ = [
+    "TrainConfig",
+    "TrainingTrajectory",
+    "gradient_descent",
+    "train",
+    "readouts_at",
+    "reward_function",
+    "OPTIMIZERS",
+    "COORDS",
+    "RECORDED",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,8 +66,10 @@ def _check_optimizer(optimizer) -> None:
     if isinstance(optimizer, optax.GradientTransformation):
         return
     if not isinstance(optimizer, str) or not callable(getattr(optax, optimizer, None)) or optimizer.startswith("_"):
-        raise ValueError(f"optimizer must be an optax optimizer name such as {list(OPTIMIZERS)} "
-                         f"(or an optax.GradientTransformation), got {optimizer!r}")
+        raise ValueError(
+            f"optimizer must be an optax optimizer name such as {list(OPTIMIZERS)} "
+            f"(or an optax.GradientTransformation), got {optimizer!r}"
+        )
 
 
 def _make_optimizer(optimizer, lr) -> optax.GradientTransformation:
@@ -115,9 +126,23 @@ def reward_function(model: ModelSpec):
     return objective.expected_reward
 
 
-RECORDED = ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob", "success_per_start",
-            "reach_per_start", "reach_probability", "greedy_accuracy", "greedy_conditional_accuracy", "greedy_reach_rate",
-            "greedy_traversal_accuracy", "greedy_tie_rate", "greedy_correct", "greedy_reached")  # TrainingTrajectory's
+RECORDED = (
+    "reward",
+    "forward_prob",
+    "switch_prob",
+    "expected_length",
+    "traversal_prob",
+    "success_per_start",
+    "reach_per_start",
+    "reach_probability",
+    "greedy_accuracy",
+    "greedy_conditional_accuracy",
+    "greedy_reach_rate",
+    "greedy_traversal_accuracy",
+    "greedy_tie_rate",
+    "greedy_correct",
+    "greedy_reached",
+)  # TrainingTrajectory's
 
 
 def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
@@ -265,8 +290,14 @@ def gradient_descent(
     start = time.perf_counter()
     record = _gradient_descent(flow_params, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.optimizer, coords)
     record = record | _metrics_along(flow_params.task, flow_params.model, record["theta"])
-    stats = {"seconds": time.perf_counter() - start, "lr": float(cfg.lr), "steps": cfg.steps,
-             "optimizer": _optimizer_name(cfg.optimizer), "coords": coords, "max_len": flow_params.model.max_len}
+    stats = {
+        "seconds": time.perf_counter() - start,
+        "lr": float(cfg.lr),
+        "steps": cfg.steps,
+        "optimizer": _optimizer_name(cfg.optimizer),
+        "coords": coords,
+        "max_len": flow_params.model.max_len,
+    }
     return _make_trajectory(flow_params, cfg.lr, record, stats)
 
 
@@ -342,8 +373,7 @@ def train(
     if kind == "full":
         params0 = full_attention(flow_params.theta0, flow_params.vocabulary_size)
     start = time.perf_counter()
-    record = _train(flow_params, params0, key, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.batch, cap,
-                    cfg.optimizer, kind)
+    record = _train(flow_params, params0, key, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.batch, cap, cfg.optimizer, kind)
     record = record | _metrics_along(flow_params.task, flow_params.model, record["theta"])
     stats = {
         "seconds": time.perf_counter() - start,

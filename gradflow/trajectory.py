@@ -32,7 +32,9 @@ def quantity_fn(params: FlowParams, quantity: str, index) -> Callable:
     task = params.task
     if quantity == "eval_reward":
         if index not in params.eval_tasks:
-            raise ValueError(f"index must name one of eval_tasks {sorted(params.eval_tasks)} for quantity 'eval_reward', got {index!r}")
+            raise ValueError(
+                f"index must name one of eval_tasks {sorted(params.eval_tasks)} for quantity 'eval_reward', got {index!r}"
+            )
         task, quantity = params.eval_tasks[index], "reward"
     readout = readouts.READOUTS[quantity]
 
@@ -150,7 +152,7 @@ class Trajectory:
         return npz
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trajectory":
+    def load(cls, path: str | Path) -> Trajectory:
         """Read a trajectory written by ``save``; ValueError naming the field when the files disagree."""
         path = Path(path).with_suffix("")
         try:
@@ -184,14 +186,23 @@ class Trajectory:
 def _check_shapes(config: FlowParams, arrays: dict, eval_reward: dict, path) -> None:
     """Every array must have the sidecar config's number of saves and n."""
     saves, width = config.n_saves(), config.task.n - 1
-    expected = {"ts": (saves,), "theta": (saves, 5), "reward": (saves,), "forward_prob": (saves, width),
-                "switch_prob": (saves, width), "expected_length": (saves,), "traversal_prob": (saves,)}
+    expected = {
+        "ts": (saves,),
+        "theta": (saves, 5),
+        "reward": (saves,),
+        "forward_prob": (saves, width),
+        "switch_prob": (saves, width),
+        "expected_length": (saves,),
+        "traversal_prob": (saves,),
+    }
     expected.update({f"eval_reward/{name}": (saves,) for name in eval_reward})
     found = {**arrays, **{f"eval_reward/{k}": v for k, v in eval_reward.items()}}
     for name, shape in expected.items():
         if np.shape(found[name]) != shape:
-            raise ValueError(f"{path}: array {name} has shape {np.shape(found[name])}, the config implies {shape} "
-                             f"({saves} saves, n = {config.task.n})")
+            raise ValueError(
+                f"{path}: array {name} has shape {np.shape(found[name])}, the config implies {shape} "
+                f"({saves} saves, n = {config.task.n})"
+            )
 
 
 def _atomic_write(path: Path, write: Callable) -> None:

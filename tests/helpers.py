@@ -23,8 +23,12 @@ def random_theta(rng, scale: float = 1.0) -> gf.Theta:
 
 def model_grid(isolated=(0, 3)) -> list[dict]:
     """ModelSpec keywords for every attention kind x self-loops masked/kept x ``isolated`` (attention slowest)."""
-    return [dict(attention=attention, mask_self=mask, n_isolated=iso)
-            for attention in ATTENTIONS for mask in (True, False) for iso in isolated]
+    return [
+        dict(attention=attention, mask_self=mask, n_isolated=iso)
+        for attention in ATTENTIONS
+        for mask in (True, False)
+        for iso in isolated
+    ]
 
 
 def model_id(model: gf.ModelSpec) -> str:

@@ -23,7 +23,6 @@ import numpy as np
 from gradflow.model import ModelSpec, Theta, transition_matrix
 from gradflow.task import ChainTask
 
-
 # --------------------------------------------------------------------------------------------------
 # dense float64 (fast, small n)
 # --------------------------------------------------------------------------------------------------

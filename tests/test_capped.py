@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import case_id, model_grid, random_theta
+from reference import dense_capped
 
 import gradflow as gf
 from gradflow import capped, sampling
-from helpers import case_id, model_grid, random_theta
-from reference import dense_capped
 
 Z = 4.0
 BATCH = 20_000
@@ -54,8 +54,9 @@ def test_matches_dense_matrix_powers_full_grid(case, rng):
     model = gf.ModelSpec(max_len=cap, **kw)
     for _ in range(3):
         theta = random_theta(rng, 1.5)
-        np.testing.assert_allclose(closed(theta, gf.ChainTask.uniform(n), model), dense_capped(theta, n, model, cap),
-                                   rtol=0, atol=1e-10)
+        np.testing.assert_allclose(
+            closed(theta, gf.ChainTask.uniform(n), model), dense_capped(theta, n, model, cap), rtol=0, atol=1e-10
+        )
 
 
 def test_scalars_weight_the_starts(rng):
@@ -64,17 +65,22 @@ def test_scalars_weight_the_starts(rng):
     theta = random_theta(rng)
     per = capped.per_start(theta, task, model)
     p = np.asarray(task.start_probs)
-    for scalar, values in [(capped.expected_reward, per.success), (capped.reach_probability, per.reach),
-                           (capped.expected_length, per.length), (capped.traversal_probability, per.traversal),
-        (capped.expected_loss, per.failure)]:
+    for scalar, values in [
+        (capped.expected_reward, per.success),
+        (capped.reach_probability, per.reach),
+        (capped.expected_length, per.length),
+        (capped.traversal_probability, per.traversal),
+        (capped.expected_loss, per.failure),
+    ]:
         np.testing.assert_allclose(scalar(theta, task, model), p @ np.asarray(values), rtol=1e-13)
     np.testing.assert_allclose(capped.success_per_start(theta, task, model), per.success, rtol=1e-14)
     # gradflow.objective's public functions delegate to gradflow.capped for a capped model
     np.testing.assert_allclose(gf.expected_reward(theta, task, model), p @ np.asarray(per.success), rtol=1e-13)
     np.testing.assert_allclose(gf.length_per_start(theta, task, model), per.length, rtol=1e-13)
     # the keyword cap wins over the model's
-    np.testing.assert_allclose(capped.success_per_start(theta, task, gf.ModelSpec(mask_self=False), max_len=6),
-                               per.success, rtol=1e-14)
+    np.testing.assert_allclose(
+        capped.success_per_start(theta, task, gf.ModelSpec(mask_self=False), max_len=6), per.success, rtol=1e-14
+    )
 
 
 def test_objective_loss_keeps_its_digits_with_a_cap():
@@ -158,10 +164,14 @@ def central_difference(values, h=H):
     return (values[:5] - values[5:]) / (2 * h)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(mask_self=False),
-    pytest.param(dict(attention="softmax", n_isolated=1), marks=pytest.mark.slow),
-], ids=["linear", "softmax"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mask_self=False),
+        pytest.param(dict(attention="softmax", n_isolated=1), marks=pytest.mark.slow),
+    ],
+    ids=["linear", "softmax"],
+)
 def test_gradient_matches_finite_differences(kw, rng):
     n, task = 5, gf.ChainTask(5, [0.1, 0.2, 0.3, 0.4])
     model = gf.ModelSpec(max_len=n + 1, **kw)
@@ -226,10 +236,14 @@ def assert_close_in_se(samples, expected, label):
     assert abs(z) < Z, f"{label}: {samples.mean():.5f} vs {expected:.5f} (z = {z:.2f})"
 
 
-@pytest.mark.parametrize("case", [
-    (5, 6, dict(mask_self=False)),
-    (4, 5, dict(attention="softmax", mask_self=False, n_isolated=2, tau=0.3)),
-], ids=["linear", "softmax-iso"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (5, 6, dict(mask_self=False)),
+        (4, 5, dict(attention="softmax", mask_self=False, n_isolated=2, tau=0.3)),
+    ],
+    ids=["linear", "softmax-iso"],
+)
 def test_rollouts_with_the_model_cap_match(case, rng):
     n, cap, kw = case
     model = gf.ModelSpec(max_len=cap, **kw)

@@ -109,6 +109,7 @@ def test_choice_lists_come_from_the_modules():
 @pytest.fixture
 def no_solve(monkeypatch):
     """Any solve fails the test: bad inputs must be caught before solving."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("solved despite a bad input")
 
@@ -180,8 +181,9 @@ def test_bad_input_is_one_line(argv, needles, tmp_path, capsys, no_solve):
 
 def test_console_script_bad_value_has_no_traceback():
     """The real entry point, in a fresh process: one line on stderr, exit status 2."""
-    result = subprocess.run([sys.executable, "-m", "gradflow.cli", "run", "--tau", "-1"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "gradflow.cli", "run", "--tau", "-1"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "tau" in result.stderr and "Traceback" not in result.stderr
@@ -189,6 +191,7 @@ def test_console_script_bad_value_has_no_traceback():
 
 def test_internal_error_is_not_a_bad_input(tmp_path, monkeypatch, capsys):
     """A ValueError raised inside the solve is a bug: it propagates (traceback), exit code not 2."""
+
     def buggy(*args, **kwargs):
         raise ValueError("an internal bug")
 
@@ -335,29 +338,54 @@ def test_figures_from_a_regular_install(tmp_path):
     except ImportError:
         pytest.importorskip("wheel", reason="building a wheel offline needs setuptools >= 70.1 or wheel")
     dist = tmp_path / "dist"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(dist), str(ROOT)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(dist), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = dist.glob("gradflow-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # the dependencies come from this venv (a plain path entry: its editable gradflow is not loaded)
     (Path(purelib) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                              "--no-index", str(wheel)], capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if install.returncode != 0:  # an older pip without --python: install into the target directly
-        install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
-                                  "--target", purelib, str(wheel)], capture_output=True, text=True, timeout=600)
+        install = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", purelib, str(wheel)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert install.returncode == 0, install.stdout + install.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     gradflow_bin = env_dir / "bin" / "gradflow"
-    check = subprocess.run([str(python), "-c", "import gradflow, gradflow.cli as c; print(gradflow.__file__); "
-                            "print(gradflow.__version__); print(c.experiments_dir())"],
-                           capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    check = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import gradflow, gradflow.cli as c; print(gradflow.__file__); "
+            "print(gradflow.__version__); print(c.experiments_dir())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stderr
     location, version, experiments = check.stdout.split()
     assert not Path(location).is_relative_to(ROOT) and not Path(experiments).is_relative_to(ROOT)
@@ -366,8 +394,13 @@ def test_figures_from_a_regular_install(tmp_path):
     listed = subprocess.run(command + ["figures", "--list"], capture_output=True, text=True, cwd=elsewhere, timeout=300)
     assert listed.returncode == 0 and listed.stdout.split() == cli.figure_names(), listed.stdout + listed.stderr
     out = elsewhere / "figs"
-    run = subprocess.run(command + ["figures", "emergence", "--quick", "--out", str(out)],
-                         capture_output=True, text=True, cwd=elsewhere, timeout=600)
+    run = subprocess.run(
+        command + ["figures", "emergence", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert all((out / f"emergence.{ext}").stat().st_size > 0 for ext in ("png", "pdf", "json"))
     assert json.loads((out / "emergence.json").read_text())["final"]["reward"] > 0.99
@@ -384,4 +417,4 @@ def test_every_public_name_resolves():
     assert gf.flow.FlowParams is gf.FlowParams and gf.sweep.__name__ == "gradflow.sweep"  # submodules load on use
     assert callable(gf.sweep.run_sweep)
     with pytest.raises(AttributeError):
-        gf.no_such_name
+        _ = gf.no_such_name

@@ -57,7 +57,7 @@ def test_target_reward_gradient_matches_finite_differences():
             h = 1e-5
             unit = np.zeros(size)
             unit[k] = h
-            shift = (lambda s: {**x0, name: x0[name] + (s * unit if size > 1 else s * h)})
+            shift = lambda s: {**x0, name: x0[name] + (s * unit if size > 1 else s * h)}
             fd = (value(shift(1.0)) - value(shift(-1.0))) / (2 * h)
             exact = np.ravel(grads[name])[k]
             assert abs(exact - fd) <= 1e-4 * abs(fd) + 1e-10, (name, k, exact, fd)
@@ -88,8 +88,7 @@ def test_batched_gradients_match_finite_differences(mixture):
     """The optimiser's gradients (vmapped value_and_grad over restarts, logits through a softmax)
     against central differences of re-solved flows (relative 1e-4)."""
     target = ChainTask.hardest(N)
-    base = design._base_params(target, BUDGET, ModelSpec(), None, "tsit5", 1e-8, 1e-10, design.DEFAULT_MAX_STEPS,
-                               "reduced", None)
+    base = design._base_params(target, BUDGET, ModelSpec(), None, "tsit5", 1e-8, 1e-10, design.DEFAULT_MAX_STEPS, "reduced", None)
     problem = design._Problem("constant", np.zeros(0), base, target, BUDGET, np.inf, "recursive", 3)
     params = design._params(np.array([0.4, -0.2, 0.1]))
     _, grads = problem(design._stack([params] * 3))
@@ -133,8 +132,21 @@ def test_validation():
 
 def test_cli_design_prints_and_writes_json(tmp_path, capsys):
     out = tmp_path / "d.json"
-    code = gradflow.cli.main(["design", "--n", str(N), "--budget", str(BUDGET), "--steps", "2", "--out", str(out),
-                              "--schedule", "step:t=0.5,before=easiest,after=hardest"])
+    code = gradflow.cli.main(
+        [
+            "design",
+            "--n",
+            str(N),
+            "--budget",
+            str(BUDGET),
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--schedule",
+            "step:t=0.5,before=easiest,after=hardest",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "optimal mixture" in text and "target itself" in text and "given schedule" in text
@@ -142,10 +154,18 @@ def test_cli_design_prints_and_writes_json(tmp_path, capsys):
     assert record["kind"] == "mixture" and len(record["probs"]) == N - 1
 
 
-@pytest.mark.parametrize("argv", [
-    ["--n", "2"], ["--budget", "-1"], ["--target", "d9"], ["--mean-easy-mass", "2"], ["--schedule", "spline:1"],
-    ["--tau", "0"], ["--curriculum", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--n", "2"],
+        ["--budget", "-1"],
+        ["--target", "d9"],
+        ["--mean-easy-mass", "2"],
+        ["--schedule", "spline:1"],
+        ["--tau", "0"],
+        ["--curriculum", "0"],
+    ],
+)
 def test_cli_design_bad_values_exit_nonzero(argv, capsys):
     assert gradflow.cli.main(["design", "--n", str(N), "--steps", "0"] + argv) != 0
     err = capsys.readouterr().err.strip()
@@ -156,8 +176,7 @@ def test_cli_design_bad_values_exit_nonzero(argv, capsys):
 def test_curriculum_beats_the_fixed_mixture_issue_example():
     """Issue 16: n = 8, tau 0.2, theta0 (0.3, 0, 0), budget 2.5, hardest target, mean easy mass 0.1:
     all easy mass first then hardest reached 0.974 against 0.616 for the fixed mixture."""
-    result = design.optimal_curriculum(ChainTask.hardest(8), 2.5, knots=4, mean_easy_mass=0.1, steps=30,
-                                       families=("step",))
+    result = design.optimal_curriculum(ChainTask.hardest(8), 2.5, knots=4, mean_easy_mass=0.1, steps=30, families=("step",))
     assert result.mixture_reward == pytest.approx(0.616, abs=1e-3)
     assert result.reward >= 0.9737
     assert result.gain > 0.35

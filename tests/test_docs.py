@@ -51,8 +51,9 @@ def _section_numbers() -> set[str]:
 def _scanned_files() -> list[Path]:
     files = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md") if p != DOC)
     for folder in SCANNED_DIRS:
-        files += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
-                        and "__pycache__" not in p.parts)
+        files += sorted(
+            p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and "__pycache__" not in p.parts
+        )
     return [p for p in files if p.exists() and p.resolve() != Path(__file__).resolve()]
 
 
@@ -62,7 +63,7 @@ def find_references(text: str) -> list[tuple[int, str, list[str] | None]]:
     for word in WORD.finditer(text):
         line = text.count("\n", 0, word.start()) + 1
         start = word.start() - len("docs/")
-        match = REFERENCE.match(text, start) if start >= 0 and text[start:word.start()] == "docs/" else None
+        match = REFERENCE.match(text, start) if start >= 0 and text[start : word.start()] == "docs/" else None
         sections = NUMBER.findall(match.group(1)) if match else None
         out.append((line, text.splitlines()[line - 1].strip(), sections))
     return out

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import mpmath as mp
 import numpy as np
 import pytest
+from helpers import ATTENTIONS, model_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import mp_per_start, mp_reward_gradient
 
 import gradflow as gf
 from gradflow.objective import expected_loss
-from helpers import ATTENTIONS, model_id
-from reference import mp_per_start, mp_reward, mp_reward_gradient
 
 RTOL = 1e-8
 
@@ -56,10 +56,15 @@ HARD_CASES = [  # (theta, n, model): the issue's failures and both far/local ext
     (gf.Theta(0.0, 15.0, 0.0, 1.0, -2.0), 5, gf.ModelSpec("softmax", tau=0.05)),
     pytest.param(gf.Theta(8.0, 0.0, -3.0), 10, gf.ModelSpec(tau=0.2, n_isolated=2), marks=pytest.mark.slow),  # 1-J ~ 1e-27
     pytest.param(gf.Theta(2.0, 0.5, -1.0), 6, gf.ModelSpec(tau=0.01), marks=pytest.mark.slow),  # |theta|/tau = 200
-    pytest.param(gf.Theta(-1.0, 2.0, 0.5), 5, gf.ModelSpec(tau=0.3, mask_self=False, n_isolated=3),
-                 marks=pytest.mark.slow),  # negative couplings
-    pytest.param(gf.Theta(3.0, -1.0, 0.5, 0.7, 0.2), 4, gf.ModelSpec("softmax", tau=0.02, mask_self=False, n_isolated=1),
-                 marks=pytest.mark.slow),
+    pytest.param(
+        gf.Theta(-1.0, 2.0, 0.5), 5, gf.ModelSpec(tau=0.3, mask_self=False, n_isolated=3), marks=pytest.mark.slow
+    ),  # negative couplings
+    pytest.param(
+        gf.Theta(3.0, -1.0, 0.5, 0.7, 0.2),
+        4,
+        gf.ModelSpec("softmax", tau=0.02, mask_self=False, n_isolated=1),
+        marks=pytest.mark.slow,
+    ),
 ]
 
 
@@ -117,8 +122,15 @@ thetas = st.tuples(*[st.floats(-3.0, 3.0)] * 5)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(x=thetas, n=st.integers(2, 5), tau=st.sampled_from([0.05, 0.3, 2.0]), mask=st.booleans(),
-       iso=st.integers(0, 2), attention=st.sampled_from(ATTENTIONS), seed=st.integers(0, 99))
+@given(
+    x=thetas,
+    n=st.integers(2, 5),
+    tau=st.sampled_from([0.05, 0.3, 2.0]),
+    mask=st.booleans(),
+    iso=st.integers(0, 2),
+    attention=st.sampled_from(ATTENTIONS),
+    seed=st.integers(0, 99),
+)
 @pytest.mark.slow
 def test_property_small(x, n, tau, mask, iso, attention, seed):
     model = gf.ModelSpec(attention, tau=tau, mask_self=mask, n_isolated=iso)
@@ -128,9 +140,15 @@ def test_property_small(x, n, tau, mask, iso, attention, seed):
 
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(x=st.tuples(*[st.floats(-200.0, 200.0)] * 5), n=st.integers(2, 40), tau=st.floats(0.01, 5.0),
-       mask=st.booleans(), iso=st.integers(0, 3), attention=st.sampled_from(ATTENTIONS),
-       seed=st.integers(0, 99))
+@given(
+    x=st.tuples(*[st.floats(-200.0, 200.0)] * 5),
+    n=st.integers(2, 40),
+    tau=st.floats(0.01, 5.0),
+    mask=st.booleans(),
+    iso=st.integers(0, 3),
+    attention=st.sampled_from(ATTENTIONS),
+    seed=st.integers(0, 99),
+)
 def test_property_wide(x, n, tau, mask, iso, attention, seed):
     if attention == "softmax":
         n = min(n, 10)  # the softmax reference solves one chain per start
@@ -158,8 +176,12 @@ def test_property_linear_gradient(x, n, tau):
 # 13.1: every derivative, both modes, any order
 # -------------------------------------------------------------------------------------------------
 
-DERIV_MODELS = [gf.ModelSpec(), gf.ModelSpec(mask_self=False, n_isolated=1),
-                gf.ModelSpec("softmax", tau=0.3), gf.ModelSpec("softmax", tau=0.3, mask_self=False)]
+DERIV_MODELS = [
+    gf.ModelSpec(),
+    gf.ModelSpec(mask_self=False, n_isolated=1),
+    gf.ModelSpec("softmax", tau=0.3),
+    gf.ModelSpec("softmax", tau=0.3, mask_self=False),
+]
 QUANTITIES = {
     "reward": gf.expected_reward,
     "same_side": lambda t, k, m: gf.same_side_probability(t, k, m)[-1],
@@ -170,11 +192,16 @@ QUANTITIES = {
 DEFAULT_DERIV = {("reward", 0)}  # the rest: slow (compiles dominate)
 
 
-@pytest.mark.parametrize("model_index, name", [
-    pytest.param(i, name, marks=() if (name, i) in DEFAULT_DERIV else pytest.mark.slow,
-                 id=f"{name}-{model_id(DERIV_MODELS[i])}")
-    for i in range(len(DERIV_MODELS)) for name in QUANTITIES
-])
+@pytest.mark.parametrize(
+    "model_index, name",
+    [
+        pytest.param(
+            i, name, marks=() if (name, i) in DEFAULT_DERIV else pytest.mark.slow, id=f"{name}-{model_id(DERIV_MODELS[i])}"
+        )
+        for i in range(len(DERIV_MODELS))
+        for name in QUANTITIES
+    ],
+)
 def test_hessian_jvp_jacfwd_match_finite_differences(model_index, name):
     model, task = DERIV_MODELS[model_index], gf.ChainTask(4, [0.2, 0.3, 0.5])
     f = jax.jit(lambda x: QUANTITIES[name](gf.Theta.from_array(x), task, model))

@@ -23,7 +23,8 @@ NEW_FIGURES = ("horizon", "authors_setting", "noise", "design")  # tested by the
 def _arr(x):
     """A JSON list (null = NaN) as a float array."""
     return np.array([np.nan if v is None else v for v in np.ravel(np.array(x, dtype=object))], dtype=float).reshape(
-        np.shape(np.array(x, dtype=object)))
+        np.shape(np.array(x, dtype=object))
+    )
 
 
 def check_emergence(data):
@@ -86,7 +87,7 @@ def check_ood(data):
 def check_flow_vs_sampled(data):
     flow_ts, flow_theta = _arr(data["flow"]["ts"]), _arr(data["flow"]["theta"])
     errors = []
-    for lr, gd in sorted(data["gradient_descent"].items(), key=lambda kv: float(kv[0])):
+    for _lr, gd in sorted(data["gradient_descent"].items(), key=lambda kv: float(kv[0])):
         ts, theta = _arr(gd["ts"]), _arr(gd["theta"])
         index = [int(np.argmin(np.abs(flow_ts - t))) for t in ts]
         np.testing.assert_allclose(flow_ts[index], ts, atol=1e-9)  # compared at the same times

@@ -1,14 +1,35 @@
 """The gradient-flow simulator: accuracy, predicted shape, coordinates, schedules, batching, I/O."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import solver_params
 
 import gradflow as gf
+import gradflow.compile_cache as compile_cache
 from gradflow import schedules
-from gradflow.flow import FlowParams, Trajectory, compilation_count, simulate, simulate_many
-from helpers import solver_params
+from gradflow.flow import (
+    FlowParams,
+    Numerics,
+    Problem,
+    Recording,
+    Solution,
+    Trajectory,
+    compilation_count,
+    hitting_times,
+    simulate,
+    simulate_many,
+    solve,
+    solve_many,
+    stack_configs,
+)
 
 N = 6
 TASK = gf.ChainTask.uniform(N)
@@ -98,7 +119,9 @@ def test_simulate_many_compiles_once_and_matches_single_runs():
 def test_changing_numbers_does_not_recompile():
     simulate(FlowParams(TASK, t1=20.0), progress=False)
     before = compilation_count()
-    simulate(FlowParams(gf.ChainTask.hardest(N), gf.ModelSpec(tau=0.3), gf.Theta(0.1, 0.2, -0.1), t1=7.0, rtol=1e-7), progress=False)
+    simulate(
+        FlowParams(gf.ChainTask.hardest(N), gf.ModelSpec(tau=0.3), gf.Theta(0.1, 0.2, -0.1), t1=7.0, rtol=1e-7), progress=False
+    )
     assert compilation_count() == before
 
 
@@ -179,16 +202,6 @@ def test_events_with_sparse_saves_fall_back_to_a_full_bracket_solve():
 # The pure solve, typed configs, schedules as data, batches that stop apart, I/O, errors, read-outs
 # ---------------------------------------------------------------------------------------------------
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
-import gradflow.compile_cache as compile_cache
-import gradflow.flow as flow
-from gradflow.flow import Numerics, Problem, Recording, Solution, hitting_times, solve, solve_many, stack_configs
-
 
 @pytest.mark.parametrize("solver", solver_params())
 def test_every_solver_runs_the_default_preset(solver):
@@ -200,8 +213,15 @@ def test_every_solver_runs_the_default_preset(solver):
 
 def _target_config(start_probs, tau, t1=1.5):
     """Train on ``start_probs`` at n = N; record J on the hardest start (a task other than the training one)."""
-    return FlowParams(gf.ChainTask(N, start_probs), gf.ModelSpec(tau=tau), t1=t1, save_ts=jnp.array([0.0, t1]),
-                      events=(), readouts=False, eval_tasks={"target": gf.ChainTask.hardest(N)})
+    return FlowParams(
+        gf.ChainTask(N, start_probs),
+        gf.ModelSpec(tau=tau),
+        t1=t1,
+        save_ts=jnp.array([0.0, t1]),
+        events=(),
+        readouts=False,
+        eval_tasks={"target": gf.ChainTask.hardest(N)},
+    )
 
 
 def test_target_reward_derivatives_through_the_whole_solve_match_finite_differences():
@@ -279,8 +299,11 @@ def test_t_hit_of_any_read_out_is_a_root():
 
 def test_parts_and_flat_keywords_are_one_config():
     flat = FlowParams(TASK, gf.ModelSpec(tau=0.3), (0.2, 0.0, 0.0), t1=50.0, solver="dopri5", save_ts=[0.0, 50.0])
-    parts = FlowParams(problem=Problem(TASK, gf.ModelSpec(tau=0.3), gf.Theta(0.2, 0.0, 0.0), t1=50.0),
-                       numerics=Numerics("dopri5"), recording=Recording(save_ts=[0.0, 50.0]))
+    parts = FlowParams(
+        problem=Problem(TASK, gf.ModelSpec(tau=0.3), gf.Theta(0.2, 0.0, 0.0), t1=50.0),
+        numerics=Numerics("dopri5"),
+        recording=Recording(save_ts=[0.0, 50.0]),
+    )
     assert flat.to_dict() == parts.to_dict()
     assert flat.replace(t1=20.0, save_ts=None).t1 == 20.0 and flat.t1 == 50.0
     assert FlowParams.from_dict(json.loads(json.dumps(flat.to_dict()))).to_dict() == flat.to_dict()
@@ -317,7 +340,9 @@ def test_new_callable_schedules_do_not_grow_the_cache_forever(monkeypatch):
     monkeypatch.setattr(compile_cache, "CACHE_SIZE", 1)
     probs = TASK.start_probs
     for _ in range(2):
-        simulate(FlowParams(TASK, t1=1.0, save_ts=[0.0, 1.0], events=(), readouts=False, schedule=lambda t: probs), progress=False)
+        simulate(
+            FlowParams(TASK, t1=1.0, save_ts=[0.0, 1.0], events=(), readouts=False, schedule=lambda t: probs), progress=False
+        )
     assert len(compile_cache._COMPILED) == 1
 
 
@@ -378,8 +403,10 @@ def test_from_dict_names_a_missing_or_unknown_key():
 def test_a_nan_vector_field_is_reported_as_such():
     nan_probs = lambda t: jnp.full(N - 1, jnp.nan)
     with pytest.raises(RuntimeError, match="not finite") as error:
-        simulate(FlowParams(TASK, t1=1.0, save_ts=[0.0, 1.0], events=(), readouts=False, schedule=nan_probs, max_steps=2000),
-                 progress=False)
+        simulate(
+            FlowParams(TASK, t1=1.0, save_ts=[0.0, 1.0], events=(), readouts=False, schedule=nan_probs, max_steps=2000),
+            progress=False,
+        )
     assert "max_steps" not in str(error.value)
 
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from helpers import case_id, random_theta
+from reference import dense_matrix
 
 import gradflow as gf
 from gradflow import greedy
-from helpers import case_id, random_theta
-from reference import dense_matrix
 
 
 def brute_force(theta, n, model, cap, tie_break="first"):
@@ -16,7 +16,11 @@ def brute_force(theta, n, model, cap, tie_break="first"):
     for d in range(1, n):
         position = n - d
         p = dense_matrix(theta, n, model, position)
-        pick = (lambda row: int(np.argmax(row))) if tie_break == "first" else (lambda row: n_vertices - 1 - int(np.argmax(row[::-1])))
+        pick = (
+            (lambda row: int(np.argmax(row)))
+            if tie_break == "first"
+            else (lambda row: n_vertices - 1 - int(np.argmax(row[::-1])))
+        )
         u, forward, length, reached, correct = position - 1, True, 0, False, False
         for _ in range(n_vertices if cap is None else cap):
             v = pick(p[u])
@@ -32,7 +36,9 @@ def brute_force(theta, n, model, cap, tie_break="first"):
 
 def greedy_outcome(theta, task, model, tie_break="first"):
     per = greedy.greedy_per_start(theta, task, model, tie_break=tie_break)
-    return np.stack([np.asarray(per.correct), np.asarray(per.reached), np.asarray(per.traversed), np.asarray(per.length)]).astype(int), per
+    return np.stack([np.asarray(per.correct), np.asarray(per.reached), np.asarray(per.traversed), np.asarray(per.length)]).astype(
+        int
+    ), per
 
 
 CASES = [

@@ -21,7 +21,6 @@ from gradflow import noise
 from gradflow.cli import main as cli_main
 from gradflow.model import Theta, transition_matrix
 
-
 # --------------------------------------------------------------------------------------------------
 # Dense reference: the recursions of docs/THEORY.md §8.2 on the full token-built chain
 # --------------------------------------------------------------------------------------------------
@@ -53,17 +52,23 @@ def dense_moments(theta: Theta, task: gf.ChainTask, model: gf.ModelSpec):
             """One application of the recursions' right-hand sides (values at v -> new values at u)."""
             h_new = p @ h
             m_new = jnp.einsum("uv,uvi,v->ui", p, psi, h) + p @ m
-            big_m_new = (jnp.einsum("uv,uvij,v->uij", p, pp, h)
-                         + jnp.einsum("uv,uvi,vj->uij", p, psi, m)
-                         + jnp.einsum("uv,vi,uvj->uij", p, m, psi)
-                         + jnp.einsum("uv,vij->uij", p, big_m))
+            big_m_new = (
+                jnp.einsum("uv,uvij,v->uij", p, pp, h)
+                + jnp.einsum("uv,uvi,vj->uij", p, psi, m)
+                + jnp.einsum("uv,vi,uvj->uij", p, m, psi)
+                + jnp.einsum("uv,vij->uij", p, big_m)
+            )
             big_f_new = jnp.einsum("uv,uvij->uij", p, pp) + jnp.einsum("uv,vij->uij", p, big_f)
             fix = lambda new, term: keep.reshape((-1,) + (1,) * (new.ndim - 1)) * new + term
             return fix(h_new, h_term), fix(m_new, 0.0), fix(big_m_new, 0.0), fix(big_f_new, 0.0)
 
         if model.max_len is not None:
-            state = (jnp.zeros(n_vertices) + h_term, jnp.zeros((n_vertices, 5)), jnp.zeros((n_vertices, 5, 5)),
-                     jnp.zeros((n_vertices, 5, 5)))
+            state = (
+                jnp.zeros(n_vertices) + h_term,
+                jnp.zeros((n_vertices, 5)),
+                jnp.zeros((n_vertices, 5, 5)),
+                jnp.zeros((n_vertices, 5, 5)),
+            )
             for _ in range(model.max_len):
                 state = sweep(*state)
             return state
@@ -73,8 +78,11 @@ def dense_moments(theta: Theta, task: gf.ChainTask, model: gf.ModelSpec):
         embed = lambda xt, term=0.0: jnp.zeros((n_vertices,) + xt.shape[1:]).at[transient].set(xt) + term
         h = embed(solve(p[transient, term_a]), h_term)
         m = embed(solve(jnp.einsum("uv,uvi,v->ui", p, psi, h)[transient]))
-        rhs_big = (jnp.einsum("uv,uvij,v->uij", p, pp, h) + jnp.einsum("uv,uvi,vj->uij", p, psi, m)
-                   + jnp.einsum("uv,vi,uvj->uij", p, m, psi))
+        rhs_big = (
+            jnp.einsum("uv,uvij,v->uij", p, pp, h)
+            + jnp.einsum("uv,uvi,vj->uij", p, psi, m)
+            + jnp.einsum("uv,vi,uvj->uij", p, m, psi)
+        )
         big_m = embed(solve(rhs_big[transient]))
         big_f = embed(solve(jnp.einsum("uv,uvij->uij", p, pp)[transient]))
         return h, m, big_m, big_f
@@ -95,8 +103,14 @@ def _close(a, b, rtol=1e-11, atol=1e-13):
 THETA = Theta(0.3, -0.2, 0.1, 0.2, -0.1)
 # (attention, mask_self, n_isolated, max_len): every factor takes both values in the default pair
 DEFAULT_MODELS = [("linear", True, 0, None), ("softmax", False, 2, 6)]
-SLOW_MODELS = [("linear", False, 1, None), ("softmax", True, 0, None), ("linear", True, 0, 7),
-               ("linear", False, 2, 5), ("softmax", False, 1, None), ("softmax", True, 1, 9)]
+SLOW_MODELS = [
+    ("linear", False, 1, None),
+    ("softmax", True, 0, None),
+    ("linear", True, 0, 7),
+    ("linear", False, 2, 5),
+    ("softmax", False, 1, None),
+    ("softmax", True, 1, 9),
+]
 
 
 def _model(attention, mask_self, n_isolated, max_len):
@@ -205,7 +219,12 @@ SAMPLING_CASES = [
     (Theta(0.3, 0.0, 0.0), gf.ChainTask.uniform(5), gf.ModelSpec(), 40_000),
     (Theta(0.02, -0.01, 0.01), gf.ChainTask.hardest(5), gf.ModelSpec(), 40_000),  # near 0, hardest only
     (Theta(1.0, -0.5, -0.4), gf.ChainTask.mixture(5, 0.2), gf.ModelSpec(mask_self=False, n_isolated=1), 40_000),
-    (Theta(0.5, -0.3, -0.2, 0.3, -0.2), gf.ChainTask.uniform(5), gf.ModelSpec(attention="softmax", tau=0.1, mask_self=False), 40_000),
+    (
+        Theta(0.5, -0.3, -0.2, 0.3, -0.2),
+        gf.ChainTask.uniform(5),
+        gf.ModelSpec(attention="softmax", tau=0.1, mask_self=False),
+        40_000,
+    ),
     (Theta(0.4, 0.1, -0.3, -0.2, 0.3), gf.ChainTask.hardest(4), gf.ModelSpec(attention="softmax", tau=0.1), 40_000),
     (Theta(0.5, -0.1, -0.2), gf.ChainTask.uniform(5), gf.ModelSpec(mask_self=False, max_len=6), 40_000),
     (Theta(0.2, 0.1, -0.1, 0.2, 0.1), gf.ChainTask.uniform(4), gf.ModelSpec(attention="softmax", tau=0.1, max_len=4), 40_000),
@@ -312,8 +331,7 @@ def test_sde_without_noise_is_gradient_descent(quick_figure):
     from gradflow.training import gradient_descent
 
     params = _figure_params(gf.ChainTask.uniform(6))
-    paths = noise.simulate_sgd(params, 0.05, 10**14, jax.random.split(jax.random.key(3), 32),
-                               baseline="leave_one_out", t1=3.0)
+    paths = noise.simulate_sgd(params, 0.05, 10**14, jax.random.split(jax.random.key(3), 32), baseline="leave_one_out", t1=3.0)
     gd = gradient_descent(params, 0.05, 60)
     assert np.max(np.abs(paths.reward - np.asarray(gd.reward)[None])) < 1e-6
     assert np.max(np.abs(paths.theta - np.asarray(gd.theta)[None])) < 1e-5

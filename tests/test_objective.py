@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import model_id, random_theta
+from reference import dense_length_per_start, dense_same_side_probability
 
 import gradflow as gf
 from gradflow._linalg import SMALL_SYSTEM, gth_solve
-from helpers import model_id, random_theta
-from reference import dense_length_per_start, dense_same_side_probability
 
 MODELS = [
     gf.ModelSpec("linear"),
@@ -77,9 +77,7 @@ def test_reward_ignores_self_loops_but_length_grows(rng):
 
 def test_linear_gradient_in_eta_and_delta_is_exactly_zero(rng):
     task = gf.ChainTask.uniform(7)
-    grad = jax.grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, gf.ModelSpec()))(
-        jnp.asarray(rng.normal(size=5))
-    )
+    grad = jax.grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, gf.ModelSpec()))(jnp.asarray(rng.normal(size=5)))
     assert grad[3] == 0.0 and grad[4] == 0.0, f"eta/delta gradient {grad[3:]}"
     softmax_grad = jax.grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, gf.ModelSpec("softmax")))(
         jnp.asarray(rng.normal(size=5))
@@ -166,4 +164,3 @@ def test_padded_rows_are_exact_no_ops(rng):
     y = np.asarray(gth_solve(*padded, np.concatenate([rhs, np.zeros((pad, 2))]))[0])
     np.testing.assert_array_equal(y[:n_rows], x)
     assert np.all(y[n_rows:] == 0.0)
-

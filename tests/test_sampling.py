@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import case_id, model_grid, random_theta
 
 import gradflow as gf
 from gradflow import sampling
 from gradflow.flow import FlowParams, simulate
-from helpers import case_id, model_grid, random_theta
 
 Z = 4.0
 BATCH = 20_000  # one batch size for every rollout check, so compiled samplers are reused
@@ -114,8 +114,15 @@ def test_orbit_statistics_recover_the_five_numbers(rng):
     np.testing.assert_allclose(std, 0.0, atol=1e-14)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(mask_self=False, n_isolated=2),
-                                dict(attention="softmax", n_isolated=1), dict(attention="softmax", mask_self=False, tau=0.05)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(mask_self=False, n_isolated=2),
+        dict(attention="softmax", n_isolated=1),
+        dict(attention="softmax", mask_self=False, tau=0.05),
+    ],
+)
 def test_token_level_transition_matrix_is_the_row_structure(kw, rng):
     """The token-level policy (full attention matrix, random labels, one-hot tokens) has the transition
     matrix that ``gradflow.policy``'s row structure c(u, v) . s(u) gives (``model.transition_matrix``)."""

@@ -99,18 +99,21 @@ def test_spec_parser_reads_a_json_file(tmp_path):
         S.schedule_from_spec(str(path), N + 1)
 
 
-@pytest.mark.parametrize("spec, field", [
-    ("step:t=-1,before=easiest,after=hardest", "switch_time"),
-    ("step:t=x,before=easiest,after=hardest", "t"),
-    ("step:t=1,before=d9,after=hardest", "d9"),
-    ("pwl:knots=1|0.1,probs=easiest|hardest", "knots"),
-    ("pwc:boundaries=1,probs=easiest", "boundaries"),
-    ("constant:0.5/0.5", "distribution"),
-    ("constant:0.5/0.6/0/0/0", "sum to 1"),
-    ("spline:t=1", "kind"),
-    ("step:t=1,before=easiest", "keys"),
-    ("missing.json", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ("step:t=-1,before=easiest,after=hardest", "switch_time"),
+        ("step:t=x,before=easiest,after=hardest", "t"),
+        ("step:t=1,before=d9,after=hardest", "d9"),
+        ("pwl:knots=1|0.1,probs=easiest|hardest", "knots"),
+        ("pwc:boundaries=1,probs=easiest", "boundaries"),
+        ("constant:0.5/0.5", "distribution"),
+        ("constant:0.5/0.6/0/0/0", "sum to 1"),
+        ("spline:t=1", "kind"),
+        ("step:t=1,before=easiest", "keys"),
+        ("missing.json", "cannot read"),
+    ],
+)
 def test_bad_specs_name_the_field(spec, field):
     with pytest.raises(ValueError, match=field):
         S.schedule_from_spec(spec, N)

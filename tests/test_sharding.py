@@ -1,4 +1,3 @@
-import pytest
 """simulate_many(devices=...) on a 4-device CPU mesh gives the unsharded results (5 configs: padding).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=4 must be set before jax starts, so the check runs
@@ -9,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import solver_params
+from reference import dense_capped
 
 import gradflow as gf
 from gradflow import schedules, theory
 from gradflow.flow import FlowParams, hitting_times, simulate
 from gradflow.task import ChainTask
-from helpers import solver_params
-from reference import dense_capped
 
 BASE = gf.Theta(0.3, 0.0, 0.0)
 MODEL = gf.ModelSpec()
@@ -309,9 +309,19 @@ def test_learning_order_claims_only_what_the_times_resolve():
     assert groups == ((2, 3), (5,), (1,)), groups
     assert theory._order_groups((3.0, 1.0, 1.0 + 1e-9, None, 2.0), 0.0) == ((2,), (3,), (5,), (1,))
     report = theory.PhaseReport(
-        n=6, t_end=10.0, final_reward=0.99, escape=1.0, emergence=3.0, traversal=None, convergence=None,
-        position_times=(3.0, 1.0, 1.0 + 1e-9, None, 2.0), order=(2, 3, 5, 1), gap_slope=None,
-        escape_level=0.6, convergence_loss=1e-3, order_groups=groups,
+        n=6,
+        t_end=10.0,
+        final_reward=0.99,
+        escape=1.0,
+        emergence=3.0,
+        traversal=None,
+        convergence=None,
+        position_times=(3.0, 1.0, 1.0 + 1e-9, None, 2.0),
+        order=(2, 3, 5, 1),
+        gap_slope=None,
+        escape_level=0.6,
+        convergence_loss=1e-3,
+        order_groups=groups,
     )
     assert "(a2 = a3), a5, a1" in str(report) and not report.order_is_strict, str(report)
 
@@ -430,15 +440,19 @@ def test_capped_gradient_at_zero_teaches_reaching_a_terminal_not_which(n):
     uncapped = theory.gradient_by_distance(zero, n, gf.ModelSpec(mask_self=False))
     assert np.all(uncapped[1:] < 1e-12), uncapped
     # it is exactly half the gradient of reaching *any* terminal within the cap: no a/b information
-    reach = np.asarray(jax.jacobian(lambda x: capped.reach_per_start(gf.Theta.from_array(x), ChainTask.uniform(n), model))(jnp.zeros(5)))
+    reach = np.asarray(
+        jax.jacobian(lambda x: capped.reach_per_start(gf.Theta.from_array(x), ChainTask.uniform(n), model))(jnp.zeros(5))
+    )
     assert np.allclose(grad[1:], reach[1:] / 2, atol=1e-12), grad[1:] - reach[1:] / 2
     # independent check: central differences of dense matrix powers
     eps = 1e-6
     for k in range(3):
         up, down = np.zeros(5), np.zeros(5)
         up[k], down[k] = eps, -eps
-        fd = (dense_capped(gf.Theta.from_array(up), n, model, n + 1)[0]
-              - dense_capped(gf.Theta.from_array(down), n, model, n + 1)[0]) / (2 * eps)
+        fd = (
+            dense_capped(gf.Theta.from_array(up), n, model, n + 1)[0]
+            - dense_capped(gf.Theta.from_array(down), n, model, n + 1)[0]
+        ) / (2 * eps)
         assert np.allclose(grad[:, k], fd, atol=1e-8), f"component {k}: {grad[:, k]} vs dense {fd}"
 
 

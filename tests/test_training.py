@@ -88,8 +88,13 @@ def test_train_config_and_the_old_keywords():
         training.train(CAPPED, 0.05, 3, 50)
     with pytest.raises(ValueError, match="batch"):
         training.train(CAPPED, 0.05, 3, key=key)
-    for bad, field in [(dict(lr=0.0, steps=1), "lr"), (dict(lr=0.1, steps=0), "steps"), (dict(lr=0.1, steps=1, batch=1), "batch"),
-                       (dict(lr=0.1, steps=1, coords="half"), "coords"), (dict(lr=0.1, steps=1, max_len=0), "max_len")]:
+    for bad, field in [
+        (dict(lr=0.0, steps=1), "lr"),
+        (dict(lr=0.1, steps=0), "steps"),
+        (dict(lr=0.1, steps=1, batch=1), "batch"),
+        (dict(lr=0.1, steps=1, coords="half"), "coords"),
+        (dict(lr=0.1, steps=1, max_len=0), "max_len"),
+    ]:
         with pytest.raises(ValueError, match=field):
             TrainConfig(**bad)
 
