@@ -26,8 +26,8 @@ import numpy as np
 
 from gradflow import design, flow, schedules, sweep, theory
 from gradflow._version import __version__
-from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory
-from gradflow.model import ATTENTION_KINDS, ModelSpec, Theta
+from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory, as_theta
+from gradflow.model import ATTENTION_KINDS, ModelSpec
 from gradflow.plotting import emergence_figure, save_figure, use_headless_backend
 from gradflow.readouts import READOUTS
 from gradflow.task import ChainTask
@@ -78,7 +78,7 @@ def _task_from_args(args):
 
 def _flow_from_args(args):
     model = ModelSpec(attention=args.attention, tau=args.tau, mask_self=not args.allow_self, n_isolated=args.n_isolated)
-    extra = {} if args.theta0 is None else {"theta0": Theta(*args.theta0)}
+    extra = {} if args.theta0 is None else {"theta0": as_theta(args.theta0, "--theta0")}
     if args.readouts is not None:
         extra["readouts"] = tuple(args.readouts)
     return FlowParams(
@@ -167,10 +167,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> Non
     parser.add_argument(
         "--theta0",
         type=float,
-        nargs=5,
+        nargs="+",
         default=None,
-        metavar=("ALPHA", "BETA", "GAMMA", "ETA", "DELTA"),
-        help="start (default: FlowParams' default theta0, (0.3, 0, 0, 0, 0))",
+        metavar="X",
+        help="start: 1 to 5 numbers alpha beta gamma eta delta, the rest 0 (default 0.3 0 0 0 0)",
     )
     parser.add_argument("--t1", type=float, default=1e4, help="final time of the flow (default 1e4)")
     parser.add_argument("--coords", choices=choices["coords"], default="reduced", help="flow coordinates (default reduced)")
@@ -508,10 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     design_cmd.add_argument(
         "--theta0",
         type=float,
-        nargs=3,
-        default=[0.3, 0.0, 0.0],
-        metavar=("ALPHA", "BETA", "GAMMA"),
-        help="start (default 0.3 0 0)",
+        nargs="+",
+        default=[0.3],
+        metavar="X",
+        help="start: 1 to 5 numbers alpha beta gamma eta delta, the rest 0 (default 0.3 0 0 0 0)",
     )
     design_cmd.add_argument("--steps", type=int, default=80, help="at most this many Adam steps per family (default 80)")
     design_cmd.add_argument("--restarts", type=int, default=3, help="Adam starts run together (default 3)")
@@ -535,7 +535,7 @@ def cmd_design(args) -> int:
         out = Path(args.out or f"design-n{args.n}-t{args.budget:g}.json")
         _writable_dir(out.parent if str(out.parent) else ".", "--out")
         options = dict(steps=args.steps, restarts=args.restarts, lr=args.lr, seed=args.seed, mean_easy_mass=args.mean_easy_mass)
-        theta0 = Theta(*args.theta0)
+        theta0 = as_theta(args.theta0, "--theta0")
         result = design.optimal_mixture(target, args.budget, model, theta0, **options)
         if args.curriculum is not None:
             families = design.FAMILIES if args.families is None else tuple(args.families)

@@ -46,22 +46,26 @@ def _optional_float_converter(name: str):
 
 
 def as_theta(x, name: str = "theta0") -> Theta:
-    """A Theta from a Theta or from 3 (alpha, beta, gamma) or 5 numbers; ValueError naming ``name`` otherwise."""
+    """A Theta from a Theta or from its first 1 to P numbers in ``Theta.fields()`` order (the rest 0).
+
+    ValueError naming ``name`` otherwise (P = ``Theta.size()``).
+    """
     if isinstance(x, Theta):
         return x
+    size, fields = Theta.size(), ", ".join(Theta.fields())
     if isinstance(x, jax.core.Tracer):
         arr = x
     else:
         if isinstance(x, (str, bytes, dict)) or x is None:
-            raise ValueError(f"{name} must be a gradflow.Theta or 3 or 5 numbers (alpha, beta, gamma[, eta, delta]), got {x!r}")
+            raise ValueError(f"{name} must be a gradflow.Theta or 1 to {size} numbers ({fields}), got {x!r}")
         try:
             arr = np.asarray(x, dtype=float)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a gradflow.Theta or 3 or 5 numbers, got {x!r}") from None
-    if arr.shape not in ((3,), (5,)):
-        raise ValueError(f"{name} must hold 3 or 5 numbers (alpha, beta, gamma[, eta, delta]), got shape {arr.shape}")
-    if arr.shape == (3,):
-        arr = jnp.concatenate([jnp.asarray(arr, dtype=float), jnp.zeros(2)])
+            raise ValueError(f"{name} must be a gradflow.Theta or 1 to {size} numbers ({fields}), got {x!r}") from None
+    if arr.ndim != 1 or not 1 <= arr.shape[0] <= size:
+        raise ValueError(f"{name} must hold 1 to {size} numbers ({fields}; the rest 0), got shape {arr.shape}")
+    if arr.shape[0] < size:
+        arr = jnp.concatenate([jnp.asarray(arr, dtype=float), jnp.zeros(size - arr.shape[0])])
     return Theta.from_array(arr)
 
 

@@ -66,7 +66,7 @@ def training_probs(flow_params: FlowParams, t, schedule=None) -> jnp.ndarray:
 def flow_theta(
     flow_params: FlowParams, t_budget, *, schedule=None, adjoint: str = "recursive", max_steps: int | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """theta(t_budget) (5,) flowed from flow_params.theta0 at flow_params.t0, and whether the solve
+    """theta(t_budget) (P,) flowed from flow_params.theta0 at flow_params.t0, and whether the solve
     succeeded; reverse-mode differentiable in every traced number of flow_params and ``schedule``.
 
     One ``gradflow.integrator.integrate`` of the config's own vector field (with ``schedule``, when

@@ -151,7 +151,7 @@ def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
 class Solution(eqx.Module):
     """The arrays of one solve (a leading batch axis on every field under ``solve_many`` / vmap).
 
-    ts (T,) flow times of the saves (NaN after a stop), theta (T, 5), reward (T,); forward_prob and
+    ts (T,) flow times of the saves (NaN after a stop), theta (T, P), reward (T,); forward_prob and
     switch_prob (T, n-1), expected_length and traversal_prob (T,) (NaN when not recorded);
     eval_reward: name -> (T,).  event_times / event_reached / event_resolved: event name ->
     time (NaN if not reached), whether it was reached, and whether its bracket re-solve fitted in

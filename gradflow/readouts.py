@@ -76,7 +76,7 @@ def check_names(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def read(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict[str, jnp.ndarray]:
-    """{name: value} of the named read-outs at one theta (a ``Theta`` or its 5 numbers); traceable."""
+    """{name: value} of the named read-outs at one theta (a ``Theta`` or its array); traceable."""
     names = check_names(names)
     theta = theta if isinstance(theta, Theta) else Theta.from_array(jnp.asarray(theta))
     token = _MEMO.set({})

@@ -176,17 +176,17 @@ def _reward_ceiling_cached(key: tuple) -> RewardCeiling:
         value = float(expected_reward(Theta(1.0, 0.0, 0.0), task, limit))
         return RewardCeiling(value, True, "softmax: alpha -> +inf limit (the linear walk at theta = (1, 0, 0))")
     value, theta = _numerical_max_reward(task, model)
-    return RewardCeiling(value, False, "softmax with a cap: multi-start L-BFGS-B over theta in [-40, 40]^5", theta)
+    return RewardCeiling(value, False, "softmax with a cap: multi-start L-BFGS-B over theta in [-40, 40]^P", theta)
 
 
 def _numerical_max_reward(task: ChainTask, model: ModelSpec, n_starts: int = 12, bound: float = 40.0, seed: int = 0):
-    """Best J over theta in [-bound, bound]^k (k = 5 softmax, 3 linear) by multi-start L-BFGS-B."""
+    """Best J over theta in [-bound, bound]^k (k = P = Theta.size() softmax, 3 linear) by multi-start L-BFGS-B."""
     from scipy.optimize import minimize
 
-    k = 5 if model.attention == "softmax" else 3
+    k = Theta.size() if model.attention == "softmax" else 3
 
     def full(x):
-        return Theta.from_array(jnp.concatenate([x, jnp.zeros(5 - k)]))
+        return Theta.from_array(jnp.concatenate([x, jnp.zeros(Theta.size() - k)]))
 
     value_and_grad = jax.jit(jax.value_and_grad(lambda x: -_reward(full(x), task, model)))
 
@@ -208,7 +208,7 @@ def _numerical_max_reward(task: ChainTask, model: ModelSpec, n_starts: int = 12,
             value = -objective(x)[0]
             if value > best:
                 best, best_x = value, x
-    return float(best), tuple(float(v) for v in np.concatenate([best_x, np.zeros(5 - k)]))
+    return float(best), tuple(float(v) for v in np.concatenate([best_x, np.zeros(Theta.size() - k)]))
 
 
 def max_reward(task: ChainTask, model: ModelSpec | None = None) -> float:
@@ -467,7 +467,7 @@ def late_gap_slope(trajectory: Trajectory, fraction: float = 1.0 / 3.0) -> float
 
 
 def _readouts(params: FlowParams, y: jnp.ndarray) -> jnp.ndarray:
-    """What phases root-finds, at one theta (5,): [forward | move at a_1..a_{n-1}, their min, J].
+    """What phases root-finds, at one theta (P,): [forward | move at a_1..a_{n-1}, their min, J].
 
     The read-outs of ``gradflow.readouts`` the trajectory saved, so brackets and roots agree.
     """

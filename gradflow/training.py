@@ -146,7 +146,7 @@ RECORDED = (
 
 
 def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """The read-outs ``RECORDED`` of ``gradflow.readouts`` at one theta (5,), capped when ``model.max_len`` is set.
+    """The read-outs ``RECORDED`` of ``gradflow.readouts`` at one theta (P,), capped when ``model.max_len`` is set.
 
     reward, forward_prob and switch_prob per position (given that the walk moves), expected_length
     (E[min(L, max_len)] with a cap), traversal_prob, success_per_start, reach_per_start and
@@ -167,7 +167,7 @@ class TrainingTrajectory(Trajectory):
     """Discrete training, recorded at ts = t0 + lr * step, step = 0..steps; a flow ``Trajectory`` plus:
 
     sampled_reward (T,): mean reward of the batch drawn at that step (NaN for exact gradient
-    descent); theta_std (T, 5): within-orbit standard deviation of A (0 when training the five
+    descent); theta_std (T, P): within-orbit standard deviation of A (0 when training the five
     numbers); success_per_start, reach_per_start (T, n-1) and reach_probability (T,): exact
     (capped) read-outs; greedy_* : greedy decoding read-outs (``gradflow.greedy``, tie rule
     "first"), scalars (T,) and greedy_correct / greedy_reached per start (T, n-1).  theta is the
@@ -315,7 +315,7 @@ def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, 
     model, n_vocab = flow_params.model, flow_params.vocabulary_size
     opt = _make_optimizer(optimizer, lr)
     to_matrix = (lambda p: p) if kind == "full" else (lambda p: full_attention(Theta.from_array(p), n_vocab))
-    orbit = orbit_statistics if kind == "full" else (lambda p: (p, jnp.zeros(5)))
+    orbit = orbit_statistics if kind == "full" else (lambda p: (p, jnp.zeros(Theta.size())))
 
     def step(carry, inputs):
         params, opt_state = carry

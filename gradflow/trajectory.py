@@ -51,7 +51,7 @@ def quantity_fn(params: FlowParams, quantity: str, index) -> Callable:
 class Trajectory:
     """A solved flow: arrays over the save times, events, solver statistics and the config.
 
-    ts (T,), theta (T, 5) in (alpha, beta, gamma, eta, delta) order, reward (T,), forward_prob (T, n-1)
+    ts (T,), theta (T, P) in ``Theta.fields()`` order (alpha, beta, gamma, eta, delta), reward (T,), forward_prob (T, n-1)
     = P(forward | the walk moves) at each position of chain a, switch_prob (T, n-1) = P(jump to the
     other chain | moves), expected_length (T,), traversal_prob (T,).  eval_reward: name -> (T,) reward
     on each of the config's eval_tasks.  events maps "reward_threshold" and "converged" to a time or
@@ -188,7 +188,7 @@ def _check_shapes(config: FlowParams, arrays: dict, eval_reward: dict, path) -> 
     saves, width = config.n_saves(), config.task.n - 1
     expected = {
         "ts": (saves,),
-        "theta": (saves, 5),
+        "theta": (saves, Theta.size()),
         "reward": (saves,),
         "forward_prob": (saves, width),
         "switch_prob": (saves, width),

@@ -13,6 +13,7 @@ import tomllib
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gradflow as gf
@@ -149,6 +150,9 @@ BAD = [
     (["run", "--t1", "-1"], ("t1",)),
     (["run", "--rtol", "0"], ("rtol",)),
     (["run", "--n-isolated", "-2"], ("n_isolated",)),
+    (["run", "--theta0", "1", "2", "3", "4", "5", "6"], ("--theta0", "1 to 5 numbers")),
+    (["run", "--theta0", "x"], ("--theta0",)),
+    (["design", "--n", "6", "--budget", "10", "--theta0", "1", "2", "3", "4", "5", "6"], ("--theta0", "1 to 5 numbers")),
     (["run", "--figure", "{file}/fig.png"], ("--figure",)),
     (["simulate", "--out", "{file}/x"], ("--out",)),
     (["simulate"], ("--out",)),
@@ -418,3 +422,11 @@ def test_every_public_name_resolves():
     assert callable(gf.sweep.run_sweep)
     with pytest.raises(AttributeError):
         _ = gf.no_such_name
+
+
+def test_theta0_takes_one_to_five_numbers_the_rest_zero():
+    """--theta0 0.01 (one number) is alpha = 0.01 and zeros: eta and delta need not be typed."""
+    args = cli.build_parser().parse_args(["simulate", "--out", "x", "--theta0", "0.01"])
+    np.testing.assert_array_equal(cli._flow_from_args(args).theta0.as_array(), [0.01, 0.0, 0.0, 0.0, 0.0])
+    args = cli.build_parser().parse_args(["simulate", "--out", "x", "--theta0", "0.3", "-0.1", "0.2", "1", "2"])
+    np.testing.assert_array_equal(cli._flow_from_args(args).theta0.as_array(), [0.3, -0.1, 0.2, 1.0, 2.0])
