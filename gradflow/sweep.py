@@ -96,22 +96,8 @@ _HASHED_KEYS_0_1 = {
     "task": {"n": None, "start_probs": None},
     "model": {"attention": None, "tau": None, "mask_self": None, "n_isolated": None, "context": None},
     **dict.fromkeys(
-        (
-            "theta0",
-            "t0",
-            "t1",
-            "coords",
-            "n_vocab",
-            "solver",
-            "rtol",
-            "atol",
-            "save_ts",
-            "max_steps",
-            "reward_threshold",
-            "schedule",
-            "convergence_loss",
-            "stop_at",
-        )
+        "theta0 t0 t1 coords n_vocab solver rtol atol save_ts max_steps reward_threshold schedule convergence_loss "
+        "stop_at".split()
     ),
 }
 
