@@ -1,0 +1,119 @@
+"""Compilation against work: what a new user waits for (issue 21's targets), measured in one run on all cores.
+
+Rows, each with the target it is held to:
+- the default flow's first solve (compile + run, persistent cache off) against a trivial diffrax
+  solve with the same solver, controller, tolerances and 201 saves (target: within 3x);
+- ``simulate`` on a new n in a warm process (n = 9 after n = 8; target: under 0.3 s);
+- a warm ``gradflow run`` in a fresh process (persistent cache filled by a first run; target: 3 s);
+- sweep throughput: 1,024 mixtures at n = 16, easy mass 1e-3..1, default t1 and tolerances
+  (target: 2,000 flows/s), against solving a sample of them one by one.
+Run: python benchmarks/bench_compile.py
+"""
+
+import os
+
+os.environ.setdefault("GRADFLOW_BENCH_ALL_CORES", "1")  # the targets are stated for both cores
+os.environ["GRADFLOW_NO_CACHE"] = "1"  # this process measures compilation, never loads it
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import _common  # noqa: E402,F401
+import diffrax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from _common import check, finish, header, table  # noqa: E402
+
+import gradflow as gf  # noqa: E402
+
+SWEEP_SIZE, SWEEP_N, SAMPLE = 1024, 16, 16
+
+
+def trivial_solve_seconds(params: gf.FlowParams) -> float:
+    """Compile + run of dy/dt = -y (3 numbers) with the flow's solver, controller, tolerances and saves."""
+    saves = jnp.asarray(params.times())
+
+    def solve(y0):
+        term = diffrax.ODETerm(lambda t, y, args: -y)
+        controller = diffrax.PIDController(rtol=params.rtol, atol=params.atol)
+        return diffrax.diffeqsolve(
+            term, diffrax.Tsit5(), 0.0, params.t1, None, y0, saveat=diffrax.SaveAt(ts=saves), stepsize_controller=controller
+        ).ys
+
+    start = time.perf_counter()
+    jax.block_until_ready(jax.jit(solve)(jnp.ones(3)))
+    return time.perf_counter() - start
+
+
+def first_solve_seconds(params: gf.FlowParams) -> float:
+    start = time.perf_counter()
+    gf.simulate(params)
+    return time.perf_counter() - start
+
+
+def warm_cli_seconds() -> tuple[float, float]:
+    """Wall time of `gradflow run` in a fresh process: cold (empty cache folder), then warm."""
+    folder = tempfile.mkdtemp(prefix="gradflow-bench-cache-")
+    env = {k: v for k, v in os.environ.items() if k not in ("GRADFLOW_NO_CACHE", "XLA_FLAGS")}
+    env["GRADFLOW_CACHE_DIR"] = folder
+    figure = os.path.join(folder, "emergence.png")
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "gradflow.cli", "run", "--figure", figure], env=env, check=True, capture_output=True
+        )
+        times.append(time.perf_counter() - start)
+    shutil.rmtree(folder, ignore_errors=True)
+    return times[0], times[1]
+
+
+def sweep_configs() -> list[gf.FlowParams]:
+    masses = np.geomspace(1e-3, 1.0, SWEEP_SIZE)
+    return [gf.FlowParams(gf.ChainTask.mixture(SWEEP_N, float(c)), events=()) for c in masses]
+
+
+def main():
+    header("bench_compile: compilation against work (issue 21)")
+    default = gf.FlowParams(gf.ChainTask.uniform(8))
+    trivial = trivial_solve_seconds(default)
+    flow_first = first_solve_seconds(default)
+    start = time.perf_counter()
+    gf.simulate(default)
+    flow_warm = time.perf_counter() - start
+    new_n = first_solve_seconds(gf.FlowParams(gf.ChainTask.uniform(9)))
+    table(
+        [(f"{trivial:.2f}", f"{flow_first:.2f}", f"{flow_first / trivial:.1f}", f"{flow_warm * 1e3:.1f}", f"{new_n:.2f}")],
+        ("trivial diffrax s", "flow first solve s", "ratio", "flow warm ms", "new n (9 after 8) s"),
+    )
+    check("first solve within 3x of a trivial diffrax solve", flow_first / trivial <= 3.0, f"{flow_first / trivial:.1f}x")
+    check("new n in a warm process under 0.3 s", new_n < 0.3, f"{new_n:.2f} s")
+
+    cold, warm = warm_cli_seconds()
+    table([(f"{cold:.2f}", f"{warm:.2f}")], ("gradflow run, cold cache s", "warm cache, fresh process s"))
+    check("warm `gradflow run` in a fresh process under 3 s", warm < 3.0, f"{warm:.2f} s")
+
+    configs = sweep_configs()
+    gf.simulate_many(configs[:2])  # compile the batched program once (same structure)
+    start = time.perf_counter()
+    gf.simulate_many(configs)
+    batched = time.perf_counter() - start
+    gf.simulate(configs[0])
+    start = time.perf_counter()
+    for cfg in configs[:: SWEEP_SIZE // SAMPLE]:
+        gf.simulate(cfg)
+    one_by_one = (time.perf_counter() - start) / SAMPLE
+    table(
+        [(SWEEP_SIZE, f"{batched:.2f}", f"{SWEEP_SIZE / batched:.0f}", f"{1 / one_by_one:.0f}")],
+        ("flows", "batched s", "batched flows/s", "one by one flows/s"),
+    )
+    check("sweep at >= 2,000 flows/s", SWEEP_SIZE / batched >= 2000, f"{SWEEP_SIZE / batched:.0f} flows/s")
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
