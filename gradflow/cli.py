@@ -708,7 +708,7 @@ def cmd_design(args) -> int:
             raise ValueError(f"--curriculum must be an integer >= 1, got {args.curriculum}")
         target = ChainTask(args.n, schedules.named_distribution(args.target, args.n))
         model = ModelSpec(tau=args.tau, mask_self=not args.allow_self, max_len=args.max_len)
-        limit = _renamed_flag(args, "mean_easy_mass", "max_mean_easy_mass")
+        limit, notice = _renamed_flag(args, "mean_easy_mass", "max_mean_easy_mass")
         given = None if args.schedule is None else schedules.schedule_from_spec(args.schedule, args.n)
         out = Path(args.out or f"design-n{args.n}-t{args.budget:g}.json")
         _writable_dir(out.parent if str(out.parent) else ".", "--out")
@@ -732,19 +732,21 @@ def cmd_design(args) -> int:
             )
     print(result.summary())
     print(f"wrote {result.save(out)}")
+    if notice is not None:
+        print(notice, file=sys.stderr)
     return 0
 
 
 def _renamed_flag(args, old: str, new: str):
-    """The value of flag ``new``, or of its deprecated name ``old`` (with a one-line notice on stderr)."""
+    """(value of flag ``new`` or of its deprecated name ``old``, the one-line notice to print once the command
+    has succeeded, or None), so that a bad value still fails in one line."""
     given, current = getattr(args, old), getattr(args, new)
     if given is None:
-        return current
+        return current, None
     old_flag, new_flag = (f"--{name.replace('_', '-')}" for name in (old, new))
     if current is not None and current != given:
         raise ValueError(f"{old_flag} (deprecated) = {given:g} contradicts {new_flag} = {current:g}")
-    print(f"gradflow {args.command}: {deprecated_flag(f'gradflow {args.command} {old_flag}')}", file=sys.stderr)
-    return given
+    return given, f"gradflow {args.command}: {deprecated_flag(f'gradflow {args.command} {old_flag}')}"
 
 
 def main(argv=None) -> int:
