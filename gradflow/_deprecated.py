@@ -2,8 +2,9 @@
 
 A deprecated name is one row of ``ALIASES``: where it was (``module:name``, ``Class.attribute`` or
 ``function(keyword=)``), what replaces it, and how it resolves.  Modules read their rows through
-``module_getattr`` (a PEP 562 ``__getattr__``), classes through ``renamed_property`` and functions
-through ``renamed_keyword``; nothing else in gradflow spells an old name.
+``module_getattr`` (a PEP 562 ``__getattr__``), classes through ``renamed_property``, functions
+through ``renamed_keyword`` and command-line flags through ``deprecated_flag``; nothing else in
+gradflow spells an old name.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ALIASES: tuple[Alias, ...] = (
         )
     ),
     Alias("StepProbabilities.self", "StepProbabilities.stay", "stay"),
+    Alias("gradflow design --mean-easy-mass", "gradflow design --max-mean-easy-mass", "--max-mean-easy-mass"),
     Alias(
         INT_TASK := "an int n in place of the task (step_probabilities, transition_matrix, gradient_by_distance)",
         "a ChainTask (e.g. gradflow.ChainTask.uniform(n))",
@@ -84,6 +86,12 @@ def deprecated_int_task() -> None:
     """Warn (once) that an int n was passed where a ChainTask is expected."""
     alias = _by_old(INT_TASK)
     warn_once(alias.old, alias.new)
+
+
+def deprecated_flag(old: str) -> str:
+    """The one-line notice the command line prints for its deprecated flag ``old`` (a row of ``ALIASES``)."""
+    alias = _by_old(old)
+    return f"{alias.old} is deprecated; use {alias.new}"
 
 
 def renamed_property(old: str) -> property:

@@ -1,4 +1,4 @@
-"""The ``gradflow`` command line: run (the main job), simulate, check, figures, sweep, info.
+"""The ``gradflow`` command line: run (the main job), simulate, check, train, figures, sweep, info, design.
 
 Errors: a bad flag value, a missing or malformed config or result file, or an output path that
 cannot be written is reported in one line naming the problem, with exit status 2, before anything
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -24,7 +25,8 @@ import jax
 import jaxlib
 import numpy as np
 
-from gradflow import design, flow, schedules, sweep, theory
+from gradflow import design, flow, schedules, sweep, theory, training
+from gradflow._deprecated import deprecated_flag
 from gradflow._version import __version__
 from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory, as_theta
 from gradflow.model import ATTENTION_KINDS, ModelSpec
@@ -37,6 +39,17 @@ REPORT_TIMES = (0.0, 1.0, 10.0, 100.0, 1e3, 1e4)
 EXIT_INPUT = 2  # bad input: flag value, config or result file, output path
 EXIT_FAILED = 1  # a solve or sweep that could not finish
 FIGURE_PACKAGE = "gradflow.experiments"
+EXAMPLES = {  # shown at the end of each command's --help
+    "run": "gradflow run --n 8 --dist uniform --t1 1e4",
+    "simulate": "gradflow simulate --n 8 --dist mixture --easy-mass 0.1 --eval hard=hardest --out runs/mix",
+    "check": "gradflow check --n 6 --dist mixture --easy-mass 0.3 --eval hard=hardest --t1 1e3",
+    "train": "gradflow train --n 5 --dist k_hardest --k 4 --allow-self --max-len 6 --optimizer adam --lr 0.01 "
+    "--steps 300 --theta0 0 --eval hard=hardest",
+    "figures": "gradflow figures emergence --quick --out figures",
+    "sweep": "gradflow sweep configs.json --out results --resume --max-len 12 --eval hard=hardest",
+    "info": "gradflow info",
+    "design": "gradflow design --n 8 --budget 2.5 --curriculum 4 --families step --max-mean-easy-mass 0.1",
+}
 
 
 class InputError(ValueError):
@@ -76,22 +89,44 @@ def _task_from_args(args):
     return ChainTask.mixture(args.n, args.easy_mass, tuple(args.easy_steps))
 
 
-def _flow_from_args(args):
-    model = ModelSpec(attention=args.attention, tau=args.tau, mask_self=not args.allow_self, n_isolated=args.n_isolated)
-    extra = {} if args.theta0 is None else {"theta0": as_theta(args.theta0, "--theta0")}
-    if args.readouts is not None:
-        extra["readouts"] = tuple(args.readouts)
-    return FlowParams(
-        _task_from_args(args),
-        model,
-        t1=args.t1,
-        coords=args.coords,
-        solver=args.solver,
-        rtol=args.rtol,
-        atol=args.atol,
-        reward_threshold=args.threshold,
-        **extra,
+def eval_tasks_from_flags(items, n: int) -> dict[str, ChainTask]:
+    """``--eval NAME=TASK`` strings -> {NAME: ChainTask(n, schedules.named_distribution(TASK, n))}."""
+    tasks = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name or not text or "/" in name:
+            raise ValueError(f"--eval must look like NAME=TASK (NAME without '/'), e.g. hard=hardest, got {item!r}")
+        if name in tasks:
+            raise ValueError(f"--eval {name!r} is given twice")
+        try:
+            tasks[name] = ChainTask(n, schedules.named_distribution(text, n))
+        except ValueError as error:
+            raise ValueError(f"--eval {item!r}: {error}") from None
+    return tasks
+
+
+def _model_from_args(args) -> ModelSpec:
+    return ModelSpec(
+        attention=args.attention,
+        tau=args.tau,
+        mask_self=not args.allow_self,
+        n_isolated=args.n_isolated,
+        max_len=args.max_len,
     )
+
+
+def _problem_from_args(args, **extra) -> FlowParams:
+    """The task, model, start, threshold and eval tasks of the shared flags (``_add_problem_arguments``)."""
+    if args.theta0 is not None:
+        extra["theta0"] = as_theta(args.theta0, "--theta0")
+    task = _task_from_args(args)
+    eval_tasks = eval_tasks_from_flags(args.eval, task.n)
+    return FlowParams(task, _model_from_args(args), reward_threshold=args.threshold, eval_tasks=eval_tasks, **extra)
+
+
+def _flow_from_args(args):
+    extra = {} if args.readouts is None else {"readouts": tuple(args.readouts)}
+    return _problem_from_args(args, t1=args.t1, coords=args.coords, solver=args.solver, rtol=args.rtol, atol=args.atol, **extra)
 
 
 def _writable_dir(path, flag: str) -> Path:
@@ -149,7 +184,28 @@ def _choices():
     return {"solver": tuple(SOLVERS), "coords": tuple(COORDS), "attention": tuple(ATTENTION_KINDS), "readouts": RECORDED}
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> None:
+def _add_max_len_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        metavar="L",
+        help="rollout cap: reward 1 iff the own terminal is written within L tokens (default: no cap)",
+    )
+
+
+def _add_eval_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval",
+        action="append",
+        metavar="NAME=TASK",
+        help="an evaluation task, recorded beside the training task (repeatable); TASK: uniform, hardest, easiest, "
+        "d<k>, k_hardest:<k>, mix<c> or p1/p2/... (gradflow.schedules.named_distribution)",
+    )
+
+
+def _add_problem_arguments(parser: argparse.ArgumentParser, choices: dict) -> None:
+    """Task, model, start, threshold and eval tasks: the flags every solving command shares."""
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="vertices per chain (>= 2), default 8")
     parser.add_argument(
         "--dist",
@@ -163,6 +219,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> Non
     parser.add_argument("--attention", choices=choices["attention"], default="linear", help="attention kind (default linear)")
     parser.add_argument("--tau", type=float, default=0.2, help="logit temperature > 0 (default 0.2)")
     parser.add_argument("--allow-self", action="store_true", help="let the model write the current vertex (self-loops)")
+    _add_max_len_argument(parser)
     parser.add_argument("--n-isolated", type=int, default=0, help="isolated vertices in the vocabulary (default 0)")
     parser.add_argument(
         "--theta0",
@@ -172,12 +229,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> Non
         metavar="X",
         help="start: 1 to 5 numbers alpha beta gamma eta delta, the rest 0 (default 0.3 0 0 0 0)",
     )
+    parser.add_argument("--threshold", type=float, default=0.9, help="reward level whose hitting time is reported (default 0.9)")
+    _add_eval_argument(parser)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> None:
+    _add_problem_arguments(parser, choices)
     parser.add_argument("--t1", type=float, default=1e4, help="final time of the flow (default 1e4)")
     parser.add_argument("--coords", choices=choices["coords"], default="reduced", help="flow coordinates (default reduced)")
     parser.add_argument("--solver", choices=choices["solver"], default="tsit5", help="ODE solver (default tsit5)")
     parser.add_argument("--rtol", type=float, default=1e-8, help="relative tolerance (default 1e-8)")
     parser.add_argument("--atol", type=float, default=1e-10, help="absolute tolerance (default 1e-10)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="reward level whose hitting time is reported (default 0.9)")
     parser.add_argument(
         "--readouts",
         nargs="+",
@@ -226,6 +288,7 @@ def report(trajectory) -> str:
     alpha, beta, gamma = np.asarray(trajectory.theta)[last, :3]
     lines.append(f"final alpha = {alpha:.4f}, beta = {beta:.4f}, gamma = {gamma:.4f}")
     lines += _readout_lines(trajectory, last)
+    lines += _eval_lines(trajectory, last, threshold)
     stats = trajectory.stats
     lines.append(
         f"solver: {stats.get('num_steps')} steps ({stats.get('num_rejected_steps')} rejected), "
@@ -243,6 +306,18 @@ def _readout_lines(trajectory, k: int) -> list[str]:
         if name == "expected_length":
             shown += f" (minimal {trajectory.minimal_length:.4f})"
         lines.append(f"  {name} = {shown}   [{READOUTS[name].description}]")
+    return lines
+
+
+def _eval_lines(trajectory, k: int, threshold: float) -> list[str]:
+    """Each eval task's reward at save k and the first save where it reaches the threshold (``check`` root-finds it)."""
+    ts = np.asarray(trajectory.ts)
+    lines = []
+    for name, reward in trajectory.eval_reward.items():
+        reward = np.asarray(reward)
+        hit = np.flatnonzero(reward >= threshold)
+        when = "not reached" if not hit.size else f"first at the save t = {ts[hit[0]]:.6g}"
+        lines.append(f"eval {name}: reward = {reward[k]:.6f} at the final save; >= {threshold:g} {when}")
     return lines
 
 
@@ -287,6 +362,65 @@ def cmd_check(args) -> int:
         trajectory = flow.simulate(params, progress=not args.no_progress)
     print(theory.check_conditions(trajectory.config))
     print(theory.phases(trajectory))
+    return 0
+
+
+TRAIN_COLUMNS = (  # the read-outs the authors report, on the training task and every eval task
+    ("reward", "reward"),
+    ("greedy_conditional_accuracy", "acc|terminal"),
+    ("greedy_reach_rate", "reach"),
+    ("greedy_traversal_accuracy", "traversal"),
+)
+
+
+def train_report(result) -> str:
+    """The authors' read-outs at a few steps and the end, on the training task and every eval task."""
+    stats, task, model = result.stats, result.config.task, result.config.model
+    how = f"sampled REINFORCE, batch {stats['batch']}" if "batch" in stats else "exact gradient"
+    cap = "no cap" if model.max_len is None else f"max_len = {model.max_len}"
+    loops = "self-loops allowed" if not model.mask_self else "no self-loops"
+    lines = [
+        f"training: {how}, {stats['optimizer']}, lr = {stats['lr']:g}, {stats['steps']} steps, coords {stats['coords']}",
+        f"config: n={task.n}, start_probs={np.round(np.asarray(task.start_probs), 4).tolist()}, {cap}, {loops}",
+        f"{'step':>6}  {'task':<12}" + "".join(f"{label:>14}" for _, label in TRAIN_COLUMNS),
+        "(greedy read-outs: acc|terminal = greedy accuracy given a terminal, reach = greedy reach rate, "
+        "traversal = exact traversal)",
+    ]
+    last = stats["steps"]
+    rows = {"train": {name: getattr(result, name) for name, _ in TRAIN_COLUMNS}} | result.eval_readouts
+    for k in sorted({0, last // 4, last // 2, 3 * last // 4, last}):
+        for name, values in rows.items():
+            cells = "".join(f"{float(np.asarray(values[c])[k]):>14.4f}" for c, _ in TRAIN_COLUMNS)
+            lines.append(f"{k:>6}  {name:<12}{cells}")
+    if "batch" in stats:
+        lines.append(f"sampled reward (batch mean) at the last step: {float(result.sampled_reward[-1]):.4f}")
+    threshold = float(result.config.reward_threshold)
+    hit = result.events.get("reward_threshold")
+    reached = "not reached" if hit is None else f"step {round((hit - float(result.config.t0)) / stats['lr'])} (t = {hit:.6g})"
+    lines.append(f"training reward >= {threshold:g}: {reached}")
+    alpha, beta, gamma = np.asarray(result.theta)[-1, :3]
+    lines.append(f"final alpha = {alpha:.4f}, beta = {beta:.4f}, gamma = {gamma:.4f}   ({stats['seconds']:.2f} s)")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    """Exact-gradient (or --sampled REINFORCE) training; prints the authors' read-outs and saves the trajectory."""
+    with _input_stage():
+        params = _problem_from_args(args)
+        if not args.sampled and (args.batch is not None or args.seed is not None):
+            raise ValueError("--batch and --seed apply to --sampled training only")
+        if args.seed is not None and args.seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
+        batch = (args.batch if args.batch is not None else 32) if args.sampled else None
+        settings = training.TrainConfig(lr=args.lr, steps=args.steps, batch=batch, optimizer=args.optimizer, coords=args.coords)
+        default_out = f"train-n{params.task.n}-{args.optimizer}{'-sampled' if args.sampled else ''}"
+        out = _writable_files(args.out or default_out, "--out", (".npz", ".json"))
+    if args.sampled:
+        result = training.train(params, key=jax.random.key(args.seed or 0), config=settings)
+    else:
+        result = training.gradient_descent(params, config=settings)
+    print(train_report(result))
+    print(f"saved {result.save(out)}")
     return 0
 
 
@@ -356,11 +490,26 @@ def _executor_params(items) -> dict:
     return params
 
 
+def _sweep_config_file(args, configs) -> Path:
+    """The sweep's config file; with --max-len / --eval, those applied to every config and written to OUT."""
+    if args.max_len is None and not args.eval:
+        return Path(args.config)
+    changed = []
+    for config in configs:
+        model = config.model if args.max_len is None else dataclasses.replace(config.model, max_len=args.max_len)
+        evals = {**config.eval_tasks, **eval_tasks_from_flags(args.eval, config.task.n)}
+        changed.append(config.replace(model=model, eval_tasks=evals))
+    return sweep.write_configs(changed, Path(args.out) / f"{Path(args.config).stem}-with-flags.json")
+
+
 def cmd_sweep(args) -> int:
     """Job-array mode: run the configs of a JSON file, skipping results already in --out."""
     with _input_stage():
-        sweep.read_configs(args.config)  # a missing or malformed file fails here, in one line
+        configs = sweep.read_configs(args.config)  # a missing or malformed file fails here, in one line
+        if args.max_len is not None and args.max_len < 1:
+            raise ValueError(f"--max-len must be an integer >= 1, got {args.max_len}")
         _writable_dir(args.out, "--out")
+        config_file = _sweep_config_file(args, configs)
         if args.count < 1 or not 0 <= args.index < args.count:
             raise ValueError(f"--index/--count: need 0 <= index < count, got index={args.index}, count={args.count}")
         if args.batch_size is not None and args.batch_size < 1:
@@ -381,7 +530,7 @@ def cmd_sweep(args) -> int:
         )
     try:
         paths = sweep.run_sweep(
-            args.config,
+            config_file,
             args.out,
             resume=args.resume or args.executor is not None,
             progress=not args.no_progress,
@@ -414,7 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="simulate the default preset, print a report, write figures/emergence.png")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help ends with its example (``EXAMPLES``)."""
+        return sub.add_parser(
+            name, help=help_text, epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    run = command("run", "simulate the default preset, print a report, write figures/emergence.png")
     _add_config_arguments(run, choices)
     run.add_argument(
         "--figure",
@@ -423,17 +578,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    simulate = sub.add_parser("simulate", help="simulate any config and save the trajectory")
+    simulate = command("simulate", "simulate any config and save the trajectory")
     _add_config_arguments(simulate, choices)
     simulate.add_argument("--out", required=True, help="output path (writes PATH.npz and PATH.json)")
     simulate.set_defaults(func=cmd_simulate)
 
-    check = sub.add_parser("check", help="the paper's conditions and the observed phases")
+    check = command("check", "the paper's conditions and the observed phases (eval tasks' learning times too)")
     _add_config_arguments(check, choices)
     check.add_argument("--run", help="a saved trajectory (.npz) instead of simulating the preset")
     check.set_defaults(func=cmd_check)
 
-    figures = sub.add_parser("figures", help="regenerate figures (one script per figure in experiments/)")
+    train = command("train", "exact-gradient (or --sampled REINFORCE) training with an optax optimizer")
+    _add_problem_arguments(train, choices)
+    train.add_argument("--sampled", action="store_true", help="REINFORCE on sampled rollouts instead of the exact gradient")
+    train.add_argument("--optimizer", default="sgd", help="sgd (default), adam or any optax optimizer name")
+    train.add_argument("--lr", type=float, default=0.1, help="step size (default 0.1); the time axis is t = lr * step")
+    train.add_argument("--steps", type=int, default=100, help="number of updates (default 100)")
+    train.add_argument(
+        "--coords", choices=training.COORDS, default=None, help="reduced (the five numbers, default) or full (the matrix A)"
+    )
+    train.add_argument("--batch", type=int, default=None, help="--sampled: rollouts per step (>= 2, default 32)")
+    train.add_argument("--seed", type=int, default=None, help="--sampled: seed of the rollouts (default 0)")
+    train.add_argument("--out", default=None, help="output path (PATH.npz and PATH.json; default train-n<N>-<OPTIMIZER>)")
+    train.set_defaults(func=cmd_train)
+
+    figures = command("figures", "regenerate figures (one script per figure in experiments/)")
     figures.add_argument("name", nargs="?", help="figure name (a script NAME.py in experiments/; --list shows them)")
     figures.add_argument("--all", action="store_true", help="every figure")
     figures.add_argument("--list", action="store_true", help="print the figure names and exit")
@@ -441,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--out", help="output directory for NAME.png/.pdf/.json (default figures/)")
     figures.set_defaults(func=cmd_figures)
 
-    sweep_cmd = sub.add_parser("sweep", help="job-array mode over a JSON file of configs")
+    sweep_cmd = command("sweep", "job-array mode over a JSON file of configs")
     sweep_cmd.add_argument("config", help="JSON file: a list of FlowParams.to_dict() configs (or one)")
     sweep_cmd.add_argument("--out", required=True, help="directory of results, one per config hash")
     sweep_cmd.add_argument("--resume", action="store_true", help="skip configs whose result already loads completely")
@@ -463,13 +632,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="--executor: a submitit parameter, e.g. timeout_min=60 or slurm_partition=gpu (repeatable)",
     )
     sweep_cmd.add_argument("--executor-folder", default=None, help="--executor: submitit's log folder (default OUT/.submitit)")
+    _add_max_len_argument(sweep_cmd)
+    _add_eval_argument(sweep_cmd)
     sweep_cmd.add_argument("--no-progress", action="store_true", help="hide the progress lines")
     sweep_cmd.set_defaults(func=cmd_sweep)
 
-    info = sub.add_parser("info", help="versions, backend, devices, float64")
+    info = command("info", "versions, backend, devices, float64")
     info.set_defaults(func=cmd_info)
 
-    design_cmd = sub.add_parser("design", help="the training distribution (or curriculum) best for a target at a budget")
+    design_cmd = command("design", "the training distribution (or curriculum) best for a target at a budget")
     design_cmd.add_argument("--n", type=int, default=10, help="vertices per chain (>= 3), default 10")
     design_cmd.add_argument(
         "--target",
@@ -492,10 +663,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --curriculum: step, piecewise_constant, piecewise_linear (default all three)",
     )
     design_cmd.add_argument(
-        "--mean-easy-mass",
+        "--max-mean-easy-mass",
         type=float,
         default=None,
-        help="cap on the time-averaged training mass off the target's support (default none)",
+        metavar="C",
+        help="at most this time-averaged training mass off the target's support (default: no limit)",
+    )
+    design_cmd.add_argument(
+        "--mean-easy-mass", type=float, default=None, metavar="C", help="deprecated name of --max-mean-easy-mass"
     )
     design_cmd.add_argument(
         "--schedule",
@@ -505,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or a JSON file (see gradflow.schedules.schedule_from_spec)",
     )
     design_cmd.add_argument("--tau", type=float, default=0.2, help="logit temperature > 0 (default 0.2)")
+    design_cmd.add_argument("--allow-self", action="store_true", help="let the model write the current vertex (self-loops)")
+    _add_max_len_argument(design_cmd)
     design_cmd.add_argument(
         "--theta0",
         type=float,
@@ -530,11 +707,12 @@ def cmd_design(args) -> int:
         if args.curriculum is not None and args.curriculum < 1:
             raise ValueError(f"--curriculum must be an integer >= 1, got {args.curriculum}")
         target = ChainTask(args.n, schedules.named_distribution(args.target, args.n))
-        model = ModelSpec(tau=args.tau)
+        model = ModelSpec(tau=args.tau, mask_self=not args.allow_self, max_len=args.max_len)
+        limit, notice = _renamed_flag(args, "mean_easy_mass", "max_mean_easy_mass")
         given = None if args.schedule is None else schedules.schedule_from_spec(args.schedule, args.n)
         out = Path(args.out or f"design-n{args.n}-t{args.budget:g}.json")
         _writable_dir(out.parent if str(out.parent) else ".", "--out")
-        options = dict(steps=args.steps, restarts=args.restarts, lr=args.lr, seed=args.seed, mean_easy_mass=args.mean_easy_mass)
+        options = dict(steps=args.steps, restarts=args.restarts, lr=args.lr, seed=args.seed, mean_easy_mass=limit)
         theta0 = as_theta(args.theta0, "--theta0")
         result = design.optimal_mixture(target, args.budget, model, theta0, **options)
         if args.curriculum is not None:
@@ -554,7 +732,21 @@ def cmd_design(args) -> int:
             )
     print(result.summary())
     print(f"wrote {result.save(out)}")
+    if notice is not None:
+        print(notice, file=sys.stderr)
     return 0
+
+
+def _renamed_flag(args, old: str, new: str):
+    """(value of flag ``new`` or of its deprecated name ``old``, the one-line notice to print once the command
+    has succeeded, or None), so that a bad value still fails in one line."""
+    given, current = getattr(args, old), getattr(args, new)
+    if given is None:
+        return current, None
+    old_flag, new_flag = (f"--{name.replace('_', '-')}" for name in (old, new))
+    if current is not None and current != given:
+        raise ValueError(f"{old_flag} (deprecated) = {given:g} contradicts {new_flag} = {current:g}")
+    return given, f"gradflow {args.command}: {deprecated_flag(f'gradflow {args.command} {old_flag}')}"
 
 
 def main(argv=None) -> int:

@@ -302,8 +302,9 @@ def named_distribution(text: str, n: int) -> np.ndarray:
     """A distribution over d = 1..n-1 from its name.
 
     ``uniform``; ``hardest`` (d = n-1); ``easiest`` (d = 1); ``d<k>`` (all mass on distance k);
-    ``mix<c>`` (mass c on d = 1, the rest on the hardest); or explicit probabilities separated by
-    '/' (n-1 numbers summing to 1, e.g. ``0.1/0/0/0/0/0/0.9`` at n = 8).
+    ``k_hardest:<k>`` (uniform over the k largest distances); ``mix<c>`` (mass c on d = 1, the rest
+    on the hardest); or explicit probabilities separated by '/' (n-1 numbers summing to 1, e.g.
+    ``0.1/0/0/0/0/0/0.9`` at n = 8).
     """
     check_int("n", n, 2)
     text = text.strip()
@@ -323,6 +324,12 @@ def named_distribution(text: str, n: int) -> np.ndarray:
                 raise ValueError(f"distribution {text!r}: d must lie in 1..{n - 1}")
             probs[d - 1] = 1.0
             return probs
+        if text.startswith("k_hardest:"):
+            k = int(text.removeprefix("k_hardest:"))
+            if not 1 <= k <= n - 1:
+                raise ValueError(f"distribution {text!r}: k must lie in 1..{n - 1}")
+            probs[n - 1 - k :] = 1.0 / k
+            return probs
         if text.startswith("mix"):
             c = float(text[3:])
             if not 0.0 <= c <= 1.0:
@@ -335,7 +342,8 @@ def named_distribution(text: str, n: int) -> np.ndarray:
         if "distribution" in str(error):
             raise
         raise ValueError(
-            f"distribution {text!r}: expected uniform, hardest, easiest, d<k>, mix<c> or {n - 1} numbers separated by '/'"
+            f"distribution {text!r}: expected uniform, hardest, easiest, d<k>, k_hardest:<k>, mix<c> "
+            f"or {n - 1} numbers separated by '/'"
         ) from None
     check_distribution(f"distribution {text!r}", values, n - 1, tol=1e-6)
     return values / values.sum()

@@ -26,9 +26,10 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -396,7 +397,8 @@ class PhaseReport:
     fitted over the last third of the log-t range (t > 0); None when fewer than 3 saves lie there.
     With ``exact`` every time is root-found by bisection on a dense re-solve of the flow between the
     two saves that bracket it; otherwise it is interpolated linearly between saves.  warnings: levels
-    asked for that lie above the reward ceiling (never reached).
+    asked for that lie above the reward ceiling (never reached).  eval_times: name -> first time the
+    reward on that evaluation task reaches ``eval_level`` (the config's reward_threshold by default).
     """
 
     n: int
@@ -416,6 +418,8 @@ class PhaseReport:
     ceiling: float = 1.0
     exact: bool = True
     warnings: tuple[str, ...] = ()
+    eval_times: dict[str, float | None] = field(default_factory=dict)
+    eval_level: float | None = None
 
     @property
     def order_is_strict(self) -> bool:
@@ -443,6 +447,8 @@ class PhaseReport:
             f"  learning order (positions; ties within {self.order_rtol:g} relative in parentheses): {self.order_text()}",
             f"  late growth of alpha - gamma per unit log t: {_fmt(self.gap_slope)}",
         ]
+        for name, t in self.eval_times.items():
+            lines.append(f"  eval {name} learned (J >= {self.eval_level:g}): t = {_fmt(t)}")
         if self.ceiling < 1.0:
             lines.append(f"  reward ceiling of this model: {self.ceiling:.6g}")
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -466,17 +472,25 @@ def late_gap_slope(trajectory: Trajectory, fraction: float = 1.0 / 3.0) -> float
     return float(np.polyfit(log_t[late], gap[late], 1)[0])
 
 
-def _readouts(params: FlowParams, y: jnp.ndarray) -> jnp.ndarray:
-    """What phases root-finds, at one theta (P,): [forward | move at a_1..a_{n-1}, their min, J].
+def _readouts(params: FlowParams, y: jnp.ndarray, eval_tasks: tuple = ()) -> jnp.ndarray:
+    """What phases root-finds, at one theta (P,): [forward | move at a_1..a_{n-1}, their min, J, J on each eval task].
 
     The read-outs of ``gradflow.readouts`` the trajectory saved, so brackets and roots agree.
     """
     values = readouts.read(("forward_prob", "reward"), y, params.task, params.model)
     forward = values["forward_prob"]
-    return jnp.concatenate([forward, jnp.min(forward)[None], jnp.asarray(values["reward"])[None]])
+    evals = [jnp.asarray(readouts.read("reward", y, task, params.model)["reward"])[None] for task in eval_tasks]
+    return jnp.concatenate([forward, jnp.min(forward)[None], jnp.asarray(values["reward"])[None], *evals])
 
 
-def _phase_crossings(params: FlowParams, ts, thetas, table, columns, levels):
+@eqx.filter_jit
+def _eval_rewards(model: ModelSpec, eval_tasks: tuple, thetas: jnp.ndarray) -> jnp.ndarray:
+    """(T, E): the reward on each eval task at every saved theta."""
+    rewards = [jax.vmap(lambda y, t=task: expected_reward(Theta.from_array(y), t, model))(thetas) for task in eval_tasks]
+    return jnp.stack(rewards, axis=1)
+
+
+def _phase_crossings(params: FlowParams, eval_tasks: tuple, ts, thetas, table, columns, levels):
     """For each (column, level): the first time read-out ``column`` reaches ``level``, root-found.
 
     ``gradflow.integrator.crossing`` per request (bracket on the saves, dense re-solve of the bracket in
@@ -485,24 +499,30 @@ def _phase_crossings(params: FlowParams, ts, thetas, table, columns, levels):
     """
 
     def one(column, level):
-        quantity = lambda y: _readouts(params, y)[column]
+        quantity = lambda y: _readouts(params, y, eval_tasks)[column]
         return crossing(params, ts, thetas, table[:, column], level, quantity, LOCAL_MAX_STEPS)
 
     return jax.vmap(one)(columns, levels)
 
 
-def _root_times(trajectory: Trajectory, requests: list[tuple[int, float]], exact: bool) -> list[float | None]:
+def _root_times(
+    trajectory: Trajectory, requests: list[tuple[int, float]], exact: bool, eval_tasks: tuple = ()
+) -> list[float | None]:
     """First time each read-out column reaches its level (``requests``: (column, level) pairs).
 
     Columns: 0..n-2 the forward probability given a move at a_1..a_{n-1}, n-1 its minimum, n the
-    reward.  A read-out already at its level at the first save gives that time.  With ``exact`` the
-    crossing is root-found on the solution (``_phase_crossings``, all requests in one call);
-    otherwise it is interpolated linearly between saves (``gradflow._series.first_crossing``).
+    reward, n+1.. the reward on each of ``eval_tasks``.  A read-out already at its level at the first
+    save gives that time.  With ``exact`` the crossing is root-found on the solution
+    (``_phase_crossings``, all requests in one call); otherwise it is interpolated linearly between
+    saves (``gradflow._series.first_crossing``).
     """
     ts = np.asarray(trajectory.ts, dtype=float)
     forward = np.asarray(trajectory.forward_prob, dtype=float)
     reward = np.asarray(trajectory.reward, dtype=float)
     table = np.concatenate([forward, np.min(forward, axis=1, keepdims=True), reward[:, None]], axis=1)
+    if eval_tasks:
+        thetas = jnp.asarray(np.nan_to_num(np.asarray(trajectory.theta, dtype=float)))
+        table = np.concatenate([table, np.asarray(_eval_rewards(trajectory.config.model, eval_tasks, thetas))], axis=1)
     valid = np.isfinite(ts) & np.all(np.isfinite(table), axis=1)
     out: list[float | None] = [None] * len(requests)
     if not valid.any():
@@ -525,6 +545,7 @@ def _root_times(trajectory: Trajectory, requests: list[tuple[int, float]], exact
     levels = np.array([lv for _, lv in requests], dtype=float)
     args = (
         trajectory.config,
+        eval_tasks,
         jnp.asarray(np.where(valid, ts, np.nan)),
         jnp.asarray(np.nan_to_num(np.asarray(trajectory.theta, dtype=float))),
         jnp.asarray(np.where(valid[:, None], table, np.nan)),
@@ -565,6 +586,8 @@ def phases(
     convergence_loss: float = 1e-3,
     exact: bool = True,
     order_rtol: float = ORDER_RTOL,
+    eval_tasks: dict[str, ChainTask] | None = None,
+    eval_level: float | None = None,
 ) -> PhaseReport:
     """Read the phases of docs/THEORY.md §5 off a solved trajectory; see ``PhaseReport``.
 
@@ -573,7 +596,10 @@ def phases(
     call (one compilation per structure); exact=False interpolates between saves.  Positions whose
     times agree within ``order_rtol`` (relative) are reported as tied, not ordered.  Capped models and
     softmax attention are accepted; a reward level above the model's ceiling (``max_reward``) is
-    reported in ``warnings`` (and warned) instead of silently never being reached.
+    reported in ``warnings`` (and warned) instead of silently never being reached.  Evaluation tasks:
+    the config's own ``eval_tasks`` and ``eval_tasks`` (name -> ChainTask of the same n) each get the
+    first time their reward reaches ``eval_level`` (default: the config's reward_threshold), in
+    ``eval_times``, root-found like the rest.
     """
     if not isinstance(trajectory, Trajectory):
         raise ValueError(f"trajectory must be a gradflow.flow.Trajectory, got {type(trajectory).__name__}")
@@ -601,12 +627,16 @@ def phases(
         notes.append(reward_ceiling_warning(config, convergence_level) or "")
         warnings.warn(notes[-1], stacklevel=2)
 
+    evals = {**config.eval_tasks, **_check_eval_tasks(eval_tasks, [config.task.n])}
+    eval_level = check_fraction("eval_level", float(config.reward_threshold) if eval_level is None else eval_level)
     n_pos = forward.shape[1]
     requests = [(i, emergence_level) for i in range(n_pos)]
     requests += [(n_pos, emergence_level), (n_pos, traversal_level), (n_pos + 1, escape_level), (n_pos + 1, convergence_level)]
-    times = _root_times(trajectory, requests, exact)
+    requests += [(n_pos + 2 + k, eval_level) for k in range(len(evals))]
+    times = _root_times(trajectory, requests, exact, tuple(evals.values()))
+    eval_times = dict(zip(evals, times[n_pos + 4 :]))
     position_times = tuple(times[:n_pos])
-    emergence, traversal, escape, convergence = times[n_pos:]
+    emergence, traversal, escape, convergence = times[n_pos : n_pos + 4]
     groups = _order_groups(position_times, order_rtol)
     last = int(np.flatnonzero(valid)[-1])
     return PhaseReport(
@@ -627,6 +657,8 @@ def phases(
         ceiling=ceiling,
         exact=exact,
         warnings=tuple(notes),
+        eval_times=eval_times,
+        eval_level=eval_level,
     )
 
 
@@ -638,8 +670,9 @@ def phases(
 SWITCH_SPEED = 100.0  # log-time stage hands over to linear time when theta moves this fast per unit log t
 
 
-def _learning_solve(params: FlowParams):
-    """Integrate the flow until J = reward_threshold: log time across the plateau, linear time for the rise.
+def _learning_solve(params: FlowParams, watched: ChainTask):
+    """Integrate the flow until J on ``watched`` = reward_threshold: log time across the plateau, linear time
+    for the rise (``watched`` is the training task, or an eval task measured along the same training flow).
 
     Returns (stop time t, whether the level was reached, J there, steps taken, solver result code).
     Stage 1 steps in s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J): hardest-only training sits
@@ -654,7 +687,7 @@ def _learning_solve(params: FlowParams):
     did not fire report a meaningless stop time.
     """
     level = params.reward_threshold
-    reward = lambda y: _reward(Theta.from_array(y), params.task, params.model)
+    reward = lambda y: _reward(Theta.from_array(y), watched, params.model)
     plateau = Clock(params.t0, log=True)
 
     def fast(s, y):  # scaled so the switch is at 0, like the level
@@ -670,7 +703,7 @@ def _learning_solve(params: FlowParams):
     done = ~switched  # the level was reached, t1 came first, or the solve failed
     # stage 2 in linear time from the switch (a zero-length span for the configs that are done)
     rise = Clock(jnp.where(done, params.t1, jnp.minimum(t_switch, params.t1)), log=False)
-    second = integrate(params, diffrax.SaveAt(t1=True), clock=rise, t0=0.0, y0=y_first, event=level_event(params, level))
+    second = integrate(params, diffrax.SaveAt(t1=True), clock=rise, t0=0.0, y0=y_first, event=level_event(params, level, reward))
     t_stop = jnp.where(done, t_switch, rise.to_time(second.ts[-1]))
     fired = jnp.where(done, first.event_mask, second.event_mask)
     y_stop = jnp.where(done, y_first, second.ys[-1])
@@ -679,10 +712,11 @@ def _learning_solve(params: FlowParams):
     return t_stop, fired, reward(y_stop), steps, result
 
 
-def _learning_run(configs) -> dict:
-    """The learning-time solve of one config, or of a stacked batch, through the flow's one compile cache."""
+def _learning_run(configs, watched) -> dict:
+    """The learning-time solve of one config (watching one task), or of a stacked batch, through the one compile cache."""
     batched = isinstance(configs, list)
-    args = (stack_configs(configs),) if batched else (configs,)
+    stack = lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs]))
+    args = (stack_configs(configs), jax.tree_util.tree_map(stack, *watched)) if batched else (configs, watched)
     fn = jax.vmap(_learning_solve) if batched else _learning_solve
     executable, _ = compiled("learning_batch" if batched else "learning", fn, args)
     return jax.device_get(executable(*args))
@@ -722,43 +756,76 @@ def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> 
     return None
 
 
+@dataclass(frozen=True)
+class TaskTimes:
+    """When each task is learned along one training flow (None: not by t1): ``train`` for the training
+    task, ``eval[name]`` for each evaluation task (its reward reaches the same level)."""
+
+    train: float | None
+    eval: dict[str, float | None]
+
+
+def _check_eval_tasks(eval_tasks, n_of: Iterable[int]) -> dict[str, ChainTask]:
+    """``eval_tasks`` (name -> ChainTask, each of the training tasks' n) as a dict; ValueError otherwise."""
+    eval_tasks = {} if eval_tasks is None else eval_tasks
+    if not isinstance(eval_tasks, dict):
+        raise ValueError(f"eval_tasks must be a dict name -> gradflow.ChainTask, got {type(eval_tasks).__name__}")
+    ns = set(n_of)
+    for name, task in eval_tasks.items():
+        if not isinstance(name, str) or not isinstance(task, ChainTask):
+            raise ValueError(f"eval_tasks must map names (str) to gradflow.ChainTask, got {name!r}: {task!r}")
+        if {task.n} != ns:
+            raise ValueError(f"eval_tasks[{name!r}] has n = {task.n}, the training task(s) have n in {sorted(ns)}")
+    return dict(eval_tasks)
+
+
 def learning_times(
     tasks: Sequence[ChainTask],
     model: ModelSpec | None = None,
     theta0: Theta | None = None,
     level: float = 0.9,
     t1: float = DEFAULT_T1,
+    eval_tasks: dict[str, ChainTask] | None = None,
     **flow_kwargs,
-) -> list[float | None]:
+) -> list[float | None] | list[TaskTimes]:
     """``learning_time`` for several tasks; tasks of one n are solved as one vmapped compilation.
 
     A level at or above the model's reward ceiling (``max_reward``: a cap or softmax attention) gives
-    None for that task without solving, with a warning.
+    None for that task without solving, with a warning.  eval_tasks: name -> ChainTask (each of the
+    tasks' n): then each entry is a ``TaskTimes``, the time each eval task's reward reaches ``level``
+    while training on that task (one more solve per eval task, batched with the others).
     """
     tasks = list(tasks)
     if not tasks or not all(isinstance(t, ChainTask) for t in tasks):
         raise ValueError("tasks must be a non-empty sequence of gradflow.ChainTask")
+    evals = _check_eval_tasks(eval_tasks, (t.n for t in tasks))
     configs = _learning_configs(tasks, model, theta0, level, t1, flow_kwargs)
-    times: list[float | None] = [None] * len(configs)
+    jobs = [(i, None, cfg.task) for i, cfg in enumerate(configs)]
+    jobs += [(i, name, task) for i in range(len(configs)) for name, task in evals.items()]
+    times: list[float | None] = [None] * len(jobs)
     groups: dict[int, list[int]] = {}
-    for index, cfg in enumerate(configs):
-        if float(_reward(cfg.theta0, cfg.task, cfg.model)) >= float(cfg.reward_threshold):
+    for index, (i, _, watched) in enumerate(jobs):
+        cfg = configs[i]
+        if float(_reward(cfg.theta0, watched, cfg.model)) >= float(cfg.reward_threshold):
             times[index] = float(cfg.t0)
             continue
-        note = reward_ceiling_warning(cfg, float(cfg.reward_threshold))
+        note = reward_ceiling_warning(watched, float(cfg.reward_threshold), cfg.model)
         if note is not None:
             warnings.warn(f"learning_time at n = {cfg.task.n}: {note}", stacklevel=3)
             continue
         groups.setdefault(cfg.task.n, []).append(index)
     for indices in groups.values():
         if len(indices) == 1:
-            cfg = configs[indices[0]]
-            times[indices[0]] = _interpret(cfg, *_learning_run(cfg))
+            i, _, watched = jobs[indices[0]]
+            times[indices[0]] = _interpret(configs[i], *_learning_run(configs[i], watched))
             continue
-        out = _learning_run([configs[i] for i in indices])
+        out = _learning_run([configs[jobs[k][0]] for k in indices], [jobs[k][2] for k in indices])
         for row, index in enumerate(indices):
-            times[index] = _interpret(configs[index], *(x[row] for x in out))
-    return times
+            times[index] = _interpret(configs[jobs[index][0]], *(x[row] for x in out))
+    if not evals:
+        return times
+    found = {(i, name): t for (i, name, _), t in zip(jobs, times)}
+    return [TaskTimes(found[i, None], {name: found[i, name] for name in evals}) for i in range(len(configs))]
 
 
 def learning_time(
@@ -767,9 +834,13 @@ def learning_time(
     theta0: Theta | None = None,
     level: float = 0.9,
     t1: float = DEFAULT_T1,
+    eval_tasks: dict[str, ChainTask] | None = None,
     **flow_kwargs,
-) -> float | None:
+) -> float | None | TaskTimes:
     """Flow time at which the reward J first reaches ``level`` starting from ``theta0``; None if not by t1.
+
+    With ``eval_tasks`` (name -> ChainTask of the same n) a ``TaskTimes``: that time (``train``) and,
+    along the same training flow, the time each eval task's reward reaches ``level`` (``eval[name]``).
 
     Builds ``FlowParams(task, model, theta0, t1=t1, reward_threshold=level, stop_at="threshold",
     **flow_kwargs)`` (model default ``ModelSpec()``, theta0 default (0.3, 0, 0)) and integrates it in
@@ -784,7 +855,7 @@ def learning_time(
     """
     if not isinstance(task, ChainTask):
         raise ValueError(f"task must be a gradflow.ChainTask, got {type(task).__name__}")
-    return learning_times([task], model, theta0, level, t1, **flow_kwargs)[0]
+    return learning_times([task], model, theta0, level, t1, eval_tasks, **flow_kwargs)[0]
 
 
 @dataclass(frozen=True)

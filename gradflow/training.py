@@ -34,7 +34,8 @@ import optax
 from gradflow import objective, readouts
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow._deprecated import module_getattr, renamed_keyword
-from gradflow.flow import FlowParams, Trajectory
+from gradflow.compile_cache import compiled
+from gradflow.flow import FlowParams, Trajectory, stack_configs
 from gradflow.model import ModelSpec, Theta
 from gradflow.sampling import full_attention, orbit_statistics, resolve_max_len, rollouts, surrogate
 from gradflow.task import ChainTask
@@ -48,12 +49,14 @@ __all__ = [
     "TrainConfig",
     "TrainingTrajectory",
     "gradient_descent",
+    "gradient_descent_many",
     "train",
     "readouts_at",
     "reward_function",
     "OPTIMIZERS",
     "COORDS",
     "RECORDED",
+    "EVAL_RECORDED",
 ]
 
 
@@ -145,6 +148,15 @@ RECORDED = (
 )  # TrainingTrajectory's
 
 
+EVAL_RECORDED = (
+    "reward",
+    "greedy_accuracy",
+    "greedy_conditional_accuracy",
+    "greedy_reach_rate",
+    "greedy_traversal_accuracy",
+)  # recorded on every eval task: the authors' read-outs (reward, greedy accuracy given a terminal, reach, traversal)
+
+
 def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """The read-outs ``RECORDED`` of ``gradflow.readouts`` at one theta (P,), capped when ``model.max_len`` is set.
 
@@ -174,6 +186,8 @@ class TrainingTrajectory(Trajectory):
     five numbers (coords="full" in sampled training: the orbit means of A) and every exact field is
     evaluated there, on ``config.task``, capped when ``config.model.max_len`` is set.  events: first
     recorded time the exact reward reaches the config's reward_threshold / 1 - convergence_loss.
+    eval_readouts: name -> {read-out: (T,)} of ``EVAL_RECORDED`` on each of ``config.eval_tasks``
+    (eval_reward[name] is its "reward").  ``save``/``load`` as a flow ``Trajectory`` (npz + JSON).
     """
 
     sampled_reward: np.ndarray | None = None
@@ -188,6 +202,7 @@ class TrainingTrajectory(Trajectory):
     greedy_tie_rate: np.ndarray | None = None
     greedy_correct: np.ndarray | None = None
     greedy_reached: np.ndarray | None = None
+    eval_readouts: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     ARRAYS = Trajectory.ARRAYS + ("sampled_reward", "theta_std") + tuple(n for n in RECORDED if n not in Trajectory.ARRAYS)
 
@@ -202,6 +217,22 @@ class TrainingTrajectory(Trajectory):
             raise ValueError(f"level must lie in (0, 1), got {level}")
         return _first_time(self.ts, self.reward, level)
 
+    def _extra_arrays(self) -> dict[str, np.ndarray]:
+        return {f"eval/{name}/{k}": np.asarray(v) for name, values in self.eval_readouts.items() for k, v in values.items()}
+
+    @classmethod
+    def _extra_fields(cls, data, eval_names) -> dict:
+        found = {name: {} for name in eval_names}
+        for key in data.files:
+            if key.startswith("eval/"):
+                name, _, readout = key.removeprefix("eval/").rpartition("/")
+                found.setdefault(name, {})[readout] = data[key]
+        return {"eval_readouts": found}
+
+    @classmethod
+    def _n_saves(cls, config: FlowParams, arrays: dict) -> int:
+        return int(np.shape(arrays["ts"])[0])  # steps + 1, whatever the config's save times
+
 
 def _first_time(ts: np.ndarray, reward: np.ndarray, level: float) -> float | None:
     """First recorded t with reward >= level (no interpolation: a step time), None if never."""
@@ -210,20 +241,36 @@ def _first_time(ts: np.ndarray, reward: np.ndarray, level: float) -> float | Non
 
 
 def _make_trajectory(flow_params: FlowParams, lr, record: dict, stats: dict) -> TrainingTrajectory:
-    record = {k: np.asarray(v) for k, v in jax.device_get(record).items()}
-    ts = np.asarray(flow_params.t0 + lr * np.arange(record["theta"].shape[0]))
+    record = jax.device_get(record)
+    evals = {name: {k: np.asarray(v) for k, v in values.items()} for name, values in record.pop("eval").items()}
+    record = {k: np.asarray(v) for k, v in record.items()}
+    ts = np.asarray(float(flow_params.t0) + float(lr) * np.arange(record["theta"].shape[0]))
     events = {
         "reward_threshold": _first_time(ts, record["reward"], float(flow_params.reward_threshold)),
         "converged": _first_time(ts, record["reward"], 1.0 - float(flow_params.convergence_loss)),
     }
-    return TrainingTrajectory(config=flow_params, ts=ts, events=events, stats=stats, **record)
+    eval_reward = {name: values["reward"] for name, values in evals.items()}
+    return TrainingTrajectory(
+        config=flow_params, ts=ts, events=events, stats=stats, eval_reward=eval_reward, eval_readouts=evals, **record
+    )
+
+
+def _readouts_along(flow_params: FlowParams, thetas: jnp.ndarray) -> dict:
+    """``readouts_at`` at every recorded theta, and ``EVAL_RECORDED`` on every eval task (under "eval")."""
+    task, model = flow_params.task, flow_params.model
+    record = jax.vmap(lambda x: readouts_at(task, model, x))(thetas)
+    evals = {
+        name: jax.vmap(lambda x, t=eval_task: readouts.read(EVAL_RECORDED, x, t, model))(thetas)
+        for name, eval_task in flow_params.eval_tasks.items()
+    }
+    return record | {"eval": evals}
 
 
 @eqx.filter_jit
-def _metrics_along(task: ChainTask, model: ModelSpec, thetas: jnp.ndarray) -> dict:
-    """``readouts_at`` at every recorded theta; compiled apart from the training scan, so runs that
-    differ only in optimizer, steps' values or coords share it."""
-    return jax.vmap(lambda x: readouts_at(task, model, x))(thetas)
+def _metrics_along(flow_params: FlowParams, thetas: jnp.ndarray) -> dict:
+    """``_readouts_along``, compiled apart from the training scan, so runs that differ only in optimizer,
+    steps' values or coords share it."""
+    return _readouts_along(flow_params, thetas)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,8 +284,8 @@ def exact_gradient(flow_params: FlowParams, t, theta: jnp.ndarray, coords: str =
     return flow_params.vector_field(t, theta, coords=coords)
 
 
-@eqx.filter_jit
-def _gradient_descent(flow_params, lr, steps: int, optimizer, coords: str):
+def _descent(flow_params, lr, steps: int, optimizer, coords: str) -> dict:
+    """The exact-gradient scan: theta_0 .. theta_steps (traceable; vmapped by ``gradient_descent_many``)."""
     opt = _make_optimizer(optimizer, lr)
 
     def step(carry, k):
@@ -251,6 +298,9 @@ def _gradient_descent(flow_params, lr, steps: int, optimizer, coords: str):
     (final, _), thetas = jax.lax.scan(step, (theta0, opt.init(theta0)), jnp.arange(steps))
     thetas = jnp.concatenate([thetas, final[None]])
     return {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)}
+
+
+_gradient_descent = eqx.filter_jit(_descent)
 
 
 def _config(config, **given) -> TrainConfig:
@@ -283,13 +333,13 @@ def gradient_descent(
     name; coords: "reduced" or "full" (default: ``flow_params.coords``).  Settings may come from
     ``config`` (a TrainConfig; explicit arguments win).  One scan over the steps, compiled once per
     structure; the record has steps + 1 points (theta_0 .. theta_steps), with every read-out of
-    ``readouts_at``.
+    ``readouts_at`` and ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.
     """
     cfg = _config(config, lr=lr, steps=steps, optimizer=optimizer, coords=coords)
     coords = cfg.coords or flow_params.coords
     start = time.perf_counter()
     record = _gradient_descent(flow_params, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.optimizer, coords)
-    record = record | _metrics_along(flow_params.task, flow_params.model, record["theta"])
+    record = record | _metrics_along(flow_params, record["theta"])
     stats = {
         "seconds": time.perf_counter() - start,
         "lr": float(cfg.lr),
@@ -299,6 +349,66 @@ def gradient_descent(
         "max_len": flow_params.model.max_len,
     }
     return _make_trajectory(flow_params, cfg.lr, record, stats)
+
+
+def gradient_descent_many(
+    configs,
+    lrs=None,
+    steps: int | None = None,
+    optimizer=None,
+    coords: str | None = None,
+    *,
+    config: TrainConfig | None = None,
+) -> list[TrainingTrajectory]:
+    """``gradient_descent`` of many configs and learning rates in one vmapped compilation.
+
+    configs: FlowParams of one structure (``flow.stack_configs``: same n, model kind, eval task names,
+    ...; theta0, task probabilities, tau, schedule numbers may differ).  lrs: one rate for every config
+    or one per config (default: ``config.lr``).  optimizer: an optax name (the same for all; default
+    "sgd"), coords as in ``gradient_descent``.  Returns one ``TrainingTrajectory`` per config, equal to
+    ``gradient_descent(configs[i], lrs[i], ...)`` to round-off; a grid over n needs one call per n.
+    """
+    configs = list(configs)
+    if not configs:
+        raise ValueError("configs must hold at least one FlowParams")
+    rates = np.asarray(config.lr if lrs is None and config is not None else lrs, dtype=float)
+    if rates.ndim > 1 or (rates.ndim == 1 and rates.shape[0] != len(configs)):
+        raise ValueError(f"lrs must be one number or one per config ({len(configs)}), got shape {rates.shape}")
+    rates = np.broadcast_to(rates, (len(configs),))
+    for rate in rates:
+        check_positive("lrs entry", float(rate))
+    cfg = _config(config, lr=float(rates[0]), steps=steps, optimizer=optimizer, coords=coords)
+    if not isinstance(cfg.optimizer, str):
+        raise ValueError(f"gradient_descent_many needs an optax optimizer name (one compilation), got {cfg.optimizer!r}")
+    coords = cfg.coords or configs[0].coords
+    batch = stack_configs(configs)
+
+    def run(batch, rates):
+        def one(flow_params, lr):
+            record = _descent(flow_params, lr, cfg.steps, cfg.optimizer, coords)
+            return record | _readouts_along(flow_params, record["theta"])
+
+        return jax.vmap(one)(batch, rates)
+
+    start = time.perf_counter()
+    args = (batch, jnp.asarray(rates))
+    executable, compile_s = compiled("gradient_descent_many", run, args, (cfg.steps, cfg.optimizer, coords))
+    out = jax.device_get(executable(*args))
+    seconds = time.perf_counter() - start
+    trajectories = []
+    for i, (flow_params, rate) in enumerate(zip(configs, rates)):
+        stats = {
+            "seconds": seconds,
+            "compile_seconds": compile_s,
+            "batch": len(configs),
+            "lr": float(rate),
+            "steps": cfg.steps,
+            "optimizer": cfg.optimizer,
+            "coords": coords,
+            "max_len": flow_params.model.max_len,
+        }
+        trajectories.append(_make_trajectory(flow_params, rate, jax.tree_util.tree_map(lambda v, i=i: v[i], out), stats))
+    return trajectories
 
 
 def _optimizer_name(optimizer) -> str:
@@ -357,7 +467,8 @@ def train(
     model's ``max_len`` if set, else 50 n; ``sampling.resolve_max_len``).  Settings may come from
     ``config`` (a TrainConfig; explicit arguments win); ``params=`` is the deprecated name of ``coords=``.
     One scan over steps, compiled once; the record has steps + 1 points (the last batch is drawn at
-    the final parameters and not applied); the exact read-outs are those of ``readouts_at``.
+    the final parameters and not applied); the exact read-outs are those of ``readouts_at``, and
+    ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.
     """
     if params is not None:
         check_choice("params", params, COORDS)
@@ -374,7 +485,7 @@ def train(
         params0 = full_attention(flow_params.theta0, flow_params.vocabulary_size)
     start = time.perf_counter()
     record = _train(flow_params, params0, key, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.batch, cap, cfg.optimizer, kind)
-    record = record | _metrics_along(flow_params.task, flow_params.model, record["theta"])
+    record = record | _metrics_along(flow_params, record["theta"])
     stats = {
         "seconds": time.perf_counter() - start,
         "lr": float(cfg.lr),

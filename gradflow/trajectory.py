@@ -138,6 +138,7 @@ class Trajectory:
         npz, sidecar = path.with_suffix(".npz"), path.with_suffix(".json")
         arrays = {k: np.asarray(getattr(self, k)) for k in self.ARRAYS}
         arrays.update({f"eval_reward/{name}": np.asarray(v) for name, v in self.eval_reward.items()})
+        arrays.update(self._extra_arrays())
         meta = {
             "config": self.config.to_dict(),
             "events": self.events,
@@ -172,20 +173,35 @@ class Trajectory:
                     raise ValueError(f"{path.with_suffix('.npz')}: missing array(s) {missing}")
                 arrays = {k: data[k] for k in cls.ARRAYS}
                 eval_reward = {name: data[f"eval_reward/{name}"] for name in eval_names}
+                extra = cls._extra_fields(data, eval_names)
         except (OSError, EOFError) as error:
             raise ValueError(f"{path.with_suffix('.npz')}: cannot be read ({error})") from None
         except Exception as error:  # noqa: BLE001  (a truncated zip raises zipfile.BadZipFile and others)
             if isinstance(error, ValueError):
                 raise
             raise ValueError(f"{path.with_suffix('.npz')}: cannot be read ({type(error).__name__}: {error})") from None
-        _check_shapes(config, arrays, eval_reward, path)
+        _check_shapes(config, cls._n_saves(config, arrays), arrays, eval_reward, path)
         events = {k: (None if v is None else float(v)) for k, v in meta["events"].items()}
-        return cls(config=config, events=events, stats=meta["stats"], eval_reward=eval_reward, **arrays)
+        return cls(config=config, events=events, stats=meta["stats"], eval_reward=eval_reward, **arrays, **extra)
+
+    def _extra_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays a subclass saves beyond ``ARRAYS`` and ``eval_reward`` (npz key -> array)."""
+        return {}
+
+    @classmethod
+    def _extra_fields(cls, data, eval_names) -> dict:
+        """The subclass fields read back from the npz ``data`` (the inverse of ``_extra_arrays``)."""
+        return {}
+
+    @classmethod
+    def _n_saves(cls, config: FlowParams, arrays: dict) -> int:
+        """How many records the arrays must hold: the config's number of saves."""
+        return config.n_saves()
 
 
-def _check_shapes(config: FlowParams, arrays: dict, eval_reward: dict, path) -> None:
-    """Every array must have the sidecar config's number of saves and n."""
-    saves, width = config.n_saves(), config.task.n - 1
+def _check_shapes(config: FlowParams, saves: int, arrays: dict, eval_reward: dict, path) -> None:
+    """Every array must have ``saves`` records and the sidecar config's n."""
+    width = config.task.n - 1
     expected = {
         "ts": (saves,),
         "theta": (saves, Theta.size()),

@@ -117,6 +117,9 @@ def no_solve(monkeypatch):
     monkeypatch.setattr(gf.flow, "simulate", forbidden)
     monkeypatch.setattr(gf.flow, "simulate_many", forbidden)
     monkeypatch.setattr(gf.sweep, "simulate_many", forbidden)
+    monkeypatch.setattr(gf.training, "gradient_descent", forbidden)
+    monkeypatch.setattr(gf.training, "train", forbidden)
+    monkeypatch.setattr(gf.design, "optimal_mixture", forbidden)
 
 
 def _bad_files(tmp_path):
@@ -167,6 +170,28 @@ BAD = [
     (["sweep", "{good}", "--out", "{file}2", "--batch-size", "0"], ("--batch-size",)),
     (["sweep", "{good}", "--out", "{file}2", "--executor", "pbs"], ("--executor",)),
     (["sweep", "{good}", "--out", "{file}2", "--array-size", "2"], ("--executor",)),
+    (["run", "--max-len", "0"], ("max_len",)),
+    (["run", "--max-len", "x"], ("--max-len", "invalid int")),
+    (["simulate", "--out", "x", "--eval", "hardest"], ("--eval", "NAME=TASK")),
+    (["simulate", "--out", "x", "--eval", "a/b=hardest"], ("--eval", "NAME=TASK")),
+    (["check", "--eval", "h=nonsense"], ("--eval", "k_hardest:<k>")),
+    (["check", "--eval", "h=k_hardest:9"], ("--eval", "k must")),
+    (["check", "--eval", "h=hardest", "--eval", "h=uniform"], ("--eval", "twice")),
+    (["train", "--lr", "0"], ("lr",)),
+    (["train", "--steps", "0"], ("steps",)),
+    (["train", "--optimizer", "nosuch"], ("optimizer", "optax")),
+    (["train", "--coords", "diagonal"], ("--coords",)),
+    (["train", "--batch", "4"], ("--sampled",)),
+    (["train", "--seed", "1"], ("--sampled",)),
+    (["train", "--sampled", "--batch", "1"], ("batch",)),
+    (["train", "--sampled", "--seed", "-1"], ("--seed",)),
+    (["train", "--max-len", "-3"], ("max_len",)),
+    (["train", "--eval", "x=d9", "--n", "5"], ("--eval", "d must")),
+    (["train", "--out", "{file}/x"], ("--out",)),
+    (["sweep", "{good}", "--out", "{file}2", "--max-len", "0"], ("--max-len",)),
+    (["sweep", "{good}", "--out", "{file}2", "--eval", "hardest"], ("--eval", "NAME=TASK")),
+    (["design", "--max-len", "0"], ("max_len",)),
+    (["design", "--mean-easy-mass", "0.1", "--max-mean-easy-mass", "0.2"], ("contradicts", "--max-mean-easy-mass")),
     (["figures", "no_such_figure"], ("unknown figure", "emergence")),
     (["figures"], ("--all",)),
     (["figures", "emergence", "--out", "{file}"], ("--out",)),
@@ -430,3 +455,100 @@ def test_theta0_takes_one_to_five_numbers_the_rest_zero():
     np.testing.assert_array_equal(cli._flow_from_args(args).theta0.as_array(), [0.01, 0.0, 0.0, 0.0, 0.0])
     args = cli.build_parser().parse_args(["simulate", "--out", "x", "--theta0", "0.3", "-0.1", "0.2", "1", "2"])
     np.testing.assert_array_equal(cli._flow_from_args(args).theta0.as_array(), [0.3, -0.1, 0.2, 1.0, 2.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors' setting: --max-len, --eval, train, examples in --help, design's renamed flag
+# --------------------------------------------------------------------------------------------------
+
+
+def _subcommands():
+    return cli.build_parser()._subparsers._group_actions[0].choices
+
+
+def test_every_help_shows_an_example():
+    for name, parser in _subcommands().items():
+        assert f"example:\n  gradflow {name}" in parser.format_help(), name
+
+
+def test_max_len_allow_self_and_eval_reach_the_config():
+    args = cli.build_parser().parse_args(
+        [
+            "simulate",
+            "--out",
+            "x",
+            "--n",
+            "5",
+            "--allow-self",
+            "--max-len",
+            "6",
+            "--eval",
+            "hard=hardest",
+            "--eval",
+            "k=k_hardest:2",
+        ]
+    )
+    params = cli._flow_from_args(args)
+    assert params.model.max_len == 6 and not params.model.mask_self
+    assert sorted(params.eval_tasks) == ["hard", "k"]
+    np.testing.assert_array_equal(params.eval_tasks["k"].start_probs, [0.0, 0.0, 0.5, 0.5])
+    for name in ("run", "check", "train", "design", "sweep"):
+        flags = {flag for action in _subcommands()[name]._actions for flag in action.option_strings}
+        assert "--max-len" in flags, name
+        assert name == "design" or "--eval" in flags, name
+
+
+def test_simulate_prints_and_saves_eval_tasks(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert cli.main(["simulate", *SMALL, "--eval", "hard=hardest", "--out", str(out)]) == 0
+    assert "eval hard: reward =" in capsys.readouterr().out
+    trajectory = gf.Trajectory.load(out.with_suffix(".npz"))
+    assert sorted(trajectory.eval_reward) == ["hard"] and trajectory.eval_reward["hard"].shape == trajectory.reward.shape
+    assert cli.main(["check", "--run", str(out.with_suffix(".npz"))]) == 0
+    assert "eval hard learned" in capsys.readouterr().out
+
+
+def test_train_the_authors_run(tmp_path, capsys):
+    """The authors' simple-examples run, as the issue spells it (plus an eval task and an output path)."""
+    out = tmp_path / "authors"
+    argv = "train --n 5 --dist k_hardest --k 4 --allow-self --max-len 6 --optimizer adam --lr 0.01 --steps 300 --theta0 0"
+    assert cli.main([*argv.split(), "--eval", "hard=hardest", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "exact gradient, adam" in text and "acc|terminal" in text and "max_len = 6" in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:2] in (["300", "train"], ["300", "hard"])]
+    assert len(rows) == 2 and float(rows[0][2]) > 0.98 and float(rows[1][2]) > 0.95
+    result = gf.training.TrainingTrajectory.load(out.with_suffix(".npz"))
+    assert result.theta.shape == (301, 5) and result.config.model.max_len == 6
+    assert set(result.eval_readouts["hard"]) == set(gf.training.EVAL_RECORDED)
+
+
+def test_train_sampled(tmp_path, capsys):
+    out = tmp_path / "sampled"
+    argv = ["train", "--sampled", "--n", "4", "--steps", "3", "--batch", "4", "--seed", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "sampled REINFORCE, batch 4" in capsys.readouterr().out
+    assert gf.training.TrainingTrajectory.load(out.with_suffix(".npz")).stats["batch"] == 4
+
+
+def test_sweep_applies_max_len_and_eval_to_every_config(tmp_path, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(
+        gf.sweep, "run_sweep", lambda path, out, **kwargs: seen.setdefault("configs", gf.sweep.read_configs(path))
+    )
+    configs = [gf.FlowParams(gf.ChainTask.uniform(n)) for n in (3, 4)]
+    path = gf.sweep.write_configs(configs, tmp_path / "c.json")
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "out"), "--max-len", "9", "--eval", "h=hardest"]) == 0
+    assert [c.model.max_len for c in seen["configs"]] == [9, 9]
+    assert [c.eval_tasks["h"].n for c in seen["configs"]] == [3, 4]
+
+
+def test_design_old_mass_flag_is_a_deprecated_alias(capsys):
+    args = cli.build_parser().parse_args(["design", "--mean-easy-mass", "0.1"])
+    value, notice = cli._renamed_flag(args, "mean_easy_mass", "max_mean_easy_mass")
+    assert value == 0.1 and notice.startswith("gradflow design: gradflow design --mean-easy-mass is deprecated")
+    assert notice.endswith("use gradflow design --max-mean-easy-mass")
+    assert "gradflow design --mean-easy-mass" in {alias.old for alias in gf._deprecated.ALIASES}
+    args = cli.build_parser().parse_args(["design", "--max-mean-easy-mass", "0.2"])
+    assert cli._renamed_flag(args, "mean_easy_mass", "max_mean_easy_mass") == (0.2, None)
+    helps = {action.dest: action.help for action in _subcommands()["design"]._actions}
+    assert "cap" not in helps["max_mean_easy_mass"] and "rollout cap" in helps["max_len"]  # "cap": the rollout cap only

@@ -161,6 +161,7 @@ def test_cli_design_prints_and_writes_json(tmp_path, capsys):
         ["--budget", "-1"],
         ["--target", "d9"],
         ["--mean-easy-mass", "2"],
+        ["--max-mean-easy-mass", "2"],
         ["--schedule", "spline:1"],
         ["--tau", "0"],
         ["--curriculum", "0"],

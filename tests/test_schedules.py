@@ -131,3 +131,10 @@ def test_validation_names_the_field():
         S.from_dict({"probs": [1.0]})
     with pytest.raises(ValueError, match="unknown"):
         S.from_dict({"kind": "constant", "probs": [1.0], "extra": 1})
+
+
+def test_named_distribution_k_hardest():
+    np.testing.assert_array_equal(S.named_distribution("k_hardest:2", 5), [0.0, 0.0, 0.5, 0.5])
+    np.testing.assert_array_equal(S.named_distribution("k_hardest:4", 5), np.full(4, 0.25))
+    with pytest.raises(ValueError, match="k must lie in 1..4"):
+        S.named_distribution("k_hardest:5", 5)

@@ -595,3 +595,18 @@ def test_learning_time_of_a_step_schedule_matches_the_flow_event():
     event = hitting_times([config])[0]
     assert t is not None and t > 5.0
     assert abs(t / event - 1) < 1e-6, f"learning_time {t} vs the flow's event {event}"
+
+
+def test_eval_tasks_learning_times_and_phases_agree():
+    """When the hardest start is learned while training on a mixture: learning_time and phases give one time."""
+    n, train = 5, ChainTask.mixture(5, 0.3)
+    evals = {"same": train, "hard": ChainTask.hardest(n)}
+    times = theory.learning_time(train, eval_tasks=evals)
+    assert isinstance(times, theory.TaskTimes) and times.train == pytest.approx(theory.learning_time(train), rel=1e-9)
+    assert times.eval["same"] == pytest.approx(times.train, rel=1e-9) and times.eval["hard"] > times.train
+    trajectory = gf.simulate(FlowParams(train, t1=20.0, eval_tasks={"hard": evals["hard"]}))
+    report = theory.phases(trajectory, eval_tasks={"uni": ChainTask.uniform(n)})
+    assert report.eval_times["hard"] == pytest.approx(times.eval["hard"], rel=1e-6)
+    assert set(report.eval_times) == {"hard", "uni"} and "eval hard learned" in str(report)
+    with pytest.raises(ValueError, match="n = 4"):
+        theory.learning_time(train, eval_tasks={"short": ChainTask.hardest(4)})

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import gradflow as gf
-from gradflow import capped, greedy, sampling, training
+from gradflow import capped, compile_cache, greedy, readouts, sampling, training
 from gradflow.flow import FlowParams
 from gradflow.training import TrainConfig
 
@@ -139,3 +139,44 @@ def test_horizon_figure_claims(tmp_path):
 def test_authors_setting_figure_claims(tmp_path):
     data = run_figure("authors_setting", tmp_path)
     assert data["claim"]["holds"], data["claim"]
+
+
+def test_eval_tasks_recorded_at_every_step_and_saved(tmp_path):
+    evals = {"hard": gf.ChainTask.hardest(5), "uni": gf.ChainTask.uniform(5)}
+    params = gf.FlowParams(gf.ChainTask.k_hardest(5, 2), gf.ModelSpec(max_len=8), eval_tasks=evals)
+    result = training.gradient_descent(params, 0.05, 20, "adam")
+    for name, task in evals.items():
+        assert set(result.eval_readouts[name]) == set(training.EVAL_RECORDED)
+        expected = readouts.read(training.EVAL_RECORDED, result.theta[7], task, params.model)
+        for key, value in expected.items():
+            np.testing.assert_allclose(result.eval_readouts[name][key][7], value, rtol=1e-12, equal_nan=True)
+        np.testing.assert_array_equal(result.eval_reward[name], result.eval_readouts[name]["reward"])
+    back = training.TrainingTrajectory.load(result.save(tmp_path / "run"))
+    np.testing.assert_array_equal(back.theta, result.theta)
+    reach = back.eval_readouts["hard"]["greedy_reach_rate"]
+    np.testing.assert_array_equal(reach, result.eval_readouts["hard"]["greedy_reach_rate"])
+    assert back.stats["optimizer"] == "adam" and back.config.model.max_len == 8
+
+
+def test_gradient_descent_many_is_one_compilation_and_equals_one_by_one(tmp_path):
+    evals = {"hard": gf.ChainTask.hardest(4)}
+    configs = [
+        gf.FlowParams(gf.ChainTask.mixture(4, c), theta0=gf.Theta(a, 0.0, 0.0), eval_tasks=evals)
+        for c, a in ((0.1, 0.0), (0.3, 0.2), (0.5, 0.1))
+    ]
+    lrs = [0.05, 0.1, 0.02]
+    before = compile_cache.compilation_count()
+    many = training.gradient_descent_many(configs, lrs=lrs, steps=15, optimizer="adam")
+    assert compile_cache.compilation_count() == before + 1
+    for params, lr, result in zip(configs, lrs, many):
+        one = training.gradient_descent(params, lr, 15, "adam")
+        np.testing.assert_allclose(result.ts, one.ts, rtol=1e-15)
+        np.testing.assert_allclose(result.theta, one.theta, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(result.reward, one.reward, rtol=1e-12)
+        np.testing.assert_allclose(result.eval_reward["hard"], one.eval_reward["hard"], rtol=1e-12)
+    back = training.TrainingTrajectory.load(many[1].save(tmp_path / "b"))
+    np.testing.assert_array_equal(back.reward, many[1].reward)
+    with pytest.raises(ValueError, match="one per config"):
+        training.gradient_descent_many(configs, lrs=[0.1, 0.2], steps=3)
+    with pytest.raises(ValueError, match="lrs entry"):
+        training.gradient_descent_many(configs, lrs=-0.1, steps=3)
