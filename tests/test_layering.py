@@ -5,6 +5,7 @@ reaches into another gradflow module's private names.  Pure text (ast), no JAX.
 """
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -15,15 +16,17 @@ PACKAGE = ROOT / "gradflow"
 LAYERING_LINE = re.compile(r"^Layering \(.*\):\s*(.*)$")
 
 
+@functools.cache
 def readme_layers() -> list[str]:
     """The module order stated in README.md's layering line (backticked names, left to right)."""
     for line in (ROOT / "README.md").read_text().splitlines():
         match = LAYERING_LINE.match(line)
         if match:
-            return re.findall(r"`([\w.]+)`", match.group(1))
+            return list(re.findall(r"`([\w.]+)`", match.group(1)))
     raise AssertionError("README.md has no 'Layering (...):' line")
 
 
+@functools.cache
 def modules() -> dict[str, ast.Module]:
     return {path.stem: ast.parse(path.read_text()) for path in sorted(PACKAGE.glob("*.py")) if path.stem != "__init__"}
 
