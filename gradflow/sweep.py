@@ -340,14 +340,50 @@ def _array_task(config_path: str, out_dir: str, index: int, count: int, batch_si
     return [str(p) for p in paths]
 
 
+# what submitit's LocalExecutor reads from update_parameters (it ignores any other name silently)
+LOCAL_EXECUTOR_PARAMS = ("timeout_min", "gpus_per_node", "visible_gpus", "tasks_per_node", "nodes", "signal_delay_s", "setup")
+# submitit's AutoExecutor's generic names (``slurm_<name>`` for Slurm's own, e.g. slurm_partition)
+GENERIC_EXECUTOR_PARAMS = ("timeout_min", "name", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "mem_gb")
+
+
+def executor_param_names(kind: str) -> tuple[str, ...]:
+    """The parameter names an executor of ``kind`` ("local" or "slurm") accepts, sorted.
+
+    "local": ``LOCAL_EXECUTOR_PARAMS``; "slurm": ``GENERIC_EXECUTOR_PARAMS`` plus ``slurm_<name>``
+    for every parameter of submitit's SlurmExecutor (read from submitit when it is installed).
+    """
+    if kind not in EXECUTORS:
+        raise ValueError(f"executor must be one of {list(EXECUTORS)} or a submitit.Executor, got {kind!r}")
+    if kind == "local":
+        return tuple(sorted(LOCAL_EXECUTOR_PARAMS))
+    try:
+        import submitit
+
+        slurm = submitit.SlurmExecutor._valid_parameters()
+    except (ImportError, AttributeError):
+        slurm = ()
+    return tuple(sorted(set(GENERIC_EXECUTOR_PARAMS) | {f"slurm_{name}" for name in slurm}))
+
+
+def check_executor_params(kind: str, params: dict) -> None:
+    """ValueError naming a parameter that an executor of ``kind`` does not accept (``executor_param_names``)."""
+    known = executor_param_names(kind)
+    for name in params:
+        if name not in known:
+            raise ValueError(f"executor parameter {name!r} is not one the {kind} executor accepts: {', '.join(known)}")
+
+
 def make_executor(kind: str, folder: str | Path, **params):
     """A submitit executor: ``kind`` "local" (subprocesses on this machine) or "slurm".
 
     ``params`` go to ``executor.update_parameters`` (e.g. ``timeout_min``, ``slurm_partition``,
     ``cpus_per_task``, ``gpus_per_node``, ``mem_gb``); the local executor's default timeout is raised
-    from submitit's 2 minutes to 24 hours.
+    from submitit's 2 minutes to 24 hours.  A parameter name the executor does not accept raises
+    ValueError naming it (``check_executor_params``; submitit's local executor would ignore it).
     """
     import submitit
+
+    check_executor_params(kind, params)
 
     if kind == "local":
         executor = submitit.LocalExecutor(folder=folder)
