@@ -1,7 +1,7 @@
 """The reward ceiling: the supremum of the expected reward J over theta for one task and model.
 
 Linear attention without a cap reaches 1 in the limit of forward traversal; a cap (``model.max_len``)
-and softmax attention (every logit at most 1/tau) each keep the supremum below 1 (docs/THEORY.md).
+and softmax attention (every logit at most 1/tau) each keep the supremum below 1 (docs/THEORY.md §13).
 ``reward_ceiling`` says the value and how it was found, ``max_reward`` is the value,
 ``closed_form_ceiling`` is the value only where it is a closed form (cheap, cached: what a solve checks
 before it runs), and ``reward_ceiling_warning`` is the one-line warning for a reward level above it.
