@@ -34,9 +34,9 @@ def counted(monkeypatch):
     calls = []
     real = sweep.simulate_many
 
-    def counting(configs, progress=False, devices=None):
+    def counting(configs, progress=False, devices=None, on_error="raise"):
         calls.append(len(configs))
-        return real(configs, progress=progress, devices=devices)
+        return real(configs, progress=progress, devices=devices, on_error=on_error)
 
     monkeypatch.setattr(sweep, "simulate_many", counting)
     return calls
