@@ -40,7 +40,7 @@ from gradflow._deprecated import deprecated_int_task, module_getattr
 from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import compiled
-from gradflow.config import FlowParams
+from gradflow.config import FlowParams, config_label
 from gradflow.flow import stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate, level_event
 from gradflow.model import ModelSpec, Theta, default_theta0, step_probabilities
@@ -551,6 +551,11 @@ def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[Flow
 
 def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> float | None:
     level = float(params.reward_threshold)
+    if not math.isfinite(float(reward)):
+        raise RuntimeError(
+            f"learning_time: {config_label(params)}: the reward J is not finite ({float(reward)}) where the solve "
+            f"stopped, t = {float(t_stop):.6g} after {int(num_steps)} steps: the closed form cannot be evaluated there"
+        )
     if bool(fired):
         return float(t_stop)
     if int(num_steps) >= params.max_steps:

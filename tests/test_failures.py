@@ -263,3 +263,9 @@ def test_expected_loss_with_a_cap_is_the_capped_loss():
     theta, task, model = gf.Theta(4.0, -2.0, -3.0), gf.ChainTask.uniform(4), gf.ModelSpec(max_len=8)
     loss = float(gf.expected_loss(theta, task, model))
     assert loss == float(gf.capped.expected_loss(theta, task, model)) and 0.0 < loss < 1e-3
+
+
+def test_learning_time_raises_at_a_nan_reward():
+    _nan_today()
+    with pytest.raises(RuntimeError, match=r"learning_time: config [0-9a-f]{16} \(n = 8.*reward J is not finite"):
+        theory.learning_time(gf.ChainTask.uniform(8), SELF_LOOPS, NAN_THETA, t1=10.0, max_steps=50)
