@@ -45,6 +45,7 @@ _EXPORTS = {
     "Numerics": "gradflow.flow",
     "Recording": "gradflow.flow",
     "Solution": "gradflow.flow",
+    "SolveFailure": "gradflow.flow",
     "solve": "gradflow.flow",
     "solve_many": "gradflow.flow",
 }
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         Problem,
         Recording,
         Solution,
+        SolveFailure,
         Trajectory,
         simulate,
         simulate_many,

@@ -50,6 +50,7 @@ EXAMPLES = {  # shown at the end of each command's --help
     "info": "gradflow info",
     "design": "gradflow design --n 8 --budget 2.5 --curriculum 4 --families step --max-mean-easy-mass 0.1",
 }
+SIMULATE_NAME = "run"  # gradflow simulate --out FOLDER writes FOLDER/run.npz and run.json
 
 
 class InputError(ValueError):
@@ -344,7 +345,8 @@ def cmd_simulate(args) -> int:
     """Run any config and save it (npz + JSON sidecar)."""
     with _input_stage():
         params = _flow_from_args(args)
-        out = _writable_files(args.out, "--out", (".npz", ".json"))
+        out = Path(args.out) / SIMULATE_NAME if Path(args.out).is_dir() else args.out
+        out = _writable_files(out, "--out", (".npz", ".json"))
     trajectory = flow.simulate(params, progress=not args.no_progress)
     print(report(trajectory))
     print(f"saved {trajectory.save(out)}")
@@ -523,6 +525,11 @@ def cmd_sweep(args) -> int:
             if args.array_size is not None and args.array_size < 1:
                 raise ValueError(f"--array-size must be >= 1, got {args.array_size}")
         params = _executor_params(args.executor_param)
+        if args.executor is not None:
+            try:
+                sweep.check_executor_params(args.executor, params)
+            except ValueError as error:
+                raise ValueError(f"--executor-param: {error}") from None
     kwargs = {}
     if args.executor is not None:
         kwargs = dict(
@@ -580,7 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = command("simulate", "simulate any config and save the trajectory")
     _add_config_arguments(simulate, choices)
-    simulate.add_argument("--out", required=True, help="output path (writes PATH.npz and PATH.json)")
+    simulate.add_argument(
+        "--out",
+        required=True,
+        help=f"output path: writes PATH.npz and PATH.json (an existing folder: PATH/{SIMULATE_NAME}.npz and .json)",
+    )
     simulate.set_defaults(func=cmd_simulate)
 
     check = command("check", "the paper's conditions and the observed phases (eval tasks' learning times too)")
@@ -629,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--executor-param",
         action="append",
         metavar="KEY=VALUE",
-        help="--executor: a submitit parameter, e.g. timeout_min=60 or slurm_partition=gpu (repeatable)",
+        help="--executor: a submitit parameter, e.g. timeout_min=60 or slurm_partition=gpu (repeatable; a name the "
+        "executor does not accept is refused, see gradflow.sweep.executor_param_names)",
     )
     sweep_cmd.add_argument("--executor-folder", default=None, help="--executor: submitit's log folder (default OUT/.submitit)")
     _add_max_len_argument(sweep_cmd)
@@ -694,7 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     design_cmd.add_argument("--restarts", type=int, default=3, help="Adam starts run together (default 3)")
     design_cmd.add_argument("--lr", type=float, default=0.1, help="Adam step size (default 0.1)")
     design_cmd.add_argument("--seed", type=int, default=0, help="seed of the random restarts (default 0)")
-    design_cmd.add_argument("--out", default=None, help="JSON result file (default design-n<N>-t<BUDGET>.json)")
+    design_cmd.add_argument(
+        "--out",
+        default=None,
+        help="JSON result file (default design-n<N>-t<BUDGET>.json; an existing folder: that name inside it)",
+    )
     design_cmd.set_defaults(func=cmd_design)
     return parser
 
@@ -710,7 +726,11 @@ def cmd_design(args) -> int:
         model = ModelSpec(tau=args.tau, mask_self=not args.allow_self, max_len=args.max_len)
         limit, notice = _renamed_flag(args, "mean_easy_mass", "max_mean_easy_mass")
         given = None if args.schedule is None else schedules.schedule_from_spec(args.schedule, args.n)
-        out = Path(args.out or f"design-n{args.n}-t{args.budget:g}.json")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
+        name = f"design-n{args.n}-t{args.budget:g}.json"
+        out = Path(args.out or name)
+        out = out / name if out.is_dir() else out
         _writable_dir(out.parent if str(out.parent) else ".", "--out")
         options = dict(steps=args.steps, restarts=args.restarts, lr=args.lr, seed=args.seed, mean_easy_mass=limit)
         theta0 = as_theta(args.theta0, "--theta0")

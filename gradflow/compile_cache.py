@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -54,7 +55,8 @@ def enable_persistent_cache() -> str | None:
     Default folder: ``$GRADFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradflow/jax``, else
     ``~/.cache/gradflow/jax``, limited to 2 GiB (least recently used entries evicted) when the
     ``filelock`` package is installed (JAX needs it for the limit), unlimited otherwise.
-    ``GRADFLOW_NO_CACHE=1`` turns it off; a folder the user already gave JAX
+    ``GRADFLOW_NO_CACHE=1`` turns it off; a folder that cannot be created (e.g. a file of that name)
+    turns it off with a warning naming the folder; a folder the user already gave JAX
     (``jax_compilation_cache_dir``) is kept.  Called by the first compiled solve, not at import.
     """
     if _PERSISTENT_CACHE["configured"]:
@@ -68,7 +70,13 @@ def enable_persistent_cache() -> str | None:
         path = os.environ.get("GRADFLOW_CACHE_DIR") or os.path.join(base, "gradflow", "jax")
         try:
             os.makedirs(path, exist_ok=True)
-        except OSError:
+        except OSError as error:
+            source = "GRADFLOW_CACHE_DIR" if os.environ.get("GRADFLOW_CACHE_DIR") else "the cache folder"
+            warnings.warn(
+                f"{source} {path!r} cannot be used for JAX's persistent compilation cache ({error.strerror or error}): "
+                "the cache is off for this process (compiled flows are not kept on disk)",
+                stacklevel=2,
+            )
             return None
         jax.config.update("jax_compilation_cache_dir", path)
         if jax.config.jax_compilation_cache_max_size in (None, -1) and _has_filelock():

@@ -9,6 +9,9 @@ once, here (``FlowParams.vector_field``).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 
 import equinox as eqx
@@ -587,3 +590,71 @@ def _model_from_dict(d) -> ModelSpec:
     if unknown:
         raise ValueError(f"model: unknown key(s) {unknown}")
     return ModelSpec(**d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A config's identity: its canonical JSON, its hash, and a one-line label for messages
+# ---------------------------------------------------------------------------------------------------
+
+# The keys of FlowParams.to_dict() in gradflow 0.1.0.  A key added later is left out of the canonical
+# JSON while it holds its default value, so the hash (the result's file name) of every config that
+# could be written before stays the same and results on disk stay valid.
+_HASHED_KEYS_0_1 = {
+    "task": {"n": None, "start_probs": None},
+    "model": {"attention": None, "tau": None, "mask_self": None, "n_isolated": None, "context": None},
+    **dict.fromkeys(
+        "theta0 t0 t1 coords n_vocab solver rtol atol save_ts max_steps reward_threshold schedule convergence_loss "
+        "stop_at".split()
+    ),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _default_dict() -> str:
+    return json.dumps(FlowParams(ChainTask.uniform(2)).to_dict())
+
+
+def _drop_new_defaults(config: dict, defaults: dict, known: dict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if key in known:
+            if isinstance(known[key], dict) and isinstance(value, dict):
+                value = _drop_new_defaults(value, defaults.get(key) or {}, known[key])
+            out[key] = value
+        elif not (key in defaults and value == defaults[key]):
+            out[key] = value
+    return out
+
+
+def canonical_json(config) -> str:
+    """The canonical JSON of a config (FlowParams or its dict): normalised, sorted keys, compact.
+
+    Normalised means passed through ``FlowParams.from_dict(...).to_dict()``; keys added to
+    ``to_dict`` after gradflow 0.1.0 are left out while they hold their default value.
+    """
+    normalised = FlowParams.from_dict(config.to_dict() if isinstance(config, FlowParams) else dict(config)).to_dict()
+    normalised = _drop_new_defaults(normalised, json.loads(_default_dict()), _HASHED_KEYS_0_1)
+    return json.dumps(normalised, sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(config) -> str:
+    """First 16 hex digits of sha256(canonical JSON of the config): the config's result file name."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+
+
+def config_label(config: FlowParams) -> str:
+    """A config named in one line for messages: its hash (``config_hash``) when it has one, then n, model and theta0.
+
+    A config with a plain-callable schedule cannot be rebuilt from JSON and so has no hash; it is named by
+    its schedule's function instead.
+    """
+    try:
+        name = f"config {config_hash(config)}"
+    except ValueError:
+        name = f"config with schedule {config.to_dict()['schedule']}"
+    model = config.model
+    theta0 = np.round(np.asarray(config.theta0.as_array(), dtype=float), 6).tolist()
+    return (
+        f"{name} (n = {config.task.n}, {model.attention} attention, tau = {float(model.tau):g}, "
+        f"mask_self = {model.mask_self}, theta0 = {theta0})"
+    )

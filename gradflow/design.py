@@ -36,7 +36,7 @@ import optax
 
 from gradflow import objective
 from gradflow import schedules as sched
-from gradflow._checks import check_choice, check_int, is_concrete
+from gradflow._checks import check_choice, check_int, check_positive, is_concrete
 from gradflow._version import versions
 from gradflow.config import FlowParams
 from gradflow.integrator import flow_clock, integrate
@@ -504,7 +504,7 @@ def optimal_mixture(
     model = ModelSpec() if model is None else model
     steps, restarts, grid = check_int("steps", steps, 0), check_int("restarts", restarts, 1), check_int("grid", grid, 2)
     check_choice("adjoint", adjoint, ADJOINTS)
-    _check_step_size(lr, tol, patience)
+    _check_search(lr, tol, patience, seed)
     cap = _check_cap(mean_easy_mass)
     base = _base_params(target, t_budget, model, theta0, solver, rtol, atol, max_steps, coords, n_vocab)
     n = target.n
@@ -551,9 +551,10 @@ def optimal_mixture(
     )
 
 
-def _check_step_size(lr, tol, patience) -> None:
-    if not float(lr) > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+def _check_search(lr, tol, patience, seed) -> None:
+    """The Adam search's settings: lr finite and > 0, tol >= 0, patience >= 1, seed an integer >= 0."""
+    check_positive("lr", lr)
+    check_int("seed", seed, 0)
     if not float(tol) >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     check_int("patience", patience, 1)
@@ -652,7 +653,7 @@ def optimal_curriculum(
     knots, steps = check_int("knots", knots, 1), check_int("steps", steps, 0)
     restarts, grid = check_int("restarts", restarts, 1), check_int("grid", grid, 2)
     check_choice("adjoint", adjoint, ADJOINTS)
-    _check_step_size(lr, tol, patience)
+    _check_search(lr, tol, patience, seed)
     families = (families,) if isinstance(families, str) else tuple(families)
     if not families:
         raise ValueError(f"families must name at least one of {list(FAMILIES)}")

@@ -19,7 +19,9 @@ cache of compiled executables, ``compilation_count``, the persistent compilation
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import diffrax
 import equinox as eqx
@@ -29,8 +31,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import readouts
-from gradflow._checks import is_concrete
+from gradflow._checks import check_choice, is_concrete
 from gradflow._dependencies import is_result, result_code, result_message
+from gradflow.ceilings import closed_form_ceiling, reward_ceiling_warning
 from gradflow.compile_cache import (
     CACHE_MAX_BYTES,
     CACHE_SIZE,
@@ -54,6 +57,8 @@ from gradflow.config import (
     Problem,
     Recording,
     as_theta,
+    config_hash,
+    config_label,
     default_theta0,
 )
 from gradflow.integrator import (
@@ -82,6 +87,7 @@ __all__ = [
     "LOCAL_MAX_STEPS",
     "METRIC_CHUNK_ELEMENTS",
     "N_DEFAULT_SAVES",
+    "ON_ERROR",
     "QUANTITIES",
     "RECORDED",
     "SOLVERS",
@@ -92,8 +98,10 @@ __all__ = [
     "Problem",
     "Recording",
     "Solution",
+    "SolveFailure",
     "Trajectory",
     "as_theta",
+    "check_levels",
     "compilation_count",
     "default_theta0",
     "enable_persistent_cache",
@@ -111,6 +119,7 @@ __all__ = [
 ]
 
 METRIC_CHUNK_ELEMENTS = 4096
+ON_ERROR = ("raise", "report")  # simulate_many: what a failed member does
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,6 +282,7 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
         raise ValueError(f"config must be a gradflow.FlowParams, got {type(config).__name__}")
     if not is_concrete(config):
         return _solve(config, progress)
+    check_levels(config)
     executable, _ = compiled("solve", lambda p: _solve(p, progress), (config,), progress)
     return executable(config)
 
@@ -283,6 +293,11 @@ def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = F
     Every field of the returned ``Solution`` has a leading axis of len(configs).  devices: None or a
     sequence of jax devices to shard the batch over (padded to a multiple of their count).
     """
+    if not isinstance(configs, FlowParams):
+        configs = list(configs)
+        for index, cfg in enumerate(configs):
+            if isinstance(cfg, FlowParams):
+                check_levels(cfg, index)
     batch = stack_configs(configs) if not isinstance(configs, FlowParams) else configs
     size = int(np.shape(batch.t0)[0])
     if devices is not None:
@@ -301,20 +316,63 @@ def _run_batch(batch: FlowParams, progress: bool, n_devices: int):
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SolveFailure:
+    """One config of a batch whose solve failed (``simulate_many(..., on_error="report")``).
+
+    index: its position in the batch; config_hash: ``gradflow.sweep.config_hash`` of it (None for a
+    config with a plain-callable schedule, which has no hash); label: the config named in one line
+    (``config_label``); reason: what went wrong (``failure_message``).
+    """
+
+    index: int
+    config_hash: str | None
+    label: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"configs[{self.index}] ({self.label}): {self.reason}"
+
+
+def _failure(index: int, params: FlowParams, reason: str) -> SolveFailure:
+    try:
+        digest = config_hash(params)
+    except ValueError:
+        digest = None
+    return SolveFailure(index, digest, config_label(params), reason)
+
+
+def _nonfinite_save(out) -> int | None:
+    """The first save (a finite time) whose reward is NaN or infinite, or None."""
+    bad = np.nonzero(np.isfinite(np.asarray(out.ts)) & ~np.isfinite(np.asarray(out.reward)))[0]
+    return int(bad[0]) if bad.size else None
+
+
 def failure_message(params: FlowParams, out) -> str | None:
-    """What went wrong in a solve (None when it succeeded): steps ran out, a NaN field, a failed root-find, ..."""
-    if bool(out.success):
-        return None
-    code = int(out.result)
-    t_stop = float(out.t_stop)
-    where = f"at t={t_stop:.6g} < t1={float(params.t1):.6g} after {int(out.num_steps)} steps"
+    """What went wrong in a solve (None when it succeeded): a NaN or infinite reward at a save or vector
+    field at the end, steps ran out, a failed root-find, ...; each names the time, the steps and theta."""
+    steps = int(out.num_steps)
+    where = f"at t={float(out.t_stop):.6g} < t1={float(params.t1):.6g} after {steps} steps"
+    k = _nonfinite_save(out)
+    if k is not None:
+        return (
+            f"the reward J is not finite ({float(out.reward[k])}) at save {k}, t={float(out.ts[k]):.6g} (the solve took "
+            f"{steps} steps), theta = {np.round(np.asarray(out.theta[k]), 6).tolist()}: the closed form cannot be evaluated there"
+        )
     if not bool(out.field_finite):
+        where = where if not bool(out.success) else f"at t={float(out.t_stop):.6g} after {steps} steps"
         return (
             f"the flow's vector field grad J is not finite (NaN or inf) {where}, theta = "
             f"{np.round(np.asarray(out.theta_stop), 6).tolist()}: the closed form cannot be evaluated there"
         )
+    if bool(out.success):
+        return None
+    code = int(out.result)
     if is_result(code, diffrax.RESULTS.max_steps_reached):
-        return f"the flow solve ran out of steps {where}: raise max_steps (now {params.max_steps}) or loosen rtol/atol"
+        return (
+            f"the flow solve ran out of steps {where} ({int(out.num_rejected_steps)} of them rejected): raise max_steps "
+            f"(now {params.max_steps}) or loosen rtol/atol"
+        )
     if is_result(code, diffrax.RESULTS.nonlinear_max_steps_reached) or is_result(code, diffrax.RESULTS.nonlinear_divergence):
         return (
             f"the root-find of the stop event ({params.stop_at}) failed {where}; the event level was "
@@ -323,11 +381,36 @@ def failure_message(params: FlowParams, out) -> str | None:
     return f"the flow solve failed {where}: {result_message(code)}"
 
 
+def check_levels(params: FlowParams, index: int | None = None) -> None:
+    """Before a solve: the reward levels of its events against the model's closed-form reward ceiling.
+
+    ValueError when the ``stop_at`` event's level is at or above the ceiling (it can never fire, so the
+    solve would run to t1 or max_steps); a warning when a recorded event's level is (it is never
+    reached).  Only closed-form ceilings are checked (``gradflow.ceilings.closed_form_ceiling``: linear
+    attention, softmax without a cap; cached), so the check costs microseconds after the first call.
+    The messages name the config (``config_label``; preceded by configs[index] for a member of a batch).
+    """
+    events = [e for e in EVENTS if e in params.events or e == params.stop_at]
+    if not events or not is_concrete((params.reward_threshold, params.convergence_loss)):
+        return
+    ceiling = closed_form_ceiling(params.task, params.model)
+    if ceiling is None or ceiling >= 1.0:
+        return
+    notes = []
+    for event in events:
+        note = reward_ceiling_warning(params, float(params.event_level(event)))
+        if note is None:
+            continue
+        name = config_label(params) if index is None else f"configs[{index}] ({config_label(params)})"
+        if event == params.stop_at:
+            raise ValueError(f"{name}: stop_at={event!r} can never fire: the {note}")
+        notes.append(f"{EVENT_NAMES[event]} event: {note}")
+    if notes:
+        warnings.warn(f"{name}: " + "; ".join(notes), stacklevel=3)
+
+
 def _trajectory(params: FlowParams, out, stats: dict) -> Trajectory:
-    """Package one config's solution on the host, raising if the solve failed."""
-    message = failure_message(params, out)
-    if message is not None:
-        raise RuntimeError(message)
+    """Package one config's successful solution on the host."""
     events = {}
     for event in params.events:
         events[EVENT_NAMES[event]] = float(out.event_times[event]) if bool(out.event_reached[event]) else None
@@ -356,14 +439,21 @@ def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
     """Integrate d theta/dt = grad J(theta) from theta0 over [t0, t1]; see ``Trajectory``.
 
     progress=True shows diffrax's tqdm meter (that executable holds a host callback, so JAX's
-    persistent cache never stores it: a new process compiles it again).
+    persistent cache never stores it: a new process compiles it again).  RuntimeError naming the config
+    (``config_label``), the time, the steps and theta when the solve fails (``failure_message``: a NaN
+    or infinite reward or field, steps ran out, ...); ValueError / a warning for an event level above
+    the reward ceiling (``check_levels``).
     """
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.FlowParams, got {type(flow_params).__name__}")
+    check_levels(flow_params)
     executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (flow_params,), progress)
     start = time.perf_counter()
     out = jax.device_get(executable(flow_params))
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}
+    message = failure_message(flow_params, out)
+    if message is not None:
+        raise RuntimeError(f"{config_label(flow_params)}: {message}")
     return _trajectory(flow_params, out, stats)
 
 
@@ -387,14 +477,25 @@ def stack_configs(configs: Sequence[FlowParams]) -> FlowParams:
     return jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *configs)
 
 
-def simulate_many(configs: Sequence[FlowParams], progress: bool = False, devices=None) -> list[Trajectory]:
+def simulate_many(
+    configs: Sequence[FlowParams], progress: bool = False, devices=None, on_error: str = "raise"
+) -> list[Trajectory | SolveFailure]:
     """Solve configs of one structure as one vmapped compilation; results match ``simulate``.
 
     Configs may stop at different times or never reach their stop event.  devices: None (default
     device) or a sequence of jax devices (``jax.devices()`` for all): the batch is padded to a
-    multiple of the device count and sharded along a 1-D mesh.
+    multiple of the device count and sharded along a 1-D mesh.  on_error: "raise" (default) raises
+    RuntimeError naming the first failed config (its index and ``config_label``) and why; "report"
+    returns one entry per config, its Trajectory or a ``SolveFailure`` (index, config hash, reason),
+    so the other results are kept.  Every member runs at most its max_steps steps, so a member that
+    needs many more steps than the rest stops there and is reported.  A ``stop_at`` level above the
+    reward ceiling raises ValueError before anything runs, in both modes (``check_levels``).
     """
+    check_choice("on_error", on_error, ON_ERROR)
     configs = list(configs)
+    for index, cfg in enumerate(configs):
+        if isinstance(cfg, FlowParams):
+            check_levels(cfg, index)
     batch = stack_configs(configs)
     size = len(configs)
     n_devices = 1 if devices is None else len(devices)
@@ -404,7 +505,17 @@ def simulate_many(configs: Sequence[FlowParams], progress: bool = False, devices
     out, compile_s = _run_batch(batch, progress, n_devices)
     out = jax.device_get(out)
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start - compile_s, "batch": size}
-    return [_trajectory(cfg, jax.tree_util.tree_map(lambda v, i=i: v[i], out), stats) for i, cfg in enumerate(configs)]
+    results = []
+    for index, cfg in enumerate(configs):
+        one = jax.tree_util.tree_map(lambda v, i=index: v[i], out)
+        message = failure_message(cfg, one)
+        if message is None:
+            results.append(_trajectory(cfg, one, stats))
+        elif on_error == "report":
+            results.append(_failure(index, cfg, message))
+        else:
+            raise RuntimeError(str(_failure(index, cfg, message)))
+    return results
 
 
 def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
@@ -413,13 +524,15 @@ def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
     Each config is solved with saves at t0 and t1 only, no read-outs and no brackets (its own
     time_scale, solver and tolerances are kept); configs of one structure share one vmapped
     compilation.  A config already past its level at theta0 returns t0.  RuntimeError naming the
-    config and what happened when a solve fails (steps ran out, a NaN vector field, ...).
+    config and what happened when a solve fails (steps ran out, a NaN vector field, ...); ValueError
+    when a stop_at level lies above the reward ceiling (``check_levels``).
     This is the solve behind ``gradflow.theory.learning_time(s)``.
     """
     configs = list(configs)
     for index, cfg in enumerate(configs):
         if not isinstance(cfg, FlowParams) or cfg.stop_at is None:
             raise ValueError(f"configs[{index}] must be a FlowParams with stop_at set")
+        check_levels(cfg, index)
     lean = [cfg.replace(save_ts=jnp.stack([cfg.t0, cfg.t1]), events=(), readouts=False, eval_tasks={}) for cfg in configs]
     out: list[float | None] = [None] * len(lean)
     groups: dict = {}
@@ -433,7 +546,7 @@ def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
             cfg = configs[index]
             message = failure_message(cfg, one)
             if message is not None:
-                raise RuntimeError(f"configs[{index}] (n = {cfg.task.n}): {message}")
+                raise RuntimeError(str(_failure(index, cfg, message)))
             level = float(cfg.event_level(cfg.stop_at))
             if float(one.reward[0]) >= level:
                 out[index] = float(cfg.t0)

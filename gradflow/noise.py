@@ -55,8 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import sampling
-from gradflow._checks import check_choice, check_int, check_positive
+from gradflow._checks import check_choice, check_fraction, check_int, check_positive
 from gradflow._series import first_crossing
+from gradflow.config import config_label
 from gradflow.integrator import EulerMaruyama, integrate
 from gradflow.model import ModelSpec, Theta, row_logits, row_scores
 from gradflow.objective import ChainSystem, chain_solve, chain_system, expected_reward
@@ -691,10 +692,12 @@ def simulate_sgd(
     is SGD's), a ``VirtualBrownianTree`` (tol dt/8) per key, Sigma^{1/2} by a symmetric
     eigendecomposition with eigenvalues clipped at 0.  All keys in one vmapped compilation.
 
-    keys: an array of jax PRNG keys (one per seed).  Saves every ``save_every`` steps (default: every
-    step up to 20000 steps, else 20000 saves) from t0 to t1 (default ``flow_params.t1``); reward is J on
-    ``flow_params.task``; hit_times: first crossing of ``level`` (default reward_threshold), inf if
-    not reached.  Coordinates "reduced" only; a schedule is honoured through ``training_task(t)``.
+    keys: an array of jax PRNG keys (one per seed, at least one).  Saves every ``save_every`` steps
+    (default: every step up to 20000 steps, else 20000 saves) from t0 to t1 (default ``flow_params.t1``);
+    reward is J on ``flow_params.task``; hit_times: first crossing of ``level`` (in (0, 1); default
+    reward_threshold), inf if not reached.  Coordinates "reduced" only; a schedule is honoured through
+    ``training_task(t)``.  RuntimeError naming the config, the failed seeds, the time and theta when a
+    path's reward is NaN or infinite.
     """
     check_positive("lr", lr)
     check_choice("baseline", baseline, BATCH_BASELINES)
@@ -717,7 +720,9 @@ def simulate_sgd(
     keys = jnp.asarray(keys)
     if keys.ndim == 0 or (not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) and keys.ndim == 1):
         keys = keys[None]
-    level = float(flow_params.reward_threshold if level is None else level)
+    if keys.shape[0] == 0:
+        raise ValueError("keys must hold at least one jax PRNG key (one per seed), got none")
+    level = check_fraction("level", flow_params.reward_threshold if level is None else level)
     start = time.perf_counter()
     thetas, reward, ok = _sde_solve(
         flow_params,
@@ -734,8 +739,15 @@ def simulate_sgd(
     )
     thetas, reward, ok = jax.device_get((thetas, reward, ok))
     seconds = time.perf_counter() - start
-    if not np.all(ok):
-        raise RuntimeError("simulate_sgd: the SDE solve failed for some seeds")
+    bad = ~np.asarray(ok) | ~np.all(np.isfinite(reward), axis=1)
+    if np.any(bad):
+        seed = int(np.argmax(bad))
+        k = int(np.argmax(~np.isfinite(reward[seed]))) if not np.all(np.isfinite(reward[seed])) else len(save_ts) - 1
+        raise RuntimeError(
+            f"simulate_sgd: {config_label(flow_params)}: the SDE solve failed for seeds {np.nonzero(bad)[0].tolist()} "
+            f"(seed {seed}: reward {float(reward[seed, k])} at save {k}, t = {float(save_ts[k]):.6g}, "
+            f"theta = {np.round(thetas[seed, k], 6).tolist()})"
+        )
     stats = {"seconds": seconds, "steps": n_steps, "seeds": int(thetas.shape[0]), "save_every": save_every}
     return SGDPaths(
         flow_params,

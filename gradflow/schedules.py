@@ -354,8 +354,10 @@ def _split_fields(body: str, spec: str) -> dict[str, str]:
     for part in filter(None, (p.strip() for p in body.split(","))):
         if "=" not in part:
             raise ValueError(f"schedule {spec!r}: expected key=value pairs separated by ',', got {part!r}")
-        key, value = part.split("=", 1)
-        fields[key.strip()] = value.strip()
+        key, value = (x.strip() for x in part.split("=", 1))
+        if key in fields:
+            raise ValueError(f"schedule {spec!r}: the key {key!r} is given twice")
+        fields[key] = value
     return fields
 
 
@@ -378,7 +380,9 @@ def schedule_from_spec(text: str, n: int) -> Schedule:
     - a path to a JSON file holding ``Schedule.to_dict()``, or that JSON text itself ('{...}').
     """
     check_int("n", n, 2)
-    text = text.strip()
+    if not isinstance(text, (str, Path)):
+        raise ValueError(f"schedule: expected a spec string or a JSON file path, got {text!r}")
+    text = str(text).strip()
     if text.startswith("{") or text.endswith(".json"):
         try:
             record = json.loads(text if text.startswith("{") else Path(text).read_text())

@@ -19,8 +19,9 @@ A sweep never loses or fakes a result:
   saved lengths, the config whose hash names the file); anything else, e.g. a truncated ``.npz``
   or ``.json``, counts as missing and is solved again.
 * Results are written group by group (``batch_size`` caps a group), so a kill loses at most the
-  batch in flight.  If a batch fails as a whole, its configs are solved one by one so that the good
-  ones are still saved; the failures are raised together at the end as ``SweepError``.
+  batch in flight.  A config whose solve fails (steps ran out, a NaN reward, ...) is reported by
+  ``simulate_many(..., on_error="report")`` and every other result of its batch is saved; the
+  failures are raised together at the end as ``SweepError``.
 
 Splitting a sweep over machines (every config is independent; results never collide because the
 file name is the config's hash):
@@ -50,7 +51,6 @@ file name is the config's hash):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -63,8 +63,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gradflow.flow import FlowParams, Trajectory, simulate_many
-from gradflow.task import ChainTask
+from gradflow.config import canonical_json, config_hash  # noqa: F401  (re-exported)
+from gradflow.flow import FlowParams, SolveFailure, Trajectory, simulate_many
 
 TMP_PREFIX = ".tmp-"
 DEFAULT_ARRAY_SIZE = 8
@@ -87,52 +87,6 @@ class SweepError(RuntimeError):
 
 def _as_dict(config) -> dict:
     return config.to_dict() if isinstance(config, FlowParams) else dict(config)
-
-
-# The keys of FlowParams.to_dict() in gradflow 0.1.0.  A key added later is left out of the canonical
-# JSON while it holds its default value, so the hash (the result's file name) of every config that
-# could be written before stays the same and results on disk stay valid.
-_HASHED_KEYS_0_1 = {
-    "task": {"n": None, "start_probs": None},
-    "model": {"attention": None, "tau": None, "mask_self": None, "n_isolated": None, "context": None},
-    **dict.fromkeys(
-        "theta0 t0 t1 coords n_vocab solver rtol atol save_ts max_steps reward_threshold schedule convergence_loss "
-        "stop_at".split()
-    ),
-}
-
-
-@functools.lru_cache(maxsize=1)
-def _default_dict() -> str:
-    return json.dumps(FlowParams(ChainTask.uniform(2)).to_dict())
-
-
-def _drop_new_defaults(config: dict, defaults: dict, known: dict) -> dict:
-    out = {}
-    for key, value in config.items():
-        if key in known:
-            if isinstance(known[key], dict) and isinstance(value, dict):
-                value = _drop_new_defaults(value, defaults.get(key) or {}, known[key])
-            out[key] = value
-        elif not (key in defaults and value == defaults[key]):
-            out[key] = value
-    return out
-
-
-def canonical_json(config) -> str:
-    """The canonical JSON of a config (FlowParams or its dict): normalised, sorted keys, compact.
-
-    Normalised means passed through ``FlowParams.from_dict(...).to_dict()``; keys added to
-    ``to_dict`` after gradflow 0.1.0 are left out while they hold their default value.
-    """
-    normalised = FlowParams.from_dict(_as_dict(config)).to_dict()
-    normalised = _drop_new_defaults(normalised, json.loads(_default_dict()), _HASHED_KEYS_0_1)
-    return json.dumps(normalised, sort_keys=True, separators=(",", ":"))
-
-
-def config_hash(config) -> str:
-    """First 16 hex digits of sha256(canonical JSON of the config): the config's result file name."""
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
 
 
 def write_configs(configs: Sequence, path: str | Path) -> Path:
@@ -274,24 +228,26 @@ def _chunks(indices: list[int], size: int | None) -> list[list[int]]:
 
 
 def _solve_and_save(batch, paths, devices, failures: dict, progress: bool) -> None:
-    """Solve one batch of one structure and save each result; on failure solve one by one."""
+    """Solve one batch of one structure and save each result; a failed config is recorded in ``failures``."""
     try:
-        trajectories = simulate_many(batch, progress=False, devices=devices)
-    except RuntimeError as error:  # the solve of some config failed: keep the others
+        results = simulate_many(batch, progress=False, devices=devices, on_error="report")
+    except ValueError as error:  # an input a solve refuses (e.g. a stop_at level above the reward ceiling)
         if len(batch) == 1:
             failures[Path(paths[0]).stem] = str(error)
             return
-        if progress:
-            print(f"sweep: a batch of {len(batch)} failed ({error}); solving its configs one by one")
         for cfg, path in zip(batch, paths):
             _solve_and_save([cfg], [path], devices, failures, progress=False)
         return
-    for trajectory, path in zip(trajectories, paths):
-        save_atomic(trajectory, path)
-    if progress:
-        stats = trajectories[0].stats
+    solved = [r for r in results if isinstance(r, Trajectory)]
+    for result, path in zip(results, paths):
+        if isinstance(result, SolveFailure):
+            failures[Path(path).stem] = result.reason
+        else:
+            save_atomic(result, path)
+    if progress and solved:
+        stats = solved[0].stats
         print(
-            f"sweep: solved {len(batch)} configs (n = {batch[0].task.n}) "
+            f"sweep: solved {len(solved)} of {len(batch)} configs (n = {batch[0].task.n}) "
             f"compile {stats['compile_seconds']:.2f} s, run {stats['run_seconds']:.2f} s"
         )
 
@@ -384,14 +340,50 @@ def _array_task(config_path: str, out_dir: str, index: int, count: int, batch_si
     return [str(p) for p in paths]
 
 
+# what submitit's LocalExecutor reads from update_parameters (it ignores any other name silently)
+LOCAL_EXECUTOR_PARAMS = ("timeout_min", "gpus_per_node", "visible_gpus", "tasks_per_node", "nodes", "signal_delay_s", "setup")
+# submitit's AutoExecutor's generic names (``slurm_<name>`` for Slurm's own, e.g. slurm_partition)
+GENERIC_EXECUTOR_PARAMS = ("timeout_min", "name", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "mem_gb")
+
+
+def executor_param_names(kind: str) -> tuple[str, ...]:
+    """The parameter names an executor of ``kind`` ("local" or "slurm") accepts, sorted.
+
+    "local": ``LOCAL_EXECUTOR_PARAMS``; "slurm": ``GENERIC_EXECUTOR_PARAMS`` plus ``slurm_<name>``
+    for every parameter of submitit's SlurmExecutor (read from submitit when it is installed).
+    """
+    if kind not in EXECUTORS:
+        raise ValueError(f"executor must be one of {list(EXECUTORS)} or a submitit.Executor, got {kind!r}")
+    if kind == "local":
+        return tuple(sorted(LOCAL_EXECUTOR_PARAMS))
+    try:
+        import submitit
+
+        slurm = submitit.SlurmExecutor._valid_parameters()
+    except (ImportError, AttributeError):
+        slurm = ()
+    return tuple(sorted(set(GENERIC_EXECUTOR_PARAMS) | {f"slurm_{name}" for name in slurm}))
+
+
+def check_executor_params(kind: str, params: dict) -> None:
+    """ValueError naming a parameter that an executor of ``kind`` does not accept (``executor_param_names``)."""
+    known = executor_param_names(kind)
+    for name in params:
+        if name not in known:
+            raise ValueError(f"executor parameter {name!r} is not one the {kind} executor accepts: {', '.join(known)}")
+
+
 def make_executor(kind: str, folder: str | Path, **params):
     """A submitit executor: ``kind`` "local" (subprocesses on this machine) or "slurm".
 
     ``params`` go to ``executor.update_parameters`` (e.g. ``timeout_min``, ``slurm_partition``,
     ``cpus_per_task``, ``gpus_per_node``, ``mem_gb``); the local executor's default timeout is raised
-    from submitit's 2 minutes to 24 hours.
+    from submitit's 2 minutes to 24 hours.  A parameter name the executor does not accept raises
+    ValueError naming it (``check_executor_params``; submitit's local executor would ignore it).
     """
     import submitit
+
+    check_executor_params(kind, params)
 
     if kind == "local":
         executor = submitit.LocalExecutor(folder=folder)

@@ -35,6 +35,7 @@ from gradflow import objective, readouts
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow._deprecated import module_getattr, renamed_keyword
 from gradflow.compile_cache import compiled
+from gradflow.config import config_label
 from gradflow.flow import FlowParams, Trajectory, stack_configs
 from gradflow.model import ModelSpec, Theta
 from gradflow.sampling import full_attention, orbit_statistics, resolve_max_len, rollouts, surrogate
@@ -240,11 +241,26 @@ def _first_time(ts: np.ndarray, reward: np.ndarray, level: float) -> float | Non
     return float(ts[hit[0]]) if hit.size else None
 
 
-def _make_trajectory(flow_params: FlowParams, lr, record: dict, stats: dict) -> TrainingTrajectory:
+def _check_finite(what: str, flow_params: FlowParams, ts: np.ndarray, record: dict, grad_finite: np.ndarray) -> None:
+    """RuntimeError at the first step whose exact reward J or gradient is NaN or infinite, naming the
+    config (``config_label``), the step, its time and theta."""
+    bad = ~np.isfinite(record["reward"]) | ~grad_finite
+    if not bad.any():
+        return
+    k = int(np.argmax(bad))
+    which = "reward J" if not np.isfinite(record["reward"][k]) else "gradient"
+    raise RuntimeError(
+        f"{what}: {config_label(flow_params)}: the {which} is not finite (reward {float(record['reward'][k])}) at step {k}, "
+        f"t = {float(ts[k]):.6g}, theta = {np.round(record['theta'][k], 6).tolist()}: the closed form cannot be evaluated there"
+    )
+
+
+def _make_trajectory(what: str, flow_params: FlowParams, lr, record: dict, stats: dict) -> TrainingTrajectory:
     record = jax.device_get(record)
     evals = {name: {k: np.asarray(v) for k, v in values.items()} for name, values in record.pop("eval").items()}
     record = {k: np.asarray(v) for k, v in record.items()}
     ts = np.asarray(float(flow_params.t0) + float(lr) * np.arange(record["theta"].shape[0]))
+    _check_finite(what, flow_params, ts, record, record.pop("grad_finite"))
     events = {
         "reward_threshold": _first_time(ts, record["reward"], float(flow_params.reward_threshold)),
         "converged": _first_time(ts, record["reward"], 1.0 - float(flow_params.convergence_loss)),
@@ -292,12 +308,17 @@ def _descent(flow_params, lr, steps: int, optimizer, coords: str) -> dict:
         theta, opt_state = carry
         grad = exact_gradient(flow_params, flow_params.t0 + lr * k, theta, coords)
         updates, opt_state = opt.update(-grad, opt_state, theta)
-        return (optax.apply_updates(theta, updates), opt_state), theta
+        return (optax.apply_updates(theta, updates), opt_state), (theta, jnp.all(jnp.isfinite(grad)))
 
     theta0 = flow_params.theta0.as_array()
-    (final, _), thetas = jax.lax.scan(step, (theta0, opt.init(theta0)), jnp.arange(steps))
+    (final, _), (thetas, finite) = jax.lax.scan(step, (theta0, opt.init(theta0)), jnp.arange(steps))
     thetas = jnp.concatenate([thetas, final[None]])
-    return {"theta": thetas, "theta_std": jnp.zeros_like(thetas), "sampled_reward": jnp.full(steps + 1, jnp.nan)}
+    return {
+        "theta": thetas,
+        "theta_std": jnp.zeros_like(thetas),
+        "sampled_reward": jnp.full(steps + 1, jnp.nan),
+        "grad_finite": jnp.concatenate([finite, jnp.array([True])]),
+    }
 
 
 _gradient_descent = eqx.filter_jit(_descent)
@@ -333,7 +354,8 @@ def gradient_descent(
     name; coords: "reduced" or "full" (default: ``flow_params.coords``).  Settings may come from
     ``config`` (a TrainConfig; explicit arguments win).  One scan over the steps, compiled once per
     structure; the record has steps + 1 points (theta_0 .. theta_steps), with every read-out of
-    ``readouts_at`` and ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.
+    ``readouts_at`` and ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.  RuntimeError naming
+    the config, the step, its time and theta at the first step where J or grad J is NaN or infinite.
     """
     cfg = _config(config, lr=lr, steps=steps, optimizer=optimizer, coords=coords)
     coords = cfg.coords or flow_params.coords
@@ -348,7 +370,7 @@ def gradient_descent(
         "coords": coords,
         "max_len": flow_params.model.max_len,
     }
-    return _make_trajectory(flow_params, cfg.lr, record, stats)
+    return _make_trajectory("gradient_descent", flow_params, cfg.lr, record, stats)
 
 
 def gradient_descent_many(
@@ -407,7 +429,8 @@ def gradient_descent_many(
             "coords": coords,
             "max_len": flow_params.model.max_len,
         }
-        trajectories.append(_make_trajectory(flow_params, rate, jax.tree_util.tree_map(lambda v, i=i: v[i], out), stats))
+        record = jax.tree_util.tree_map(lambda v, i=i: v[i], out)
+        trajectories.append(_make_trajectory("gradient_descent_many", flow_params, rate, record, stats))
     return trajectories
 
 
@@ -435,7 +458,8 @@ def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, 
         grad = jax.grad(lambda p: surrogate(to_matrix(p), ro, task.n, model))(params)
         updates, opt_state = opt.update(jax.tree.map(jnp.negative, grad), opt_state, params)
         theta, spread = orbit(params)
-        record = {"theta": theta, "theta_std": spread, "sampled_reward": jnp.mean(ro.rewards)}
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)]))
+        record = {"theta": theta, "theta_std": spread, "sampled_reward": jnp.mean(ro.rewards), "grad_finite": finite}
         return (optax.apply_updates(params, updates), opt_state), record
 
     inputs = (jax.random.split(key, steps + 1), jnp.arange(steps + 1))
@@ -468,7 +492,8 @@ def train(
     ``config`` (a TrainConfig; explicit arguments win); ``params=`` is the deprecated name of ``coords=``.
     One scan over steps, compiled once; the record has steps + 1 points (the last batch is drawn at
     the final parameters and not applied); the exact read-outs are those of ``readouts_at``, and
-    ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.
+    ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.  RuntimeError naming the config, the
+    step, its time and theta at the first step where the exact J or the sampled gradient is NaN or infinite.
     """
     if params is not None:
         check_choice("params", params, COORDS)
@@ -496,4 +521,4 @@ def train(
         "params": kind,
         "max_len": cap,
     }
-    return _make_trajectory(flow_params, cfg.lr, record, stats)
+    return _make_trajectory("train", flow_params, cfg.lr, record, stats)

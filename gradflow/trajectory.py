@@ -163,23 +163,23 @@ class Trajectory:
         for key in ("config", "events", "stats"):
             if key not in meta:
                 raise ValueError(f"{path.with_suffix('.json')}: missing key '{key}'")
-        config = FlowParams.from_dict(meta["config"])
-        eval_names = meta.get("eval_tasks", [])
         try:
-            with np.load(path.with_suffix(".npz")) as data:
-                missing = [k for k in cls.ARRAYS if k not in data.files]
-                missing += [f"eval_reward/{name}" for name in eval_names if f"eval_reward/{name}" not in data.files]
-                if missing:
-                    raise ValueError(f"{path.with_suffix('.npz')}: missing array(s) {missing}")
-                arrays = {k: data[k] for k in cls.ARRAYS}
-                eval_reward = {name: data[f"eval_reward/{name}"] for name in eval_names}
+            config = FlowParams.from_dict(meta["config"])
+        except ValueError as error:
+            raise ValueError(f"{path.with_suffix('.json')}: {error}") from None
+        eval_names = meta.get("eval_tasks", [])
+        npz = path.with_suffix(".npz")
+        try:
+            with np.load(npz) as data:
+                names = set(data.files)
+                arrays = {k: data[k] for k in cls.ARRAYS if k in names}
+                eval_reward = {name: data[f"eval_reward/{name}"] for name in eval_names if f"eval_reward/{name}" in names}
                 extra = cls._extra_fields(data, eval_names)
-        except (OSError, EOFError) as error:
-            raise ValueError(f"{path.with_suffix('.npz')}: cannot be read ({error})") from None
-        except Exception as error:  # noqa: BLE001  (a truncated zip raises zipfile.BadZipFile and others)
-            if isinstance(error, ValueError):
-                raise
-            raise ValueError(f"{path.with_suffix('.npz')}: cannot be read ({type(error).__name__}: {error})") from None
+        except Exception as error:  # noqa: BLE001  (numpy's messages for a foreign or truncated file do not name it)
+            raise ValueError(f"{npz}: cannot be read as a gradflow result ({type(error).__name__}: {error})") from None
+        missing = [k for k in cls.ARRAYS if k not in arrays] + [f"eval_reward/{n}" for n in eval_names if n not in eval_reward]
+        if missing:
+            raise ValueError(f"{npz}: missing array(s) {missing}")
         _check_shapes(config, cls._n_saves(config, arrays), arrays, eval_reward, path)
         events = {k: (None if v is None else float(v)) for k, v in meta["events"].items()}
         return cls(config=config, events=events, stats=meta["stats"], eval_reward=eval_reward, **arrays, **extra)

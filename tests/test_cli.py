@@ -136,7 +136,19 @@ def _bad_files(tmp_path):
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(b"PK\x03\x04 truncated")
     truncated.with_suffix(".json").write_text('{"config": ')
-    return {"file": a_file, "good": good, "malformed": malformed, "missing_key": missing_key, "truncated": truncated}
+    garbage = tmp_path / "garbage.npz"  # a valid sidecar beside a file that is no zip archive
+    garbage.write_bytes(b"not a zip archive")
+    garbage.with_suffix(".json").write_text(
+        json.dumps({"config": config | {"task": {"n": 3, "start_probs": [0.5, 0.5]}}, "events": {}, "stats": {}})
+    )
+    return {
+        "file": a_file,
+        "good": good,
+        "malformed": malformed,
+        "missing_key": missing_key,
+        "truncated": truncated,
+        "garbage": garbage,
+    }
 
 
 BAD = [
@@ -161,6 +173,7 @@ BAD = [
     (["simulate"], ("--out",)),
     (["check", "--run", "{file}/missing.npz"], ("--run", "no such result file")),
     (["check", "--run", "{truncated}"], ("--run", "not a readable gradflow result")),
+    (["check", "--run", "{garbage}"], ("--run", "garbage.npz", "cannot be read as a gradflow result")),
     (["sweep", "{file}/missing.json", "--out", "{file}2"], ("config file", "cannot read")),
     (["sweep", "{malformed}", "--out", "{file}2"], ("config file", "not valid JSON")),
     (["sweep", "{missing_key}", "--out", "{file}2"], ("config 0", "task")),
@@ -192,6 +205,13 @@ BAD = [
     (["sweep", "{good}", "--out", "{file}2", "--eval", "hardest"], ("--eval", "NAME=TASK")),
     (["design", "--max-len", "0"], ("max_len",)),
     (["design", "--mean-easy-mass", "0.1", "--max-mean-easy-mass", "0.2"], ("contradicts", "--max-mean-easy-mass")),
+    (
+        ["sweep", "{good}", "--out", "{file}2", "--executor", "local", "--executor-param", "nosuch_param=1"],
+        ("--executor-param", "'nosuch_param'", "timeout_min"),
+    ),
+    (["design", "--seed", "-1"], ("--seed",)),
+    (["design", "--n", "6", "--lr", "inf"], ("lr",)),
+    (["design", "--n", "6", "--schedule", "step:t=1,t=2,before=easiest,after=hardest"], ("'t' is given twice",)),
     (["figures", "no_such_figure"], ("unknown figure", "emergence")),
     (["figures"], ("--all",)),
     (["figures", "emergence", "--out", "{file}"], ("--out",)),
@@ -206,6 +226,35 @@ def test_bad_input_is_one_line(argv, needles, tmp_path, capsys, no_solve):
     code = cli.main(argv)
     _one_line_error(capsys, code, *needles)
     assert code == cli.EXIT_INPUT
+
+
+def test_simulate_out_an_existing_folder_writes_inside_it(saved_run, tmp_path, monkeypatch, capsys):
+    trajectory = gf.Trajectory.load(saved_run)
+    monkeypatch.setattr(gf.flow, "simulate", lambda *args, **kwargs: trajectory)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert cli.main(["simulate", *SMALL, "--out", str(folder)]) == 0
+    assert (folder / f"{cli.SIMULATE_NAME}.npz").is_file() and (folder / f"{cli.SIMULATE_NAME}.json").is_file()
+    assert not (tmp_path / "results.npz").exists() and not (tmp_path / "results.json").exists()
+    capsys.readouterr()
+    assert cli.main(["simulate", "--help"]) == 0
+    assert f"folder: PATH/{cli.SIMULATE_NAME}.npz" in " ".join(capsys.readouterr().out.split())
+
+
+def test_design_out_an_existing_folder_writes_inside_it(tmp_path, monkeypatch, capsys):
+    class Result:
+        def summary(self):
+            return "summary"
+
+        def save(self, path):
+            Path(path).write_text("{}")
+            return path
+
+    monkeypatch.setattr(gf.design, "optimal_mixture", lambda *args, **kwargs: Result())
+    folder = tmp_path / "designs"
+    folder.mkdir()
+    assert cli.main(["design", "--n", "6", "--budget", "10", "--out", str(folder)]) == 0
+    assert (folder / "design-n6-t10.json").is_file() and not (tmp_path / "designs.json").exists()
 
 
 def test_console_script_bad_value_has_no_traceback():

@@ -408,6 +408,7 @@ def test_a_nan_vector_field_is_reported_as_such():
             progress=False,
         )
     assert "max_steps" not in str(error.value)
+    assert f"config with schedule <lambda> (n = {N}" in str(error.value)  # named (a callable schedule has no hash)
 
 
 def test_float32_is_refused():

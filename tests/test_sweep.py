@@ -34,9 +34,9 @@ def counted(monkeypatch):
     calls = []
     real = sweep.simulate_many
 
-    def counting(configs, progress=False, devices=None):
+    def counting(configs, progress=False, devices=None, on_error="raise"):
         calls.append(len(configs))
-        return real(configs, progress=progress, devices=devices)
+        return real(configs, progress=progress, devices=devices, on_error=on_error)
 
     monkeypatch.setattr(sweep, "simulate_many", counting)
     return calls
@@ -208,7 +208,7 @@ def test_configs_stopping_at_different_times_and_a_failed_one(tmp_path, counted)
     assert list(info.value.failures) == [sweep.config_hash(configs[2])]
     assert "max_steps" in str(info.value)
     assert _complete(out, configs) == [True, True, False]
-    assert counted == [3, 1, 1, 1]  # the batch, then one by one
+    assert counted == [3]  # one batch: the failed config is reported, the others kept
     for cfg in configs[:2]:
         (direct,) = sweep.simulate_many([cfg])
         result = Trajectory.load(sweep.result_path(out, cfg))

@@ -17,7 +17,7 @@ from helpers import solver_params
 from reference import dense_capped
 
 import gradflow as gf
-from gradflow import schedules, theory
+from gradflow import ceilings, schedules, theory
 from gradflow.flow import FlowParams, hitting_times, simulate
 from gradflow.task import ChainTask
 
@@ -347,7 +347,7 @@ def test_max_reward_capped_linear_against_brute_force():
     task, model = ChainTask.uniform(6), gf.ModelSpec(max_len=4, mask_self=False)
     ceiling = theory.max_reward(task, model)
     assert ceiling == pytest.approx(4 / 5)
-    best, theta = theory._numerical_max_reward(task, model, n_starts=3)
+    best, theta = ceilings._numerical_max_reward(task, model, n_starts=3)
     assert ceiling - 1e-3 < best <= ceiling + 1e-12, f"numerical maximum {best} at {theta}, ceiling {ceiling}"
 
 
@@ -369,7 +369,7 @@ def test_softmax_ceiling_no_theta_beats_it(n, tau, mask_self):
     task = ChainTask.mixture(n, 0.3)
     soft = gf.ModelSpec(attention="softmax", tau=tau, mask_self=mask_self)
     ceiling = theory.reward_ceiling(task, soft)
-    best, theta = theory._numerical_max_reward(task, soft, n_starts=6, seed=n)
+    best, theta = ceilings._numerical_max_reward(task, soft, n_starts=6, seed=n)
     assert ceiling.value - 1e-7 < best <= ceiling.value + 1e-12, f"numerical {best} at {theta} vs {ceiling}"
 
 
