@@ -371,7 +371,7 @@ def test_save_is_atomic_and_load_checks_the_arrays(tmp_path):
         (dict(save_ts=[0.0, np.nan, 2.0]), "save_ts"),
         (dict(convergence_loss=1.5), "convergence_loss"),
         (dict(convergence_loss=0.0), "convergence_loss"),
-        (dict(theta0=(0.3, 0.0)), "theta0"),
+        (dict(theta0=(0.3, 0.0, 0.0, 0.0, 0.0, 0.0)), "theta0"),
         (dict(theta0="alpha"), "theta0"),
         (dict(t1="soon"), "t1"),
         (dict(events=("never",)), "events"),
@@ -445,3 +445,11 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     warm_hits, warm_s = warm.stdout.split()
     assert int(cold_hits) == 0 and int(warm_hits) >= 1, (cold.stdout, warm.stdout)
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_theta0_takes_its_first_numbers_the_rest_zero():
+    """theta0 may give 1 to Theta.size() numbers in Theta.fields() order; the rest are 0."""
+    params = FlowParams(gf.ChainTask.uniform(4), theta0=(0.3, -0.1))
+    np.testing.assert_array_equal(params.theta0.as_array(), [0.3, -0.1, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="theta0 must hold 1 to 5 numbers"):
+        FlowParams(gf.ChainTask.uniform(4), theta0=np.zeros((2, 2)))
