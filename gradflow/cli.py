@@ -26,6 +26,7 @@ import jaxlib
 import numpy as np
 
 from gradflow import design, flow, schedules, sweep, theory, training
+from gradflow._checks import check_positive
 from gradflow._deprecated import deprecated_flag
 from gradflow._version import __version__
 from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory, as_theta
@@ -728,6 +729,7 @@ def cmd_design(args) -> int:
         given = None if args.schedule is None else schedules.schedule_from_spec(args.schedule, args.n)
         if args.seed < 0:
             raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
+        check_positive("--lr", args.lr)
         name = f"design-n{args.n}-t{args.budget:g}.json"
         out = Path(args.out or name)
         out = out / name if out.is_dir() else out
