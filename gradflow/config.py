@@ -51,7 +51,15 @@ def _optional_float_converter(name: str):
 def as_theta(x, name: str = "theta0") -> Theta:
     """A Theta from a Theta or from its first 1 to P numbers in ``Theta.fields()`` order (the rest 0).
 
-    ValueError naming ``name`` otherwise (P = ``Theta.size()``).
+    Args:
+        x (Theta | ArrayLike): a ``Theta``, or 1 to P numbers (P = ``Theta.size()``); a traced array is taken as it is.
+        name: what x is called in the error message.
+
+    Returns:
+        The ``Theta`` (x itself when it is one).
+
+    Raises:
+        ValueError: x is not a Theta nor 1 to P numbers; the message names ``name``.
     """
     if isinstance(x, Theta):
         return x
@@ -492,8 +500,17 @@ class FlowParams(eqx.Module):
         return None if jumps is None else jumps()
 
     def vector_field(self, t, y, args=None, *, coords: str | None = None) -> jnp.ndarray:
-        """d theta/dt = grad J(theta) at the training distribution of time t, divided by the orbit sizes
-        for coords "full" (default: the config's coords)."""
+        """d theta/dt = grad J(theta) at the training distribution of time t, divided by the orbit sizes for coords "full".
+
+        Args:
+            t (float): the time (picks the training distribution when the config has a schedule).
+            y (jax.Array): theta as an array of shape (5,).
+            args (None): unused (diffrax's vector-field signature).
+            coords: "orbit" or "full" (default: the config's coords).
+
+        Returns:
+            d theta/dt, an array shaped like y.
+        """
         grad = jax.grad(lambda x: expected_reward(Theta.from_array(x), self.training_task(t), self.model))(y)
         return grad / self.orbit_sizes() if (coords or self.coords) == "full" else grad
 

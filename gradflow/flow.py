@@ -139,7 +139,15 @@ def _stop_event(params: FlowParams) -> diffrax.Event | None:
 
 
 def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """The read-outs a Solution holds (``RECORDED``, from ``gradflow.readouts``) at one theta on the task."""
+    """The read-outs a Solution holds (``RECORDED``, from ``gradflow.readouts``) at one theta on the task.
+
+    Args:
+        params: the config whose task and model are read.
+        theta: the five attention scores as an array of shape (5,).
+
+    Returns:
+        A dict read-out name -> its value at theta.
+    """
     return readouts.read(RECORDED, theta, params.task, params.model)
 
 
@@ -277,6 +285,17 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
     config): traced inline, so ``jax.grad(lambda p: solve(cfg(p)).eval_reward["target"][-1])`` and
     ``jax.vmap(solve)(stacked_configs)`` work.  Reverse-mode derivatives go through the solver steps
     (discretise-then-optimise, binomial checkpointing); they need second derivatives of J.
+
+    Args:
+        config: the flow to solve (concrete or traced).
+        progress: show diffrax's progress meter.
+
+    Returns:
+        The ``Solution`` (arrays only; a failed solve is flagged in it, not raised).
+
+    Raises:
+        ValueError: config is not a ``FlowParams``, or its ``stop_at`` level is at or above the reward
+            ceiling (``check_levels``).
     """
     if not isinstance(config, FlowParams):
         raise ValueError(f"config must be a gradflow.FlowParams, got {type(config).__name__}")
@@ -290,8 +309,20 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
 def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = False, devices=None) -> Solution:
     """``solve`` vmapped over configs of one structure (a list, or configs already stacked by ``stack_configs``).
 
-    Every field of the returned ``Solution`` has a leading axis of len(configs).  devices: None or a
-    sequence of jax devices to shard the batch over (padded to a multiple of their count).
+    Every field of the returned ``Solution`` has a leading axis of len(configs).
+
+    Args:
+        configs: a sequence of ``FlowParams`` of one structure, or one ``FlowParams`` already stacked.
+        progress: show diffrax's progress meter.
+        devices (Sequence[jax.Device] | None): None (the default device) or a sequence of jax devices to
+            shard the batch over (padded to a multiple of their count).
+
+    Returns:
+        One ``Solution`` whose fields have a leading batch axis.
+
+    Raises:
+        ValueError: the configs differ in structure (``stack_configs``) or a ``stop_at`` level is at or
+            above the reward ceiling (``check_levels``).
     """
     if not isinstance(configs, FlowParams):
         configs = list(configs)
@@ -349,8 +380,18 @@ def _nonfinite_save(out) -> int | None:
 
 
 def failure_message(params: FlowParams, out) -> str | None:
-    """What went wrong in a solve (None when it succeeded): a NaN or infinite reward at a save or vector
-    field at the end, steps ran out, a failed root-find, ...; each names the time, the steps and theta."""
+    """What went wrong in a solve, or None when it succeeded.
+
+    A NaN or infinite reward at a save or vector field at the end, steps ran out, a failed root-find, ...;
+    each message names the time, the steps and theta.
+
+    Args:
+        params: the config that was solved.
+        out (Solution): its ``Solution`` (one member of a batch, on the host).
+
+    Returns:
+        A one-line reason, or None.
+    """
     steps = int(out.num_steps)
     where = f"at t={float(out.t_stop):.6g} < t1={float(params.t1):.6g} after {steps} steps"
     k = _nonfinite_save(out)
@@ -384,11 +425,17 @@ def failure_message(params: FlowParams, out) -> str | None:
 def check_levels(params: FlowParams, index: int | None = None) -> None:
     """Before a solve: the reward levels of its events against the model's closed-form reward ceiling.
 
-    ValueError when the ``stop_at`` event's level is at or above the ceiling (it can never fire, so the
-    solve would run to t1 or max_steps); a warning when a recorded event's level is (it is never
-    reached).  Only closed-form ceilings are checked (``gradflow.ceilings.closed_form_ceiling``: linear
-    attention, softmax without a cap; cached), so the check costs microseconds after the first call.
-    The messages name the config (``config_label``; preceded by configs[index] for a member of a batch).
+    A warning when a recorded event's level is at or above the ceiling (it is never reached).  Only
+    closed-form ceilings are checked (``gradflow.ceilings.closed_form_ceiling``: linear attention, softmax
+    without a cap; cached), so the check costs microseconds after the first call.
+
+    Args:
+        params: the config to check.
+        index: its position in a batch, named in the messages (None for a single config).
+
+    Raises:
+        ValueError: the ``stop_at`` event's level is at or above the ceiling (it can never fire, so the
+            solve would run to t1 or max_steps); the message names the config (``config_label``).
     """
     events = [e for e in EVENTS if e in params.events or e == params.stop_at]
     if not events or not is_concrete((params.reward_threshold, params.convergence_loss)):
@@ -438,11 +485,19 @@ def _trajectory(params: FlowParams, out, stats: dict) -> Trajectory:
 def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
     """Integrate d theta/dt = grad J(theta) from theta0 over [t0, t1]; see ``Trajectory``.
 
-    progress=True shows diffrax's tqdm meter (that executable holds a host callback, so JAX's
-    persistent cache never stores it: a new process compiles it again).  RuntimeError naming the config
-    (``config_label``), the time, the steps and theta when the solve fails (``failure_message``: a NaN
-    or infinite reward or field, steps ran out, ...); ValueError / a warning for an event level above
-    the reward ceiling (``check_levels``).
+    Args:
+        flow_params: the flow to solve.
+        progress: show diffrax's tqdm meter (that executable holds a host callback, so JAX's persistent
+            cache never stores it: a new process compiles it again).
+
+    Returns:
+        The ``Trajectory`` of the solve.
+
+    Raises:
+        RuntimeError: the solve failed (``failure_message``: a NaN or infinite reward or field, steps ran
+            out, ...); the message names the config (``config_label``), the time, the steps and theta.
+        ValueError: flow_params is not a ``FlowParams``, or its ``stop_at`` level is at or above the
+            reward ceiling (``check_levels``; a recorded event above it only warns).
     """
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.FlowParams, got {type(flow_params).__name__}")
@@ -458,7 +513,18 @@ def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
 
 
 def stack_configs(configs: Sequence[FlowParams]) -> FlowParams:
-    """Stack configs of one structure on a leading axis; ValueError names what differs."""
+    """Stack configs of one structure on a leading axis.
+
+    Args:
+        configs: ``FlowParams`` of one structure (n, attention kind, solver, schedule, events, ...).
+
+    Returns:
+        One ``FlowParams`` whose leaves have a leading axis of len(configs).
+
+    Raises:
+        ValueError: configs is empty, holds something other than a ``FlowParams``, or its members differ
+            in structure (the message names what must match).
+    """
     configs = list(configs)
     if not configs:
         raise ValueError("configs must hold at least one FlowParams")
@@ -482,14 +548,27 @@ def simulate_many(
 ) -> list[Trajectory | SolveFailure]:
     """Solve configs of one structure as one vmapped compilation; results match ``simulate``.
 
-    Configs may stop at different times or never reach their stop event.  devices: None (default
-    device) or a sequence of jax devices (``jax.devices()`` for all): the batch is padded to a
-    multiple of the device count and sharded along a 1-D mesh.  on_error: "raise" (default) raises
-    RuntimeError naming the first failed config (its index and ``config_label``) and why; "report"
-    returns one entry per config, its Trajectory or a ``SolveFailure`` (index, config hash, reason),
-    so the other results are kept.  Every member runs at most its max_steps steps, so a member that
-    needs many more steps than the rest stops there and is reported.  A ``stop_at`` level above the
-    reward ceiling raises ValueError before anything runs, in both modes (``check_levels``).
+    Configs may stop at different times or never reach their stop event.  Every member runs at most its
+    max_steps steps, so a member that needs many more steps than the rest stops there and is reported.
+
+    Args:
+        configs: ``FlowParams`` of one structure.
+        progress: show diffrax's progress meter.
+        devices (Sequence[jax.Device] | None): None (default device) or a sequence of jax devices
+            (``jax.devices()`` for all): the batch is padded to a multiple of the device count and
+            sharded along a 1-D mesh.
+        on_error: "raise" (default) raises on the first failed config; "report" returns one entry per
+            config, its Trajectory or a ``SolveFailure`` (index, config hash, reason), so the other
+            results are kept.
+
+    Returns:
+        One ``Trajectory`` (or, with on_error="report", ``SolveFailure``) per config, in order.
+
+    Raises:
+        RuntimeError: with on_error="raise", a solve failed; the message names the first failed config
+            (its index and ``config_label``) and why.
+        ValueError: on_error is not "raise" or "report", the configs differ in structure, or a ``stop_at``
+            level is at or above the reward ceiling (before anything runs, in both modes).
     """
     check_choice("on_error", on_error, ON_ERROR)
     configs = list(configs)
@@ -523,10 +602,19 @@ def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
 
     Each config is solved with saves at t0 and t1 only, no read-outs and no brackets (its own
     time_scale, solver and tolerances are kept); configs of one structure share one vmapped
-    compilation.  A config already past its level at theta0 returns t0.  RuntimeError naming the
-    config and what happened when a solve fails (steps ran out, a NaN vector field, ...); ValueError
-    when a stop_at level lies above the reward ceiling (``check_levels``).
+    compilation.  A config already past its level at theta0 returns t0.
     This is the solve behind ``gradflow.theory.learning_time(s)``.
+
+    Args:
+        configs: ``FlowParams``, each with ``stop_at`` set.
+
+    Returns:
+        One hitting time (or None) per config, in order.
+
+    Raises:
+        RuntimeError: a solve failed (steps ran out, a NaN vector field, ...); the message names the config.
+        ValueError: a config is not a ``FlowParams`` with ``stop_at`` set, or its stop_at level lies at or
+            above the reward ceiling (``check_levels``).
     """
     configs = list(configs)
     for index, cfg in enumerate(configs):

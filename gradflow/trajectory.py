@@ -27,7 +27,20 @@ QUANTITIES = RECORDED + ("eval_reward",)  # what Trajectory.t_hit reads
 
 
 def quantity_fn(params: FlowParams, quantity: str, index) -> Callable:
-    """theta -> the scalar read-out ``quantity`` (per-position ones: entry ``index``, or the min)."""
+    """theta -> the scalar read-out ``quantity`` (per-position ones: entry ``index``, or the min).
+
+    Args:
+        params: the config whose task, model and eval tasks are read.
+        quantity: a recorded read-out name or "eval_reward" (``QUANTITIES``).
+        index (int | str | None): for a per-position read-out, the position (None: the minimum over positions); for
+            "eval_reward", the eval task's name.
+
+    Returns:
+        A function of a theta array of shape (5,) giving a scalar.
+
+    Raises:
+        ValueError: quantity is not one of ``QUANTITIES``, or index names no eval task for "eval_reward".
+    """
     check_choice("quantity", quantity, QUANTITIES)
     task = params.task
     if quantity == "eval_reward":
@@ -95,12 +108,24 @@ class Trajectory:
     def t_hit(self, level: float, quantity: str = "reward", index=None) -> float | None:
         """First (absolute) flow time at which a read-out reaches ``level``, root-found; None if never.
 
-        quantity: "reward" (default), "forward_prob" or "switch_prob" (entry ``index`` = position
-        i - 1, or the minimum over positions when index is None), "expected_length",
-        "traversal_prob", or "eval_reward" (``index`` = the eval task's name).  The crossing goes up
-        when the quantity starts below the level and down otherwise.  It is bracketed on the saves,
-        the bracket is re-solved densely and bisected (60 halvings of the bracket), so the time is
-        exact to the solver tolerance.  The returned time is absolute (it includes t0).
+        The crossing goes up when the quantity starts below the level and down otherwise.  It is bracketed
+        on the saves, the bracket is re-solved densely and bisected (60 halvings of the bracket), so the
+        time is exact to the solver tolerance.  The returned time is absolute (it includes t0).
+
+        Args:
+            level: the level to reach (in (0, 1) for a probability).
+            quantity: "reward" (default), "forward_prob" or "switch_prob", "expected_length",
+                "traversal_prob", or "eval_reward".
+            index (int | str | None): for "forward_prob" / "switch_prob", the entry (position i - 1; None: the minimum over
+                positions); for "eval_reward", the eval task's name.
+
+        Returns:
+            The first time the level is reached, or None.
+
+        Raises:
+            ValueError: an unknown or unrecorded quantity, a level that is not finite (or not in (0, 1) for a
+                probability), or an index that names no eval task.
+            RuntimeError: the bracket needs more than ``LOCAL_MAX_STEPS`` steps (save more times).
         """
         check_choice("quantity", quantity, QUANTITIES)
         if not isinstance(level, (int, float, np.floating, np.integer)) or not math.isfinite(float(level)):
