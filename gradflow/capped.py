@@ -233,7 +233,21 @@ def _per_start_from_rows(rows: _Rows, n: int, model: ModelSpec, cap: int) -> Cap
 
 @eqx.filter_jit
 def per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> CappedPerStart:
-    """Success, reach, E[min(L, max_len)], exact traversal and failure per start distance d (entry d-1)."""
+    """Success, reach, E[min(L, max_len)], exact traversal and failure per start distance d (entry d-1).
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        A ``CappedPerStart`` of arrays of shape (n-1,), entry d-1 for start distance d.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     _require_closed_form(model)
     cap = _resolve_cap(model, max_len)
     n = task.n
@@ -250,22 +264,78 @@ def per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | No
 
 
 def success_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """P(the own terminal a_n is the first terminal and is written within max_len tokens), by d."""
+    """P(the own terminal a_n is the first terminal and is written within max_len tokens), by d.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        An array of shape (n-1,), entry d-1 for start distance d.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return per_start(theta, task, model, max_len).success
 
 
 def reach_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """P(some terminal is written within max_len tokens), by d."""
+    """P(some terminal is written within max_len tokens), by d.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        An array of shape (n-1,), entry d-1 for start distance d.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return per_start(theta, task, model, max_len).reach
 
 
 def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """E[min(L, max_len)] by d: the expected number of generated tokens (self-loops count)."""
+    """E[min(L, max_len)] by d: the expected number of generated tokens (self-loops count).
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        An array of shape (n-1,), entry d-1 for start distance d.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return per_start(theta, task, model, max_len).length
 
 
 def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """P(the generated path is exactly a_{n-d+1}, ..., a_n) by d; 0 when d > max_len."""
+    """P(the generated path is exactly a_{n-d+1}, ..., a_n) by d; 0 when d > max_len.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        An array of shape (n-1,), entry d-1 for start distance d.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return per_start(theta, task, model, max_len).traversal
 
 
@@ -274,30 +344,114 @@ def _weighted(values: jnp.ndarray, task: ChainTask) -> jnp.ndarray:
 
 
 def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """J_T(theta) = sum_d p[d-1] success[d-1]."""
+    """J_T(theta) = sum_d p[d-1] success[d-1].
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        The scalar J_T.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return _weighted(success_per_start(theta, task, model, max_len), task)
 
 
 def reach_probability(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """P(some terminal within the cap), start-weighted."""
+    """P(some terminal within the cap), start-weighted.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return _weighted(reach_per_start(theta, task, model, max_len), task)
 
 
 def expected_length(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """E[min(L, max_len)], start-weighted."""
+    """E[min(L, max_len)], start-weighted.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return _weighted(length_per_start(theta, task, model, max_len), task)
 
 
 def traversal_probability(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """P(exact forward path within the cap), start-weighted."""
+    """P(exact forward path within the cap), start-weighted.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return _weighted(traversal_per_start(theta, task, model, max_len), task)
 
 
 def failure_per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """1 - success by d, as P(other terminal first within the cap) + P(no terminal within the cap)."""
+    """1 - success by d, as P(other terminal first within the cap) + P(no terminal within the cap).
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        An array of shape (n-1,), entry d-1 for start distance d.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return per_start(theta, task, model, max_len).failure
 
 
 def expected_loss(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> jnp.ndarray:
-    """1 - J_T, start-weighted, from ``failure_per_start`` (accurate where J_T rounds to 1)."""
+    """1 - J_T, start-weighted, from ``failure_per_start`` (accurate where J_T rounds to 1).
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n and start probabilities).
+        model: the model (softmax or linear attention, context "prompt").
+        max_len: the cap on generated tokens (default: ``model.max_len``; the keyword wins when given).
+
+    Returns:
+        The scalar 1 - J_T.
+
+    Raises:
+        ValueError: no cap is set (neither ``model.max_len`` nor max_len) or it is not an integer >= 1,
+            or ``model.context`` is not "prompt" (no closed form).
+    """
     return _weighted(failure_per_start(theta, task, model, max_len), task)

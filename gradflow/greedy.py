@@ -83,9 +83,20 @@ class GreedyMetrics(NamedTuple):
 
 
 def row_logits(theta: Theta, n: int, model: ModelSpec, u, start_vertex) -> jnp.ndarray:
-    """Next-vertex logits of query vertex ``u`` (canonical index), shape (2n + n_isolated,): the row of
-    ``transition_matrix`` (``gradflow.model.next_vertex_logits``), the current vertex at -inf when
-    ``model.mask_self``.  ``start_vertex`` is the canonical index of the start (it only matters for softmax).
+    """Next-vertex logits of query vertex ``u`` (canonical index), shape (2n + n_isolated,).
+
+    The row of ``transition_matrix`` (``gradflow.model.next_vertex_logits``), the current vertex at -inf
+    when ``model.mask_self``.
+
+    Args:
+        theta: the attention scores.
+        n: the chain length.
+        model: the model.
+        u (int | jax.Array): the query vertex, a canonical index (``gradflow.model.vertex_names`` order).
+        start_vertex (int | jax.Array): the canonical index of the start (it only matters for softmax).
+
+    Returns:
+        The logits, shape (2n + n_isolated,).
     """
     return next_vertex_logits(theta, u, n, model, start_vertex)
 
@@ -167,7 +178,22 @@ def greedy_per_start(
     tie_break: str = "first",
     tie_tol: float = DEFAULT_TIE_TOL,
 ) -> GreedyPerStart:
-    """Greedy outcome of every start distance d (entry d-1); see the module docstring for the rules."""
+    """Greedy outcome of every start distance d (entry d-1); see the module docstring for the rules.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task.
+        model: the model (context "prompt").
+        max_len: the cap on tokens (default: ``model.max_len``; None for no cap).
+        tie_break: "first" or "last": which of exactly tied vertices the path takes.
+        tie_tol: the relative logit gap within which two vertices count as tied.
+
+    Returns:
+        A ``GreedyPerStart`` of arrays of shape (n-1,), entry d-1 for start distance d.
+
+    Raises:
+        ValueError: the context is not "prompt", tie_break is unknown, or max_len is not an integer >= 1.
+    """
     cap = _resolve(model, max_len, tie_break)
     return _greedy_per_start(theta, task, model, cap, tie_break, float(tie_tol))
 
@@ -180,7 +206,22 @@ def greedy_metrics(
     tie_break: str = "first",
     tie_tol: float = DEFAULT_TIE_TOL,
 ) -> GreedyMetrics:
-    """Start-weighted greedy accuracy, conditional accuracy, reach rate, traversal accuracy, tie rate."""
+    """Start-weighted greedy accuracy, conditional accuracy, reach rate, traversal accuracy, tie rate.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its start probabilities weigh the starts).
+        model: the model (context "prompt").
+        max_len: the cap on tokens (default: ``model.max_len``; None for no cap).
+        tie_break: "first" or "last": which of exactly tied vertices the path takes.
+        tie_tol: the relative logit gap within which two vertices count as tied.
+
+    Returns:
+        ``GreedyMetrics``: the start-weighted metrics and the ``GreedyPerStart`` they come from.
+
+    Raises:
+        ValueError: the context is not "prompt", tie_break is unknown, or max_len is not an integer >= 1.
+    """
     per = greedy_per_start(theta, task, model, max_len, tie_break, tie_tol)
     return _summarise(per, task.start_probs)
 
@@ -198,6 +239,21 @@ def greedy_path(
     """The greedy path from the start at distance ``distance`` as vertex names (for reading, not jit).
 
     Stops at the first terminal, at the cap, or after 2n + n_isolated tokens without a cap (a cycle).
+
+    Args:
+        theta: the attention scores.
+        task: the chain task (its n).
+        model: the model (context "prompt").
+        distance: the start's distance d to the terminal, 1..n-1 (the start is a_{n-d}).
+        max_len: the cap on tokens (default: ``model.max_len``; None for no cap).
+        tie_break: "first" or "last": which of exactly tied vertices the path takes.
+
+    Returns:
+        The names of the vertices written, in order (``gradflow.model.vertex_names``).
+
+    Raises:
+        ValueError: the context is not "prompt", tie_break is unknown, max_len is not an integer >= 1, or
+            distance is not in 1..n-1.
     """
     cap = _resolve(model, max_len, tie_break)
     n = task.n

@@ -225,7 +225,17 @@ def _flat(x, n: int):
 
 
 def chain_system(theta: Theta, n: int, model: ModelSpec, start) -> ChainSystem:
-    """The ``ChainSystem`` of the policy's rows for one start (``start`` only matters for softmax)."""
+    """The ``ChainSystem`` of the policy's rows for one start (``start`` only matters for softmax).
+
+    Args:
+        theta: the attention scores.
+        n: the chain length.
+        model: the model.
+        start (int | jax.Array): the start position i of a_i (1..n-1).
+
+    Returns:
+        The ``ChainSystem`` (scaled rows, absorption and low-rank parts) of the 2(n-1) chain rows.
+    """
     rows = row_logits(row_scores(theta, n, model, start=start), n, model)
     s = _scale_rows(rows)  # fields (2, n-1)
     last = np.arange(n - 1) == n - 2
@@ -239,9 +249,16 @@ def chain_system(theta: Theta, n: int, model: ModelSpec, start) -> ChainSystem:
 
 
 def chain_solve(system: ChainSystem, rhs, signed: bool = False) -> jnp.ndarray:
-    """x = (I - Q)^{-1} rhs on the chain rows, rhs (2(n-1), k) in the rows' scale: the positive Woodbury
-    of ``gradflow._linalg`` (``signed``: right-hand sides of either sign, by their two positive parts).
-    NaN where float64 could not hold the elimination."""
+    """x = (I - Q)^{-1} rhs on the chain rows, by the positive Woodbury solve of ``gradflow._linalg``.
+
+    Args:
+        system: the chain rows (``chain_system``).
+        rhs (jax.Array): right-hand sides of shape (2(n-1), k), in the rows' scale.
+        signed: right-hand sides of either sign, solved by their two positive parts.
+
+    Returns:
+        x of shape (2(n-1), k); NaN where float64 could not hold the elimination.
+    """
     s, n = system.scaled, system.u.shape[0] // 2 + 1
     flat = lambda x: _flat(x, n)
     solve = woodbury_gth_signed if signed else woodbury_gth
