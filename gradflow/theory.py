@@ -171,6 +171,20 @@ def check_conditions(
     c0^k below the floor: the bound is vacuous).  The bound is inf when b0 <= 0.
     Capped models (``ModelSpec.max_len``) are accepted: the step probabilities do not depend on the
     cap, and the report adds the cap and the reward ceiling (``max_reward``) it implies.
+
+    Args:
+        flow_params: the config whose task, model and theta0 are checked.
+        c0_min: the threshold c0 must exceed, in [0, 1).
+        b0_min: the threshold b0 must exceed, >= 0.
+        eps: the target loss in the bound n^2 / (c0^(k+2) b0 c eps^2), in (0, 1).
+        k_max: the largest number of steps that counts as "a bounded number", >= 1.
+        c0_floor: the smallest c0^k for which the regime is "polynomial", >= 0.
+
+    Returns:
+        A ``ConditionReport``: c0, b0, whether the assumption holds, k, c, the bound and the regime.
+
+    Raises:
+        ValueError: flow_params is not a ``FlowParams`` or a threshold is out of its range.
     """
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.flow.FlowParams, got {type(flow_params).__name__}")
@@ -300,7 +314,18 @@ class PhaseReport:
 
 
 def late_gap_slope(trajectory: Trajectory, fraction: float = 1.0 / 3.0) -> float | None:
-    """Least-squares slope of alpha - gamma against log t over the last ``fraction`` of the log-t range."""
+    """Least-squares slope of alpha - gamma against log t over the last ``fraction`` of the log-t range.
+
+    Args:
+        trajectory: the solved flow.
+        fraction: the share of the log-t range (over t > 0) to fit, in (0, 1].
+
+    Returns:
+        d(alpha - gamma)/d(log t), or None when fewer than 3 saves lie in the range.
+
+    Raises:
+        ValueError: fraction is not in (0, 1].
+    """
     fraction = check_fraction("fraction", fraction, 0.0, 1.0, inclusive=True)
     if fraction == 0.0:
         raise ValueError("fraction must lie in (0, 1], got 0.0")
@@ -435,15 +460,31 @@ def phases(
 ) -> PhaseReport:
     """Read the phases of docs/THEORY.md §5 off a solved trajectory; see ``PhaseReport``.
 
-    exact=True root-finds every time (reward events, each position's forward probability, emergence,
-    traversal) on a dense re-solve of the flow between the saves that bracket it, all in one vmapped
-    call (one compilation per structure); exact=False interpolates between saves.  Positions whose
-    times agree within ``order_rtol`` (relative) are reported as tied, not ordered.  Capped models and
-    softmax attention are accepted; a reward level above the model's ceiling (``max_reward``) is
-    reported in ``warnings`` (and warned) instead of silently never being reached.  Evaluation tasks:
-    the config's own ``eval_tasks`` and ``eval_tasks`` (name -> ChainTask of the same n) each get the
-    first time their reward reaches ``eval_level`` (default: the config's reward_threshold), in
-    ``eval_times``, root-found like the rest.
+    Capped models and softmax attention are accepted; a reward level above the model's ceiling
+    (``max_reward``) is reported in ``warnings`` (and warned) instead of silently never being reached.
+
+    Args:
+        trajectory: the solved flow.
+        escape_fraction: escape is when the reward has covered this share of the way from J(t0) to the
+            reward ceiling.
+        emergence_level: the forward probability (given a move) that every position must reach for emergence;
+            also the level of each position's time.
+        traversal_level: the forward probability every position must reach for traversal.
+        convergence_loss: convergence is when the loss 1 - J falls below this.
+        exact: True root-finds every time (reward events, each position's forward probability,
+            emergence, traversal) on a dense re-solve of the flow between the saves that bracket it, all
+            in one vmapped call (one compilation per structure); False interpolates between saves.
+        order_rtol: positions whose times agree within this (relative) are reported as tied, not ordered.
+        eval_tasks: name -> ChainTask of the same n; these and the config's own ``eval_tasks`` each get
+            the first time their reward reaches ``eval_level``, in ``eval_times``, root-found like the rest.
+        eval_level: the reward level of the eval tasks (default: the config's reward_threshold).
+
+    Returns:
+        The ``PhaseReport``.
+
+    Raises:
+        ValueError: trajectory is not a ``Trajectory`` or holds no finite reward, a level or fraction is
+            outside (0, 1), order_rtol is negative, or an eval task is not a ChainTask of the same n.
     """
     if not isinstance(trajectory, Trajectory):
         raise ValueError(f"trajectory must be a gradflow.flow.Trajectory, got {type(trajectory).__name__}")
@@ -640,9 +681,26 @@ def learning_times(
     """``learning_time`` for several tasks; tasks of one n are solved as one vmapped compilation.
 
     A level at or above the model's reward ceiling (``max_reward``: a cap or softmax attention) gives
-    None for that task without solving, with a warning.  eval_tasks: name -> ChainTask (each of the
-    tasks' n): then each entry is a ``TaskTimes``, the time each eval task's reward reaches ``level``
-    while training on that task (one more solve per eval task, batched with the others).
+    None for that task without solving, with a warning.
+
+    Args:
+        tasks: the training tasks (a non-empty sequence of ``ChainTask``).
+        model: the model (default ``ModelSpec()``).
+        theta0: the start (default (0.3, 0, 0)).
+        level: the reward level J to reach.
+        t1: the last flow time.
+        eval_tasks: name -> ChainTask (each of the tasks' n): then each entry is a ``TaskTimes``, the time
+            each eval task's reward reaches ``level`` while training on that task (one more solve per
+            eval task, batched with the others).
+        **flow_kwargs (Any): more ``FlowParams`` fields (solver, rtol, atol, coords, max_steps, schedule, ...).
+
+    Returns:
+        One learning time (None if not by t1) per task, or one ``TaskTimes`` per task with eval_tasks.
+
+    Raises:
+        ValueError: tasks is empty or holds something other than a ChainTask, or an eval task is not a
+            ChainTask of the tasks' n.
+        RuntimeError: a solve ran out of max_steps or failed.
     """
     tasks = list(tasks)
     if not tasks or not all(isinstance(t, ChainTask) for t in tasks):
@@ -688,19 +746,31 @@ def learning_time(
 ) -> float | None | TaskTimes:
     """Flow time at which the reward J first reaches ``level`` starting from ``theta0``; None if not by t1.
 
-    With ``eval_tasks`` (name -> ChainTask of the same n) a ``TaskTimes``: that time (``train``) and,
-    along the same training flow, the time each eval task's reward reaches ``level`` (``eval[name]``).
-
     Builds ``FlowParams(task, model, theta0, t1=t1, reward_threshold=level, stop_at="threshold",
-    **flow_kwargs)`` (model default ``ModelSpec()``, theta0 default (0.3, 0, 0)) and integrates it in
-    log time s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J) across the plateau, then in linear time
-    for the rise (``_learning_solve``); the crossing is root-found by bisection.  Hardest-only
-    training: n = 16 learns at t = 1.973e11, n = 20 at t = 5.907e16 (a few hundred steps each).
-    From n ~ 30 the rise is narrower than what the log-time stage resolves where it hands over
-    (t ~ 1e32: relative width below 1e-20) and the solve raises RuntimeError (steps ran out).
-    Extra keyword arguments (solver, rtol, atol, coords, max_steps, schedule, ...) go to FlowParams.
-    If J(theta0) >= level already, the answer is t0; a level above the reward ceiling gives None with a warning.  RuntimeError if
-    max_steps ran out first or the solver failed.
+    **flow_kwargs)`` and integrates it in log time s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J)
+    across the plateau, then in linear time for the rise (``_learning_solve``); the crossing is
+    root-found by bisection.  Hardest-only training: n = 16 learns at t = 1.973e11, n = 20 at
+    t = 5.907e16 (a few hundred steps each).  From n ~ 30 the rise is narrower than what the log-time
+    stage resolves where it hands over (t ~ 1e32: relative width below 1e-20) and the solve raises
+    RuntimeError (steps ran out).  If J(theta0) >= level already, the answer is t0; a level above the
+    reward ceiling gives None with a warning.
+
+    Args:
+        task: the training task.
+        model: the model (default ``ModelSpec()``).
+        theta0: the start (default (0.3, 0, 0)).
+        level: the reward level J to reach.
+        t1: the last flow time.
+        eval_tasks: name -> ChainTask of the same n: then a ``TaskTimes``, that time (``train``) and,
+            along the same training flow, the time each eval task's reward reaches ``level`` (``eval[name]``).
+        **flow_kwargs (Any): more ``FlowParams`` fields (solver, rtol, atol, coords, max_steps, schedule, ...).
+
+    Returns:
+        The learning time (None if not reached by t1), or a ``TaskTimes`` with eval_tasks.
+
+    Raises:
+        ValueError: task is not a ChainTask, or an eval task is not a ChainTask of the same n.
+        RuntimeError: max_steps ran out first or the solver failed.
     """
     if not isinstance(task, ChainTask):
         raise ValueError(f"task must be a gradflow.ChainTask, got {type(task).__name__}")
@@ -748,7 +818,19 @@ class ScalingResult:
 
 
 def fit_scaling(ns: Sequence[int], times: Sequence[float | None], level: float = 0.9) -> ScalingResult:
-    """Exponential and power-law fits of log T against n (points with T None are left out; >= 3 needed)."""
+    """Exponential and power-law fits of log T against n (points with T None are left out; >= 3 needed).
+
+    Args:
+        ns: the chain lengths.
+        times: the learning time at each n (None or non-finite where the level was not reached).
+        level: the reward level the times are for (recorded in the result).
+
+    Returns:
+        The ``ScalingResult`` of both fits.
+
+    Raises:
+        ValueError: ns and times differ in length, or fewer than 3 positive times are given.
+    """
     ns = tuple(int(n) for n in ns)
     times = tuple(None if t is None or not np.isfinite(t) else float(t) for t in times)
     if len(ns) != len(times):
@@ -793,6 +875,23 @@ def scaling(
     """Learning time to ``level`` for ``make_task(n)`` at each n, with exponential and power-law fits.
 
     Each distinct n compiles its own solve (once per process and structure).
+
+    Args:
+        ns: distinct chain lengths, each >= 2.
+        make_task: n -> the ChainTask of length n to train on.
+        model: the model (default ``ModelSpec()``).
+        theta0: the start (default (0.3, 0, 0)).
+        level: the reward level J to reach.
+        t1: the last flow time.
+        **flow_kwargs (Any): more ``FlowParams`` fields (solver, rtol, atol, coords, max_steps, ...).
+
+    Returns:
+        The ``ScalingResult`` (times and both fits).
+
+    Raises:
+        ValueError: ns are not distinct integers >= 2, make_task is not callable or returns a task of
+            another n, or the level is reached at fewer than 3 n (``fit_scaling``).
+        RuntimeError: a solve ran out of max_steps or failed.
     """
     ns = [check_int("ns entry", n, 2) for n in ns]
     if len(set(ns)) != len(ns):
@@ -855,7 +954,20 @@ def extrapolate(
     model: ModelSpec | None = None,
     make_task: Callable[[int], ChainTask] = ChainTask.uniform,
 ) -> dict[int, float]:
-    """The reward J of fixed parameters ``theta`` on ``make_task(n)`` for each n (closed form)."""
+    """The reward J of fixed parameters ``theta`` on ``make_task(n)`` for each n (closed form).
+
+    Args:
+        theta: the attention scores, kept fixed.
+        ns: chain lengths, each >= 2.
+        model: the model (default ``ModelSpec()``).
+        make_task: n -> the ChainTask of length n to evaluate on (default uniform starts).
+
+    Returns:
+        n -> J(theta) on make_task(n).
+
+    Raises:
+        ValueError: theta is not a Theta or an n is not an integer >= 2.
+    """
     if not isinstance(theta, Theta):
         raise ValueError(f"theta must be a gradflow.Theta, got {type(theta).__name__}")
     model = _model_or_default(model)
