@@ -438,10 +438,21 @@ def _second_moment(big_m, big_f, b):
 def gradient_covariance(theta, task: ChainTask, model: ModelSpec, baseline="mean") -> GradientNoise:
     """Covariance and mean of the per-rollout REINFORCE estimator g = (R - b) S, S = sum_t psi.
 
-    Over the start distribution ``task.start_probs`` and the rollout.  baseline: "mean" (b = J(theta),
-    the large-batch limit of the batch-mean baseline), "none" (b = 0) or a number.  Returns
-    ``GradientNoise(covariance, mean)`` in (alpha, beta, gamma, eta, delta); mean = grad J to round-off.
-    A batch of B independent rollouts has covariance covariance / B (``batch_covariance``).
+    Over the start distribution ``task.start_probs`` and the rollout.  A batch of B independent
+    rollouts has covariance covariance / B (``batch_covariance``).
+
+    Args:
+        theta (Theta | jax.Array): the attention scores (a Theta or its array of shape (5,)).
+        task: the chain task (its start distribution).
+        model: the model (context "prompt").
+        baseline (str | float): "mean" (b = J(theta), the large-batch limit of the batch-mean baseline),
+            "none" (b = 0) or a number.
+
+    Returns:
+        ``GradientNoise(covariance, mean)`` in (alpha, beta, gamma, eta, delta); mean = grad J to round-off.
+
+    Raises:
+        ValueError: baseline is an unknown name.
     """
     mo = moments_per_start(theta, task, model)
     p = task.start_probs
@@ -477,6 +488,19 @@ def batch_covariance(theta, task: ChainTask, model: ModelSpec, batch: int, basel
     what ``gradflow.sampling`` uses; exactly unbiased): exactly
     (Sigma_mean + (J (1 - J) E[S S^T] + grad J grad J^T) / (B - 1)) / B, where Sigma_mean is the
     per-rollout covariance with b = J (expand the U-statistic: only pairs that share a rollout survive).
+
+    Args:
+        theta (Theta | jax.Array): the attention scores (a Theta or its array of shape (5,)).
+        task: the chain task (its start distribution).
+        model: the model (context "prompt").
+        batch: the number of rollouts B (>= 2 for "leave_one_out", else >= 1).
+        baseline: "leave_one_out" (default), "mean" or "none".
+
+    Returns:
+        ``GradientNoise(covariance, mean)`` of the batch estimator.
+
+    Raises:
+        ValueError: an unknown baseline, a batch too small for it, or a context other than "prompt".
     """
     check_choice("baseline", baseline, BATCH_BASELINES)
     batch = check_int("batch", batch, 2 if baseline == "leave_one_out" else 1)
@@ -510,6 +534,15 @@ def critical_batch(theta, task: ChainTask, model: ModelSpec, baseline: str = "me
 
     Reduced coordinates (alpha, beta, gamma, eta, delta); with linear attention eta and delta carry no
     noise and no signal.  Batches B >> critical follow the flow; B << critical are noise-dominated.
+
+    Args:
+        theta (Theta | jax.Array): the attention scores (a Theta or its array of shape (5,)).
+        task: the chain task (its start distribution).
+        model: the model (context "prompt").
+        baseline: "mean" (b = J, or h_d per start) or "none" (b = 0), or a number.
+
+    Returns:
+        The ``CriticalBatch`` (total, and per_start of shape (n-1,)).
     """
     mo = moments_per_start(theta, task, model)
     p = task.start_probs
@@ -530,6 +563,13 @@ def critical_batch_along(trajectory, baseline: str = "mean") -> CriticalBatch:
 
     Uses the task the flow ascends at each save (``config.training_task(t)``) for ``total``; saves
     that are NaN (after a requested stop) give NaN.
+
+    Args:
+        trajectory (Trajectory): the solved flow.
+        baseline: "mean" or "none", or a number, as in ``critical_batch``.
+
+    Returns:
+        A ``CriticalBatch`` of arrays with a leading axis over the saves.
     """
     config = trajectory.config
     thetas = np.asarray(trajectory.theta)
@@ -613,10 +653,12 @@ class SGDPaths:
 
     @property
     def reached(self) -> np.ndarray:
+        """Per seed: whether the reward reached ``level`` by the last save (a finite hit time)."""
         return np.isfinite(self.hit_times)
 
     @property
     def diverged(self) -> np.ndarray:
+        """Per seed: whether the path became non-finite (NaN or infinite theta at some save)."""
         return ~np.all(np.isfinite(self.theta), axis=(1, 2))
 
     def time_to(self, level: float) -> np.ndarray:
@@ -682,22 +724,36 @@ def simulate_sgd(
     dt: float | None = None,
     save_every: int | None = None,
 ) -> SGDPaths:
-    """SGD with rate lr and batch B in the diffusion limit, on the flow's time axis t = lr * step:
+    """SGD with rate lr and batch B in the diffusion limit, on the flow's time axis t = lr * step.
 
         d theta = grad J dt + sqrt(lr) Cov_B(theta)^{1/2} dW,   Cov_B = Sigma / B for baseline "mean",
 
     (``batch_covariance``: "none", or "leave_one_out", exactly what ``gradflow.sampling.train`` steps
     on).  Integrated with diffrax: Euler-Maruyama (Ito, as SGD: the noise is evaluated at the start of
-    each step) with step ``dt`` (default lr: the SGD grid itself, so the drift's O(lr) discretisation
-    is SGD's), a ``VirtualBrownianTree`` (tol dt/8) per key, Sigma^{1/2} by a symmetric
+    each step), a ``VirtualBrownianTree`` (tol dt/8) per key, Sigma^{1/2} by a symmetric
     eigendecomposition with eigenvalues clipped at 0.  All keys in one vmapped compilation.
+    Coordinates "reduced" only; a schedule is honoured through ``training_task(t)``.
 
-    keys: an array of jax PRNG keys (one per seed, at least one).  Saves every ``save_every`` steps
-    (default: every step up to 20000 steps, else 20000 saves) from t0 to t1 (default ``flow_params.t1``);
-    reward is J on ``flow_params.task``; hit_times: first crossing of ``level`` (in (0, 1); default
-    reward_threshold), inf if not reached.  Coordinates "reduced" only; a schedule is honoured through
-    ``training_task(t)``.  RuntimeError naming the config, the failed seeds, the time and theta when a
-    path's reward is NaN or infinite.
+    Args:
+        flow_params (FlowParams): the config (task, model, theta0, t0, t1, reward_threshold, schedule).
+        lr: the SGD learning rate, > 0.
+        batch: the batch size B (>= 2 for "leave_one_out", else >= 1).
+        keys (jax.Array): jax PRNG keys, one per seed (at least one; a single key is one seed).
+        baseline: "mean" (default), "none" or "leave_one_out".
+        level: the reward level of ``hit_times``, in (0, 1) (default: ``flow_params.reward_threshold``).
+        t1: the last time (default ``flow_params.t1``).
+        dt: the step (default lr: the SGD grid itself, so the drift's O(lr) discretisation is SGD's).
+        save_every: save every this many steps (default: every step up to 20000 steps, else 20000 saves).
+
+    Returns:
+        The ``SGDPaths``: per-seed theta and reward (J on ``flow_params.task``) at the saves, and
+        hit_times, the first crossing of ``level`` (inf if not reached).
+
+    Raises:
+        ValueError: a setting is out of range, coords is not "reduced", the context is not "prompt",
+            t1 <= t0, or keys is empty.
+        RuntimeError: a path's reward is NaN or infinite; the message names the config, the failed
+            seeds, the time and theta.
     """
     check_positive("lr", lr)
     check_choice("baseline", baseline, BATCH_BASELINES)
@@ -781,8 +837,18 @@ def sample_scores(theta, task: ChainTask, model: ModelSpec, key, batch: int, max
     """Token-level rollouts (``gradflow.sampling.rollouts``) and each path's score in the five numbers.
 
     The path is replayed through ``gradflow.sampling.path_log_prob`` (full attention matrix built from
-    theta) and differentiated in forward mode.  max_len: the cap (default ``model.max_len``, else the
-    sampler's truncation).
+    theta) and differentiated in forward mode.
+
+    Args:
+        theta (Theta | jax.Array): the attention scores (a Theta or its array of shape (5,)).
+        task: the chain task.
+        model: the model.
+        key (jax.Array): the jax.random key of the rollouts.
+        batch: the number of rollouts.
+        max_len: the cap (default ``model.max_len``, else the sampler's truncation).
+
+    Returns:
+        ``ScoreSamples``: rewards (batch,), scores (batch, 5) and start distances (batch,).
     """
     theta = theta if isinstance(theta, Theta) else Theta.from_array(theta)
     n_vocab = 2 * task.n + model.n_isolated

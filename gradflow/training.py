@@ -295,8 +295,17 @@ def _metrics_along(flow_params: FlowParams, thetas: jnp.ndarray) -> dict:
 
 
 def exact_gradient(flow_params: FlowParams, t, theta: jnp.ndarray, coords: str = "reduced") -> jnp.ndarray:
-    """grad J at the training task of time t (capped if the model is); divided by the orbit sizes
-    for coords="full": the flow's vector field (``FlowParams.vector_field``) in ``coords``."""
+    """grad J at the training task of time t (capped if the model is): the flow's vector field in ``coords``.
+
+    Args:
+        flow_params: the config (task, schedule, model).
+        t (float | jax.Array): the time that picks the training distribution.
+        theta: the attention scores as an array of shape (5,).
+        coords: "reduced" (grad J) or "full" (grad J divided by the orbit sizes, ``FlowParams.vector_field``).
+
+    Returns:
+        The gradient, an array of shape (5,).
+    """
     return flow_params.vector_field(t, theta, coords=coords)
 
 
@@ -349,13 +358,27 @@ def gradient_descent(
     """Exact-gradient ascent on J from ``flow_params.theta0``: theta_{k+1} = optimizer(theta_k, grad J).
 
     grad J is the exact gradient at the training task of time t_k = t0 + lr k (a schedule is
-    honoured), of the capped reward when ``flow_params.model.max_len`` is set.  optimizer: "sgd"
-    (default: theta_{k+1} = theta_k + lr grad J, the flow sampled at t = lr k), "adam" or any optax
-    name; coords: "reduced" or "full" (default: ``flow_params.coords``).  Settings may come from
+    honoured), of the capped reward when ``flow_params.model.max_len`` is set.  Settings may come from
     ``config`` (a TrainConfig; explicit arguments win).  One scan over the steps, compiled once per
-    structure; the record has steps + 1 points (theta_0 .. theta_steps), with every read-out of
-    ``readouts_at`` and ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.  RuntimeError naming
-    the config, the step, its time and theta at the first step where J or grad J is NaN or infinite.
+    structure.
+
+    Args:
+        flow_params: the config to train (task, model, theta0, schedule, eval_tasks).
+        lr: the learning rate (required unless config gives it).
+        steps: the number of steps (required unless config gives it).
+        optimizer (str | optax.GradientTransformation | None): "sgd" (default: theta_{k+1} = theta_k + lr grad J,
+            the flow sampled at t = lr k), "adam" or any optax name, or an optax transformation.
+        coords: "reduced" or "full" (default: ``flow_params.coords``).
+        config: a ``TrainConfig`` holding the settings not given explicitly.
+
+    Returns:
+        A ``TrainingTrajectory`` with steps + 1 points (theta_0 .. theta_steps), with every read-out of
+        ``readouts_at`` and ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.
+
+    Raises:
+        ValueError: lr or steps missing (and no config), config is not a TrainConfig, or a setting is invalid.
+        RuntimeError: J or grad J is NaN or infinite at some step; the message names the config, the
+            step, its time and theta.
     """
     cfg = _config(config, lr=lr, steps=steps, optimizer=optimizer, coords=coords)
     coords = cfg.coords or flow_params.coords
@@ -384,11 +407,25 @@ def gradient_descent_many(
 ) -> list[TrainingTrajectory]:
     """``gradient_descent`` of many configs and learning rates in one vmapped compilation.
 
-    configs: FlowParams of one structure (``flow.stack_configs``: same n, model kind, eval task names,
-    ...; theta0, task probabilities, tau, schedule numbers may differ).  lrs: one rate for every config
-    or one per config (default: ``config.lr``).  optimizer: an optax name (the same for all; default
-    "sgd"), coords as in ``gradient_descent``.  Returns one ``TrainingTrajectory`` per config, equal to
-    ``gradient_descent(configs[i], lrs[i], ...)`` to round-off; a grid over n needs one call per n.
+    Each result equals ``gradient_descent(configs[i], lrs[i], ...)`` to round-off; a grid over n needs
+    one call per n.
+
+    Args:
+        configs (Sequence[FlowParams]): FlowParams of one structure (``flow.stack_configs``: same n, model
+            kind, eval task names, ...; theta0, task probabilities, tau, schedule numbers may differ).
+        lrs (float | Sequence[float] | None): one rate for every config or one per config (default: ``config.lr``).
+        steps: the number of steps (required unless config gives it).
+        optimizer (str | None): an optax name, the same for all (default "sgd").
+        coords: "reduced" or "full" (default: the first config's coords).
+        config: a ``TrainConfig`` holding the settings not given explicitly.
+
+    Returns:
+        One ``TrainingTrajectory`` per config, in order.
+
+    Raises:
+        ValueError: configs is empty or differ in structure, lrs has the wrong shape or a rate is not
+            positive, the optimizer is not an optax name, or steps is missing.
+        RuntimeError: J or grad J is NaN or infinite at some step of some config.
     """
     configs = list(configs)
     if not configs:
@@ -487,13 +524,32 @@ def train(
     w.r.t. the five numbers (coords="reduced", default) or the full matrix A (coords="full", started
     at full_attention(theta0, N), N = flow_params.vocabulary_size).  At a symmetric A the expected
     full gradient is g_k / (N * orbit size) per entry, so SGD on A with rate lr follows the flow
-    with coords="full" at t = lr * step / N.  Rollouts stop at the cap ``max_len`` (default: the
-    model's ``max_len`` if set, else 50 n; ``sampling.resolve_max_len``).  Settings may come from
-    ``config`` (a TrainConfig; explicit arguments win); ``params=`` is the deprecated name of ``coords=``.
-    One scan over steps, compiled once; the record has steps + 1 points (the last batch is drawn at
-    the final parameters and not applied); the exact read-outs are those of ``readouts_at``, and
-    ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.  RuntimeError naming the config, the
-    step, its time and theta at the first step where the exact J or the sampled gradient is NaN or infinite.
+    with coords="full" at t = lr * step / N.  Settings may come from ``config`` (a TrainConfig;
+    explicit arguments win).  One scan over steps, compiled once.
+
+    Args:
+        flow_params: the config to train (task, model, theta0, schedule, eval_tasks).
+        lr: the learning rate (required unless config gives it).
+        steps: the number of steps (required unless config gives it).
+        batch: rollouts per step, >= 2 (required unless config gives it).
+        key (jax.Array): the jax.random key of the rollouts (required).
+        optimizer (str | optax.GradientTransformation | None): "sgd" (default), "adam" or any optax name,
+            or an optax transformation.
+        coords: "reduced" (the five numbers) or "full" (the matrix A).
+        max_len: the rollouts' cap (default: the model's ``max_len`` if set, else 50 n;
+            ``sampling.resolve_max_len``).
+        config: a ``TrainConfig`` holding the settings not given explicitly.
+        params: the deprecated name of ``coords``.
+
+    Returns:
+        A ``TrainingTrajectory`` with steps + 1 points (the last batch is drawn at the final parameters
+        and not applied); the exact read-outs are those of ``readouts_at``, and ``EVAL_RECORDED`` on each
+        of ``flow_params.eval_tasks``.
+
+    Raises:
+        ValueError: key, batch, lr or steps missing, or a setting is invalid.
+        RuntimeError: the exact J or the sampled gradient is NaN or infinite at some step; the message
+            names the config, the step, its time and theta.
     """
     if params is not None:
         check_choice("params", params, COORDS)
