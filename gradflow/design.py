@@ -57,8 +57,16 @@ FIRST_KNOT = 1e-3  # default knots and boundaries are log-spaced from t_budget *
 
 
 def training_probs(flow_params: FlowParams, t, schedule=None) -> jnp.ndarray:
-    """The start distribution the flow ascends at time t: ``schedule`` (given here or in
-    flow_params) at t, else ``flow_params.task.start_probs``."""
+    """The start distribution the flow ascends at time t: ``schedule`` (given here or in flow_params) at t.
+
+    Args:
+        flow_params: the config (its schedule, else its task's start_probs).
+        t (float | jax.Array): the time.
+        schedule (Schedule | Callable | None): a schedule used in place of the config's.
+
+    Returns:
+        The start probabilities over d = 1..n-1, shape (n-1,).
+    """
     schedule = flow_params.schedule if schedule is None else schedule
     return flow_params.task.start_probs if schedule is None else schedule(t)
 
@@ -66,14 +74,27 @@ def training_probs(flow_params: FlowParams, t, schedule=None) -> jnp.ndarray:
 def flow_theta(
     flow_params: FlowParams, t_budget, *, schedule=None, adjoint: str = "recursive", max_steps: int | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """theta(t_budget) (P,) flowed from flow_params.theta0 at flow_params.t0, and whether the solve
-    succeeded; reverse-mode differentiable in every traced number of flow_params and ``schedule``.
+    """theta(t_budget) flowed from flow_params.theta0 at flow_params.t0, and whether the solve succeeded.
 
-    One ``gradflow.integrator.integrate`` of the config's own vector field (with ``schedule``, when
-    given, in place of the config's).  Solver, rtol and atol come from flow_params; max_steps defaults
-    to min(flow_params.max_steps, 16384) (the checkpointed adjoint sizes its buffers by it).  A
-    schedule's jump times end a step, so the solver steps exactly to each switch.  With
-    flow_params.time_scale "log" the solver steps in s = log(1 + t - t0), as ``gradflow.flow`` does.
+    Reverse-mode differentiable in every traced number of flow_params and ``schedule``.  One
+    ``gradflow.integrator.integrate`` of the config's own vector field (with ``schedule``, when given, in
+    place of the config's); solver, rtol and atol come from flow_params.  A schedule's jump times end a
+    step, so the solver steps exactly to each switch.  With flow_params.time_scale "log" the solver
+    steps in s = log(1 + t - t0), as ``gradflow.flow`` does.
+
+    Args:
+        flow_params: the config to flow.
+        t_budget (float | jax.Array): the time to flow to.
+        schedule (Schedule | Callable | None): a schedule used in place of the config's.
+        adjoint: "recursive" (checkpointed discretise-then-optimise) or "backsolve".
+        max_steps: the solver's step budget (default min(flow_params.max_steps, 16384): the checkpointed
+            adjoint sizes its buffers by it).
+
+    Returns:
+        (theta (P,), success): the end point and a boolean array.
+
+    Raises:
+        ValueError: an unknown adjoint, a schedule that is neither a Schedule nor a callable, or max_steps < 1.
     """
     check_choice("adjoint", adjoint, ADJOINTS)
     if schedule is not None and not sched.is_schedule(schedule) and not callable(schedule):
@@ -110,12 +131,25 @@ def target_reward(
     adjoint: str = "recursive",
     max_steps: int | None = None,
 ) -> jnp.ndarray:
-    """J_target(theta(t_budget)): the reward on ``target`` (a ChainTask of the same n) after flowing
-    on flow_params' training data (its task.start_probs, or its schedule, or ``schedule`` given
-    here) from theta0 for t_budget - t0.  NaN when the solve fails (max_steps reached).
+    """J_target(theta(t_budget)): the reward on ``target`` after flowing on flow_params' training data.
 
-    Differentiable (reverse mode) with respect to the training start probabilities, the schedule's
-    parameters, theta0, tau, and the target's start probabilities.
+    The training data is flow_params' task.start_probs, or its schedule, or ``schedule`` given here; the
+    flow runs from theta0 for t_budget - t0.  Differentiable (reverse mode) with respect to the training
+    start probabilities, the schedule's parameters, theta0, tau, and the target's start probabilities.
+
+    Args:
+        flow_params: the config to flow.
+        target: the task to evaluate on (a ChainTask of the same n).
+        t_budget (float | jax.Array): the time to flow to, > t0.
+        schedule (Schedule | Callable | None): a schedule used in place of the config's.
+        adjoint: "recursive" (checkpointed discretise-then-optimise) or "backsolve".
+        max_steps: the solver's step budget (default min(flow_params.max_steps, 16384)).
+
+    Returns:
+        The scalar J_target; NaN when the solve fails (max_steps reached).
+
+    Raises:
+        ValueError: target is not a ChainTask of the same n, or t_budget is not a finite time > t0.
     """
     _check_target(flow_params, target, t_budget)
     theta, ok = flow_theta(flow_params, t_budget, schedule=schedule, adjoint=adjoint, max_steps=max_steps)
@@ -140,7 +174,15 @@ def _project(probs, mean_off, target_probs, cap):
 
 
 def off_target_mass(probs, target_probs) -> jnp.ndarray:
-    """The mass of ``probs`` on distances outside the target's support."""
+    """The mass of ``probs`` on distances outside the target's support.
+
+    Args:
+        probs (jax.Array): start distributions over d = 1..n-1, shape (..., n-1).
+        target_probs (jax.Array): the target's start distribution, shape (n-1,).
+
+    Returns:
+        The off-target mass, shape (...).
+    """
     return jnp.sum(jnp.where(target_probs > 0, 0.0, probs), axis=-1)
 
 
@@ -246,6 +288,7 @@ class DesignResult:
         return max(rows, key=lambda r: -np.inf if r["reward"] is None else r["reward"])
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict of every field (the schedule as its ``to_dict()``, ``gain`` included)."""
         return {
             "kind": self.kind,
             "n": self.n,
@@ -267,6 +310,14 @@ class DesignResult:
 
     @classmethod
     def from_dict(cls, record: dict) -> DesignResult:
+        """The result a ``to_dict`` record describes (``gain`` is recomputed, not read).
+
+        Args:
+            record: a dict written by ``to_dict`` (or read back from ``save``'s JSON).
+
+        Returns:
+            The ``DesignResult``.
+        """
         record = dict(record)
         record.pop("gain", None)
         probs = record.pop("probs")
@@ -288,6 +339,14 @@ class DesignResult:
 
     @classmethod
     def load(cls, path: str | Path) -> DesignResult:
+        """Read a result written by ``save``.
+
+        Args:
+            path: the JSON file.
+
+        Returns:
+            The ``DesignResult``.
+        """
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:
@@ -495,10 +554,38 @@ def optimal_mixture(
 
     p = softmax(logits) (projected onto the ``mean_easy_mass`` cap when given); Adam ascent (``lr``,
     at most ``steps`` steps, stopping when the best loss 1 - J has not fallen by a relative ``tol``
-    within ``patience`` steps) from ``restarts`` starts run together in one compiled, vmapped step: the best comparison
-    row, uniform, then random logits.  The result is the best iterate seen or the best feasible
-    comparison row, whichever is higher.  ``grid``: values of c for the one-parameter row (>= 64).
-    The solve uses ``solver``, ``rtol``, ``atol`` and ``max_steps`` (FlowParams fields).
+    within ``patience`` steps) from ``restarts`` starts run together in one compiled, vmapped step: the
+    best comparison row, uniform, then random logits.  The result is the best iterate seen or the best
+    feasible comparison row, whichever is higher.
+
+    Args:
+        target: the task whose reward is maximised.
+        t_budget: the training time, > 0.
+        model: the model (default ``ModelSpec()``).
+        theta0: the start (default ``default_theta0``).
+        steps: the most Adam steps, >= 0.
+        lr: Adam's learning rate, > 0.
+        restarts: the number of starts run together, >= 1.
+        seed: the seed of the random starts, an integer >= 0.
+        grid: the number of values of the one-parameter comparison row (>= 2; 64 or more advised).
+        mean_easy_mass: a cap in [0, 1] on the (time-averaged) mass outside the target's support
+            (None: no cap).
+        solver: the diffrax solver name (a ``FlowParams`` field).
+        rtol: the solver's relative tolerance.
+        atol: the solver's absolute tolerance.
+        max_steps: the solver's step budget.
+        coords: "reduced" or "full" (a ``FlowParams`` field).
+        n_vocab: the vocabulary size N for coords "full" (default 2n + n_isolated).
+        adjoint: "recursive" (checkpointed discretise-then-optimise) or "backsolve".
+        tol: the relative fall of the best loss 1 - J that counts as progress, >= 0.
+        patience: stop after this many steps without progress, >= 1.
+
+    Returns:
+        A ``DesignResult`` of kind "mixture": probs, reward, the comparison rows, the search history.
+
+    Raises:
+        ValueError: a setting is out of range (steps, restarts, grid, lr, tol, patience, seed,
+            mean_easy_mass, adjoint), target is not a ChainTask, or t_budget is not a finite time > 0.
     """
     start = time.perf_counter()
     model = ModelSpec() if model is None else model
@@ -637,16 +724,47 @@ def optimal_curriculum(
     tol: float = 1e-4,
     patience: int = 15,
 ) -> DesignResult:
-    """The schedule t -> start_probs that maximises ``target_reward`` at t_budget, over ``families``:
-    "step" (two distributions and a free switch time), "piecewise_constant" (``knots`` pieces) and
-    "piecewise_linear" (``knots`` knots), the latter two on times log-spaced from t_budget/1000 to
-    t_budget.  Other arguments as in ``optimal_mixture``.
+    """The schedule t -> start_probs that maximises ``target_reward`` at t_budget, over ``families``.
 
-    Comparison rows: those of the best fixed mixture (``mixture``, computed with the same settings
-    when not given), the best fixed mixture itself, and the best "easiest (d = 1) until s, then the
-    target" step over ``grid`` switch times s (under mean_easy_mass c, s <= c t_budget).  Each family
-    starts from the best step row, the best mixture and random logits.  The result is the best over
-    families and rows; ``gain`` is its reward minus the best fixed mixture's.
+    Families: "step" (two distributions and a free switch time), "piecewise_constant" (``knots`` pieces)
+    and "piecewise_linear" (``knots`` knots), the latter two on times log-spaced from t_budget/1000 to
+    t_budget.  Comparison rows: those of the best fixed mixture (``mixture``, computed with the same
+    settings when not given), the best fixed mixture itself, and the best "easiest (d = 1) until s,
+    then the target" step over ``grid`` switch times s (under mean_easy_mass c, s <= c t_budget).  Each
+    family starts from the best step row, the best mixture and random logits.  The result is the best
+    over families and rows; ``gain`` is its reward minus the best fixed mixture's.
+
+    Args:
+        target: the task whose reward is maximised.
+        t_budget: the training time, > 0.
+        knots: the number of pieces / knots of the piecewise families, >= 1.
+        model: the model (default ``ModelSpec()``).
+        theta0: the start (default ``default_theta0``).
+        families (str | Sequence[str]): the schedule families searched (default all of ``FAMILIES``).
+        steps: the most Adam steps, >= 0.
+        lr: Adam's learning rate, > 0.
+        restarts: the number of starts run together, >= 1.
+        seed: the seed of the random starts, an integer >= 0.
+        grid: the number of values of the one-parameter comparison row (>= 2; 64 or more advised).
+        mean_easy_mass: a cap in [0, 1] on the (time-averaged) mass outside the target's support
+            (None: no cap).
+        mixture: the best fixed mixture, when already computed (``optimal_mixture`` with the same settings).
+        solver: the diffrax solver name (a ``FlowParams`` field).
+        rtol: the solver's relative tolerance.
+        atol: the solver's absolute tolerance.
+        max_steps: the solver's step budget.
+        coords: "reduced" or "full" (a ``FlowParams`` field).
+        n_vocab: the vocabulary size N for coords "full" (default 2n + n_isolated).
+        adjoint: "recursive" (checkpointed discretise-then-optimise) or "backsolve".
+        tol: the relative fall of the best loss 1 - J that counts as progress, >= 0.
+        patience: stop after this many steps without progress, >= 1.
+
+    Returns:
+        A ``DesignResult`` of kind "curriculum": schedule, reward, mixture_reward, gain, the rows, the history.
+
+    Raises:
+        ValueError: a setting is out of range, families is empty or names an unknown family, target is
+            not a ChainTask, or t_budget is not a finite time > 0.
     """
     start = time.perf_counter()
     model = ModelSpec() if model is None else model
@@ -782,8 +900,28 @@ def reward_of(
     coords: str = "reduced",
     n_vocab: int | None = None,
 ) -> float:
-    """The target reward at t_budget of training on ``training``: a distribution over d = 1..n-1
-    (array) or a schedule (``gradflow.schedules``) -- one forward solve, for comparisons."""
+    """The target reward at t_budget of training on ``training``: one forward solve, for comparisons.
+
+    Args:
+        training (ArrayLike | Schedule): a distribution over d = 1..n-1, or a schedule (``gradflow.schedules``).
+        target: the task to evaluate on.
+        t_budget: the training time.
+        model: the model (default ``ModelSpec()``).
+        theta0: the start (default ``default_theta0``).
+        solver: the diffrax solver name (a ``FlowParams`` field).
+        rtol: the solver's relative tolerance.
+        atol: the solver's absolute tolerance.
+        max_steps: the solver's step budget.
+        coords: "reduced" or "full" (a ``FlowParams`` field).
+        n_vocab: the vocabulary size N for coords "full" (default 2n + n_isolated).
+
+    Returns:
+        J_target(theta(t_budget)) (NaN when the solve fails).
+
+    Raises:
+        ValueError: the schedule's distributions are over another n, or training is not a distribution
+            over d = 1..n-1.
+    """
     model = ModelSpec() if model is None else model
     base = _base_params(target, t_budget, model, theta0, solver, rtol, atol, max_steps, coords, n_vocab)
     if sched.is_schedule(training):
