@@ -90,7 +90,15 @@ class Schedule(eqx.Module):
         return None
 
     def mean_probs(self, t0, t1) -> jnp.ndarray:
-        """The time-averaged distribution (1/(t1-t0)) int_{t0}^{t1} schedule(t) dt (exact)."""
+        """The time-averaged distribution (1/(t1-t0)) int_{t0}^{t1} schedule(t) dt (exact).
+
+        Args:
+            t0 (float | jax.Array): the start of the window.
+            t1 (float | jax.Array): its end, > t0.
+
+        Returns:
+            The mean start distribution, shape (n-1,).
+        """
         raise NotImplementedError
 
     def map_distributions(self, fn) -> Schedule:
@@ -99,6 +107,7 @@ class Schedule(eqx.Module):
         return eqx.tree_at(where, self, tuple(fn(getattr(self, name)) for name in self.DISTRIBUTION_FIELDS))
 
     def to_dict(self) -> dict:
+        """A JSON-ready record: "kind" (the family) and the family's fields as lists (``from_dict`` reads it back)."""
         raise NotImplementedError
 
 
@@ -117,9 +126,19 @@ class Constant(Schedule):
         return self.probs
 
     def mean_probs(self, t0, t1) -> jnp.ndarray:
+        """The time-averaged distribution over [t0, t1]: ``probs`` itself.
+
+        Args:
+            t0 (float | jax.Array): the start of the window.
+            t1 (float | jax.Array): its end, > t0.
+
+        Returns:
+            ``probs``, shape (n-1,).
+        """
         return self.probs
 
     def to_dict(self) -> dict:
+        """The record {"kind": "constant", "probs": [...]}."""
         return {"kind": "constant", "probs": _tolist(self.probs)}
 
 
@@ -147,14 +166,25 @@ class Step(Schedule):
         return jnp.where(t < self.switch_time, self.before, self.after)
 
     def jump_times(self) -> jnp.ndarray:
+        """The one jump: ``switch_time`` as an array of shape (1,)."""
         return self.switch_time[None]
 
     def mean_probs(self, t0, t1) -> jnp.ndarray:
+        """The time-averaged distribution over [t0, t1]: ``before`` and ``after`` weighed by their time shares.
+
+        Args:
+            t0 (float | jax.Array): the start of the window.
+            t1 (float | jax.Array): its end, > t0.
+
+        Returns:
+            The mean start distribution, shape (n-1,).
+        """
         span = t1 - t0
         early = jnp.clip(self.switch_time - t0, 0.0, span) / span
         return early * self.before + (1.0 - early) * self.after
 
     def to_dict(self) -> dict:
+        """The record {"kind": "step", "switch_time": ..., "before": [...], "after": [...]}."""
         return {
             "kind": "step",
             "switch_time": float(self.switch_time),
@@ -181,14 +211,25 @@ class PiecewiseConstant(Schedule):
         return self.probs[piece]
 
     def jump_times(self) -> jnp.ndarray | None:
+        """The piece boundaries, or None for a single piece."""
         return self.boundaries if self.boundaries.shape[0] else None
 
     def mean_probs(self, t0, t1) -> jnp.ndarray:
+        """The time-averaged distribution over [t0, t1]: the pieces weighed by their time shares.
+
+        Args:
+            t0 (float | jax.Array): the start of the window.
+            t1 (float | jax.Array): its end, > t0.
+
+        Returns:
+            The mean start distribution, shape (n-1,).
+        """
         edges = jnp.concatenate([jnp.atleast_1d(t0), jnp.clip(self.boundaries, t0, t1), jnp.atleast_1d(t1)])
         weights = jnp.diff(edges) / (t1 - t0)
         return weights @ self.probs
 
     def to_dict(self) -> dict:
+        """The record {"kind": "piecewise_constant", "boundaries": [...], "probs": [[...], ...]}."""
         return {"kind": "piecewise_constant", "boundaries": _tolist(self.boundaries), "probs": _tolist(self.probs)}
 
 
@@ -220,7 +261,17 @@ class PiecewiseLinear(Schedule):
         return self._weights(t) @ self.probs
 
     def mean_probs(self, t0, t1) -> jnp.ndarray:
-        """Exact: each segment contributes (q_k dt + slope_k int (log t - log t_k) dt), clipped to [t0, t1]."""
+        """The time-averaged distribution over [t0, t1], exact.
+
+        Each segment contributes (q_k dt + slope_k int (log t - log t_k) dt), clipped to [t0, t1].
+
+        Args:
+            t0 (float | jax.Array): the start of the window.
+            t1 (float | jax.Array): its end, > t0.
+
+        Returns:
+            The mean start distribution, shape (n-1,).
+        """
         knots, probs = self.knots, self.probs
         span = t1 - t0
         head = jnp.clip(knots[0], t0, t1) - t0
@@ -235,6 +286,7 @@ class PiecewiseLinear(Schedule):
         return total / span
 
     def to_dict(self) -> dict:
+        """The record {"kind": "piecewise_linear", "knots": [...], "probs": [[...], ...]}."""
         return {"kind": "piecewise_linear", "knots": _tolist(self.knots), "probs": _tolist(self.probs)}
 
 
@@ -267,8 +319,18 @@ def from_dict(config: dict) -> Schedule:
 def from_logits(kind: str, logits, **times) -> Schedule:
     """A schedule whose distributions are softmax(logits) (last axis): the simplex holds exactly.
 
-    ``constant``: logits (n-1,); ``step``: logits (2, n-1) for (before, after), times switch_time=;
-    ``piecewise_constant``: (K, n-1), boundaries=; ``piecewise_linear``: (K, n-1), knots=.
+    Args:
+        kind: "constant", "step", "piecewise_constant" or "piecewise_linear".
+        logits (ArrayLike): (n-1,) for constant; (2, n-1) for step (before, after); (K, n-1) for the
+            piecewise families.
+        **times (ArrayLike): the family's times: switch_time= (step), boundaries= (piecewise_constant)
+            or knots= (piecewise_linear); none for constant.
+
+    Returns:
+        The ``Schedule``.
+
+    Raises:
+        ValueError: an unknown kind, or logits / times of the wrong shape (the family's checks).
     """
     probs = jax.nn.softmax(jnp.asarray(logits, dtype=float), axis=-1)
     if kind == "constant":
@@ -283,7 +345,19 @@ def from_logits(kind: str, logits, **times) -> Schedule:
 
 
 def log_knots(t_budget: float, count: int, t_first: float | None = None) -> np.ndarray:
-    """``count`` log-spaced times from ``t_first`` (default t_budget / 1000) to ``t_budget``."""
+    """``count`` log-spaced times from ``t_first`` (default t_budget / 1000) to ``t_budget``.
+
+    Args:
+        t_budget: the last time, > 0.
+        count: the number of times, >= 1 (one: just t_budget).
+        t_first: the first time (default t_budget / 1000).
+
+    Returns:
+        The times, shape (count,).
+
+    Raises:
+        ValueError: count < 1 or t_budget <= 0.
+    """
     check_int("count", count, 1)
     if not float(t_budget) > 0:
         raise ValueError(f"t_budget must be > 0, got {t_budget!r}")
@@ -305,6 +379,17 @@ def named_distribution(text: str, n: int) -> np.ndarray:
     ``k_hardest:<k>`` (uniform over the k largest distances); ``mix<c>`` (mass c on d = 1, the rest
     on the hardest); or explicit probabilities separated by '/' (n-1 numbers summing to 1, e.g.
     ``0.1/0/0/0/0/0/0.9`` at n = 8).
+
+    Args:
+        text: the name (or the '/'-separated probabilities).
+        n: the chain length, >= 2.
+
+    Returns:
+        The probabilities, shape (n-1,).
+
+    Raises:
+        ValueError: an unknown name, a distance or k out of range, or probabilities that are not n-1
+            non-negative numbers summing to 1.
     """
     check_int("n", n, 2)
     text = text.strip()
@@ -378,6 +463,16 @@ def schedule_from_spec(text: str, n: int) -> Schedule:
     - ``pwc:boundaries=1|10,probs=easiest|uniform|hardest`` (piecewise constant, K pieces)
     - ``pwl:knots=0.1|1|10,probs=easiest|uniform|hardest`` (piecewise linear in log t, K knots)
     - a path to a JSON file holding ``Schedule.to_dict()``, or that JSON text itself ('{...}').
+
+    Args:
+        text (str | Path): the spec, a JSON file path or JSON text.
+        n: the chain length, >= 2 (the distributions are over d = 1..n-1).
+
+    Returns:
+        The ``Schedule``.
+
+    Raises:
+        ValueError: the spec cannot be parsed or describes an invalid schedule; the message says which part.
     """
     check_int("n", n, 2)
     if not isinstance(text, (str, Path)):
