@@ -90,7 +90,15 @@ def _as_dict(config) -> dict:
 
 
 def write_configs(configs: Sequence, path: str | Path) -> Path:
-    """Write FlowParams (or their dicts) as a JSON list that ``run_sweep`` reads (atomically)."""
+    """Write FlowParams (or their dicts) as a JSON list that ``run_sweep`` reads (atomically).
+
+    Args:
+        configs: ``FlowParams`` or their ``to_dict()`` dicts.
+        path: the JSON file to write (its folder is created).
+
+    Returns:
+        The path written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
@@ -132,7 +140,15 @@ def read_configs(path: str | Path) -> list[FlowParams]:
 
 
 def result_path(out_dir: str | Path, config) -> Path:
-    """Where the result of ``config`` lives: out_dir/<config_hash>.npz (and .json beside it)."""
+    """Where the result of ``config`` lives: out_dir/<config_hash>.npz (and .json beside it).
+
+    Args:
+        out_dir: the sweep's output folder.
+        config (FlowParams | dict): the config (or its dict).
+
+    Returns:
+        The .npz path.
+    """
     return Path(out_dir) / f"{config_hash(config)}.npz"
 
 
@@ -142,6 +158,14 @@ def load_result(path: str | Path, config=None) -> Trajectory | None:
     Complete means: both files exist and load, every array has one row per save time, and (when
     ``config`` is given, or else from the file name) the stored config has the hash that names the
     file.  A truncated or damaged result therefore reads as "not solved", never as a wrong one.
+
+    Args:
+        path: the result's .npz path (any suffix is replaced).
+        config (FlowParams | dict | None): the config whose hash the stored one must have (default: the
+            hash in the file name).
+
+    Returns:
+        The ``Trajectory``, or None.
     """
     path = Path(path).with_suffix(".npz")
     if not (path.exists() and path.with_suffix(".json").exists()):
@@ -158,7 +182,16 @@ def load_result(path: str | Path, config=None) -> Trajectory | None:
 
 
 def is_complete(path: str | Path, config=None) -> bool:
-    """True when ``load_result(path, config)`` finds a complete result."""
+    """True when ``load_result(path, config)`` finds a complete result.
+
+    Args:
+        path: the result's .npz path.
+        config (FlowParams | dict | None): the config whose hash the stored one must have (default: the
+            hash in the file name).
+
+    Returns:
+        Whether a complete result is there.
+    """
     return load_result(path, config) is not None
 
 
@@ -209,6 +242,13 @@ def save_atomic(trajectory: Trajectory, path: str | Path) -> Path:
 
     Both files are written into a temporary folder beside them and moved into place with
     ``os.replace``, the ``.npz`` first and the ``.json`` last (a result counts only when both load).
+
+    Args:
+        trajectory: the result to save.
+        path: the result's path (its suffix is replaced by .npz / .json).
+
+    Returns:
+        The .npz path.
     """
     final = Path(path).with_suffix(".npz")
     tmp = _tmp_dir(final.parent)
@@ -269,15 +309,32 @@ def run_sweep(
 ) -> list[Path]:
     """Solve the configs of ``config_path`` (those with i % count == index) into ``out_dir``.
 
-    Returns the result paths of this slice's configs, in file order (skipped ones included).
-    ``progress`` prints one line per group; ``devices`` is passed to ``simulate_many``;
-    ``batch_size`` caps how many configs are solved (and lost to a kill) at once.  Raises
-    ``SweepError`` after saving everything else when some configs could not be solved.
+    Configs are grouped by structure and each group solved by ``simulate_many``; results are saved
+    with ``save_atomic`` under ``result_path``.
 
-    ``executor`` ("local", "slurm" or a ``submitit.Executor``) runs the whole file instead as one
-    submitit job array of ``array_size`` tasks (default min(#configs, 8)), always resuming, waits
-    for it and returns every result path in file order (``index``/``count`` must stay 0/1 then);
-    see ``submit_sweep`` for ``executor_params`` and ``executor_folder``.
+    Args:
+        config_path: the sweep file (``write_configs``).
+        out_dir: the folder of the results.
+        resume: skip configs whose result is already complete (``is_complete``).
+        progress: print one line per group.
+        index: this slice's index, 0 <= index < count.
+        count: the number of slices the file is split into, >= 1.
+        devices (Sequence[jax.Device] | None): passed to ``simulate_many``.
+        batch_size: caps how many configs are solved (and lost to a kill) at once (None: a whole group).
+        executor (str | submitit.Executor | None): "local", "slurm" or a ``submitit.Executor``: run the whole
+            file instead as one submitit job array, always resuming, wait for it and return every result
+            path in file order (``index``/``count`` must stay 0/1 then).
+        array_size: the number of array tasks with an executor (default min(#configs, 8)).
+        executor_params: parameters of the executor (see ``submit_sweep``).
+        executor_folder: submitit's folder (see ``submit_sweep``).
+
+    Returns:
+        The result paths of this slice's configs, in file order (skipped ones included).
+
+    Raises:
+        SweepError: after saving everything else, when some configs could not be solved.
+        ValueError: a bad config file, or index/count/batch_size out of range (or index/count set with
+            an executor).
     """
     if executor is not None:
         if (index, count) != (0, 1):
@@ -323,7 +380,15 @@ def run_sweep(
 
 
 def load_results(config_path: str | Path, out_dir: str | Path) -> list[Trajectory | None]:
-    """The saved trajectories of a sweep file, in file order (None where not solved or incomplete)."""
+    """The saved trajectories of a sweep file, in file order (None where not solved or incomplete).
+
+    Args:
+        config_path: the sweep file.
+        out_dir: the folder of the results.
+
+    Returns:
+        One ``Trajectory`` or None per config.
+    """
     return [load_result(result_path(out_dir, cfg), cfg) for cfg in read_configs(config_path)]
 
 
@@ -366,7 +431,15 @@ def executor_param_names(kind: str) -> tuple[str, ...]:
 
 
 def check_executor_params(kind: str, params: dict) -> None:
-    """ValueError naming a parameter that an executor of ``kind`` does not accept (``executor_param_names``)."""
+    """ValueError naming a parameter that an executor of ``kind`` does not accept (``executor_param_names``).
+
+    Args:
+        kind: "local" or "slurm".
+        params: the parameter names (and values) to check.
+
+    Raises:
+        ValueError: a name the executor does not accept, or an unknown kind.
+    """
     known = executor_param_names(kind)
     for name in params:
         if name not in known:
@@ -376,10 +449,20 @@ def check_executor_params(kind: str, params: dict) -> None:
 def make_executor(kind: str, folder: str | Path, **params):
     """A submitit executor: ``kind`` "local" (subprocesses on this machine) or "slurm".
 
-    ``params`` go to ``executor.update_parameters`` (e.g. ``timeout_min``, ``slurm_partition``,
-    ``cpus_per_task``, ``gpus_per_node``, ``mem_gb``); the local executor's default timeout is raised
-    from submitit's 2 minutes to 24 hours.  A parameter name the executor does not accept raises
-    ValueError naming it (``check_executor_params``; submitit's local executor would ignore it).
+    The local executor's default timeout is raised from submitit's 2 minutes to 24 hours.
+
+    Args:
+        kind: "local" or "slurm".
+        folder: submitit's folder for logs and pickles.
+        **params (Any): go to ``executor.update_parameters`` (e.g. ``timeout_min``, ``slurm_partition``,
+            ``cpus_per_task``, ``gpus_per_node``, ``mem_gb``).
+
+    Returns:
+        executor (submitit.Executor): the configured executor.
+
+    Raises:
+        ValueError: an unknown kind, or a parameter name the executor does not accept
+            (``check_executor_params``; submitit's local executor would ignore it).
     """
     import submitit
 
@@ -412,9 +495,24 @@ def submit_sweep(
 
     Task i runs ``run_sweep(config_path, out_dir, resume=True, index=i, count=array_size)``, so the
     tasks never share a config, and re-submitting after a killed task solves only what is missing.
-    ``executor``: "local", "slurm" (made with ``make_executor(kind, executor_folder,
-    **executor_params)``; ``executor_folder`` defaults to ``out_dir/.submitit``) or a configured
-    ``submitit.Executor`` (then ``executor_params`` are applied to it when given).
+
+    Args:
+        config_path: the sweep file (read here first, so a bad file fails before any job).
+        out_dir: the folder of the results.
+        executor (str | submitit.Executor): "local", "slurm" (made with ``make_executor(kind,
+            executor_folder, **executor_params)``) or a configured ``submitit.Executor`` (then
+            ``executor_params`` are applied to it when given).
+        array_size: the number of array tasks (default min(#configs, 8)).
+        devices (Sequence[jax.Device] | None): passed to each task's ``run_sweep``.
+        batch_size: passed to each task's ``run_sweep``.
+        executor_params: executor parameters (``make_executor``).
+        executor_folder: submitit's folder (default ``out_dir/.submitit``).
+
+    Returns:
+        jobs (list[submitit.Job]): the submitit jobs, one per array task.
+
+    Raises:
+        ValueError: a bad config file, array_size < 1, or a bad executor or parameter.
     """
     config_path, out_dir = Path(config_path).resolve(), Path(out_dir).resolve()
     configs = read_configs(config_path)  # fail here, not in every task, on a bad file
@@ -437,8 +535,17 @@ def submit_sweep(
 def wait_sweep(jobs, config_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Wait for the jobs of ``submit_sweep``; the result paths of every config, in file order.
 
-    Raises ``SweepError`` when a job failed or was killed, or a result is still missing; the
-    results that were saved stay, and re-running the sweep (it resumes) solves only the rest.
+    Args:
+        jobs (Sequence[submitit.Job]): the jobs ``submit_sweep`` returned.
+        config_path: the sweep file.
+        out_dir: the folder of the results.
+
+    Returns:
+        The result path of every config, in file order.
+
+    Raises:
+        SweepError: a job failed or was killed, or a result is still missing; the results that were
+            saved stay, and re-running the sweep (it resumes) solves only the rest.
     """
     failures = {}
     for job in jobs:
