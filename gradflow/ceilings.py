@@ -162,9 +162,20 @@ def max_reward(task: ChainTask, model: ModelSpec | None = None) -> float:
 def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None) -> str | None:
     """A one-line warning when the reward ``level`` lies above what the model can reach, else None.
 
-    ``config``: a ``FlowParams`` (its task and model) or a ``ChainTask`` (then ``model``, default
-    ``ModelSpec()``).  For the flow, ``simulate``, ``phases`` and the CLI: a level at or above the
-    ceiling is never reached, whatever t1.
+    For the flow, ``simulate``, ``phases`` and the CLI: a level at or above the ceiling is never
+    reached, whatever t1.
+
+    Args:
+        config (FlowParams | ChainTask): a ``FlowParams`` (its task and model) or a ``ChainTask`` (then
+            ``model`` is used).
+        level: the reward level, in [0, 1].
+        model: the model when config is a ChainTask (default ``ModelSpec()``; ignored for a FlowParams).
+
+    Returns:
+        The warning text, or None when the level can be reached.
+
+    Raises:
+        ValueError: config is neither a FlowParams nor a ChainTask, or level is not in [0, 1].
     """
     if isinstance(config, FlowParams):
         task, model = config.task, config.model

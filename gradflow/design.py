@@ -91,7 +91,7 @@ def flow_theta(
             adjoint sizes its buffers by it).
 
     Returns:
-        (theta (P,), success): the end point and a boolean array.
+        The end point theta, shape (P,), and whether the solve succeeded (a boolean array).
 
     Raises:
         ValueError: an unknown adjoint, a schedule that is neither a Schedule nor a callable, or max_steps < 1.

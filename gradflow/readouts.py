@@ -53,7 +53,21 @@ READOUTS: dict[str, Readout] = {}
 
 
 def register(name: str, fn: Callable, axis: str | None = None, probability: bool = False, description: str = "") -> Readout:
-    """Add a read-out ``name`` -> fn(theta, task, model); ValueError if the name is taken or the axis unknown."""
+    """Add a read-out ``name`` -> fn(theta, task, model) to ``READOUTS``.
+
+    Args:
+        name: the read-out's name (non-empty, not yet registered).
+        fn: (theta, task, model) -> a scalar or a per-position array.
+        axis: None for a scalar, or the name of its per-position axis (one of ``AXES``).
+        probability: whether the value is a probability (levels of it must lie in (0, 1)).
+        description: one line saying what it is.
+
+    Returns:
+        The registered ``Readout``.
+
+    Raises:
+        ValueError: the name is empty or taken, the axis unknown, or fn not callable.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if name in READOUTS:
@@ -76,7 +90,22 @@ def check_names(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def read(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict[str, jnp.ndarray]:
-    """{name: value} of the named read-outs at one theta (a ``Theta`` or its array); traceable."""
+    """{name: value} of the named read-outs at one theta; traceable.
+
+    Intermediates shared by several read-outs are computed once per call.
+
+    Args:
+        names: one read-out name or several (registered in ``READOUTS``).
+        theta (Theta | jax.Array): a ``Theta`` or its array of shape (5,).
+        task: the chain task.
+        model: the model.
+
+    Returns:
+        A dict name -> value.
+
+    Raises:
+        ValueError: a name is not a registered read-out.
+    """
     names = check_names(names)
     theta = theta if isinstance(theta, Theta) else Theta.from_array(jnp.asarray(theta))
     token = _MEMO.set({})
