@@ -250,7 +250,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> Non
         metavar="NAME",
         help=f"read-outs to record (gradflow.readouts; the reward always is): {', '.join(choices['readouts'])} (default all)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress meter")
+    meter = parser.add_mutually_exclusive_group()
+    meter.add_argument(
+        "--progress",
+        action="store_true",
+        help="show diffrax's progress meter (a host callback: that solve is compiled afresh, never loaded from the cache)",
+    )
+    meter.add_argument("--no-progress", action="store_true", help="no progress meter (the default)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +334,7 @@ def cmd_run(args) -> int:
     with _input_stage():
         params = _flow_from_args(args)
         figure = _writable_files(args.figure, "--figure", (".png", ".pdf", ".json"))
-    trajectory = flow.simulate(params, progress=not args.no_progress)
+    trajectory = flow.simulate(params, progress=args.progress)
     print(report(trajectory))
     _plot_emergence(trajectory, figure)
     return 0
@@ -348,7 +354,7 @@ def cmd_simulate(args) -> int:
         params = _flow_from_args(args)
         out = Path(args.out) / SIMULATE_NAME if Path(args.out).is_dir() else args.out
         out = _writable_files(out, "--out", (".npz", ".json"))
-    trajectory = flow.simulate(params, progress=not args.no_progress)
+    trajectory = flow.simulate(params, progress=args.progress)
     print(report(trajectory))
     print(f"saved {trajectory.save(out)}")
     return 0
@@ -362,7 +368,7 @@ def cmd_check(args) -> int:
         else:
             params = _flow_from_args(args)
     if not args.run:
-        trajectory = flow.simulate(params, progress=not args.no_progress)
+        trajectory = flow.simulate(params, progress=args.progress)
     print(theory.check_conditions(trajectory.config))
     print(theory.phases(trajectory))
     return 0

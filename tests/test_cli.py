@@ -601,3 +601,23 @@ def test_design_old_mass_flag_is_a_deprecated_alias(capsys):
     assert cli._renamed_flag(args, "mean_easy_mass", "max_mean_easy_mass") == (0.2, None)
     helps = {action.dest: action.help for action in _subcommands()["design"]._actions}
     assert "cap" not in helps["max_mean_easy_mass"] and "rollout cap" in helps["max_len"]  # "cap": the rollout cap only
+
+
+def test_progress_meter_is_off_by_default(monkeypatch, tmp_path):
+    """The CLI's default solve carries no host callback, so it is the cached program (issue 21)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(params, progress=False):
+        seen.append(progress)
+        raise Stop
+
+    monkeypatch.setattr(gf.flow, "simulate", record)
+    for argv, expected in ((["simulate"], False), (["simulate", "--progress"], True), (["simulate", "--no-progress"], False)):
+        with pytest.raises(Stop):
+            cli.main(argv + ["--out", str(tmp_path / "x")])
+        assert seen.pop() is expected
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["simulate", "--out", "x", "--progress", "--no-progress"])
