@@ -43,12 +43,29 @@ from gradflow.task import ChainTask
 
 
 def edge_column(x, y, n_vocab: int):
-    """Column of edge token (x, y), x != y: N + x (N-1) + y - [y > x]."""
+    """Column of edge token (x, y), x != y: N + x (N-1) + y - [y > x].
+
+    Args:
+        x (int | jax.Array): the edge's first vertex token.
+        y (int | jax.Array): its second vertex token (!= x).
+        n_vocab: the vocabulary size N.
+
+    Returns:
+        column (int | jax.Array): the column index in the attention matrix (same shape as x and y).
+    """
     return n_vocab + x * (n_vocab - 1) + y - (y > x)
 
 
 def full_attention(theta: Theta, n_vocab: int) -> jnp.ndarray:
-    """A[u, c] = theta_k for the kind k of token c relative to query u; shape (N, N + N(N-1))."""
+    """A[u, c] = theta_k for the kind k of token c relative to query u; shape (N, N + N(N-1)).
+
+    Args:
+        theta: the attention scores.
+        n_vocab: the vocabulary size N.
+
+    Returns:
+        The full attention matrix A.
+    """
     return theta.as_array()[orbit_labels(n_vocab)]
 
 
@@ -82,7 +99,17 @@ class Instances(NamedTuple):
 
 
 def sample_instances(task: ChainTask, n_vocab: int, key, batch: int) -> Instances:
-    """Random injective labels (argsort of uniforms) and d ~ start_probs (inverse CDF), one draw each."""
+    """Random injective labels (argsort of uniforms) and d ~ start_probs (inverse CDF), one draw each.
+
+    Args:
+        task: the chain task (its n and start distribution).
+        n_vocab: the vocabulary size N.
+        key (jax.Array): the jax.random key.
+        batch: the number of instances.
+
+    Returns:
+        ``Instances``: labels (batch, N), the prompt's edge columns, the start vertex and d per instance.
+    """
     uniforms = jax.random.uniform(key, (batch, n_vocab + 1))
     labels = jnp.argsort(uniforms[:, :n_vocab], axis=1)
     edges = np.asarray(edge_list(task.n))
@@ -109,6 +136,18 @@ def next_log_probs(A, labels, edge_columns, u, counts, n: int, model: ModelSpec)
 
     linear: w_j = A[u, c_j].  softmax: w_j = exp A[u, c_j] / Z over the context, where the context
     holds the prompt edges and ``counts[k]`` copies of the vertex token of canonical vertex k.
+
+    Args:
+        A (jax.Array): the full attention matrix (``full_attention``).
+        labels (jax.Array): the token of each canonical vertex, shape (N,).
+        edge_columns (jax.Array): the columns of the prompt's edge tokens.
+        u (int | jax.Array): the canonical query vertex.
+        counts (jax.Array): copies of each canonical vertex's token in the context, shape (N,).
+        n: the chain length.
+        model: the model (attention, tau, mask_self).
+
+    Returns:
+        The log-probabilities, shape (N,).
     """
     token = labels[u]
     scores = A[token, edge_columns]
@@ -136,7 +175,19 @@ def _initial_counts(start, n_vocab: int) -> jnp.ndarray:
 
 
 def transition_log_probs(A, labels, edge_columns, start, n: int, model: ModelSpec) -> jnp.ndarray:
-    """log P[u, v] for every canonical query u of one instance, prompt context; shape (N, N)."""
+    """log P[u, v] for every canonical query u of one instance, prompt context; shape (N, N).
+
+    Args:
+        A (jax.Array): the full attention matrix (``full_attention``).
+        labels (jax.Array): the token of each canonical vertex, shape (N,).
+        edge_columns (jax.Array): the columns of the prompt's edge tokens.
+        start (int | jax.Array): the canonical start vertex (its token is in the prompt once).
+        n: the chain length.
+        model: the model.
+
+    Returns:
+        The log transition matrix, shape (N, N).
+    """
     counts = _initial_counts(start, A.shape[0])
     return jax.vmap(lambda u: next_log_probs(A, labels, edge_columns, u, counts, n, model))(jnp.arange(A.shape[0]))
 
@@ -238,8 +289,21 @@ def _check_vocabulary(A, task: ChainTask, model: ModelSpec) -> None:
 
 
 def resolve_max_len(task: ChainTask, model: ModelSpec, max_len: int | None = None) -> int:
-    """The rollout cap: the ``max_len`` argument when given, else ``model.max_len`` when set, else
-    ``default_max_len(n)`` (a truncation far beyond the expected length, for uncapped models)."""
+    """The rollout cap: ``max_len`` when given, else ``model.max_len`` when set, else ``default_max_len(n)``.
+
+    ``default_max_len(n)`` is a truncation far beyond the expected length, for uncapped models.
+
+    Args:
+        task: the chain task (its n).
+        model: the model (its max_len).
+        max_len: an explicit cap.
+
+    Returns:
+        The cap, an integer >= 1.
+
+    Raises:
+        ValueError: the cap is not an integer >= 1.
+    """
     if max_len is None:
         max_len = model.max_len if model.max_len is not None else default_max_len(task.n)
     return check_int("max_len", max_len, 1)
@@ -249,9 +313,23 @@ def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int
     """Sample ``batch`` instances and generate until the first terminal (or ``max_len`` tokens).
 
     Step: p(v | u) = softmax_v[(1/tau) sum_j w_j(A[u, c_j]) V[c_j, v]] over all N vertex tokens,
-    the current vertex masked if ``model.mask_self``.  Cap (``resolve_max_len``): the ``max_len``
-    argument wins when given; else ``model.max_len`` (the capped reward of ``gradflow.capped``);
-    else ``default_max_len(n)``.  A rollout with no terminal within the cap earns 0 (``truncated``).
+    the current vertex masked if ``model.mask_self``.  A rollout with no terminal within the cap earns
+    0 (``truncated``).
+
+    Args:
+        A (ArrayLike): the full attention matrix (``full_attention``).
+        task: the chain task.
+        model: the model.
+        key (jax.Array): the jax.random key.
+        batch: the number of rollouts, >= 1.
+        max_len: the cap (``resolve_max_len``): the argument wins when given; else ``model.max_len``
+            (the capped reward of ``gradflow.capped``); else ``default_max_len(n)``.
+
+    Returns:
+        The ``Rollouts`` (leading axis: batch).
+
+    Raises:
+        ValueError: batch or max_len is not an integer >= 1, or A's shape does not fit the vocabulary.
     """
     batch = check_int("batch", batch, 1)
     max_len = resolve_max_len(task, model, max_len)
@@ -270,6 +348,17 @@ def path_log_prob(A, labels, path_tokens, start, n: int, model: ModelSpec) -> jn
 
     Differentiable in A; the path is data.  Markov walks read a (N, N) table of log P[u, v]; softmax
     with history context evaluates every step in parallel.  No loop over tokens either way.
+
+    Args:
+        A (jax.Array): the full attention matrix (``full_attention``).
+        labels (jax.Array): the token of each canonical vertex, shape (N,).
+        path_tokens (jax.Array): the generated tokens, padded with -1.
+        start (jax.Array): the canonical start vertex (a scalar array).
+        n: the chain length.
+        model: the model.
+
+    Returns:
+        The scalar log-probability.
     """
     n_vocab = A.shape[0]
     canonical = jnp.argsort(labels)
@@ -301,7 +390,19 @@ def leave_one_out_advantage(rewards: jnp.ndarray) -> jnp.ndarray:
 
 
 def surrogate(A, ro: Rollouts, n: int, model: ModelSpec) -> jnp.ndarray:
-    """mean_i (R_i - b_i) log p(path_i | A): its gradient is the REINFORCE estimate of grad J."""
+    """mean_i (R_i - b_i) log p(path_i | A): its gradient is the REINFORCE estimate of grad J.
+
+    The baseline b_i is the leave-one-out mean (``leave_one_out_advantage``), held constant.
+
+    Args:
+        A (jax.Array): the full attention matrix to differentiate in.
+        ro: the sampled rollouts (batch >= 2).
+        n: the chain length.
+        model: the model.
+
+    Returns:
+        The scalar surrogate.
+    """
     advantage = jax.lax.stop_gradient(leave_one_out_advantage(ro.rewards))
     return jnp.mean(advantage * _batch_log_probs(A, ro, n, model))
 
@@ -317,7 +418,22 @@ def _vocabulary_size(task: ChainTask, model: ModelSpec) -> int:
 
 
 def estimate_reward(theta: Theta, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None):
-    """Monte-Carlo J(theta) = mean reward of ``batch`` rollouts, with its standard error."""
+    """Monte-Carlo J(theta) = mean reward of ``batch`` rollouts, with its standard error.
+
+    Args:
+        theta: the attention scores.
+        task: the chain task.
+        model: the model.
+        key (jax.Array): the jax.random key.
+        batch: the number of rollouts, >= 2.
+        max_len: the cap (``resolve_max_len``).
+
+    Returns:
+        estimate (tuple[jax.Array, jax.Array]): (mean reward, its standard error).
+
+    Raises:
+        ValueError: batch < 2 or a bad cap.
+    """
     batch = check_int("batch", batch, 2)
     ro = rollouts(full_attention(theta, _vocabulary_size(task, model)), task, model, key, batch, max_len)
     return _mean_and_stderr(ro.rewards)
@@ -337,6 +453,20 @@ def estimate_gradient(theta: Theta, task: ChainTask, model: ModelSpec, key, batc
     grad = mean_i (R_i - b_i) grad_theta log p(path_i), leave-one-out baseline (exactly unbiased);
     the standard error treats the per-sample terms as independent (their coupling through b_i is
     O(1/B)).
+
+    Args:
+        theta: the attention scores.
+        task: the chain task.
+        model: the model.
+        key (jax.Array): the jax.random key.
+        batch: the number of rollouts, >= 2.
+        max_len: the cap (``resolve_max_len``).
+
+    Returns:
+        estimate (tuple[jax.Array, jax.Array]): (grad, its standard errors), each of shape (P,).
+
+    Raises:
+        ValueError: batch < 2 or a bad cap.
     """
     batch = check_int("batch", batch, 2)
     n_vocab = _vocabulary_size(task, model)
