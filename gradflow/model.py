@@ -100,7 +100,13 @@ def default_theta0() -> Theta:
 def vocabulary_size(n, model: ModelSpec, n_vocab: int | None = None) -> int:
     """N, the number of vertex tokens: ``n_vocab`` when given, else 2n + n_isolated.
 
-    ``n`` is the chain length or a ChainTask (its ``n`` is used).
+    Args:
+        n (int | ChainTask): the chain length, or a ChainTask (its ``n`` is used).
+        model: the model (its n_isolated).
+        n_vocab: an explicit vocabulary size.
+
+    Returns:
+        N.
     """
     n = check_int("n", getattr(n, "n", n), 2)
     if n_vocab is not None:
@@ -396,7 +402,15 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
 
 
 def vertex_names(n: int, n_isolated: int = 0) -> list[str]:
-    """Vertex order of every dense matrix: a_1..a_n, b_1..b_n, then i_1..i_m."""
+    """Vertex order of every dense matrix: a_1..a_n, b_1..b_n, then i_1..i_m.
+
+    Args:
+        n: the chain length.
+        n_isolated: the number m of isolated vertices.
+
+    Returns:
+        The 2n + m names, in canonical order.
+    """
     return [f"a{i}" for i in range(1, n + 1)] + [f"b{i}" for i in range(1, n + 1)] + [f"i{k}" for k in range(1, n_isolated + 1)]
 
 
@@ -406,10 +420,18 @@ def edge_list(n: int) -> list[tuple[int, int]]:
 
 
 def next_vertex_logits(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1) -> jnp.ndarray:
-    """Logits c(u, v) . s(u) of every vertex v (canonical order) for query vertices ``u`` (any shape):
-    shape u.shape + (2n + n_isolated,), the current vertex at -inf when ``model.mask_self``.
+    """Logits c(u, v) . s(u) of every vertex v (canonical order) for query vertices ``u`` (any shape).
 
-    ``start_vertex``: the canonical start (softmax only: that row attends to its own token with eta).
+    Args:
+        theta: the attention scores.
+        u (int | jax.Array): query vertices, canonical indices (``vertex_names`` order), any shape.
+        n: the chain length.
+        model: the model.
+        start_vertex (int | jax.Array): the canonical start (softmax only: that row attends to its own
+            token with eta; -1: none).
+
+    Returns:
+        The logits, shape u.shape + (2n + n_isolated,), the current vertex at -inf when ``model.mask_self``.
     """
     u = jnp.asarray(u)[..., None]
     v = jnp.arange(2 * n + model.n_isolated)
@@ -424,9 +446,17 @@ def next_vertex_logits(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-
 def transition_matrix(theta: Theta, task, model: ModelSpec, start: int | None = None) -> jnp.ndarray:
     """Dense next-vertex probabilities P[u, v] = softmax_v of ``next_vertex_logits`` (docs/THEORY.md §2.2).
 
-    ``start`` is the start's position on chain a (softmax only: that row attends to its own token with
-    eta); rows of terminals are computed like any other (the walk stops there).  ``task``: a
-    ChainTask or the chain length n.  ``gradflow.sampling`` builds the same matrix token by token.
+    Rows of terminals are computed like any other (the walk stops there).  ``gradflow.sampling``
+    builds the same matrix token by token.
+
+    Args:
+        theta: the attention scores.
+        task (ChainTask | int): a ChainTask or the chain length n.
+        model: the model.
+        start: the start's position on chain a (softmax only: that row attends to its own token with eta).
+
+    Returns:
+        P, shape (2n + n_isolated, 2n + n_isolated), rows and columns in ``vertex_names`` order.
     """
     n = _chain_length(task)
     start_vertex = -1 if start is None else start - 1

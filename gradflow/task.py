@@ -48,7 +48,19 @@ class ChainTask(eqx.Module):
 
     @classmethod
     def mixture(cls, n: int, easy_mass: float, easy_steps: Sequence[int] = (1,)) -> ChainTask:
-        """Mass ``easy_mass`` spread evenly over the distances ``easy_steps``, the rest on d = n-1."""
+        """Mass ``easy_mass`` spread evenly over the distances ``easy_steps``, the rest on d = n-1.
+
+        Args:
+            n: the chain length, >= 2.
+            easy_mass: the mass on the easy distances, in [0, 1].
+            easy_steps: the easy distances, each in 1..n-1.
+
+        Returns:
+            The ``ChainTask``.
+
+        Raises:
+            ValueError: n < 2, easy_mass outside [0, 1], or an easy distance outside 1..n-1.
+        """
         n = check_int("n", n, 2)
         mass = check_fraction("easy_mass", easy_mass, 0.0, 1.0, inclusive=True)
         steps = _distances("easy_steps", easy_steps, n)
@@ -59,7 +71,18 @@ class ChainTask(eqx.Module):
 
     @classmethod
     def k_hardest(cls, n: int, k: int) -> ChainTask:
-        """Uniform over the k hardest starts d = n-k..n-1 (the authors' simple-examples experiment)."""
+        """Uniform over the k hardest starts d = n-k..n-1 (the authors' simple-examples experiment).
+
+        Args:
+            n: the chain length, >= 2.
+            k: the number of hardest distances, in 1..n-1.
+
+        Returns:
+            The ``ChainTask``.
+
+        Raises:
+            ValueError: n < 2 or k outside 1..n-1.
+        """
         n = check_int("n", n, 2)
         k = check_int("k", k, 1)
         if k > n - 1:
