@@ -573,6 +573,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gradflow`` argument parser: one subcommand per command, each bound to its handler (``func``)."""
     choices = _choices()
     parser = _Parser(prog="gradflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -778,6 +779,16 @@ def _renamed_flag(args, old: str, new: str):
 
 
 def main(argv=None) -> int:
+    """Run the ``gradflow`` command line; the console script's entry point.
+
+    Args:
+        argv (Sequence[str] | None): the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, ``EXIT_INPUT`` (2) for bad input (a flag value, a config or
+        result file, an output path; also a bad flag), ``EXIT_FAILED`` (1) when a solve or sweep could
+        not finish; ``--help`` returns 0.
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a bad flag (already reported in one line)
