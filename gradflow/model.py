@@ -164,6 +164,17 @@ def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
     linear: theta/tau for every row.  softmax: exp(score)/Z(u)/tau over the prompt's context tokens,
     Z(u) = e^alpha #out(u) + e^beta #in(u) + e^gamma #far(u) + e^{eta if u is the start else delta}
     (``gradflow.policy.context_counts``), by log-sum-exp (no overflow at any theta).
+
+    Args:
+        theta: the attention scores.
+        u (int | jax.Array | None): query vertices, canonical indices, any shape (unused for linear attention).
+        n: the chain length.
+        model: the model (attention, tau).
+        start_vertex (int | jax.Array): the canonical start vertex, whose own token scores eta (-1: none).
+
+    Returns:
+        scores (tuple[jax.Array, jax.Array, jax.Array]): the effective alpha, beta, gamma per query (shape of
+            ``u``; scalars for linear attention).
     """
     if model.attention == "linear":
         return theta.alpha / model.tau, theta.beta / model.tau, theta.gamma / model.tau
@@ -180,7 +191,17 @@ def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
 
 def row_scores(theta: Theta, n: int, model: ModelSpec, start: int | None = None) -> RowScores:
     """``query_scores`` of the chain rows (2, n-1) and of an isolated row; softmax: ``start`` (position on
-    chain a, 1..n-1) gets eta.  Linear attention: scalars (every row sees theta/tau)."""
+    chain a, 1..n-1) gets eta.  Linear attention: scalars (every row sees theta/tau).
+
+    Args:
+        theta: the attention scores.
+        n: the chain length.
+        model: the model.
+        start: the start's position on chain a, 1..n-1 (softmax only); None: no row gets eta.
+
+    Returns:
+        The effective scores of the chain rows and of an isolated query vertex.
+    """
     if model.attention == "linear":
         a, b, g = query_scores(theta, None, n, model)
         return RowScores(a, b, g, g)
@@ -213,6 +234,14 @@ def local_rows(scores: RowScores, n: int, model: ModelSpec) -> LocalRows:
     """The weights of ``row_logits`` (exp of the logits; self 0 when masked, pred 0 at i = 1).
 
     Each field broadcasts to (2, n-1) (linear attention: (n-1,) or a scalar, the chains are alike).
+
+    Args:
+        scores: the row scores (``row_scores``).
+        n: the chain length.
+        model: the model (mask_self).
+
+    Returns:
+        The local and far-baseline weights of every chain row.
     """
     rows = row_logits(scores, n, model)
     present = lambda flag, x: jnp.where(flag, jnp.exp(jnp.where(flag, x, 0.0)), 0.0)
@@ -229,12 +258,29 @@ def local_rows(scores: RowScores, n: int, model: ModelSpec) -> LocalRows:
 
 
 def chain_a_rows(rows: LocalRows, n: int) -> LocalRows:
-    """The rows of chain a (positions 1..n-1): every field of ``rows`` as an (n-1,) array."""
+    """The rows of chain a (positions 1..n-1): every field of ``rows`` as an (n-1,) array.
+
+    Args:
+        rows: the row weights of both chains (``local_rows``).
+        n: the chain length.
+
+    Returns:
+        The same weights restricted to chain a.
+    """
     return LocalRows(*(jnp.broadcast_to(x, (2, n - 1))[0] for x in rows))
 
 
 def row_normaliser(rows: LocalRows, n: int, model: ModelSpec) -> jnp.ndarray:
-    """Z(u) = sum over all vertices of the row weights: 4 degree-1 + (2n-4) degree-2 + isolated + local."""
+    """Z(u) = sum over all vertices of the row weights: 4 degree-1 + (2n-4) degree-2 + isolated + local.
+
+    Args:
+        rows: the row weights (``local_rows``).
+        n: the chain length.
+        model: the model (n_isolated).
+
+    Returns:
+        Z(u) for every chain row (the shape of the fields of ``rows``).
+    """
     local = (rows.succ - rows.base_succ) + (rows.self_ - rows.base_self) + (rows.pred - rows.base_pred)
     return 4.0 * rows.far1 + (2 * n - 4) * rows.far2 + model.n_isolated + local
 
@@ -271,7 +317,16 @@ class RowLogits(NamedTuple):
 
 
 def row_logits(scores: RowScores, n: int, model: ModelSpec) -> RowLogits:
-    """docs/THEORY.md §2.2 in logits, read off ``gradflow.policy.chain_targets``: logit = c(u, v) . s(u)."""
+    """docs/THEORY.md §2.2 in logits, read off ``gradflow.policy.chain_targets``: logit = c(u, v) . s(u).
+
+    Args:
+        scores: the row scores (``row_scores``).
+        n: the chain length.
+        model: the model (mask_self, n_isolated).
+
+    Returns:
+        The logits of the local targets, their far baselines and the far counts of every chain row.
+    """
     targets = chain_targets(n)
     a, b, g = scores.alpha, scores.beta, scores.gamma
     row_logit = lambda counts: count_logit(counts, a, b, g)
@@ -324,8 +379,13 @@ def log_sum(terms) -> jnp.ndarray:
 def row_log_total(rows: RowLogits, include_self: bool) -> dict:
     """log of the row's weight groups: "local" pieces and the far groups, for probabilities by exp(l - log Z).
 
-    Returns a dict of logs: total (Z), switch (all of chain b), jump (chain a minus the three local
-    vertices), isolated (n_isolated weight-1 vertices; -inf when there are none).
+    Args:
+        rows: the row logits (``row_logits``).
+        include_self: count the row's own vertex in the total (False when the current vertex is masked).
+
+    Returns:
+        A dict of logs, each shaped like ``rows.g``: total (Z), switch (all of chain b), jump (chain a minus
+        the three local vertices), isolated (n_isolated weight-1 vertices; -inf when there are none).
     """
     n, m = rows.n, rows.n_isolated
     g = rows.g
