@@ -28,7 +28,15 @@ def _chain_position(k, n: int):
 
 
 def vertex_degree(k, n: int):
-    """deg(k): prompt edges containing canonical vertex k (1 at a chain end, 2 inside, 0 isolated)."""
+    """deg(k): prompt edges containing canonical vertex k (1 at a chain end, 2 inside, 0 isolated).
+
+    Args:
+        k (int | np.ndarray | jax.Array): canonical vertex indices (numpy or traced jax integers), any shape.
+        n: the chain length.
+
+    Returns:
+        degree (np.ndarray | jax.Array): deg(k), shaped like ``k``.
+    """
     _, pos, on_chain = _chain_position(k, n)
     return on_chain * ((pos < n) * 1 + (pos > 1) * 1)
 
@@ -37,7 +45,15 @@ def edge_counts(u, v, n: int):
     """c(u, v), shape broadcast(u, v) + (3,): the prompt edges containing v by kind relative to u.
 
     Kinds (out-edge of u, in-edge of u, edge not touching u): the coefficients of (alpha, beta, gamma)
-    in the logit of v.  u, v: canonical vertex indices (numpy or traced jax integers, broadcast).
+    in the logit of v.
+
+    Args:
+        u (int | np.ndarray | jax.Array): query vertices, canonical indices (numpy or traced jax integers).
+        v (int | np.ndarray | jax.Array): target vertices, canonical indices, broadcasting against ``u``.
+        n: the chain length.
+
+    Returns:
+        counts (np.ndarray | jax.Array): c(u, v), shape broadcast(u, v) + (3,) (jax when u or v is a jax array).
     """
     chain_u, pos_u, on_u = _chain_position(u, n)
     chain_v, pos_v, on_v = _chain_position(v, n)
@@ -53,7 +69,15 @@ def edge_counts(u, v, n: int):
 
 
 def context_counts(u, n: int):
-    """(#out-edges, #in-edges, #far edges) of the prompt relative to query u: the softmax normaliser's terms."""
+    """(#out-edges, #in-edges, #far edges) of the prompt relative to query u: the softmax normaliser's terms.
+
+    Args:
+        u (int | np.ndarray | jax.Array): query vertices, canonical indices, any shape.
+        n: the chain length.
+
+    Returns:
+        counts (tuple): the numbers of out-edges, in-edges and far edges, each shaped like ``u``.
+    """
     _, pos, on_chain = _chain_position(u, n)
     out, inc = on_chain & (pos < n), on_chain & (pos > 1)
     return out * 1, inc * 1, 2 * (n - 1) - out - inc
@@ -103,7 +127,17 @@ def chain_targets(n: int) -> ChainTargets:
 
 
 def count_logit(counts, alpha, beta, gamma):
-    """c . (alpha, beta, gamma) for counts (..., 3) and scores broadcasting against counts[..., 0]."""
+    """c . (alpha, beta, gamma) for counts (..., 3) and scores broadcasting against counts[..., 0].
+
+    Args:
+        counts (array-like): edge counts c(u, v), shape (..., 3).
+        alpha (float | jax.Array): the out-edge score.
+        beta (float | jax.Array): the in-edge score.
+        gamma (float | jax.Array): the far-edge score.
+
+    Returns:
+        logit (jax.Array): the logits, shape broadcast(counts[..., 0], alpha, beta, gamma).
+    """
     counts = jnp.asarray(counts, dtype=float)
     return counts[..., 0] * alpha + counts[..., 1] * beta + counts[..., 2] * gamma
 
@@ -112,6 +146,13 @@ def degree_counts(n: int, n_isolated: int) -> tuple[int, int, int]:
     """How many vertices have degree 1, 2 and 0: (4 chain ends, 2n - 4 interior, the isolated ones).
 
     An isolated query sees every vertex by these classes: c(u, v) = (0, 0, deg v).
+
+    Args:
+        n: the chain length.
+        n_isolated: the number of isolated vertices.
+
+    Returns:
+        The counts of degree-1, degree-2 and degree-0 vertices.
     """
     degrees = vertex_degree(np.arange(2 * n + n_isolated), n)
     return int(np.sum(degrees == 1)), int(np.sum(degrees == 2)), int(np.sum(degrees == 0))
