@@ -69,7 +69,15 @@ def flow_clock(params) -> Clock:
 
 
 def jump_ts(params, clock: Clock):
-    """The schedule's jump times (clamped at t0) in the clock's time, or None when it has none."""
+    """The schedule's jump times (clamped at t0) in the clock's time, or None when it has none.
+
+    Args:
+        params (FlowParams): the config (its schedule's jump times and t0).
+        clock: the clock whose time the jumps are given in.
+
+    Returns:
+        jumps (jax.Array | None): the jump times in solver time, or None when the schedule has no jumps.
+    """
     jumps = params.jump_times()
     return None if jumps is None else clock.to_solver(jnp.maximum(jnp.asarray(jumps, dtype=float), params.t0))
 
@@ -92,6 +100,15 @@ def level_event(params, level, quantity: Callable | None = None, rising=True) ->
 
     The condition is level - q (or q - level for a falling quantity), so that it falls through zero
     (``falling_event``).
+
+    Args:
+        params (FlowParams): the config (its task and model give the default quantity).
+        level (float | jax.Array): the level at which the solve stops.
+        quantity: the read-out q(y) of the state vector y; None: the expected reward J.
+        rising (bool): the quantity rises through the level (False: it falls).
+
+    Returns:
+        The event, for ``integrate``.
     """
     if quantity is None:
         quantity = lambda y: expected_reward(Theta.from_array(y), params.task, params.model)
@@ -133,6 +150,25 @@ def integrate(
     ``sde.dt`` in flow time (default clock: linear, origin 0).  Times (t0, t1, the saveat times and the solution's ts) are in the
     clock's time (default ``flow_clock(params)``).  Defaults: the config's span, theta0 and
     max_steps; adjoint: diffrax's ``RecursiveCheckpointAdjoint``.
+
+    Args:
+        params (FlowParams): the config (vector field, solver, tolerances, span, theta0, max_steps).
+        saveat: what the solution keeps (diffrax ``SaveAt``), times in the clock's time.
+        clock: the solver's clock; None: ``flow_clock(params)`` (a linear clock from 0 with ``sde``).
+        t0 (float | jax.Array | None): the start in the clock's time; None: the config's t0.
+        t1 (float | jax.Array | None): the end in the clock's time; None: the config's t1.
+        y0 (jax.Array | None): the initial state vector; None: the config's theta0.
+        max_steps (int | None): the solver's step limit; None: the config's max_steps.
+        event (diffrax.Event | None): a terminating event (``level_event``); None: none.
+        progress: show diffrax's tqdm progress meter (a host callback).
+        adjoint (diffrax.AbstractAdjoint | None): the differentiation method; None: ``RecursiveCheckpointAdjoint``.
+        sde: the SDE to step instead of the ODE; None: the deterministic flow.
+
+    Returns:
+        The diffrax solution (its ``result`` says whether the solve succeeded).
+
+    Raises:
+        ValueError: ``sde`` is given with a log-time clock.
     """
     if clock is None:
         clock = flow_clock(params) if sde is None else Clock(jnp.zeros_like(params.t0), False)
@@ -167,11 +203,22 @@ def integrate(
 def crossing(params, ts, thetas, values, level, quantity_fn: Callable, max_steps: int):
     """First t at which a read-out reaches ``level``: bracket on the saves, re-solve densely, bisect.
 
-    ``values`` are the read-out at the saves ``ts`` (flow time; NaN rows skipped), ``quantity_fn`` the
-    read-out at one theta; the crossing direction is up when the first value lies below the level,
-    down otherwise.  The bracket is re-solved in the config's clock and halved ``BISECTION_STEPS``
-    times.  Returns (t, reached, resolved): t is NaN when no save reaches the level; resolved is False
-    when the bracket's dense re-solve needed more than ``max_steps`` steps (t is then meaningless).
+    The crossing direction is up when the first value lies below the level, down otherwise.  The
+    bracket is re-solved in the config's clock and halved ``BISECTION_STEPS`` times.
+
+    Args:
+        params (FlowParams): the config the saves came from.
+        ts (jax.Array): the save times (flow time).
+        thetas (jax.Array): the state vectors at the saves, one row per time.
+        values (jax.Array): the read-out at the saves (NaN rows skipped).
+        level (float | jax.Array): the level to reach.
+        quantity_fn: the read-out at one state vector.
+        max_steps: the step limit of the bracket's dense re-solve.
+
+    Returns:
+        crossing (tuple[jax.Array, jax.Array, jax.Array]): (t, reached, resolved): t is NaN when no save
+            reaches the level; resolved is False when the bracket's dense re-solve needed more than
+            ``max_steps`` steps (t is then meaningless).
     """
     clock = flow_clock(params)
     finite = jnp.isfinite(values) & jnp.isfinite(ts)
