@@ -92,7 +92,18 @@ def _task_from_args(args):
 
 
 def eval_tasks_from_flags(items, n: int) -> dict[str, ChainTask]:
-    """``--eval NAME=TASK`` strings -> {NAME: ChainTask(n, schedules.named_distribution(TASK, n))}."""
+    """``--eval NAME=TASK`` strings -> {NAME: ChainTask(n, schedules.named_distribution(TASK, n))}.
+
+    Args:
+        items (Sequence[str] | None): the ``--eval`` values, each NAME=TASK (NAME without '/'); None: none.
+        n: the chain length of every eval task.
+
+    Returns:
+        The eval tasks by name, in the order given.
+
+    Raises:
+        ValueError: an item is malformed, a name is given twice, or a TASK is not a known distribution.
+    """
     tasks = {}
     for item in items or ():
         name, sep, text = item.partition("=")
@@ -162,7 +173,18 @@ def _writable_files(path, flag: str, suffixes: Sequence) -> Path:
 
 
 def load_trajectory(path, flag: str = "--run"):
-    """``Trajectory.load(path)`` with one-line ValueErrors naming the file (missing, truncated, foreign)."""
+    """``Trajectory.load(path)`` with one-line ValueErrors naming the file (missing, truncated, foreign).
+
+    Args:
+        path (str | Path): the result's path (its .npz and .json files; any suffix is replaced).
+        flag: the command-line flag named in error messages.
+
+    Returns:
+        trajectory (Trajectory): the loaded result.
+
+    Raises:
+        ValueError: the .npz or .json file is missing or is not a readable gradflow result.
+    """
     path = Path(path)
     npz = path.with_suffix(".npz")
     for file in (npz, npz.with_suffix(".json")):
