@@ -107,7 +107,17 @@ def structure_key(tree) -> tuple:
 
 
 def compiled(kind: str, fn: Callable, args: tuple, static_key=()) -> tuple[Callable, float]:
-    """The compiled ``fn(*args)`` for this structure (bounded LRU cache), and its compile time (0 when cached)."""
+    """The compiled ``fn(*args)`` for this structure (bounded LRU cache), and its compile time (0 when cached).
+
+    Args:
+        kind: a name for the computation, part of the cache key.
+        fn: the function to jit and compile.
+        args: the example arguments; their tree structure, shapes and dtypes (``structure_key``) are part of the key.
+        static_key (Hashable): anything else the executable depends on (part of the key).
+
+    Returns:
+        The compiled executable and its compile time in seconds (0.0 when it came from the cache).
+    """
     global _COMPILATIONS
     key = (kind, structure_key(args), static_key)
     if key in _COMPILED:
