@@ -77,7 +77,19 @@ def color(k: int) -> str:
 
 
 def subplots(nrows: int = 1, ncols: int = 1, width: float = 4.2, height: float = 3.4, **kwargs):
-    """``plt.subplots`` in the gradflow style, ``width`` x ``height`` inches per panel."""
+    """``plt.subplots`` in the gradflow style, ``width`` x ``height`` inches per panel.
+
+    Args:
+        nrows: the number of panel rows.
+        ncols: the number of panel columns.
+        width: the width of one panel in inches.
+        height: the height of one panel in inches.
+        **kwargs: passed to ``plt.subplots`` (defaults: squeeze=False, constrained_layout=True).
+
+    Returns:
+        figure (tuple[matplotlib.figure.Figure, np.ndarray]): the figure and its axes (a 2-d array unless
+            ``squeeze`` is given).
+    """
     use_style()
     kwargs.setdefault("squeeze", False)
     kwargs.setdefault("constrained_layout", True)
@@ -85,7 +97,12 @@ def subplots(nrows: int = 1, ncols: int = 1, width: float = 4.2, height: float =
 
 
 def panel_label(ax, letter: str) -> None:
-    """A bold (a), (b), ... in the top-left corner of a panel."""
+    """A bold (a), (b), ... in the top-left corner of a panel.
+
+    Args:
+        ax (matplotlib.axes.Axes): the panel.
+        letter: the label's letter, written as (letter).
+    """
     ax.text(-0.02, 1.02, f"({letter})", transform=ax.transAxes, fontweight="bold", ha="right", va="bottom")
 
 
@@ -114,7 +131,17 @@ def to_jsonable(obj):
 
 
 def save_figure(fig, name: str, out_dir: str | Path = DEFAULT_OUT, data: dict | None = None) -> dict[str, Path]:
-    """Write ``out_dir/name``.png, .pdf and .json (``data``, NaN/inf as null); close ``fig``."""
+    """Write ``out_dir/name``.png, .pdf and .json (``data``, NaN/inf as null); close ``fig``.
+
+    Args:
+        fig (matplotlib.figure.Figure): the figure to write and close.
+        name: the file stem.
+        out_dir: the output directory (created if missing).
+        data: the figure's data for the .json file (``to_jsonable``); None: an empty object.
+
+    Returns:
+        The written paths by extension ("png", "pdf", "json").
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("png", "pdf", "json")}
@@ -136,7 +163,16 @@ def experiment_parser(description: str) -> argparse.ArgumentParser:
 
 
 def log_times(t_max: float, num: int = 200, t_min: float | None = None) -> np.ndarray:
-    """0 followed by ``num`` log-spaced save times from ``t_min`` (default t_max * 1e-4) to ``t_max``."""
+    """0 followed by ``num`` log-spaced save times from ``t_min`` (default t_max * 1e-4) to ``t_max``.
+
+    Args:
+        t_max: the last save time.
+        num: the number of log-spaced times after 0.
+        t_min: the first positive save time; None: t_max * 1e-4.
+
+    Returns:
+        The num + 1 save times, starting at 0.
+    """
     t_min = t_max * 1e-4 if t_min is None else t_min
     return np.concatenate([[0.0], np.geomspace(t_min, t_max, num)])
 
@@ -258,5 +294,13 @@ def first_crossing(ts: Sequence[float], values: Sequence[float], level: float) -
     """The first save time with value >= level, linearly interpolated in log t (None if never).
 
     Kept for the figure scripts; it is ``gradflow._series.first_crossing(..., log_time=True)``.
+
+    Args:
+        ts: the save times.
+        values: the values at ``ts``.
+        level: the level to reach.
+
+    Returns:
+        The interpolated crossing time, or None when no value reaches ``level``.
     """
     return _series_first_crossing(ts, values, level, log_time=True)
