@@ -28,8 +28,20 @@ def first_crossing(
     short of the level and the first that reaches it the series is interpolated linearly, in t
     (default) or in log t (``log_time=True``, when both times are > 0), so the answer is exact for a
     series that is linear between samples.  Samples with a NaN value or time are skipped (e.g. the
-    NaN rows saved after a stopped flow).  Returns ``ts[0]`` if the first sample already reaches the
-    level and None if no sample does.
+    NaN rows saved after a stopped flow).
+
+    Args:
+        ts: the sample times.
+        values: the series at ``ts`` (same length).
+        level: the level to reach.
+        below: reaching means falling to ``level`` or below.
+        log_time: interpolate in log t (when both bracketing times are > 0).
+
+    Returns:
+        The crossing time: ``ts[0]`` if the first sample already reaches the level, None if no sample does.
+
+    Raises:
+        ValueError: ``ts`` and ``values`` differ in length.
     """
     ts = np.asarray(ts, dtype=float).reshape(-1)
     values = np.asarray(values, dtype=float).reshape(-1)
@@ -62,7 +74,18 @@ def first_crossings(
     below: bool = False,
     log_time: bool = False,
 ) -> np.ndarray:
-    """``first_crossing`` for each column of ``values`` (T, m): an (m,) array, NaN where never."""
+    """``first_crossing`` for each column of ``values`` (T, m): an (m,) array, NaN where never.
+
+    Args:
+        ts: the sample times, length T.
+        values (array-like): the series, shape (T, ...); each trailing index is one series.
+        level: the level to reach.
+        below: reaching means falling to ``level`` or below.
+        log_time: interpolate in log t.
+
+    Returns:
+        The crossing times, shape values.shape[1:], NaN where a series never reaches the level.
+    """
     values = np.asarray(values, dtype=float)
     columns = values.reshape(values.shape[0], -1)
     out = [first_crossing(ts, columns[:, j], level, below=below, log_time=log_time) for j in range(columns.shape[1])]
