@@ -226,16 +226,25 @@ def _solve_scan_jvp(primals, tangents):
 def gth_solve(excess, lower, upper, rhs):
     """x = T^{-1} rhs for the row-scaled tridiagonal T above; returns (x, smallest pivot).
 
-    excess, lower, upper: (..., N); ``lower[..., 0]`` and ``upper[..., N-1]`` must be 0 (the caller
-    folds known neighbours into the right-hand side).  rhs: (..., N, k).  The smallest pivot (in row
-    units: each row's largest weight is 1) tells the caller whether float64 held the elimination: below
-    ``TINY_PIVOT`` some reduced row fell under the float range and the result must not be trusted.
+    The smallest pivot (in row units: each row's largest weight is 1) tells the caller whether float64
+    held the elimination: below ``TINY_PIVOT`` some reduced row fell under the float range and the result
+    must not be trusted.
 
     With s the reduced excesses, p = s + |upper| the pivots, rho = s / p, sigma = upper / p:
         t_k = rhs_k / s_k + (lower_k rho_{k-1} / s_k) t_{k-1}     (t = reduced rhs / reduced excess)
         x_k = rho_k t_k + sigma_k x_{k+1},
     two affine recurrences whose coefficients are at most 1 in magnitude.  Small N: written out;
     large N: two sequential scans, and a JVP that reuses the factors (dx = T^{-1}(d rhs - dT x)).
+
+    Args:
+        excess (jax.Array): (..., N) each row's excess of the diagonal over its off-diagonal weights.
+        lower (jax.Array): (..., N) the sub-diagonal weights; ``lower[..., 0]`` must be 0 (the caller folds
+            known neighbours into the right-hand side).
+        upper (jax.Array): (..., N) the super-diagonal weights; ``upper[..., N-1]`` must be 0.
+        rhs (jax.Array): (..., N, k) the right-hand sides.
+
+    Returns:
+        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest pivot, (...,) (no gradient).
     """
     if excess.shape[-1] <= SMALL_SYSTEM:
         x, pivot = _solve_unrolled(excess, lower, upper, rhs)
@@ -250,17 +259,25 @@ TINY_PIVOT = 1e-200
 def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1):
     """x = (T - U V^T)^{-1} rhs for an absorbing chain whose far jumps are rank 2 by target degree.
 
-    T: the row-scaled tridiagonal of ``gth_solve``; u: (..., N, 2) the row's (scaled) weight on each
-    degree-1 and on each degree-2 transient vertex; V = (deg1, not deg1) indicator columns, ``deg1`` a
-    static numpy bool array (N,); absorb: (..., N) the row's (scaled) rate into the absorbing states,
-    absorb = (T - U V^T) 1, supplied as a positive sum.  rhs: (..., N, k).
-
     The capacitance C = I - K, K = V^T T^{-1} U, is rebuilt from alpha = V^T T^{-1} absorb and the
     counts c = V^T 1 (C c = alpha), so its diagonal and its determinant are positive sums (K >= 0):
         C_11 = (alpha_1 + K_12 c_2) / c_1,   C_22 = (alpha_2 + K_21 c_1) / c_2,
         det C = (alpha_1 alpha_2 + alpha_1 K_21 c_1 + alpha_2 K_12 c_2) / (c_1 c_2),
     and C^{-1} = [[C_22, K_12], [K_21, C_11]] / det C >= 0.  Without degree-2 rows the update is rank 1.
-    Returns (x, smallest pivot).
+
+    Args:
+        excess (jax.Array): (..., N) the diagonal excesses of T (``gth_solve``).
+        lower (jax.Array): (..., N) the sub-diagonal of T (``gth_solve``).
+        upper (jax.Array): (..., N) the super-diagonal of T (``gth_solve``).
+        rhs (jax.Array): (..., N, k) the right-hand sides.
+        u (jax.Array): (..., N, 2) the row's (scaled) weight on each degree-1 and on each degree-2
+            transient vertex.
+        absorb (jax.Array): (..., N) the row's (scaled) rate into the absorbing states,
+            absorb = (T - U V^T) 1, supplied as a positive sum.
+        deg1 (np.ndarray): (N,) static bools, the transient vertices of degree 1; V = (deg1, not deg1).
+
+    Returns:
+        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest pivot of the elimination.
     """
     deg1 = np.asarray(deg1, dtype=bool)
     c1, c2 = int(deg1.sum()), int((~deg1).sum())
@@ -289,6 +306,18 @@ def woodbury_gth_signed(excess, lower, upper, rhs, u, absorb, deg1):
     The solve is linear, so this is exact; both parts go through the positive elimination together
     (one solve, 2k columns) and keep its relative accuracy, and only the final difference can cancel
     (as it must where x itself is small).  max(rhs, 0) and max(-rhs, 0) share the derivative at 0.
+
+    Args:
+        excess (jax.Array): (..., N) the diagonal excesses of T.
+        lower (jax.Array): (..., N) the sub-diagonal of T.
+        upper (jax.Array): (..., N) the super-diagonal of T.
+        rhs (jax.Array): (..., N, k) the right-hand sides, of either sign.
+        u (jax.Array): (..., N, 2) the far weights by target degree (``woodbury_gth``).
+        absorb (jax.Array): (..., N) the absorption rates (``woodbury_gth``).
+        deg1 (np.ndarray): (N,) static bools, the transient vertices of degree 1.
+
+    Returns:
+        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest pivot of the elimination.
     """
     k = rhs.shape[-1]
     parts = jnp.concatenate([jnp.maximum(rhs, 0.0), jnp.maximum(-rhs, 0.0)], axis=-1)
