@@ -29,6 +29,16 @@ def as_float_array(x, name: str | None = None) -> jnp.ndarray:
 
     Anything that is not a number or a (nested) sequence of numbers raises ValueError (naming
     ``name`` when given) instead of the TypeError numpy or JAX would raise.
+
+    Args:
+        x (Any): the value to convert (a tracer passes through ``jnp.asarray``).
+        name: the field's name for the error message; None: "value".
+
+    Returns:
+        ``x`` as a float array.
+
+    Raises:
+        ValueError: ``x`` is not a number or an array of numbers (a str, bytes, bool or None included).
     """
     if isinstance(x, jax.core.Tracer):
         return jnp.asarray(x, dtype=float)
@@ -42,12 +52,32 @@ def as_float_array(x, name: str | None = None) -> jnp.ndarray:
 
 
 def optional_float_array(x, name: str | None = None):
-    """``as_float_array`` that lets None through (optional float fields)."""
+    """``as_float_array`` that lets None through (optional float fields).
+
+    Args:
+        x (Any | None): the value to convert, or None.
+        name (str | None): the field's name for the error message.
+
+    Returns:
+        array (jax.Array | None): ``x`` as a float array, or None when ``x`` is None.
+    """
     return None if x is None else as_float_array(x, name)
 
 
 def check_int(name: str, value, low: int) -> int:
-    """Return ``value`` as an int, raising ValueError unless it is an integer >= ``low``."""
+    """Return ``value`` as an int, raising ValueError unless it is an integer >= ``low``.
+
+    Args:
+        name: the name in the error message.
+        value (Any): the value to check (bools are rejected).
+        low: the smallest allowed value.
+
+    Returns:
+        ``value`` as a Python int.
+
+    Raises:
+        ValueError: ``value`` is not an integer or is below ``low``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if value < low:
@@ -56,7 +86,16 @@ def check_int(name: str, value, low: int) -> int:
 
 
 def check_choice(name: str, value, allowed) -> None:
-    """Raise ValueError unless ``value`` is one of ``allowed``."""
+    """Raise ValueError unless ``value`` is one of ``allowed``.
+
+    Args:
+        name: the name in the error message.
+        value (Any): the value to check.
+        allowed (Container): the allowed values.
+
+    Raises:
+        ValueError: ``value`` is not in ``allowed`` (or cannot be looked up there).
+    """
     try:
         ok = value in allowed
     except TypeError:  # unhashable value against a dict/set
@@ -79,6 +118,19 @@ def check_fraction(name: str, value, low: float = 0.0, high: float = 1.0, *, inc
     """Return ``value`` as a float, raising ValueError unless low < value < high.
 
     ``inclusive=True`` accepts the end points (low <= value <= high).  NaN is always rejected.
+
+    Args:
+        name: the name in the error message.
+        value (Any): the value to check.
+        low: the lower end.
+        high: the upper end.
+        inclusive: accept the end points.
+
+    Returns:
+        ``value`` as a Python float.
+
+    Raises:
+        ValueError: ``value`` is not a number or lies outside the interval.
     """
     interval = f"[{low}, {high}]" if inclusive else f"({low}, {high})"
     number = _as_number(name, value, f"a number in {interval}")
@@ -89,7 +141,18 @@ def check_fraction(name: str, value, low: float = 0.0, high: float = 1.0, *, inc
 
 
 def check_nonnegative(name: str, value) -> float:
-    """Return ``value`` as a float, raising ValueError unless it is a finite number >= 0."""
+    """Return ``value`` as a float, raising ValueError unless it is a finite number >= 0.
+
+    Args:
+        name: the name in the error message.
+        value (Any): the value to check.
+
+    Returns:
+        ``value`` as a Python float.
+
+    Raises:
+        ValueError: ``value`` is not a finite number >= 0.
+    """
     number = _as_number(name, value, "a finite number >= 0")
     if not (math.isfinite(number) and number >= 0.0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -97,7 +160,18 @@ def check_nonnegative(name: str, value) -> float:
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    """Raise ValueError unless every entry of ``value`` is finite and > 0 (>= 0 with allow_zero)."""
+    """Raise ValueError unless every entry of ``value`` is finite and > 0 (>= 0 with allow_zero).
+
+    Traced values (inside jit/vmap/grad) are not checked.
+
+    Args:
+        name: the name in the error message.
+        value (float | array-like): the number or array to check.
+        allow_zero: accept entries equal to 0.
+
+    Raises:
+        ValueError: an entry is not finite or not > 0 (< 0 with ``allow_zero``).
+    """
     if not is_concrete(value):
         return
     arr = np.asarray(value, dtype=float)
@@ -108,7 +182,17 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
 
 
 def check_finite(name: str, value) -> None:
-    """Raise ValueError unless every entry of ``value`` is finite (no NaN, no inf)."""
+    """Raise ValueError unless every entry of ``value`` is finite (no NaN, no inf).
+
+    Traced values (inside jit/vmap/grad) are not checked.
+
+    Args:
+        name: the name in the error message.
+        value (float | array-like): the number or array to check.
+
+    Raises:
+        ValueError: an entry is NaN or infinite.
+    """
     if not is_concrete(value):
         return
     arr = np.asarray(value, dtype=float)
@@ -117,7 +201,19 @@ def check_finite(name: str, value) -> None:
 
 
 def check_distribution(name: str, probs, size: int, tol: float = 1e-9) -> None:
-    """Raise ValueError unless ``probs`` is a length-``size`` probability vector (sum 1 within tol)."""
+    """Raise ValueError unless ``probs`` is a length-``size`` probability vector (sum 1 within tol).
+
+    The shape is always checked; the entries only when ``probs`` is concrete (not traced).
+
+    Args:
+        name: the name in the error message.
+        probs (array-like): the probabilities.
+        size: the required length.
+        tol: the allowed deviation of the sum from 1.
+
+    Raises:
+        ValueError: the shape is wrong, an entry is negative or not finite, or the sum is not 1.
+    """
     shape = np.shape(probs)
     if shape != (size,):
         raise ValueError(f"{name} must have shape ({size},), got {shape}")
