@@ -26,7 +26,15 @@ def result_message(code: int) -> str:
 
 
 def is_result(code, item) -> bool:
-    """Whether the stored index ``code`` is the ``diffrax.RESULTS`` item ``item``."""
+    """Whether the stored index ``code`` is the ``diffrax.RESULTS`` item ``item``.
+
+    Args:
+        code (int | jax.Array): a stored result index (e.g. a solution's ``result`` saved as an int).
+        item (diffrax.RESULTS): the result item to compare with, e.g. ``diffrax.RESULTS.successful``.
+
+    Returns:
+        True when they are the same result.
+    """
     return int(code) == int(item._value)
 
 
