@@ -50,7 +50,12 @@ _WARNED: set[str] = set()
 
 
 def warn_once(old: str, new: str) -> None:
-    """One DeprecationWarning per old name per process: "``old`` is deprecated; use ``new``"."""
+    """One DeprecationWarning per old name per process: "``old`` is deprecated; use ``new``".
+
+    Args:
+        old: the deprecated name (the key of the once-only record).
+        new: what to use instead.
+    """
     if old in _WARNED:
         return
     _WARNED.add(old)
@@ -108,7 +113,16 @@ def renamed_property(old: str) -> property:
 def renamed_keyword(old: str, given, current):
     """The value of a renamed keyword: ``current`` unless only the old one (``given``) was passed (warns once).
 
-    ValueError when both are passed and disagree.
+    Args:
+        old: the deprecated keyword's row in ``ALIASES`` (its ``old``).
+        given (Any | None): the value passed under the old keyword; None: not passed.
+        current (Any | None): the value passed under the new keyword; None: not passed.
+
+    Returns:
+        value (Any): ``given`` when it was passed (after the warning), else ``current``.
+
+    Raises:
+        ValueError: both keywords are passed and disagree.
     """
     if given is None:
         return current
