@@ -19,7 +19,7 @@ from gradflow import readouts
 from gradflow._checks import check_choice
 from gradflow._version import versions
 from gradflow.compile_cache import compiled
-from gradflow.config import RECORDED, FlowParams
+from gradflow.config import EVENT_NAMES, RECORDED, FlowParams
 from gradflow.integrator import LOCAL_MAX_STEPS, crossing
 from gradflow.model import Theta
 
@@ -110,7 +110,9 @@ class Trajectory:
 
         The crossing goes up when the quantity starts below the level and down otherwise.  It is bracketed
         on the saves, the bracket is re-solved densely and bisected (60 halvings of the bracket), so the
-        time is exact to the solver tolerance.  The returned time is absolute (it includes t0).
+        time is exact to the solver tolerance.  The returned time is absolute (it includes t0).  A reward
+        level the solve already located as an event (``reward_threshold``, ``1 - convergence_loss``) is
+        read from ``events``, found the same way inside the solve, with no second compilation.
 
         Args:
             level: the level to reach (in (0, 1) for a probability).
@@ -134,6 +136,9 @@ class Trajectory:
             raise ValueError(f"level must lie in (0, 1) for {quantity}, got {level}")
         if quantity != "eval_reward" and quantity not in self.config.recording.readout_names():
             raise ValueError(f"quantity {quantity!r} was not recorded (readouts={self.config.readouts!r})")
+        recorded = self._recorded_event(float(level)) if quantity == "reward" else None
+        if recorded is not None:
+            return self.events[recorded]
         values = self._values(quantity, index)
         if quantity != "eval_reward" and readouts.READOUTS[quantity].axis is not None and index is not None:
             index = int(index)
@@ -151,6 +156,13 @@ class Trajectory:
                 f"t_hit({level}, {quantity!r}): the bracket needs over {LOCAL_MAX_STEPS} steps; save more times (save_ts)"
             )
         return float(t) if bool(reached) else None
+
+    def _recorded_event(self, level: float) -> str | None:
+        """The ``events`` key whose reward level is ``level`` (its time was root-found in the solve), or None."""
+        for event, name in EVENT_NAMES.items():
+            if name in self.events and level == float(self.config.event_level(event)):
+                return name
+        return None
 
     def save(self, path: str | Path) -> Path:
         """Write ``path``.npz (arrays) and then ``path``.json (config, events, stats, versions), each atomically.

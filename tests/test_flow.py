@@ -453,3 +453,13 @@ def test_theta0_takes_its_first_numbers_the_rest_zero():
     np.testing.assert_array_equal(params.theta0.as_array(), [0.3, -0.1, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="theta0 must hold 1 to 5 numbers"):
         FlowParams(gf.ChainTask.uniform(4), theta0=np.zeros((2, 2)))
+
+
+def test_t_hit_at_an_event_level_reads_the_solve_and_compiles_nothing():
+    """t_hit(reward_threshold) is the event the solve located (the same bracket and bisection): no second program."""
+    trajectory = simulate(FlowParams(TASK, t1=100.0), progress=False)
+    before = compile_cache.compilation_count()
+    t = trajectory.t_hit(float(trajectory.config.reward_threshold))
+    assert t == trajectory.events["reward_threshold"] and compile_cache.compilation_count() == before
+    nudged = trajectory.t_hit(float(np.nextafter(0.9, 1.0)))  # a level off the event: root-found afresh
+    assert nudged == pytest.approx(t, rel=1e-7) and nudged >= t
