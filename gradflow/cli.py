@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import runpy
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +34,7 @@ from gradflow._deprecated import deprecated_flag
 from gradflow._version import __version__
 from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory, as_theta
 from gradflow.model import ATTENTION_KINDS, ModelSpec
-from gradflow.plotting import emergence_figure, save_figure, use_headless_backend
+from gradflow.plotting import DEFAULT_OUT, emergence_figure, save_figure, use_headless_backend
 from gradflow.readouts import READOUTS
 from gradflow.task import ChainTask
 
@@ -478,9 +481,7 @@ def figure_names() -> list[str]:
 
 
 def cmd_figures(args) -> int:
-    """Run experiments/<name>.py for one figure or all of them."""
-    import runpy
-
+    """Run experiments/<name>.py for one figure or all of them, and record each figure's provenance in its JSON."""
     with _input_stage():
         known = figure_names()
         if args.list:
@@ -500,11 +501,41 @@ def cmd_figures(args) -> int:
         script = folder / f"{name}.py"
         argv = sys.argv
         sys.argv = [str(script)] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+        start = time.perf_counter()
         try:
             runpy.run_path(str(script), run_name="__main__")
         finally:
             sys.argv = argv
+        mode = "quick" if args.quick else "full"
+        record_provenance(Path(args.out or DEFAULT_OUT) / f"{name}.json", script, mode, time.perf_counter() - start)
     return 0
+
+
+def record_provenance(data_file: Path, script: Path, mode: str, seconds: float) -> dict:
+    """Add the figure's provenance to its JSON: which script (sha256 of its bytes), mode, version, wall time.
+
+    Args:
+        data_file: the figure's ``NAME.json``, written by its script.
+        script: the script that drew it (``experiments/NAME.py``).
+        mode: "full" or "quick".
+        seconds: the script's wall time.
+
+    Returns:
+        The provenance record, also stored under the JSON's "provenance" key.
+    """
+    record = {
+        "figure": script.stem,
+        "mode": mode,
+        "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
+        "gradflow_version": __version__,
+        "seconds": round(seconds, 2),
+    }
+    data = json.loads(data_file.read_text())
+    data["provenance"] = record
+    tmp = data_file.with_name(f".{data_file.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, data_file)
+    return record
 
 
 def _executor_params(items) -> dict:

@@ -1,12 +1,14 @@
 """Every figure script runs in --quick mode through ``gradflow figures NAME --quick --out DIR``,
 writes NAME.png, .pdf and .json there (never into figures/), and its numbers support the figure's claim."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import gradflow as gf
 from gradflow import cli
 from gradflow._series import first_crossing
 
@@ -120,6 +122,10 @@ def test_figure_quick(name, tmp_path):
     assert (tmp_path / f"{name}.pdf").read_bytes().startswith(b"%PDF")
     data = json.loads((tmp_path / f"{name}.json").read_text())
     globals()[f"check_{name}"](data)
+    provenance = data["provenance"]  # `gradflow figures` records which script drew it, how and when
+    assert provenance["figure"] == name and provenance["mode"] == "quick" and provenance["seconds"] > 0
+    assert provenance["script_sha256"] == hashlib.sha256((EXPERIMENTS / f"{name}.py").read_bytes()).hexdigest()
+    assert provenance["gradflow_version"] == gf.__version__
     if name == "emergence":  # `gradflow run` draws the same figure (same compiled flow: run it here)
         out = tmp_path / "run" / "emergence.png"
         assert cli.main(["run", "--no-progress", "--t1", "1000", "--figure", str(out)]) == 0
