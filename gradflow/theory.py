@@ -43,7 +43,7 @@ from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams, config_label
 from gradflow.flow import stack_configs
-from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate, level_event
+from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
 from gradflow.model import ModelSpec, Theta, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
 from gradflow.task import ChainTask
@@ -552,32 +552,35 @@ def phases(
 # ---------------------------------------------------------------------------------------------------
 
 
-SWITCH_SPEED = 100.0  # log-time stage hands over to linear time when theta moves this fast per unit log t
+SWITCH_SPEED = 1.0  # the log-time stage hands over when theta moves this fast per unit log t
+SEGMENT_GROWTH = 10.0  # a linear-time segment ends (and the clock restarts) when |grad J| has grown this much
+MAX_SEGMENTS = 400  # linear-time segments at most (n = 40 needs 50)
 
 
 def _learning_solve(params: FlowParams, watched: ChainTask):
-    """Integrate the flow until J on ``watched`` = reward_threshold: log time across the plateau, linear time
-    for the rise (``watched`` is the training task, or an eval task measured along the same training flow).
+    """Integrate the flow until J on ``watched`` = reward_threshold: log time across the plateau, then linear
+    time in segments that each restart the clock (``watched`` is the training task, or an eval task measured
+    along the same training flow).
 
     Returns (stop time t, whether the level was reached, J there, steps taken, solver result code).
     Stage 1 steps in s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J): hardest-only training sits
-    on a plateau for a time exponential in n, which costs a few hundred steps in s (s = 39 at n = 20).
-    It stops when J reaches the level or when theta starts to move fast on the log scale
-    ((1 + t - t0) |grad J| >= SWITCH_SPEED): the rise from 1/2 to 0.9 then takes a relative time as
-    short as 1e-11 (n = 20, t ~ 6e16), below what s resolves at s ~ 40 (one ulp of s is ~1e-14, i.e.
-    450 in t), so stage 2 continues in linear time u = t - t_switch (from 0, full resolution: at
-    t ~ 6e16 one ulp of t is 8, and steps in t itself stopped advancing) to the level.  Both stages
-    go through ``gradflow.integrator.integrate``: a schedule's jumps end a step in either clock, and
-    each event is root-found by bisection on the step interpolant.  Under vmap, configs whose event
-    did not fire report a meaningless stop time.
+    on a plateau for a time exponential in n, which costs about a hundred steps in s.  It stops when J
+    reaches the level or when theta starts to move on the log scale ((1 + t - t0) |grad J| >= SWITCH_SPEED).
+    The escape that follows accelerates without bound: the rise from 1/2 to 0.9 lasts a few time units at
+    t ~ 1e49 (n = 40), far below one ulp of t.  So stage 2 runs in linear time u = t - t_k from u = 0,
+    restarting the clock at t_k + u (every digit of u kept) each time |grad J| has grown SEGMENT_GROWTH-fold,
+    until J reaches the level (docs/THEORY.md §12.4).  Every solve goes through
+    ``gradflow.integrator.integrate``: a schedule's jumps end a step in either clock, and each event is
+    root-found by bisection on the step interpolant.  Under vmap, configs whose event did not fire report a
+    meaningless stop time.
     """
     level = params.reward_threshold
     reward = lambda y: _reward(Theta.from_array(y), watched, params.model)
+    speed = lambda t, y: jnp.linalg.norm(params.vector_field(t, y))
     plateau = Clock(params.t0, log=True)
 
     def fast(s, y):  # scaled so the switch is at 0, like the level
-        speed = plateau.rate(s) * jnp.linalg.norm(params.vector_field(plateau.to_time(s), y))
-        return 1.0 - speed / SWITCH_SPEED
+        return 1.0 - plateau.rate(s) * speed(plateau.to_time(s), y) / SWITCH_SPEED
 
     # one condition (diffrax root-finds a single scalar here): the first of the two to fall through 0
     either = falling_event(lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), fast(t, y)))  # t: here s
@@ -585,15 +588,44 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     s_stop, y_first = first.ts[-1], first.ys[-1]
     t_switch = plateau.to_time(s_stop)
     switched = first.event_mask & (fast(s_stop, y_first) < level - reward(y_first))
-    done = ~switched  # the level was reached, t1 came first, or the solve failed
-    # stage 2 in linear time from the switch (a zero-length span for the configs that are done)
-    rise = Clock(jnp.where(done, params.t1, jnp.minimum(t_switch, params.t1)), log=False)
-    second = integrate(params, diffrax.SaveAt(t1=True), clock=rise, t0=0.0, y0=y_first, event=level_event(params, level, reward))
-    t_stop = jnp.where(done, t_switch, rise.to_time(second.ts[-1]))
-    fired = jnp.where(done, first.event_mask, second.event_mask)
-    y_stop = jnp.where(done, y_first, second.ys[-1])
-    steps = first.stats["num_steps"] + jnp.where(done, 0, second.stats["num_steps"])
-    result = result_code(diffrax.RESULTS.where(done, first.result, second.result))
+
+    def active(state):
+        k, t, y, _, _, going = state
+        return going & (k < MAX_SEGMENTS)
+
+    def segment(state):
+        k, origin, theta, steps, result, going = state
+        grown = SEGMENT_GROWTH * jnp.maximum(speed(origin, theta), jnp.finfo(float).tiny)
+        cond = lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), 1.0 - speed(origin + t, y) / grown)  # t: u
+        span = jnp.where(going, params.t1 - origin, 0.0)  # the members already done take a zero-length segment
+        sol = integrate(
+            params, diffrax.SaveAt(t1=True), clock=Clock(origin, log=False), t0=0.0, t1=span, y0=theta, event=falling_event(cond)
+        )
+        y_next = jnp.where(going, sol.ys[-1], theta)
+        ok = sol.result == diffrax.RESULTS.event_occurred
+        still = going & ok & (reward(y_next) < level)
+        result = jnp.where(going & ~ok, result_code(sol.result), result)
+        return (
+            k + 1,
+            jnp.where(going, origin + sol.ts[-1], origin),
+            y_next,
+            steps + jnp.where(going, sol.stats["num_steps"], 0),
+            result,
+            still,
+        )
+
+    start = (
+        jnp.asarray(0),
+        jnp.where(switched, t_switch, params.t1),
+        y_first,
+        first.stats["num_steps"],
+        result_code(first.result),
+        switched,
+    )
+    _, t_stop, y_stop, steps, result, _ = jax.lax.while_loop(active, segment, start)
+    t_stop = jnp.where(switched, t_stop, t_switch)
+    fired = jnp.where(switched, reward(y_stop) >= level - 1e-12, first.event_mask)
+    result = jnp.where(switched & fired, result_code(diffrax.RESULTS.successful), result)
     return t_stop, fired, reward(y_stop), steps, result
 
 
@@ -633,7 +665,7 @@ def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> 
         )
     if bool(fired):
         return float(t_stop)
-    if int(num_steps) >= params.max_steps:
+    if int(num_steps) >= params.max_steps or is_result(result, diffrax.RESULTS.max_steps_reached):
         raise RuntimeError(
             f"the flow at n = {params.task.n} took max_steps = {params.max_steps} steps before reaching "
             f"reward {level} (stopped at t = {float(t_stop):.6g}, J = {float(reward):.6g}): raise max_steps or loosen rtol/atol"
@@ -748,12 +780,11 @@ def learning_time(
 
     Builds ``FlowParams(task, model, theta0, t1=t1, reward_threshold=level, stop_at="threshold",
     **flow_kwargs)`` and integrates it in log time s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J)
-    across the plateau, then in linear time for the rise (``_learning_solve``); the crossing is
-    root-found by bisection.  Hardest-only training: n = 16 learns at t = 1.973e11, n = 20 at
-    t = 5.907e16 (a few hundred steps each).  From n ~ 30 the rise is narrower than what the log-time
-    stage resolves where it hands over (t ~ 1e32: relative width below 1e-20) and the solve raises
-    RuntimeError (steps ran out).  If J(theta0) >= level already, the answer is t0; a level above the
-    reward ceiling gives None with a warning.
+    across the plateau, then in linear-time segments that each restart the clock for the rise
+    (``_learning_solve``, docs/THEORY.md §12.4); the crossing is root-found by bisection.  Hardest-only
+    training: n = 16 learns at t = 1.973e11, n = 20 at 5.907e16, n = 24 at 4.565e22, n = 30 at
+    1.251e32, n = 40 at 1.171e49 (a few hundred to two thousand steps each).  If J(theta0) >= level
+    already, the answer is t0; a level above the reward ceiling gives None with a warning.
 
     Args:
         task: the training task.

@@ -237,6 +237,19 @@ def test_hardest_only_exponential_up_to_n14():
 
 
 @pytest.mark.slow
+def test_hardest_only_learning_times_to_n40_restart_the_clock():
+    """n = 24, 30, 40: the rise lasts a few time units at t ~ 1e22..1e49, below one ulp of t; the linear-time
+    segments restart the clock, so each is resolved (before: steps ran out at n = 24, t = 4.56e22)."""
+    t24, t30, t40 = theory.learning_times([ChainTask.hardest(n) for n in (24, 30, 40)], t1=1e100)
+    assert t24 == pytest.approx(4.5646124940e22, rel=1e-6), t24
+    assert t30 == pytest.approx(1.2508861630e32, rel=1e-6), t30
+    assert t40 == pytest.approx(1.1708223037e49, rel=1e-6), t40
+    # the exponential law keeps steepening: d log T / dn at n 20-24, 24-30, 30-40
+    local = np.diff(np.log([5.907495200e16, t24, t30, t40])) / np.diff([20, 24, 30, 40])
+    assert np.all(np.diff(local) > 0) and local[0] > 3.15, local
+
+
+@pytest.mark.slow
 def test_hardest_only_learning_time_far_past_1e12():
     # log-time solve on the exact closed form (the true plateau gradient at n = 20 is ~1e-19); the
     # two solves before (t in one piece, round-off gradients) gave nothing past n ~ 16
