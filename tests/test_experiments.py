@@ -66,6 +66,13 @@ def check_scaling(data):
     common = [n for n in hard["ns"] if n in uniform["ns"]]
     ratio = [_arr(hard["times"])[hard["ns"].index(n)] / _arr(uniform["times"])[uniform["ns"].index(n)] for n in common]
     assert len(common) >= 2 and ratio[-1] > ratio[0]  # the gap grows with n
+    law = data["hardest_only_law"]  # recompute the n log n fit from the times and check what it claims
+    ns, log_t = np.asarray(law["ns"], float), np.log(_arr(hard["times"])[np.isfinite(_arr(hard["times"]))])
+    design = np.stack([np.ones_like(ns), ns, ns * np.log(ns)], axis=1)
+    coef = np.linalg.lstsq(design, log_t, rcond=None)[0]
+    np.testing.assert_allclose(coef, law["fits"]["exp_n_log_n"]["coef"], rtol=1e-6, atol=1e-9)
+    assert law["fits"]["exp_n_log_n"]["rss"] <= law["fits"]["exp"]["rss"] + 1e-12  # the nested fit is never worse
+    np.testing.assert_allclose(law["local_rate"], np.diff(log_t) / np.diff(ns), rtol=1e-9)
 
 
 def check_phase_diagram(data):
