@@ -136,12 +136,25 @@ def orbit_sizes(n_vocab: int) -> jnp.ndarray:
     return jnp.array([big_n - 1, big_n - 1, (big_n - 1) * (big_n - 2), 1, big_n - 1], dtype=float)
 
 
-def _chain_length(task) -> int:
-    """``task.n`` for a ChainTask (an int n is deprecated: it warns once and is used as n)."""
-    if isinstance(task, ChainTask):
-        return task.n
-    deprecated_int_task()
-    return check_int("n", task, 2)
+def as_task(task_or_n, name: str = "task") -> ChainTask:
+    """The task itself, or from a chain length n (deprecated: warns once) the uniform task of that n.
+
+    Args:
+        task_or_n (ChainTask | int): a task, or n where only n matters.
+        name: the argument's name in the error message.
+
+    Returns:
+        A ChainTask.
+
+    Raises:
+        ValueError: neither a ChainTask nor an integer n >= 2.
+    """
+    if isinstance(task_or_n, ChainTask):
+        return task_or_n
+    if isinstance(task_or_n, (int, np.integer)) and not isinstance(task_or_n, bool):
+        deprecated_int_task()
+        return ChainTask.uniform(check_int("n", task_or_n, 2))
+    raise ValueError(f"{name} must be a gradflow.ChainTask or a chain length n >= 2, got {task_or_n!r}")
 
 
 class RowScores(NamedTuple):
@@ -440,7 +453,7 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
     ``task``: a ChainTask or the chain length n.  Each probability is exp(logit - log Z) with log Z by
     log-sum-exp, so they are accurate to relative round-off at any theta/tau.
     """
-    n = _chain_length(task)
+    n = as_task(task).n
     rows = chain_a_logits(row_logits(row_scores(theta, n, model), n, model))
     logs = row_log_total(rows, include_self=not model.mask_self)
     log_z = logs["total"]
@@ -518,6 +531,6 @@ def transition_matrix(theta: Theta, task, model: ModelSpec, start: int | None = 
     Returns:
         P, shape (2n + n_isolated, 2n + n_isolated), rows and columns in ``vertex_names`` order.
     """
-    n = _chain_length(task)
+    n = as_task(task).n
     start_vertex = -1 if start is None else start - 1
     return jax.nn.softmax(next_vertex_logits(theta, jnp.arange(2 * n + model.n_isolated), n, model, start_vertex), axis=1)

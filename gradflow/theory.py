@@ -37,14 +37,14 @@ import numpy as np
 from gradflow import readouts
 from gradflow._checks import check_fraction, check_int, check_nonnegative
 from gradflow._dependencies import is_result, result_code, result_message
-from gradflow._deprecated import deprecated_int_task, module_getattr
+from gradflow._deprecated import module_getattr
 from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams, config_label
 from gradflow.flow import stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
-from gradflow.model import ModelSpec, Theta, default_theta0, step_probabilities
+from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
 from gradflow.task import ChainTask
 from gradflow.trajectory import Trajectory
@@ -942,16 +942,6 @@ def scaling(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _task_of(task_or_n, name: str = "task") -> ChainTask:
-    """A ChainTask from a task, or from a chain length n (deprecated; uniform starts: only n matters here)."""
-    if isinstance(task_or_n, ChainTask):
-        return task_or_n
-    if isinstance(task_or_n, (int, np.integer)) and not isinstance(task_or_n, bool):
-        deprecated_int_task()
-        return ChainTask.uniform(check_int("n", task_or_n, 2))
-    raise ValueError(f"{name} must be a gradflow.ChainTask or a chain length n >= 2, got {task_or_n!r}")
-
-
 def success_gradient(theta: Theta, task: ChainTask | int, model: ModelSpec | None = None) -> np.ndarray:
     """G[d-1, k] = d h_d / d theta_k: the gradient of the success probability of a start at distance d.
 
@@ -961,7 +951,7 @@ def success_gradient(theta: Theta, task: ChainTask | int, model: ModelSpec | Non
     an int n (only n matters: h_d does not depend on the start distribution).  A training
     distribution p makes grad J = sum_d p[d-1] G[d-1].
     """
-    task = _task_of(task)
+    task = as_task(task)
     model = _model_or_default(model)
     theta = _theta_or_default(theta, "theta")
     jac = jax.jacobian(lambda x: _success_per_start(Theta.from_array(x), task, model))(theta.as_array())
