@@ -5,21 +5,32 @@ Every compiled solve of gradflow (the flow, batches, crossings, phases, learning
 up to ``CACHE_SIZE``, and counted (``compilation_count``).  The first compilation turns on JAX's
 persistent compilation cache in ``~/.cache/gradflow/jax`` (``GRADFLOW_CACHE_DIR`` relocates it,
 ``GRADFLOW_NO_CACHE=1`` turns it off), so a new process loads the executable from disk.
+
+That cache holds XLA's executables, keyed by the program, so a new process would still trace the
+Python code to find its program (seconds for a flow).  ``compiled(..., export=True)`` therefore also
+keeps the traced program itself (``jax.export``, serialised StableHLO) in ``<cache>/exported``, keyed by
+the arguments' structure, gradflow's source and the versions of jax: a warm process deserialises it
+and goes straight to the persistent cache, tracing nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export as jax_export
 
 from gradflow._dependencies import runtime_checks_as_nan
+from gradflow._version import versions
 
 CACHE_SIZE = 64  # compiled executables kept in memory (least recently used dropped first)
 CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradflow sets it up
@@ -106,7 +117,7 @@ def structure_key(tree) -> tuple:
     return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def compiled(kind: str, fn: Callable, args: tuple, static_key=()) -> tuple[Callable, float]:
+def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool = False) -> tuple[Callable, float]:
     """The compiled ``fn(*args)`` for this structure (bounded LRU cache), and its compile time (0 when cached).
 
     Args:
@@ -114,6 +125,8 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=()) -> tuple[Calla
         fn: the function to jit and compile.
         args: the example arguments; their tree structure, shapes and dtypes (``structure_key``) are part of the key.
         static_key (Hashable): anything else the executable depends on (part of the key).
+        export: keep the traced program on disk (``exported_program``) so that a new process skips tracing;
+            for functions without host callbacks (no progress meter) on one device.
 
     Returns:
         The compiled executable and its compile time in seconds (0.0 when it came from the cache).
@@ -124,12 +137,92 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=()) -> tuple[Calla
         _COMPILED.move_to_end(key)
         return _COMPILED[key], 0.0
     require_x64()
-    enable_persistent_cache()
+    folder = enable_persistent_cache()
     start = time.perf_counter()
     with runtime_checks_as_nan():
-        executable = jax.jit(fn).lower(*args).compile()
+        executable = None
+        if export and folder is not None:
+            executable = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
+        if executable is None:
+            executable = jax.jit(fn).lower(*args).compile()
     _COMPILATIONS += 1
     _COMPILED[key] = executable
     while len(_COMPILED) > CACHE_SIZE:
         _COMPILED.popitem(last=False)
     return executable, time.perf_counter() - start
+
+
+_SOURCE_DIGEST: dict = {}
+
+
+def _source_digest() -> str:
+    """sha256 of gradflow's source files and the versions it runs with: a traced program is valid for these only."""
+    if "digest" not in _SOURCE_DIGEST:
+        digest = hashlib.sha256(repr(sorted(versions().items())).encode())
+        for path in sorted(Path(__file__).parent.rglob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+        _SOURCE_DIGEST["digest"] = digest.hexdigest()
+    return _SOURCE_DIGEST["digest"]
+
+
+def _export_key(kind: str, args: tuple, static_key) -> str | None:
+    """The file name of a traced program, or None when its static data is not reproducible across processes
+    (a function or object shown by address, e.g. a plain-callable schedule)."""
+    treedef, leaves = structure_key(args)
+    text = repr((kind, str(treedef), leaves, static_key, jax.default_backend()))
+    if " at 0x" in text:
+        return None
+    return hashlib.sha256((_source_digest() + text).encode()).hexdigest()[:32]
+
+
+def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_key=()) -> Callable | None:
+    """``fn(*args)`` compiled from its traced program kept in ``folder`` (traced and kept there when missing).
+
+    The program takes and returns flat lists of arrays: the arguments' tree structure is part of the key
+    and the result's is stored beside the program (a skeleton of the output with 0 leaves).  Returns
+    None where ``jax.export`` cannot serialise the program or the folder cannot be written: the caller
+    then compiles as usual.
+    """
+    key = _export_key(kind, args, static_key)
+    if key is None:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    specs = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
+    path = folder / f"{kind}-{key}.bin"
+    try:
+        with open(path, "rb") as handle:
+            blob, skeleton = pickle.load(handle)
+        program = jax_export.deserialize(bytearray(blob))
+    except Exception:  # noqa: BLE001  (missing, unreadable or from another version: trace it again)
+        box = {}
+
+        def flat(*xs):
+            out = fn(*jax.tree_util.tree_unflatten(treedef, xs))
+            out_leaves, box["tree"] = jax.tree_util.tree_flatten(out)
+            return tuple(out_leaves)
+
+        try:
+            program = jax_export.export(jax.jit(flat))(*specs)
+            blob = program.serialize()
+        except Exception:  # noqa: BLE001  (host callbacks, shardings or no serialiser: not exportable)
+            return None
+        skeleton = jax.tree_util.tree_unflatten(box["tree"], [0] * box["tree"].num_leaves)
+        _write_atomic(path, pickle.dumps((bytes(blob), skeleton)))
+    out_tree = jax.tree_util.tree_structure(skeleton)
+    executable = jax.jit(program.call).lower(*specs).compile()
+
+    def run(*call_args):
+        return jax.tree_util.tree_unflatten(out_tree, executable(*jax.tree_util.tree_leaves(call_args)))
+
+    return run
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file (a reader never sees half a file); failures are ignored."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError:
+        pass

@@ -198,6 +198,17 @@ class Solution(eqx.Module):
     num_rejected_steps: jnp.ndarray
 
 
+def _event_crossings(params: FlowParams, ts, thetas, rewards, events: tuple):
+    """(t, reached, resolved) of each reward event, each of shape (len(events),): one bracket re-solve,
+    vmapped over the events' levels, so the program holds one dense re-solve however many events."""
+    if not events:
+        return jnp.zeros(0), jnp.zeros(0, bool), jnp.zeros(0, bool)
+    levels = jnp.stack([params.event_level(event) for event in events])
+    ts, thetas = jnp.nan_to_num(ts), jnp.nan_to_num(thetas)
+    locate = lambda level: crossing(params, ts, thetas, rewards, level, lambda y: _reward(params, y), BRACKET_MAX_STEPS)
+    return jax.vmap(locate)(levels)
+
+
 def _solve(params: FlowParams, progress: bool = False) -> Solution:
     """Integrate the flow, read the closed-form metrics at the saves and locate the events (traceable)."""
     require_x64()
@@ -231,24 +242,17 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
     stopped = solution.event_mask if params.stop_at is not None else jnp.asarray(False)
     stopped = jnp.asarray(stopped) & (solution.result == diffrax.RESULTS.event_occurred)
 
-    event_times, event_reached, event_resolved = {}, {}, {}
     names = tuple(EVENTS[k] for k in range(len(EVENTS)) if EVENTS[k] in params.events or EVENTS[k] == params.stop_at)
+    located = tuple(event for event in names if event in params.events)
+    found = _event_crossings(params, ts, thetas, recorded["reward"], located)
+    event_times, event_reached, event_resolved = {}, {}, {}
     for event in names:
-        if event == params.stop_at and event not in params.events:
-            t, reached, resolved = t_stop, stopped, jnp.asarray(True)
+        if event in located:
+            t, reached, resolved = (x[located.index(event)] for x in found)
         else:
-            level = params.event_level(event)
-            t, reached, resolved = crossing(
-                params,
-                jnp.nan_to_num(ts),
-                jnp.nan_to_num(thetas),
-                recorded["reward"],
-                level,
-                lambda y: _reward(params, y),
-                BRACKET_MAX_STEPS,
-            )
-            if event == params.stop_at:
-                t, reached, resolved = jnp.where(stopped, t_stop, t), stopped | reached, stopped | resolved
+            t, reached, resolved = t_stop, stopped, jnp.asarray(True)
+        if event == params.stop_at:
+            t, reached, resolved = jnp.where(stopped, t_stop, t), stopped | reached, stopped | resolved
         event_times[event] = jnp.where(reached, t, jnp.nan)
         event_reached[event] = reached
         event_resolved[event] = resolved
@@ -302,7 +306,7 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
     if not is_concrete(config):
         return _solve(config, progress)
     check_levels(config)
-    executable, _ = compiled("solve", lambda p: _solve(p, progress), (config,), progress)
+    executable, _ = compiled("solve", lambda p: _solve(p, progress), (config,), progress, export=not progress)
     return executable(config)
 
 
@@ -338,7 +342,9 @@ def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = F
 
 
 def _run_batch(batch: FlowParams, progress: bool, n_devices: int):
-    executable, compile_s = compiled("solve_many", jax.vmap(lambda p: _solve(p, progress)), (batch,), (progress, n_devices))
+    solve_batch = jax.vmap(lambda p: _solve(p, progress))
+    export = not progress and n_devices == 1  # a sharded batch compiles as usual
+    executable, compile_s = compiled("solve_many", solve_batch, (batch,), (progress, n_devices), export=export)
     return executable(batch), compile_s
 
 
@@ -502,7 +508,7 @@ def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.FlowParams, got {type(flow_params).__name__}")
     check_levels(flow_params)
-    executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (flow_params,), progress)
+    executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (flow_params,), progress, export=not progress)
     start = time.perf_counter()
     out = jax.device_get(executable(flow_params))
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}

@@ -327,20 +327,24 @@ class RowLogits(NamedTuple):
     self_present: bool
     n: int
     n_isolated: int
+    last: np.ndarray = None
 
 
-def row_logits(scores: RowScores, n: int, model: ModelSpec) -> RowLogits:
+def row_logits(scores: RowScores, n: int, model: ModelSpec, positions=None) -> RowLogits:
     """docs/THEORY.md §2.2 in logits, read off ``gradflow.policy.chain_targets``: logit = c(u, v) . s(u).
 
     Args:
         scores: the row scores (``row_scores``).
         n: the chain length.
         model: the model (mask_self, n_isolated).
+        positions (np.ndarray | None): the chain rows a_i wanted (linear attention only, where every row sees
+            the same scores, e.g. ``gradflow.policy.distinct_rows``); None: all, i = 1..n-1.
 
     Returns:
-        The logits of the local targets, their far baselines and the far counts of every chain row.
+        The logits of the local targets, their far baselines and the far counts of the chain rows.
     """
-    targets = chain_targets(n)
+    positions = np.arange(1, n) if positions is None else np.asarray(positions)
+    targets = chain_targets(n, positions)
     a, b, g = scores.alpha, scores.beta, scores.gamma
     row_logit = lambda counts: count_logit(counts, a, b, g)
     return RowLogits(
@@ -350,7 +354,7 @@ def row_logits(scores: RowScores, n: int, model: ModelSpec) -> RowLogits:
         base_succ=targets.deg_succ * g,
         base_self=targets.deg_self * g,
         base_pred=targets.deg_pred * g,
-        g=g + jnp.zeros(n - 1),
+        g=g + jnp.zeros(len(positions)),
         g_iso=scores.isolated,
         has_pred=targets.has_pred,
         deg1_succ=targets.deg_succ == 1,
@@ -361,6 +365,7 @@ def row_logits(scores: RowScores, n: int, model: ModelSpec) -> RowLogits:
         self_present=not model.mask_self,
         n=n,
         n_isolated=model.n_isolated,
+        last=positions == n - 1,
     )
 
 

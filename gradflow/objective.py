@@ -41,6 +41,7 @@ import numpy as np
 from gradflow import capped
 from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
 from gradflow.model import ModelSpec, RowLogits, Theta, chain_a_logits, row_log_total, row_logits, row_scores
+from gradflow.policy import distinct_rows
 from gradflow.task import ChainTask
 
 LENGTH_LIMIT = 1e300  # expected lengths above this are returned as inf
@@ -113,7 +114,7 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     succ, pred, self_, g = bc(rows.succ), bc(rows.pred), bc(rows.self_), bc(g)
     base_succ, base_pred = bc(rows.base_succ), bc(rows.base_pred)
     has_pred, d1s, d1p = (bc(x) for x in (rows.has_pred, rows.deg1_succ, rows.deg1_pred))
-    last = jnp.broadcast_to(jnp.arange(n - 1) == n - 2, shape)
+    last = jnp.broadcast_to(rows.last, shape)
     pres = lambda flag: jnp.where(flag, 1.0, 0.0)
 
     # the row scale: its largest logit (stop-gradient: any constant scale gives the same solution)
@@ -181,10 +182,17 @@ def _check_pivot(min_pivot, values):
     return jnp.where(min_pivot >= TINY_PIVOT, values, jnp.nan)
 
 
+def _linear_rows(theta: Theta, n: int, model: ModelSpec) -> _Scaled:
+    """The scaled rows a_1..a_{n-1} under linear attention, each kind of row (``distinct_rows``: at most
+    four) scaled once and gathered: O(1) exponentials at any n, O(n) arithmetic."""
+    positions, kind = distinct_rows(n)
+    distinct = _scale_rows(row_logits(row_scores(theta, n, model), n, model, positions))
+    return jax.tree_util.tree_map(lambda x: x[kind], distinct)
+
+
 def _linear_probabilities(theta: Theta, n: int, model: ModelSpec):
     """(h, q, e) on chain a, positions 1..n-1 (linear attention): one tridiagonal, three columns."""
-    rows = row_logits(row_scores(theta, n, model), n, model)
-    s = _scale_rows(rows)
+    s = _linear_rows(theta, n, model)
     x, min_pivot = gth_solve(s.excess, s.lower, s.upper, jnp.stack([s.rhs_h, s.rhs_q, s.rhs_e], -1))
     x = _check_pivot(min_pivot, x)
     return x[:, 0], x[:, 1], x[:, 2]
@@ -192,8 +200,7 @@ def _linear_probabilities(theta: Theta, n: int, model: ModelSpec):
 
 def _linear_length(theta: Theta, n: int, model: ModelSpec):
     """Expected tokens to absorption from a_i (= from b_i), linear attention: folded rank-2 Woodbury."""
-    rows = row_logits(row_scores(theta, n, model), n, model)
-    s = _scale_rows(rows)
+    s = _linear_rows(theta, n, model)
     last = jnp.arange(n - 1) == n - 2
     absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)  # into a_n and b_n
     u = 2.0 * jnp.stack([s.far1, s.far2], -1)  # folded: the b chain's far targets count too

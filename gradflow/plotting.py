@@ -146,6 +146,7 @@ def save_figure(fig, name: str, out_dir: str | Path = DEFAULT_OUT, data: dict | 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("png", "pdf", "json")}
     fig.savefig(paths["png"])
+    fig.set_layout_engine("none")  # the layout of the first save is kept: the PDF does not run it again
     fig.savefig(paths["pdf"])
     plt.close(fig)
     paths["json"].write_text(json.dumps(to_jsonable(data or {}), indent=1) + "\n")

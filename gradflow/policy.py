@@ -103,9 +103,25 @@ class ChainTargets(NamedTuple):
     far2: np.ndarray
 
 
-def chain_targets(n: int) -> ChainTargets:
-    """``ChainTargets`` of the chain-a rows a_1..a_{n-1} (canonical u = i - 1)."""
-    u = np.arange(n - 1)
+def distinct_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chain rows that differ: positions i in {1, 2, 3, n-1} (rows a_3..a_{n-2} are alike), and for
+    every row i = 1..n-1 the index of its distinct row, so a per-row quantity is computed once per kind.
+
+    Args:
+        n: the chain length.
+
+    Returns:
+        (positions, kind): the distinct positions (ascending) and, for i = 1..n-1, ``positions[kind[i-1]] ~ i``.
+    """
+    positions = np.unique(np.minimum([1, 2, 3, n - 1], n - 1))
+    i = np.arange(1, n)
+    representative = np.where((i > 3) & (i < n - 1), 3, i)
+    return positions, np.searchsorted(positions, representative)
+
+
+def chain_targets(n: int, positions=None) -> ChainTargets:
+    """``ChainTargets`` of the chain-a rows a_i (canonical u = i - 1), i = 1..n-1 or the ``positions`` given."""
+    u = np.arange(n - 1) if positions is None else np.asarray(positions) - 1
     has_pred = u >= 1
     pred = np.where(has_pred, u - 1, u)
     deg = lambda v: vertex_degree(v, n)

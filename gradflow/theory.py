@@ -421,7 +421,7 @@ def _root_times(
         jnp.asarray(columns),
         jnp.asarray(levels),
     )
-    executable, _ = compiled("phases", _phase_crossings, args)
+    executable, _ = compiled("phases", _phase_crossings, args, export=True)
     times, reached, resolved = jax.device_get(executable(*args))
     for index in pending:
         if not resolved[index]:
@@ -635,7 +635,7 @@ def _learning_run(configs, watched) -> dict:
     stack = lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs]))
     args = (stack_configs(configs), jax.tree_util.tree_map(stack, *watched)) if batched else (configs, watched)
     fn = jax.vmap(_learning_solve) if batched else _learning_solve
-    executable, _ = compiled("learning_batch" if batched else "learning", fn, args)
+    executable, _ = compiled("learning_batch" if batched else "learning", fn, args, export=True)
     return jax.device_get(executable(*args))
 
 

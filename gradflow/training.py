@@ -451,7 +451,7 @@ def gradient_descent_many(
 
     start = time.perf_counter()
     args = (batch, jnp.asarray(rates))
-    executable, compile_s = compiled("gradient_descent_many", run, args, (cfg.steps, cfg.optimizer, coords))
+    executable, compile_s = compiled("gradient_descent_many", run, args, (cfg.steps, cfg.optimizer, coords), export=True)
     out = jax.device_get(executable(*args))
     seconds = time.perf_counter() - start
     trajectories = []
