@@ -16,6 +16,7 @@ and goes straight to the persistent cache, tracing nothing.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pickle
 import time
@@ -37,6 +38,7 @@ CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradf
 
 _COMPILED: OrderedDict = OrderedDict()
 _COMPILATIONS = 0
+_TRACES = 0
 _PERSISTENT_CACHE: dict = {"configured": False, "dir": None}
 
 
@@ -53,6 +55,11 @@ def require_x64() -> None:
 def compilation_count() -> int:
     """How many flow executables have been compiled in this process (solves, batches, crossings)."""
     return _COMPILATIONS
+
+
+def programs_traced() -> int:
+    """How many programs this process traced for ``compiled`` (a warm process that found them on disk: 0)."""
+    return _TRACES
 
 
 def persistent_cache_dir() -> str | None:
@@ -90,7 +97,7 @@ def enable_persistent_cache() -> str | None:
             )
             return None
         jax.config.update("jax_compilation_cache_dir", path)
-        if jax.config.jax_compilation_cache_max_size in (None, -1) and _has_filelock():
+        if jax.config.jax_compilation_cache_max_size in (None, -1) and _has_module("filelock"):
             jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)  # LRU eviction past 2 GiB
         try:  # jax reads the folder once, at its first compilation: start over if that already happened
             from jax.experimental.compilation_cache import compilation_cache
@@ -102,13 +109,9 @@ def enable_persistent_cache() -> str | None:
     return path
 
 
-def _has_filelock() -> bool:
-    """JAX's size-limited cache needs the filelock package (without it every cache read fails)."""
-    try:
-        import filelock  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _has_module(name: str) -> bool:
+    """Whether an optional package JAX uses (filelock: the size-limited cache; flatbuffers: ``jax.export``) is installed."""
+    return importlib.util.find_spec(name) is not None
 
 
 def structure_key(tree) -> tuple:
@@ -131,7 +134,7 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool =
     Returns:
         The compiled executable and its compile time in seconds (0.0 when it came from the cache).
     """
-    global _COMPILATIONS
+    global _COMPILATIONS, _TRACES
     key = (kind, structure_key(args), static_key)
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
@@ -140,11 +143,12 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool =
     folder = enable_persistent_cache()
     start = time.perf_counter()
     with runtime_checks_as_nan():
-        executable = None
+        executable, traced = None, True
         if export and folder is not None:
-            executable = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
+            executable, traced = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
         if executable is None:
             executable = jax.jit(fn).lower(*args).compile()
+    _TRACES += traced
     _COMPILATIONS += 1
     _COMPILED[key] = executable
     while len(_COMPILED) > CACHE_SIZE:
@@ -175,25 +179,29 @@ def _export_key(kind: str, args: tuple, static_key) -> str | None:
     return hashlib.sha256((_source_digest() + text).encode()).hexdigest()[:32]
 
 
-def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_key=()) -> Callable | None:
+def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_key=()) -> tuple[Callable | None, bool]:
     """``fn(*args)`` compiled from its traced program kept in ``folder`` (traced and kept there when missing).
 
     The program takes and returns flat lists of arrays: the arguments' tree structure is part of the key
-    and the result's is stored beside the program (a skeleton of the output with 0 leaves).  Returns
-    None where ``jax.export`` cannot serialise the program or the folder cannot be written: the caller
-    then compiles as usual.
+    and the result's is stored beside the program (a skeleton of the output with 0 leaves).
+
+    Returns:
+        (executable, traced): the executable, None where ``jax.export`` cannot serialise the program (the
+        caller then compiles as usual), and whether ``fn`` was traced here.
     """
     key = _export_key(kind, args, static_key)
-    if key is None:
-        return None
+    if key is None or not _has_module("flatbuffers"):  # jax serialises with flatbuffers: without it, never trace twice
+        return None, False
     leaves, treedef = jax.tree_util.tree_flatten(args)
     specs = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
     path = folder / f"{kind}-{key}.bin"
+    traced = False
     try:
         with open(path, "rb") as handle:
             blob, skeleton = pickle.load(handle)
         program = jax_export.deserialize(bytearray(blob))
     except Exception:  # noqa: BLE001  (missing, unreadable or from another version: trace it again)
+        traced = True
         box = {}
 
         def flat(*xs):
@@ -204,8 +212,8 @@ def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_
         try:
             program = jax_export.export(jax.jit(flat))(*specs)
             blob = program.serialize()
-        except Exception:  # noqa: BLE001  (host callbacks, shardings or no serialiser: not exportable)
-            return None
+        except Exception:  # noqa: BLE001  (host callbacks or shardings: not exportable)
+            return None, True
         skeleton = jax.tree_util.tree_unflatten(box["tree"], [0] * box["tree"].num_leaves)
         _write_atomic(path, pickle.dumps((bytes(blob), skeleton)))
     out_tree = jax.tree_util.tree_structure(skeleton)
@@ -214,7 +222,7 @@ def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_
     def run(*call_args):
         return jax.tree_util.tree_unflatten(out_tree, executable(*jax.tree_util.tree_leaves(call_args)))
 
-    return run
+    return run, traced
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

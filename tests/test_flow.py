@@ -428,9 +428,10 @@ _CACHE_PROBE = textwrap.dedent(
     monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
     import gradflow as gf
     from gradflow.flow import FlowParams, simulate
+    from gradflow.compile_cache import programs_traced
     start = time.perf_counter()
-    simulate(FlowParams(gf.ChainTask.uniform(3), t1=5.0, save_ts=[0.0, 5.0], events=(), readouts=False))
-    print(len(hits), time.perf_counter() - start)
+    trajectory = simulate(FlowParams(gf.ChainTask.uniform(3), t1=5.0, save_ts=[0.0, 5.0], events=(), readouts=False))
+    print(len(hits), time.perf_counter() - start, programs_traced(), repr(float(trajectory.reward[-1])))
     """
 )
 
@@ -441,10 +442,14 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     run = lambda: subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True, timeout=600)
     cold, warm = run(), run()
     assert cold.returncode == 0 and warm.returncode == 0, cold.stderr[-2000:] + warm.stderr[-2000:]
-    cold_hits, cold_s = cold.stdout.split()
-    warm_hits, warm_s = warm.stdout.split()
+    cold_hits, _, cold_traced, cold_reward = cold.stdout.split()
+    warm_hits, _, warm_traced, warm_reward = warm.stdout.split()
     assert int(cold_hits) == 0 and int(warm_hits) >= 1, (cold.stdout, warm.stdout)
     assert any((tmp_path / "cache").iterdir())
+    # the traced program itself was kept (jax.export): the warm process traces nothing and gets the same numbers
+    assert int(cold_traced) == 1 and int(warm_traced) == 0, (cold.stdout, warm.stdout)
+    assert warm_reward == cold_reward
+    assert list((tmp_path / "cache" / "exported").glob("solve-*.bin"))
 
 
 def test_theta0_takes_its_first_numbers_the_rest_zero():
