@@ -19,7 +19,7 @@ import dataclasses
 import inspect
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +27,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from gradflow import theory
-from gradflow._series import first_crossing as _series_first_crossing
 from gradflow._series import first_crossings
 
 OKABE_ITO = (
@@ -392,24 +391,3 @@ def describe_start_probs(probs) -> str:
     if probs[-1] == 1.0:
         return "hardest start only"
     return "P(d) = " + ", ".join(f"{p:.3g}" for p in probs)
-
-
-def describe_task(task) -> str:
-    """'uniform starts', 'hardest start only' or the start distribution of a ChainTask, for titles."""
-    return describe_start_probs(task.start_probs)
-
-
-def first_crossing(ts: Sequence[float], values: Sequence[float], level: float) -> float | None:
-    """The first save time with value >= level, linearly interpolated in log t (None if never).
-
-    Kept for the figure scripts; it is ``gradflow._series.first_crossing(..., log_time=True)``.
-
-    Args:
-        ts: the save times.
-        values: the values at ``ts``.
-        level: the level to reach.
-
-    Returns:
-        The interpolated crossing time, or None when no value reaches ``level``.
-    """
-    return _series_first_crossing(ts, values, level, log_time=True)
