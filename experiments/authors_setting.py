@@ -171,8 +171,13 @@ def draw(data: dict, preset: Preset):
     step_axis = np.arange(preset.steps + 1)
     for j, k in enumerate(preset.ks):
         run, c = data["exact"][str(k)], color(j)
-        ax_r.plot(step_axis, run["hardest_reward"], color=c, label=f"k = {k}" + (" (hardest only)" if k == 1 else ""))
-        ax_reach.plot(step_axis, run["hardest_reach"], color=c)
+        ax_r.plot(
+            step_axis,
+            np.asarray(run["hardest_reward"], dtype=float),
+            color=c,
+            label=f"k = {k}" + (" (hardest only)" if k == 1 else ""),
+        )
+        ax_reach.plot(step_axis, np.asarray(run["hardest_reach"], dtype=float), color=c)
         ax_greedy.plot(step_axis, np.asarray(run["greedy_hardest"]["first"]["correct"]) + 0.02 * j, color=c, ls="-")
         ax_greedy.plot(step_axis, np.asarray(run["greedy_hardest"]["last"]["correct"]) - 0.02 * j, color=c, ls=":")
         theta = np.asarray(run["theta"], dtype=float)

@@ -61,9 +61,9 @@ class Preset:
 QUICK = Preset(
     ns=(4, 5), cs=tuple(np.round(np.linspace(0.0, 1.0, 11), 10)), sampled_ns=(4,), sampled_cs=(0.2, 0.5), seeds=2, batch=100
 )
-FULL = Preset(
-    ns=tuple(range(4, 17)),
-    cs=tuple(np.round(np.linspace(0.0, 1.0, 41), 10)),
+FULL = Preset(  # n = 16 costs about 0.75 s per (c, lr) run of 2,000 steps on one core: a grid of 21 c, 9 n
+    ns=(4, 5, 6, 7, 8, 10, 12, 14, 16),
+    cs=tuple(np.round(np.linspace(0.0, 1.0, 21), 10)),
     sampled_ns=(5, 8),
     sampled_cs=(0.2, 0.3, 0.4, 0.5, 0.9),
     seeds=3,

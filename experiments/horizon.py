@@ -120,9 +120,17 @@ def draw(data: dict, preset: Preset):
             ax_theta.plot(ts[keep], theta[keep, k], color=PARAM_COLORS[name], ls=STYLES[j])
         ax_len.plot(ts[keep], np.asarray(run["expected_length"], dtype=float)[keep], label=label, **run_style)
         ax_j.plot(ts[keep], np.asarray(run["reward"], dtype=float)[keep], **run_style)
-        ax_fwd.plot(positions, run["final_forward_given_move"], marker="o", **run_style)
-        ax_fwd.plot(positions, run["final_forward_unconditional"], marker="o", mfc="none", lw=0.8, color=color(j + 3), ls=":")
-        ax_stay.plot(positions, run["final_stay"], marker="s", **run_style)
+        ax_fwd.plot(positions, np.asarray(run["final_forward_given_move"], dtype=float), marker="o", **run_style)
+        ax_fwd.plot(
+            positions,
+            np.asarray(run["final_forward_unconditional"], dtype=float),
+            marker="o",
+            mfc="none",
+            lw=0.8,
+            color=color(j + 3),
+            ls=":",
+        )
+        ax_stay.plot(positions, np.asarray(run["final_stay"], dtype=float), marker="s", **run_style)
     ax_len.axhline(data["minimal_length"], color="0.4", lw=0.8, ls="-.", label="minimal (forward traversal)")
     for name in ("alpha", "beta", "gamma"):
         ax_theta.plot([], [], color=PARAM_COLORS[name], label=f"$\\{name}$")

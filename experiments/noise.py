@@ -296,10 +296,11 @@ def draw(data: dict, preset: Preset):
     task_name = preset.validated[0]
     for j, batch in enumerate(preset.batches):
         ax, band = axes[0, j], data["bands"][str(batch)]
-        _band(ax, band["sde_ts"], band["sde"], 0, f"SDE ({preset.sde_seeds} seeds)")
-        _band(ax, band["ts"], band["sampled"], 1, f"sampled SGD ({preset.seeds} seeds)", hatch=True)
+        _band(ax, np.asarray(band["sde_ts"], dtype=float), band["sde"], 0, f"SDE ({preset.sde_seeds} seeds)")
+        _band(ax, np.asarray(band["ts"], dtype=float), band["sampled"], 1, f"sampled SGD ({preset.seeds} seeds)", hatch=True)
         if task_name in data["flow"]:
-            ax.plot(data["flow"][task_name]["ts"], data["flow"][task_name]["reward"], color="k", lw=1.2, label="flow (no noise)")
+            flow_ts, flow_reward = (np.asarray(data["flow"][task_name][k], dtype=float) for k in ("ts", "reward"))
+            ax.plot(flow_ts, flow_reward, color="k", lw=1.2, label="flow (no noise)")
         ax.axhline(preset.level, color="0.5", lw=0.8, ls=":")
         title = f"n = {preset.n}, {task_name}, lr = {preset.lr:g}, B = {batch}"
         ax.set(xlabel=TIME_LABEL, ylabel="J(theta)", title=title, xlim=(0, preset.horizon))
@@ -325,7 +326,8 @@ def draw(data: dict, preset: Preset):
 
     ax = axes[0, 3]
     for k, n in enumerate(preset.critical_ns):
-        ax.plot(np.arange(1, n), data["critical_base"][str(n)]["per_start"], color=color(k), marker="o", ms=3, label=f"n = {n}")
+        per_start = np.asarray(data["critical_base"][str(n)]["per_start"], dtype=float)
+        ax.plot(np.arange(1, n), per_start, color=color(k), marker="o", ms=3, label=f"n = {n}")
     ax.set(
         yscale="log",
         xlabel="start distance d",
