@@ -23,6 +23,8 @@ Regenerate: ``gradflow figures authors_setting``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,18 +32,37 @@ import numpy as np
 from gradflow import ChainTask, ModelSpec, Theta
 from gradflow.flow import FlowParams
 from gradflow.greedy import greedy_per_start
-from gradflow.plotting import color, experiment_parser, panel_label, save_figure, subplots
+from gradflow.plotting import claim_failures, color, experiment_parser, format_theta, panel_label, run_experiment, subplots
 from gradflow.training import gradient_descent, train
 
 NAME = "authors_setting"
-N = 5
-KS = (1, 2, 3, 4)
-LR = 1e-2
-REPORT_STEPS = (200, 1000)
+PARAMS = ("alpha", "beta", "gamma")
 
 
-def model_spec() -> ModelSpec:
-    return ModelSpec(attention="linear", tau=0.2, mask_self=False, max_len=N + 1)
+@dataclass(frozen=True)
+class Preset:
+    """The authors' setting: n, training on the k hardest starts (ks), cap n + 1, self-loops, linear
+    attention at temperature tau, theta0; exact-gradient Adam (lr, steps); sampled REINFORCE + Adam with
+    ``batch`` rollouts per step and ``seeds`` seeds (its claim checked when ``check_sampled``)."""
+
+    steps: int
+    batch: int
+    check_sampled: bool
+    seeds: int = 3
+    n: int = 5
+    ks: tuple[int, ...] = (1, 2, 3, 4)
+    lr: float = 1e-2
+    tau: float = 0.2
+    theta0: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    report_steps: tuple[int, ...] = (200, 1000)
+
+
+QUICK = Preset(steps=300, batch=200, check_sampled=False)
+FULL = Preset(steps=1000, batch=5000, check_sampled=True)  # sampling noise is small at batch 5000
+
+
+def model_spec(preset: Preset) -> ModelSpec:
+    return ModelSpec(attention="linear", tau=preset.tau, mask_self=False, max_len=preset.n + 1)
 
 
 def greedy_hardest(thetas: np.ndarray, task: ChainTask, model: ModelSpec, tie_break: str) -> dict:
@@ -55,47 +76,18 @@ def greedy_hardest(thetas: np.ndarray, task: ChainTask, model: ModelSpec, tie_br
     }
 
 
-def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="Adam steps (default 1000; quick 300)")
-    parser.add_argument("--seeds", type=int, default=3, help="REINFORCE seeds (default 3)")
-    parser.add_argument("--batch", type=int, default=None, help="rollouts per REINFORCE step (default 5000; quick 200)")
-    args = parser.parse_args(argv)
-    steps = args.steps or (300 if args.quick else 1000)
-    batch = args.batch or (200 if args.quick else 5000)
-    model = model_spec()
-    theta0 = Theta(0.0, 0.0, 0.0)
-    keys = jax.random.split(jax.random.PRNGKey(0), args.seeds)
-
-    fig, axes = subplots(1, 4, width=4.0, height=3.4)
-    ax_r, ax_reach, ax_greedy, ax_theta = axes[0]
-    data = {
-        "n": N,
-        "ks": KS,
-        "lr": LR,
-        "steps": steps,
-        "max_len": N + 1,
-        "tau": 0.2,
-        "theta0": [0.0, 0.0, 0.0],
-        "sampling": {"optimizer": "adam", "lr": LR, "batch": batch, "seeds": args.seeds},
-        "exact": {},
-        "sampled": {},
-    }
-    step_axis = np.arange(steps + 1)
-    for j, k in enumerate(KS):
-        params = FlowParams(ChainTask.k_hardest(N, k), model, theta0)
-        run = gradient_descent(params, LR, steps, optimizer="adam")
-        hardest = run.success_per_start[:, -1]
-        reach = run.reach_per_start[:, -1]
+def compute(preset: Preset) -> dict:
+    """Per k: exact-gradient Adam (hardest-start reward and reach, greedy under both tie rules, theta) and
+    sampled REINFORCE + Adam (mean and std over seeds)."""
+    model = model_spec(preset)
+    keys = jax.random.split(jax.random.PRNGKey(0), preset.seeds)
+    exact, sampled = {}, {}
+    for k in preset.ks:
+        params = FlowParams(ChainTask.k_hardest(preset.n, k), model, Theta(*preset.theta0))
+        run = gradient_descent(params, preset.lr, preset.steps, optimizer="adam")
+        hardest, reach = run.success_per_start[:, -1], run.reach_per_start[:, -1]
         greedy = {rule: greedy_hardest(run.theta, params.task, model, rule) for rule in ("first", "last")}
-        c = color(j)
-        ax_r.plot(step_axis, hardest, color=c, label=f"k = {k}" + (" (hardest only)" if k == 1 else ""))
-        ax_reach.plot(step_axis, reach, color=c)
-        ax_greedy.plot(step_axis, greedy["first"]["correct"] + 0.02 * j, color=c, ls="-")
-        ax_greedy.plot(step_axis, greedy["last"]["correct"] - 0.02 * j, color=c, ls=":")
-        for name, ls in zip(("alpha", "beta", "gamma"), ("-", "--", ":")):
-            ax_theta.plot(step_axis, run.theta[:, ("alpha", "beta", "gamma").index(name)], color=c, ls=ls)
-        data["exact"][k] = {
+        exact[k] = {
             "hardest_reward": hardest,
             "hardest_reach": reach,
             "reward": run.reward,
@@ -106,7 +98,7 @@ def main(argv=None) -> dict:
             "greedy_conditional_accuracy": run.greedy_conditional_accuracy,
             "greedy_reach_rate": run.greedy_reach_rate,
             "greedy_traversal_accuracy": run.greedy_traversal_accuracy,
-            "theta_at": {s: run.theta[s, :3] for s in REPORT_STEPS if s <= steps},
+            "theta_at": {s: run.theta[s, :3] for s in preset.report_steps if s <= preset.steps},
             "final": {
                 "theta": run.theta[-1, :3],
                 "hardest_reward": float(hardest[-1]),
@@ -116,26 +108,93 @@ def main(argv=None) -> dict:
                 "greedy_tied": bool(greedy["first"]["tied"][-1]),
             },
         }
-        sampled = [train(params, LR, steps, batch, key, optimizer="adam") for key in keys]
-        h = np.stack([s.success_per_start[:, -1] for s in sampled])
-        m, sd = h.mean(0), h.std(0)
+        runs = [train(params, preset.lr, preset.steps, preset.batch, key, optimizer="adam") for key in keys]
+        h = np.stack([r.success_per_start[:, -1] for r in runs])
+        sampled[k] = {
+            "hardest_reward_mean": h.mean(0),
+            "hardest_reward_std": h.std(0),
+            "theta_mean": np.mean([r.theta[:, :3] for r in runs], axis=0),
+            "final_hardest_reward": h[:, -1],
+            "final_theta": [r.theta[-1, :3] for r in runs],
+        }
+        final = exact[k]["final"]
+        print(
+            f"{NAME}: k={k}: theta {np.round(final['theta'], 3).tolist()}, hardest {final['hardest_reward']:.4f}, "
+            f"reach {final['hardest_reach']:.4f}, sampled hardest {h[:, -1].mean():.4f}"
+        )
+    return {
+        "n": preset.n,
+        "ks": preset.ks,
+        "lr": preset.lr,
+        "steps": preset.steps,
+        "max_len": preset.n + 1,
+        "tau": preset.tau,
+        "theta0": preset.theta0,
+        "sampling": {"optimizer": "adam", "lr": preset.lr, "batch": preset.batch, "seeds": preset.seeds},
+        "exact": exact,
+        "sampled": sampled,
+        "sampled_final_hardest_reward": {k: float(np.mean(sampled[k]["final_hardest_reward"])) for k in preset.ks},
+    }
+
+
+def check(data: dict) -> list[str]:
+    """k < n - 1 (no d = 1 start): the hardest-start reward never exceeds 0.55 and ends in [0.45, 0.55] while reach
+    passes 0.95 and alpha < 0 (they learn to jump to a terminal); k = n - 1: hardest-start reward > 0.9 with
+    alpha > gamma > 0 > beta; with ``check_sampled``, sampled REINFORCE agrees (< 0.6 and > 0.8)."""
+    preset, exact = data["preset"], data["exact"]
+    *without, full = (str(k) for k in preset["ks"])
+    finals = {k: exact[k]["final"] for k in exact}
+    alpha, beta, gamma = finals[full]["theta"]
+    conditions = {
+        f"k = {k}: hardest-start reward <= 0.55 throughout, in [0.45, 0.55] at the end, reach > 0.95, alpha < 0": bool(
+            np.all(np.asarray(exact[k]["hardest_reward"]) <= 0.55)
+            and 0.45 <= finals[k]["hardest_reward"]
+            and finals[k]["hardest_reach"] > 0.95
+            and finals[k]["theta"][0] < 0
+        )
+        for k in without
+    }
+    conditions[f"k = {full}: hardest-start reward > 0.9, alpha > gamma > 0 > beta"] = (
+        finals[full]["hardest_reward"] > 0.9 and alpha > gamma > 0 > beta
+    )
+    if preset["check_sampled"]:
+        sampled = data["sampled_final_hardest_reward"]
+        conditions["sampled: k without d = 1 end below 0.6, k with it above 0.8"] = (
+            all(sampled[k] < 0.6 for k in without) and sampled[full] > 0.8
+        )
+    return claim_failures(conditions)
+
+
+def draw(data: dict, preset: Preset):
+    fig, axes = subplots(1, 4, width=4.0, height=3.4)
+    ax_r, ax_reach, ax_greedy, ax_theta = axes[0]
+    step_axis = np.arange(preset.steps + 1)
+    for j, k in enumerate(preset.ks):
+        run, c = data["exact"][str(k)], color(j)
+        ax_r.plot(
+            step_axis,
+            np.asarray(run["hardest_reward"], dtype=float),
+            color=c,
+            label=f"k = {k}" + (" (hardest only)" if k == 1 else ""),
+        )
+        ax_reach.plot(step_axis, np.asarray(run["hardest_reach"], dtype=float), color=c)
+        ax_greedy.plot(step_axis, np.asarray(run["greedy_hardest"]["first"]["correct"]) + 0.02 * j, color=c, ls="-")
+        ax_greedy.plot(step_axis, np.asarray(run["greedy_hardest"]["last"]["correct"]) - 0.02 * j, color=c, ls=":")
+        theta = np.asarray(run["theta"], dtype=float)
+        for i, ls in enumerate(("-", "--", ":")):
+            ax_theta.plot(step_axis, theta[:, i], color=c, ls=ls)
+        m, sd = (np.asarray(data["sampled"][str(k)][key], dtype=float) for key in ("hardest_reward_mean", "hardest_reward_std"))
         ax_r.plot(step_axis, m, color=c, ls="--", lw=0.9)
         ax_r.fill_between(step_axis, np.clip(m - sd, 0, 1), np.clip(m + sd, 0, 1), color=c, alpha=0.2, lw=0)
-        data["sampled"][k] = {
-            "hardest_reward_mean": m,
-            "hardest_reward_std": sd,
-            "theta_mean": np.mean([s.theta[:, :3] for s in sampled], axis=0),
-            "final_hardest_reward": h[:, -1],
-            "final_theta": [s.theta[-1, :3] for s in sampled],
-        }
 
-    ax_r.plot([], [], color="0.3", ls="--", lw=0.9, label=f"REINFORCE + Adam, batch {batch} (± std, {args.seeds} seeds)")
+    label = f"REINFORCE + Adam, batch {preset.batch} (± std, {preset.seeds} seeds)"
+    ax_r.plot([], [], color="0.3", ls="--", lw=0.9, label=label)
     ax_r.axhline(0.5, color="0.5", lw=0.8, ls=":")
     ax_r.set(
         xlabel="Adam step",
-        ylabel=f"reward on the hardest start (d = {N - 1})",
+        ylabel=f"reward on the hardest start (d = {preset.n - 1})",
         ylim=(0, 1.02),
-        title=f"exact-gradient Adam (lr {LR:g}), cap {N + 1}",
+        title=f"exact-gradient Adam (lr {preset.lr:g}), cap {preset.n + 1}",
     )
     ax_r.legend(loc="lower right", fontsize=6.5)
     ax_reach.set(
@@ -150,51 +209,27 @@ def main(argv=None) -> dict:
         title="greedy (rules differ: a tie decides)",
     )
     ax_greedy.legend(loc="center right", fontsize=7)
-    for name, ls in zip(("alpha", "beta", "gamma"), ("-", "--", ":")):
+    for name, ls in zip(PARAMS, ("-", "--", ":")):
         ax_theta.plot([], [], color="0.3", ls=ls, label=f"$\\{name}$")
     ax_theta.set(xlabel="Adam step", ylabel="attention score", title="circuit (colour: k)")
     ax_theta.legend(loc="lower left", fontsize=7)
     for ax, letter in zip(axes.flat, "abcd"):
         panel_label(ax, letter)
     fig.suptitle(
-        f"The authors' setting (n = {N}, k hardest starts, cap n + 1, self-loops, θ0 = 0): "
+        f"The authors' setting (n = {preset.n}, k hardest starts, cap n + 1, self-loops, θ0 = {format_theta(preset.theta0)}): "
         "without d = 1 the capped reward teaches reaching a terminal, not which"
     )
+    return fig
 
-    ex = data["exact"]
-    finals = {k: ex[k]["final"] for k in KS}
-    data["claim"] = {
-        "statement": "k = 1, 2, 3: hardest-start reward never exceeds 0.55 and ends in [0.45, 0.55] while reach passes "
-        "0.95 and alpha < 0 "
-        "(they learn to jump to a terminal); k = 4: hardest-start reward > 0.9 with alpha > gamma > 0 > beta",
-        "final": finals,
-        "holds": bool(
-            all(np.all(ex[k]["hardest_reward"] <= 0.55) for k in KS[:-1])
-            and all(
-                0.45 <= finals[k]["hardest_reward"] and finals[k]["hardest_reach"] > 0.95 and finals[k]["theta"][0] < 0
-                for k in KS[:-1]
-            )
-            and finals[4]["hardest_reward"] > 0.9
-            and finals[4]["theta"][0] > finals[4]["theta"][2] > 0 > finals[4]["theta"][1]
-        ),
-    }
-    if not args.quick:  # the sampled runs agree with the exact ones (noise small at batch 5000)
-        sampled_final = {k: float(np.mean(data["sampled"][k]["final_hardest_reward"])) for k in KS}
-        data["claim"]["sampled_final_hardest_reward"] = sampled_final
-        data["claim"]["holds"] = bool(
-            data["claim"]["holds"] and all(sampled_final[k] < 0.6 for k in KS[:-1]) and sampled_final[4] > 0.8
-        )
-    print(
-        f"{NAME}: "
-        + "; ".join(
-            f"k={k}: theta {np.round(finals[k]['theta'], 3).tolist()}, hardest {finals[k]['hardest_reward']:.4f}, "
-            f"reach {finals[k]['hardest_reach']:.4f}"
-            for k in KS
-        )
-        + f"; claim holds: {data['claim']['holds']}"
+
+def main(argv=None) -> dict:
+    parser = experiment_parser(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help=f"Adam steps (default {FULL.steps}; quick {QUICK.steps})")
+    parser.add_argument("--seeds", type=int, default=None, help=f"REINFORCE seeds (default {FULL.seeds})")
+    parser.add_argument(
+        "--batch", type=int, default=None, help=f"rollouts per REINFORCE step (default {FULL.batch}; quick {QUICK.batch})"
     )
-    save_figure(fig, NAME, args.out, data)
-    return data
+    return run_experiment(NAME, parser.parse_args(argv), QUICK, FULL, compute, check, draw)
 
 
 if __name__ == "__main__":

@@ -11,22 +11,42 @@ model has ModelSpec.max_len = L (finite rollouts).  Regenerate: ``gradflow figur
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from gradflow import ChainTask, ModelSpec, design
+from gradflow import ChainTask, ModelSpec, Theta, design
 from gradflow.model import default_theta0
-from gradflow.plotting import color, experiment_parser, panel_label, save_figure, subplots, use_headless_backend
+from gradflow.plotting import claim_failures, color, experiment_parser, format_theta, panel_label, run_experiment, subplots
 
 NAME = "design"
-FULL = {
-    "ns": (6, 8, 10, 12, 14, 16),
-    "budgets": (1e1, 1e2, 1e3, 1e4),
-    "steps": 60,
-    "curricula": ((8, 1e2), (12, 1e2), (12, 1e3)),
-    "knots": 5,
-    "curriculum_steps": 40,
-}
-QUICK = {"ns": (5,), "budgets": (1e1, 1e2), "steps": 4, "curricula": ((5, 1e1),), "knots": 3, "curriculum_steps": 4}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """ns x budgets: the optimal mixtures (``steps`` optimiser steps each); curricula: (n, budget) of each
+    optimal curriculum (piecewise linear in log t on ``knots`` knots, ``curriculum_steps`` steps); cap:
+    ModelSpec.max_len of every model (None: uncapped); theta0: (alpha, beta, gamma)."""
+
+    ns: tuple[int, ...]
+    budgets: tuple[float, ...]
+    steps: int
+    curricula: tuple[tuple[int, float], ...]
+    knots: int
+    curriculum_steps: int
+    cap: int | None = None
+    theta0: tuple[float, float, float] = tuple(float(x) for x in default_theta0().as_array()[:3])
+
+
+FULL = Preset(
+    ns=(6, 8, 10, 12, 14, 16),
+    budgets=(1e1, 1e2, 1e3, 1e4),
+    steps=60,
+    curricula=((8, 1e2), (12, 1e2), (12, 1e3)),
+    knots=5,
+    curriculum_steps=40,
+)
+QUICK = Preset(ns=(5,), budgets=(1e1, 1e2), steps=4, curricula=((5, 1e1),), knots=3, curriculum_steps=4)
 
 
 def _groups(probs: np.ndarray) -> tuple[float, float, float]:
@@ -35,13 +55,15 @@ def _groups(probs: np.ndarray) -> tuple[float, float, float]:
     return float(probs[0]), float(probs[1:-1].sum()), float(probs[-1])
 
 
-def compute(settings: dict, model: ModelSpec) -> dict:
-    theta0 = default_theta0()
+def compute(preset: Preset) -> dict:
+    """The optimal mixture per (n, budget) against the target alone and uniform; the optimal curricula."""
+    model = ModelSpec(max_len=preset.cap)
+    theta0 = Theta(*preset.theta0)
     cells = []
-    for n in settings["ns"]:
+    for n in preset.ns:
         target = ChainTask.hardest(n)
-        for budget in settings["budgets"]:
-            result = design.optimal_mixture(target, budget, model, theta0, steps=settings["steps"])
+        for budget in preset.budgets:
+            result = design.optimal_mixture(target, budget, model, theta0, steps=preset.steps)
             rows = {row["name"]: row for row in result.rows}
             best_c = result.rows[2]
             cells.append(
@@ -64,7 +86,7 @@ def compute(settings: dict, model: ModelSpec) -> dict:
                 f"{'/'.join(f'{m:.3f}' for m in _groups(result.probs))}  [{result.timings['total_seconds']:.1f} s]"
             )
     curricula = []
-    for n, budget in settings["curricula"]:
+    for n, budget in preset.curricula:
         target = ChainTask.hardest(n)
         mixture = (
             next(c for c in cells if c["n"] == n and c["budget"] == budget)
@@ -84,11 +106,11 @@ def compute(settings: dict, model: ModelSpec) -> dict:
         result = design.optimal_curriculum(
             target,
             budget,
-            settings["knots"],
+            preset.knots,
             model,
             theta0,
             families=("piecewise_linear",),
-            steps=settings["curriculum_steps"],
+            steps=preset.curriculum_steps,
             mixture=mix_result,
         )
         ts = np.geomspace(budget * 1e-4, budget, 60)
@@ -115,7 +137,25 @@ def compute(settings: dict, model: ModelSpec) -> dict:
     return {"cells": cells, "curricula": curricula}
 
 
-def draw(data: dict):
+def check(data: dict) -> list[str]:
+    """The optimum is never worse than the target alone, puts mass on d = 1 where the target alone is stuck
+    (J < 0.9), is a distribution; a curriculum is never worse than the fixed mixture."""
+    cells, curricula = data["cells"], data["curricula"]
+    return claim_failures(
+        {
+            "each optimal mixture is a distribution": all(abs(sum(c["probs"]) - 1) < 1e-9 for c in cells),
+            "the optimal mixture beats training on the target alone": all(
+                c["reward"] >= c["target_only_reward"] - 1e-15 for c in cells
+            ),
+            "where the target alone is stuck (J < 0.9) the optimum puts mass on d = 1": all(
+                c["probs"][0] > 0.0 for c in cells if c["target_only_reward"] < 0.9
+            ),
+            "the optimal curriculum beats the fixed mixture": all(c["reward"] >= c["mixture_reward"] - 1e-15 for c in curricula),
+        }
+    )
+
+
+def draw(data: dict, preset: Preset):
     fig, axes = subplots(1, 3, width=4.4, height=3.5)
     ax = axes[0, 0]
     cells = data["cells"]
@@ -154,6 +194,8 @@ def draw(data: dict):
     ax.set_ylabel("optimal curriculum: mass")
     ax.legend(fontsize=6)
     panel_label(ax, "c")
+    cap = "uncapped" if preset.cap is None else f"cap {preset.cap}"
+    fig.suptitle(f"Optimal training data for the hardest start (θ0 = {format_theta(preset.theta0)}, {cap})")
     return fig
 
 
@@ -161,20 +203,9 @@ def main(argv=None) -> dict:
     parser = experiment_parser(__doc__.splitlines()[0])
     parser.add_argument("--cap", type=int, default=None, help="finite rollouts: ModelSpec.max_len (default none)")
     args = parser.parse_args(argv)
-    settings = QUICK if args.quick else FULL
-    model = ModelSpec() if args.cap is None else ModelSpec(max_len=args.cap)
-    data = compute(settings, model)
-    data["config"] = {
-        "quick": args.quick,
-        "max_len": args.cap,
-        "tau": 0.2,
-        "theta0": [0.3, 0.0, 0.0],
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-    }
-    save_figure(draw(data), NAME if args.cap is None else f"{NAME}_cap{args.cap}", args.out, data)
-    return data
+    name = NAME if args.cap is None else f"{NAME}_cap{args.cap}"
+    return run_experiment(name, args, QUICK, FULL, compute, check, draw)
 
 
 if __name__ == "__main__":
-    use_headless_backend()
     main()

@@ -13,30 +13,39 @@ better of which is drawn and both printed in the legend.  Hardest-only grows exp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from gradflow import ChainTask, ModelSpec
+from gradflow import ChainTask, ModelSpec, Theta
 from gradflow.model import default_theta0
-from gradflow.plotting import color, experiment_parser, panel_label, save_figure, subplots, use_headless_backend
+from gradflow.plotting import claim_failures, color, experiment_parser, format_theta, panel_label, run_experiment, subplots
 from gradflow.theory import scaling
 
 NAME = "scaling"
-LEVEL = 0.9
-T1 = 1e100  # far past every time measured (log-time solve: the plateau costs a few hundred steps)
-HARD_NS = (4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 30, 40)
+MIXTURE_MASSES = (0.5, 0.1, 0.01)  # mass c on d = 1, the rest on the hardest start
 
 
-def distributions(quick: bool) -> dict:
+@dataclass(frozen=True)
+class Preset:
+    """ns: chain lengths of every curve but hardest-only (hard_ns); level: the reward level timed; t1: far
+    past every time measured (log-time solve: the plateau costs a few hundred steps); theta0: (alpha, beta, gamma)."""
+
+    ns: tuple[int, ...]
+    hard_ns: tuple[int, ...]
+    level: float = 0.9
+    t1: float = 1e100
+    theta0: tuple[float, float, float] = tuple(float(x) for x in default_theta0().as_array()[:3])
+
+
+QUICK = Preset(ns=(4, 5, 6), hard_ns=(4, 5, 6))
+FULL = Preset(ns=(4, 6, 8, 10, 12, 16, 20, 24, 32), hard_ns=(4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 30, 40))
+
+
+def distributions(preset: Preset) -> dict:
     """name -> (make_task, ns)."""
-    ns = (4, 5, 6) if quick else (4, 6, 8, 10, 12, 16, 20, 24, 32)
-    hard_ns = (4, 5, 6) if quick else HARD_NS
-    return {
-        "uniform": (ChainTask.uniform, ns),
-        "hardest only": (ChainTask.hardest, hard_ns),
-        "c = 0.5 on d = 1": (lambda n: ChainTask.mixture(n, 0.5), ns),
-        "c = 0.1 on d = 1": (lambda n: ChainTask.mixture(n, 0.1), ns),
-        "c = 0.01 on d = 1": (lambda n: ChainTask.mixture(n, 0.01), ns),
-    }
+    mixtures = {f"c = {c} on d = 1": (lambda n, c=c: ChainTask.mixture(n, c), preset.ns) for c in MIXTURE_MASSES}
+    return {"uniform": (ChainTask.uniform, preset.ns), "hardest only": (ChainTask.hardest, preset.hard_ns)} | mixtures
 
 
 def hardest_only_law(ns, times) -> dict:
@@ -53,29 +62,14 @@ def hardest_only_law(ns, times) -> dict:
     return {"ns": ns, "fits": fits, "local_rate": local, "local_rate_at": 0.5 * (ns[1:] + ns[:-1])}
 
 
-def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    model, theta0 = ModelSpec(), default_theta0()
-    fig, axes = subplots(1, 2, width=5.2, height=4.0)
-    data = {"level": LEVEL, "theta0": theta0.as_array(), "curves": {}}
-    for j, (name, (make_task, ns)) in enumerate(distributions(args.quick).items()):
-        result = scaling(ns, make_task, model, theta0, level=LEVEL, t1=T1)
+def compute(preset: Preset) -> dict:
+    """Learning times and both fits per distribution; the hardest-only law; the hardest / uniform ratio."""
+    model, theta0 = ModelSpec(), Theta(*preset.theta0)
+    curves = {}
+    for name, (make_task, ns) in distributions(preset).items():
+        result = scaling(ns, make_task, model, theta0, level=preset.level, t1=preset.t1)
         times = np.array([np.nan if t is None else t for t in result.times])
-        label = (
-            f"{name}: T ∝ $e^{{{result.rate:.2f}\\,n}}$ (rss {result.exp_rss:.2g}) or "
-            f"$n^{{{result.degree:.2f}}}$ (rss {result.power_rss:.2g})"
-        )
-        reached = [n for n, t in zip(ns, times) if np.isfinite(t)]
-        grid = np.linspace(min(reached), max(reached), 100)
-        if result.better == "exponential":
-            fit_line = np.exp(result.exp_intercept + result.rate * grid)
-        else:
-            fit_line = np.exp(result.power_intercept + result.degree * np.log(grid))
-        for ax in axes[0]:
-            ax.plot(ns, times, "o", ms=4, color=color(j), label=label)
-            ax.plot(grid, fit_line, "-", lw=1.2, color=color(j), alpha=0.8)
-        data["curves"][name] = {
+        curves[name] = {
             "ns": ns,
             "times": times,
             "rate": result.rate,
@@ -88,21 +82,62 @@ def main(argv=None) -> dict:
             "better": result.better,
         }
         print(f"{NAME}: {name}: " + ", ".join(f"T({n})={t:.4g}" for n, t in zip(ns, times)) + f"; better fit {result.better}")
+    hard, uniform = curves["hardest only"], curves["uniform"]
+    common = [n for n in hard["ns"] if n in uniform["ns"]]
+    ratio = {n: hard["times"][hard["ns"].index(n)] / uniform["times"][uniform["ns"].index(n)] for n in common}
+    return {
+        "level": preset.level,
+        "theta0": preset.theta0,
+        "curves": curves,
+        "hardest_only_law": hardest_only_law(hard["ns"], hard["times"]),
+        "hardest_over_uniform": ratio,
+    }
+
+
+def check(data: dict) -> list[str]:
+    """Hardest-only grows faster in n than uniform: a larger exponential rate and a growing ratio."""
+    curves, ratio = data["curves"], list(data["hardest_over_uniform"].values())
+    return claim_failures(
+        {
+            "hardest-only has the larger exponential rate": curves["hardest only"]["rate"] > curves["uniform"]["rate"],
+            "the hardest / uniform ratio grows with n": len(ratio) >= 2 and ratio[-1] > ratio[0],
+        }
+    )
+
+
+def draw(data: dict, preset: Preset):
+    fig, axes = subplots(1, 2, width=5.2, height=4.0)
     ax_lin, ax_log = axes[0]
+    for j, (name, curve) in enumerate(data["curves"].items()):
+        ns, times = np.asarray(curve["ns"], dtype=float), np.asarray(curve["times"], dtype=float)
+        reached = ns[np.isfinite(times)]
+        grid = np.linspace(reached.min(), reached.max(), 100)
+        if curve["better"] == "exponential":
+            fit_line = np.exp(curve["exp_intercept"] + curve["rate"] * grid)
+        else:
+            fit_line = np.exp(curve["power_intercept"] + curve["degree"] * np.log(grid))
+        label = (
+            f"{name}: T ∝ $e^{{{curve['rate']:.2f}\\,n}}$ (rss {curve['exp_rss']:.2g}) or "
+            f"$n^{{{curve['degree']:.2f}}}$ (rss {curve['power_rss']:.2g})"
+        )
+        for ax in (ax_lin, ax_log):
+            ax.plot(ns, times, "o", ms=4, color=color(j), label=label)
+            ax.plot(grid, fit_line, "-", lw=1.2, color=color(j), alpha=0.8)
+    ylabel = f"flow time to reward {preset.level:g} (log)"
     ax_lin.set(
         yscale="log",
         xlabel="chain length n (vertices per chain)",
-        ylabel=f"flow time to reward {LEVEL} (log)",
+        ylabel=ylabel,
         title="log T against n: exponential = straight line",
     )
     ax_log.set(
         xscale="log",
         yscale="log",
         xlabel="chain length n (log)",
-        ylabel=f"flow time to reward {LEVEL} (log)",
+        ylabel=ylabel,
         title="log T against log n: power law = straight line",
     )
-    ax_log.set_xticks(sorted({n for _, ns in distributions(args.quick).values() for n in ns}))
+    ax_log.set_xticks(sorted(set(preset.ns) | set(preset.hard_ns)))
     ax_log.xaxis.set_major_formatter("{x:g}")
     ax_log.minorticks_off()
     handles, labels = ax_lin.get_legend_handles_labels()
@@ -112,31 +147,21 @@ def main(argv=None) -> dict:
         loc="outside lower center",
         ncol=2,
         fontsize=8,
-        title="points: flow time to reward 0.9; line: the better fit (exponential or power law; both printed)",
+        title=f"points: flow time to reward {preset.level:g}; line: the better fit (exponential or power law; both printed)",
     )
     panel_label(ax_lin, "a")
     panel_label(ax_log, "b")
-    fig.suptitle("Simple examples make learning polynomial in n; hardest-only training is exponential")
+    fig.suptitle(
+        "Simple examples make learning polynomial in n; hardest-only training is exponential "
+        f"(θ0 = {format_theta(preset.theta0)})"
+    )
+    return fig
 
-    curves = data["curves"]
-    common = [n for n in curves["hardest only"]["ns"] if n in curves["uniform"]["ns"]]
-    ratio = {
-        n: curves["hardest only"]["times"][list(curves["hardest only"]["ns"]).index(n)]
-        / curves["uniform"]["times"][list(curves["uniform"]["ns"]).index(n)]
-        for n in common
-    }
-    data["hardest_only_law"] = hardest_only_law(curves["hardest only"]["ns"], curves["hardest only"]["times"])
-    data["claim"] = {
-        "statement": "hardest-only grows faster in n than uniform (larger exponential rate, growing ratio)",
-        "rate_hardest": curves["hardest only"]["rate"],
-        "rate_uniform": curves["uniform"]["rate"],
-        "hardest_over_uniform": ratio,
-        "holds": bool(curves["hardest only"]["rate"] > curves["uniform"]["rate"] and ratio[common[-1]] > ratio[common[0]]),
-    }
-    save_figure(fig, NAME, args.out, data)
-    return data
+
+def main(argv=None) -> dict:
+    parser = experiment_parser(__doc__.splitlines()[0])
+    return run_experiment(NAME, parser.parse_args(argv), QUICK, FULL, compute, check, draw)
 
 
 if __name__ == "__main__":
-    use_headless_backend()
     main()

@@ -12,6 +12,8 @@ Regenerate: ``gradflow figures simple_examples``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,15 +22,45 @@ from gradflow import ChainTask, ModelSpec, Theta, same_side_probability
 from gradflow._series import first_crossing
 from gradflow.flow import FlowParams, simulate_many
 from gradflow.model import default_theta0
-from gradflow.plotting import TIME_LABEL, color, experiment_parser, log_times, panel_label, save_figure, subplots
+from gradflow.plotting import (
+    TIME_LABEL,
+    claim_failures,
+    color,
+    experiment_parser,
+    format_theta,
+    log_times,
+    panel_label,
+    run_experiment,
+    subplots,
+)
 from gradflow.training import train
 
 NAME = "simple_examples"
-N = 5
-KS = (1, 2, 3, 4)
-STARTS = {"near zero (authors)": (0.01, 0.0, 0.0), "base model": tuple(float(x) for x in default_theta0().as_array()[:3])}
-CLAIM_START = "near zero (authors)"
-LOW, HIGH = 0.6, 0.9
+BASE = tuple(float(x) for x in default_theta0().as_array()[:3])
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The flow to ``horizon`` (``saves`` log-spaced times) from each start of ``starts``, training on the
+    k hardest starts of n; sampled REINFORCE + SGD (lr, steps, batch, seeds) from ``claim_start``; the
+    claim: k = 1 stays below ``low`` while k = 4 passes ``high`` by the horizon."""
+
+    horizon: float
+    saves: int
+    seeds: int
+    batch: int
+    steps: int
+    lr: float = 0.1
+    n: int = 5
+    ks: tuple[int, ...] = (1, 2, 3, 4)
+    starts: tuple[tuple[str, tuple[float, float, float]], ...] = (("near zero (authors)", (0.01, 0.0, 0.0)), ("base model", BASE))
+    claim_start: str = "near zero (authors)"
+    low: float = 0.6
+    high: float = 0.9
+
+
+QUICK = Preset(horizon=1e3, saves=120, seeds=2, batch=32, steps=20)
+FULL = Preset(horizon=1e3, saves=400, seeds=3, batch=1000, steps=200)
 
 
 @jax.jit
@@ -41,102 +73,119 @@ def hardest_reward(thetas: np.ndarray, n: int, model: ModelSpec) -> np.ndarray:
     return np.asarray(_hardest_reward(jnp.nan_to_num(jnp.asarray(thetas)), ChainTask.hardest(n), model))
 
 
-def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__.splitlines()[0])
-    parser.add_argument("--horizon", type=float, default=1e3, help="last flow time plotted (default 1e3)")
-    parser.add_argument("--seeds", type=int, default=None, help="REINFORCE seeds (default 3; quick 2)")
-    parser.add_argument("--batch", type=int, default=None, help="rollouts per step (default 1000; quick 32)")
-    parser.add_argument("--lr", type=float, default=0.1, help="REINFORCE SGD step size (default 0.1)")
-    parser.add_argument("--steps", type=int, default=None, help="REINFORCE steps (default 200; quick 20)")
-    args = parser.parse_args(argv)
-    seeds = args.seeds or (2 if args.quick else 3)
-    batch = args.batch or (32 if args.quick else 1000)
-    steps = args.steps or (20 if args.quick else 200)
+def compute(preset: Preset) -> dict:
+    """The hardest-start reward along the flow per start and k, and of sampled REINFORCE from the claim's start."""
     model = ModelSpec()
-    ts = log_times(args.horizon, 120 if args.quick else 400, t_min=1e-2)
-
+    ts = log_times(preset.horizon, preset.saves, t_min=1e-2)
+    starts = dict(preset.starts)
     configs = [
-        FlowParams(ChainTask.k_hardest(N, k), model, Theta(*theta0), t1=args.horizon, save_ts=ts)
-        for theta0 in STARTS.values()
-        for k in KS
+        FlowParams(ChainTask.k_hardest(preset.n, k), model, Theta(*theta0), t1=preset.horizon, save_ts=ts)
+        for theta0 in starts.values()
+        for k in preset.ks
     ]
-    trajectories = simulate_many(configs)
-
-    fig, axes = subplots(1, len(STARTS), width=5.0, height=3.8, sharey=True)
-    data = {
-        "n": N,
-        "ks": KS,
-        "horizon": args.horizon,
-        "starts": STARTS,
-        "flow": {},
-        "sampled": {},
-        "sampling": {"optimizer": "sgd", "lr": args.lr, "steps": steps, "batch": batch, "seeds": seeds},
-    }
-    for s, (start_name, theta0) in enumerate(STARTS.items()):
-        ax = axes[0, s]
-        data["flow"][start_name] = {}
-        for j, k in enumerate(KS):
-            traj = trajectories[s * len(KS) + j]
-            h = hardest_reward(traj.theta, N, model)
-            ax.plot(traj.ts[1:], h[1:], color=color(j), label=f"k = {k}" + (" (hardest only)" if k == 1 else ""))
-            data["flow"][start_name][k] = {
+    runs = iter(simulate_many(configs))
+    flow = {}
+    for name in starts:
+        flow[name] = {}
+        for k in preset.ks:
+            traj = next(runs)
+            h = hardest_reward(traj.theta, preset.n, model)
+            flow[name][k] = {
                 "ts": traj.ts,
                 "hardest_reward": h,
-                "t_hit_0.9": first_crossing(traj.ts, h, HIGH),
+                "t_hit_0.9": first_crossing(traj.ts, h, preset.high),
                 "max_reward": float(np.nanmax(h)),
                 "final_reward": float(h[-1]),
             }
-        if start_name == CLAIM_START:
-            data["sampled"] = _sampled(ax, theta0, model, args.lr, steps, batch, seeds)
-        ax.axhline(HIGH, color="0.5", lw=0.8, ls=":")
+    return {
+        "n": preset.n,
+        "ks": preset.ks,
+        "horizon": preset.horizon,
+        "starts": starts,
+        "flow": flow,
+        "sampled": _sampled(preset, starts[preset.claim_start], model),
+        "sampling": {"optimizer": "sgd", "lr": preset.lr, "steps": preset.steps, "batch": preset.batch, "seeds": preset.seeds},
+        "t_hit_0.9": {name: {k: flow[name][k]["t_hit_0.9"] for k in preset.ks} for name in starts},
+    }
+
+
+def _sampled(preset: Preset, theta0, model: ModelSpec) -> dict:
+    """REINFORCE (SGD, reduced parameters) per k: mean and std over seeds of the hardest-start reward."""
+    out = {}
+    keys = jax.random.split(jax.random.PRNGKey(0), preset.seeds)
+    for k in preset.ks:
+        params = FlowParams(ChainTask.k_hardest(preset.n, k), model, Theta(*theta0))
+        runs = [train(params, preset.lr, preset.steps, preset.batch, key, optimizer="sgd") for key in keys]
+        rewards = np.stack([hardest_reward(np.asarray(r.theta), preset.n, model) for r in runs])
+        mean, std = rewards.mean(axis=0), rewards.std(axis=0)
+        out[k] = {"ts": runs[0].ts, "mean": mean, "std": std, "final_mean": float(mean[-1]), "per_seed_final": rewards[:, -1]}
+    return out
+
+
+def check(data: dict) -> list[str]:
+    """From the claim's start: k = 1 stays below ``low``, k = 4 passes ``high``, and more simple starts learn sooner."""
+    preset = data["preset"]
+    flow = data["flow"][preset["claim_start"]]
+    hits = [flow[str(k)]["t_hit_0.9"] for k in preset["ks"]]
+    return claim_failures(
+        {
+            f"k = 1 stays below {preset['low']} through the horizon": flow["1"]["max_reward"] < preset["low"],
+            f"k = 4 passes {preset['high']} by the horizon": flow["4"]["final_reward"] > preset["high"],
+            "k = 4 learns before k = 3 before k = 2 (k = 1 never)": hits[0] is None
+            and None not in hits[1:]
+            and hits[3] < hits[2] < hits[1],
+        }
+    )
+
+
+def draw(data: dict, preset: Preset):
+    fig, axes = subplots(1, len(preset.starts), width=5.0, height=3.8, sharey=True)
+    for s, (name, theta0) in enumerate(preset.starts):
+        ax = axes[0, s]
+        for j, k in enumerate(preset.ks):
+            run = data["flow"][name][str(k)]
+            ts, h = np.asarray(run["ts"], dtype=float), np.asarray(run["hardest_reward"], dtype=float)
+            ax.plot(ts[1:], h[1:], color=color(j), label=f"k = {k}" + (" (hardest only)" if k == 1 else ""))
+        if name == preset.claim_start:
+            _draw_sampled(ax, data["sampled"], preset)
+        ax.axhline(preset.high, color="0.5", lw=0.8, ls=":")
         ax.set(
             xscale="log",
             xlabel=TIME_LABEL,
             ylim=(0.45, 1.02),
-            xlim=(ts[1], args.horizon),
-            title=f"{start_name}: θ0 = (α, β, γ) = {theta0}",
+            xlim=(1e-2, preset.horizon),
+            title=f"{name}: θ0 = (α, β, γ) = {format_theta(theta0)}",
         )
         panel_label(ax, "ab"[s])
-    axes[0, 0].set_ylabel(f"reward on the hardest start (d = {N - 1})")
-    axes[0, 0].legend(loc="upper left", title=f"train on the k hardest starts, n = {N}")
-    axes[0, 1].legend(loc="upper left", title="closed-form flow")
+    axes[0, 0].set_ylabel(f"reward on the hardest start (d = {preset.n - 1})")
+    axes[0, 0].legend(loc="upper left", title=f"train on the k hardest starts, n = {preset.n}")
+    axes[0, -1].legend(loc="upper left", title="closed-form flow")
     fig.suptitle(
-        "Simple examples are needed: only k = 4 holds the one-step start d = 1 (lines: flow; bands: REINFORCE mean ± std)"
+        f"Simple examples are needed: only k = {preset.n - 1} holds the one-step start d = 1 "
+        "(lines: flow; bands: REINFORCE mean ± std)"
     )
-
-    claim = data["flow"][CLAIM_START]
-    data["claim"] = {
-        "start": CLAIM_START,
-        "statement": f"k = 1 stays below {LOW} while k = 4 passes {HIGH} by the horizon",
-        "horizon": args.horizon,
-        "k1_max_reward": claim[1]["max_reward"],
-        "k4_final_reward": claim[4]["final_reward"],
-        "holds": bool(claim[1]["max_reward"] < LOW and claim[4]["final_reward"] > HIGH),
-    }
-    data["t_hit_0.9"] = {name: {k: data["flow"][name][k]["t_hit_0.9"] for k in KS} for name in STARTS}
-    print(f"{NAME}: t_hit(0.9) on the hardest start: {data['t_hit_0.9']}; claim holds: {data['claim']['holds']}")
-    save_figure(fig, NAME, args.out, data)
-    return data
+    return fig
 
 
-def _sampled(ax, theta0, model, lr, steps, batch, seeds) -> dict:
-    """REINFORCE (SGD, reduced parameters) per k: mean +- std over seeds of the hardest-start reward."""
-    out = {}
-    keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-    for j, k in enumerate(KS):
-        params = FlowParams(ChainTask.k_hardest(N, k), model, Theta(*theta0))
-        runs = [train(params, lr, steps, batch, key, optimizer="sgd") for key in keys]
-        rewards = np.stack([hardest_reward(np.asarray(r.theta), N, model) for r in runs])
-        ts = np.asarray(runs[0].ts)
-        mean, std = rewards.mean(axis=0), rewards.std(axis=0)
-        low, high = np.clip(mean - std, 0.0, 1.0), np.clip(mean + std, 0.0, 1.0)
-        ax.fill_between(ts[1:], low[1:], high[1:], color=color(j), alpha=0.2, lw=0)
-        ax.plot(ts[1:], mean[1:], color=color(j), lw=0.8, ls="--")
-        out[k] = {"ts": ts, "mean": mean, "std": std, "final_mean": float(mean[-1]), "per_seed_final": rewards[:, -1]}
-    ax.axvline(lr * steps, color="0.3", lw=0.8, ls="-.")
-    ax.plot([], [], color="0.3", lw=0.8, ls="--", label=f"REINFORCE (SGD, lr {lr:g}, batch {batch}) ± std")
-    ax.plot([], [], color="0.3", lw=0.8, ls="-.", label=f"end of REINFORCE ({steps} steps)")
-    return out
+def _draw_sampled(ax, sampled: dict, preset: Preset) -> None:
+    for j, k in enumerate(preset.ks):
+        run = sampled[str(k)]
+        ts, mean, std = (np.asarray(run[key], dtype=float)[1:] for key in ("ts", "mean", "std"))
+        ax.fill_between(ts, np.clip(mean - std, 0.0, 1.0), np.clip(mean + std, 0.0, 1.0), color=color(j), alpha=0.2, lw=0)
+        ax.plot(ts, mean, color=color(j), lw=0.8, ls="--")
+    ax.axvline(preset.lr * preset.steps, color="0.3", lw=0.8, ls="-.")
+    ax.plot([], [], color="0.3", lw=0.8, ls="--", label=f"REINFORCE (SGD, lr {preset.lr:g}, batch {preset.batch}) ± std")
+    ax.plot([], [], color="0.3", lw=0.8, ls="-.", label=f"end of REINFORCE ({preset.steps} steps)")
+
+
+def main(argv=None) -> dict:
+    parser = experiment_parser(__doc__.splitlines()[0])
+    parser.add_argument("--horizon", type=float, default=None, help=f"last flow time plotted (default {FULL.horizon:g})")
+    parser.add_argument("--seeds", type=int, default=None, help=f"REINFORCE seeds (default {FULL.seeds}; quick {QUICK.seeds})")
+    parser.add_argument("--batch", type=int, default=None, help=f"rollouts per step (default {FULL.batch}; quick {QUICK.batch})")
+    parser.add_argument("--lr", type=float, default=None, help=f"REINFORCE SGD step size (default {FULL.lr:g})")
+    parser.add_argument("--steps", type=int, default=None, help=f"REINFORCE steps (default {FULL.steps}; quick {QUICK.steps})")
+    return run_experiment(NAME, parser.parse_args(argv), QUICK, FULL, compute, check, draw)
 
 
 if __name__ == "__main__":

@@ -459,20 +459,21 @@ def cmd_train(args) -> int:
 
 
 def experiments_dir() -> Path:
-    """The folder of figure scripts: the installed ``gradflow.experiments`` package (a wheel ships
-    the repository's ``experiments/`` as it), else ``experiments/`` of a source checkout."""
+    """The folder of figure scripts: ``experiments/`` of the source checkout this package sits in (so a
+    checkout, or a worktree beside an editable install, runs its own scripts), else the installed
+    ``gradflow.experiments`` package (a wheel ships the repository's ``experiments/`` as it)."""
     import importlib.util
 
+    source = Path(__file__).resolve().parents[1] / "experiments"
+    if (source / "emergence.py").is_file() and (source.parent / "pyproject.toml").is_file():
+        return source
     try:
         spec = importlib.util.find_spec(FIGURE_PACKAGE)
     except ModuleNotFoundError:
         spec = None
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
-    source = Path(__file__).resolve().parents[1] / "experiments"
-    if (source / "emergence.py").is_file():
-        return source
-    raise FileNotFoundError(f"no figure scripts found (neither the {FIGURE_PACKAGE} package nor {source})")
+    raise FileNotFoundError(f"no figure scripts found (neither {source} nor the {FIGURE_PACKAGE} package)")
 
 
 def figure_names() -> list[str]:

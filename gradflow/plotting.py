@@ -3,7 +3,10 @@
 Palette: Okabe-Ito (colour-blind safe).  Times are flow times t; gradient descent and sampled training
 sit on the same axis at t = lr * step.  ``save_figure`` writes ``<out>/<name>.png`` (README),
 ``.pdf`` (papers) and ``.json`` (the numbers behind the figure).  ``experiment_parser`` gives each
-script in ``experiments/`` the same ``--quick`` / ``--out`` options.
+script in ``experiments/`` the same ``--quick`` / ``--out`` options, and ``run_experiment`` runs its
+three parts: a computation on the mode's preset that returns plain data, the claim checks on that data
+and the plot of it (both on the data as the JSON holds it, so either can be redone from the file).
+The levels marked on the shared figures are the ones ``gradflow.theory.phases`` defines.
 
 Importing this module does not choose a matplotlib backend: the figure scripts and the CLI do
 (``use_headless_backend()``), so a user's interactive session keeps its own.
@@ -12,16 +15,18 @@ Importing this module does not choose a matplotlib backend: the figure scripts a
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from gradflow._series import first_crossing as _series_first_crossing
+from gradflow import theory
 from gradflow._series import first_crossings
 
 OKABE_ITO = (
@@ -39,6 +44,9 @@ PARAM_SYMBOLS = {"alpha": r"$\alpha$ (outgoing edge)", "beta": r"$\beta$ (incomi
 TIME_LABEL = "flow time t (units of lr × steps)"
 SEQUENTIAL_CMAP = "viridis"
 DEFAULT_OUT = Path("figures")
+_PHASE_LEVELS = inspect.signature(theory.phases).parameters
+EMERGENCE_LEVEL = _PHASE_LEVELS["emergence_level"].default  # P(forward | move) every position reaches at emergence
+TRAVERSAL_LEVEL = _PHASE_LEVELS["traversal_level"].default  # ... and at traversal
 
 STYLE = {
     "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
@@ -163,6 +171,75 @@ def experiment_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def choose_preset(args: argparse.Namespace, quick, full):
+    """The preset of the run's mode (``quick`` with --quick, else ``full``), each option given on the
+    command line (an attribute of ``args`` named as a preset field, not None) replacing that field.
+
+    Args:
+        args: the parsed options (``experiment_parser`` and the script's own).
+        quick: the quick preset (a frozen dataclass).
+        full: the full preset, of the same class.
+
+    Returns:
+        The preset to run.
+    """
+    base = quick if args.quick else full
+    given = {}
+    for field in dataclasses.fields(base):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            given[field.name] = tuple(value) if isinstance(getattr(base, field.name), tuple) else value
+    return dataclasses.replace(base, **given)
+
+
+def plain(data: dict) -> dict:
+    """``data`` as its JSON file holds it (``to_jsonable``, read back): the claim checks and the plot see this."""
+    return json.loads(json.dumps(to_jsonable(data)))
+
+
+def claim_failures(conditions: dict[str, bool]) -> list[str]:
+    """The claims (statement -> whether it holds) that fail, in order; empty when all hold."""
+    return [statement for statement, holds in conditions.items() if not bool(holds)]
+
+
+def run_experiment(
+    name: str,
+    args: argparse.Namespace,
+    quick,
+    full,
+    compute: Callable[[object], dict],
+    check: Callable[[dict], list[str]],
+    draw: Callable[[dict, object], object],
+) -> dict:
+    """One figure script's run: preset, computation, claim checks, plot, files.
+
+    Selects the headless backend, runs ``compute`` on the mode's preset (``choose_preset``), records the
+    preset (under "preset", with "mode") and the claim checks' result (under "claim": "failures", the
+    failed statements, and "holds"), draws the data as the JSON holds it and writes png + pdf + json.
+
+    Args:
+        name: the figure's file stem.
+        args: the parsed options (--quick, --out and the preset fields the script exposes).
+        quick: the quick preset.
+        full: the full preset.
+        compute: preset -> plain data (dicts, lists, arrays, numbers).
+        check: data -> the failed claim statements (``claim_failures``).
+        draw: (data, preset) -> the matplotlib figure.
+
+    Returns:
+        The data written to the JSON.
+    """
+    use_headless_backend()
+    preset = choose_preset(args, quick, full)
+    data = plain(compute(preset))
+    data["preset"] = {"mode": "quick" if args.quick else "full", **to_jsonable(dataclasses.asdict(preset))}
+    failures = check(data)
+    data["claim"] = {**data.get("claim", {}), "failures": failures, "holds": not failures}
+    print(f"{name}: claim {'holds' if not failures else 'FAILS: ' + '; '.join(failures)}")
+    save_figure(draw(data, preset), name, args.out, data)
+    return data
+
+
 def log_times(t_max: float, num: int = 200, t_min: float | None = None) -> np.ndarray:
     """0 followed by ``num`` log-spaced save times from ``t_min`` (default t_max * 1e-4) to ``t_max``.
 
@@ -191,14 +268,12 @@ def _positive(ts: np.ndarray, *arrays):
     return (ts[keep],) + tuple(a[keep] for a in arrays)
 
 
-def emergence_figure(trajectory):
-    """The four-panel emergence figure of one flow; returns (fig, data).
+def emergence_data(trajectory) -> dict:
+    """The numbers of the emergence figure of one flow (the positive, finite saves) and a few read-outs.
 
-    (a) alpha, beta, gamma against log t; (b) reward J and loss 1 - J (log); (c) P(forward | move)
-    per position of chain a (heatmap over position x log t); (d) expected chain-of-thought length
-    against the minimal one.  ``data`` holds the numbers drawn plus a few read-outs.
+    Each position's first time at the emergence and traversal levels of ``gradflow.theory.phases``
+    (``EMERGENCE_LEVEL``, ``TRAVERSAL_LEVEL``; P(forward | move), interpolated in log t) is included.
     """
-    n = trajectory.config.task.n
     ts, theta, reward, fwd, length, trav = _positive(
         np.asarray(trajectory.ts),
         np.asarray(trajectory.theta),
@@ -207,6 +282,42 @@ def emergence_figure(trajectory):
         np.asarray(trajectory.expected_length),
         np.asarray(trajectory.traversal_prob),
     )
+    return {
+        "config": trajectory.config.to_dict(),
+        "ts": ts,
+        "theta": theta[:, :3],
+        "reward": reward,
+        "loss": 1.0 - reward,
+        "forward_prob": fwd,
+        "traversal_prob": trav,
+        "expected_length": length,
+        "minimal_length": trajectory.minimal_length,
+        "events": trajectory.events,
+        "levels": {"emergence": EMERGENCE_LEVEL, "traversal": TRAVERSAL_LEVEL},
+        "t_emergence_by_position": first_crossings(ts, fwd, EMERGENCE_LEVEL, log_time=True),
+        "t_traversal_by_position": first_crossings(ts, fwd, TRAVERSAL_LEVEL, log_time=True),
+        "final": {
+            "t": ts[-1],
+            "alpha_beta_gamma": theta[-1, :3],
+            "reward": reward[-1],
+            "forward_prob": fwd[-1],
+            "expected_length": length[-1],
+        },
+    }
+
+
+def draw_emergence(data: dict):
+    """The four-panel emergence figure of ``emergence_data`` (as its JSON holds it).
+
+    (a) alpha, beta, gamma against log t; (b) reward J and loss 1 - J (log); (c) P(forward | move)
+    per position of chain a (heatmap over position x log t) with each position's emergence and
+    traversal times; (d) expected chain-of-thought length against the minimal one.
+    """
+    config = data["config"]
+    n = config["task"]["n"]
+    ts, theta, reward = (np.asarray(data[k], dtype=float) for k in ("ts", "theta", "reward"))
+    fwd, length, trav = (np.asarray(data[k], dtype=float) for k in ("forward_prob", "expected_length", "traversal_prob"))
+    levels = data["levels"]
     fig, axes = subplots(2, 2, width=5.0, height=3.6)
     (ax_theta, ax_reward), (ax_heat, ax_len) = axes
 
@@ -233,75 +344,51 @@ def emergence_figure(trajectory):
     edges_t = np.sqrt(ts[1:] * ts[:-1])
     t_edges = np.concatenate([[ts[0] ** 2 / edges_t[0]], edges_t, [ts[-1] ** 2 / edges_t[-1]]])
     mesh = ax_heat.pcolormesh(t_edges, np.arange(0.5, n), fwd.T, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, shading="flat")
-    half = first_crossings(ts, fwd, 0.9, log_time=True)
-    ax_heat.plot(half, positions, color="white", marker="o", ms=3, lw=1, label="first t with P ≥ 0.9")
+    for key, marker, level in (("t_emergence_by_position", "o", "emergence"), ("t_traversal_by_position", "x", "traversal")):
+        times = np.asarray(data[key], dtype=float)
+        ax_heat.plot(times, positions, color="white", marker=marker, ms=3, lw=1, label=f"{level}: P ≥ {levels[level]:g}")
     ax_heat.set(
         xscale="log",
         xlabel=TIME_LABEL,
         ylabel=f"position i of $a_i$ ($a_{{{n}}}$ = terminal)",
-        title="P(forward | move) per position\n(white dots: first t with P ≥ 0.9)",
+        title="P(forward | move) per position\n"
+        f"(white: first t with P ≥ {levels['emergence']:g} (o) and ≥ {levels['traversal']:g} (x))",
     )
     ax_heat.set_yticks(positions)
     ax_heat.grid(False)
     fig.colorbar(mesh, ax=ax_heat, label=r"P($a_i \to a_{i+1}$ | move)")
 
-    minimal = trajectory.minimal_length
+    minimal = data["minimal_length"]
     ax_len.plot(ts, length, color=color(0), label="expected length")
     ax_len.axhline(minimal, color="k", ls="--", lw=1, label=f"minimal (forward traversal) = {minimal:.2f}")
     ax_len.set(xscale="log", xlabel=TIME_LABEL, ylabel="generated tokens until a terminal", title="chain-of-thought length")
     ax_len.legend(loc="best")
     for ax, letter in zip(axes.flat, "abcd"):
         panel_label(ax, letter)
-    model = trajectory.config.model
+    model = config["model"]
     fig.suptitle(
-        f"Emergence of forward traversal: n = {n}, {describe_task(trajectory.config.task)}, "
-        f"{model.attention} attention, τ = {float(model.tau):g}"
+        f"Emergence of forward traversal: n = {n}, {describe_start_probs(config['task']['start_probs'])}, "
+        f"{model['attention']} attention, τ = {float(model['tau']):g}, θ0 = {format_theta(config['theta0'])}"
     )
-
-    data = {
-        "config": trajectory.config.to_dict(),
-        "ts": ts,
-        "theta": theta[:, :3],
-        "reward": reward,
-        "loss": 1.0 - reward,
-        "forward_prob": fwd,
-        "traversal_prob": trav,
-        "expected_length": length,
-        "minimal_length": minimal,
-        "events": trajectory.events,
-        "t_forward_0.9_by_position": half,
-        "final": {
-            "t": ts[-1],
-            "alpha_beta_gamma": theta[-1, :3],
-            "reward": reward[-1],
-            "forward_prob": fwd[-1],
-            "expected_length": length[-1],
-        },
-    }
-    return fig, data
+    return fig
 
 
-def describe_task(task) -> str:
+def emergence_figure(trajectory):
+    """The four-panel emergence figure of one flow; returns (fig, data) (``emergence_data``, ``draw_emergence``)."""
+    data = emergence_data(trajectory)
+    return draw_emergence(plain(data)), data
+
+
+def format_theta(theta) -> str:
+    """(alpha, beta, gamma) of a theta array or list, for titles: '(0.3, 0, 0)'."""
+    return "(" + ", ".join(f"{float(x):g}" for x in list(theta)[:3]) + ")"
+
+
+def describe_start_probs(probs) -> str:
     """'uniform starts', 'hardest start only' or the start distribution, for titles."""
-    probs = np.asarray(task.start_probs)
+    probs = np.asarray(probs, dtype=float)
     if np.allclose(probs, probs[0]):
         return "uniform starts"
     if probs[-1] == 1.0:
         return "hardest start only"
     return "P(d) = " + ", ".join(f"{p:.3g}" for p in probs)
-
-
-def first_crossing(ts: Sequence[float], values: Sequence[float], level: float) -> float | None:
-    """The first save time with value >= level, linearly interpolated in log t (None if never).
-
-    Kept for the figure scripts; it is ``gradflow._series.first_crossing(..., log_time=True)``.
-
-    Args:
-        ts: the save times.
-        values: the values at ``ts``.
-        level: the level to reach.
-
-    Returns:
-        The interpolated crossing time, or None when no value reaches ``level``.
-    """
-    return _series_first_crossing(ts, values, level, log_time=True)
