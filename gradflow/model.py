@@ -18,7 +18,7 @@ import numpy as np
 
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive
 from gradflow._deprecated import deprecated_int_task, renamed_property
-from gradflow.policy import chain_targets, context_counts, count_logit, edge_counts
+from gradflow.policy import chain_targets, context_counts, count_logit, distinct_rows, edge_counts
 from gradflow.task import ChainTask
 
 ATTENTION_KINDS = ("linear", "softmax")
@@ -370,9 +370,10 @@ def row_logits(scores: RowScores, n: int, model: ModelSpec, positions=None) -> R
 
 
 def chain_a_logits(rows: RowLogits) -> RowLogits:
-    """The rows of chain a: every per-row field of ``rows`` as an (n-1,) array (softmax rows are (2, n-1))."""
+    """The rows of chain a: every per-row field of ``rows`` as a 1-D array (softmax rows are (2, n-1))."""
     per_row = RowLogits._fields[:8]
-    return rows._replace(**{f: jnp.broadcast_to(getattr(rows, f), (2, rows.n - 1))[0] for f in per_row})
+    width = len(rows.last)
+    return rows._replace(**{f: jnp.broadcast_to(getattr(rows, f), (2, width))[0] for f in per_row})
 
 
 def log_sum(terms) -> jnp.ndarray:
@@ -459,16 +460,17 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
     log-sum-exp, so they are accurate to relative round-off at any theta/tau.
     """
     n = as_task(task).n
-    rows = chain_a_logits(row_logits(row_scores(theta, n, model), n, model))
+    positions, kind = distinct_rows(n) if model.attention == "linear" else (None, slice(None))
+    rows = chain_a_logits(row_logits(row_scores(theta, n, model), n, model, positions))
     logs = row_log_total(rows, include_self=not model.mask_self)
     log_z = logs["total"]
     prob = lambda log_w: jnp.exp(log_w - log_z)
-    stay = prob(rows.self_) if not model.mask_self else jnp.zeros(n - 1)
+    stay = prob(rows.self_) if not model.mask_self else jnp.zeros_like(log_z)
     local_move = jnp.stack(
         [rows.succ, jnp.where(rows.has_pred, rows.pred, -jnp.inf), logs["switch"], logs["jump"], logs["isolated"]], -1
     )
     log_move = jax.nn.logsumexp(local_move, axis=-1)
-    return StepProbabilities(
+    distinct = StepProbabilities(
         forward=prob(rows.succ),
         backward=jnp.where(rows.has_pred, prob(jnp.where(rows.has_pred, rows.pred, 0.0)), 0.0),
         stay=stay,
@@ -477,6 +479,7 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
         isolated=prob(logs["isolated"]),
         move=prob(log_move),
     )
+    return StepProbabilities(*(x[kind] for x in distinct))  # linear attention: each kind of row computed once
 
 
 def vertex_names(n: int, n_isolated: int = 0) -> list[str]:

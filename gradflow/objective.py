@@ -377,13 +377,16 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
     _require_closed_form(model)
     n = task.n
 
-    def log_path_from(position):
-        rows = chain_a_logits(row_logits(row_scores(theta, n, model, start=position), n, model))
-        log_forward = rows.succ - row_log_total(rows, include_self=not model.mask_self)["total"]
-        return jnp.cumsum(log_forward[::-1])[::-1]  # entry i-1: sum over positions i..n-1
+    def log_forward(position, positions=None):
+        rows = chain_a_logits(row_logits(row_scores(theta, n, model, start=position), n, model, positions))
+        return rows.succ - row_log_total(rows, include_self=not model.mask_self)["total"]
 
-    if model.attention == "linear":
-        return jnp.exp(_by_distance(log_path_from(None)))
+    def log_path_from(position):
+        return jnp.cumsum(log_forward(position)[::-1])[::-1]  # entry i-1: sum over positions i..n-1
+
+    if model.attention == "linear":  # every kind of row computed once (``distinct_rows``)
+        positions, kind = distinct_rows(n)
+        return jnp.exp(_by_distance(jnp.cumsum(log_forward(None, positions)[kind][::-1])[::-1]))
     at_start = lambda position: log_path_from(position)[position - 1]
     return jnp.exp(_by_distance(jax.vmap(at_start)(jnp.arange(1, n))))
 
