@@ -7,7 +7,10 @@ Rows, each with the target it is held to:
 - a warm ``gradflow run`` in a fresh process (persistent cache filled by a first run; target: 3 s);
 - sweep throughput: 1,024 mixtures at n = 16, easy mass 1e-3..1, default t1 and tolerances
   (target: 2,000 flows/s), against solving a sample of them one by one.
-Run: python benchmarks/bench_compile.py
+Before/after: ``--baseline REV`` (default ``BASELINE``, the tree before issue 21's work) runs
+``compile_probe.py`` in fresh processes on that revision (``git archive``) and on this tree, one after
+the other in this run, and prints both with their ratio.
+Run: python benchmarks/bench_compile.py [--baseline REV | --baseline none]
 """
 
 import os
@@ -15,6 +18,8 @@ import os
 os.environ.setdefault("GRADFLOW_BENCH_ALL_CORES", "1")  # the targets are stated for both cores
 os.environ["GRADFLOW_NO_CACHE"] = "1"  # this process measures compilation, never loads it
 
+import argparse  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -31,6 +36,35 @@ from _common import check, finish, header, table  # noqa: E402
 import gradflow as gf  # noqa: E402
 
 SWEEP_SIZE, SWEEP_N, SAMPLE = 1024, 16, 16
+BASELINE = "ba55733"  # main before issue 21's compile-once work (2026-12-06)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def probe(tree: str) -> dict:
+    """``compile_probe.py``'s timings for the gradflow package in ``tree``, in a fresh process on all cores."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = tree
+    done = subprocess.run([sys.executable, os.path.join(HERE, "compile_probe.py")], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"compile_probe.py failed on {tree}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def before_after(revision: str) -> None:
+    """The probe on ``revision`` and on this tree, measured in this run, with the ratio now / before."""
+    folder = tempfile.mkdtemp(prefix="gradflow-baseline-")
+    try:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", revision], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        before, now = probe(folder), probe(ROOT)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    rows = [(name, f"{before[name]:.3g}", f"{now[name]:.3g}", f"{now[name] / before[name]:.2f}") for name in now]
+    table(rows, ("probe (fresh process)", f"before ({revision})", "now", "now / before"))
+    ratio = now["value_grad_1e5_ms"] / now["value_grad_1e4_ms"]
+    check("value+grad at n = 1e5 no slower than before", now["value_grad_1e5_ms"] <= before["value_grad_1e5_ms"] * 1.05, "")
+    check("t(1e5) / t(1e4) under 15", ratio < 15, f"{ratio:.1f}")
 
 
 def trivial_solve_seconds(params: gf.FlowParams) -> float:
@@ -78,6 +112,9 @@ def sweep_configs() -> list[gf.FlowParams]:
 
 
 def main():
+    parser = argparse.ArgumentParser(description="compilation against work (issue 21)")
+    parser.add_argument("--baseline", default=BASELINE, help="git revision to compare with, or 'none'")
+    args = parser.parse_args()
     header("bench_compile: compilation against work (issue 21)")
     default = gf.FlowParams(gf.ChainTask.uniform(8))
     trivial = trivial_solve_seconds(default)
@@ -112,6 +149,8 @@ def main():
         ("flows", "batched s", "batched flows/s", "one by one flows/s"),
     )
     check("sweep at >= 2,000 flows/s", SWEEP_SIZE / batched >= 2000, f"{SWEEP_SIZE / batched:.0f} flows/s")
+    if args.baseline != "none":
+        before_after(args.baseline)
     return finish()
 
 

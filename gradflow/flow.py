@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -66,7 +67,7 @@ from gradflow.integrator import (
     BRACKET_MAX_STEPS,
     LOCAL_MAX_STEPS,
     SOLVERS,
-    crossing,
+    falling_event,
     flow_clock,
     integrate,
     level_event,
@@ -131,13 +132,6 @@ def _reward(params: FlowParams, y, task: ChainTask | None = None):
     return expected_reward(Theta.from_array(y), params.task if task is None else task, params.model)
 
 
-def _stop_event(params: FlowParams) -> diffrax.Event | None:
-    """The event ``stop_at`` asks for, or None."""
-    if params.stop_at is None:
-        return None
-    return level_event(params, params.event_level(params.stop_at))
-
-
 def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """The read-outs a Solution holds (``RECORDED``, from ``gradflow.readouts``) at one theta on the task.
 
@@ -152,8 +146,9 @@ def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]
 
 
 def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
-    """What the recording asks for at one theta: its read-outs and the reward on each eval task."""
-    out = readouts.read(params.recording.readout_names(), theta, params.task, params.model)
+    """What the recording asks for at one theta besides the reward (the solve has it): its read-outs and the
+    reward on each eval task."""
+    out = readouts.read(params.recording.readout_names()[1:], theta, params.task, params.model)
     out["eval_reward"] = {
         name: readouts.read(("reward",), theta, task, params.model)["reward"] for name, task in params.eval_tasks.items()
     }
@@ -198,15 +193,139 @@ class Solution(eqx.Module):
     num_rejected_steps: jnp.ndarray
 
 
-def _event_crossings(params: FlowParams, ts, thetas, rewards, events: tuple):
-    """(t, reached, resolved) of each reward event, each of shape (len(events),): one bracket re-solve,
-    vmapped over the events' levels, so the program holds one dense re-solve however many events."""
-    if not events:
-        return jnp.zeros(0), jnp.zeros(0, bool), jnp.zeros(0, bool)
-    levels = jnp.stack([params.event_level(event) for event in events])
-    ts, thetas = jnp.nan_to_num(ts), jnp.nan_to_num(thetas)
-    locate = lambda level: crossing(params, ts, thetas, rewards, level, lambda y: _reward(params, y), BRACKET_MAX_STEPS)
-    return jax.vmap(locate)(levels)
+EVENT_ZOOMS = 4  # re-solves of each located event's bracket; each shrinks it (saves - 1)-fold
+
+
+class _Bracket(NamedTuple):
+    """Each located event's bracket in solver time (arrays over the events): [s_lo, s_hi] with the state
+    at s_lo and the reward at both ends; rising: the reward starts below the level; at_start: the first
+    save is already past it; reached: some save reached it; resolved: every re-solve of it succeeded."""
+
+    s_lo: jnp.ndarray
+    s_hi: jnp.ndarray
+    y_lo: jnp.ndarray
+    j_lo: jnp.ndarray
+    j_hi: jnp.ndarray
+    rising: jnp.ndarray
+    at_start: jnp.ndarray
+    reached: jnp.ndarray
+    resolved: jnp.ndarray
+
+
+def _narrow(bracket: _Bracket, event, saves_s, ys, rewards, level, first: bool, ok) -> _Bracket:
+    """Event ``event``'s bracket narrowed to the first pair of saves around its level (``first``: from the
+    main solve's saves, which also fix the direction).  A re-solve that ends just short of the level
+    keeps its last interval (the time is then clipped to its end)."""
+    finite = jnp.isfinite(rewards) & jnp.isfinite(saves_s)
+    rising = jnp.where(first, rewards[0] < level, bracket.rising[event])
+    hit = finite & jnp.where(rising, rewards >= level, rewards <= level)
+    found = jnp.any(hit)
+    k = jnp.where(found, jnp.argmax(hit), saves_s.shape[0] - 1)
+    k_lo = jnp.maximum(k - 1, 0)
+    s, y, j = jnp.nan_to_num(saves_s), jnp.nan_to_num(ys), jnp.nan_to_num(rewards)
+    update = lambda old, new: old.at[event].set(new)
+    return _Bracket(
+        s_lo=update(bracket.s_lo, s[k_lo]),
+        s_hi=update(bracket.s_hi, s[k]),
+        y_lo=update(bracket.y_lo, y[k_lo]),
+        j_lo=update(bracket.j_lo, j[k_lo]),
+        j_hi=update(bracket.j_hi, j[k]),
+        rising=update(bracket.rising, rising),
+        at_start=update(bracket.at_start, jnp.where(first, found & (k == 0), bracket.at_start[event])),
+        reached=update(bracket.reached, jnp.where(first, found, bracket.reached[event])),
+        resolved=update(bracket.resolved, bracket.resolved[event] & ok),
+    )
+
+
+def _event_time(bracket: _Bracket, levels) -> jnp.ndarray:
+    """Solver time of each event: the level interpolated linearly in its last (tiny) bracket."""
+    gap = bracket.j_hi - bracket.j_lo
+    fraction = jnp.clip(jnp.where(gap != 0, (levels - bracket.j_lo) / jnp.where(gap != 0, gap, 1.0), 1.0), 0.0, 1.0)
+    return bracket.s_lo + fraction * (bracket.s_hi - bracket.s_lo)
+
+
+def _passes(params: FlowParams, requested_s, levels, progress: bool):
+    """The main solve and ``EVENT_ZOOMS`` re-solves of each event's bracket, as passes of ONE integrate call.
+
+    Pass 0 solves the config's span with its saves (and its stop event); pass 1 + e Z + z re-solves event
+    e's bracket from its left state with as many saves as the main solve, so the bracket shrinks
+    (T - 1)^Z-fold and the time is interpolated in it.  The program holds one copy of the solve and of
+    the reward, however many events (a dense re-solve per event cost as much again to compile).
+
+    Returns:
+        (main, bracket): the main pass's ts, ys, rewards at the saves, result code, event mask and step
+        counts (a dict), and the events' ``_Bracket`` (None without events).
+    """
+    clock = flow_clock(params)
+    n_saves, n_events = requested_s.shape[0], levels.shape[0]
+    main_span = (clock.to_solver(params.t0), clock.to_solver(params.t1), params.theta0.as_array())
+    reward = lambda y: _reward(params, y)
+    stop_level = params.event_level(params.stop_at) if params.stop_at is not None else None
+
+    def one_pass(index, bracket: _Bracket | None):
+        main = index == 0
+        event = jnp.clip((index - 1) // EVENT_ZOOMS, 0, max(n_events - 1, 0))
+        if bracket is None:
+            t0, t1, y0, saves = *main_span, requested_s
+        else:
+            s_lo, s_hi = bracket.s_lo[event], bracket.s_hi[event]
+            s_hi = jnp.where(s_hi > s_lo, s_hi, s_lo + 1.0)  # a bracket with nothing to find: any short span
+            t0, t1 = jnp.where(main, main_span[0], s_lo), jnp.where(main, main_span[1], s_hi)
+            y0 = jnp.where(main, main_span[2], bracket.y_lo[event])
+            saves = jnp.where(main, requested_s, jnp.linspace(s_lo, s_hi, n_saves))
+        stop = None
+        if stop_level is not None:
+            stop = falling_event(lambda t, y, args, **kw: jnp.where(main, stop_level - reward(y), 1.0))
+        solution = integrate(params, diffrax.SaveAt(ts=saves, t1=True), t0=t0, t1=t1, y0=y0, event=stop, progress=progress)
+        rewards = jax.vmap(reward)(jnp.nan_to_num(solution.ys[:-1]))
+        return solution, rewards
+
+    def outputs(solution, rewards) -> dict:
+        """What the caller reads of the main pass (fixed shapes, so it can ride in the loop's carry)."""
+        mask = solution.event_mask if stop_level is not None else False
+        return {
+            "ts": solution.ts,
+            "ys": solution.ys,
+            "rewards": rewards,
+            "result": result_code(solution.result),
+            "event_mask": jnp.asarray(mask),
+            **{name: solution.stats[name] for name in ("num_steps", "num_accepted_steps", "num_rejected_steps")},
+        }
+
+    if n_events == 0:
+        return outputs(*one_pass(jnp.asarray(0), None)), None
+
+    def body(index, carry):
+        main_out, bracket = carry
+        solution, rewards = one_pass(index, bracket)
+        main = index == 0
+        keep = lambda old, new: jax.tree_util.tree_map(lambda a, b: jnp.where(main, b, a), old, new)
+        main_out = keep(main_out, outputs(solution, rewards))
+        saves_s, ys = solution.ts[:-1], solution.ys[:-1]
+        for event in range(n_events):  # the main pass sets every bracket ...
+            bracket = keep(bracket, _narrow(bracket, event, saves_s, ys, rewards, levels[event], True, True))
+        mine = jnp.clip((index - 1) // EVENT_ZOOMS, 0, n_events - 1)  # ... and a zoom pass narrows its own
+        ok = solution.result == diffrax.RESULTS.successful
+        narrowed = _narrow(bracket, mine, saves_s, ys, rewards, levels[mine], False, ok)
+        active = ~main & bracket.reached[mine] & ~bracket.at_start[mine]
+        bracket = jax.tree_util.tree_map(lambda a, b: jnp.where(active, b, a), bracket, narrowed)
+        return main_out, bracket
+
+    width, size = main_span[2].shape[0], n_saves + 1
+    steps = jnp.zeros((), jnp.result_type(int))
+    main_out = {
+        "ts": jnp.zeros(size),
+        "ys": jnp.zeros((size, width)),
+        "rewards": jnp.zeros(n_saves),
+        "result": jnp.zeros((), result_code(diffrax.RESULTS.successful).dtype),
+        "event_mask": jnp.asarray(False),
+        "num_steps": steps,
+        "num_accepted_steps": steps,
+        "num_rejected_steps": steps,
+    }
+    none, zero = jnp.zeros(n_events, bool), jnp.zeros(n_events)
+    bracket = _Bracket(zero, zero, jnp.zeros((n_events, width)), zero, zero, none, none, none, jnp.ones(n_events, bool))
+    return jax.lax.fori_loop(0, 1 + n_events * EVENT_ZOOMS, body, (main_out, bracket))
 
 
 def _solve(params: FlowParams, progress: bool = False) -> Solution:
@@ -215,10 +334,13 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
     clock = flow_clock(params)
     requested = params.times()
     requested_s = clock.to_solver(requested)
-    solution = integrate(params, diffrax.SaveAt(ts=requested_s, t1=True), event=_stop_event(params), progress=progress)
+    names = tuple(EVENTS[k] for k in range(len(EVENTS)) if EVENTS[k] in params.events or EVENTS[k] == params.stop_at)
+    located = tuple(event for event in names if event in params.events)
+    levels = jnp.stack([params.event_level(event) for event in located]) if located else jnp.zeros(0)
+    main, bracket = _passes(params, requested_s, levels, progress)
     # after a requested stop diffrax writes the stop state into the next save slot (with its time)
     # and inf into the rest: keep the real times, NaN the unused slots
-    saved_s, saved_ys = solution.ts[:-1], solution.ys[:-1]
+    saved_s, saved_ys = main["ts"][:-1], main["ys"][:-1]
     valid = jnp.isfinite(saved_s) & jnp.all(jnp.isfinite(saved_ys), axis=1)
     # a save at its requested time reports that time exactly (no round trip through log time)
     as_time = lambda s, want_s, want_t: jnp.where(s == want_s, want_t, clock.to_time(s))
@@ -228,27 +350,28 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
     # saves of a 64-config sweep at n = 1000 peaks at 4.4 GB); small n stays one vmapped chunk
     chunk = max(1, min(thetas.shape[0], METRIC_CHUNK_ELEMENTS // params.task.n))
     recorded = jax.lax.map(lambda y: _recorded_at(params, y), jnp.nan_to_num(thetas), batch_size=chunk)
+    recorded["reward"] = main["rewards"]  # the solve's own reward at its saves
     mask = lambda v: jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.nan)
     recorded = jax.tree_util.tree_map(mask, recorded)
     n_saves, width = thetas.shape[0], params.task.n - 1
     nan = lambda *shape: jnp.full(shape, jnp.nan)
     # the end of the solve: the last finite saved time (t1, or the stop event's time)
-    finite_s = jnp.isfinite(solution.ts)
-    last = jnp.argmax(jnp.where(finite_s, solution.ts, -jnp.inf))
+    finite_s = jnp.isfinite(main["ts"])
+    last = jnp.argmax(jnp.where(finite_s, main["ts"], -jnp.inf))
     finite_stop = jnp.any(finite_s)
-    s_stop = jnp.where(finite_s, solution.ts, 0.0)[last]
+    s_stop = jnp.where(finite_s, main["ts"], 0.0)[last]
     t_stop = jnp.where(finite_stop, as_time(s_stop, clock.to_solver(params.t1), params.t1), jnp.nan)
-    theta_stop = solution.ys[last]
-    stopped = solution.event_mask if params.stop_at is not None else jnp.asarray(False)
-    stopped = jnp.asarray(stopped) & (solution.result == diffrax.RESULTS.event_occurred)
+    theta_stop = main["ys"][last]
+    result = main["result"]
+    is_code = lambda item: result == result_code(item)
+    stopped = main["event_mask"] & is_code(diffrax.RESULTS.event_occurred)
 
-    names = tuple(EVENTS[k] for k in range(len(EVENTS)) if EVENTS[k] in params.events or EVENTS[k] == params.stop_at)
-    located = tuple(event for event in names if event in params.events)
-    found = _event_crossings(params, ts, thetas, recorded["reward"], located)
     event_times, event_reached, event_resolved = {}, {}, {}
     for event in names:
         if event in located:
-            t, reached, resolved = (x[located.index(event)] for x in found)
+            k = located.index(event)
+            at_event = jnp.where(bracket.at_start[k], ts[0], clock.to_time(_event_time(bracket, levels)[k]))
+            t, reached, resolved = at_event, bracket.reached[k], bracket.resolved[k] | ~bracket.reached[k]
         else:
             t, reached, resolved = t_stop, stopped, jnp.asarray(True)
         if event == params.stop_at:
@@ -257,7 +380,7 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
         event_reached[event] = reached
         event_resolved[event] = resolved
 
-    success = (solution.result == diffrax.RESULTS.successful) | stopped
+    success = is_code(diffrax.RESULTS.successful) | stopped
     field = params.vector_field(jnp.where(finite_stop, t_stop, params.t0), jnp.nan_to_num(theta_stop))
     return Solution(
         ts=ts,
@@ -273,12 +396,12 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
         event_resolved=event_resolved,
         t_stop=t_stop,
         theta_stop=theta_stop,
-        result=result_code(solution.result),
+        result=result,
         success=success,
         field_finite=jnp.all(jnp.isfinite(field)) & jnp.all(jnp.isfinite(theta_stop)),
-        num_steps=solution.stats["num_steps"],
-        num_accepted_steps=solution.stats["num_accepted_steps"],
-        num_rejected_steps=solution.stats["num_rejected_steps"],
+        num_steps=main["num_steps"],
+        num_accepted_steps=main["num_accepted_steps"],
+        num_rejected_steps=main["num_rejected_steps"],
     )
 
 

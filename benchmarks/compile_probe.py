@@ -1,0 +1,48 @@
+"""One fresh process's compile-bound timings, printed as JSON (run by bench_compile.py on this tree and on a baseline).
+
+Run: PYTHONPATH=<a gradflow tree> python benchmarks/compile_probe.py   (persistent cache off: it measures compilation)
+"""
+
+import json
+import os
+import time
+
+os.environ["GRADFLOW_NO_CACHE"] = "1"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import gradflow as gf  # noqa: E402
+
+SWEEP_SIZE, SWEEP_N = 1024, 16
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def value_and_grad_ms(n: int) -> float:
+    """Best of 5: value and gradient of J at the uniform task of length n (compiled beforehand)."""
+    task, model = gf.ChainTask.uniform(n), gf.ModelSpec()
+    fn = jax.jit(jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model)))
+    x = jnp.array([0.3, 0.1, -0.1, 0.0, 0.0])
+    jax.block_until_ready(fn(x))
+    return 1e3 * min(seconds(lambda: fn(x)) for _ in range(5))
+
+
+def main() -> None:
+    out = {"first_solve_s": seconds(lambda: gf.simulate(gf.FlowParams(gf.ChainTask.uniform(8))).reward)}
+    out["new_n_s"] = seconds(lambda: gf.simulate(gf.FlowParams(gf.ChainTask.uniform(9))).reward)
+    configs = [gf.FlowParams(gf.ChainTask.mixture(SWEEP_N, float(c)), events=()) for c in np.geomspace(1e-3, 1.0, SWEEP_SIZE)]
+    gf.simulate_many(configs[:2])
+    out["sweep_flows_per_s"] = SWEEP_SIZE / seconds(lambda: [t.reward for t in gf.simulate_many(configs)][-1])
+    out["value_grad_1e4_ms"] = value_and_grad_ms(10_000)
+    out["value_grad_1e5_ms"] = value_and_grad_ms(100_000)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
