@@ -166,8 +166,8 @@ class Solution(eqx.Module):
     ts (T,) flow times of the saves (NaN after a stop), theta (T, P), reward (T,); forward_prob and
     switch_prob (T, n-1), expected_length and traversal_prob (T,) (NaN when not recorded);
     eval_reward: name -> (T,).  event_times / event_reached / event_resolved: event name ->
-    time (NaN if not reached), whether it was reached, and whether its bracket re-solve fitted in
-    its step budget.  t_stop: where the solve ended (t1, or the stop event); theta_stop its state.
+    time (NaN if not reached), whether it was reached, and whether every re-solve of its bracket
+    succeeded (``EVENT_ZOOMS`` passes of the solve).  t_stop: where the solve ended (t1, or the stop event); theta_stop its state.
     result: diffrax's result code (``diffrax.RESULTS``); success: ended at t1 or at the asked event;
     field_finite: the vector field is finite at the end state.  Step counts as diffrax reports them.
     """

@@ -40,7 +40,7 @@ EVENT_RTOL = 1e-14  # bisection of a terminating event: relative tolerance on th
 EVENT_ATOL = 1e-12  # ... absolute tolerance on the event time and on the event condition's value
 BISECTION_STEPS = 60  # halvings of a bracket in ``crossing``
 LOCAL_MAX_STEPS = 16_384  # dense re-solve of one bracket on the host side (Trajectory.t_hit, theory.phases)
-BRACKET_MAX_STEPS = 128  # the same inside the (vmapped) solve; a bracket needing more falls back to t_hit
+BRACKET_MAX_STEPS = 128  # earlier solves' in-solve bracket budget; the solve now re-solves brackets as its own passes
 
 
 class Clock(eqx.Module):

@@ -468,3 +468,24 @@ def test_t_hit_at_an_event_level_reads_the_solve_and_compiles_nothing():
     assert t == trajectory.events["reward_threshold"] and compile_cache.compilation_count() == before
     nudged = trajectory.t_hit(float(np.nextafter(0.9, 1.0)))  # a level off the event: root-found afresh
     assert nudged == pytest.approx(t, rel=1e-7) and nudged >= t
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        gf.ModelSpec(),
+        pytest.param(gf.ModelSpec(mask_self=False, max_len=9), marks=pytest.mark.slow),
+        pytest.param(gf.ModelSpec(attention="softmax", tau=0.1), marks=pytest.mark.slow),
+    ],
+    ids=["linear", "capped-self-loops", "softmax"],
+)
+def test_events_located_in_the_solve_agree_with_a_dense_bisection(model):
+    """The solve's events (its bracket re-solved EVENT_ZOOMS times as passes of the one solve) against
+    t_hit's independent route (a dense re-solve of the save bracket, bisected): one time to the solver's tolerance."""
+    trajectory = simulate(FlowParams(gf.ChainTask.uniform(6), model=model, t1=1e4, reward_threshold=0.6, convergence_loss=0.2))
+    for name, level in (("reward_threshold", 0.6), ("converged", 0.8)):
+        located = trajectory.events[name]
+        assert located is not None, name
+        bisected = trajectory.t_hit(float(np.nextafter(level, 1.0)))  # off the event level: root-found afresh
+        assert bisected == pytest.approx(located, rel=1e-8), name
+        assert trajectory.reward[np.searchsorted(trajectory.ts, located) - 1] < level  # the save before is below it
