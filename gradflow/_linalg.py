@@ -256,7 +256,7 @@ def gth_solve(excess, lower, upper, rhs):
 TINY_PIVOT = 1e-200
 
 
-def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1):
+def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
     """x = (T - U V^T)^{-1} rhs for an absorbing chain whose far jumps are rank 2 by target degree.
 
     The capacitance C = I - K, K = V^T T^{-1} U, is rebuilt from alpha = V^T T^{-1} absorb and the
@@ -275,29 +275,39 @@ def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1):
         absorb (jax.Array): (..., N) the row's (scaled) rate into the absorbing states,
             absorb = (T - U V^T) 1, supplied as a positive sum.
         deg1 (np.ndarray): (N,) static bools, the transient vertices of degree 1; V = (deg1, not deg1).
+        valid (jax.Array | None): (N,) bools, the rows that are vertices (the rest are padding, no-op rows of
+            a bucket); None: all.
 
     Returns:
         solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest pivot of the elimination.
     """
     deg1 = np.asarray(deg1, dtype=bool)
-    c1, c2 = int(deg1.sum()), int((~deg1).sum())
     k = rhs.shape[-1]
     z, min_pivot = gth_solve(excess, lower, upper, jnp.concatenate([rhs, u, absorb[..., None]], axis=-1))
     z_r, z_u, z_a = z[..., :k], z[..., k : k + 2], z[..., k + 2]
     v1, v2 = jnp.asarray(deg1, dtype=z.dtype), jnp.asarray(~deg1, dtype=z.dtype)
+    if valid is None:
+        c1, c2 = int(deg1.sum()), int((~deg1).sum())
+    else:  # padded rows are not vertices: V and its counts see the valid rows only (traced counts)
+        v1, v2 = v1 * valid, v2 * valid
+        c1, c2 = jnp.sum(v1), jnp.sum(v2)
     a1, a2 = jnp.einsum("n,...n->...", v1, z_a), jnp.einsum("n,...n->...", v2, z_a)
     vr1, vr2 = jnp.einsum("n,...nj->...j", v1, z_r), jnp.einsum("n,...nj->...j", v2, z_r)
-    if c2 == 0:
-        det = a1 / c1  # C = 1 - K_11 = alpha_1 / c_1
-        return z_r + z_u[..., 0, None] * (vr1 / det[..., None])[..., None, :], min_pivot
+    rank1 = lambda: z_r + z_u[..., 0, None] * (vr1 / (a1 / c1)[..., None])[..., None, :]  # C = 1 - K_11 = alpha_1 / c_1
+    if valid is None and c2 == 0:
+        return rank1(), min_pivot
+    c2_safe = c2 if valid is None else jnp.maximum(c2, 1.0)  # padded: the rank-2 branch must stay finite at c2 = 0
     k12 = jnp.einsum("n,...n->...", v1, z_u[..., 1])
     k21 = jnp.einsum("n,...n->...", v2, z_u[..., 0])
     c11 = (a1 + k12 * c2) / c1
-    c22 = (a2 + k21 * c1) / c2
-    det = (a1 * a2 + a1 * k21 * c1 + a2 * k12 * c2) / (c1 * c2)
+    c22 = (a2 + k21 * c1) / c2_safe
+    det = (a1 * a2 + a1 * k21 * c1 + a2 * k12 * c2) / (c1 * c2_safe)
+    if valid is not None:
+        det = jnp.where(c2 > 0, det, 1.0)
     w1 = (c22[..., None] * vr1 + k12[..., None] * vr2) / det[..., None]
     w2 = (k21[..., None] * vr1 + c11[..., None] * vr2) / det[..., None]
-    return z_r + z_u[..., 0, None] * w1[..., None, :] + z_u[..., 1, None] * w2[..., None, :], min_pivot
+    rank2 = z_r + z_u[..., 0, None] * w1[..., None, :] + z_u[..., 1, None] * w2[..., None, :]
+    return (rank2 if valid is None else jnp.where(c2 > 0, rank2, rank1())), min_pivot
 
 
 def woodbury_gth_signed(excess, lower, upper, rhs, u, absorb, deg1):

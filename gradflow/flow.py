@@ -74,7 +74,7 @@ from gradflow.integrator import (
 )
 from gradflow.model import Theta
 from gradflow.objective import expected_reward
-from gradflow.task import ChainTask
+from gradflow.task import ChainTask, PaddedTask, bucket_size
 from gradflow.trajectory import QUANTITIES, Trajectory
 
 __all__ = [
@@ -102,6 +102,8 @@ __all__ = [
     "SolveFailure",
     "Trajectory",
     "as_theta",
+    "bucketable",
+    "bucketed",
     "check_levels",
     "compilation_count",
     "default_theta0",
@@ -153,6 +155,50 @@ def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
         name: readouts.read(("reward",), theta, task, params.model)["reward"] for name, task in params.eval_tasks.items()
     }
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# n as data: chains laid out in buckets
+# ---------------------------------------------------------------------------------------------------
+
+
+def bucketable(params: FlowParams) -> bool:
+    """Whether the closed forms solve this config with n as data (``PaddedTask``): linear attention over the
+    prompt, no cap, no schedule, reduced coordinates and the default vocabulary.  Others compile per n."""
+    model = params.model
+    return (
+        model.attention == "linear"
+        and model.max_len is None
+        and model.context == "prompt"
+        and params.problem.schedule is None
+        and params.coords == "reduced"
+        and params.n_vocab is None
+    )
+
+
+def bucketed(params: FlowParams, size: int | None = None) -> FlowParams:
+    """``params`` with its task and eval tasks laid out in a bucket of ``size`` vertices per chain (default
+    ``bucket_size(n)``), n traced: every n up to the bucket shares one compiled solve.  Unchanged when
+    not ``bucketable``.  The padded config is internal (its Solution's per-position read-outs have
+    size - 1 columns, those past n - 1 meaningless): ``simulate`` and friends trim them."""
+    if not bucketable(params):
+        return params
+    size = bucket_size(params.task.n) if size is None else size
+    pad = lambda task: PaddedTask.padded(task, size)
+    params = eqx.tree_at(lambda p: p.problem.task, params, pad(params.task))
+    tasks = params.recording.eval_tasks
+    return eqx.tree_at(lambda p: p.recording.eval_tasks, params, {name: pad(task) for name, task in tasks.items()})
+
+
+def _row_slots(task) -> int:
+    """The per-position width of a task's read-outs: n - 1, or a bucket's size - 1."""
+    return task.size - 1 if isinstance(task, PaddedTask) else task.n - 1
+
+
+def _trimmed(out: Solution, n: int) -> Solution:
+    """A bucketed solve's Solution with its per-position read-outs cut back to the chain's n - 1 positions."""
+    width = lambda x: x[..., : n - 1]
+    return eqx.tree_at(lambda o: (o.forward_prob, o.switch_prob), out, (width(out.forward_prob), width(out.switch_prob)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,12 +394,12 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
     thetas = jnp.where(valid[:, None], saved_ys, jnp.nan)
     # lax.map in chunks of ~4096 / n saves bounds the intermediates of large n (a full vmap over the
     # saves of a 64-config sweep at n = 1000 peaks at 4.4 GB); small n stays one vmapped chunk
-    chunk = max(1, min(thetas.shape[0], METRIC_CHUNK_ELEMENTS // params.task.n))
+    chunk = max(1, min(thetas.shape[0], METRIC_CHUNK_ELEMENTS // (_row_slots(params.task) + 1)))
     recorded = jax.lax.map(lambda y: _recorded_at(params, y), jnp.nan_to_num(thetas), batch_size=chunk)
     recorded["reward"] = main["rewards"]  # the solve's own reward at its saves
     mask = lambda v: jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.nan)
     recorded = jax.tree_util.tree_map(mask, recorded)
-    n_saves, width = thetas.shape[0], params.task.n - 1
+    n_saves, width = thetas.shape[0], _row_slots(params.task)
     nan = lambda *shape: jnp.full(shape, jnp.nan)
     # the end of the solve: the last finite saved time (t1, or the stop event's time)
     finite_s = jnp.isfinite(main["ts"])
@@ -429,14 +475,18 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
     if not is_concrete(config):
         return _solve(config, progress)
     check_levels(config)
-    executable, _ = compiled("solve", lambda p: _solve(p, progress), (config,), progress, export=not progress)
-    return executable(config)
+    padded = bucketed(config)
+    executable, _ = compiled("solve", lambda p: _solve(p, progress), (padded,), progress, export=not progress)
+    return _trimmed(executable(padded), config.task.n)
 
 
 def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = False, devices=None) -> Solution:
     """``solve`` vmapped over configs of one structure (a list, or configs already stacked by ``stack_configs``).
 
-    Every field of the returned ``Solution`` has a leading axis of len(configs).
+    Every field of the returned ``Solution`` has a leading axis of len(configs).  Configs that differ only
+    in n share the batch when they are ``bucketable`` (n as data): their per-position read-outs then have
+    as many columns as the longest chain's bucket - 1 (those past a member's n - 1 are meaningless);
+    one n gives n - 1 columns.
 
     Args:
         configs: a sequence of ``FlowParams`` of one structure, or one ``FlowParams`` already stacked.
@@ -456,12 +506,14 @@ def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = F
         for index, cfg in enumerate(configs):
             if isinstance(cfg, FlowParams):
                 check_levels(cfg, index)
-    batch = stack_configs(configs) if not isinstance(configs, FlowParams) else configs
+    batch = _stack_bucketed(configs) if not isinstance(configs, FlowParams) else configs
     size = int(np.shape(batch.t0)[0])
     if devices is not None:
         batch = _shard(batch, size, list(devices))
     out, _ = _run_batch(batch, progress, 1 if devices is None else len(devices))
-    return jax.tree_util.tree_map(lambda x: x[:size], out)
+    out = jax.tree_util.tree_map(lambda x: x[:size], out)
+    lengths = {cfg.task.n for cfg in configs} if not isinstance(configs, FlowParams) else set()
+    return _trimmed(out, lengths.pop()) if len(lengths) == 1 else out
 
 
 def _run_batch(batch: FlowParams, progress: bool, n_devices: int):
@@ -631,14 +683,25 @@ def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.FlowParams, got {type(flow_params).__name__}")
     check_levels(flow_params)
-    executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (flow_params,), progress, export=not progress)
+    padded = bucketed(flow_params)
+    executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (padded,), progress, export=not progress)
     start = time.perf_counter()
-    out = jax.device_get(executable(flow_params))
+    out = jax.device_get(_trimmed(executable(padded), flow_params.task.n))
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}
     message = failure_message(flow_params, out)
     if message is not None:
         raise RuntimeError(f"{config_label(flow_params)}: {message}")
     return _trajectory(flow_params, out, stats)
+
+
+def _stack_bucketed(configs: Sequence[FlowParams]) -> FlowParams:
+    """``stack_configs`` of the configs laid out in one bucket (that of the longest chain) when every one is
+    ``bucketable``: chains of different n then share one batch and one compilation."""
+    configs = list(configs)
+    if configs and all(isinstance(cfg, FlowParams) and bucketable(cfg) for cfg in configs):
+        size = bucket_size(max(cfg.task.n for cfg in configs))
+        configs = [bucketed(cfg, size) for cfg in configs]
+    return stack_configs(configs)
 
 
 def stack_configs(configs: Sequence[FlowParams]) -> FlowParams:
@@ -677,6 +740,10 @@ def simulate_many(
 ) -> list[Trajectory | SolveFailure]:
     """Solve configs of one structure as one vmapped compilation; results match ``simulate``.
 
+    Configs that differ only in n share one batch and one compilation when they are ``bucketable``
+    (linear attention without cap or schedule, the defaults): the chains are laid out in the bucket of
+    the longest (``gradflow.task.bucket_size``), n traced.
+
     Configs may stop at different times or never reach their stop event.  Every member runs at most its
     max_steps steps, so a member that needs many more steps than the rest stops there and is reported.
 
@@ -704,7 +771,7 @@ def simulate_many(
     for index, cfg in enumerate(configs):
         if isinstance(cfg, FlowParams):
             check_levels(cfg, index)
-    batch = stack_configs(configs)
+    batch = _stack_bucketed(configs)
     size = len(configs)
     n_devices = 1 if devices is None else len(devices)
     if devices is not None:
@@ -715,7 +782,7 @@ def simulate_many(
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start - compile_s, "batch": size}
     results = []
     for index, cfg in enumerate(configs):
-        one = jax.tree_util.tree_map(lambda v, i=index: v[i], out)
+        one = _trimmed(jax.tree_util.tree_map(lambda v, i=index: v[i], out), cfg.task.n)
         message = failure_message(cfg, one)
         if message is None:
             results.append(_trajectory(cfg, one, stats))

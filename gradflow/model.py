@@ -18,8 +18,8 @@ import numpy as np
 
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive
 from gradflow._deprecated import deprecated_int_task, renamed_property
-from gradflow.policy import chain_targets, context_counts, count_logit, distinct_rows, edge_counts
-from gradflow.task import ChainTask
+from gradflow.policy import chain_targets, context_counts, count_logit, distinct_rows, distinct_rows_traced, edge_counts
+from gradflow.task import ChainTask, PaddedTask
 
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
@@ -343,7 +343,7 @@ def row_logits(scores: RowScores, n: int, model: ModelSpec, positions=None) -> R
     Returns:
         The logits of the local targets, their far baselines and the far counts of the chain rows.
     """
-    positions = np.arange(1, n) if positions is None else np.asarray(positions)
+    positions = np.arange(1, n) if positions is None else positions
     targets = chain_targets(n, positions)
     a, b, g = scores.alpha, scores.beta, scores.gamma
     row_logit = lambda counts: count_logit(counts, a, b, g)
@@ -459,8 +459,19 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
     ``task``: a ChainTask or the chain length n.  Each probability is exp(logit - log Z) with log Z by
     log-sum-exp, so they are accurate to relative round-off at any theta/tau.
     """
+    if isinstance(task, PaddedTask):  # n traced, laid out in a bucket: the slots past n - 1 never move
+        positions, kind, valid = distinct_rows_traced(task.n, task.size - 1)
+        distinct = _step_probabilities(theta, task.n, model, positions)
+        pads = {name: 1.0 if name == "move" else 0.0 for name in StepProbabilities._fields}
+        return StepProbabilities(**{name: jnp.where(valid, x[kind], pads[name]) for name, x in distinct._asdict().items()})
     n = as_task(task).n
     positions, kind = distinct_rows(n) if model.attention == "linear" else (None, slice(None))
+    distinct = _step_probabilities(theta, n, model, positions)
+    return StepProbabilities(*(x[kind] for x in distinct))  # linear attention: each kind of row computed once
+
+
+def _step_probabilities(theta: Theta, n, model: ModelSpec, positions) -> StepProbabilities:
+    """``step_probabilities`` of the chain-a rows at ``positions`` (None: all rows)."""
     rows = chain_a_logits(row_logits(row_scores(theta, n, model), n, model, positions))
     logs = row_log_total(rows, include_self=not model.mask_self)
     log_z = logs["total"]
@@ -470,7 +481,7 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
         [rows.succ, jnp.where(rows.has_pred, rows.pred, -jnp.inf), logs["switch"], logs["jump"], logs["isolated"]], -1
     )
     log_move = jax.nn.logsumexp(local_move, axis=-1)
-    distinct = StepProbabilities(
+    return StepProbabilities(
         forward=prob(rows.succ),
         backward=jnp.where(rows.has_pred, prob(jnp.where(rows.has_pred, rows.pred, 0.0)), 0.0),
         stay=stay,
@@ -479,7 +490,6 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
         isolated=prob(logs["isolated"]),
         move=prob(log_move),
     )
-    return StepProbabilities(*(x[kind] for x in distinct))  # linear attention: each kind of row computed once
 
 
 def vertex_names(n: int, n_isolated: int = 0) -> list[str]:

@@ -30,6 +30,7 @@ gaps of several hundred, e.g. |theta|/tau > ~300) returns NaN: never a wrong fin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -41,8 +42,8 @@ import numpy as np
 from gradflow import capped
 from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
 from gradflow.model import ModelSpec, RowLogits, Theta, chain_a_logits, row_log_total, row_logits, row_scores
-from gradflow.policy import distinct_rows
-from gradflow.task import ChainTask
+from gradflow.policy import distinct_rows, distinct_rows_traced
+from gradflow.task import ChainTask, PaddedTask
 
 LENGTH_LIMIT = 1e300  # expected lengths above this are returned as inf
 
@@ -117,9 +118,12 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     last = jnp.broadcast_to(rows.last, shape)
     pres = lambda flag: jnp.where(flag, 1.0, 0.0)
 
+    interior = n >= 3  # a Python bool, or traced when n is (``gradflow.task.PaddedTask``)
     # the row scale: its largest logit (stop-gradient: any constant scale gives the same solution)
     cands = [succ, jnp.where(has_pred, pred, -jnp.inf), g]
-    if n >= 3:
+    if not isinstance(interior, bool):
+        cands.append(jnp.where(interior, 2.0 * g, -jnp.inf))
+    elif interior:
         cands.append(2.0 * g)
     if m:
         cands.append(jnp.zeros(shape))
@@ -130,14 +134,18 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
 
     # isolated detours: an isolated vertex returns to chain vertex v with prob. e^{g_iso deg v} / (2Y)
     g_iso = jnp.broadcast_to(rows.g_iso, shape)
-    log_2y = (
-        jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(max(n - 2, 1)))
-        if n >= 3
-        else jnp.log(4.0) + g_iso
+    log_2y = jnp.where(
+        interior,
+        jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(jnp.maximum(n - 2, 1))),
+        jnp.log(4.0) + g_iso,
     )
     iso1 = m * jnp.exp(g_iso - log_2y - top) if m else jnp.zeros(shape)  # isolated share on a deg-1 vertex
     iso2 = m * jnp.exp(2.0 * g_iso - log_2y - top) if m else jnp.zeros(shape)  # ... on a deg-2 vertex
-    e_g, e_g2, e_m = ex(g), (ex(2.0 * g) if n >= 3 else jnp.zeros(shape)), (m * ex(jnp.zeros(shape)) if m else jnp.zeros(shape))
+    if isinstance(interior, bool):
+        e_g2 = ex(2.0 * g) if interior else jnp.zeros(shape)
+    else:
+        e_g2 = jnp.where(interior, ex(jnp.where(interior, 2.0 * g, top)), 0.0)
+    e_g, e_m = ex(g), (m * ex(jnp.zeros(shape)) if m else jnp.zeros(shape))
 
     c_succ = jnp.where(last, 0.0, _diff_exp(succ, base_succ, top))
     c_pred = jnp.where(has_pred, _diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top), 0.0)
@@ -182,30 +190,44 @@ def _check_pivot(min_pivot, values):
     return jnp.where(min_pivot >= TINY_PIVOT, values, jnp.nan)
 
 
-def _linear_rows(theta: Theta, n: int, model: ModelSpec) -> _Scaled:
+def _linear_rows(theta: Theta, n, model: ModelSpec, rows: int | None = None) -> _Scaled:
     """The scaled rows a_1..a_{n-1} under linear attention, each kind of row (``distinct_rows``: at most
-    four) scaled once and gathered: O(1) exponentials at any n, O(n) arithmetic."""
-    positions, kind = distinct_rows(n)
+    four) scaled once and gathered: O(1) exponentials at any n, O(n) arithmetic.
+
+    ``rows``: None (n a Python int: n - 1 rows), or the row slots of a bucket when n is traced
+    (``PaddedTask``): the slots past n - 1 are exact no-ops (excess 1, no coupling, no right-hand side)."""
+    if rows is None:
+        positions, kind = distinct_rows(n)
+    else:
+        positions, kind, valid = distinct_rows_traced(n, rows)
     distinct = _scale_rows(row_logits(row_scores(theta, n, model), n, model, positions))
-    return jax.tree_util.tree_map(lambda x: x[kind], distinct)
+    gathered = jax.tree_util.tree_map(lambda x: x[kind], distinct)
+    if rows is None:
+        return gathered
+    no_op = jax.tree_util.tree_map(lambda x: jnp.where(valid, x, 0.0), gathered)
+    return dataclasses.replace(no_op, excess=jnp.where(valid, gathered.excess, 1.0))
 
 
-def _linear_probabilities(theta: Theta, n: int, model: ModelSpec):
-    """(h, q, e) on chain a, positions 1..n-1 (linear attention): one tridiagonal, three columns."""
-    s = _linear_rows(theta, n, model)
+def _linear_probabilities(theta: Theta, n, model: ModelSpec, rows: int | None = None):
+    """(h, q, e) on chain a, positions 1..n-1 (linear attention): one tridiagonal, three columns
+    (``rows``: a bucket's row slots for a traced n, the slots past n - 1 giving 0)."""
+    s = _linear_rows(theta, n, model, rows)
     x, min_pivot = gth_solve(s.excess, s.lower, s.upper, jnp.stack([s.rhs_h, s.rhs_q, s.rhs_e], -1))
     x = _check_pivot(min_pivot, x)
     return x[:, 0], x[:, 1], x[:, 2]
 
 
-def _linear_length(theta: Theta, n: int, model: ModelSpec):
-    """Expected tokens to absorption from a_i (= from b_i), linear attention: folded rank-2 Woodbury."""
-    s = _linear_rows(theta, n, model)
-    last = jnp.arange(n - 1) == n - 2
+def _linear_length(theta: Theta, n, model: ModelSpec, rows: int | None = None):
+    """Expected tokens to absorption from a_i (= from b_i), linear attention: folded rank-2 Woodbury
+    (``rows``: a bucket's row slots for a traced n, the slots past n - 1 giving 0)."""
+    s = _linear_rows(theta, n, model, rows)
+    slots = n - 1 if rows is None else rows
+    last = jnp.arange(slots) == n - 2
     absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)  # into a_n and b_n
     u = 2.0 * jnp.stack([s.far1, s.far2], -1)  # folded: the b chain's far targets count too
-    deg1 = np.arange(1, n) == 1
-    x, min_pivot = woodbury_gth(s.excess, s.lower, s.upper, s.cost[:, None], u, absorb, deg1)
+    deg1 = np.arange(slots) == 0
+    valid = None if rows is None else jnp.arange(slots) < n - 1
+    x, min_pivot = woodbury_gth(s.excess, s.lower, s.upper, s.cost[:, None], u, absorb, deg1, valid)
     return _check_pivot(min_pivot, x[:, 0])
 
 
@@ -285,9 +307,25 @@ def _softmax_length(theta: Theta, n: int, model: ModelSpec, start):
     return chain_solve(system, _flat(system.scaled.cost, n)[:, None])[start - 1, 0]
 
 
-def _by_distance(values):
-    """Chain-a positions 1..n-1 -> start distances d = 1..n-1 (entry d-1 is position n-d)."""
-    return values[::-1]
+def _by_distance(values, n=None, rows: int | None = None):
+    """Chain-a positions 1..n-1 -> start distances d = 1..n-1 (entry d-1 is position n-d); with a
+    bucket's ``rows`` (traced n), the slots past d = n - 1 hold 0."""
+    if rows is None:
+        return values[::-1]
+    position = n - 2 - jnp.arange(rows)
+    return jnp.where(position >= 0, values[jnp.maximum(position, 0)], 0.0)
+
+
+def _layout(task) -> tuple:
+    """(n, rows): a ChainTask's static n and None, or a ``PaddedTask``'s traced n and its row slots."""
+    if isinstance(task, PaddedTask):
+        return task.n, task.size - 1
+    return task.n, None
+
+
+def _require_unpadded(task, model: ModelSpec, what: str) -> None:
+    if isinstance(task, PaddedTask) and model.attention != "linear":
+        raise ValueError(f"{what}: a PaddedTask (n as data) is solved for linear attention only")
 
 
 def _softmax_per_start(fn, theta, n, model):
@@ -301,13 +339,14 @@ def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
     on a plateau), from q when e > 1/4 (1 - J near 1), from h when e < -1/4.  Softmax: from h and q.
     """
     _require_closed_form(model)
-    n = task.n
+    _require_unpadded(task, model, "expected_reward")
+    n, rows = _layout(task)
     if model.attention == "linear":
-        h, q, e = _linear_probabilities(theta, n, model)
+        h, q, e = _linear_probabilities(theta, n, model, rows)
         mid = jnp.abs(e) <= 0.25
         own = jnp.where(mid, 0.5 + e, jnp.where(e > 0, 1.0 - q, h))
         other = jnp.where(mid, 0.5 - e, jnp.where(e > 0, q, 1.0 - h))
-        return _by_distance(own), _by_distance(other)
+        return _by_distance(own, n, rows), _by_distance(other, n, rows)
     h, q = _softmax_per_start(_softmax_probabilities, theta, n, model)
     own = jnp.where(h <= q, h, 1.0 - q)
     other = jnp.where(h <= q, 1.0 - h, q)
@@ -353,9 +392,10 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
     Self-loops (mask_self=False) count as tokens.  inf when above 1e300 (not representable).
     """
     _require_closed_form(model)
-    n = task.n
+    _require_unpadded(task, model, "length_per_start")
+    n, rows = _layout(task)
     if model.attention == "linear":
-        lengths = _by_distance(_linear_length(theta, n, model))
+        lengths = _by_distance(_linear_length(theta, n, model, rows), n, rows)
     else:
         lengths = _by_distance(_softmax_per_start(_softmax_length, theta, n, model))
     return jnp.where(lengths > LENGTH_LIMIT, jnp.inf, lengths)
@@ -375,7 +415,8 @@ def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndar
 def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}): the exact forward path, no detour, no self-loop."""
     _require_closed_form(model)
-    n = task.n
+    _require_unpadded(task, model, "traversal_per_start")
+    n, rows = _layout(task)
 
     def log_forward(position, positions=None):
         rows = chain_a_logits(row_logits(row_scores(theta, n, model, start=position), n, model, positions))
@@ -385,8 +426,13 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
         return jnp.cumsum(log_forward(position)[::-1])[::-1]  # entry i-1: sum over positions i..n-1
 
     if model.attention == "linear":  # every kind of row computed once (``distinct_rows``)
-        positions, kind = distinct_rows(n)
-        return jnp.exp(_by_distance(jnp.cumsum(log_forward(None, positions)[kind][::-1])[::-1]))
+        if rows is None:
+            positions, kind = distinct_rows(n)
+            per_row = log_forward(None, positions)[kind]
+        else:
+            positions, kind, valid = distinct_rows_traced(n, rows)
+            per_row = jnp.where(valid, log_forward(None, positions)[kind], 0.0)
+        return jnp.exp(_by_distance(jnp.cumsum(per_row[::-1])[::-1], n, rows))
     at_start = lambda position: log_path_from(position)[position - 1]
     return jnp.exp(_by_distance(jax.vmap(at_start)(jnp.arange(1, n))))
 

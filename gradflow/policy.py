@@ -64,7 +64,7 @@ def edge_counts(u, v, n: int):
     inc = is_self * has_in + (same & (pos_v == pos_u - 1)) * 1  # the edge (v, u), or u's own in-edge
     touching = out + inc  # edges containing v that touch u
     far = vertex_degree(v, n) - touching
-    xp = jnp if isinstance(u, jax.Array) or isinstance(v, jax.Array) else np
+    xp = jnp if any(isinstance(x, jax.Array) for x in (u, v, n)) else np
     return xp.stack(xp.broadcast_arrays(out, inc, far), axis=-1)
 
 
@@ -103,6 +103,16 @@ class ChainTargets(NamedTuple):
     far2: np.ndarray
 
 
+def distinct_rows_traced(n, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``distinct_rows`` for a traced n laid out in ``rows`` row slots: positions (4,) = (1, 2, 3, n-1)
+    clipped to n - 1 (repeats are harmless), kind (rows,) and valid (rows,): slot k holds a row iff k < n - 1."""
+    positions = jnp.minimum(jnp.array([1, 2, 3]), n - 1)
+    positions = jnp.concatenate([positions, jnp.reshape(n - 1, (1,))])
+    i = jnp.arange(1, rows + 1)
+    kind = jnp.where(i == n - 1, 3, jnp.minimum(i, 3) - 1)
+    return positions, kind, i <= n - 1
+
+
 def distinct_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
     """The chain rows that differ: positions i in {1, 2, 3, n-1} (rows a_3..a_{n-2} are alike), and for
     every row i = 1..n-1 the index of its distinct row, so a per-row quantity is computed once per kind.
@@ -121,12 +131,14 @@ def distinct_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def chain_targets(n: int, positions=None) -> ChainTargets:
     """``ChainTargets`` of the chain-a rows a_i (canonical u = i - 1), i = 1..n-1 or the ``positions`` given."""
-    u = np.arange(n - 1) if positions is None else np.asarray(positions) - 1
+    traced = isinstance(n, jax.Array) or isinstance(positions, jax.Array)
+    xp = jnp if traced else np
+    u = np.arange(n - 1) if positions is None else xp.asarray(positions) - 1
     has_pred = u >= 1
-    pred = np.where(has_pred, u - 1, u)
+    pred = xp.where(has_pred, u - 1, u)
     deg = lambda v: vertex_degree(v, n)
-    c_pred = np.where(has_pred[:, None], edge_counts(u, pred, n), 0)
-    deg_succ, deg_self, deg_pred = deg(u + 1), deg(u), np.where(has_pred, deg(pred), 0)
+    c_pred = xp.where(has_pred[:, None], edge_counts(u, pred, n), 0)
+    deg_succ, deg_self, deg_pred = deg(u + 1), deg(u), xp.where(has_pred, deg(pred), 0)
     local1 = (deg_succ == 1) * 1 + (deg_self == 1) + (deg_pred == 1)
     local2 = (deg_succ == 2) * 1 + (deg_self == 2) + (deg_pred == 2)
     return ChainTargets(

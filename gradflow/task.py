@@ -105,3 +105,30 @@ def _distances(name: str, steps, n: int) -> list[int]:
     if not ok or len(set(int(d) for d in steps)) != len(steps):
         raise ValueError(message)
     return [int(d) for d in steps]
+
+
+class PaddedTask(eqx.Module):
+    """A ChainTask laid out in a bucket of ``size`` vertices per chain, its length ``n`` <= size traced.
+
+    ``start_probs`` has size - 1 entries, zero beyond d = n - 1; the closed forms that take it solve
+    size - 1 rows whose rows past n - 1 are exact no-ops, so every n up to ``size`` shares one compiled
+    program (``gradflow.flow`` pads linear-attention flows to the next power of two).  Built from a
+    validated ChainTask by ``padded``; not a public task (nothing checks it again).
+    """
+
+    size: int = eqx.field(static=True)
+    n: jnp.ndarray
+    start_probs: jnp.ndarray
+
+    @classmethod
+    def padded(cls, task: ChainTask, size: int) -> PaddedTask:
+        """``task`` in a bucket of ``size`` >= task.n vertices per chain."""
+        if size < task.n:
+            raise ValueError(f"size must be at least n = {task.n}, got {size}")
+        probs = jnp.zeros(size - 1).at[: task.n - 1].set(jnp.asarray(task.start_probs))
+        return cls(size, jnp.asarray(task.n), probs)
+
+
+def bucket_size(n: int) -> int:
+    """The bucket a chain of length n is padded to: the next power of two, at least 4."""
+    return max(4, 1 << (int(n) - 1).bit_length())

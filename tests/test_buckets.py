@@ -1,0 +1,102 @@
+"""n as data: chains laid out in power-of-two buckets (``PaddedTask``) give today's per-n results to round-off.
+
+The independent route is the per-n program (a ``ChainTask``, n static), compiled for each n; the bucketed
+one is compiled once per bucket.  Bucket edges (n = 2..5, 8/9, 16/17, 32/33, 64/65) are where padding
+changes and where the rows' kinds (first, second, interior, last) overlap.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow as gf
+from gradflow import flow, objective
+from gradflow.model import step_probabilities
+from gradflow.task import PaddedTask, bucket_size
+
+EDGES = [2, 3, 5, 9]
+WIDE = [4, 8, 16, 17, 31, 32, 33, 64, 65, 70]
+QUANTITIES = {
+    "reward": objective.expected_reward,
+    "loss": objective.expected_loss,
+    "success": objective.same_side_probability,
+    "length": objective.length_per_start,
+    "traversal": objective.traversal_per_start,
+    "forward": lambda theta, task, model: step_probabilities(theta, task, model).forward_given_move,
+    "switch": lambda theta, task, model: step_probabilities(theta, task, model).switch,
+}
+
+
+def _thetas(seed: int):
+    rng = np.random.default_rng(seed)
+    return [gf.Theta(*rng.normal(0.0, 2.0, 3)), gf.Theta(0.3, 0.0, 0.0), gf.Theta(3.0, -1.0, 0.5)]
+
+
+def _check_n(n: int, model: gf.ModelSpec) -> None:
+    task = gf.ChainTask.mixture(n, 0.3, (1,)) if n > 2 else gf.ChainTask.uniform(n)
+    padded = PaddedTask.padded(task, bucket_size(n))
+    for theta in _thetas(n):
+        for name, fn in QUANTITIES.items():
+            want = np.asarray(fn(theta, task, model))
+            got = np.asarray(fn(theta, padded, model))
+            got = got[: n - 1] if got.ndim else got
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300, err_msg=f"{name}, n={n}, {theta}")
+        grad = lambda t: jax.grad(lambda x: objective.expected_reward(gf.Theta.from_array(x), t, model))(theta.as_array())
+        np.testing.assert_allclose(grad(padded), grad(task), rtol=1e-10, atol=1e-14, err_msg=f"gradient, n={n}")
+
+
+@pytest.mark.parametrize("n", EDGES)
+def test_bucketed_closed_forms_equal_the_per_n_ones(n):
+    _check_n(n, gf.ModelSpec())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", WIDE)
+@pytest.mark.parametrize("model", [gf.ModelSpec(), gf.ModelSpec(mask_self=False, n_isolated=2, tau=0.5)], ids=["plain", "loops"])
+def test_bucketed_closed_forms_equal_the_per_n_ones_wide(n, model):
+    _check_n(n, model)
+
+
+def test_bucketed_closed_forms_with_self_loops_and_isolated_vertices():
+    for n in (2, 6):
+        _check_n(n, gf.ModelSpec(mask_self=False, n_isolated=3, tau=0.3))
+
+
+def test_buckets_are_powers_of_two_from_four():
+    assert [bucket_size(n) for n in (2, 3, 4, 5, 8, 9, 16, 17, 70)] == [4, 4, 4, 8, 8, 16, 16, 32, 128]
+
+
+def test_a_new_n_in_a_compiled_bucket_compiles_nothing():
+    gf.simulate(gf.FlowParams(gf.ChainTask.uniform(6), t1=50.0))
+    before = gf.compile_cache.compilation_count()
+    trajectory = gf.simulate(gf.FlowParams(gf.ChainTask.uniform(7), t1=50.0))
+    assert gf.compile_cache.compilation_count() == before
+    assert trajectory.forward_prob.shape == (201, 6) and trajectory.events["reward_threshold"] is not None
+
+
+@pytest.mark.parametrize("n", [3, pytest.param(5, marks=pytest.mark.slow), pytest.param(9, marks=pytest.mark.slow)])
+def test_a_bucketed_flow_equals_the_per_n_flow(n):
+    """simulate (bucketed) against the per-n program of the same config: saves, read-outs and events."""
+    params = gf.FlowParams(gf.ChainTask.uniform(n), t1=200.0)
+    assert flow.bucketable(params)
+    bucketed = gf.simulate(params)
+    direct = jax.device_get(jax.jit(flow._solve)(params))  # n static: the per-n program
+    np.testing.assert_allclose(bucketed.theta, direct.theta, rtol=1e-9, atol=1e-12)
+    for name in ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob"):
+        np.testing.assert_allclose(getattr(bucketed, name), getattr(direct, name), rtol=1e-9, atol=1e-12, err_msg=name)
+    for event, name in (("threshold", "reward_threshold"), ("converged", "converged")):
+        assert bucketed.events[name] == pytest.approx(float(direct.event_times[event]), rel=1e-9)
+
+
+def test_configs_of_different_n_share_one_batch():
+    configs = [gf.FlowParams(gf.ChainTask.uniform(n), t1=50.0) for n in (2, 5, 7)]
+    before = gf.compile_cache.compilation_count()
+    batch = gf.simulate_many(configs)
+    assert gf.compile_cache.compilation_count() - before <= 1
+    for cfg, trajectory in zip(configs, batch):
+        alone = gf.simulate(cfg)
+        assert trajectory.forward_prob.shape == (201, cfg.task.n - 1)
+        np.testing.assert_allclose(trajectory.reward, alone.reward, rtol=1e-9)
+    assert not flow.bucketable(gf.FlowParams(gf.ChainTask.uniform(5), model=gf.ModelSpec(attention="softmax")))
+    assert jnp.shape(flow.bucketed(configs[0]).task.start_probs) == (3,)
