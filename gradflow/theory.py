@@ -42,11 +42,11 @@ from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams, config_label
-from gradflow.flow import stack_configs
+from gradflow.flow import bucketable, bucketed, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
 from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
-from gradflow.task import ChainTask
+from gradflow.task import ChainTask, PaddedTask, bucket_size
 from gradflow.trajectory import Trajectory
 
 REGIMES = ("polynomial", "exponential", "undetermined")
@@ -632,11 +632,26 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
 def _learning_run(configs, watched) -> dict:
     """The learning-time solve of one config (watching one task), or of a stacked batch, through the one compile cache."""
     batched = isinstance(configs, list)
+    configs, watched = _in_buckets(configs if batched else [configs], watched if batched else [watched])
+    configs, watched = (configs, watched) if batched else (configs[0], watched[0])
     stack = lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs]))
     args = (stack_configs(configs), jax.tree_util.tree_map(stack, *watched)) if batched else (configs, watched)
     fn = jax.vmap(_learning_solve) if batched else _learning_solve
     executable, _ = compiled("learning_batch" if batched else "learning", fn, args, export=True)
     return jax.device_get(executable(*args))
+
+
+def _bucket_of(config: FlowParams):
+    """What shares a learning-time compilation: the bucket of n when ``bucketable`` (n as data), else n itself."""
+    return ("bucket", bucket_size(config.task.n)) if bucketable(config) else ("n", config.task.n)
+
+
+def _in_buckets(configs: list, watched: list) -> tuple[list, list]:
+    """The configs and watched tasks laid out in the bucket of the longest chain when all are ``bucketable``."""
+    if not all(bucketable(cfg) for cfg in configs):
+        return configs, watched
+    size = bucket_size(max(cfg.task.n for cfg in configs))
+    return [bucketed(cfg, size) for cfg in configs], [PaddedTask.padded(task, size) for task in watched]
 
 
 def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[FlowParams]:
@@ -752,7 +767,7 @@ def learning_times(
         if note is not None:
             warnings.warn(f"learning_time at n = {cfg.task.n}: {note}", stacklevel=3)
             continue
-        groups.setdefault(cfg.task.n, []).append(index)
+        groups.setdefault(_bucket_of(cfg), []).append(index)
     for indices in groups.values():
         if len(indices) == 1:
             i, _, watched = jobs[indices[0]]
