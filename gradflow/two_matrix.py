@@ -105,11 +105,11 @@ def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.n
     w_start, w_int, w_term = ex(cls_start), ex(cls_int), ex(cls_term)
     w_s_extra = jnp.where(s_far, ex(cls_s) * jnp.expm1(M * d), 0.0)  # actual minus class weight of a far start
 
-    # moving weight D_u: every target but u, the far start at its class weight plus its extra
+    # the far targets' weight: every class at its weight, the far start at its class weight plus its extra
     n_start = 2.0 - (pos == 1) - (pos == 2)
     n_int = 2.0 * (n - 2) - (pos >= 2) - (pos + 1 <= n - 1) - (pos - 1 >= 2)
     n_term = 2.0 - succ_terminal
-    moving = w_succ + w_pred + n_start * w_start + n_int * w_int + n_term * w_term + m * ex(0.0) + w_s_extra
+    rest = n_start * w_start + n_int * w_int + n_term * w_term + m * ex(0.0) + w_s_extra  # non-local targets
 
     # isolated detours: an isolated vertex returns to chain vertex w with probability pi(w)
     if m:
@@ -131,7 +131,12 @@ def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.n
 
     upper = jnp.where(succ_terminal, 0.0, w_succ - w_int)
     lower = jnp.where(has_pred, w_pred - jnp.where(pos == 2, w_start, w_int), 0.0)
-    excess = moving + jnp.where(pos == 1, w_start, w_int) - jnp.abs(upper) - jnp.abs(lower)
+    # excess = D_u + class weight of u - |upper| - |lower|, without subtracting a local weight from itself:
+    # W - |W - K| is K when W >= K, else 2W - K (an absorbing successor keeps its whole weight)
+    kept = lambda w, k: jnp.where(w >= k, k, 2.0 * w - k)
+    succ_kept = jnp.where(succ_terminal, w_succ, kept(w_succ, w_int))
+    pred_kept = jnp.where(has_pred, kept(w_pred, jnp.where(pos == 2, w_start, w_int)), 0.0)
+    excess = rest + jnp.where(pos == 1, w_start, w_int) + succ_kept + pred_kept
     u = jnp.stack([w_start + iso[0], w_int + iso[1], w_s_extra + iso[2]], -1)
     rhs = jnp.stack([jnp.where(on_a & succ_terminal, w_succ, w_term), jnp.where(~on_a & succ_terminal, w_succ, w_term)], -1)
     rhs = rhs + jnp.asarray(iso[3])[..., None]
