@@ -13,7 +13,6 @@ elsewhere (the fixed V is sigma = rho = 1, omega = mu = nu = 0).  Its closed for
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx

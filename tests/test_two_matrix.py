@@ -69,13 +69,16 @@ def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
     return jnp.sum(task.start_probs * per_start)
 
 
-CASES = [
-    (n, attention, mask, iso)
-    for n, (attention, mask, iso) in zip(
-        range(2, 8),
-        [("linear", True, 0), ("softmax", False, 1), ("linear", False, 2), ("softmax", True, 0), ("linear", True, 1), ("softmax", False, 0)],
-    )
-] + [(4, "softmax", True, 2), (5, "linear", False, 0)]
+CASES = [  # (n, attention, mask_self, n_isolated): n = 2..7, both kinds, masked or not, with and without isolated
+    (2, "linear", True, 0),
+    (3, "softmax", False, 1),
+    (4, "linear", False, 2),
+    (5, "softmax", True, 0),
+    (6, "linear", True, 1),
+    (7, "softmax", False, 0),
+    (4, "softmax", True, 2),
+    (5, "linear", False, 0),
+]
 
 
 @pytest.mark.parametrize("n, attention, mask, iso", CASES)
@@ -84,13 +87,11 @@ def test_reward_and_gradient_equal_the_dense_token_chain(n, attention, mask, iso
     task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
     closed = jax.jit(jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model)))
     dense = jax.jit(jax.value_and_grad(lambda x: dense_reward(x, task, model)))
-    signs = []
     for _ in range(3):
         x = random_two_matrix_theta(rng, 0.8).as_array("trained")
         (j, g), (j_ref, g_ref) = closed(x), dense(x)
         np.testing.assert_allclose(j, j_ref, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(g, g_ref, rtol=1e-8, atol=1e-11)
-        signs.append(np.sign((x[8] - x[9]) * x[3]))
     success = two_matrix.same_side_probability(gf.Theta.from_array(x), task, model)
     reference = [dense_success(x, n, model, n - d) for d in range(1, n)]
     np.testing.assert_allclose(success, reference, rtol=1e-11, atol=1e-13)
@@ -153,7 +154,8 @@ def test_fixed_values_are_todays_parameter_vector():
     model, task = gf.ModelSpec(), gf.ChainTask.uniform(4)
     grads = jax.grad(lambda t: gf.expected_reward(t, task, model))(theta)
     assert all(float(getattr(grads, name)) == 0.0 for name in VALUES)
-    assert float(gf.expected_reward(theta, task, model)) == float(gf.expected_reward(gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4), task, model))
+    plain = gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4)
+    assert float(gf.expected_reward(theta, task, model)) == float(gf.expected_reward(plain, task, model))
     np.testing.assert_array_equal(gf.model.orbit_sizes(7, "trained"), np.tile(gf.model.orbit_sizes(7), 2))
 
 
@@ -198,3 +200,28 @@ def test_sampled_reward_agrees_with_the_closed_form(attention):
     mean, stderr = sampling.estimate_reward(theta, task, model, jax.random.PRNGKey(3), 4000)
     z = (mean - gf.expected_reward(theta, task, model)) / stderr
     assert abs(float(z)) < 4.5, f"z = {float(z)}"
+
+
+def test_sampled_gradient_agrees_with_the_closed_form():
+    model = gf.ModelSpec("linear", tau=0.5, values="trained")
+    task = gf.ChainTask.uniform(3)
+    theta = gf.Theta(0.5, -0.2, 0.1, -0.4, 0.3, sigma=1.2, rho=0.8, omega=0.1, mu=0.6, nu=-0.1)
+    grad, stderr = sampling.estimate_gradient(theta, task, model, jax.random.PRNGKey(5), 4000)
+    exact = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model))(theta.as_array("trained"))
+    assert grad.shape == (10,)
+    z = (grad - exact) / stderr
+    assert np.max(np.abs(z)) < 4.5, f"z = {np.asarray(z)}"
+
+
+def test_history_context_uses_the_trained_vertex_rows():
+    """With V trained the generated vertices write on the logits: linear attention is no longer Markov."""
+    model = gf.ModelSpec("linear", tau=0.5, mask_self=False, context="history", values="trained")
+    n, n_vocab = 3, 6
+    theta = gf.Theta(0.5, -0.2, 0.1, -0.4, 0.3, mu=0.6)
+    A, V = sampling.full_attention(theta, n_vocab), sampling.full_values(theta, n_vocab)
+    labels, edges = jnp.arange(n_vocab), jnp.array([sampling.edge_column(x, y, n_vocab) for x, y in gf.model.edge_list(n)])
+    once = sampling.next_log_probs(A, labels, edges, 1, jax.nn.one_hot(0, n_vocab) + jax.nn.one_hot(1, n_vocab), n, model, V)
+    twice = sampling.next_log_probs(A, labels, edges, 1, jax.nn.one_hot(0, n_vocab) + 2 * jax.nn.one_hot(1, n_vocab), n, model, V)
+    # one more copy of u's token raises u's logit by (mu - nu) eta / tau, relative to the others
+    shift = np.asarray(twice - once)
+    np.testing.assert_allclose(shift[1] - shift[0], 0.6 * -0.4 / 0.5, rtol=1e-12)
