@@ -465,8 +465,9 @@ class FlowParams(eqx.Module):
         return self.n_vocab or 2 * self.task.n + self.model.n_isolated
 
     def orbit_sizes(self) -> jnp.ndarray:
-        """Entries per query row of A that share each of the five numbers (docs/THEORY.md §4.2)."""
-        return jnp.asarray(orbit_sizes(self.vocabulary_size), dtype=float)
+        """Entries per query row of A that share each of the five numbers (docs/THEORY.md §4.2), and of V's five
+        when the model trains V (``Theta.fields(model.values)`` order)."""
+        return jnp.asarray(orbit_sizes(self.vocabulary_size, self.model.values), dtype=float)
 
     def times(self) -> jnp.ndarray:
         """The save times: ``save_ts`` or t0 followed by 200 log-spaced times up to t1."""

@@ -164,10 +164,12 @@ def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
 
 def bucketable(params: FlowParams) -> bool:
     """Whether the closed forms solve this config with n as data (``PaddedTask``): linear attention over the
-    prompt, no cap, no schedule, reduced coordinates and the default vocabulary.  Others compile per n."""
+    prompt with the fixed value matrix, no cap, no schedule, reduced coordinates and the default vocabulary.
+    Others compile per n."""
     model = params.model
     return (
         model.attention == "linear"
+        and model.values == "fixed"
         and model.max_len is None
         and model.context == "prompt"
         and params.problem.schedule is None

@@ -189,7 +189,7 @@ def integrate(
         clock.to_solver(params.t0) if t0 is None else t0,
         clock.to_solver(params.t1) if t1 is None else t1,
         dt0,
-        params.theta0.as_array() if y0 is None else y0,
+        params.theta0.as_array(params.model.values) if y0 is None else y0,
         saveat=saveat,
         stepsize_controller=diffrax.ConstantStepSize() if controller is None else controller,
         event=event,

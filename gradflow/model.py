@@ -4,11 +4,15 @@ For a query vertex u the trained attention row A[u, .] takes five values by the 
 context token to u: alpha (edge u->w), beta (edge w->u), gamma (edge not touching u), eta (the vertex
 token u), delta (another vertex token).  The value matrix is fixed: an edge (x, y) writes 1 on x and
 y, a vertex token writes 0.  The next-vertex logits are (1/tau) * sum_j weight_j * V[c_j, v].
+
+With ``ModelSpec(values="trained")`` V is trained too, in five symmetric numbers (docs/THEORY.md §10):
+an edge (x, y) writes sigma on x, rho on y, omega elsewhere; a vertex token v writes mu on v, nu
+elsewhere (the fixed V is sigma = rho = 1, omega = mu = nu = 0).  Its closed form is
+``gradflow.two_matrix``; the row functions below describe the fixed-V model only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx
@@ -23,6 +27,10 @@ from gradflow.task import ChainTask, PaddedTask
 
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
+VALUE_KINDS = ("fixed", "trained")
+ATTENTION_FIELDS = ("alpha", "beta", "gamma", "eta", "delta")
+VALUE_FIELDS = ("sigma", "rho", "omega", "mu", "nu")
+FIXED_VALUES = (1.0, 1.0, 0.0, 0.0, 0.0)  # sigma, rho, omega, mu, nu of the fixed V
 
 
 class ModelSpec(eqx.Module):
@@ -44,8 +52,10 @@ class ModelSpec(eqx.Module):
     n_isolated: int = eqx.field(static=True, default=0)
     context: str = eqx.field(static=True, default="prompt")
     max_len: int | None = eqx.field(static=True, default=None)
+    values: str = eqx.field(static=True, default="fixed")
 
     def __check_init__(self):
+        check_choice("values", self.values, VALUE_KINDS)
         if self.max_len is not None:
             check_int("max_len", self.max_len, 1)
         check_choice("attention", self.attention, ATTENTION_KINDS)
@@ -57,10 +67,12 @@ class ModelSpec(eqx.Module):
 
 
 class Theta(eqx.Module):
-    """The attention numbers (alpha, beta, gamma, eta, delta); a pytree for grad/jit/vmap.
+    """The attention numbers (alpha, beta, gamma, eta, delta) and the value numbers (sigma, rho, omega,
+    mu, nu; keyword-only, default the fixed V: 1, 1, 0, 0, 0); a pytree for grad/jit/vmap.
 
-    The parameter vector is the fields in order (``fields``, ``size``): code that handles theta as an
-    array takes its length from here, so a model with more numbers changes only this class.
+    The parameter vector is the fields the model trains in order (``fields(values)``, ``size(values)``):
+    A's five numbers with ``values="fixed"`` (the default, so the flow's state is unchanged), all ten with
+    ``values="trained"``.  Code that handles theta as an array takes its length from here.
     """
 
     alpha: jnp.ndarray = eqx.field(converter=as_float_array)
@@ -68,33 +80,63 @@ class Theta(eqx.Module):
     gamma: jnp.ndarray = eqx.field(converter=as_float_array)
     eta: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0)
     delta: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0)
+    sigma: jnp.ndarray = eqx.field(converter=as_float_array, default=1.0, kw_only=True)
+    rho: jnp.ndarray = eqx.field(converter=as_float_array, default=1.0, kw_only=True)
+    omega: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0, kw_only=True)
+    mu: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0, kw_only=True)
+    nu: jnp.ndarray = eqx.field(converter=as_float_array, default=0.0, kw_only=True)
 
     @classmethod
-    def fields(cls) -> tuple[str, ...]:
-        """The names of the numbers, in array order."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+    def fields(cls, values: str = "fixed") -> tuple[str, ...]:
+        """The names of the trained numbers, in array order: A's five ("fixed"), then V's five ("trained")."""
+        check_choice("values", values, VALUE_KINDS)
+        return ATTENTION_FIELDS if values == "fixed" else ATTENTION_FIELDS + VALUE_FIELDS
 
     @classmethod
-    def size(cls) -> int:
-        """The length of the parameter vector."""
-        return len(cls.fields())
+    def size(cls, values: str = "fixed") -> int:
+        """The length of the parameter vector (5 with the fixed V, 10 with V trained)."""
+        return len(cls.fields(values))
 
-    def as_array(self) -> jnp.ndarray:
-        """The numbers stacked on the last axis, in the order of ``fields``."""
-        return jnp.stack([getattr(self, name) for name in self.fields()], axis=-1)
+    def as_array(self, values: str = "fixed") -> jnp.ndarray:
+        """The trained numbers stacked on the last axis, in the order of ``fields(values)``."""
+        return jnp.stack(jnp.broadcast_arrays(*(getattr(self, name) for name in self.fields(values))), axis=-1)
 
     @classmethod
-    def from_array(cls, x) -> Theta:
-        """Inverse of ``as_array``: the last axis of ``x`` holds the ``size()`` numbers."""
+    def from_array(cls, x, values: str | None = None) -> Theta:
+        """Inverse of ``as_array``: the last axis of ``x`` holds 5 numbers (A; V fixed, broadcast to the
+        batch shape) or 10 (A then V); ``values`` (None: read off the length) must match when given."""
         x = jnp.asarray(x, dtype=float)
-        if x.shape[-1:] != (cls.size(),):
-            raise ValueError(f"theta array must have last axis of size {cls.size()}, got shape {x.shape}")
-        return cls(*(x[..., k] for k in range(cls.size())))
+        sizes = {cls.size(kind): kind for kind in VALUE_KINDS}
+        kind = sizes.get(x.shape[-1]) if x.ndim else None
+        if kind is None or (values is not None and values != kind):
+            wanted = " or ".join(str(k) for k in sizes) if values is None else str(cls.size(values))
+            raise ValueError(f"theta array must have last axis of size {wanted}, got shape {x.shape}")
+        numbers = [x[..., k] for k in range(x.shape[-1])]
+        if kind == "fixed":
+            numbers += [jnp.full(x.shape[:-1], value) for value in FIXED_VALUES]
+        return cls(*numbers[:5], **dict(zip(VALUE_FIELDS, numbers[5:])))
 
 
 def default_theta0() -> Theta:
     """The default start of every flow and training run: Theta(0.3, 0, 0) (alpha > 0, the rest 0)."""
     return Theta(0.3, 0.0, 0.0)
+
+
+def authors_start(scale: float = 1e-8) -> Theta:
+    """The symmetric stand-in for the authors' start of the two-matrix model: every A number and sigma, rho,
+    mu equal to ``scale``, omega = nu = 0.
+
+    A choice (docs/THEORY.md §10): the authors draw every entry of A and V at random with size ``scale``;
+    the symmetric start keeps the size of the entries and sets the "elsewhere" entries of V to 0, so the
+    effective value differences sigma - omega, rho - omega and mu - nu start at ``scale``.
+
+    Args:
+        scale: the size of the entries.
+
+    Returns:
+        The ``Theta`` (for ``ModelSpec(values="trained")``).
+    """
+    return Theta(scale, scale, scale, scale, scale, sigma=scale, rho=scale, omega=0.0, mu=scale, nu=0.0)
 
 
 def vocabulary_size(n, model: ModelSpec, n_vocab: int | None = None) -> int:
@@ -129,11 +171,24 @@ def orbit_labels(n_vocab: int) -> np.ndarray:
     return np.concatenate([vertex, edge], axis=1)
 
 
-def orbit_sizes(n_vocab: int) -> jnp.ndarray:
+def orbit_sizes(n_vocab: int, values: str = "fixed") -> jnp.ndarray:
     """Entries per query row of the full A that share each of the five numbers (docs/THEORY.md §4.2):
-    (N-1, N-1, (N-1)(N-2), 1, N-1) for (alpha, beta, gamma, eta, delta)."""
+    (N-1, N-1, (N-1)(N-2), 1, N-1) for (alpha, beta, gamma, eta, delta).  ``values="trained"``: the same
+    five again for (sigma, rho, omega, mu, nu), V's entries per vertex (V has as many entries per orbit as A)."""
     big_n = check_int("n_vocab", n_vocab, 2)
-    return jnp.array([big_n - 1, big_n - 1, (big_n - 1) * (big_n - 2), 1, big_n - 1], dtype=float)
+    sizes = [big_n - 1, big_n - 1, (big_n - 1) * (big_n - 2), 1, big_n - 1]
+    return jnp.array(sizes * (Theta.size(values) // len(sizes)), dtype=float)
+
+
+def value_labels(n_vocab: int) -> np.ndarray:
+    """Kind k of every entry V[c, w] (0..4 = sigma, rho, omega, mu, nu), shape (N^2, N): rows the tokens
+    in ``orbit_labels``' column order (N vertex tokens, then the edge tokens), columns the vertices."""
+    check_int("n_vocab", n_vocab, 2)
+    w = np.arange(n_vocab)[None, :]
+    vertex = np.where(np.arange(n_vocab)[:, None] == w, 3, 4)
+    x, y = np.nonzero(~np.eye(n_vocab, dtype=bool))  # row-major
+    edge = np.where(x[:, None] == w, 0, np.where(y[:, None] == w, 1, 2))
+    return np.concatenate([vertex, edge], axis=0)
 
 
 def as_task(task_or_n, name: str = "task") -> ChainTask:
@@ -171,6 +226,16 @@ class RowScores(NamedTuple):
     isolated: jnp.ndarray
 
 
+def require_fixed_values(model: ModelSpec) -> None:
+    """Raise for ``values="trained"``: the fixed-V rows below would silently drop V (``gradflow.two_matrix``
+    has the closed form of the expected reward and the per-start success of the trained-V model)."""
+    if model.values != "fixed":
+        raise NotImplementedError(
+            "this quantity is implemented for ModelSpec(values='fixed') only; with values='trained' use "
+            "the expected reward / success (gradflow.two_matrix) or token-level sampling"
+        )
+
+
 def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
     """s(u) = the effective (alpha, beta, gamma)/tau of query vertex u (canonical index, any shape).
 
@@ -189,6 +254,7 @@ def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
         scores (tuple[jax.Array, jax.Array, jax.Array]): the effective alpha, beta, gamma per query (shape of
             ``u``; scalars for linear attention).
     """
+    require_fixed_values(model)
     if model.attention == "linear":
         return theta.alpha / model.tau, theta.beta / model.tau, theta.gamma / model.tau
     inv_tau = 1.0 / model.tau

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import capped
+from gradflow import capped, two_matrix
 from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
 from gradflow.model import ModelSpec, RowLogits, Theta, chain_a_logits, row_log_total, row_logits, row_scores
 from gradflow.policy import distinct_rows, distinct_rows_traced
@@ -337,8 +337,11 @@ def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
 
     Linear: from e = h - 1/2 while |e| <= 1/4 (so J - 1/2 and its gradient keep their leading digits
     on a plateau), from q when e > 1/4 (1 - J near 1), from h when e < -1/4.  Softmax: from h and q.
+    V trained (``model.values == "trained"``): ``gradflow.two_matrix``.
     """
     _require_closed_form(model)
+    if model.values == "trained":
+        return two_matrix.outcome_per_start(theta, task, model)
     _require_unpadded(task, model, "expected_reward")
     n, rows = _layout(task)
     if model.attention == "linear":

@@ -21,6 +21,11 @@ b_i = mean of the other rewards of the batch; b_i does not depend on sample i, s
 exactly unbiased.  A path is scored by replaying it (the sampled tokens are constants) through a
 differentiable log-probability, so the same code differentiates w.r.t. the five numbers (through
 ``full_attention``) or w.r.t. the full matrix A.
+
+The two-matrix model (``ModelSpec(values="trained")``, docs/THEORY.md §10) passes its full value matrix
+V (``full_values``) next to A: logit(w) = (1/tau) sum_j w_j V[c_j, w] over the context tokens, the
+context being the prompt plus the current vertex's token counted once ("prompt"), or the prompt plus
+every generated vertex with repeats ("history", not Markov).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 
 from gradflow._checks import check_int
 from gradflow._deprecated import module_getattr
-from gradflow.model import ModelSpec, Theta, edge_list, orbit_labels
+from gradflow.model import ModelSpec, Theta, edge_list, orbit_labels, value_labels
 from gradflow.task import ChainTask
 
 # --------------------------------------------------------------------------------------------------
@@ -67,6 +72,26 @@ def full_attention(theta: Theta, n_vocab: int) -> jnp.ndarray:
         The full attention matrix A.
     """
     return theta.as_array()[orbit_labels(n_vocab)]
+
+
+def full_values(theta: Theta, n_vocab: int) -> jnp.ndarray:
+    """V[c, w] = (sigma, rho, omega, mu, nu)_k for the kind k of vertex w relative to token c; shape (N^2, N).
+
+    Rows: the tokens in A's column order (N vertex tokens, then the edge tokens); columns: the vertices.
+
+    Args:
+        theta: the parameters (its V numbers).
+        n_vocab: the vocabulary size N.
+
+    Returns:
+        The full value matrix V.
+    """
+    return jnp.stack([theta.sigma, theta.rho, theta.omega, theta.mu, theta.nu])[value_labels(n_vocab)]
+
+
+def _values_of(theta: Theta, n_vocab: int, model: ModelSpec):
+    """The full V of a two-matrix model, None for the fixed V (the incidence of the prompt's edges)."""
+    return full_values(theta, n_vocab) if model.values == "trained" else None
 
 
 def orbit_statistics(A: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -131,11 +156,13 @@ def _incidence(n: int, n_vocab: int) -> np.ndarray:
     return np.eye(n_vocab)[edges[:, 0]] + np.eye(n_vocab)[edges[:, 1]]
 
 
-def next_log_probs(A, labels, edge_columns, u, counts, n: int, model: ModelSpec) -> jnp.ndarray:
+def next_log_probs(A, labels, edge_columns, u, counts, n: int, model: ModelSpec, V=None) -> jnp.ndarray:
     """log p(v | query u) over canonical vertices v for one instance; logit = (1/tau) sum_j w_j V[c_j, v].
 
     linear: w_j = A[u, c_j].  softmax: w_j = exp A[u, c_j] / Z over the context, where the context
-    holds the prompt edges and ``counts[k]`` copies of the vertex token of canonical vertex k.
+    holds the prompt edges and ``counts[k]`` copies of the vertex token of canonical vertex k.  With a
+    trained V (``V`` given) the vertex tokens write on the logits too, and the prompt context also holds
+    u's token (counted once).
 
     Args:
         A (jax.Array): the full attention matrix (``full_attention``).
@@ -144,11 +171,14 @@ def next_log_probs(A, labels, edge_columns, u, counts, n: int, model: ModelSpec)
         u (int | jax.Array): the canonical query vertex.
         counts (jax.Array): copies of each canonical vertex's token in the context, shape (N,).
         n: the chain length.
-        model: the model (attention, tau, mask_self).
+        model: the model (attention, tau, mask_self, context).
+        V (jax.Array | None): the full value matrix (``full_values``); None: the fixed V.
 
     Returns:
         The log-probabilities, shape (N,).
     """
+    if V is not None:
+        return _two_matrix_log_probs(A, V, labels, edge_columns, u, counts, model)
     token = labels[u]
     scores = A[token, edge_columns]
     if model.attention == "softmax":
@@ -164,9 +194,27 @@ def next_log_probs(A, labels, edge_columns, u, counts, n: int, model: ModelSpec)
     return jax.nn.log_softmax(logits)
 
 
+def _two_matrix_log_probs(A, V, labels, edge_columns, u, counts, model: ModelSpec) -> jnp.ndarray:
+    """``next_log_probs`` with the full value matrix V: context = the prompt's edges (once each) and the
+    vertex tokens with their counts (prompt context: u's token added, counted once)."""
+    n_vocab = A.shape[0]
+    if model.context == "prompt":
+        counts = jnp.maximum(counts, jax.nn.one_hot(u, n_vocab))
+    columns = jnp.concatenate([edge_columns, labels])
+    copies = jnp.concatenate([jnp.ones(edge_columns.shape), counts])
+    scores = A[labels[u], columns]
+    if model.attention == "softmax":
+        scores = jnp.exp(scores - jax.nn.logsumexp(scores, b=copies))
+    logits = (copies * scores) @ V[columns][:, labels] / model.tau
+    if model.mask_self:
+        logits = jnp.where(jnp.arange(n_vocab) == u, -jnp.inf, logits)
+    return jax.nn.log_softmax(logits)
+
+
 def _is_markov(model: ModelSpec) -> bool:
-    """Next-token law depends on the current vertex only: prompt context, or linear attention."""
-    return model.context == "prompt" or model.attention == "linear"
+    """Next-token law depends on the current vertex only: prompt context, or linear attention with the
+    fixed V (whose vertex tokens write nothing)."""
+    return model.context == "prompt" or (model.attention == "linear" and model.values == "fixed")
 
 
 def _initial_counts(start, n_vocab: int) -> jnp.ndarray:
@@ -174,7 +222,7 @@ def _initial_counts(start, n_vocab: int) -> jnp.ndarray:
     return jax.nn.one_hot(start, n_vocab)
 
 
-def transition_log_probs(A, labels, edge_columns, start, n: int, model: ModelSpec) -> jnp.ndarray:
+def transition_log_probs(A, labels, edge_columns, start, n: int, model: ModelSpec, V=None) -> jnp.ndarray:
     """log P[u, v] for every canonical query u of one instance, prompt context; shape (N, N).
 
     Args:
@@ -184,12 +232,13 @@ def transition_log_probs(A, labels, edge_columns, start, n: int, model: ModelSpe
         start (int | jax.Array): the canonical start vertex (its token is in the prompt once).
         n: the chain length.
         model: the model.
+        V (jax.Array | None): the full value matrix (``full_values``); None: the fixed V.
 
     Returns:
         The log transition matrix, shape (N, N).
     """
     counts = _initial_counts(start, A.shape[0])
-    return jax.vmap(lambda u: next_log_probs(A, labels, edge_columns, u, counts, n, model))(jnp.arange(A.shape[0]))
+    return jax.vmap(lambda u: next_log_probs(A, labels, edge_columns, u, counts, n, model, V))(jnp.arange(A.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,23 +271,23 @@ def default_max_len(n: int) -> int:
     return 50 * n
 
 
-def _step_log_probs(A, inst: Instances, n: int, model: ModelSpec):
+def _step_log_probs(A, inst: Instances, n: int, model: ModelSpec, V=None):
     """(u, counts) -> log p(. | u, counts), batched; a table look-up when the walk is Markov."""
     if _is_markov(model):
-        tables = jax.vmap(lambda lab, cols, s: transition_log_probs(A, lab, cols, s, n, model))(
+        tables = jax.vmap(lambda lab, cols, s: transition_log_probs(A, lab, cols, s, n, model, V))(
             inst.labels, inst.edge_columns, inst.start
         )
         return lambda u, counts: jnp.take_along_axis(tables, u[:, None, None], axis=1)[:, 0]
-    step = lambda lab, cols, u, c: next_log_probs(A, lab, cols, u, c, n, model)
+    step = lambda lab, cols, u, c: next_log_probs(A, lab, cols, u, c, n, model, V)
     return lambda u, counts: jax.vmap(step)(inst.labels, inst.edge_columns, u, counts)
 
 
 @eqx.filter_jit
-def _rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int) -> Rollouts:
+def _rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int, V=None) -> Rollouts:
     n, n_vocab = task.n, A.shape[0]
     key_inst, key_gen = jax.random.split(key)
     inst = sample_instances(task, n_vocab, key_inst, batch)
-    log_probs_of = _step_log_probs(A, inst, n, model)
+    log_probs_of = _step_log_probs(A, inst, n, model, V)
     history = 1.0 if model.context == "history" else 0.0
 
     def body(state):
@@ -309,7 +358,7 @@ def resolve_max_len(task: ChainTask, model: ModelSpec, max_len: int | None = Non
     return check_int("max_len", max_len, 1)
 
 
-def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None) -> Rollouts:
+def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None, V=None) -> Rollouts:
     """Sample ``batch`` instances and generate until the first terminal (or ``max_len`` tokens).
 
     Step: p(v | u) = softmax_v[(1/tau) sum_j w_j(A[u, c_j]) V[c_j, v]] over all N vertex tokens,
@@ -324,6 +373,7 @@ def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int
         batch: the number of rollouts, >= 1.
         max_len: the cap (``resolve_max_len``): the argument wins when given; else ``model.max_len``
             (the capped reward of ``gradflow.capped``); else ``default_max_len(n)``.
+        V (ArrayLike | None): the full value matrix of a two-matrix model (``full_values``); None: the fixed V.
 
     Returns:
         The ``Rollouts`` (leading axis: batch).
@@ -335,7 +385,20 @@ def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int
     max_len = resolve_max_len(task, model, max_len)
     A = jnp.asarray(A, dtype=float)
     _check_vocabulary(A, task, model)
-    return _rollouts(A, task, model, key, batch, max_len)
+    V = _checked_values(V, A.shape[0], model)
+    return _rollouts(A, task, model, key, batch, max_len, V)
+
+
+def _checked_values(V, n_vocab: int, model: ModelSpec):
+    """V as a float array of shape (N^2, N), required exactly when the model trains V."""
+    if (V is None) != (model.values == "fixed"):
+        raise ValueError(f"V (the full value matrix) must be given exactly when values='trained' (model: {model.values!r})")
+    if V is None:
+        return None
+    V = jnp.asarray(V, dtype=float)
+    if V.shape != (n_vocab * n_vocab, n_vocab):
+        raise ValueError(f"V must have shape (n_vocab^2, n_vocab) = ({n_vocab**2}, {n_vocab}), got {V.shape}")
+    return V
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +406,7 @@ def rollouts(A, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int
 # --------------------------------------------------------------------------------------------------
 
 
-def path_log_prob(A, labels, path_tokens, start, n: int, model: ModelSpec) -> jnp.ndarray:
+def path_log_prob(A, labels, path_tokens, start, n: int, model: ModelSpec, V=None) -> jnp.ndarray:
     """log p(path | A) = sum_t log p(v_t | v_{t-1}, context_t) for one instance, path padded with -1.
 
     Differentiable in A; the path is data.  Markov walks read a (N, N) table of log P[u, v]; softmax
@@ -356,6 +419,7 @@ def path_log_prob(A, labels, path_tokens, start, n: int, model: ModelSpec) -> jn
         start (jax.Array): the canonical start vertex (a scalar array).
         n: the chain length.
         model: the model.
+        V (jax.Array | None): the full value matrix (``full_values``); None: the fixed V.
 
     Returns:
         The scalar log-probability.
@@ -368,19 +432,19 @@ def path_log_prob(A, labels, path_tokens, start, n: int, model: ModelSpec) -> jn
     edges = np.asarray(edge_list(n))
     edge_columns = edge_column(labels[edges[:, 0]], labels[edges[:, 1]], n_vocab)
     if _is_markov(model):
-        chosen = transition_log_probs(A, labels, edge_columns, start, n, model)[previous, path]
+        chosen = transition_log_probs(A, labels, edge_columns, start, n, model, V)[previous, path]
     else:
         generated = jax.nn.one_hot(path, n_vocab) * valid[:, None]
         counts = _initial_counts(start, n_vocab) + jnp.cumsum(generated, axis=0) - generated
-        log_probs = jax.vmap(lambda u, c: next_log_probs(A, labels, edge_columns, u, c, n, model))(previous, counts)
+        log_probs = jax.vmap(lambda u, c: next_log_probs(A, labels, edge_columns, u, c, n, model, V))(previous, counts)
         chosen = jnp.take_along_axis(log_probs, path[:, None], axis=1)[:, 0]
     return jnp.sum(jnp.where(valid, chosen, 0.0))
 
 
-def _batch_log_probs(A, ro: Rollouts, n: int, model: ModelSpec) -> jnp.ndarray:
-    """log p of every sampled path, shape (batch,), as a differentiable function of A."""
+def _batch_log_probs(A, ro: Rollouts, n: int, model: ModelSpec, V=None) -> jnp.ndarray:
+    """log p of every sampled path, shape (batch,), as a differentiable function of A (and V)."""
     start = n - ro.distances - 1
-    return jax.vmap(lambda lab, p, s: path_log_prob(A, lab, p, s, n, model))(ro.labels, ro.paths, start)
+    return jax.vmap(lambda lab, p, s: path_log_prob(A, lab, p, s, n, model, V))(ro.labels, ro.paths, start)
 
 
 def leave_one_out_advantage(rewards: jnp.ndarray) -> jnp.ndarray:
@@ -389,7 +453,7 @@ def leave_one_out_advantage(rewards: jnp.ndarray) -> jnp.ndarray:
     return (rewards - jnp.mean(rewards)) * batch / (batch - 1)
 
 
-def surrogate(A, ro: Rollouts, n: int, model: ModelSpec) -> jnp.ndarray:
+def surrogate(A, ro: Rollouts, n: int, model: ModelSpec, V=None) -> jnp.ndarray:
     """mean_i (R_i - b_i) log p(path_i | A): its gradient is the REINFORCE estimate of grad J.
 
     The baseline b_i is the leave-one-out mean (``leave_one_out_advantage``), held constant.
@@ -399,12 +463,13 @@ def surrogate(A, ro: Rollouts, n: int, model: ModelSpec) -> jnp.ndarray:
         ro: the sampled rollouts (batch >= 2).
         n: the chain length.
         model: the model.
+        V (jax.Array | None): the full value matrix (``full_values``); None: the fixed V.
 
     Returns:
         The scalar surrogate.
     """
     advantage = jax.lax.stop_gradient(leave_one_out_advantage(ro.rewards))
-    return jnp.mean(advantage * _batch_log_probs(A, ro, n, model))
+    return jnp.mean(advantage * _batch_log_probs(A, ro, n, model, V))
 
 
 def _mean_and_stderr(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -435,20 +500,25 @@ def estimate_reward(theta: Theta, task: ChainTask, model: ModelSpec, key, batch:
         ValueError: batch < 2 or a bad cap.
     """
     batch = check_int("batch", batch, 2)
-    ro = rollouts(full_attention(theta, _vocabulary_size(task, model)), task, model, key, batch, max_len)
+    n_vocab = _vocabulary_size(task, model)
+    ro = rollouts(full_attention(theta, n_vocab), task, model, key, batch, max_len, _values_of(theta, n_vocab, model))
     return _mean_and_stderr(ro.rewards)
 
 
 @eqx.filter_jit
 def _per_sample_gradients(theta: Theta, ro: Rollouts, n: int, n_vocab: int, model: ModelSpec) -> jnp.ndarray:
-    """(R_i - b_i) d log p(path_i) / d theta, shape (batch, P) (forward mode: P = ``Theta.size()`` tangents)."""
-    log_probs = lambda x: _batch_log_probs(full_attention(Theta.from_array(x), n_vocab), ro, n, model)
-    scores = jax.jacfwd(log_probs)(theta.as_array())
+    """(R_i - b_i) d log p(path_i) / d theta, shape (batch, P) (forward mode: P = ``Theta.size(model.values)``)."""
+
+    def log_probs(x):
+        params = Theta.from_array(x)
+        return _batch_log_probs(full_attention(params, n_vocab), ro, n, model, _values_of(params, n_vocab, model))
+
+    scores = jax.jacfwd(log_probs)(theta.as_array(model.values))
     return leave_one_out_advantage(ro.rewards)[:, None] * scores
 
 
 def estimate_gradient(theta: Theta, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None):
-    """REINFORCE grad J in (alpha, beta, gamma, eta, delta) with per-coordinate standard errors.
+    """REINFORCE grad J in ``Theta.fields(model.values)`` with per-coordinate standard errors.
 
     grad = mean_i (R_i - b_i) grad_theta log p(path_i), leave-one-out baseline (exactly unbiased);
     the standard error treats the per-sample terms as independent (their coupling through b_i is
@@ -470,7 +540,7 @@ def estimate_gradient(theta: Theta, task: ChainTask, model: ModelSpec, key, batc
     """
     batch = check_int("batch", batch, 2)
     n_vocab = _vocabulary_size(task, model)
-    ro = rollouts(full_attention(theta, n_vocab), task, model, key, batch, max_len)
+    ro = rollouts(full_attention(theta, n_vocab), task, model, key, batch, max_len, _values_of(theta, n_vocab, model))
     return _mean_and_stderr(_per_sample_gradients(theta, ro, task.n, n_vocab, model))
 
 

@@ -319,7 +319,7 @@ def _descent(flow_params, lr, steps: int, optimizer, coords: str) -> dict:
         updates, opt_state = opt.update(-grad, opt_state, theta)
         return (optax.apply_updates(theta, updates), opt_state), (theta, jnp.all(jnp.isfinite(grad)))
 
-    theta0 = flow_params.theta0.as_array()
+    theta0 = flow_params.theta0.as_array(flow_params.model.values)
     (final, _), (thetas, finite) = jax.lax.scan(step, (theta0, opt.init(theta0)), jnp.arange(steps))
     thetas = jnp.concatenate([thetas, final[None]])
     return {

@@ -241,7 +241,7 @@ def _check_shapes(config: FlowParams, saves: int, arrays: dict, eval_reward: dic
     width = config.task.n - 1
     expected = {
         "ts": (saves,),
-        "theta": (saves, Theta.size()),
+        "theta": (saves, Theta.size(config.model.values)),
         "reward": (saves,),
         "forward_prob": (saves, width),
         "switch_prob": (saves, width),

@@ -1,0 +1,190 @@
+"""The two-matrix model (docs/THEORY.md §10): V trained as well as A; expected reward and per-start
+success in closed form, O(n) per start.
+
+With S = sigma - omega, R = rho - omega, M = mu - nu and the row's effective scores (a, b, g, e, d) =
+(alpha, beta, gamma, eta, delta)/tau (softmax: exp(score)/Z(u)/tau over the context: the prompt's
+edges, the start token and the current vertex's token, counted once), query u = a_i gives
+
+    successor a_{i+1}:   a R + g S [a_{i+1} not a terminal]
+    itself a_i:          a S + b R [i >= 2] + M e            (drops out of every absorption probability)
+    predecessor a_{i-1}: b S + g R [a_{i-1} not a chain start]
+    any other vertex w:  g (R [w not a chain start] + S [w not a terminal])   (0 for an isolated vertex)
+    plus M d on the start s when s != u.
+
+So the transient vertices fall into two far classes (chain starts, interior vertices; terminals absorb)
+and the start vertex gets its own column: for each start, (I - Q) on the 2(n-1) chain rows is a
+tridiagonal T (the local corrections, each row in its own scale) minus a rank-3 part U C^T, C = (chain
+starts, interior vertices, the start), solved by Woodbury: one ``gth_solve`` of T with 2 + 3 columns
+and a 3 x 3 capacitance.  Isolated vertices are eliminated exactly (each returns to chain vertex w with
+the isolated row's probability of w, a combination of the same three columns).  Self-loops drop out.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradflow._linalg import TINY_PIVOT, gth_solve
+from gradflow.model import ModelSpec, Theta, log_sum
+from gradflow.task import ChainTask
+
+
+def value_differences(theta: Theta) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(sigma - omega, rho - omega, mu - nu): the only combinations of V the policy depends on."""
+    return theta.sigma - theta.omega, theta.rho - theta.omega, theta.mu - theta.nu
+
+
+def _require_two_matrix(model: ModelSpec) -> None:
+    if model.values != "trained":
+        raise ValueError(f"gradflow.two_matrix needs ModelSpec(values='trained'), got values={model.values!r}")
+    if model.context != "prompt" or model.max_len is not None:
+        raise NotImplementedError("the two-matrix closed form covers context='prompt' without a cap (max_len=None)")
+
+
+def _rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chain 0/1, position 1..n-1) of the 2(n-1) transient rows a_1..a_{n-1}, b_1..b_{n-1} (static)."""
+    return np.repeat([0, 1], n - 1), np.tile(np.arange(1, n), 2)
+
+
+def row_scores(theta: Theta, n: int, model: ModelSpec, start):
+    """Effective (a, b, g, e, d) of the transient rows (each (2(n-1),)) and of an isolated row (scalars).
+
+    linear: theta/tau.  softmax: exp(score - log Z(u))/tau with Z(u) = e^alpha #out + e^beta #in + e^gamma #far
+    + e^eta (u's own token) + e^delta [u != s] (the start's token).
+
+    Args:
+        theta: the parameters.
+        n: the chain length.
+        model: the model (attention, tau).
+        start (int | jax.Array): the start's position on chain a, 1..n-1.
+
+    Returns:
+        (rows, isolated): two 5-tuples of effective scores.
+    """
+    names = ("alpha", "beta", "gamma", "eta", "delta")
+    scores = [getattr(theta, name) for name in names]
+    chain, pos = _rows(n)
+    if model.attention == "linear":
+        scaled = tuple(x / model.tau + jnp.zeros(2 * (n - 1)) for x in scores)
+        return scaled, tuple(x / model.tau for x in scores)
+    alpha, beta, gamma, eta, delta = scores
+    not_start = jnp.where((chain == 0) & (pos == start), 0.0, 1.0)
+    has_pred = (pos >= 2) * 1.0
+    log_z = log_sum([(alpha, 1.0), (beta, has_pred), (gamma, 2.0 * (n - 1) - 1.0 - has_pred), (eta, 1.0), (delta, not_start)])
+    log_z_iso = log_sum([(gamma, 2.0 * (n - 1)), (eta, 1.0), (delta, 1.0)])
+    return tuple(jnp.exp(x - log_z) / model.tau for x in scores), tuple(jnp.exp(x - log_z_iso) / model.tau for x in scores)
+
+
+def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(P(own terminal), P(other terminal)) from a_start: one tridiagonal-plus-rank-3 solve."""
+    S, R, M = value_differences(theta)
+    chain, pos = _rows(n)
+    has_pred = pos >= 2
+    (a, b, g, _, d), (_, _, g_iso, _, d_iso) = row_scores(theta, n, model, start)
+    m = model.n_isolated
+    succ_terminal = pos == n - 1
+    on_a = chain == 0
+    is_s = on_a & (pos == start)
+    s_is_succ, s_is_pred = on_a & (pos + 1 == start), on_a & (pos - 1 == start)
+    s_far = ~is_s & ~s_is_succ & ~s_is_pred
+    s_first = start == 1  # the start is a chain start (class 0), else interior (class 1)
+
+    # logits of the row's targets (before the row's scale)
+    succ = a * R + jnp.where(succ_terminal, 0.0, g * S) + jnp.where(s_is_succ, M * d, 0.0)
+    pred = b * S + jnp.where(pos - 1 >= 2, g * R, 0.0) + jnp.where(s_is_pred, M * d, 0.0)
+    cls_start, cls_int, cls_term = g * S, g * (R + S), g * R
+    cls_s = jnp.where(s_first, cls_start, cls_int)
+    cands = [succ, jnp.where(has_pred, pred, -jnp.inf), cls_start, cls_term, jnp.where(s_far, cls_s + M * d, -jnp.inf)]
+    cands += [cls_int] if n >= 3 else []
+    cands += [jnp.zeros_like(succ)] if m else []
+    top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
+    ex = lambda logit: jnp.exp(logit - top)
+    w_succ, w_pred = ex(succ), jnp.where(has_pred, ex(jnp.where(has_pred, pred, top)), 0.0)
+    w_start, w_int, w_term = ex(cls_start), ex(cls_int), ex(cls_term)
+    w_s_extra = jnp.where(s_far, ex(cls_s) * jnp.expm1(M * d), 0.0)  # actual minus class weight of a far start
+
+    # the far targets' weight: every class at its weight, the far start at its class weight plus its extra
+    n_start = 2.0 - (pos == 1) - (pos == 2)
+    n_int = 2.0 * (n - 2) - (pos >= 2) - (pos + 1 <= n - 1) - (pos - 1 >= 2)
+    n_term = 2.0 - succ_terminal
+    rest = n_start * w_start + n_int * w_int + n_term * w_term + m * ex(0.0) + w_s_extra  # non-local targets
+
+    # isolated detours: an isolated vertex returns to chain vertex w with probability pi(w)
+    if m:
+        iso_start, iso_int, iso_term = g_iso * S, g_iso * (R + S), g_iso * R
+        iso_s = jnp.where(s_first, iso_start, iso_int)
+        log_y = log_sum(
+            [
+                (iso_start, 2.0 - s_first),
+                (iso_int, 2.0 * (n - 2) - (1.0 - s_first)),
+                (iso_term, 2.0),
+                (iso_s + M * d_iso, 1.0),
+            ]
+        )
+        share = m * ex(-log_y)  # m e^{-top} / Y
+        pi = lambda logit: share * jnp.exp(logit)
+        iso = (pi(iso_start), pi(iso_int), share * jnp.exp(iso_s) * jnp.expm1(M * d_iso), pi(iso_term))
+    else:
+        iso = (0.0, 0.0, 0.0, 0.0)
+
+    upper = jnp.where(succ_terminal, 0.0, w_succ - w_int)
+    lower = jnp.where(has_pred, w_pred - jnp.where(pos == 2, w_start, w_int), 0.0)
+    # excess = D_u + class weight of u - |upper| - |lower|, without subtracting a local weight from itself:
+    # W - |W - K| is K when W >= K, else 2W - K (an absorbing successor keeps its whole weight)
+    kept = lambda w, k: jnp.where(w >= k, k, 2.0 * w - k)
+    succ_kept = jnp.where(succ_terminal, w_succ, kept(w_succ, w_int))
+    pred_kept = jnp.where(has_pred, kept(w_pred, jnp.where(pos == 2, w_start, w_int)), 0.0)
+    excess = rest + jnp.where(pos == 1, w_start, w_int) + succ_kept + pred_kept
+    u = jnp.stack([w_start + iso[0], w_int + iso[1], w_s_extra + iso[2]], -1)
+    rhs = jnp.stack([jnp.where(on_a & succ_terminal, w_succ, w_term), jnp.where(~on_a & succ_terminal, w_succ, w_term)], -1)
+    rhs = rhs + jnp.asarray(iso[3])[..., None]
+
+    # Woodbury: (T - U C^T)^{-1} rhs = z_r + z_u (I - C^T z_u)^{-1} C^T z_r
+    z, min_pivot = gth_solve(excess, lower, upper, jnp.concatenate([rhs, u], -1))
+    z_r, z_u = z[:, :2], z[:, 2:]
+    c = jnp.stack([jnp.asarray(pos == 1, float), jnp.asarray(pos >= 2, float), jnp.where(is_s, 1.0, 0.0)], -1)
+    correction = jnp.linalg.solve(jnp.eye(3) - c.T @ z_u, c.T @ z_r)
+    x = z_r + z_u @ correction
+    x = jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
+    return x[start - 1, 0], x[start - 1, 1]
+
+
+def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(P(own terminal), P(other terminal)) per start distance d = 1..n-1, each read from the smaller of the
+    two solutions (so 1 - J keeps its digits near J = 1).
+
+    Args:
+        theta: the parameters (A and V).
+        task: the chain task.
+        model: the model (``values="trained"``, prompt context, no cap).
+
+    Returns:
+        (own, other), each (n-1,), entry d-1 for the start a_{n-d}.
+    """
+    _require_two_matrix(model)
+    n = task.n
+    h, q = jax.vmap(lambda position: _start_outcome(theta, n, model, position))(jnp.arange(1, n))
+    own, other = jnp.where(h <= q, h, 1.0 - q), jnp.where(h <= q, 1.0 - h, q)
+    return own[::-1], other[::-1]
+
+
+@eqx.filter_jit
+def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """h[d-1] = P(the walk from a_{n-d} is absorbed at its own terminal), V trained."""
+    return outcome_per_start(theta, task, model)[0]
+
+
+@eqx.filter_jit
+def expected_loss(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """1 - J = sum_d p[d-1] P(the walk from a_{n-d} ends at the other terminal), V trained."""
+    return jnp.sum(task.start_probs * outcome_per_start(theta, task, model)[1])
+
+
+@eqx.filter_jit
+def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """J = sum_d p[d-1] h[d-1], V trained (read as 1 - loss above 1/2)."""
+    own, other = outcome_per_start(theta, task, model)
+    loss = jnp.sum(task.start_probs * other)
+    return jnp.where(loss < 0.5, 1.0 - loss, jnp.sum(task.start_probs * own))

@@ -1,0 +1,227 @@
+"""The two-matrix model (V trained, docs/THEORY.md §10) against the dense token-built chain.
+
+The reference builds the full A (N x N^2) and V (N^2 x N) entry by entry from the ten symmetric numbers
+with Python loops (nothing shared with gradflow's orbit tables), the context of query u as the prompt's
+edge tokens plus the vertex tokens {s, u} (u counted once), the logits (1/tau) sum_j w_j V[c_j, w], and
+one dense solve of the absorbing chain; JAX differentiates it for the gradient.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow as gf
+from gradflow import sampling, two_matrix
+
+VALUES = ("sigma", "rho", "omega", "mu", "nu")
+
+
+def random_two_matrix_theta(rng, scale=1.0) -> gf.Theta:
+    """Every one of the ten numbers N(0, scale^2), V's around the fixed V."""
+    a = rng.normal(0.0, scale, 5)
+    v = np.array([1.0, 1.0, 0.0, 0.0, 0.0]) + rng.normal(0.0, scale, 5)
+    return gf.Theta(*a, **dict(zip(VALUES, v)))
+
+
+def dense_matrices(x, n_vocab: int):
+    """(A, V) from the ten numbers x, entry by entry; tokens: N vertex tokens, then edges (x, y), x != y."""
+    tokens = [("v", v) for v in range(n_vocab)] + [("e", (p, q)) for p in range(n_vocab) for q in range(n_vocab) if p != q]
+    a_kind, v_kind = np.zeros((n_vocab, len(tokens)), int), np.zeros((len(tokens), n_vocab), int)
+    for j, (kind, tok) in enumerate(tokens):
+        for u in range(n_vocab):
+            if kind == "v":
+                a_kind[u, j] = 3 if tok == u else 4
+                v_kind[j, u] = 8 if tok == u else 9
+            else:
+                a_kind[u, j] = 0 if tok[0] == u else 1 if tok[1] == u else 2
+                v_kind[j, u] = 5 if tok[0] == u else 6 if tok[1] == u else 7
+    return x[a_kind], x[v_kind], {tok: j for j, tok in enumerate(tokens)}
+
+
+def dense_success(x, n: int, model: gf.ModelSpec, start: int):
+    """P(own terminal a_n) from a_start by a dense solve of the token-built chain (jax, differentiable)."""
+    n_vocab = 2 * n + model.n_isolated
+    A, V, column = dense_matrices(x, n_vocab)
+    edges = [column[("e", (c * n + i, c * n + i + 1))] for c in range(2) for i in range(n - 1)]
+    s = start - 1
+    rows = []
+    for u in range(n_vocab):
+        context = edges + sorted({column[("v", s)], column[("v", u)]})
+        scores = A[u, jnp.array(context)]
+        weights = jax.nn.softmax(scores) if model.attention == "softmax" else scores
+        logits = weights @ V[jnp.array(context)] / model.tau
+        if model.mask_self:
+            logits = logits.at[u].set(-jnp.inf)
+        rows.append(jax.nn.softmax(logits))
+    p = jnp.stack(rows)
+    transient = np.array([v for v in range(n_vocab) if v not in (n - 1, 2 * n - 1)])
+    q = p[np.ix_(transient, transient)]
+    h = jnp.linalg.solve(jnp.eye(transient.size) - q, p[transient, n - 1])
+    return h[list(transient).index(s)]
+
+
+def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
+    n = task.n
+    per_start = jnp.stack([dense_success(x, n, model, n - d) for d in range(1, n)])
+    return jnp.sum(task.start_probs * per_start)
+
+
+CASES = [  # (n, attention, mask_self, n_isolated): n = 2..7, both kinds, masked or not, with and without isolated
+    (2, "linear", True, 0),
+    (3, "softmax", False, 1),
+    (4, "linear", False, 2),
+    (5, "softmax", True, 0),
+    (6, "linear", True, 1),
+    (7, "softmax", False, 0),
+    (4, "softmax", True, 2),
+    (5, "linear", False, 0),
+]
+
+
+@pytest.mark.parametrize("n, attention, mask, iso", CASES)
+def test_reward_and_gradient_equal_the_dense_token_chain(n, attention, mask, iso, rng):
+    model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained")
+    task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+    closed = jax.jit(jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model)))
+    dense = jax.jit(jax.value_and_grad(lambda x: dense_reward(x, task, model)))
+    for _ in range(3):
+        x = random_two_matrix_theta(rng, 0.8).as_array("trained")
+        (j, g), (j_ref, g_ref) = closed(x), dense(x)
+        np.testing.assert_allclose(j, j_ref, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-8, atol=1e-11)
+    success = two_matrix.same_side_probability(gf.Theta.from_array(x), task, model)
+    reference = [dense_success(x, n, model, n - d) for d in range(1, n)]
+    np.testing.assert_allclose(success, reference, rtol=1e-11, atol=1e-13)
+
+
+def test_negative_self_term_and_large_scores_equal_the_dense_chain():
+    """(mu - nu) eta < 0 (the self-loop suppression), and a start term that dominates its row."""
+    task = gf.ChainTask.uniform(5)
+    for attention, x in itertools.product(
+        ("linear", "softmax"),
+        [
+            np.array([1.5, -0.5, 0.2, 2.0, -1.0, 1.2, 0.7, -0.3, -1.5, 0.5]),
+            np.array([0.3, 0.1, -0.4, -2.0, 3.0, -0.5, 1.5, 0.4, 2.5, -0.5]),
+        ],
+    ):
+        model = gf.ModelSpec(attention, tau=0.25, mask_self=False, values="trained")
+        closed = gf.expected_reward(gf.Theta.from_array(x), task, model)
+        np.testing.assert_allclose(closed, dense_reward(jnp.asarray(x), task, model), rtol=1e-11)
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_reward_depends_on_v_only_through_its_differences(attention, rng):
+    model = gf.ModelSpec(attention, tau=0.3, n_isolated=1, values="trained")
+    task = gf.ChainTask.uniform(4)
+    reward = jax.jit(jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model)))
+    x = random_two_matrix_theta(rng).as_array("trained")
+    j, g = reward(x)
+    shifted = x + np.array([0, 0, 0, 0, 0, 0.7, 0.7, 0.7, -0.4, -0.4])  # sigma, rho, omega + c; mu, nu + c'
+    np.testing.assert_allclose(reward(shifted)[0], j, rtol=1e-12)
+    np.testing.assert_allclose(g[7], -(g[5] + g[6]), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(g[9], -g[8], rtol=1e-10, atol=1e-14)
+
+
+def test_linear_fixed_v_limit_equals_the_one_matrix_model(rng):
+    """values="trained" at the fixed V is today's linear model (the current vertex's token has V = 0)."""
+    for n, mask, iso in [(2, True, 0), (3, False, 2), (6, True, 1), (9, False, 0)]:
+        task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+        theta = gf.Theta.from_array(rng.normal(size=5))
+        fixed = gf.ModelSpec(mask_self=mask, n_isolated=iso)
+        trained = gf.ModelSpec(mask_self=mask, n_isolated=iso, values="trained")
+        np.testing.assert_allclose(
+            two_matrix.same_side_probability(theta, task, trained), gf.same_side_probability(theta, task, fixed), rtol=1e-12
+        )
+        g_fixed = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, fixed))(theta.as_array())
+        g_trained = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, trained))(theta.as_array("trained"))
+        np.testing.assert_allclose(g_trained[:5], g_fixed, rtol=1e-9, atol=1e-14)
+
+
+def test_fixed_values_are_todays_parameter_vector():
+    theta = gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4, sigma=2.0, mu=-1.0)
+    assert gf.Theta.fields() == ("alpha", "beta", "gamma", "eta", "delta") and gf.Theta.size() == 5
+    assert gf.Theta.size("trained") == 10 and gf.Theta.fields("trained")[5:] == VALUES
+    np.testing.assert_array_equal(theta.as_array(), [0.3, -0.1, 0.2, 0.5, 0.4])
+    np.testing.assert_array_equal(gf.Theta.from_array(theta.as_array("trained")).as_array("trained"), theta.as_array("trained"))
+    batch = gf.Theta.from_array(np.zeros((3, 5)))
+    assert batch.sigma.shape == (3,) and float(batch.sigma[0]) == 1.0
+    with pytest.raises(ValueError, match="size 10"):
+        gf.Theta.from_array(np.zeros(5), values="trained")
+    # V carries no gradient with the fixed V, and the fixed-V model ignores it
+    model, task = gf.ModelSpec(), gf.ChainTask.uniform(4)
+    grads = jax.grad(lambda t: gf.expected_reward(t, task, model))(theta)
+    assert all(float(getattr(grads, name)) == 0.0 for name in VALUES)
+    plain = gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4)
+    assert float(gf.expected_reward(theta, task, model)) == float(gf.expected_reward(plain, task, model))
+    np.testing.assert_array_equal(gf.model.orbit_sizes(7, "trained"), np.tile(gf.model.orbit_sizes(7), 2))
+
+
+def test_authors_start_and_unsupported_quantities():
+    start = gf.model.authors_start(1e-8)
+    np.testing.assert_array_equal(start.as_array("trained"), [1e-8] * 7 + [0.0, 1e-8, 0.0])
+    model, task = gf.ModelSpec(values="trained"), gf.ChainTask.uniform(5)
+    assert abs(float(gf.expected_reward(start, task, model)) - 0.5) < 1e-6
+    with pytest.raises(NotImplementedError):
+        gf.length_per_start(start, task, model)
+    with pytest.raises(NotImplementedError):
+        gf.expected_reward(start, task, gf.ModelSpec(values="trained", max_len=6))
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_token_level_transition_equals_the_dense_route(attention, rng):
+    """``gradflow.sampling`` with the trained V builds the same chain as the reference, for random labels."""
+    n, iso = 4, 1
+    model = gf.ModelSpec(attention, tau=0.5, mask_self=False, n_isolated=iso, values="trained")
+    theta = random_two_matrix_theta(rng)
+    n_vocab = 2 * n + iso
+    A, V = sampling.full_attention(theta, n_vocab), sampling.full_values(theta, n_vocab)
+    A_ref, V_ref, _ = dense_matrices(jnp.asarray(theta.as_array("trained")), n_vocab)
+    np.testing.assert_array_equal(A, A_ref)
+    np.testing.assert_array_equal(V, V_ref)
+    inst = sampling.sample_instances(gf.ChainTask.uniform(n), n_vocab, jax.random.PRNGKey(0), 1)
+    start = int(inst.start[0])
+    log_p = sampling.transition_log_probs(A, inst.labels[0], inst.edge_columns[0], start, n, model, V)
+    # closed form of one start against the token chain's absorption
+    p = np.exp(np.asarray(log_p))
+    transient = [v for v in range(n_vocab) if v not in (n - 1, 2 * n - 1)]
+    h = np.linalg.solve(np.eye(len(transient)) - p[np.ix_(transient, transient)], p[transient, n - 1])
+    closed = two_matrix.same_side_probability(theta, gf.ChainTask.uniform(n), model)[n - start - 2]
+    np.testing.assert_allclose(h[transient.index(start)], closed, rtol=1e-11)
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_sampled_reward_agrees_with_the_closed_form(attention):
+    model = gf.ModelSpec(attention, tau=0.5, values="trained")
+    task = gf.ChainTask.uniform(4)
+    theta = gf.Theta(0.8, -0.3, 0.1, -0.6, 0.2, sigma=1.3, rho=0.6, omega=0.1, mu=0.9, nu=-0.2)
+    mean, stderr = sampling.estimate_reward(theta, task, model, jax.random.PRNGKey(3), 4000)
+    z = (mean - gf.expected_reward(theta, task, model)) / stderr
+    assert abs(float(z)) < 4.5, f"z = {float(z)}"
+
+
+def test_sampled_gradient_agrees_with_the_closed_form():
+    model = gf.ModelSpec("linear", tau=0.5, values="trained")
+    task = gf.ChainTask.uniform(3)
+    theta = gf.Theta(0.5, -0.2, 0.1, -0.4, 0.3, sigma=1.2, rho=0.8, omega=0.1, mu=0.6, nu=-0.1)
+    grad, stderr = sampling.estimate_gradient(theta, task, model, jax.random.PRNGKey(5), 4000)
+    exact = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model))(theta.as_array("trained"))
+    assert grad.shape == (10,)
+    z = (grad - exact) / stderr
+    assert np.max(np.abs(z)) < 4.5, f"z = {np.asarray(z)}"
+
+
+def test_history_context_uses_the_trained_vertex_rows():
+    """With V trained the generated vertices write on the logits: linear attention is no longer Markov."""
+    model = gf.ModelSpec("linear", tau=0.5, mask_self=False, context="history", values="trained")
+    n, n_vocab = 3, 6
+    theta = gf.Theta(0.5, -0.2, 0.1, -0.4, 0.3, mu=0.6)
+    A, V = sampling.full_attention(theta, n_vocab), sampling.full_values(theta, n_vocab)
+    labels, edges = jnp.arange(n_vocab), jnp.array([sampling.edge_column(x, y, n_vocab) for x, y in gf.model.edge_list(n)])
+    once = sampling.next_log_probs(A, labels, edges, 1, jax.nn.one_hot(0, n_vocab) + jax.nn.one_hot(1, n_vocab), n, model, V)
+    twice = sampling.next_log_probs(A, labels, edges, 1, jax.nn.one_hot(0, n_vocab) + 2 * jax.nn.one_hot(1, n_vocab), n, model, V)
+    # one more copy of u's token raises u's logit by (mu - nu) eta / tau, relative to the others
+    shift = np.asarray(twice - once)
+    np.testing.assert_allclose(shift[1] - shift[0], 0.6 * -0.4 / 0.5, rtol=1e-12)
