@@ -306,7 +306,7 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
     """
     clock = flow_clock(params)
     n_saves, n_events = requested_s.shape[0], levels.shape[0]
-    main_span = (clock.to_solver(params.t0), clock.to_solver(params.t1), params.theta0.as_array())
+    main_span = (clock.to_solver(params.t0), clock.to_solver(params.t1), params.theta0.as_array(params.model.values))
     reward = lambda y: _reward(params, y)
     stop_level = params.event_level(params.stop_at) if params.stop_at is not None else None
 
