@@ -185,8 +185,12 @@ def test_bad_configs_name_the_field(kwargs, field):
 
 
 def test_simulate_many_refuses_mixed_structures():
+    """Chains of different n share a batch only where n is data (``flow.bucketable``); other structures are refused."""
+    softmax = gf.ModelSpec(attention="softmax")
     with pytest.raises(ValueError, match="structure"):
-        simulate_many([FlowParams(TASK), FlowParams(gf.ChainTask.uniform(N + 1))])
+        simulate_many([FlowParams(TASK, model=softmax), FlowParams(gf.ChainTask.uniform(N + 1), model=softmax)])
+    with pytest.raises(ValueError, match="structure"):
+        simulate_many([FlowParams(TASK), FlowParams(TASK, model=softmax)])
 
 
 @pytest.mark.slow
