@@ -555,6 +555,25 @@ def phases(
 SWITCH_SPEED = 1.0  # the log-time stage hands over when theta moves this fast per unit log t
 SEGMENT_GROWTH = 10.0  # a linear-time segment ends (and the clock restarts) when |grad J| has grown this much
 MAX_SEGMENTS = 400  # linear-time segments at most (n = 40 needs 50)
+ESCAPE_FRACTION = 0.1  # the plateau ends when J has covered this share of the way from J(theta0) to 1 (``phases``)
+
+
+class LearningTime(float):
+    """A learning time T (a float, as before) that also holds its two phases: ``plateau``, the flow time at
+    which J has covered ``ESCAPE_FRACTION`` of the way from J(theta0) to 1 (``phases``' escape with ceiling 1,
+    or the level if that is lower), and ``rise``, the time from there to the level, T - plateau summed over
+    the rise's own clock (at n = 40 it lasts a few time units at t ~ 1e49, below one ulp of T)."""
+
+    plateau: float
+    rise: float
+
+    def __new__(cls, total: float, plateau: float, rise: float):
+        time = super().__new__(cls, total)
+        time.plateau, time.rise = float(plateau), float(rise)
+        return time
+
+    def __reduce__(self):
+        return LearningTime, (float(self), self.plateau, self.rise)
 
 
 def _learning_solve(params: FlowParams, watched: ChainTask):
@@ -562,7 +581,8 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     time in segments that each restart the clock (``watched`` is the training task, or an eval task measured
     along the same training flow).
 
-    Returns (stop time t, whether the level was reached, J there, steps taken, solver result code).
+    Returns (stop time t, whether the level was reached, J there, steps taken, solver result code, the
+    plateau's end (``LearningTime``), the rise's length summed over its segments).
     Stage 1 steps in s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J): hardest-only training sits
     on a plateau for a time exponential in n, which costs about a hundred steps in s.  It stops when J
     reaches the level or when theta starts to move on the log scale ((1 + t - t0) |grad J| >= SWITCH_SPEED).
@@ -578,25 +598,32 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     reward = lambda y: _reward(Theta.from_array(y), watched, params.model)
     speed = lambda t, y: jnp.linalg.norm(params.vector_field(t, y))
     plateau = Clock(params.t0, log=True)
+    j0 = reward(params.theta0.as_array())
+    escape = jnp.minimum(j0 + ESCAPE_FRACTION * (1.0 - j0), level)  # the plateau ends here (``phases``' escape)
 
     def fast(s, y):  # scaled so the switch is at 0, like the level
         return 1.0 - plateau.rate(s) * speed(plateau.to_time(s), y) / SWITCH_SPEED
 
     # one condition (diffrax root-finds a single scalar here): the first of the two to fall through 0
-    either = falling_event(lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), fast(t, y)))  # t: here s
+    either = falling_event(lambda t, y, args, **kwargs: jnp.minimum(escape - reward(y), fast(t, y)))  # t: here s
     first = integrate(params, diffrax.SaveAt(t1=True), clock=plateau, event=either)
     s_stop, y_first = first.ts[-1], first.ys[-1]
     t_switch = plateau.to_time(s_stop)
-    switched = first.event_mask & (fast(s_stop, y_first) < level - reward(y_first))
+    escaped = first.event_mask & (escape - reward(y_first) <= fast(s_stop, y_first))
+    done = escaped & (escape >= level)  # the level is the plateau's end: reached in log time
+    switched = first.event_mask & ~done
+    t_escape = jnp.where(escaped, t_switch, jnp.nan)
 
     def active(state):
-        k, t, y, _, _, going = state
+        k, t, y, _, _, going, _, _ = state
         return going & (k < MAX_SEGMENTS)
 
-    def segment(state):
-        k, origin, theta, steps, result, going = state
+    def segment(state):  # rise: the lengths u of the segments after the plateau's end, every digit kept
+        k, origin, theta, steps, result, going, t_escape, rise = state
         grown = SEGMENT_GROWTH * jnp.maximum(speed(origin, theta), jnp.finfo(float).tiny)
-        cond = lambda t, y, args, **kwargs: jnp.minimum(level - reward(y), 1.0 - speed(origin + t, y) / grown)  # t: u
+        plateau_end = lambda y: jnp.where(jnp.isnan(t_escape), escape - reward(y), jnp.inf)
+        growth = lambda u, y: 1.0 - speed(origin + u, y) / grown
+        cond = lambda t, y, args, **kwargs: jnp.minimum(jnp.minimum(level - reward(y), growth(t, y)), plateau_end(y))  # t: u
         span = jnp.where(going, params.t1 - origin, 0.0)  # the members already done take a zero-length segment
         sol = integrate(
             params, diffrax.SaveAt(t1=True), clock=Clock(origin, log=False), t0=0.0, t1=span, y0=theta, event=falling_event(cond)
@@ -605,13 +632,17 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
         ok = sol.result == diffrax.RESULTS.event_occurred
         still = going & ok & (reward(y_next) < level)
         result = jnp.where(going & ~ok, result_code(sol.result), result)
+        t_next = jnp.where(going, origin + sol.ts[-1], origin)
+        ended = going & ok & (plateau_end(y_next) <= growth(sol.ts[-1], y_next))
         return (
             k + 1,
-            jnp.where(going, origin + sol.ts[-1], origin),
+            t_next,
             y_next,
             steps + jnp.where(going, sol.stats["num_steps"], 0),
             result,
             still,
+            jnp.where(ended, t_next, t_escape),
+            rise + jnp.where(going & ~jnp.isnan(t_escape), sol.ts[-1], 0.0),
         )
 
     start = (
@@ -621,12 +652,15 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
         first.stats["num_steps"],
         result_code(first.result),
         switched,
+        t_escape,
+        jnp.zeros(()),
     )
-    _, t_stop, y_stop, steps, result, _ = jax.lax.while_loop(active, segment, start)
+    _, t_stop, y_stop, steps, result, _, t_escape, rise = jax.lax.while_loop(active, segment, start)
     t_stop = jnp.where(switched, t_stop, t_switch)
-    fired = jnp.where(switched, reward(y_stop) >= level - 1e-12, first.event_mask)
+    fired = jnp.where(switched, reward(y_stop) >= level - 1e-12, done)
     result = jnp.where(switched & fired, result_code(diffrax.RESULTS.successful), result)
-    return t_stop, fired, reward(y_stop), steps, result
+    unended = jnp.isnan(t_escape)  # J jumped past the plateau's end and the level within one segment
+    return t_stop, fired, reward(y_stop), steps, result, jnp.where(unended, t_stop, t_escape), jnp.where(unended, 0.0, rise)
 
 
 def _learning_run(configs, watched) -> dict:
@@ -671,7 +705,7 @@ def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[Flow
     ]
 
 
-def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> float | None:
+def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result, t_plateau, rise) -> LearningTime | None:
     level = float(params.reward_threshold)
     if not math.isfinite(float(reward)):
         raise RuntimeError(
@@ -679,7 +713,7 @@ def _interpret(params: FlowParams, t_stop, fired, reward, num_steps, result) -> 
             f"stopped, t = {float(t_stop):.6g} after {int(num_steps)} steps: the closed form cannot be evaluated there"
         )
     if bool(fired):
-        return float(t_stop)
+        return LearningTime(float(t_stop), float(t_plateau), float(rise))
     if int(num_steps) >= params.max_steps or is_result(result, diffrax.RESULTS.max_steps_reached):
         raise RuntimeError(
             f"the flow at n = {params.task.n} took max_steps = {params.max_steps} steps before reaching "
@@ -742,7 +776,8 @@ def learning_times(
         **flow_kwargs (Any): more ``FlowParams`` fields (solver, rtol, atol, coords, max_steps, schedule, ...).
 
     Returns:
-        One learning time (None if not by t1) per task, or one ``TaskTimes`` per task with eval_tasks.
+        One learning time (a ``LearningTime``: a float with its ``plateau`` and ``rise``; None if not by t1)
+        per task, or one ``TaskTimes`` per task with eval_tasks.
 
     Raises:
         ValueError: tasks is empty or holds something other than a ChainTask, or an eval task is not a
@@ -761,7 +796,7 @@ def learning_times(
     for index, (i, _, watched) in enumerate(jobs):
         cfg = configs[i]
         if float(_reward(cfg.theta0, watched, cfg.model)) >= float(cfg.reward_threshold):
-            times[index] = float(cfg.t0)
+            times[index] = LearningTime(float(cfg.t0), float(cfg.t0), 0.0)
             continue
         note = reward_ceiling_warning(watched, float(cfg.reward_threshold), cfg.model)
         if note is not None:
@@ -812,7 +847,8 @@ def learning_time(
         **flow_kwargs (Any): more ``FlowParams`` fields (solver, rtol, atol, coords, max_steps, schedule, ...).
 
     Returns:
-        The learning time (None if not reached by t1), or a ``TaskTimes`` with eval_tasks.
+        The learning time (a ``LearningTime``: a float with its ``plateau`` and ``rise``; None if not reached
+        by t1), or a ``TaskTimes`` with eval_tasks.
 
     Raises:
         ValueError: task is not a ChainTask, or an eval task is not a ChainTask of the same n.

@@ -219,6 +219,8 @@ def test_easy_mass_makes_learning_time_polynomial(fast_scaling):
 def test_learning_time_matches_flow_event_and_reports_unreached(solver):
     t = theory.learning_time(ChainTask.hardest(8), solver=solver)
     assert _on_grid(t, 181.0), f"hardest n = 8: {t}"
+    # issue 23.1: the plateau (until J covers a tenth of the way to 1) and the rise, on one clock
+    assert 0.0 < t.rise < t.plateau < t and t.plateau + t.rise == pytest.approx(t, rel=1e-9), (t.plateau, t.rise)
     assert theory.learning_time(ChainTask.hardest(8), t1=10.0, solver=solver) is None
     assert theory.learning_time(ChainTask.uniform(8), theta0=gf.Theta(5.0, 0.0, -2.0), solver=solver) == 0.0
 
@@ -244,6 +246,9 @@ def test_hardest_only_learning_times_to_n40_restart_the_clock():
     assert t24 == pytest.approx(4.5646124940e22, rel=1e-6), t24
     assert t30 == pytest.approx(1.2508861630e32, rel=1e-6), t30
     assert t40 == pytest.approx(1.1708223037e49, rel=1e-6), t40
+    # the rise (J from 0.55 to 0.9) lasts a few time units, kept to every digit by the segments' own clocks
+    for t in (t24, t30, t40):
+        assert 0.0 < t.rise < 100.0 and t.plateau == pytest.approx(t, rel=1e-12), (t, t.plateau, t.rise)
     # the exponential law keeps steepening: d log T / dn at n 20-24, 24-30, 30-40
     local = np.diff(np.log([5.907495200e16, t24, t30, t40])) / np.diff([20, 24, 30, 40])
     assert np.all(np.diff(local) > 0) and local[0] > 3.15, local
@@ -297,6 +302,8 @@ def test_log_time_learning_time_matches_the_flow_event(uniform8):
     t = theory.learning_time(ChainTask.uniform(8))
     event = uniform8.events["reward_threshold"]
     assert abs(t / event - 1) < 1e-6, f"learning_time {t} vs the flow's event {event}"
+    escape = theory.phases(uniform8).escape  # the plateau's end is phases' escape (ceiling 1)
+    assert t.plateau == pytest.approx(escape, rel=1e-6) and t.rise == pytest.approx(event - escape, rel=1e-6)
 
 
 def test_position_times_are_root_found_not_read_off_the_saves(uniform8):
