@@ -187,9 +187,8 @@ def bucketed(params: FlowParams, size: int | None = None) -> FlowParams:
         return params
     size = bucket_size(params.task.n) if size is None else size
     pad = lambda task: PaddedTask.padded(task, size)
-    params = eqx.tree_at(lambda p: p.problem.task, params, pad(params.task))
-    tasks = params.recording.eval_tasks
-    return eqx.tree_at(lambda p: p.recording.eval_tasks, params, {name: pad(task) for name, task in tasks.items()})
+    tasks = {name: pad(task) for name, task in params.recording.eval_tasks.items()}
+    return eqx.tree_at(lambda p: (p.problem.task, p.recording.eval_tasks), params, (pad(params.task), tasks))
 
 
 def _row_slots(task) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -125,8 +126,12 @@ class PaddedTask(eqx.Module):
         """``task`` in a bucket of ``size`` >= task.n vertices per chain."""
         if size < task.n:
             raise ValueError(f"size must be at least n = {task.n}, got {size}")
-        probs = jnp.zeros(size - 1).at[: task.n - 1].set(jnp.asarray(task.start_probs))
-        return cls(size, jnp.asarray(task.n), probs)
+        if isinstance(task.start_probs, np.ndarray) or not isinstance(task.start_probs, jax.core.Tracer):
+            probs = np.zeros(size - 1)  # on the host: a batch pads a thousand tasks without device round trips
+            probs[: task.n - 1] = np.asarray(task.start_probs)
+        else:
+            probs = jnp.zeros(size - 1).at[: task.n - 1].set(task.start_probs)
+        return cls(size, np.asarray(task.n), probs)
 
 
 def bucket_size(n: int) -> int:
