@@ -73,11 +73,11 @@ CASES = [  # (n, attention, mask_self, n_isolated): n = 2..7, both kinds, masked
     (2, "linear", True, 0),
     (3, "softmax", False, 1),
     (4, "linear", False, 2),
-    (5, "softmax", True, 0),
-    (6, "linear", True, 1),
-    (7, "softmax", False, 0),
+    pytest.param(5, "softmax", True, 0, marks=pytest.mark.slow),
+    pytest.param(6, "linear", True, 1, marks=pytest.mark.slow),
+    pytest.param(7, "softmax", False, 0, marks=pytest.mark.slow),
     (4, "softmax", True, 2),
-    (5, "linear", False, 0),
+    pytest.param(5, "linear", False, 0, marks=pytest.mark.slow),
 ]
 
 
