@@ -699,10 +699,16 @@ def _stack_bucketed(configs: Sequence[FlowParams]) -> FlowParams:
     """``stack_configs`` of the configs laid out in one bucket (that of the longest chain) when every one is
     ``bucketable``: chains of different n then share one batch and one compilation."""
     configs = list(configs)
-    if configs and all(isinstance(cfg, FlowParams) and bucketable(cfg) for cfg in configs):
-        size = bucket_size(max(cfg.task.n for cfg in configs))
-        configs = [bucketed(cfg, size) for cfg in configs]
-    return stack_configs(configs)
+    size = shared_bucket(configs)
+    return stack_configs(configs if size is None else [bucketed(cfg, size) for cfg in configs])
+
+
+def shared_bucket(configs: Sequence[FlowParams]) -> int | None:
+    """The bucket of the longest chain when every config is ``bucketable`` (they can share one batch), else None."""
+    configs = list(configs)
+    if not configs or not all(isinstance(cfg, FlowParams) and bucketable(cfg) for cfg in configs):
+        return None
+    return bucket_size(max(cfg.task.n for cfg in configs))
 
 
 def stack_configs(configs: Sequence[FlowParams]) -> FlowParams:

@@ -126,7 +126,7 @@ class PaddedTask(eqx.Module):
         """``task`` in a bucket of ``size`` >= task.n vertices per chain."""
         if size < task.n:
             raise ValueError(f"size must be at least n = {task.n}, got {size}")
-        if isinstance(task.start_probs, np.ndarray) or not isinstance(task.start_probs, jax.core.Tracer):
+        if not isinstance(task.start_probs, jax.core.Tracer):
             probs = np.zeros(size - 1)  # on the host: a batch pads a thousand tasks without device round trips
             probs[: task.n - 1] = np.asarray(task.start_probs)
         else:

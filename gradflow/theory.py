@@ -42,7 +42,7 @@ from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams, config_label
-from gradflow.flow import bucketable, bucketed, stack_configs
+from gradflow.flow import bucketable, bucketed, shared_bucket, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
 from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
@@ -682,9 +682,9 @@ def _bucket_of(config: FlowParams):
 
 def _in_buckets(configs: list, watched: list) -> tuple[list, list]:
     """The configs and watched tasks laid out in the bucket of the longest chain when all are ``bucketable``."""
-    if not all(bucketable(cfg) for cfg in configs):
+    size = shared_bucket(configs)
+    if size is None:
         return configs, watched
-    size = bucket_size(max(cfg.task.n for cfg in configs))
     return [bucketed(cfg, size) for cfg in configs], [PaddedTask.padded(task, size) for task in watched]
 
 
