@@ -201,11 +201,12 @@ def _linear_rows(theta: Theta, n, model: ModelSpec, rows: int | None = None) -> 
     else:
         positions, kind, valid = distinct_rows_traced(n, rows)
     distinct = _scale_rows(row_logits(row_scores(theta, n, model), n, model, positions))
-    gathered = jax.tree_util.tree_map(lambda x: x[kind], distinct)
     if rows is None:
-        return gathered
-    no_op = jax.tree_util.tree_map(lambda x: jnp.where(valid, x, 0.0), gathered)
-    return dataclasses.replace(no_op, excess=jnp.where(valid, gathered.excess, 1.0))
+        return jax.tree_util.tree_map(lambda x: x[kind], distinct)
+    # a traced kind: selects, not a gather (a batched gather, and its scatter-add transpose, cost 5x the rows)
+    pick = lambda x, fill: jnp.select([valid & (kind == k) for k in range(4)], [x[k] for k in range(4)], fill)
+    no_op = jax.tree_util.tree_map(lambda x: pick(x, 0.0), distinct)
+    return dataclasses.replace(no_op, excess=pick(distinct.excess, 1.0))
 
 
 def _linear_probabilities(theta: Theta, n, model: ModelSpec, rows: int | None = None):
