@@ -159,21 +159,26 @@ def draw(data: dict, preset: Preset):
     fig, axes = subplots(1, 3, width=4.4, height=3.5)
     ax = axes[0, 0]
     cells = data["cells"]
-    labels, x = [], np.arange(len(cells))
+    ns = sorted({c["n"] for c in cells})
+    budgets = sorted({c["budget"] for c in cells})
+    # bars grouped by n (one gap between groups), one bar per budget
+    x = np.array([ns.index(c["n"]) * (len(budgets) + 1) + budgets.index(c["budget"]) for c in cells], dtype=float)
     bottoms = np.zeros(len(cells))
     for k, name in enumerate(("d = 1", "2 <= d <= n-2", "d = n-1 (target)")):
         heights = np.array([_groups(c["probs"])[k] for c in cells])
         ax.bar(x, heights, bottom=bottoms, color=color(k), label=name, width=0.8)
         bottoms += heights
-    labels = [f"{c['n']}\n{c['budget']:.0e}" for c in cells]
-    ax.set_xticks(x, labels, fontsize=6)
-    ax.set_xlabel("n / budget")
+    ax.set_xticks(x, [f"$10^{{{np.log10(c['budget']):.0f}}}$" for c in cells], fontsize=6)
+    for i, n in enumerate(ns):
+        centre = i * (len(budgets) + 1) + (len(budgets) - 1) / 2
+        ax.text(centre, -0.1, f"n = {n}", ha="center", va="top", fontsize=7, transform=ax.get_xaxis_transform())
+    ax.set_xlabel("budget t, grouped by n", labelpad=14)
     ax.set_ylabel("optimal training mass")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     panel_label(ax, "a")
 
     ax = axes[0, 1]
-    ns = sorted({c["n"] for c in cells})
     for i, n in enumerate(ns):
         row = [c for c in cells if c["n"] == n]
         budgets = [c["budget"] for c in row]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.lines import Line2D
 
 from gradflow import ChainTask, ModelSpec, Theta
 from gradflow.flow import FlowParams, simulate
@@ -139,7 +140,12 @@ def draw(data: dict, preset: Preset):
     ax_len.set(xscale="log", yscale="log", xlabel=TIME_LABEL, ylabel="generated tokens", title="expected length")
     ax_j.set(xscale="log", xlabel=TIME_LABEL, ylabel="reward J (own objective)", title="reward")
     final = dict(xlabel="position i of $a_i$", ylim=(-0.02, 1.02), xticks=positions, title="at t = horizon")
-    ax_fwd.set(ylabel="P(forward | move)\n(dotted, open: unconditional P(forward))", **final)
+    ax_fwd.set(ylabel="P($a_i \\to a_{i+1}$)", **final)
+    kinds = [
+        Line2D([], [], color="0.3", marker="o", label="given a move (forward_prob)"),
+        Line2D([], [], color="0.3", marker="o", mfc="none", lw=0.8, ls=":", label="unconditional"),
+    ]
+    ax_fwd.legend(handles=kinds, loc="center", fontsize=7)
     ax_stay.set(ylabel="P(self-loop)", **final)
     handles, labels = ax_len.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), title="the runs (line style; colour in b-e)")
