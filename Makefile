@@ -32,7 +32,7 @@ bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 figures: $(STAMP)
-	$(BIN)/gradflow figures --all
+	$(BIN)/gradflow figures --all --jobs 2
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir build/site

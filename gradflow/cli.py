@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import runpy
+import subprocess
 import sys
 import tempfile
 import time
@@ -496,6 +497,9 @@ def cmd_figures(args) -> int:
                 raise ValueError(f"figures: unknown figure {name!r}; known: {', '.join(known)}")
         if args.out:
             _writable_dir(args.out, "--out")
+        check_positive("--jobs", args.jobs)
+    if args.jobs > 1 and len(names) > 1:
+        return _figures_in_parallel(names, args, args.jobs)
     use_headless_backend()
     folder = experiments_dir()
     for name in names:
@@ -510,6 +514,47 @@ def cmd_figures(args) -> int:
         mode = "quick" if args.quick else "full"
         record_provenance(Path(args.out or DEFAULT_OUT) / f"{name}.json", script, mode, time.perf_counter() - start)
     return 0
+
+
+def _last_seconds(name: str, out: str | None) -> float:
+    """The wall time a figure's last run recorded in its JSON provenance (in ``out``, else in figures/; 0 when none)."""
+    for folder in (Path(out or DEFAULT_OUT), Path(DEFAULT_OUT)):
+        try:
+            return float(json.loads((folder / f"{name}.json").read_text())["provenance"]["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 0.0
+
+
+def _figures_in_parallel(names: list[str], args, jobs: int) -> int:
+    """``gradflow figures NAME`` for each name in ``jobs`` processes at once, the longest (by its last recorded
+    wall time) first; each figure's output is printed when it ends.  Returns 1 when any figure failed."""
+    order = sorted(names, key=lambda name: -_last_seconds(name, args.out))
+    options = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+    pending, running, failed = list(order), {}, []
+    start = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty script never blocks on a full pipe
+            command = [sys.executable, "-m", "gradflow.cli", "figures", name, *options]
+            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True), log)
+        name = next((name for name, (proc, _) in running.items() if proc.poll() is not None), None)
+        if name is None:
+            time.sleep(0.2)
+            continue
+        proc, log = running.pop(name)
+        log.seek(0)
+        print(log.read(), end="")
+        log.close()
+        status = "done" if proc.returncode == 0 else "FAILED"
+        done = len(names) - len(pending) - len(running)
+        print(f"[{done}/{len(names)}] {name} {status} at {time.perf_counter() - start:.0f} s", flush=True)
+        if proc.returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"figures failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def record_provenance(data_file: Path, script: Path, mode: str, seconds: float) -> dict:
@@ -681,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--list", action="store_true", help="print the figure names and exit")
     figures.add_argument("--quick", action="store_true", help="fast, reduced version (seconds)")
     figures.add_argument("--out", help="output directory for NAME.png/.pdf/.json (default figures/)")
+    figures.add_argument(
+        "--jobs", type=int, default=1, help="with --all: run this many figure scripts at once, in their own processes (default 1)"
+    )
     figures.set_defaults(func=cmd_figures)
 
     sweep_cmd = command("sweep", "job-array mode over a JSON file of configs")

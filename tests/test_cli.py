@@ -91,6 +91,21 @@ def test_figures_list_and_discovery(capsys):
     # `figures NAME --quick` for every figure runs in tests/test_experiments.py through cli.main
 
 
+@pytest.mark.slow
+def test_figures_in_parallel_run_each_script_in_its_own_process(tmp_path, capsys):
+    args = types.SimpleNamespace(quick=True, out=str(tmp_path))
+    assert cli._figures_in_parallel(["emergence", "no_such_figure"], args, 2) == 1  # one failed: non-zero
+    out = capsys.readouterr()
+    assert "emergence done" in out.out and "no_such_figure FAILED" in out.out and "no_such_figure" in out.err
+    provenance = json.loads((tmp_path / "emergence.json").read_text())["provenance"]
+    assert provenance["mode"] == "quick" and provenance["figure"] == "emergence"
+
+
+def test_figures_jobs_must_be_positive(capsys):
+    assert cli.main(["figures", "--all", "--jobs", "0"]) != 0
+    assert "--jobs" in capsys.readouterr().err
+
+
 def test_choice_lists_come_from_the_modules():
     from gradflow.flow import COORDS, SOLVERS
     from gradflow.model import ATTENTION_KINDS
