@@ -216,7 +216,8 @@ class Solution(eqx.Module):
     time (NaN if not reached), whether it was reached, and whether every re-solve of its bracket
     succeeded (``EVENT_ZOOMS`` passes of the solve).  t_stop: where the solve ended (t1, or the stop event); theta_stop its state.
     result: diffrax's result code (``diffrax.RESULTS``); success: ended at t1 or at the asked event;
-    field_finite: the vector field is finite at the end state.  Step counts as diffrax reports them.
+    field_finite: the vector field is finite at the end of the last accepted step (False when no step was
+    accepted).  Step counts as diffrax reports them.
     """
 
     ts: jnp.ndarray
@@ -323,7 +324,8 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
         stop = None
         if stop_level is not None:
             stop = falling_event(lambda t, y, args, **kw: jnp.where(main, stop_level - reward(y), 1.0))
-        solution = integrate(params, diffrax.SaveAt(ts=saves, t1=True), t0=t0, t1=t1, y0=y0, event=stop, progress=progress)
+        saveat = diffrax.SaveAt(ts=saves, t1=True, solver_state=True)  # an FSAL solver's state: the field at the end
+        solution = integrate(params, saveat, t0=t0, t1=t1, y0=y0, event=stop, progress=progress)
         rewards = jax.vmap(reward)(jnp.nan_to_num(solution.ys[:-1]))
         return solution, rewards
 
@@ -336,6 +338,7 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
             "rewards": rewards,
             "result": result_code(solution.result),
             "event_mask": jnp.asarray(mask),
+            "field_finite": _end_field_finite(solution),
             **{name: solution.stats[name] for name in ("num_steps", "num_accepted_steps", "num_rejected_steps")},
         }
 
@@ -366,6 +369,7 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
         "rewards": jnp.zeros(n_saves),
         "result": jnp.zeros((), result_code(diffrax.RESULTS.successful).dtype),
         "event_mask": jnp.asarray(False),
+        "field_finite": jnp.asarray(True),
         "num_steps": steps,
         "num_accepted_steps": steps,
         "num_rejected_steps": steps,
@@ -373,6 +377,18 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
     none, zero = jnp.zeros(n_events, bool), jnp.zeros(n_events)
     bracket = _Bracket(zero, zero, jnp.zeros((n_events, width)), zero, zero, none, none, none, jnp.ones(n_events, bool))
     return jax.lax.fori_loop(0, 1 + n_events * EVENT_ZOOMS, body, (main_out, bracket))
+
+
+def _end_field_finite(solution: diffrax.Solution) -> jnp.ndarray:
+    """Whether the vector field was finite at the end of the solve's last accepted step (False when no step was
+    accepted), read from the solver's state: every solver of ``SOLVERS`` is first-same-as-last and keeps
+    (first-step flag, field) there, so the program holds no extra copy of grad J for this check."""
+    leaves = jax.tree_util.tree_leaves(solution.solver_state)
+    fields = [x for x in leaves if x.shape == solution.ys.shape[1:]]
+    flags = [x for x in leaves if x.shape == () and x.dtype == bool]
+    if len(fields) != 1 or len(flags) != 1:
+        raise TypeError("the flow's solver must keep (first-step flag, vector field) in its state (first-same-as-last)")
+    return ~flags[0] & jnp.all(jnp.isfinite(fields[0]))
 
 
 def _solve(params: FlowParams, progress: bool = False) -> Solution:
@@ -428,7 +444,7 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
         event_resolved[event] = resolved
 
     success = is_code(diffrax.RESULTS.successful) | stopped
-    field = params.vector_field(jnp.where(finite_stop, t_stop, params.t0), jnp.nan_to_num(theta_stop))
+    field_finite = main["field_finite"]
     return Solution(
         ts=ts,
         theta=thetas,
@@ -445,7 +461,7 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
         theta_stop=theta_stop,
         result=result,
         success=success,
-        field_finite=jnp.all(jnp.isfinite(field)) & jnp.all(jnp.isfinite(theta_stop)),
+        field_finite=field_finite & jnp.all(jnp.isfinite(theta_stop)),
         num_steps=main["num_steps"],
         num_accepted_steps=main["num_accepted_steps"],
         num_rejected_steps=main["num_rejected_steps"],
@@ -581,6 +597,11 @@ def failure_message(params: FlowParams, out) -> str | None:
         return (
             f"the reward J is not finite ({float(out.reward[k])}) at save {k}, t={float(out.ts[k]):.6g} (the solve took "
             f"{steps} steps), theta = {np.round(np.asarray(out.theta[k]), 6).tolist()}: the closed form cannot be evaluated there"
+        )
+    if not bool(out.field_finite) and int(out.num_accepted_steps) == 0:
+        return (
+            f"no step of the flow solve was accepted ({int(out.num_rejected_steps)} rejected): the vector field grad J is "
+            f"not finite (NaN or inf) at theta0 = {np.round(np.asarray(out.theta_stop), 6).tolist()}, or every step failed"
         )
     if not bool(out.field_finite):
         where = where if not bool(out.success) else f"at t={float(out.t_stop):.6g} after {steps} steps"

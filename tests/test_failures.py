@@ -79,6 +79,7 @@ def test_failure_message_reports_a_nan_reward_even_when_the_solver_succeeded():
         t_stop=1.0,
         theta_stop=np.array([0.4, 0, 0, 0, 0]),
         num_steps=7,
+        num_accepted_steps=7,
         num_rejected_steps=0,
         success=True,
         field_finite=True,
