@@ -611,7 +611,9 @@ def check_levels(params: FlowParams, index: int | None = None) -> None:
 
     A warning when a recorded event's level is at or above the ceiling (it is never reached).  Only
     closed-form ceilings are checked (``gradflow.ceilings.closed_form_ceiling``: linear attention, softmax
-    without a cap; cached), so the check costs microseconds after the first call.
+    without a cap; cached), so the check costs microseconds after the first call.  It runs at the entry of
+    every solve, not when a ``FlowParams`` is built: ``theory.learning_time(s)`` builds its configs at the
+    requested level and answers None (with a warning) where that level is above the ceiling.
 
     Args:
         params: the config to check.
