@@ -33,7 +33,7 @@ from gradflow import design, flow, schedules, sweep, theory, training
 from gradflow._checks import check_positive
 from gradflow._deprecated import deprecated_flag
 from gradflow._version import __version__
-from gradflow.flow import COORDS, RECORDED, SOLVERS, FlowParams, Trajectory, as_theta
+from gradflow.flow import COORDS, RECORDED, SOLVER_CHOICES, FlowParams, Trajectory, as_theta
 from gradflow.model import ATTENTION_KINDS, ModelSpec
 from gradflow.plotting import DEFAULT_OUT, emergence_figure, save_figure, use_headless_backend
 from gradflow.readouts import READOUTS
@@ -209,7 +209,7 @@ def load_trajectory(path, flag: str = "--run"):
 
 def _choices():
     """The choice lists, read from the modules that define them."""
-    return {"solver": tuple(SOLVERS), "coords": tuple(COORDS), "attention": tuple(ATTENTION_KINDS), "readouts": RECORDED}
+    return {"solver": SOLVER_CHOICES, "coords": tuple(COORDS), "attention": tuple(ATTENTION_KINDS), "readouts": RECORDED}
 
 
 def _add_max_len_argument(parser: argparse.ArgumentParser) -> None:
@@ -265,7 +265,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser, choices: dict) -> Non
     _add_problem_arguments(parser, choices)
     parser.add_argument("--t1", type=float, default=1e4, help="final time of the flow (default 1e4)")
     parser.add_argument("--coords", choices=choices["coords"], default="reduced", help="flow coordinates (default reduced)")
-    parser.add_argument("--solver", choices=choices["solver"], default="tsit5", help="ODE solver (default tsit5)")
+    parser.add_argument(
+        "--solver",
+        choices=choices["solver"],
+        default="auto",
+        help="ODE solver (default auto: kvaerno5_newton for a capped model with self-loops allowed, tsit5 otherwise)",
+    )
     parser.add_argument("--rtol", type=float, default=1e-8, help="relative tolerance (default 1e-8)")
     parser.add_argument("--atol", type=float, default=1e-10, help="absolute tolerance (default 1e-10)")
     parser.add_argument(
@@ -325,10 +330,16 @@ def report(trajectory) -> str:
     lines += _eval_lines(trajectory, last, threshold)
     stats = trajectory.stats
     lines.append(
-        f"solver: {stats.get('num_steps')} steps ({stats.get('num_rejected_steps')} rejected), "
+        f"solver: {_solver_name(trajectory.config)}, {stats.get('num_steps')} steps "
+        f"({stats.get('num_rejected_steps')} rejected), "
         f"compile {stats.get('compile_seconds', 0.0):.2f} s, run {stats.get('run_seconds', 0.0):.3f} s"
     )
     return "\n".join(lines)
+
+
+def _solver_name(config) -> str:
+    """The solver a config stepped with, and "(auto)" when it was chosen for it."""
+    return config.resolved_solver + (" (auto)" if config.solver != config.resolved_solver else "")
 
 
 def _readout_lines(trajectory, k: int) -> list[str]:

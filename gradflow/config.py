@@ -21,7 +21,7 @@ import numpy as np
 
 from gradflow import readouts, schedules
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
-from gradflow.integrator import SOLVERS, flow_clock
+from gradflow.integrator import AUTO, SOLVER_CHOICES, flow_clock, resolve_solver
 from gradflow.model import ModelSpec, Theta, default_theta0, orbit_sizes
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask
@@ -160,15 +160,19 @@ class Problem(eqx.Module):
 
 
 class Numerics(eqx.Module):
-    """How it is solved: the diffrax solver (a key of ``SOLVERS``), PID tolerances and max_steps."""
+    """How it is solved: the diffrax solver, PID tolerances and max_steps.
 
-    solver: str = eqx.field(static=True, default="tsit5")
+    solver: a key of ``SOLVERS``, or "auto" (the default): Kvaerno5 with Newton iterations for a stiff capped
+    flow with self-loops allowed, tsit5 otherwise (``gradflow.integrator.resolve_solver``).
+    """
+
+    solver: str = eqx.field(static=True, default=AUTO)
     rtol: jnp.ndarray = eqx.field(converter=_float_converter("rtol"), default=1e-8)
     atol: jnp.ndarray = eqx.field(converter=_float_converter("atol"), default=1e-10)
     max_steps: int = eqx.field(static=True, default=1_000_000)
 
     def __check_init__(self):
-        check_choice("solver", self.solver, tuple(SOLVERS))
+        check_choice("solver", self.solver, SOLVER_CHOICES)
         check_int("max_steps", self.max_steps, 1)
         check_positive("rtol", self.rtol)
         check_positive("atol", self.atol)
@@ -289,7 +293,7 @@ _FLAT_DEFAULTS = {
     "t1": 1e4,
     "coords": "reduced",
     "n_vocab": None,
-    "solver": "tsit5",
+    "solver": AUTO,
     "rtol": 1e-8,
     "atol": 1e-10,
     "save_ts": None,
@@ -425,6 +429,12 @@ class FlowParams(eqx.Module):
     n_vocab = property(lambda self: self.problem.n_vocab)
     time_scale = property(lambda self: self.problem.time_scale)
     solver = property(lambda self: self.numerics.solver)
+
+    @property
+    def resolved_solver(self) -> str:
+        """The key of ``SOLVERS`` the solve steps with (``solver`` itself, or what "auto" stands for on this model)."""
+        return resolve_solver(self.solver, self.model)
+
     rtol = property(lambda self: self.numerics.rtol)
     atol = property(lambda self: self.numerics.atol)
     max_steps = property(lambda self: self.numerics.max_steps)
@@ -533,6 +543,7 @@ class FlowParams(eqx.Module):
             "coords": self.coords,
             "n_vocab": self.n_vocab,
             "solver": self.solver,
+            "resolved_solver": self.resolved_solver,
             "rtol": float(self.rtol),
             "atol": float(self.atol),
             "save_ts": None if self.save_ts is None else np.asarray(self.save_ts).tolist(),
@@ -550,17 +561,21 @@ class FlowParams(eqx.Module):
 
     @classmethod
     def from_dict(cls, config: dict) -> FlowParams:
-        """Inverse of ``to_dict``; ValueError naming a missing or unknown key, or a schedule stored by name only."""
+        """Inverse of ``to_dict``; ValueError naming a missing or unknown key, or a schedule stored by name only.
+
+        "resolved_solver" is a record only: the config resolves its solver anew (``resolved_solver``).
+        """
         if not isinstance(config, Mapping):
             raise ValueError(f"config must be a dict (FlowParams.to_dict()), got {type(config).__name__}")
         config = dict(config)
-        known = set(_FLAT_ORDER) | {"events", "readouts", "eval_tasks", "time_scale"}
+        known = set(_FLAT_ORDER) | {"events", "readouts", "eval_tasks", "time_scale", "resolved_solver"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"config: unknown key(s) {unknown}; known keys are {sorted(known)}")
         if "task" not in config:
             raise ValueError("config: missing key 'task'")
-        kwargs = {k: v for k, v in config.items() if k not in ("task", "model", "theta0", "schedule", "eval_tasks")}
+        skipped = ("task", "model", "theta0", "schedule", "eval_tasks", "resolved_solver")
+        kwargs = {k: v for k, v in config.items() if k not in skipped}
         kwargs["task"] = _task_from_dict(config["task"], "task")
         if config.get("model") is not None:
             kwargs["model"] = _model_from_dict(config["model"])
@@ -648,9 +663,13 @@ def canonical_json(config) -> str:
     """The canonical JSON of a config (FlowParams or its dict): normalised, sorted keys, compact.
 
     Normalised means passed through ``FlowParams.from_dict(...).to_dict()``; keys added to
-    ``to_dict`` after gradflow 0.1.0 are left out while they hold their default value.
+    ``to_dict`` after gradflow 0.1.0 are left out while they hold their default value.  The solver is
+    the resolved one: "auto" hashes as what it steps with, so a default config that resolves to tsit5
+    (every uncapped one) keeps the hash it had when tsit5 was the default, and configs that step alike
+    share their result file.
     """
     normalised = FlowParams.from_dict(config.to_dict() if isinstance(config, FlowParams) else dict(config)).to_dict()
+    normalised["solver"] = normalised.pop("resolved_solver")
     normalised = _drop_new_defaults(normalised, json.loads(_default_dict()), _HASHED_KEYS_0_1)
     return json.dumps(normalised, sort_keys=True, separators=(",", ":"))
 

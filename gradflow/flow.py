@@ -66,6 +66,7 @@ from gradflow.integrator import (
     BISECTION_STEPS,
     BRACKET_MAX_STEPS,
     LOCAL_MAX_STEPS,
+    SOLVER_CHOICES,
     SOLVERS,
     falling_event,
     flow_clock,
@@ -91,6 +92,7 @@ __all__ = [
     "ON_ERROR",
     "QUANTITIES",
     "RECORDED",
+    "SOLVER_CHOICES",
     "SOLVERS",
     "STOP_AT",
     "TIME_SCALES",
@@ -630,7 +632,9 @@ def check_levels(params: FlowParams, index: int | None = None) -> None:
 
     A warning when a recorded event's level is at or above the ceiling (it is never reached).  Only
     closed-form ceilings are checked (``gradflow.ceilings.closed_form_ceiling``: linear attention, softmax
-    without a cap; cached), so the check costs microseconds after the first call.
+    without a cap; cached), so the check costs microseconds after the first call.  It runs at the entry of
+    every solve, not when a ``FlowParams`` is built: ``theory.learning_time(s)`` builds its configs at the
+    requested level and answers None (with a warning) where that level is above the ceiling.
 
     Args:
         params: the config to check.
@@ -672,6 +676,8 @@ def _trajectory(params: FlowParams, out, stats: dict) -> Trajectory:
         events=events,
         stats={
             **stats,
+            "solver": params.solver,
+            "resolved_solver": params.resolved_solver,
             "num_steps": int(out.num_steps),
             "num_accepted_steps": int(out.num_accepted_steps),
             "num_rejected_steps": int(out.num_rejected_steps),

@@ -13,7 +13,7 @@ from gradflow.flow import SOLVERS
 
 THETA_SIZE = gf.Theta(0.0, 0.0, 0.0).as_array().shape[-1]  # the model's parameter count (5)
 ATTENTIONS = ("linear", "softmax")
-SLOW_SOLVERS = ("dopri8", "kvaerno5")  # the default run takes tsit5 (the default) and dopri5
+SLOW_SOLVERS = ("dopri8", "kvaerno5", "kvaerno5_newton")  # the default run takes tsit5 (the default) and dopri5
 
 
 def random_theta(rng, scale: float = 1.0) -> gf.Theta:

@@ -57,6 +57,16 @@ def test_simulate_and_check(saved_run, capsys):
     assert out.strip()
 
 
+def test_solver_auto_is_the_default_and_the_report_names_what_it_resolved_to(saved_run):
+    trajectory = gf.Trajectory.load(saved_run)
+    assert (trajectory.stats["solver"], trajectory.stats["resolved_solver"]) == ("auto", "tsit5")
+    assert "solver: tsit5 (auto), " in cli.report(trajectory)
+    stiff = ["simulate", "--out", "x", "--n", "5", "--allow-self", "--max-len", "6"]
+    assert cli._flow_from_args(cli.build_parser().parse_args(stiff)).resolved_solver == "kvaerno5_newton"
+    named = cli._flow_from_args(cli.build_parser().parse_args([*stiff, "--solver", "tsit5"]))
+    assert (named.solver, named.resolved_solver) == ("tsit5", "tsit5")
+
+
 def test_run_writes_the_figure_and_reports_the_final_time(tmp_path, capsys):
     figure = tmp_path / "fig" / "emergence.png"
     assert cli.main(["run", *SMALL, "--figure", str(figure)]) == 0
@@ -107,12 +117,12 @@ def test_figures_jobs_must_be_positive(capsys):
 
 
 def test_choice_lists_come_from_the_modules():
-    from gradflow.flow import COORDS, SOLVERS
+    from gradflow.flow import COORDS, SOLVER_CHOICES, SOLVERS
     from gradflow.model import ATTENTION_KINDS
 
     run = cli.build_parser()._subparsers._group_actions[0].choices["run"]
     choices = {a.dest: tuple(a.choices) for a in run._actions if a.choices}
-    assert choices["solver"] == tuple(SOLVERS)
+    assert choices["solver"] == SOLVER_CHOICES == ("auto", *SOLVERS)
     assert choices["coords"] == tuple(COORDS)
     assert choices["attention"] == tuple(ATTENTION_KINDS)
 

@@ -177,6 +177,20 @@ def test_simulate_and_solve_check_the_levels_before_compiling(monkeypatch):
     for run in (simulate, gf.solve, lambda p: simulate_many([p]), lambda p: gf.flow.solve_many([p])):
         with pytest.warns(UserWarning, match="reward ceiling"), pytest.raises(Compiling):
             run(params)
+    stopping = params.replace(stop_at="threshold", reward_threshold=0.5)  # it can fire; the converged event cannot
+    with pytest.warns(UserWarning, match="converged event: reward level 0.999"), pytest.raises(Compiling):
+        hitting_times([stopping])
+
+
+def test_a_config_whose_stop_at_cannot_fire_is_built_and_refused_by_every_solve():
+    """Issue 23.6: the check runs at each solve's entry, not at construction: ``learning_time`` builds its config at
+    the requested level first and answers None (with a warning) for a level above the ceiling."""
+    params = FlowParams(gf.ChainTask.uniform(4), SOFTMAX, stop_at="converged")
+    assert params.stop_at == "converged"
+    with pytest.raises(ValueError, match="can never fire"):
+        check_levels(params)
+    with pytest.warns(UserWarning, match="ceiling"):
+        assert theory.learning_times([gf.ChainTask.uniform(4)], SOFTMAX, level=0.999) == [None]
 
 
 def test_the_ceiling_check_costs_microseconds_once_cached():

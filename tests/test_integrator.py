@@ -6,12 +6,14 @@ import re
 import diffrax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 import pytest
 
 import gradflow as gf
 from gradflow import schedules
 from gradflow.flow import FlowParams
-from gradflow.integrator import Clock, flow_clock, integrate
+from gradflow.integrator import STIFF_SOLVER, Clock, falling_event, flow_clock, integrate, resolve_solver, solver_for
+from gradflow.sweep import config_hash
 
 N = 5
 SWITCH = 3.0
@@ -45,3 +47,71 @@ def test_one_diffeqsolve_call_site():
     package = pathlib.Path(gf.__file__).parent
     calls = [(p.name, m.start()) for p in package.rglob("*.py") for m in re.finditer(r"diffrax\.diffeqsolve\(", p.read_text())]
     assert [name for name, _ in calls] == ["integrator.py"], calls
+
+
+# A capped flow with self-loops allowed that settles into a stiff valley (Hessian eigenvalues -2.56 across, -1e-4 along)
+STIFF_THETA0 = gf.Theta(-0.13865533, 0.0330001, -1.42534896, 0.33281361, -0.65128101)
+STIFF_PROBS = np.array([0.02114678, 0.45975165, 0.31173079, 0.08367396, 0.12369683])
+
+
+def _capped(mask_self: bool, **kwargs) -> FlowParams:
+    model = gf.ModelSpec(tau=0.2, mask_self=mask_self, max_len=6, n_isolated=1)
+    return FlowParams(gf.ChainTask(6, STIFF_PROBS / STIFF_PROBS.sum()), model, STIFF_THETA0, t1=1e4, **kwargs)
+
+
+def _steps(config) -> tuple[int, np.ndarray]:
+    solution = integrate(config, diffrax.SaveAt(t1=True))
+    assert solution.result == diffrax.RESULTS.successful, solution.result
+    return int(solution.stats["num_steps"]), np.asarray(solution.ys[-1])
+
+
+def test_auto_resolves_per_model_and_explicit_names_keep_their_meaning():
+    """Issue 23.5: "auto" (the default) is Kvaerno5 with Newton iterations for a capped flow with self-loops allowed,
+    tsit5 otherwise; a name given keeps its meaning; the hash is that of the resolved solver."""
+    plain = FlowParams(gf.ChainTask.uniform(4))
+    assert plain.solver == "auto" and plain.resolved_solver == "tsit5" and isinstance(solver_for(plain), diffrax.Tsit5)
+    assert config_hash(plain) == config_hash(plain.replace(solver="tsit5")) == "815d06daf8f06b35"  # its hash before "auto"
+    stiff = _capped(False)
+    assert stiff.resolved_solver == STIFF_SOLVER == resolve_solver("auto", stiff.model)
+    assert isinstance(solver_for(stiff), diffrax.Kvaerno5) and isinstance(solver_for(stiff).root_finder, optx.Newton)
+    assert _capped(True).resolved_solver == "tsit5"
+    for name in ("tsit5", "dopri5", "kvaerno5"):
+        assert stiff.replace(solver=name).resolved_solver == name
+    assert isinstance(solver_for(stiff.replace(solver="tsit5")), diffrax.Tsit5)
+    assert not isinstance(solver_for(stiff.replace(solver="kvaerno5")).root_finder, optx.Newton)  # diffrax's default
+    record = stiff.to_dict()
+    assert (record["solver"], record["resolved_solver"]) == ("auto", STIFF_SOLVER)
+    assert FlowParams.from_dict(record).to_dict() == record
+    assert config_hash(stiff) == config_hash(stiff.replace(solver=STIFF_SOLVER)) != config_hash(stiff.replace(solver="tsit5"))
+
+
+def test_auto_steps_a_stiff_capped_flow_with_self_loops_like_a_masked_one():
+    """Issue 23.5: n = 6, max_len = 6, self-loops allowed: tsit5 took 9,182 steps to t = 1e4 (masked: 165);
+    "auto" takes 154 (masked: tsit5's 165), the same steps as naming kvaerno5_newton, and agrees with diffrax's
+    default Kvaerno5 (1,516 steps) to the tolerances."""
+    steps, ys = {}, {}
+    for mask in (True, False):
+        steps[mask], ys[mask] = _steps(_capped(mask, max_steps=2000))
+    assert steps[False] <= 2 * steps[True] and steps[False] < 400, steps
+    named_steps, named = _steps(_capped(False, max_steps=2000, solver=STIFF_SOLVER))
+    assert named_steps == steps[False]
+    np.testing.assert_array_equal(named, ys[False])
+    np.testing.assert_allclose(_steps(_capped(False, max_steps=4000, solver="kvaerno5"))[1], ys[False], rtol=1e-5, atol=1e-6)
+
+
+def test_tsit5_named_on_a_stiff_capped_flow_keeps_its_route():
+    """An explicit tsit5 still steps explicitly: its stability limit (step ~1.3) runs out of 1,000 steps long before t = 1e4."""
+    solution = integrate(_capped(False, solver="tsit5", max_steps=1000), diffrax.SaveAt(t1=True))
+    assert solution.result == diffrax.RESULTS.max_steps_reached
+
+
+def test_an_event_whose_condition_outruns_one_ulp_of_time_is_located():
+    """learning_times over 33 masses at n = 240 and 256: in a linear-time segment at t ~ 3e5 one ulp of t (6e-11)
+    moves the growth condition by more than EVENT_ATOL = 1e-12, so no float has |condition| < EVENT_ATOL;
+    optimistix's bisection narrowed its bracket to two neighbouring floats and spun to its 256 steps ("maximum
+    number of steps reached in the nonlinear solver").  ``BracketBisection`` stops there, at the same point."""
+    root = 654321.123  # 1e4 (root - t) + 3e-7 falls by 1.2e-6 per ulp of t
+    event = falling_event(lambda t, y, args, **kwargs: 1e4 * (root - t) + 3e-7)
+    solution = integrate(FlowParams(gf.ChainTask.uniform(2), t1=1e6), diffrax.SaveAt(t1=True), event=event)
+    assert solution.result == diffrax.RESULTS.event_occurred, solution.result
+    assert 0 < float(solution.ts[-1]) - root <= np.spacing(root)

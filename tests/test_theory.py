@@ -255,6 +255,18 @@ def test_hardest_only_learning_times_to_n40_restart_the_clock():
 
 
 @pytest.mark.slow
+def test_learning_times_of_the_phase_diagram_column_at_n240():
+    """The full phase diagram's n = 240 column (33 masses, t1 = 1e8) failed with "maximum number of steps reached
+    in the nonlinear solver" at c = 1.81e-4, J = 0.5001: a growth event at t ~ 3e5 whose condition moves more than
+    EVENT_ATOL per ulp of t spun its bisection (``BracketBisection``); alone the mass was learned at 304453.86."""
+    cs = (0.0, *np.logspace(-4, 0, 32))
+    times = theory.learning_times([ChainTask.mixture(240, c) for c in cs], t1=1e8)
+    assert times[0] is None and all(t is not None for t in times[1:]), times
+    assert times[3] == pytest.approx(304453.861075, rel=1e-9), times[3]
+    assert np.all(np.diff(np.asarray(times[1:], dtype=float)) < 0)  # more easy mass, sooner
+
+
+@pytest.mark.slow
 def test_hardest_only_learning_time_far_past_1e12():
     # log-time solve on the exact closed form (the true plateau gradient at n = 20 is ~1e-19); the
     # two solves before (t in one piece, round-off gradients) gave nothing past n ~ 16
