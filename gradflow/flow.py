@@ -18,6 +18,7 @@ cache of compiled executables, ``compilation_count``, the persistent compilation
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -125,6 +126,7 @@ __all__ = [
 
 METRIC_CHUNK_ELEMENTS = 4096
 ON_ERROR = ("raise", "report")  # simulate_many: what a failed member does
+EARLY_STEPS = 16_384  # simulate / simulate_many first solve with at most this many steps: a long solve says so early
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,35 +693,87 @@ def _trajectory(params: FlowParams, out, stats: dict) -> Trajectory:
     return trajectory
 
 
+def _early(params: FlowParams) -> FlowParams:
+    """The config a host solve runs first: at most ``EARLY_STEPS`` steps (a solve that ends within them is
+    identical to the full one; the others are reported by ``_outlook`` and solved again in full)."""
+    return params.replace(max_steps=EARLY_STEPS) if params.max_steps > EARLY_STEPS else params
+
+
+def _ran_out_early(params: FlowParams, out) -> bool:
+    """Whether an early solve (``_early``) of ``params`` stopped at ``EARLY_STEPS`` short of its own max_steps."""
+    return params.max_steps > EARLY_STEPS and is_result(int(out.result), diffrax.RESULTS.max_steps_reached)
+
+
+def _outlook(params: FlowParams, out, seconds: float) -> tuple[str, bool]:
+    """What an early solve that ran out of steps says: the time reached, the step rate and the steps t1 needs
+    at that pace, from steps uniform in log(1 + t - t0) (a converging flow's steps grow with t: the fewest)
+    to steps uniform in t (a stiff flow's stable step: the most); hopeless when even the fewest exceed max_steps."""
+    t0, t1, reached = float(params.t0), float(params.t1), float(out.t_stop)
+    steps = int(out.num_steps)
+    fraction = lambda f: (f(reached - t0) / f(t1 - t0)) if reached > t0 else 0.0
+    fewest, most = (steps / fraction(f) if fraction(f) > 0 else math.inf for f in (math.log1p, float))
+    rate = steps / max(seconds, 1e-9)
+    message = (
+        f"after {steps:,} steps ({rate:,.0f} steps/s) the flow solve has reached t={reached:.6g} of t1={t1:.6g}: at "
+        f"this pace t1 needs {fewest:,.0f} (steps uniform in log t) to {most:,.0f} steps (uniform in t)"
+    )
+    return message, fewest > params.max_steps
+
+
+def _early_failure(message: str, params: FlowParams) -> str:
+    return (
+        f"{message}, more than max_steps={params.max_steps:,}: raise max_steps, loosen rtol/atol, or (a capped flow with "
+        "self-loops is stiff) use solver 'auto'"
+    )
+
+
 def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
     """Integrate d theta/dt = grad J(theta) from theta0 over [t0, t1]; see ``Trajectory``.
+
+    The solve first runs at most ``EARLY_STEPS`` steps (the same result when it ends within them).  One that
+    needs more says so then: it raises when, at the pace so far (extrapolated in the solver's time), t1
+    needs more than max_steps, and otherwise warns with the time reached and the step rate and solves
+    again with the full max_steps (a second compilation, for long solves only).
 
     Args:
         flow_params: the flow to solve.
         progress: show diffrax's tqdm meter (that executable holds a host callback, so JAX's persistent
-            cache never stores it: a new process compiles it again).
+            cache never stores it: a new process compiles it again); no early solve then.
 
     Returns:
         The ``Trajectory`` of the solve.
 
     Raises:
         RuntimeError: the solve failed (``failure_message``: a NaN or infinite reward or field, steps ran
-            out, ...); the message names the config (``config_label``), the time, the steps and theta.
+            out, ...) or will run out of steps (``EARLY_STEPS``); the message names the config
+            (``config_label``), the time, the steps and theta or the step rate.
         ValueError: flow_params is not a ``FlowParams``, or its ``stop_at`` level is at or above the
             reward ceiling (``check_levels``; a recorded event above it only warns).
     """
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.FlowParams, got {type(flow_params).__name__}")
     check_levels(flow_params)
-    padded = bucketed(flow_params)
-    executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (padded,), progress, export=not progress)
-    start = time.perf_counter()
-    out = jax.device_get(_trimmed(executable(padded), flow_params.task.n))
-    stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}
+    label = config_label(flow_params)
+    out, stats = _host_solve(flow_params if progress else _early(flow_params), progress)
+    if not progress and _ran_out_early(flow_params, out):
+        message, hopeless = _outlook(flow_params, out, stats["run_seconds"])
+        if hopeless:
+            raise RuntimeError(f"{label}: {_early_failure(message, flow_params)}")
+        warnings.warn(f"{label}: {message}; solving again up to max_steps={flow_params.max_steps:,}", stacklevel=2)
+        out, stats = _host_solve(flow_params, progress)
     message = failure_message(flow_params, out)
     if message is not None:
-        raise RuntimeError(f"{config_label(flow_params)}: {message}")
+        raise RuntimeError(f"{label}: {message}")
     return _trajectory(flow_params, out, stats)
+
+
+def _host_solve(params: FlowParams, progress: bool) -> tuple:
+    """One config's Solution on the host (trimmed to its n) and its compile and run seconds."""
+    padded = bucketed(params)
+    executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (padded,), progress, export=not progress)
+    start = time.perf_counter()
+    out = jax.device_get(_trimmed(executable(padded), params.task.n))
+    return out, {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}
 
 
 def _stack_bucketed(configs: Sequence[FlowParams]) -> FlowParams:
@@ -781,8 +835,11 @@ def simulate_many(
     (linear attention without cap or schedule, the defaults): the chains are laid out in the bucket of
     the longest (``gradflow.task.bucket_size``), n traced.
 
-    Configs may stop at different times or never reach their stop event.  Every member runs at most its
-    max_steps steps, so a member that needs many more steps than the rest stops there and is reported.
+    Configs may stop at different times or never reach their stop event.  The batch first runs at most
+    ``EARLY_STEPS`` steps per member: a member that has not finished by then is reported at once when, at
+    its pace, t1 needs more than its max_steps (a ``SolveFailure`` or the raise), and otherwise is solved
+    again alone with its full max_steps (with a warning giving its time reached and step rate), so the
+    rest of the batch never waits for it.
 
     Args:
         configs: ``FlowParams`` of one structure.
@@ -808,6 +865,36 @@ def simulate_many(
     for index, cfg in enumerate(configs):
         if isinstance(cfg, FlowParams):
             check_levels(cfg, index)
+    outs, stats = _host_batch([cfg if progress else _early(cfg) for cfg in configs], progress, devices)
+    reasons, again = {}, []
+    for index, cfg in enumerate(configs):  # members that ran out of early steps: hopeless, or solved again in full
+        if not progress and _ran_out_early(cfg, outs[index]):
+            message, hopeless = _outlook(cfg, outs[index], stats["run_seconds"])
+            if hopeless:
+                reasons[index] = _early_failure(message, cfg)
+            else:
+                again.append(index)
+                note = f"configs[{index}] ({config_label(cfg)}): {message}; solving it again up to max_steps"
+                warnings.warn(note, stacklevel=2)
+    if again:
+        for index, out in zip(again, _host_batch([configs[i] for i in again], progress, devices)[0]):
+            outs[index] = out
+    results = []
+    for index, cfg in enumerate(configs):
+        one = outs[index]
+        message = reasons.get(index) or failure_message(cfg, one)
+        if message is None:
+            results.append(_trajectory(cfg, one, stats))
+        elif on_error == "report":
+            results.append(_failure(index, cfg, message))
+        else:
+            raise RuntimeError(str(_failure(index, cfg, message)))
+    return results
+
+
+def _host_batch(configs: list[FlowParams], progress: bool, devices) -> tuple[list, dict]:
+    """Configs of one structure solved as one batch: each member's Solution on the host (trimmed to its n),
+    and the batch's compile and run seconds."""
     batch = _stack_bucketed(configs)
     size = len(configs)
     n_devices = 1 if devices is None else len(devices)
@@ -817,17 +904,8 @@ def simulate_many(
     out, compile_s = _run_batch(batch, progress, n_devices)
     out = jax.device_get(out)
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start - compile_s, "batch": size}
-    results = []
-    for index, cfg in enumerate(configs):
-        one = _trimmed(jax.tree_util.tree_map(lambda v, i=index: v[i], out), cfg.task.n)
-        message = failure_message(cfg, one)
-        if message is None:
-            results.append(_trajectory(cfg, one, stats))
-        elif on_error == "report":
-            results.append(_failure(index, cfg, message))
-        else:
-            raise RuntimeError(str(_failure(index, cfg, message)))
-    return results
+    members = [_trimmed(jax.tree_util.tree_map(lambda v, i=index: v[i], out), cfg.task.n) for index, cfg in enumerate(configs)]
+    return members, stats
 
 
 def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:

@@ -284,3 +284,19 @@ def test_learning_time_raises_at_a_nan_reward():
     _nan_today()
     with pytest.raises(RuntimeError, match=r"learning_time: config [0-9a-f]{16} \(n = 8.*reward J is not finite"):
         theory.learning_time(gf.ChainTask.uniform(8), SELF_LOOPS, NAN_THETA, t1=10.0, max_steps=50)
+
+
+def test_a_solve_that_needs_many_steps_says_so_early(monkeypatch):
+    """A solve first runs EARLY_STEPS steps: past them it raises at once when even the fewest steps t1 can
+    need (uniform in log t) exceed max_steps, and otherwise warns and solves again in full."""
+    monkeypatch.setattr(gf.flow, "EARLY_STEPS", 32)  # the default flow takes about 97 steps
+    params = FlowParams(gf.ChainTask.uniform(8))
+    with pytest.warns(UserWarning, match=r"after 32 steps \(.* steps/s\) the flow solve has reached t=.* of t1=10000"):
+        trajectory = simulate(params)
+    np.testing.assert_array_equal(trajectory.theta, np.asarray(gf.flow.solve(params).theta))  # the full solve's result
+    assert trajectory.stats["num_steps"] > 32
+    with pytest.raises(RuntimeError, match=r"t1 needs .* steps \(uniform in t\), more than max_steps=40"):
+        simulate(params.replace(max_steps=40))
+    hopeless, quick = simulate_many([params.replace(max_steps=40), params.replace(t1=1.0, max_steps=40)], on_error="report")
+    assert isinstance(hopeless, SolveFailure) and hopeless.index == 0 and "more than max_steps=40" in hopeless.reason
+    assert isinstance(quick, gf.Trajectory) and quick.stats["num_steps"] <= 32
