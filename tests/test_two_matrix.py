@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gradflow as gf
-from gradflow import sampling, two_matrix
+from gradflow import capped, sampling, two_matrix
 
 VALUES = ("sigma", "rho", "omega", "mu", "nu")
 
@@ -41,8 +41,8 @@ def dense_matrices(x, n_vocab: int):
     return x[a_kind], x[v_kind], {tok: j for j, tok in enumerate(tokens)}
 
 
-def dense_success(x, n: int, model: gf.ModelSpec, start: int):
-    """P(own terminal a_n) from a_start by a dense solve of the token-built chain (jax, differentiable)."""
+def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
+    """The N x N next-vertex matrix of the token-built chain for the start a_start (jax, differentiable)."""
     n_vocab = 2 * n + model.n_isolated
     A, V, column = dense_matrices(x, n_vocab)
     edges = [column[("e", (c * n + i, c * n + i + 1))] for c in range(2) for i in range(n - 1)]
@@ -56,11 +56,31 @@ def dense_success(x, n: int, model: gf.ModelSpec, start: int):
         if model.mask_self:
             logits = logits.at[u].set(-jnp.inf)
         rows.append(jax.nn.softmax(logits))
-    p = jnp.stack(rows)
-    transient = np.array([v for v in range(n_vocab) if v not in (n - 1, 2 * n - 1)])
+    return jnp.stack(rows)
+
+
+def dense_success(x, n: int, model: gf.ModelSpec, start: int):
+    """P(own terminal a_n) from a_start by a dense solve of the token-built chain (jax, differentiable)."""
+    p = dense_transition(x, n, model, start)
+    transient = np.array([v for v in range(p.shape[0]) if v not in (n - 1, 2 * n - 1)])
     q = p[np.ix_(transient, transient)]
     h = jnp.linalg.solve(jnp.eye(transient.size) - q, p[transient, n - 1])
-    return h[list(transient).index(s)]
+    return h[list(transient).index(start - 1)]
+
+
+def dense_capped(x, n: int, model: gf.ModelSpec, start: int, caps: int):
+    """(success, reach, E[min(L, T)], traversal) from a_start within T = 1..caps tokens, each (caps,): the
+    dense matrix with absorbing terminals propagated step by step (jax, differentiable)."""
+    p = dense_transition(x, n, model, start)
+    own, other, eye = n - 1, 2 * n - 1, jnp.eye(p.shape[0])
+    absorbing = p.at[own].set(eye[own]).at[other].set(eye[other])
+    f, g, length, out = eye[own], eye[other], 0.0, []
+    path = jnp.prod(jnp.array([p[i - 1, i] for i in range(start, n)]))
+    for cap in range(1, caps + 1):
+        length = length + 1.0 - f[start - 1] - g[start - 1]
+        f, g = absorbing @ f, absorbing @ g
+        out.append((f[start - 1], f[start - 1] + g[start - 1], length, path if n - start <= cap else 0.0))
+    return tuple(jnp.stack(column) for column in zip(*out))
 
 
 def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
@@ -167,7 +187,83 @@ def test_authors_start_and_unsupported_quantities():
     with pytest.raises(NotImplementedError):
         gf.length_per_start(start, task, model)
     with pytest.raises(NotImplementedError):
-        gf.expected_reward(start, task, gf.ModelSpec(values="trained", max_len=6))
+        gf.greedy.greedy_metrics(start, task, model)
+
+
+CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
+    (2, "linear", True, 0, (1, 2, 3, 4)),
+    (3, "softmax", False, 1, (1, 3, 6)),
+    (4, "linear", False, 2, (2, 8)),
+    pytest.param(4, "softmax", True, 0, range(1, 9), marks=pytest.mark.slow),
+    pytest.param(5, "softmax", True, 1, range(1, 11), marks=pytest.mark.slow),
+    pytest.param(6, "linear", False, 0, range(1, 13), marks=pytest.mark.slow),
+    pytest.param(7, "softmax", False, 0, range(1, 15), marks=pytest.mark.slow),
+    pytest.param(7, "linear", True, 1, range(1, 15), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("n, attention, mask, iso, caps", CAPPED_CASES)
+def test_capped_reward_and_gradient_equal_the_dense_token_chain(n, attention, mask, iso, caps, rng):
+    """The capped closed form (one recursion per start) against the dense token chain propagated T steps."""
+    model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained")
+    task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+    x = random_two_matrix_theta(rng, 0.8).as_array("trained")
+    starts = [n - d for d in range(1, n)]
+    dense = lambda y: jnp.stack([jnp.stack(dense_capped(y, n, model, start, max(caps))) for start in starts])  # (n-1, 4, caps)
+    reference = np.asarray(jax.jit(dense)(x))
+    grad_reference = jax.jit(jax.jacrev(lambda y: task.start_probs @ dense(y)[:, 0]))(x)  # (caps, 10)
+    for cap in caps:
+        capped_model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained", max_len=cap)
+
+        @jax.jit
+        def closed(y, m=capped_model):
+            theta = gf.Theta.from_array(y)
+            j, g = jax.value_and_grad(lambda z: gf.expected_reward(gf.Theta.from_array(z), task, m))(y)
+            return (
+                j,
+                g,
+                gf.expected_loss(theta, task, m),
+                gf.same_side_probability(theta, task, m),
+                capped.per_start(theta, task, m),
+            )
+
+        j, g, loss, success, per_start = closed(x)
+        ref = reference[:, :, cap - 1]
+        np.testing.assert_allclose(j, task.start_probs @ ref[:, 0], rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(loss, task.start_probs @ (1.0 - ref[:, 0]), rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(g, grad_reference[cap - 1], rtol=1e-8, atol=1e-11)
+        np.testing.assert_allclose(success, ref[:, 0], rtol=1e-11, atol=1e-14)
+        for k, field in enumerate(("success", "reach", "length", "traversal")):
+            np.testing.assert_allclose(
+                getattr(per_start, field), ref[:, k], rtol=1e-11, atol=1e-14, err_msg=f"{field}, cap {cap}"
+            )
+
+
+def test_capped_fixed_v_limit_equals_the_one_matrix_model(rng):
+    """Linear attention at the fixed V: the trained-V recursion is today's capped result, every read-out."""
+    for n, mask, iso, cap in [(2, True, 0, 1), (3, False, 2, 4), (5, True, 1, 3), (6, False, 0, 12)]:
+        task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+        theta = gf.Theta.from_array(rng.normal(size=5))
+        fixed = gf.ModelSpec(mask_self=mask, n_isolated=iso, max_len=cap)
+        trained = gf.ModelSpec(mask_self=mask, n_isolated=iso, max_len=cap, values="trained")
+        for ours, today in zip(capped.per_start(theta, task, trained), capped.per_start(theta, task, fixed)):
+            np.testing.assert_allclose(ours, today, rtol=1e-13, atol=1e-300)
+        g_fixed = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, fixed))(theta.as_array())
+        g_trained = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, trained))(theta.as_array("trained"))
+        np.testing.assert_allclose(g_trained[:5], g_fixed, rtol=1e-10, atol=1e-15)
+
+
+def test_capped_sampled_reward_agrees_with_the_closed_form():
+    model = gf.ModelSpec("softmax", tau=0.5, mask_self=False, values="trained", max_len=4)
+    task = gf.ChainTask.uniform(4)
+    theta = gf.Theta(0.8, -0.3, 0.1, -0.6, 0.2, sigma=1.3, rho=0.6, omega=0.1, mu=0.9, nu=-0.2)
+    mean, stderr = sampling.estimate_reward(theta, task, model, jax.random.PRNGKey(4), 4000)
+    closed = gf.expected_reward(theta, task, model)
+    assert 0.05 < float(closed) < 0.95 and float(closed) < float(
+        gf.expected_reward(theta, task, gf.ModelSpec("softmax", tau=0.5, mask_self=False, values="trained"))
+    )
+    z = (mean - closed) / stderr
+    assert abs(float(z)) < 4.5, f"z = {float(z)}"
 
 
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
