@@ -11,6 +11,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gradflow as gf
@@ -81,6 +82,29 @@ def dense_capped(x, n: int, model: gf.ModelSpec, start: int, caps: int):
         f, g = absorbing @ f, absorbing @ g
         out.append((f[start - 1], f[start - 1] + g[start - 1], length, path if n - start <= cap else 0.0))
     return tuple(jnp.stack(column) for column in zip(*out))
+
+
+def labelled_reward(A, V, task: gf.ChainTask, model: gf.ModelSpec, labels):
+    """J from the dense A (N x N^2) and V (N^2 x N) when role r (a_1..a_n, b_1..b_n) is vertex labels[r]
+    (no isolated vertices; jax, vmappable over labels): the authors' reward for one labelling."""
+    n, n_vocab = task.n, A.shape[0]
+    column = lambda x, y: n_vocab + x * (n_vocab - 1) + y - (y > x)
+    edges = jnp.stack([column(labels[c * n + i], labels[c * n + i + 1]) for c in range(2) for i in range(n - 1)])
+    transient = [r for r in range(2 * n) if r not in (n - 1, 2 * n - 1)]
+    reward = 0.0
+    for d in range(1, n):
+        s, rows = n - d - 1, []
+        for u in range(2 * n):
+            context = jnp.concatenate([edges, labels[jnp.array(sorted({s, u}))]])
+            scores = A[labels[u], context]
+            weights = jax.nn.softmax(scores) if model.attention == "softmax" else scores
+            logits = (weights @ V[context] / model.tau)[labels]  # over roles
+            rows.append(jax.nn.softmax(logits.at[u].set(-jnp.inf) if model.mask_self else logits))
+        p = jnp.stack(rows)
+        q = p[np.ix_(transient, transient)]
+        h = jnp.linalg.solve(jnp.eye(len(transient)) - q, p[transient, n - 1])
+        reward = reward + task.start_probs[d - 1] * h[transient.index(s)]
+    return reward
 
 
 def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
@@ -264,6 +288,70 @@ def test_capped_sampled_reward_agrees_with_the_closed_form():
     )
     z = (mean - closed) / stderr
     assert abs(float(z)) < 4.5, f"z = {float(z)}"
+
+
+def test_full_coordinate_adam_is_per_entry_adam_on_the_dense_matrices():
+    """Adam in full coordinates (gradient_descent) = optax.adam on every entry of the dense A and V, the reward
+    averaged over all labellings of the vertices (so its gradient is the same on every entry of an orbit)."""
+    n, lr, steps = 3, 1e-2, 5
+    model = gf.ModelSpec(tau=0.2, mask_self=False, values="trained")
+    task = gf.ChainTask(n, [0.3, 0.7])
+    perms = jnp.array(list(itertools.permutations(range(2 * n))))
+    average = lambda AV: jnp.mean(jax.vmap(lambda labels: labelled_reward(*AV, task, model, labels))(perms))
+    dense_grad = jax.jit(jax.grad(average))
+    a_kind, v_kind, _ = dense_matrices(np.arange(10), 2 * n)
+    # at scale 1e-8 an entry's gradient is ~1e-20, the sum of O(1e-8) terms that cancel: the dense float64 route
+    # holds it to ~1e-3 (Adam turns it into the step: g << eps), so the steps are compared to 1e-2 there; atol: a
+    # gradient that is 0 up to round-off moves by lr * round-off / eps
+    for scale, rtol, atol in ((1e-8, 1e-2, 1e-18), (0.3, 1e-9, 1e-10)):
+        start = gf.model.authors_start(scale)
+        run = gf.training.gradient_descent(gf.FlowParams(task, model, start), lr, steps, optimizer="adam", coords="full")
+        reduced = gf.training.gradient_descent(gf.FlowParams(task, model, start), lr, steps, optimizer="adam")
+        A, V, _ = dense_matrices(jnp.asarray(start.as_array("trained")), 2 * n)
+        opt = optax.adam(lr)
+        state = opt.init((A, V))
+        x0 = start.as_array("trained")
+        for k in range(steps + 1):
+            for j in range(10):  # every entry of an orbit moves as the orbit coordinate
+                entries = A[a_kind == j] if j < 5 else V[v_kind == j]
+                moved, expected = entries - x0[j], run.theta[k, j] - x0[j]
+                np.testing.assert_allclose(moved, expected, rtol=rtol, atol=atol, err_msg=f"scale {scale}, step {k}, number {j}")
+            updates, state = opt.update(jax.tree.map(jnp.negative, dense_grad((A, V))), state)
+            A, V = optax.apply_updates((A, V), updates)
+        if scale == 1e-8:  # eps meets the orbit gradient, N s_k times an entry's: Adam on the orbits is another optimizer
+            assert np.max(np.abs(reduced.theta[1] - run.theta[1])) > 1e-3 * lr
+
+
+def test_exact_training_with_v_trained_reduced_and_full():
+    """SGD on the ten numbers (reduced: lr grad J; full: lr grad J / orbit sizes), Adam on them (reduced), the
+    read-outs with a closed form recorded and the others NaN; ``gradient_descent_many`` equals one by one."""
+    model = gf.ModelSpec(tau=0.3, mask_self=False, values="trained", max_len=5)
+    task = gf.ChainTask.uniform(3)
+    config = gf.FlowParams(task, model, gf.model.authors_start(0.2))
+    grad = jax.jit(jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model)))
+    sizes = np.asarray(config.orbit_sizes())
+    assert sizes.shape == (10,)
+    lr, steps = 0.5, 4
+    for optimizer, coords in (("sgd", "reduced"), ("sgd", "full"), ("adam", "reduced")):
+        run = gf.training.gradient_descent(config, lr, steps, optimizer=optimizer, coords=coords)
+        opt = optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
+        x = config.theta0.as_array("trained")
+        state = opt.init(x)
+        for k in range(steps):
+            np.testing.assert_allclose(run.theta[k], x, rtol=1e-12, atol=1e-15)
+            g = grad(x) / (sizes if coords == "full" else 1.0)
+            update, state = opt.update(-g, state, x)
+            x = optax.apply_updates(x, update)
+        np.testing.assert_allclose(run.theta[steps], x, rtol=1e-12, atol=1e-15)
+    theta = gf.Theta.from_array(run.theta[2])
+    np.testing.assert_allclose(run.reward[2], gf.expected_reward(theta, task, model), rtol=1e-13)
+    per = capped.per_start(theta, task, model)
+    np.testing.assert_allclose(run.success_per_start[2], per.success, rtol=1e-13)
+    np.testing.assert_allclose(run.expected_length[2], gf.expected_length(theta, task, model), rtol=1e-13)
+    assert np.isnan(run.forward_prob).all() and np.isnan(run.greedy_accuracy).all() and run.reward[-1] > run.reward[0]
+    configs = [config, gf.FlowParams(task, model, gf.model.authors_start(0.1))]
+    many = gf.training.gradient_descent_many(configs, lrs=[lr, 0.2], steps=steps, optimizer="adam")
+    np.testing.assert_allclose(many[0].theta, run.theta, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
