@@ -38,6 +38,26 @@ def value_differences(theta: Theta) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarr
     return theta.sigma - theta.omega, theta.rho - theta.omega, theta.mu - theta.nu
 
 
+def balances(theta: Theta, sizes=None) -> jnp.ndarray:
+    """(edge, vertex) = sum_k w_k (a_k^2 - v_k^2) over the edge numbers (alpha, beta, gamma against sigma, rho,
+    omega) and the vertex numbers (eta, delta against mu, nu): |A|^2 - |V|^2 per kind of token on the
+    symmetric subspace, conserved by the linear-attention gradient flow (docs/THEORY.md §10).
+
+    Args:
+        theta: the parameters (any batch shape).
+        sizes (jax.Array | None): the weights w of A's five numbers, V's the same: the orbit sizes for the
+            flow in full coordinates (``FlowParams.orbit_sizes()[:5]``); None (all 1) for reduced coordinates.
+
+    Returns:
+        An array of shape (..., 2).
+    """
+    weights = jnp.ones(5) if sizes is None else jnp.asarray(sizes, dtype=float)[:5]
+    a = jnp.stack(jnp.broadcast_arrays(theta.alpha, theta.beta, theta.gamma, theta.eta, theta.delta), axis=-1)
+    v = jnp.stack(jnp.broadcast_arrays(theta.sigma, theta.rho, theta.omega, theta.mu, theta.nu), axis=-1)
+    terms = weights * (a - v) * (a + v)
+    return jnp.stack([jnp.sum(terms[..., :3], -1), jnp.sum(terms[..., 3:], -1)], -1)
+
+
 def _require_two_matrix(model: ModelSpec) -> None:
     if model.values != "trained":
         raise ValueError(f"gradflow.two_matrix needs ModelSpec(values='trained'), got values={model.values!r}")

@@ -354,6 +354,38 @@ def test_exact_training_with_v_trained_reduced_and_full():
     np.testing.assert_allclose(many[0].theta, run.theta, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("coords, t1", [("reduced", 30.0), ("full", 400.0)])
+def test_flow_with_v_trained_conserves_the_balances(coords, t1):
+    """The flow of the ten numbers from the authors' start escapes the saddle while |A|^2 - |V|^2 of the edge
+    tokens and of the vertex tokens (orbit-weighted in full coordinates) stay at their start values."""
+    model = gf.ModelSpec(tau=0.2, mask_self=False, values="trained")
+    start = gf.model.authors_start(1e-3)
+    params = gf.FlowParams(gf.ChainTask.uniform(3), model, start, t1=t1, coords=coords, rtol=1e-10, atol=1e-12)
+    trajectory = gf.simulate(params)
+    assert trajectory.theta.shape == (201, 10) and trajectory.reward[-1] > 0.9
+    np.testing.assert_array_equal(trajectory.theta[0], start.as_array("trained"))
+    assert np.isnan(trajectory.forward_prob).all()  # no closed form with V trained: recorded as NaN
+    sizes = params.orbit_sizes() if coords == "full" else None
+    thetas = gf.Theta.from_array(trajectory.theta)
+    balance = np.asarray(two_matrix.balances(thetas, sizes))
+    weights = np.ones(5) if sizes is None else np.asarray(sizes)[:5]
+    a_edge = np.sum(weights[:3] * trajectory.theta[:, :3] ** 2, axis=1)
+    drift = np.max(np.abs(balance - balance[0]))
+    assert drift < 1e-8 * np.max(a_edge), f"drift {drift}"
+    assert np.ptp(a_edge) > 1e4 * drift  # |A|^2 itself grows by orders of magnitude more
+
+
+def test_escape_time_grows_like_log_one_over_scale():
+    """From authors_start(scale) the flow sits at the saddle for a time linear in log(1/scale)."""
+    model = gf.ModelSpec(tau=0.2, mask_self=False, values="trained")
+    scales = np.array([1e-8, 1e-6, 1e-4, 1e-2])
+    configs = [gf.FlowParams(gf.ChainTask.uniform(3), model, gf.model.authors_start(s), t1=1e4) for s in scales]
+    times = np.array(gf.theory.escape_times(configs))
+    slope, intercept = np.polyfit(np.log(1.0 / scales), times, 1)
+    assert slope > 0 and np.all(np.diff(times) < 0)
+    np.testing.assert_allclose(times, slope * np.log(1.0 / scales) + intercept, rtol=0.02)
+
+
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
 def test_token_level_transition_equals_the_dense_route(attention, rng):
     """``gradflow.sampling`` with the trained V builds the same chain as the reference, for random labels."""
