@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import gradflow as gf
-from gradflow import capped, sampling, two_matrix
+from gradflow import capped, ceilings, sampling, two_matrix
 
 VALUES = ("sigma", "rho", "omega", "mu", "nu")
 
@@ -212,6 +212,9 @@ def test_authors_start_and_unsupported_quantities():
         gf.length_per_start(start, task, model)
     with pytest.raises(NotImplementedError):
         gf.greedy.greedy_metrics(start, task, model)
+    # the reward ceiling: 1 for linear attention without a cap, not derived otherwise with V trained
+    assert ceilings.closed_form_ceiling(task, model) == 1.0
+    assert ceilings.closed_form_ceiling(task, gf.ModelSpec("softmax", values="trained")) is None
 
 
 CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
