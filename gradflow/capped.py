@@ -39,6 +39,11 @@ reverse mode stores only the carry of each step, 3 * (2(n-1) + 1) + 2(n-1) float
 backward pass (about twice the forward cost).  Forward mode (jvp, jacfwd) stores nothing extra;
 every order of derivative works (jax.hessian included).
 
+V trained (``ModelSpec(values="trained")``, docs/THEORY.md §10): the rows depend on the start (a start
+row and three far classes: chain starts, interior vertices, terminals), so there is one recursion per
+start over ``two_matrix.start_logits``, each step O(n) by the same prefix and suffix sums per class,
+the start left out of its class with its own weight.
+
 All public functions take ``(theta, task, model)`` and need ``model.max_len`` set (or the keyword
 ``max_len``, which wins when given).  Per-start arrays are indexed by start distance d = 1..n-1
 (entry d-1); the scalar versions weight them by ``task.start_probs``.
@@ -51,7 +56,9 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from gradflow import two_matrix
 from gradflow._checks import check_int
 from gradflow.model import ModelSpec, RowScores, Theta, row_logits, row_scores
 from gradflow.policy import degree_counts
@@ -231,6 +238,121 @@ def _per_start_from_rows(rows: _Rows, n: int, model: ModelSpec, cap: int) -> Cap
     return CappedPerStart(f[0], f[0] + g[0], length[0], traversal, g[0] + s[0])
 
 
+# --------------------------------------------------------------------------------------------------
+# V trained (docs/THEORY.md §10): one recursion per start over the start's rows
+# --------------------------------------------------------------------------------------------------
+
+
+class _StartRows(NamedTuple):
+    """Row weights of the trained-V model seen from one start, each row divided by exp of its largest
+    logit: chain rows (2, n-1) for succ/self/pred, far (3, 2, n-1) for the far classes (chain starts,
+    interior vertices, terminals), start (2, n-1) on the start where it is far, isolated (2, n-1) on each
+    isolated vertex, z the rows' totals, log_forward; the isolated row (scalars): iso_far (3,), iso_start,
+    iso_self (itself), iso_other (each other isolated vertex), iso_z."""
+
+    succ: jnp.ndarray
+    self_: jnp.ndarray
+    pred: jnp.ndarray
+    far: jnp.ndarray
+    start: jnp.ndarray
+    isolated: jnp.ndarray
+    z: jnp.ndarray
+    log_forward: jnp.ndarray
+    iso_far: jnp.ndarray
+    iso_start: jnp.ndarray
+    iso_self: jnp.ndarray
+    iso_other: jnp.ndarray
+    iso_z: jnp.ndarray
+
+
+def _start_rows(theta: Theta, n: int, model: ModelSpec, start) -> _StartRows:
+    """``two_matrix.start_logits`` exponentiated in each row's scale (the row's largest present logit
+    subtracted: a constant that cancels, no gradient); totals by ``_start_apply`` on ones."""
+    logits = two_matrix.start_logits(theta, n, model, start)
+    m = model.n_isolated
+    shape = (2, n - 1)
+    rows = lambda x: jnp.broadcast_to(x, (2 * (n - 1),)).reshape(shape)
+    succ, self_, pred = rows(logits.succ), rows(logits.self_), rows(logits.pred)
+    far = jnp.stack([rows(logits.chain_start), rows(logits.interior), rows(logits.terminal)])
+    far_s = rows(jnp.where(logits.start_far, logits.start_class + logits.start_extra, -jnp.inf))
+    present = [succ, pred, far[0], far[2], far_s] + ([far[1]] if n >= 3 else []) + ([jnp.zeros(shape)] if m else [])
+    present += [] if model.mask_self else [self_]
+    top = jax.lax.stop_gradient(jnp.max(jnp.stack(present), axis=0))
+    self_w = jnp.zeros(shape) if model.mask_self else jnp.exp(self_ - top)
+    isolated = jnp.exp(-top) if m else jnp.zeros(shape)
+
+    iso_far = jnp.stack([logits.iso_start, logits.iso_interior, logits.iso_terminal])
+    iso_s = logits.iso_start_class + logits.iso_start_extra
+    m_other = max(m - 1, 0)  # the other isolated vertices
+    iso_present = [iso_far[0], iso_far[2], iso_s] + ([iso_far[1]] if n >= 3 else []) + ([jnp.zeros(())] if m_other else [])
+    iso_present += [] if model.mask_self else [logits.iso_self]
+    iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack(iso_present)))
+    iso_self = jnp.zeros(()) if model.mask_self else jnp.exp(logits.iso_self - iso_top)
+    weights = _StartRows(
+        jnp.exp(succ - top), self_w, jnp.exp(pred - top), jnp.exp(far - top), jnp.exp(far_s - top), isolated,
+        None, None, jnp.exp(iso_far - iso_top), jnp.exp(iso_s - iso_top), iso_self, jnp.exp(-iso_top), None,
+    )  # fmt: skip
+    (z,), (iso_z,) = _start_apply(weights, jnp.ones((1, 2, n)), jnp.ones(1), n, model, start)
+    return weights._replace(z=z, log_forward=succ - top - jnp.log(z), iso_z=iso_z)
+
+
+def _start_apply(rows: _StartRows, values: jnp.ndarray, iso: jnp.ndarray, n: int, model: ModelSpec, start):
+    """The unnormalised step v -> Z P v of the start's rows for K value vectors (``_apply``'s layout):
+    values (K, 2, n) (terminal values last), iso (K,); returns (K, 2, n-1) and (K,).
+
+    Far sums of each class run over the row's own chain by prefix and suffix sums (positions <= i-2 and
+    >= i+2) plus the other chain's total, the start left out of its class (it has its own weight): every
+    term a product of non-negative numbers.
+    """
+    position = np.arange(1, n + 1)
+    classes = np.stack([position == 1, (position >= 2) & (position <= n - 1), position == n]).astype(float)  # (3, n)
+    on_start = (jnp.arange(2)[:, None] == 0) & (jnp.asarray(position)[None, :] == start)  # (2, n)
+    v_start = values[:, 0, start - 1]  # (K,)
+    y = jnp.where(on_start, 0.0, values)[:, None] * classes[None, :, None, :]  # (K, 3, 2, n)
+    prefix = jnp.cumsum(y, axis=-1)
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(y, -1), axis=-1), -1)
+    left = jnp.pad(prefix, ((0, 0), (0, 0), (0, 0), (2, 0)))[..., : n - 1]  # row i: positions <= i-2
+    right = jnp.pad(suffix, ((0, 0), (0, 0), (0, 0), (0, 3)))[..., 2 : n + 1]  # row i: positions >= i+2
+    totals = suffix[..., 0]  # (K, 3, 2)
+    far = left + right + jnp.flip(totals, -1)[..., None]
+    pred_values = jnp.pad(values, ((0, 0), (0, 0), (1, 0)))[..., : n - 1]
+    m = model.n_isolated
+    chain = (
+        rows.succ * values[..., 1:]
+        + rows.self_ * values[..., : n - 1]
+        + rows.pred * pred_values
+        + jnp.sum(rows.far * far, axis=1)
+        + rows.start * v_start[:, None, None]
+        + rows.isolated * m * iso[:, None, None]
+    )
+    iso_new = (
+        jnp.sum(rows.iso_far * jnp.sum(totals, -1), -1)
+        + rows.iso_start * v_start
+        + (rows.iso_self + max(m - 1, 0) * rows.iso_other) * iso
+    )
+    return chain, iso_new
+
+
+def _trained_at_start(theta: Theta, n: int, model: ModelSpec, cap: int, start) -> CappedPerStart:
+    """The read-outs of the start a_start of the trained-V model: the three recursions over its rows."""
+    rows = _start_rows(theta, n, model, start)
+    terminal = jnp.broadcast_to(_terminal_values(), (3, 2, 1))
+
+    def body(carry, _):
+        chain, iso, length = carry
+        length = length + chain[2, 0, start - 1]
+        new_chain, new_iso = _start_apply(rows, jnp.concatenate([chain, terminal], axis=-1), iso, n, model, start)
+        return (new_chain / rows.z, new_iso / rows.iso_z if model.n_isolated else iso, length), None
+
+    body = jax.checkpoint(body, prevent_cse=False)
+    chain0 = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0])[:, None, None], (3, 2, n - 1))
+    (chain, _, length), _ = jax.lax.scan(body, (chain0, jnp.array([0.0, 0.0, 1.0]), jnp.zeros(())), None, length=cap)
+    f, g, s = chain[:, 0, start - 1]
+    log_path = jnp.sum(jnp.where(jnp.arange(1, n) >= start, rows.log_forward[0], 0.0))
+    traversal = jnp.where(n - start <= cap, jnp.exp(log_path), 0.0)
+    return CappedPerStart(f, f + g, length, traversal, g + s)
+
+
 @eqx.filter_jit
 def per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | None = None) -> CappedPerStart:
     """Success, reach, E[min(L, max_len)], exact traversal and failure per start distance d (entry d-1).
@@ -251,6 +373,9 @@ def per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | No
     _require_closed_form(model)
     cap = _resolve_cap(model, max_len)
     n = task.n
+    if model.values == "trained":
+        out = jax.vmap(lambda position: _trained_at_start(theta, n, model, cap, position))(jnp.arange(1, n))
+        return CappedPerStart(*(x[::-1] for x in out))
     if model.attention == "linear":
         out = _per_start_from_rows(_rows(row_scores(theta, n, model), n, model), n, model, cap)
         return CappedPerStart(*(x[::-1] for x in out))

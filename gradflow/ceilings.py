@@ -203,10 +203,14 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
 def closed_form_ceiling(task: ChainTask, model: ModelSpec) -> float | None:
     """sup J where it is a closed form (linear attention, or softmax without a cap), else None.
 
-    None too for a traced task or temperature.  Cached per (task, model): a solve calls it before running.
+    None too for a traced task or temperature, and with V trained unless linear and uncapped (sup J = 1: the
+    fixed-V model is inside it; the other ceilings are derived for the fixed V only).  Cached per (task,
+    model): a solve calls it before running.
     """
     if model.attention == "linear" and not _is_capped(model):
         return 1.0
-    if (model.attention == "softmax" and _is_capped(model)) or not is_concrete((task.start_probs, model.tau)):
+    if model.values == "trained" or (model.attention == "softmax" and _is_capped(model)):
+        return None
+    if not is_concrete((task.start_probs, model.tau)):
         return None
     return _reward_ceiling_cached(_model_key(task, model)).value

@@ -154,7 +154,7 @@ def metrics_at(params: FlowParams, theta: jnp.ndarray) -> dict[str, jnp.ndarray]
 def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
     """What the recording asks for at one theta besides the reward (the solve has it): its read-outs and the
     reward on each eval task."""
-    out = readouts.read(params.recording.readout_names()[1:], theta, params.task, params.model)
+    out = readouts.read_covered(params.recording.readout_names()[1:], theta, params.task, params.model)
     out["eval_reward"] = {
         name: readouts.read(("reward",), theta, task, params.model)["reward"] for name, task in params.eval_tasks.items()
     }

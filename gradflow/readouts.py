@@ -31,7 +31,18 @@ from gradflow.task import ChainTask
 
 AXES = (None, "position", "start")
 
-__all__ = ["Readout", "READOUTS", "AXES", "register", "read", "check_names"]
+__all__ = [
+    "Readout",
+    "READOUTS",
+    "AXES",
+    "TRAINED_V",
+    "TRAINED_V_CAPPED",
+    "register",
+    "read",
+    "read_covered",
+    "covers",
+    "check_names",
+]
 
 
 class Readout(NamedTuple):
@@ -113,6 +124,35 @@ def read(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict
         return {name: READOUTS[name].fn(theta, task, model) for name in names}
     finally:
         _MEMO.reset(token)
+
+
+TRAINED_V = ("reward", "success_per_start", "reach_per_start", "reach_probability")  # closed forms with V trained
+TRAINED_V_CAPPED = ("expected_length", "traversal_prob")  # ... and these too with a cap (``gradflow.capped``)
+
+
+def covers(name: str, model: ModelSpec) -> bool:
+    """Whether read-out ``name`` has a closed form for ``model``: every one with the fixed V; with V trained
+    (docs/THEORY.md §10) those of ``TRAINED_V``, and ``TRAINED_V_CAPPED`` when the model sets a cap."""
+    if model.values == "fixed":
+        return True
+    return name in TRAINED_V or (model.max_len is not None and name in TRAINED_V_CAPPED)
+
+
+def read_covered(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict[str, jnp.ndarray]:
+    """``read`` of the names the model ``covers``, NaN (of the read-out's shape) for the others; traceable.
+
+    Args:
+        names: one read-out name or several (registered in ``READOUTS``).
+        theta (Theta | jax.Array): a ``Theta`` or its parameter array.
+        task: the chain task.
+        model: the model.
+
+    Returns:
+        A dict name -> value, in the order of ``names``.
+    """
+    names = check_names(names)
+    known = read(tuple(name for name in names if covers(name, model)), theta, task, model)
+    return {name: known[name] if name in known else jnp.full(READOUTS[name].shape(task.n), jnp.nan) for name in names}
 
 
 # --------------------------------------------------------------------------------------------------

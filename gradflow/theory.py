@@ -42,7 +42,7 @@ from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams, config_label
-from gradflow.flow import bucketable, bucketed, shared_bucket, stack_configs
+from gradflow.flow import bucketable, bucketed, hitting_times, shared_bucket, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
 from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, same_side_probability
@@ -815,6 +815,30 @@ def learning_times(
         return times
     found = {(i, name): t for (i, name, _), t in zip(jobs, times)}
     return [TaskTimes(found[i, None], {name: found[i, name] for name in evals}) for i in range(len(configs))]
+
+
+def escape_times(configs: Sequence[FlowParams], rise: float = 1e-3) -> list[float | None]:
+    """The time each config's flow leaves the saddle it starts near: the first t with J(theta_t) >= J(theta0) + rise.
+
+    A choice (docs/THEORY.md §10): the reward, the observable, rather than |theta|; the flow ascends J, so
+    the first crossing is the only one.  From the two-matrix model's near-zero start
+    (``model.authors_start(scale)``) J - J(theta0) grows like scale^2 e^{2 lambda t} while the flow sits at
+    the saddle, so the escape time grows like log(1/scale) / lambda.  One lean solve per config
+    (``flow.hitting_times``: configs of one structure share a compilation), each to its t1.
+
+    Args:
+        configs: the ``FlowParams`` to solve (any model; their stop_at and reward_threshold are replaced).
+        rise: the rise of J that counts as the escape, in (0, 1).
+
+    Returns:
+        One time (or None when t1 comes first) per config, in order.
+    """
+    check_fraction("rise", rise)
+    staged = []
+    for cfg in configs:
+        level = float(expected_reward(cfg.theta0, cfg.task, cfg.model)) + rise
+        staged.append(cfg.replace(reward_threshold=level, stop_at="threshold"))
+    return hitting_times(staged)
 
 
 def learning_time(

@@ -14,9 +14,19 @@ size of the gradient only shows when it changes sign or shrinks below eps.  So t
 is "distance a coordinate may have moved", not flow time: Adam on the exact gradient is the
 noise-free counterpart of the authors' runs (REINFORCE + Adam), and it escapes plateaus where the
 flow crawls (a tiny gradient is amplified to a step of ~lr).  ``coords="full"`` divides each
-coordinate's gradient by its orbit size (the flow of the full matrix A on the symmetric subspace);
-for SGD this rescales time per coordinate, for Adam it changes almost nothing (Adam is invariant to a
-constant per-coordinate scale, up to eps).
+coordinate's gradient by its orbit size s_k (entries per query row: the flow of the full matrices on
+the symmetric subspace, docs/THEORY.md §4.2); for SGD this rescales time per coordinate.
+
+Adam in full coordinates is the authors' optimizer: Adam on every entry of the matrices (A, and V
+when ``model.values == "trained"``) with per-entry moments and eps = 1e-8 per entry.  From a symmetric
+start every entry of orbit k has the same gradient, g_k / (N s_k) (N s_k entries share the number,
+N the vocabulary size), so the entries' moments stay equal within each orbit and per-entry Adam is
+Adam on the orbit coordinates fed g_k / (N s_k).  The full coordinates feed N times that (g_k / s_k,
+the flow's vector field), and Adam is exactly invariant to that scale when its eps is scaled too, so
+``optimizer="adam"`` (by name) with ``coords="full"`` is ``optax.adam(lr, eps=N * 1e-8)`` on g / s:
+per-entry Adam with eps = 1e-8, tested against optax.adam on the full dense matrices.  This is not
+Adam on the orbit coordinates (``coords="reduced"``): there eps meets the orbit gradient g_k, N s_k
+times larger than an entry's, which matters while gradients are below ~1e-8 (the authors' start).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from gradflow.task import ChainTask
 
 OPTIMIZERS = ("sgd", "adam")  # the common ones; any optax optimizer name is accepted
 COORDS = ("reduced", "full")
+ADAM_EPS = 1e-8  # optax.adam's default eps, and the authors' (per matrix entry)
 
 __getattr__ = module_getattr(__name__)  # deprecated names (gradflow._deprecated)
 
@@ -56,6 +67,7 @@ __all__ = [
     "reward_function",
     "OPTIMIZERS",
     "COORDS",
+    "ADAM_EPS",
     "RECORDED",
     "EVAL_RECORDED",
 ]
@@ -76,10 +88,14 @@ def _check_optimizer(optimizer) -> None:
         )
 
 
-def _make_optimizer(optimizer, lr) -> optax.GradientTransformation:
-    """An optax transformation: ``optax.<name>(lr)`` for a name, or the given transformation."""
+def _make_optimizer(optimizer, lr, entries: int = 1) -> optax.GradientTransformation:
+    """An optax transformation: ``optax.<name>(lr)`` for a name, or the given transformation.  "adam" by name
+    gets eps = ``entries`` * ADAM_EPS: fed ``entries`` times the gradient of one entry (full coordinates),
+    it is per-entry Adam with eps = ADAM_EPS (module docstring)."""
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
+    if optimizer == "adam":
+        return optax.adam(lr, eps=ADAM_EPS * entries)
     try:
         return getattr(optax, optimizer)(lr)
     except TypeError as error:
@@ -159,7 +175,8 @@ EVAL_RECORDED = (
 
 
 def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """The read-outs ``RECORDED`` of ``gradflow.readouts`` at one theta (P,), capped when ``model.max_len`` is set.
+    """The read-outs ``RECORDED`` of ``gradflow.readouts`` at one theta (P,), capped when ``model.max_len`` is set
+    (NaN for those without a closed form for the model: ``readouts.covers``).
 
     reward, forward_prob and switch_prob per position (given that the walk moves), expected_length
     (E[min(L, max_len)] with a cap), traversal_prob, success_per_start, reach_per_start and
@@ -167,7 +184,7 @@ def readouts_at(task: ChainTask, model: ModelSpec, theta: jnp.ndarray) -> dict[s
     "first"): greedy_accuracy, greedy_conditional_accuracy, greedy_reach_rate,
     greedy_traversal_accuracy, greedy_tie_rate and greedy_correct / greedy_reached per start.
     """
-    return readouts.read(RECORDED, theta, task, model)
+    return readouts.read_covered(RECORDED, theta, task, model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +293,7 @@ def _readouts_along(flow_params: FlowParams, thetas: jnp.ndarray) -> dict:
     task, model = flow_params.task, flow_params.model
     record = jax.vmap(lambda x: readouts_at(task, model, x))(thetas)
     evals = {
-        name: jax.vmap(lambda x, t=eval_task: readouts.read(EVAL_RECORDED, x, t, model))(thetas)
+        name: jax.vmap(lambda x, t=eval_task: readouts.read_covered(EVAL_RECORDED, x, t, model))(thetas)
         for name, eval_task in flow_params.eval_tasks.items()
     }
     return record | {"eval": evals}
@@ -300,18 +317,18 @@ def exact_gradient(flow_params: FlowParams, t, theta: jnp.ndarray, coords: str =
     Args:
         flow_params: the config (task, schedule, model).
         t (float | jax.Array): the time that picks the training distribution.
-        theta: the attention scores as an array of shape (5,).
+        theta: the parameters as an array of shape (P,), P = ``Theta.size(model.values)`` (5, or 10 with V trained).
         coords: "reduced" (grad J) or "full" (grad J divided by the orbit sizes, ``FlowParams.vector_field``).
 
     Returns:
-        The gradient, an array of shape (5,).
+        The gradient, an array of shape (P,).
     """
     return flow_params.vector_field(t, theta, coords=coords)
 
 
 def _descent(flow_params, lr, steps: int, optimizer, coords: str) -> dict:
     """The exact-gradient scan: theta_0 .. theta_steps (traceable; vmapped by ``gradient_descent_many``)."""
-    opt = _make_optimizer(optimizer, lr)
+    opt = _make_optimizer(optimizer, lr, flow_params.vocabulary_size if coords == "full" else 1)
 
     def step(carry, k):
         theta, opt_state = carry
@@ -367,13 +384,16 @@ def gradient_descent(
         lr: the learning rate (required unless config gives it).
         steps: the number of steps (required unless config gives it).
         optimizer (str | optax.GradientTransformation | None): "sgd" (default: theta_{k+1} = theta_k + lr grad J,
-            the flow sampled at t = lr k), "adam" or any optax name, or an optax transformation.
+            the flow sampled at t = lr k), "adam" (with coords="full": the authors' per-entry Adam, module
+            docstring) or any optax name, or an optax transformation.
         coords: "reduced" or "full" (default: ``flow_params.coords``).
         config: a ``TrainConfig`` holding the settings not given explicitly.
 
     Returns:
         A ``TrainingTrajectory`` with steps + 1 points (theta_0 .. theta_steps), with every read-out of
-        ``readouts_at`` and ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks``.
+        ``readouts_at`` and ``EVAL_RECORDED`` on each of ``flow_params.eval_tasks`` (V trained,
+        ``model.values == "trained"``: theta holds the ten numbers, and the read-outs without a closed
+        form for it, ``readouts.covers``, are NaN).
 
     Raises:
         ValueError: lr or steps missing (and no config), config is not a TrainConfig, or a setting is invalid.

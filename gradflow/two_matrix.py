@@ -21,6 +21,8 @@ the isolated row's probability of w, a combination of the same three columns).  
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -36,11 +38,31 @@ def value_differences(theta: Theta) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarr
     return theta.sigma - theta.omega, theta.rho - theta.omega, theta.mu - theta.nu
 
 
+def balances(theta: Theta, sizes=None) -> jnp.ndarray:
+    """(edge, vertex) = sum_k w_k (a_k^2 - v_k^2) over the edge numbers (alpha, beta, gamma against sigma, rho,
+    omega) and the vertex numbers (eta, delta against mu, nu): |A|^2 - |V|^2 per kind of token on the
+    symmetric subspace, conserved by the linear-attention gradient flow (docs/THEORY.md §10).
+
+    Args:
+        theta: the parameters (any batch shape).
+        sizes (jax.Array | None): the weights w of A's five numbers, V's the same: the orbit sizes for the
+            flow in full coordinates (``FlowParams.orbit_sizes()[:5]``); None (all 1) for reduced coordinates.
+
+    Returns:
+        An array of shape (..., 2).
+    """
+    weights = jnp.ones(5) if sizes is None else jnp.asarray(sizes, dtype=float)[:5]
+    a = jnp.stack(jnp.broadcast_arrays(theta.alpha, theta.beta, theta.gamma, theta.eta, theta.delta), axis=-1)
+    v = jnp.stack(jnp.broadcast_arrays(theta.sigma, theta.rho, theta.omega, theta.mu, theta.nu), axis=-1)
+    terms = weights * (a - v) * (a + v)
+    return jnp.stack([jnp.sum(terms[..., :3], -1), jnp.sum(terms[..., 3:], -1)], -1)
+
+
 def _require_two_matrix(model: ModelSpec) -> None:
     if model.values != "trained":
         raise ValueError(f"gradflow.two_matrix needs ModelSpec(values='trained'), got values={model.values!r}")
     if model.context != "prompt" or model.max_len is not None:
-        raise NotImplementedError("the two-matrix closed form covers context='prompt' without a cap (max_len=None)")
+        raise NotImplementedError("the two-matrix closed form here is uncapped, context='prompt' (a cap: gradflow.capped)")
 
 
 def _rows(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,33 +99,83 @@ def row_scores(theta: Theta, n: int, model: ModelSpec, start):
     return tuple(jnp.exp(x - log_z) / model.tau for x in scores), tuple(jnp.exp(x - log_z_iso) / model.tau for x in scores)
 
 
-def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(P(own terminal), P(other terminal)) from a_start: one tridiagonal-plus-rank-3 solve."""
+class StartLogits(NamedTuple):
+    """The logits of the model seen from one start (docs/THEORY.md §10), before each row's scale.
+
+    Chain rows (each (2(n-1),), chain a then chain b, positions 1..n-1): succ, self_, pred (-inf without a
+    predecessor), the far classes' logits chain_start (g S), interior (g (R + S)), terminal (g R); the
+    start, where it is a far target of the row (start_far, a mask: not the row itself or a neighbour), has
+    its class's logit start_class plus start_extra = M d.  The isolated row (scalars): iso_start,
+    iso_interior, iso_terminal, iso_start_class, iso_start_extra (the same with g_iso, d_iso) and iso_self
+    (M e_iso); an isolated vertex has logit 0 from every row.
+    """
+
+    succ: jnp.ndarray
+    self_: jnp.ndarray
+    pred: jnp.ndarray
+    chain_start: jnp.ndarray
+    interior: jnp.ndarray
+    terminal: jnp.ndarray
+    start_class: jnp.ndarray
+    start_extra: jnp.ndarray
+    start_far: jnp.ndarray
+    iso_start: jnp.ndarray
+    iso_interior: jnp.ndarray
+    iso_terminal: jnp.ndarray
+    iso_start_class: jnp.ndarray
+    iso_start_extra: jnp.ndarray
+    iso_self: jnp.ndarray
+
+
+def start_logits(theta: Theta, n: int, model: ModelSpec, start) -> StartLogits:
+    """The ``StartLogits`` of every chain row and of an isolated row, seen from the start a_start.
+
+    Args:
+        theta: the parameters (A and V).
+        n: the chain length.
+        model: the model (attention, tau).
+        start (int | jax.Array): the start's position on chain a, 1..n-1.
+
+    Returns:
+        The ``StartLogits``.
+    """
     S, R, M = value_differences(theta)
     chain, pos = _rows(n)
+    (a, b, g, e, d), (_, _, g_iso, e_iso, d_iso) = row_scores(theta, n, model, start)
+    on_a = chain == 0
+    is_s, s_is_succ, s_is_pred = on_a & (pos == start), on_a & (pos + 1 == start), on_a & (pos - 1 == start)
+    start_class = lambda classes: jnp.where(start == 1, classes[0], classes[1])  # a chain start or interior
+    succ = a * R + jnp.where(pos == n - 1, 0.0, g * S) + jnp.where(s_is_succ, M * d, 0.0)
+    pred = jnp.where(pos >= 2, b * S + jnp.where(pos - 1 >= 2, g * R, 0.0) + jnp.where(s_is_pred, M * d, 0.0), -jnp.inf)
+    self_ = a * S + jnp.where(pos >= 2, b * R, 0.0) + M * e
+    classes = (g * S, g * (R + S), g * R)
+    start_far = ~is_s & ~s_is_succ & ~s_is_pred
+    iso_classes = (g_iso * S, g_iso * (R + S), g_iso * R)
+    the_start = (start_class(classes), M * d, start_far)
+    return StartLogits(succ, self_, pred, *classes, *the_start, *iso_classes, start_class(iso_classes), M * d_iso, M * e_iso)
+
+
+def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(P(own terminal), P(other terminal)) from a_start: one tridiagonal-plus-rank-3 solve."""
+    chain, pos = _rows(n)
     has_pred = pos >= 2
-    (a, b, g, _, d), (_, _, g_iso, _, d_iso) = row_scores(theta, n, model, start)
     m = model.n_isolated
     succ_terminal = pos == n - 1
     on_a = chain == 0
     is_s = on_a & (pos == start)
-    s_is_succ, s_is_pred = on_a & (pos + 1 == start), on_a & (pos - 1 == start)
-    s_far = ~is_s & ~s_is_succ & ~s_is_pred
     s_first = start == 1  # the start is a chain start (class 0), else interior (class 1)
-
-    # logits of the row's targets (before the row's scale)
-    succ = a * R + jnp.where(succ_terminal, 0.0, g * S) + jnp.where(s_is_succ, M * d, 0.0)
-    pred = b * S + jnp.where(pos - 1 >= 2, g * R, 0.0) + jnp.where(s_is_pred, M * d, 0.0)
-    cls_start, cls_int, cls_term = g * S, g * (R + S), g * R
-    cls_s = jnp.where(s_first, cls_start, cls_int)
-    cands = [succ, jnp.where(has_pred, pred, -jnp.inf), cls_start, cls_term, jnp.where(s_far, cls_s + M * d, -jnp.inf)]
+    logits = start_logits(theta, n, model, start)
+    succ, pred = logits.succ, logits.pred
+    cls_start, cls_int, cls_term = logits.chain_start, logits.interior, logits.terminal
+    s_far, cls_s, s_extra = logits.start_far, logits.start_class, logits.start_extra
+    cands = [succ, pred, cls_start, cls_term, jnp.where(s_far, cls_s + s_extra, -jnp.inf)]
     cands += [cls_int] if n >= 3 else []
     cands += [jnp.zeros_like(succ)] if m else []
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
     ex = lambda logit: jnp.exp(logit - top)
     w_succ, w_pred = ex(succ), jnp.where(has_pred, ex(jnp.where(has_pred, pred, top)), 0.0)
     w_start, w_int, w_term = ex(cls_start), ex(cls_int), ex(cls_term)
-    w_s_extra = jnp.where(s_far, ex(cls_s) * jnp.expm1(M * d), 0.0)  # actual minus class weight of a far start
+    w_s_extra = jnp.where(s_far, ex(cls_s) * jnp.expm1(s_extra), 0.0)  # actual minus class weight of a far start
 
     # the far targets' weight: every class at its weight, the far start at its class weight plus its extra
     n_start = 2.0 - (pos == 1) - (pos == 2)
@@ -113,19 +185,18 @@ def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.n
 
     # isolated detours: an isolated vertex returns to chain vertex w with probability pi(w)
     if m:
-        iso_start, iso_int, iso_term = g_iso * S, g_iso * (R + S), g_iso * R
-        iso_s = jnp.where(s_first, iso_start, iso_int)
+        iso_start, iso_int, iso_term, iso_s = logits.iso_start, logits.iso_interior, logits.iso_terminal, logits.iso_start_class
         log_y = log_sum(
             [
                 (iso_start, 2.0 - s_first),
                 (iso_int, 2.0 * (n - 2) - (1.0 - s_first)),
                 (iso_term, 2.0),
-                (iso_s + M * d_iso, 1.0),
+                (iso_s + logits.iso_start_extra, 1.0),
             ]
         )
         share = m * ex(-log_y)  # m e^{-top} / Y
         pi = lambda logit: share * jnp.exp(logit)
-        iso = (pi(iso_start), pi(iso_int), share * jnp.exp(iso_s) * jnp.expm1(M * d_iso), pi(iso_term))
+        iso = (pi(iso_start), pi(iso_int), share * jnp.exp(iso_s) * jnp.expm1(logits.iso_start_extra), pi(iso_term))
     else:
         iso = (0.0, 0.0, 0.0, 0.0)
 

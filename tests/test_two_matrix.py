@@ -11,10 +11,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gradflow as gf
-from gradflow import sampling, two_matrix
+from gradflow import capped, ceilings, sampling, two_matrix
 
 VALUES = ("sigma", "rho", "omega", "mu", "nu")
 
@@ -41,8 +42,8 @@ def dense_matrices(x, n_vocab: int):
     return x[a_kind], x[v_kind], {tok: j for j, tok in enumerate(tokens)}
 
 
-def dense_success(x, n: int, model: gf.ModelSpec, start: int):
-    """P(own terminal a_n) from a_start by a dense solve of the token-built chain (jax, differentiable)."""
+def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
+    """The N x N next-vertex matrix of the token-built chain for the start a_start (jax, differentiable)."""
     n_vocab = 2 * n + model.n_isolated
     A, V, column = dense_matrices(x, n_vocab)
     edges = [column[("e", (c * n + i, c * n + i + 1))] for c in range(2) for i in range(n - 1)]
@@ -56,11 +57,54 @@ def dense_success(x, n: int, model: gf.ModelSpec, start: int):
         if model.mask_self:
             logits = logits.at[u].set(-jnp.inf)
         rows.append(jax.nn.softmax(logits))
-    p = jnp.stack(rows)
-    transient = np.array([v for v in range(n_vocab) if v not in (n - 1, 2 * n - 1)])
+    return jnp.stack(rows)
+
+
+def dense_success(x, n: int, model: gf.ModelSpec, start: int):
+    """P(own terminal a_n) from a_start by a dense solve of the token-built chain (jax, differentiable)."""
+    p = dense_transition(x, n, model, start)
+    transient = np.array([v for v in range(p.shape[0]) if v not in (n - 1, 2 * n - 1)])
     q = p[np.ix_(transient, transient)]
     h = jnp.linalg.solve(jnp.eye(transient.size) - q, p[transient, n - 1])
-    return h[list(transient).index(s)]
+    return h[list(transient).index(start - 1)]
+
+
+def dense_capped(x, n: int, model: gf.ModelSpec, start: int, caps: int):
+    """(success, reach, E[min(L, T)], traversal) from a_start within T = 1..caps tokens, each (caps,): the
+    dense matrix with absorbing terminals propagated step by step (jax, differentiable)."""
+    p = dense_transition(x, n, model, start)
+    own, other, eye = n - 1, 2 * n - 1, jnp.eye(p.shape[0])
+    absorbing = p.at[own].set(eye[own]).at[other].set(eye[other])
+    f, g, length, out = eye[own], eye[other], 0.0, []
+    path = jnp.prod(jnp.array([p[i - 1, i] for i in range(start, n)]))
+    for cap in range(1, caps + 1):
+        length = length + 1.0 - f[start - 1] - g[start - 1]
+        f, g = absorbing @ f, absorbing @ g
+        out.append((f[start - 1], f[start - 1] + g[start - 1], length, path if n - start <= cap else 0.0))
+    return tuple(jnp.stack(column) for column in zip(*out))
+
+
+def labelled_reward(A, V, task: gf.ChainTask, model: gf.ModelSpec, labels):
+    """J from the dense A (N x N^2) and V (N^2 x N) when role r (a_1..a_n, b_1..b_n) is vertex labels[r]
+    (no isolated vertices; jax, vmappable over labels): the authors' reward for one labelling."""
+    n, n_vocab = task.n, A.shape[0]
+    column = lambda x, y: n_vocab + x * (n_vocab - 1) + y - (y > x)
+    edges = jnp.stack([column(labels[c * n + i], labels[c * n + i + 1]) for c in range(2) for i in range(n - 1)])
+    transient = [r for r in range(2 * n) if r not in (n - 1, 2 * n - 1)]
+    reward = 0.0
+    for d in range(1, n):
+        s, rows = n - d - 1, []
+        for u in range(2 * n):
+            context = jnp.concatenate([edges, labels[jnp.array(sorted({s, u}))]])
+            scores = A[labels[u], context]
+            weights = jax.nn.softmax(scores) if model.attention == "softmax" else scores
+            logits = (weights @ V[context] / model.tau)[labels]  # over roles
+            rows.append(jax.nn.softmax(logits.at[u].set(-jnp.inf) if model.mask_self else logits))
+        p = jnp.stack(rows)
+        q = p[np.ix_(transient, transient)]
+        h = jnp.linalg.solve(jnp.eye(len(transient)) - q, p[transient, n - 1])
+        reward = reward + task.start_probs[d - 1] * h[transient.index(s)]
+    return reward
 
 
 def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
@@ -167,7 +211,182 @@ def test_authors_start_and_unsupported_quantities():
     with pytest.raises(NotImplementedError):
         gf.length_per_start(start, task, model)
     with pytest.raises(NotImplementedError):
-        gf.expected_reward(start, task, gf.ModelSpec(values="trained", max_len=6))
+        gf.greedy.greedy_metrics(start, task, model)
+    # the reward ceiling: 1 for linear attention without a cap, not derived otherwise with V trained
+    assert ceilings.closed_form_ceiling(task, model) == 1.0
+    assert ceilings.closed_form_ceiling(task, gf.ModelSpec("softmax", values="trained")) is None
+
+
+CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
+    (2, "linear", True, 0, (1, 2, 3, 4)),
+    (3, "softmax", False, 1, (1, 3, 6)),
+    (4, "linear", False, 2, (2, 8)),
+    pytest.param(4, "softmax", True, 0, range(1, 9), marks=pytest.mark.slow),
+    pytest.param(5, "softmax", True, 1, range(1, 11), marks=pytest.mark.slow),
+    pytest.param(6, "linear", False, 0, range(1, 13), marks=pytest.mark.slow),
+    pytest.param(7, "softmax", False, 0, range(1, 15), marks=pytest.mark.slow),
+    pytest.param(7, "linear", True, 1, range(1, 15), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("n, attention, mask, iso, caps", CAPPED_CASES)
+def test_capped_reward_and_gradient_equal_the_dense_token_chain(n, attention, mask, iso, caps, rng):
+    """The capped closed form (one recursion per start) against the dense token chain propagated T steps."""
+    model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained")
+    task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+    x = random_two_matrix_theta(rng, 0.8).as_array("trained")
+    starts = [n - d for d in range(1, n)]
+    dense = lambda y: jnp.stack([jnp.stack(dense_capped(y, n, model, start, max(caps))) for start in starts])  # (n-1, 4, caps)
+    reference = np.asarray(jax.jit(dense)(x))
+    grad_reference = jax.jit(jax.jacrev(lambda y: task.start_probs @ dense(y)[:, 0]))(x)  # (caps, 10)
+    for cap in caps:
+        capped_model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained", max_len=cap)
+
+        @jax.jit
+        def closed(y, m=capped_model):
+            theta = gf.Theta.from_array(y)
+            j, g = jax.value_and_grad(lambda z: gf.expected_reward(gf.Theta.from_array(z), task, m))(y)
+            return (
+                j,
+                g,
+                gf.expected_loss(theta, task, m),
+                gf.same_side_probability(theta, task, m),
+                capped.per_start(theta, task, m),
+            )
+
+        j, g, loss, success, per_start = closed(x)
+        ref = reference[:, :, cap - 1]
+        np.testing.assert_allclose(j, task.start_probs @ ref[:, 0], rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(loss, task.start_probs @ (1.0 - ref[:, 0]), rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(g, grad_reference[cap - 1], rtol=1e-8, atol=1e-11)
+        np.testing.assert_allclose(success, ref[:, 0], rtol=1e-11, atol=1e-14)
+        for k, field in enumerate(("success", "reach", "length", "traversal")):
+            np.testing.assert_allclose(
+                getattr(per_start, field), ref[:, k], rtol=1e-11, atol=1e-14, err_msg=f"{field}, cap {cap}"
+            )
+
+
+def test_capped_fixed_v_limit_equals_the_one_matrix_model(rng):
+    """Linear attention at the fixed V: the trained-V recursion is today's capped result, every read-out."""
+    for n, mask, iso, cap in [(2, True, 0, 1), (3, False, 2, 4), (5, True, 1, 3), (6, False, 0, 12)]:
+        task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+        theta = gf.Theta.from_array(rng.normal(size=5))
+        fixed = gf.ModelSpec(mask_self=mask, n_isolated=iso, max_len=cap)
+        trained = gf.ModelSpec(mask_self=mask, n_isolated=iso, max_len=cap, values="trained")
+        for ours, today in zip(capped.per_start(theta, task, trained), capped.per_start(theta, task, fixed)):
+            np.testing.assert_allclose(ours, today, rtol=1e-13, atol=1e-300)
+        g_fixed = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, fixed))(theta.as_array())
+        g_trained = jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, trained))(theta.as_array("trained"))
+        np.testing.assert_allclose(g_trained[:5], g_fixed, rtol=1e-10, atol=1e-15)
+
+
+def test_capped_sampled_reward_agrees_with_the_closed_form():
+    model = gf.ModelSpec("softmax", tau=0.5, mask_self=False, values="trained", max_len=4)
+    task = gf.ChainTask.uniform(4)
+    theta = gf.Theta(0.8, -0.3, 0.1, -0.6, 0.2, sigma=1.3, rho=0.6, omega=0.1, mu=0.9, nu=-0.2)
+    mean, stderr = sampling.estimate_reward(theta, task, model, jax.random.PRNGKey(4), 4000)
+    closed = gf.expected_reward(theta, task, model)
+    assert 0.05 < float(closed) < 0.95 and float(closed) < float(
+        gf.expected_reward(theta, task, gf.ModelSpec("softmax", tau=0.5, mask_self=False, values="trained"))
+    )
+    z = (mean - closed) / stderr
+    assert abs(float(z)) < 4.5, f"z = {float(z)}"
+
+
+def test_full_coordinate_adam_is_per_entry_adam_on_the_dense_matrices():
+    """Adam in full coordinates (gradient_descent) = optax.adam on every entry of the dense A and V, the reward
+    averaged over all labellings of the vertices (so its gradient is the same on every entry of an orbit)."""
+    n, lr, steps = 3, 1e-2, 5
+    model = gf.ModelSpec(tau=0.2, mask_self=False, values="trained")
+    task = gf.ChainTask(n, [0.3, 0.7])
+    perms = jnp.array(list(itertools.permutations(range(2 * n))))
+    average = lambda AV: jnp.mean(jax.vmap(lambda labels: labelled_reward(*AV, task, model, labels))(perms))
+    dense_grad = jax.jit(jax.grad(average))
+    a_kind, v_kind, _ = dense_matrices(np.arange(10), 2 * n)
+    # at scale 1e-8 an entry's gradient is ~1e-20, the sum of O(1e-8) terms that cancel: the dense float64 route
+    # holds it to ~1e-3 (Adam turns it into the step: g << eps), so the steps are compared to 1e-2 there; atol: a
+    # gradient that is 0 up to round-off moves by lr * round-off / eps
+    for scale, rtol, atol in ((1e-8, 1e-2, 1e-18), (0.3, 1e-9, 1e-10)):
+        start = gf.model.authors_start(scale)
+        run = gf.training.gradient_descent(gf.FlowParams(task, model, start), lr, steps, optimizer="adam", coords="full")
+        reduced = gf.training.gradient_descent(gf.FlowParams(task, model, start), lr, steps, optimizer="adam")
+        A, V, _ = dense_matrices(jnp.asarray(start.as_array("trained")), 2 * n)
+        opt = optax.adam(lr)
+        state = opt.init((A, V))
+        x0 = start.as_array("trained")
+        for k in range(steps + 1):
+            for j in range(10):  # every entry of an orbit moves as the orbit coordinate
+                entries = A[a_kind == j] if j < 5 else V[v_kind == j]
+                moved, expected = entries - x0[j], run.theta[k, j] - x0[j]
+                np.testing.assert_allclose(moved, expected, rtol=rtol, atol=atol, err_msg=f"scale {scale}, step {k}, number {j}")
+            updates, state = opt.update(jax.tree.map(jnp.negative, dense_grad((A, V))), state)
+            A, V = optax.apply_updates((A, V), updates)
+        if scale == 1e-8:  # eps meets the orbit gradient, N s_k times an entry's: Adam on the orbits is another optimizer
+            assert np.max(np.abs(reduced.theta[1] - run.theta[1])) > 1e-3 * lr
+
+
+def test_exact_training_with_v_trained_reduced_and_full():
+    """SGD on the ten numbers (reduced: lr grad J; full: lr grad J / orbit sizes), Adam on them (reduced), the
+    read-outs with a closed form recorded and the others NaN; ``gradient_descent_many`` equals one by one."""
+    model = gf.ModelSpec(tau=0.3, mask_self=False, values="trained", max_len=5)
+    task = gf.ChainTask.uniform(3)
+    config = gf.FlowParams(task, model, gf.model.authors_start(0.2))
+    grad = jax.jit(jax.grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model)))
+    sizes = np.asarray(config.orbit_sizes())
+    assert sizes.shape == (10,)
+    lr, steps = 0.5, 4
+    for optimizer, coords in (("sgd", "reduced"), ("sgd", "full"), ("adam", "reduced")):
+        run = gf.training.gradient_descent(config, lr, steps, optimizer=optimizer, coords=coords)
+        opt = optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
+        x = config.theta0.as_array("trained")
+        state = opt.init(x)
+        for k in range(steps):
+            np.testing.assert_allclose(run.theta[k], x, rtol=1e-12, atol=1e-15)
+            g = grad(x) / (sizes if coords == "full" else 1.0)
+            update, state = opt.update(-g, state, x)
+            x = optax.apply_updates(x, update)
+        np.testing.assert_allclose(run.theta[steps], x, rtol=1e-12, atol=1e-15)
+    theta = gf.Theta.from_array(run.theta[2])
+    np.testing.assert_allclose(run.reward[2], gf.expected_reward(theta, task, model), rtol=1e-13)
+    per = capped.per_start(theta, task, model)
+    np.testing.assert_allclose(run.success_per_start[2], per.success, rtol=1e-13)
+    np.testing.assert_allclose(run.expected_length[2], gf.expected_length(theta, task, model), rtol=1e-13)
+    assert np.isnan(run.forward_prob).all() and np.isnan(run.greedy_accuracy).all() and run.reward[-1] > run.reward[0]
+    configs = [config, gf.FlowParams(task, model, gf.model.authors_start(0.1))]
+    many = gf.training.gradient_descent_many(configs, lrs=[lr, 0.2], steps=steps, optimizer="adam")
+    np.testing.assert_allclose(many[0].theta, run.theta, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("coords, t1", [("reduced", 30.0), ("full", 400.0)])
+def test_flow_with_v_trained_conserves_the_balances(coords, t1):
+    """The flow of the ten numbers from the authors' start escapes the saddle while |A|^2 - |V|^2 of the edge
+    tokens and of the vertex tokens (orbit-weighted in full coordinates) stay at their start values."""
+    model = gf.ModelSpec(tau=0.2, mask_self=False, values="trained")
+    start = gf.model.authors_start(1e-3)
+    params = gf.FlowParams(gf.ChainTask.uniform(3), model, start, t1=t1, coords=coords, rtol=1e-10, atol=1e-12)
+    trajectory = gf.simulate(params)
+    assert trajectory.theta.shape == (201, 10) and trajectory.reward[-1] > 0.9
+    np.testing.assert_array_equal(trajectory.theta[0], start.as_array("trained"))
+    assert np.isnan(trajectory.forward_prob).all()  # no closed form with V trained: recorded as NaN
+    sizes = params.orbit_sizes() if coords == "full" else None
+    thetas = gf.Theta.from_array(trajectory.theta)
+    balance = np.asarray(two_matrix.balances(thetas, sizes))
+    weights = np.ones(5) if sizes is None else np.asarray(sizes)[:5]
+    a_edge = np.sum(weights[:3] * trajectory.theta[:, :3] ** 2, axis=1)
+    drift = np.max(np.abs(balance - balance[0]))
+    assert drift < 1e-8 * np.max(a_edge), f"drift {drift}"
+    assert np.ptp(a_edge) > 1e4 * drift  # |A|^2 itself grows by orders of magnitude more
+
+
+def test_escape_time_grows_like_log_one_over_scale():
+    """From authors_start(scale) the flow sits at the saddle for a time linear in log(1/scale)."""
+    model = gf.ModelSpec(tau=0.2, mask_self=False, values="trained")
+    scales = np.array([1e-8, 1e-6, 1e-4, 1e-2])
+    configs = [gf.FlowParams(gf.ChainTask.uniform(3), model, gf.model.authors_start(s), t1=1e4) for s in scales]
+    times = np.array(gf.theory.escape_times(configs))
+    slope, intercept = np.polyfit(np.log(1.0 / scales), times, 1)
+    assert slope > 0 and np.all(np.diff(times) < 0)
+    np.testing.assert_allclose(times, slope * np.log(1.0 / scales) + intercept, rtol=0.02)
 
 
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
