@@ -177,7 +177,7 @@ def _solve_unrolled(excess, lower, upper, rhs):
 
 def _factor_scan(excess, lower, upper, rhs):
     """Large systems, primal: one forward scan (reduced excess s and reduced rhs t together) and one
-    backward scan (x).  Returns x, s, rho, sigma, omega (t_k = rhs_k / s_k + omega_k t_{k-1})."""
+    backward scan (x).  Returns x, s, rho, sigma, omega (t_k = rhs_k / s_k + omega_k t_{k-1}) and t."""
     sign_lower, sign_upper, flip = _signs(lower, upper)
 
     def step(carry, row):
@@ -198,13 +198,30 @@ def _factor_scan(excess, lower, upper, rhs):
     s, rho, sigma, omega = (jnp.moveaxis(x, 0, -1) for x in (s, rho, sigma, omega))
     t = jnp.moveaxis(t, 0, -2)
     x = _scan_recurrence(sigma, rho[..., None] * t, reverse=True)
-    return x, s, rho, sigma, omega
+    return x, s, rho, sigma, omega, t
+
+
+def _upper_difference(upper, x, rho, t):
+    """|upper_k| x_k / upper_k - x_{k+1} (the change of row k of T x per unit upper_k), as
+    sign_k rho_k (t_k - sign_k x_{k+1}) from x_k = rho_k t_k + sigma_k x_{k+1}: where the row is held by its
+    coupling (rho_k tiny) x_k and x_{k+1} agree to many digits and their plain difference would keep none."""
+    sign = _unit_sign(upper)[..., None]
+    return sign * rho[..., None] * (t - sign * _shift_up(x))
+
+
+def _lower_difference(lower, upper, x, rho, t):
+    """|lower_k| x_k / lower_k - x_{k-1}, the same from row k-1's back-substitution (x_{k-1} = rho_{k-1} t_{k-1}
+    + sigma_{k-1} x_k): sign_k rho_{k-1} (x_k - sign_k t_{k-1}) unless lower_k upper_{k-1} < 0 (then as written)."""
+    sign, flip = _unit_sign(lower)[..., None], _signs(lower, upper)[2]
+    plain = sign * x - _shift_down(x)
+    held = sign * _shift_down(rho[..., None]) * (x - sign * _shift_down(t))
+    return jnp.where(_shift_down(flip[..., None]), plain, held)
 
 
 @jax.custom_jvp
 def _solve_scan(excess, lower, upper, rhs):
     """(x, smallest pivot); the pivot is for the caller's range check only (zero tangent)."""
-    x, s, rho, _, _ = _factor_scan(excess, lower, upper, rhs)
+    x, s, rho, *_ = _factor_scan(excess, lower, upper, rhs)
     return x, jnp.min(s / rho, axis=-1)
 
 
@@ -214,10 +231,9 @@ def _solve_scan_jvp(primals, tangents):
     recurrences in dimensionless quantities (``_linear_recurrence``: reverse mode transposes them)."""
     excess, lower, upper, rhs = primals
     d_exc, d_lo, d_up, d_rhs = (_instantiate(t, x) for t, x in zip(tangents, primals))
-    x, s, rho, sigma, omega = _factor_scan(excess, lower, upper, rhs)
-    sign_lower, sign_upper = _unit_sign(lower), _unit_sign(upper)
-    d_diag = d_exc + sign_lower * d_lo + sign_upper * d_up
-    d_tx = d_diag[..., None] * x - d_lo[..., None] * _shift_down(x) - d_up[..., None] * _shift_up(x)
+    x, s, rho, sigma, omega, t = _factor_scan(excess, lower, upper, rhs)
+    d_tx = d_exc[..., None] * x + d_lo[..., None] * _lower_difference(lower, upper, x, rho, t)
+    d_tx = d_tx + d_up[..., None] * _upper_difference(upper, x, rho, t)
     t_dot = _linear_recurrence(omega, (d_rhs - d_tx) / s[..., None])
     min_pivot = jnp.min(s / rho, axis=-1)
     return (x, min_pivot), (_linear_recurrence(sigma, rho[..., None] * t_dot, reverse=True), jnp.zeros_like(min_pivot))

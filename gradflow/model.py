@@ -265,7 +265,9 @@ def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
         log_count(theta.alpha, n_out), log_count(theta.beta, n_in), log_count(theta.gamma, n_far), vertex
     )
     log_z = jax.nn.logsumexp(jnp.stack(terms, axis=-1), axis=-1)
-    return tuple(jnp.exp(score - log_z) * inv_tau for score in (theta.alpha, theta.beta, theta.gamma))
+    # a score with no token in u's context is 0 (not exp(score - log_z), unbounded at |score| >~ 709)
+    share = lambda score, count: jnp.exp(jnp.where(count > 0, score - log_z, -jnp.inf)) * inv_tau
+    return share(theta.alpha, n_out), share(theta.beta, n_in), share(theta.gamma, n_far)
 
 
 def row_scores(theta: Theta, n: int, model: ModelSpec, start: int | None = None) -> RowScores:

@@ -76,12 +76,24 @@ def _capped_when_set(capped_quantity):
 # --------------------------------------------------------------------------------------------------
 
 
+@jax.custom_jvp
+def _one_minus_exp(d):
+    """1 - e^{-d} (d >= 0), whose derivative is e^{-d} itself (expm1's own, 1 + expm1(-d), cancels for large d)."""
+    return -jnp.expm1(-d)
+
+
+@_one_minus_exp.defjvp
+def _one_minus_exp_jvp(primals, tangents):
+    (d,), (d_dot,) = primals, tangents
+    return _one_minus_exp(d), jnp.exp(-d) * d_dot
+
+
 def _diff_exp(x, y, top):
-    """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (expm1 on either side)."""
+    """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (1 - e^{-|x - y|} on either side)."""
     d = x - y
     up = d >= 0
     d_up, d_down = jnp.where(up, d, 0.0), jnp.where(up, 0.0, -d)
-    return jnp.where(up, -jnp.exp(x - top) * jnp.expm1(-d_up), jnp.exp(y - top) * jnp.expm1(-d_down))
+    return jnp.where(up, jnp.exp(x - top) * _one_minus_exp(d_up), -(jnp.exp(y - top) * _one_minus_exp(d_down)))
 
 
 class _Scaled(eqx.Module):
