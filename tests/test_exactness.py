@@ -220,3 +220,31 @@ def test_hessian_jvp_jacfwd_match_finite_differences(model_index, name):
     hfd = np.array([(grad_fn(x + 1e-4 * e) - grad_fn(x - 1e-4 * e)) / 2e-4 for e in np.eye(5)])
     np.testing.assert_allclose(hess, hfd, atol=1e-6 * max(np.max(np.abs(hfd)), 1e-12))
     np.testing.assert_allclose(hess, hess.T, atol=1e-12 * max(np.max(np.abs(hess)), 1e-300))
+
+
+def test_issue_case_masked_gradient_matches_the_reference():
+    """Masked, n = 8, theta = (46.2, 46.2, -46.2), tau = 0.2: float64 holds the solve; the gradient was wrong
+    (0.8746, -0.8098, 0) where a row is held by its coupling (the scan JVP's x_k - x_{k+1} kept no digit)."""
+    task, model = gf.ChainTask.uniform(8), gf.ModelSpec(tau=0.2)
+    value, grad = jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model))(
+        jnp.array([46.2, 46.2, -46.2, 0.0, 0.0])
+    )
+    assert float(value) == pytest.approx(0.7278911564625851, rel=1e-12)  # the mpmath reference
+    np.testing.assert_allclose(grad[:3], [0.93942339, -0.87463557, 0.06478782], rtol=1e-7)  # mp_reward_gradient, 25 s
+
+
+def test_two_vertex_gradient_is_relative_accurate_in_alpha():
+    """n = 2, theta = (-2, 0, 0), tau = 1/16 (a hypothesis failure): J = (1 + x)/(3 + x), x = e^{-32}, and
+    dJ/dalpha = 32 x/(3 + x)^2, tiny against J; expm1's own derivative (1 + expm1(-32)) kept it to 5e-4."""
+    task, model = gf.ChainTask.uniform(2), gf.ModelSpec(tau=1 / 16)
+    grad = jax.grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, model))(jnp.array([-2.0, 0, 0, 0, 0]))
+    x = np.exp(-32.0)
+    np.testing.assert_allclose(grad[0], 32 * x / (3 + x) ** 2, rtol=1e-12)
+
+
+def test_softmax_scores_without_a_context_token_are_zero():
+    """A large beta gave exp(huge) x 0 = NaN for a vertex with no context token (|beta| >= 740 at any tau)."""
+    task, model = gf.ChainTask.uniform(4), gf.ModelSpec("softmax", tau=1.0)
+    theta = jnp.array([0.0, 800.0, 0.0, 1.0, -2.0])
+    value, grad = jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model))(theta)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
