@@ -7,7 +7,9 @@ one dense solve of the absorbing chain; JAX differentiates it for the gradient.
 """
 
 import itertools
+import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,6 +203,23 @@ def test_fixed_values_are_todays_parameter_vector():
     plain = gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4)
     assert float(gf.expected_reward(theta, task, model)) == float(gf.expected_reward(plain, task, model))
     np.testing.assert_array_equal(gf.model.orbit_sizes(7, "trained"), np.tile(gf.model.orbit_sizes(7), 2))
+
+
+@pytest.mark.parametrize("values", ["fixed", "trained"])
+def test_config_records_v_and_round_trips(values):
+    """to_dict carries model.values and, with V trained, theta0's ten numbers (A then V); from_dict inverts it.
+    The fixed-V record is that of earlier versions (theta0's five numbers, the same hash)."""
+    theta0 = gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4, sigma=0.9, rho=1.2, omega=0.1, mu=-0.3, nu=0.05)
+    model = gf.ModelSpec("softmax", tau=0.4, max_len=6, values=values)
+    config = gf.FlowParams(gf.ChainTask.uniform(4), model, theta0 if values == "trained" else theta0.as_array(), t1=3.0)
+    record = config.to_dict()
+    assert record["model"]["values"] == values
+    assert record["theta0"] == np.asarray(theta0.as_array(values)).tolist()
+    restored = gf.FlowParams.from_dict(json.loads(json.dumps(record)))
+    assert bool(eqx.tree_equal(restored, config))
+    assert restored.to_dict() == record and gf.sweep.config_hash(restored) == gf.sweep.config_hash(config)
+    other = config.replace(theta0=gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4, sigma=0.8))
+    assert (gf.sweep.config_hash(other) != gf.sweep.config_hash(config)) == (values == "trained")
 
 
 def test_authors_start_and_unsupported_quantities():
