@@ -126,7 +126,19 @@ def read(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict
         _MEMO.reset(token)
 
 
-TRAINED_V = ("reward", "success_per_start", "reach_per_start", "reach_probability")  # closed forms with V trained
+TRAINED_V = (  # closed forms with V trained: the reward, reach, and greedy decoding (``gradflow.greedy``)
+    "reward",
+    "success_per_start",
+    "reach_per_start",
+    "reach_probability",
+    "greedy_accuracy",
+    "greedy_conditional_accuracy",
+    "greedy_reach_rate",
+    "greedy_traversal_accuracy",
+    "greedy_tie_rate",
+    "greedy_correct",
+    "greedy_reached",
+)
 TRAINED_V_CAPPED = ("expected_length", "traversal_prob")  # ... and these too with a cap (``gradflow.capped``)
 
 

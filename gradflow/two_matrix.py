@@ -155,6 +155,43 @@ def start_logits(theta: Theta, n: int, model: ModelSpec, start) -> StartLogits:
     return StartLogits(succ, self_, pred, *classes, *the_start, *iso_classes, start_class(iso_classes), M * d_iso, M * e_iso)
 
 
+def query_logits(logits: StartLogits, n: int, model: ModelSpec, start, u) -> jnp.ndarray:
+    """Next-vertex logits of the transient vertex u (canonical index: a chain vertex before its terminal, or an
+    isolated vertex) read off the start's ``StartLogits``, up to a constant per row: O(n).
+
+    Chain row u = (chain c, position i): the far classes by position (chain start, interior, terminal), the
+    start with its extra where it is far, 0 on the isolated vertices, then u's successor, itself and its
+    predecessor; the isolated row: the same classes with its own numbers, itself ``iso_self``, the other
+    isolated vertices 0.  The current vertex is at -inf when ``model.mask_self``.
+
+    Args:
+        logits: the start's logits (``start_logits``).
+        n: the chain length.
+        model: the model (n_isolated, mask_self).
+        start (int | jax.Array): the start's position on chain a, 1..n-1 (the one ``logits`` were built for).
+        u (int | jax.Array): the query vertex (a scalar).
+
+    Returns:
+        The logits, shape (2n + n_isolated,), in ``gradflow.model.vertex_names`` order.
+    """
+    v = jnp.arange(2 * n + model.n_isolated)
+    v_chain, v_pos, v_isolated = v // n, v % n + 1, v >= 2 * n
+    u_chain, u_pos = u // n, u % n + 1
+    r = jnp.clip(u_chain * (n - 1) + u_pos - 1, 0, 2 * (n - 1) - 1)  # u's chain row (any row for an isolated u)
+    by_class = lambda first, interior, terminal: jnp.where(v_pos == 1, first, jnp.where(v_pos == n, terminal, interior))
+    chain = by_class(logits.chain_start[r], logits.interior[r], logits.terminal[r])
+    chain = jnp.where(logits.start_far[r] & (v == start - 1), chain + logits.start_extra[r], chain)
+    same = (v_chain == u_chain) & ~v_isolated
+    chain = jnp.where(same & (v_pos == u_pos + 1), logits.succ[r], chain)
+    chain = jnp.where(same & (v_pos == u_pos - 1), logits.pred[r], chain)
+    chain = jnp.where(v == u, logits.self_[r], jnp.where(v_isolated, 0.0, chain))
+    isolated = by_class(logits.iso_start, logits.iso_interior, logits.iso_terminal)
+    isolated = jnp.where(v == start - 1, isolated + logits.iso_start_extra, isolated)
+    isolated = jnp.where(v == u, logits.iso_self, jnp.where(v_isolated, 0.0, isolated))
+    row = jnp.where(u >= 2 * n, isolated, chain)
+    return jnp.where(v == u, -jnp.inf, row) if model.mask_self else row
+
+
 def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(P(own terminal), P(other terminal)) from a_start: one tridiagonal-plus-rank-3 solve."""
     chain, pos = _rows(n)
