@@ -126,11 +126,13 @@ def read(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict
         _MEMO.reset(token)
 
 
-TRAINED_V = (  # closed forms with V trained: the reward, reach, and greedy decoding (``gradflow.greedy``)
+TRAINED_V = (  # closed forms with V trained: the reward, reach, lengths, traversal and greedy decoding
     "reward",
     "success_per_start",
     "reach_per_start",
     "reach_probability",
+    "expected_length",
+    "traversal_prob",
     "greedy_accuracy",
     "greedy_conditional_accuracy",
     "greedy_reach_rate",
@@ -139,7 +141,7 @@ TRAINED_V = (  # closed forms with V trained: the reward, reach, and greedy deco
     "greedy_correct",
     "greedy_reached",
 )
-TRAINED_V_CAPPED = ("expected_length", "traversal_prob")  # ... and these too with a cap (``gradflow.capped``)
+TRAINED_V_CAPPED = ()  # ... and those with V trained only with a cap (none now: lengths and traversal have both)
 
 
 def covers(name: str, model: ModelSpec) -> bool:

@@ -129,6 +129,17 @@ def labelled_reward(A, V, task: gf.ChainTask, model: gf.ModelSpec, labels):
     return reward
 
 
+def dense_length_and_traversal(x, n: int, model: gf.ModelSpec, start: int):
+    """(E[tokens to the first terminal], P(the path is exactly the forward path)) from a_start by a dense solve of
+    the token-built chain, (I - Q) L = 1 over every transient vertex (isolated ones included; jax)."""
+    p = dense_transition(x, n, model, start)
+    transient = np.array([v for v in range(p.shape[0]) if v not in (n - 1, 2 * n - 1)])
+    q = p[np.ix_(transient, transient)]
+    lengths = jnp.linalg.solve(jnp.eye(transient.size) - q, jnp.ones(transient.size))
+    path = jnp.prod(jnp.array([p[i - 1, i] for i in range(start, n)]))
+    return lengths[list(transient).index(start - 1)], path
+
+
 def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
     n = task.n
     per_start = jnp.stack([dense_success(x, n, model, n - d) for d in range(1, n)])
@@ -248,7 +259,7 @@ def test_authors_start_and_unsupported_quantities():
     model, task = gf.ModelSpec(values="trained"), gf.ChainTask.uniform(5)
     assert abs(float(gf.expected_reward(start, task, model)) - 0.5) < 1e-6
     with pytest.raises(NotImplementedError):
-        gf.length_per_start(start, task, model)
+        gf.noise.moments_per_start(start, task, model)
     # the reward ceiling: 1 for linear attention without a cap, not derived otherwise with V trained
     assert ceilings.closed_form_ceiling(task, model) == 1.0
     assert ceilings.closed_form_ceiling(task, gf.ModelSpec("softmax", values="trained")) is None
@@ -302,6 +313,44 @@ def test_greedy_equals_greedy_decoding_of_the_dense_token_chain(n, attention, ma
     assert len(outcomes) >= 2  # the points reach different greedy outcomes
 
 
+@pytest.mark.parametrize("n, attention, mask, iso", CASES)
+def test_uncapped_length_and_traversal_equal_the_dense_token_chain(n, attention, mask, iso, rng):
+    """E[tokens to a terminal] (self-loops and isolated detours counted) and the exact-traversal probability, V
+    trained, per start and start-weighted with the gradient of the length, against the dense token chain."""
+    model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained")
+    task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+
+    def dense(x):
+        pairs = [dense_length_and_traversal(x, n, model, n - d) for d in range(1, n)]
+        return jnp.stack([length for length, _ in pairs]), jnp.stack([path for _, path in pairs])
+
+    closed_length = jax.jit(jax.value_and_grad(lambda x: gf.expected_length(gf.Theta.from_array(x), task, model)))
+    dense_length = jax.jit(jax.value_and_grad(lambda x: task.start_probs @ dense(x)[0]))
+    for _ in range(3):
+        x = random_two_matrix_theta(rng, 0.8).as_array("trained")
+        theta = gf.Theta.from_array(x)
+        lengths, paths = dense(x)
+        np.testing.assert_allclose(gf.length_per_start(theta, task, model), lengths, rtol=1e-10)
+        np.testing.assert_allclose(gf.traversal_per_start(theta, task, model), paths, rtol=1e-11, atol=1e-300)
+        np.testing.assert_allclose(gf.traversal_probability(theta, task, model), task.start_probs @ paths, rtol=1e-11)
+        (value, grad), (value_ref, grad_ref) = closed_length(x), dense_length(x)
+        np.testing.assert_allclose(value, value_ref, rtol=1e-10)
+        np.testing.assert_allclose(grad, grad_ref, rtol=1e-7, atol=1e-9 * abs(value_ref))
+        assert np.all(np.asarray(lengths) >= np.arange(1, n))
+
+
+def test_uncapped_length_and_traversal_fixed_v_limit(rng):
+    """Linear attention at the fixed V: today's lengths and traversal (masked or not, isolated vertices)."""
+    task = gf.ChainTask.uniform(5)
+    for mask, iso in ((True, 0), (False, 2)):
+        fixed = gf.ModelSpec(tau=0.3, mask_self=mask, n_isolated=iso)
+        trained = gf.ModelSpec(tau=0.3, mask_self=mask, n_isolated=iso, values="trained")
+        for _ in range(3):
+            theta = gf.Theta(*rng.normal(0.0, 1.0, 5))
+            for fn in (gf.length_per_start, gf.traversal_per_start):
+                np.testing.assert_allclose(fn(theta, task, trained), fn(theta, task, fixed), rtol=1e-10)
+
+
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
 @pytest.mark.parametrize("mask", [True, False])
 def test_greedy_at_the_fixed_v_is_todays_greedy(attention, mask, rng):
@@ -324,11 +373,11 @@ def test_greedy_at_the_fixed_v_is_todays_greedy(attention, mask, rng):
                 np.testing.assert_allclose(two.margin, today.margin, rtol=1e-12, atol=1e-14)
 
 
-def test_readouts_cover_greedy_with_v_trained():
-    trained = gf.ModelSpec(values="trained")
-    for name in gf.readouts.READOUTS:
-        assert gf.readouts.covers(name, trained) == (name in gf.readouts.TRAINED_V), name
-    assert all(name.startswith("greedy") or name in gf.readouts.TRAINED_V for name in gf.readouts.TRAINED_V)
+def test_readouts_cover_greedy_lengths_and_traversal_with_v_trained():
+    for trained in (gf.ModelSpec(values="trained"), gf.ModelSpec(values="trained", max_len=4)):
+        for name in gf.readouts.READOUTS:
+            assert gf.readouts.covers(name, trained) == (name in gf.readouts.TRAINED_V), name
+    assert {"expected_length", "traversal_prob"} <= set(gf.readouts.TRAINED_V) and not gf.readouts.TRAINED_V_CAPPED
     assert {name for name in gf.readouts.READOUTS if name.startswith("greedy")} <= set(gf.readouts.TRAINED_V)
 
 
@@ -486,6 +535,9 @@ def test_flow_with_v_trained_conserves_the_balances(coords, t1):
     assert trajectory.theta.shape == (201, 10) and trajectory.reward[-1] > 0.9
     np.testing.assert_array_equal(trajectory.theta[0], start.as_array("trained"))
     assert np.isnan(trajectory.forward_prob).all()  # no closed form with V trained: recorded as NaN
+    last = gf.Theta.from_array(trajectory.theta[-1])
+    np.testing.assert_allclose(trajectory.expected_length[-1], gf.expected_length(last, params.task, model), rtol=1e-13)
+    np.testing.assert_allclose(trajectory.traversal_prob[-1], gf.traversal_probability(last, params.task, model), rtol=1e-13)
     sizes = params.orbit_sizes() if coords == "full" else None
     thetas = gf.Theta.from_array(trajectory.theta)
     balance = np.asarray(two_matrix.balances(thetas, sizes))
