@@ -431,6 +431,8 @@ def cmd_check(args) -> int:
             trajectory = load_trajectory(args.run, "--run")
         else:
             params = _flow_from_args(args)
+        if (trajectory.config if args.run else params).model.values == "trained":
+            raise ValueError("check: the conditions and phases are derived for the fixed V, not for --values trained")
     if not args.run:
         trajectory = flow.simulate(params, progress=args.progress)
     print(theory.check_conditions(trajectory.config))

@@ -234,6 +234,7 @@ BAD = [
     (["sweep", "{good}", "--out", "{file}2", "--array-size", "2"], ("--executor",)),
     (["run", "--max-len", "0"], ("max_len",)),
     (["run", "--values", "nosuch"], ("--values", "invalid choice")),
+    (["check", "--values", "trained"], ("check", "fixed V")),
     (["simulate", "--out", "x", "--theta0", *"0.3 0 0 0 0 1 1 0 0 0".split()], ("--theta0", "--values trained")),
     (["run", "--max-len", "x"], ("--max-len", "invalid int")),
     (["simulate", "--out", "x", "--eval", "hardest"], ("--eval", "NAME=TASK")),
