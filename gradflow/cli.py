@@ -394,12 +394,16 @@ def _eval_lines(trajectory, k: int, threshold: float) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    """The main job: the default preset, a report and figures/emergence.png."""
+    """The main job: the default preset, a report and figures/emergence.png (not with V trained: its panels read
+    P(forward | move), which then depends on the start)."""
     with _input_stage():
         params = _flow_from_args(args)
         figure = _writable_files(args.figure, "--figure", (".png", ".pdf", ".json"))
     trajectory = flow.simulate(params, progress=args.progress)
     print(report(trajectory))
+    if params.model.values == "trained":
+        print("no emergence figure with --values trained: P(forward | move) depends on the start (use simulate's result)")
+        return 0
     _plot_emergence(trajectory, figure)
     return 0
 

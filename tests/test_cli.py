@@ -140,6 +140,10 @@ def test_values_trained_simulate_and_train_record_and_report_v(tmp_path, capsys)
     assert loaded.config.model.values == "trained" and np.shape(loaded.theta)[-1] == 10
     np.testing.assert_array_equal(loaded.theta[0], np.array(theta0, dtype=float))
 
+    assert cli.main(["run", *common, "--t1", "2", "--no-progress", "--figure", str(tmp_path / "em.png")]) == 0
+    out = capsys.readouterr().out
+    assert "final sigma = " in out and "no emergence figure" in out and not (tmp_path / "em.png").exists()
+
     assert cli.main(["train", *common, "--steps", "3", "--lr", "0.1", "--out", str(tmp_path / "train")]) == 0
     out = capsys.readouterr().out
     assert "final sigma = " in out and "rho - omega = " in out
