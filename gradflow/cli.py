@@ -34,7 +34,7 @@ from gradflow._checks import check_positive
 from gradflow._deprecated import deprecated_flag
 from gradflow._version import __version__
 from gradflow.flow import COORDS, RECORDED, SOLVER_CHOICES, FlowParams, Trajectory, as_theta
-from gradflow.model import ATTENTION_KINDS, ModelSpec
+from gradflow.model import ATTENTION_KINDS, VALUE_FIELDS, VALUE_KINDS, ModelSpec, Theta
 from gradflow.plotting import DEFAULT_OUT, emergence_figure, save_figure, use_headless_backend
 from gradflow.readouts import READOUTS
 from gradflow.task import ChainTask
@@ -129,12 +129,15 @@ def _model_from_args(args) -> ModelSpec:
         mask_self=not args.allow_self,
         n_isolated=args.n_isolated,
         max_len=args.max_len,
+        values=args.values,
     )
 
 
 def _problem_from_args(args, **extra) -> FlowParams:
     """The task, model, start, threshold and eval tasks of the shared flags (``_add_problem_arguments``)."""
     if args.theta0 is not None:
+        if len(args.theta0) == Theta.size("trained") and args.values != "trained":
+            raise ValueError(f"--theta0 with {Theta.size('trained')} numbers (A and V) needs --values trained")
         extra["theta0"] = as_theta(args.theta0, "--theta0")
     task = _task_from_args(args)
     eval_tasks = eval_tasks_from_flags(args.eval, task.n)
@@ -209,7 +212,13 @@ def load_trajectory(path, flag: str = "--run"):
 
 def _choices():
     """The choice lists, read from the modules that define them."""
-    return {"solver": SOLVER_CHOICES, "coords": tuple(COORDS), "attention": tuple(ATTENTION_KINDS), "readouts": RECORDED}
+    return {
+        "solver": SOLVER_CHOICES,
+        "coords": tuple(COORDS),
+        "attention": tuple(ATTENTION_KINDS),
+        "readouts": RECORDED,
+        "values": VALUE_KINDS,
+    }
 
 
 def _add_max_len_argument(parser: argparse.ArgumentParser) -> None:
@@ -250,12 +259,19 @@ def _add_problem_arguments(parser: argparse.ArgumentParser, choices: dict) -> No
     _add_max_len_argument(parser)
     parser.add_argument("--n-isolated", type=int, default=0, help="isolated vertices in the vocabulary (default 0)")
     parser.add_argument(
+        "--values",
+        choices=choices["values"],
+        default="fixed",
+        help="the value matrix V: fixed at the theory's value (default) or trained with A (the two-matrix model)",
+    )
+    parser.add_argument(
         "--theta0",
         type=float,
         nargs="+",
         default=None,
         metavar="X",
-        help="start: 1 to 5 numbers alpha beta gamma eta delta, the rest 0 (default 0.3 0 0 0 0)",
+        help="start: 1 to 5 numbers alpha beta gamma eta delta, the rest 0 (default 0.3 0 0 0 0; V at its fixed value "
+        "1 1 0 0 0), or with --values trained all 10: then sigma rho omega mu nu",
     )
     parser.add_argument("--threshold", type=float, default=0.9, help="reward level whose hitting time is reported (default 0.9)")
     _add_eval_argument(parser)
@@ -326,6 +342,7 @@ def report(trajectory) -> str:
     last = int(finite[-1]) if finite.size else -1
     alpha, beta, gamma = np.asarray(trajectory.theta)[last, :3]
     lines.append(f"final alpha = {alpha:.4f}, beta = {beta:.4f}, gamma = {gamma:.4f}")
+    lines += _value_lines(trajectory.config, np.asarray(trajectory.theta)[last])
     lines += _readout_lines(trajectory, last)
     lines += _eval_lines(trajectory, last, threshold)
     stats = trajectory.stats
@@ -335,6 +352,16 @@ def report(trajectory) -> str:
         f"compile {stats.get('compile_seconds', 0.0):.2f} s, run {stats.get('run_seconds', 0.0):.3f} s"
     )
     return "\n".join(lines)
+
+
+def _value_lines(config, theta) -> list[str]:
+    """The value numbers of theta (and the differences the policy reads) when the model trains V, else none."""
+    if config.model.values != "trained":
+        return []
+    v = dict(zip(VALUE_FIELDS, np.asarray(theta)[len(VALUE_FIELDS) :]))
+    numbers = ", ".join(f"{name} = {x:.4f}" for name, x in v.items())
+    s, r, m = v["sigma"] - v["omega"], v["rho"] - v["omega"], v["mu"] - v["nu"]
+    return [f"final {numbers}", f"  V as the policy reads it: sigma - omega = {s:.4f}, rho - omega = {r:.4f}, mu - nu = {m:.4f}"]
 
 
 def _solver_name(config) -> str:
@@ -367,12 +394,16 @@ def _eval_lines(trajectory, k: int, threshold: float) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    """The main job: the default preset, a report and figures/emergence.png."""
+    """The main job: the default preset, a report and figures/emergence.png (not with V trained: its panels read
+    P(forward | move), which then depends on the start)."""
     with _input_stage():
         params = _flow_from_args(args)
         figure = _writable_files(args.figure, "--figure", (".png", ".pdf", ".json"))
     trajectory = flow.simulate(params, progress=args.progress)
     print(report(trajectory))
+    if params.model.values == "trained":
+        print("no emergence figure with --values trained: P(forward | move) depends on the start (use simulate's result)")
+        return 0
     _plot_emergence(trajectory, figure)
     return 0
 
@@ -404,6 +435,8 @@ def cmd_check(args) -> int:
             trajectory = load_trajectory(args.run, "--run")
         else:
             params = _flow_from_args(args)
+        if (trajectory.config if args.run else params).model.values == "trained":
+            raise ValueError("check: the conditions and phases are derived for the fixed V, not for --values trained")
     if not args.run:
         trajectory = flow.simulate(params, progress=args.progress)
     print(theory.check_conditions(trajectory.config))
@@ -446,6 +479,7 @@ def train_report(result) -> str:
     lines.append(f"training reward >= {threshold:g}: {reached}")
     alpha, beta, gamma = np.asarray(result.theta)[-1, :3]
     lines.append(f"final alpha = {alpha:.4f}, beta = {beta:.4f}, gamma = {gamma:.4f}   ({stats['seconds']:.2f} s)")
+    lines += _value_lines(result.config, np.asarray(result.theta)[-1])
     return "\n".join(lines)
 
 

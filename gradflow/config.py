@@ -49,20 +49,24 @@ def _optional_float_converter(name: str):
 
 
 def as_theta(x, name: str = "theta0") -> Theta:
-    """A Theta from a Theta or from its first 1 to P numbers in ``Theta.fields()`` order (the rest 0).
+    """A Theta from a Theta, from its first 1 to P numbers in ``Theta.fields()`` order (the rest 0), or from all
+    ten numbers of ``Theta.fields("trained")`` (A then V: a two-matrix start, docs/THEORY.md §10).
 
     Args:
-        x (Theta | ArrayLike): a ``Theta``, or 1 to P numbers (P = ``Theta.size()``); a traced array is taken as it is.
+        x (Theta | ArrayLike): a ``Theta``, 1 to P numbers (P = ``Theta.size()``) or ``Theta.size("trained")``
+            numbers; a traced array is taken as it is.
         name: what x is called in the error message.
 
     Returns:
         The ``Theta`` (x itself when it is one).
 
     Raises:
-        ValueError: x is not a Theta nor 1 to P numbers; the message names ``name``.
+        ValueError: x is not a Theta nor 1 to P (or ten) numbers; the message names ``name``.
     """
     if isinstance(x, Theta):
         return x
+    if np.shape(x) == (Theta.size("trained"),):
+        return Theta.from_array(x, "trained")
     size, fields = Theta.size(), ", ".join(Theta.fields())
     if isinstance(x, jax.core.Tracer):
         arr = x
@@ -526,7 +530,11 @@ class FlowParams(eqx.Module):
         return grad / self.orbit_sizes() if (coords or self.coords) == "full" else grad
 
     def to_dict(self) -> dict:
-        """A JSON-ready description; a schedules module is stored as its ``to_dict()``, a callable by name."""
+        """A JSON-ready description; a schedules module is stored as its ``to_dict()``, a callable by name.
+
+        theta0 holds the numbers the model trains (``Theta.fields(model.values)``): A's five with the fixed V
+        (the record of earlier versions), A's then V's five (sigma, rho, omega, mu, nu) with ``values="trained"``.
+        """
         schedule = self.problem.schedule
         if schedule is None:
             schedule_record = None
@@ -537,7 +545,7 @@ class FlowParams(eqx.Module):
         out = {
             "task": _task_dict(self.task),
             "model": _model_dict(self.model),
-            "theta0": np.asarray(self.theta0.as_array()).tolist(),
+            "theta0": np.asarray(self.theta0.as_array(self.model.values)).tolist(),  # A's five (and V's five when trained)
             "t0": float(self.t0),
             "t1": float(self.t1),
             "coords": self.coords,

@@ -29,6 +29,11 @@ stalls on the self-loop and "last" steps forward.  A tie counts when at least tw
 max(1, |largest logit|)) of the largest logit; ``margin`` is the smallest gap between the chosen
 logit and the best other one along the path.  Logits are the rows of ``transition_matrix``
 (``gradflow.model.next_vertex_logits``), one O(n) row per step, so ties are bitwise the same as the dense matrix's.
+
+V trained (``ModelSpec(values="trained")``, docs/THEORY.md §10): the rows depend on the start, so each start's
+walk reads its rows off ``two_matrix.start_logits`` (built once per start, one O(n) row per step by
+``two_matrix.query_logits``; vmapped over starts as for softmax).  These logits drop a constant per row, so a
+tie is the same as the dense token-built matrix's up to round-off (``tie_tol``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from gradflow import two_matrix
 from gradflow._checks import check_choice, check_int
 from gradflow.model import ModelSpec, Theta, next_vertex_logits, vertex_names
 from gradflow.task import ChainTask
@@ -86,19 +92,28 @@ def row_logits(theta: Theta, n: int, model: ModelSpec, u, start_vertex) -> jnp.n
     """Next-vertex logits of query vertex ``u`` (canonical index), shape (2n + n_isolated,).
 
     The row of ``transition_matrix`` (``gradflow.model.next_vertex_logits``), the current vertex at -inf
-    when ``model.mask_self``.
+    when ``model.mask_self``; with V trained the row seen from the start (``two_matrix.query_logits``, up to
+    a constant per row).
 
     Args:
         theta: the attention scores.
         n: the chain length.
         model: the model.
         u (int | jax.Array): the query vertex, a canonical index (``gradflow.model.vertex_names`` order).
-        start_vertex (int | jax.Array): the canonical index of the start (it only matters for softmax).
+        start_vertex (int | jax.Array): the canonical index of the start (it matters for softmax and with V trained).
 
     Returns:
         The logits, shape (2n + n_isolated,).
     """
-    return next_vertex_logits(theta, u, n, model, start_vertex)
+    return _rows_from(theta, n, model, start_vertex)(u)
+
+
+def _rows_from(theta: Theta, n: int, model: ModelSpec, start_vertex):
+    """u -> the logits of query vertex u on the walk from start_vertex (V trained: the start's logits built once)."""
+    if model.values == "trained":
+        logits = two_matrix.start_logits(theta, n, model, start_vertex + 1)
+        return lambda u: two_matrix.query_logits(logits, n, model, start_vertex + 1, u)
+    return lambda u: next_vertex_logits(theta, u, n, model, start_vertex)
 
 
 def _choose(logits: jnp.ndarray, n: int, tie_break: str, tie_tol: float):
@@ -120,10 +135,11 @@ def _choose(logits: jnp.ndarray, n: int, tie_break: str, tie_tol: float):
 
 def _walk(theta: Theta, n: int, model: ModelSpec, start_vertex, steps: int, tie_break: str, tie_tol: float):
     """Greedy walk from a canonical start vertex for ``steps`` tokens (stops counting at a terminal)."""
+    rows = _rows_from(theta, n, model, start_vertex)
 
     def body(state, _):
         u, done, correct, length, forward, tied, margin = state
-        v, tie, gap = _choose(row_logits(theta, n, model, u, start_vertex), n, tie_break, tie_tol)
+        v, tie, gap = _choose(rows(u), n, tie_break, tie_tol)
         active = ~done
         terminal = (v == n - 1) | (v == 2 * n - 1)
         return (
@@ -262,9 +278,9 @@ def greedy_path(
         raise ValueError(f"distance must lie in 1..{n - 1}, got {distance}")
     names = vertex_names(n, model.n_isolated)
     start = n - distance - 1
-    u, path = start, []
+    u, path, rows = start, [], _rows_from(theta, n, model, start)
     for _ in range(2 * n + model.n_isolated if cap is None else cap):
-        v, _, _ = _choose(row_logits(theta, n, model, u, start), n, tie_break, DEFAULT_TIE_TOL)
+        v, _, _ = _choose(rows(u), n, tie_break, DEFAULT_TIE_TOL)
         u = int(v)
         path.append(names[u])
         if u in (n - 1, 2 * n - 1):

@@ -406,11 +406,14 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
     """L[d-1] = expected number of generated tokens from a_{n-d} until the first terminal (>= d).
 
     Self-loops (mask_self=False) count as tokens.  inf when above 1e300 (not representable).
+    V trained: ``gradflow.two_matrix.length_per_start``.
     """
     _require_closed_form(model)
     _require_unpadded(task, model, "length_per_start")
     n, rows = _layout(task)
-    if model.attention == "linear":
+    if model.values == "trained":
+        lengths = two_matrix.length_per_start(theta, task, model)
+    elif model.attention == "linear":
         lengths = _by_distance(_linear_length(theta, n, model, rows), n, rows)
     else:
         lengths = _by_distance(_softmax_per_start(_softmax_length, theta, n, model))
@@ -429,9 +432,12 @@ def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndar
 @eqx.filter_jit
 @_capped_when_set(capped.traversal_per_start)
 def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
-    """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}): the exact forward path, no detour, no self-loop."""
+    """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}): the exact forward path, no detour, no self-loop (V trained:
+    ``gradflow.two_matrix.traversal_per_start``)."""
     _require_closed_form(model)
     _require_unpadded(task, model, "traversal_per_start")
+    if model.values == "trained":
+        return two_matrix.traversal_per_start(theta, task, model)
     n, rows = _layout(task)
 
     def log_forward(position, positions=None):

@@ -126,8 +126,22 @@ def read(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict
         _MEMO.reset(token)
 
 
-TRAINED_V = ("reward", "success_per_start", "reach_per_start", "reach_probability")  # closed forms with V trained
-TRAINED_V_CAPPED = ("expected_length", "traversal_prob")  # ... and these too with a cap (``gradflow.capped``)
+TRAINED_V = (  # closed forms with V trained: the reward, reach, lengths, traversal and greedy decoding
+    "reward",
+    "success_per_start",
+    "reach_per_start",
+    "reach_probability",
+    "expected_length",
+    "traversal_prob",
+    "greedy_accuracy",
+    "greedy_conditional_accuracy",
+    "greedy_reach_rate",
+    "greedy_traversal_accuracy",
+    "greedy_tie_rate",
+    "greedy_correct",
+    "greedy_reached",
+)
+TRAINED_V_CAPPED = ()  # ... and those with V trained only with a cap (none now: lengths and traversal have both)
 
 
 def covers(name: str, model: ModelSpec) -> bool:

@@ -155,8 +155,57 @@ def start_logits(theta: Theta, n: int, model: ModelSpec, start) -> StartLogits:
     return StartLogits(succ, self_, pred, *classes, *the_start, *iso_classes, start_class(iso_classes), M * d_iso, M * e_iso)
 
 
+def query_logits(logits: StartLogits, n: int, model: ModelSpec, start, u) -> jnp.ndarray:
+    """Next-vertex logits of the transient vertex u (canonical index: a chain vertex before its terminal, or an
+    isolated vertex) read off the start's ``StartLogits``, up to a constant per row: O(n).
+
+    Chain row u = (chain c, position i): the far classes by position (chain start, interior, terminal), the
+    start with its extra where it is far, 0 on the isolated vertices, then u's successor, itself and its
+    predecessor; the isolated row: the same classes with its own numbers, itself ``iso_self``, the other
+    isolated vertices 0.  The current vertex is at -inf when ``model.mask_self``.
+
+    Args:
+        logits: the start's logits (``start_logits``).
+        n: the chain length.
+        model: the model (n_isolated, mask_self).
+        start (int | jax.Array): the start's position on chain a, 1..n-1 (the one ``logits`` were built for).
+        u (int | jax.Array): the query vertex (a scalar).
+
+    Returns:
+        The logits, shape (2n + n_isolated,), in ``gradflow.model.vertex_names`` order.
+    """
+    v = jnp.arange(2 * n + model.n_isolated)
+    v_chain, v_pos, v_isolated = v // n, v % n + 1, v >= 2 * n
+    u_chain, u_pos = u // n, u % n + 1
+    r = jnp.clip(u_chain * (n - 1) + u_pos - 1, 0, 2 * (n - 1) - 1)  # u's chain row (any row for an isolated u)
+    by_class = lambda first, interior, terminal: jnp.where(v_pos == 1, first, jnp.where(v_pos == n, terminal, interior))
+    chain = by_class(logits.chain_start[r], logits.interior[r], logits.terminal[r])
+    chain = jnp.where(logits.start_far[r] & (v == start - 1), chain + logits.start_extra[r], chain)
+    same = (v_chain == u_chain) & ~v_isolated
+    chain = jnp.where(same & (v_pos == u_pos + 1), logits.succ[r], chain)
+    chain = jnp.where(same & (v_pos == u_pos - 1), logits.pred[r], chain)
+    chain = jnp.where(v == u, logits.self_[r], jnp.where(v_isolated, 0.0, chain))
+    isolated = by_class(logits.iso_start, logits.iso_interior, logits.iso_terminal)
+    isolated = jnp.where(v == start - 1, isolated + logits.iso_start_extra, isolated)
+    isolated = jnp.where(v == u, logits.iso_self, jnp.where(v_isolated, 0.0, isolated))
+    row = jnp.where(u >= 2 * n, isolated, chain)
+    return jnp.where(v == u, -jnp.inf, row) if model.mask_self else row
+
+
 def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(P(own terminal), P(other terminal)) from a_start: one tridiagonal-plus-rank-3 solve."""
+    x, _ = _start_solve(theta, n, model, start)
+    return x[0], x[1]
+
+
+def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False):
+    """The solve from a_start: (P(own), P(other)[, E[tokens to a terminal]]) at the start, and log P(succ) of every
+    chain row (2(n-1),).
+
+    The length's right-hand side is each row's total weight (self-loop included when allowed: a token),
+    plus, per isolated target, the expected tokens spent among the isolated vertices before landing on a
+    chain vertex (1 / P(the isolated row lands on the chain)); the left-hand side is the absorption system's.
+    """
     chain, pos = _rows(n)
     has_pred = pos >= 2
     m = model.n_isolated
@@ -197,8 +246,11 @@ def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.n
         share = m * ex(-log_y)  # m e^{-top} / Y
         pi = lambda logit: share * jnp.exp(logit)
         iso = (pi(iso_start), pi(iso_int), share * jnp.exp(iso_s) * jnp.expm1(logits.iso_start_extra), pi(iso_term))
+        # tokens among the isolated vertices per visit: 1 / P(land on the chain) = 1 + (stay weight) / Y
+        stay = ([(0.0, m - 1.0)] if m > 1 else []) + ([] if model.mask_self else [(logits.iso_self, 1.0)])
+        iso_tokens = m * ex(0.0) * (1.0 + (jnp.exp(log_sum(stay) - log_y) if stay else 0.0))
     else:
-        iso = (0.0, 0.0, 0.0, 0.0)
+        iso, iso_tokens = (0.0, 0.0, 0.0, 0.0), 0.0
 
     upper = jnp.where(succ_terminal, 0.0, w_succ - w_int)
     lower = jnp.where(has_pred, w_pred - jnp.where(pos == 2, w_start, w_int), 0.0)
@@ -211,15 +263,21 @@ def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.n
     u = jnp.stack([w_start + iso[0], w_int + iso[1], w_s_extra + iso[2]], -1)
     rhs = jnp.stack([jnp.where(on_a & succ_terminal, w_succ, w_term), jnp.where(~on_a & succ_terminal, w_succ, w_term)], -1)
     rhs = rhs + jnp.asarray(iso[3])[..., None]
+    self_weight = 0.0 if model.mask_self else ex(logits.self_)
+    total = w_succ + w_pred + rest + self_weight  # the row's weight on every target, in its scale
+    log_forward = jnp.log(w_succ) - jnp.log(total)
+    if lengths:  # (Z - w_self) L_u - sum_v w_v L_v = Z + m w_iso / P(an isolated vertex lands on the chain)
+        rhs = jnp.concatenate([rhs, (total + iso_tokens)[:, None]], -1)
+    k = rhs.shape[-1]
 
     # Woodbury: (T - U C^T)^{-1} rhs = z_r + z_u (I - C^T z_u)^{-1} C^T z_r
     z, min_pivot = gth_solve(excess, lower, upper, jnp.concatenate([rhs, u], -1))
-    z_r, z_u = z[:, :2], z[:, 2:]
+    z_r, z_u = z[:, :k], z[:, k:]
     c = jnp.stack([jnp.asarray(pos == 1, float), jnp.asarray(pos >= 2, float), jnp.where(is_s, 1.0, 0.0)], -1)
     correction = jnp.linalg.solve(jnp.eye(3) - c.T @ z_u, c.T @ z_r)
     x = z_r + z_u @ correction
     x = jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
-    return x[start - 1, 0], x[start - 1, 1]
+    return x[start - 1], log_forward
 
 
 def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -239,6 +297,28 @@ def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[
     h, q = jax.vmap(lambda position: _start_outcome(theta, n, model, position))(jnp.arange(1, n))
     own, other = jnp.where(h <= q, h, 1.0 - q), jnp.where(h <= q, 1.0 - h, q)
     return own[::-1], other[::-1]
+
+
+def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """L[d-1] = E[tokens from a_{n-d} until the first terminal], self-loops and isolated detours counted, V trained:
+    the absorption solve with each row's total weight as right-hand side (one more column)."""
+    _require_two_matrix(model)
+    n = task.n
+    lengths = jax.vmap(lambda position: _start_solve(theta, n, model, position, lengths=True)[0][2])(jnp.arange(1, n))
+    return lengths[::-1]
+
+
+def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """T[d-1] = prod_{i=n-d}^{n-1} P(a_i -> a_{i+1}) over the rows seen from the start a_{n-d}, V trained."""
+    _require_two_matrix(model)
+    n = task.n
+    chain, pos = _rows(n)
+
+    def at_start(position):
+        log_forward = _start_solve(theta, n, model, position)[1]
+        return jnp.exp(jnp.sum(jnp.where((chain == 0) & (pos >= position), log_forward, 0.0)))
+
+    return jax.vmap(at_start)(jnp.arange(1, n))[::-1]
 
 
 @eqx.filter_jit

@@ -127,6 +127,34 @@ def test_choice_lists_come_from_the_modules():
     assert choices["attention"] == tuple(ATTENTION_KINDS)
 
 
+def test_values_trained_simulate_and_train_record_and_report_v(tmp_path, capsys):
+    """--values trained: the config records V (model.values and theta0's ten numbers) and the reports print V."""
+    theta0 = "0.3 0.1 0 0 0 0.9 1.1 0.05 -0.1 0.02".split()
+    common = ["--n", "3", "--values", "trained", "--theta0", *theta0]
+    assert cli.main(["simulate", *common, "--t1", "2", "--no-progress", "--out", str(tmp_path / "flow")]) == 0
+    out = capsys.readouterr().out
+    assert "final sigma = " in out and "mu - nu = " in out
+    record = json.loads((tmp_path / "flow.json").read_text())["config"]
+    assert record["model"]["values"] == "trained" and record["theta0"] == [float(x) for x in theta0]
+    loaded = gf.Trajectory.load(tmp_path / "flow.npz")
+    assert loaded.config.model.values == "trained" and np.shape(loaded.theta)[-1] == 10
+    np.testing.assert_array_equal(loaded.theta[0], np.array(theta0, dtype=float))
+
+    assert cli.main(["run", *common, "--t1", "2", "--no-progress", "--figure", str(tmp_path / "em.png")]) == 0
+    out = capsys.readouterr().out
+    assert "final sigma = " in out and "no emergence figure" in out and not (tmp_path / "em.png").exists()
+
+    assert cli.main(["train", *common, "--steps", "3", "--lr", "0.1", "--out", str(tmp_path / "train")]) == 0
+    out = capsys.readouterr().out
+    assert "final sigma = " in out and "rho - omega = " in out
+    record = json.loads((tmp_path / "train.json").read_text())["config"]
+    assert record["model"]["values"] == "trained" and len(record["theta0"]) == 10
+
+    assert cli.main(["train", "--n", "3", "--steps", "2", "--out", str(tmp_path / "fixed")]) == 0
+    assert "sigma" not in capsys.readouterr().out  # the fixed V: the report of earlier versions
+    assert len(json.loads((tmp_path / "fixed.json").read_text())["config"]["theta0"]) == 5
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad inputs: one line naming the problem, non-zero exit, nothing solved
 # --------------------------------------------------------------------------------------------------
@@ -209,6 +237,9 @@ BAD = [
     (["sweep", "{good}", "--out", "{file}2", "--executor", "pbs"], ("--executor",)),
     (["sweep", "{good}", "--out", "{file}2", "--array-size", "2"], ("--executor",)),
     (["run", "--max-len", "0"], ("max_len",)),
+    (["run", "--values", "nosuch"], ("--values", "invalid choice")),
+    (["check", "--values", "trained"], ("check", "fixed V")),
+    (["simulate", "--out", "x", "--theta0", *"0.3 0 0 0 0 1 1 0 0 0".split()], ("--theta0", "--values trained")),
     (["run", "--max-len", "x"], ("--max-len", "invalid int")),
     (["simulate", "--out", "x", "--eval", "hardest"], ("--eval", "NAME=TASK")),
     (["simulate", "--out", "x", "--eval", "a/b=hardest"], ("--eval", "NAME=TASK")),

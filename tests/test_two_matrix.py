@@ -7,7 +7,9 @@ one dense solve of the absorbing chain; JAX differentiates it for the gradient.
 """
 
 import itertools
+import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,8 +44,9 @@ def dense_matrices(x, n_vocab: int):
     return x[a_kind], x[v_kind], {tok: j for j, tok in enumerate(tokens)}
 
 
-def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
-    """The N x N next-vertex matrix of the token-built chain for the start a_start (jax, differentiable)."""
+def dense_logits(x, n: int, model: gf.ModelSpec, start: int):
+    """The N x N next-vertex logits of the token-built chain for the start a_start (the current vertex at -inf
+    when masked; jax, differentiable)."""
     n_vocab = 2 * n + model.n_isolated
     A, V, column = dense_matrices(x, n_vocab)
     edges = [column[("e", (c * n + i, c * n + i + 1))] for c in range(2) for i in range(n - 1)]
@@ -56,8 +59,27 @@ def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
         logits = weights @ V[jnp.array(context)] / model.tau
         if model.mask_self:
             logits = logits.at[u].set(-jnp.inf)
-        rows.append(jax.nn.softmax(logits))
+        rows.append(logits)
     return jnp.stack(rows)
+
+
+def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
+    """The N x N next-vertex matrix of the token-built chain for the start a_start (jax, differentiable)."""
+    return jax.nn.softmax(dense_logits(x, n, model, start), axis=1)
+
+
+def dense_greedy(x, n: int, model: gf.ModelSpec, start: int, steps: int):
+    """(correct, reached, traversed, length, margin) of the greedy walk from a_start over the dense logits (numpy
+    argmax: the first of tied vertices), at most ``steps`` tokens; the margin as greedy's (isolated vertices one)."""
+    logits, u, forward, margin = np.asarray(dense_logits(x, n, model, start)), start - 1, True, np.inf
+    for length in range(1, steps + 1):
+        v = int(np.argmax(logits[u]))
+        others = [w for w in range(logits.shape[0]) if w != v and not (w >= 2 * n and v >= 2 * n)]
+        margin = min(margin, logits[u, v] - logits[u, others].max())
+        forward, u = forward and v == u + 1, v
+        if v in (n - 1, 2 * n - 1):
+            return v == n - 1, True, forward, length, margin
+    return False, False, False, steps, margin
 
 
 def dense_success(x, n: int, model: gf.ModelSpec, start: int):
@@ -105,6 +127,17 @@ def labelled_reward(A, V, task: gf.ChainTask, model: gf.ModelSpec, labels):
         h = jnp.linalg.solve(jnp.eye(len(transient)) - q, p[transient, n - 1])
         reward = reward + task.start_probs[d - 1] * h[transient.index(s)]
     return reward
+
+
+def dense_length_and_traversal(x, n: int, model: gf.ModelSpec, start: int):
+    """(E[tokens to the first terminal], P(the path is exactly the forward path)) from a_start by a dense solve of
+    the token-built chain, (I - Q) L = 1 over every transient vertex (isolated ones included; jax)."""
+    p = dense_transition(x, n, model, start)
+    transient = np.array([v for v in range(p.shape[0]) if v not in (n - 1, 2 * n - 1)])
+    q = p[np.ix_(transient, transient)]
+    lengths = jnp.linalg.solve(jnp.eye(transient.size) - q, jnp.ones(transient.size))
+    path = jnp.prod(jnp.array([p[i - 1, i] for i in range(start, n)]))
+    return lengths[list(transient).index(start - 1)], path
 
 
 def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
@@ -203,18 +236,149 @@ def test_fixed_values_are_todays_parameter_vector():
     np.testing.assert_array_equal(gf.model.orbit_sizes(7, "trained"), np.tile(gf.model.orbit_sizes(7), 2))
 
 
+@pytest.mark.parametrize("values", ["fixed", "trained"])
+def test_config_records_v_and_round_trips(values):
+    """to_dict carries model.values and, with V trained, theta0's ten numbers (A then V); from_dict inverts it.
+    The fixed-V record is that of earlier versions (theta0's five numbers, the same hash)."""
+    theta0 = gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4, sigma=0.9, rho=1.2, omega=0.1, mu=-0.3, nu=0.05)
+    model = gf.ModelSpec("softmax", tau=0.4, max_len=6, values=values)
+    config = gf.FlowParams(gf.ChainTask.uniform(4), model, theta0 if values == "trained" else theta0.as_array(), t1=3.0)
+    record = config.to_dict()
+    assert record["model"]["values"] == values
+    assert record["theta0"] == np.asarray(theta0.as_array(values)).tolist()
+    restored = gf.FlowParams.from_dict(json.loads(json.dumps(record)))
+    assert bool(eqx.tree_equal(restored, config))
+    assert restored.to_dict() == record and gf.sweep.config_hash(restored) == gf.sweep.config_hash(config)
+    other = config.replace(theta0=gf.Theta(0.3, -0.1, 0.2, 0.5, 0.4, sigma=0.8))
+    assert (gf.sweep.config_hash(other) != gf.sweep.config_hash(config)) == (values == "trained")
+
+
 def test_authors_start_and_unsupported_quantities():
     start = gf.model.authors_start(1e-8)
     np.testing.assert_array_equal(start.as_array("trained"), [1e-8] * 7 + [0.0, 1e-8, 0.0])
     model, task = gf.ModelSpec(values="trained"), gf.ChainTask.uniform(5)
     assert abs(float(gf.expected_reward(start, task, model)) - 0.5) < 1e-6
     with pytest.raises(NotImplementedError):
-        gf.length_per_start(start, task, model)
-    with pytest.raises(NotImplementedError):
-        gf.greedy.greedy_metrics(start, task, model)
+        gf.noise.moments_per_start(start, task, model)
     # the reward ceiling: 1 for linear attention without a cap, not derived otherwise with V trained
     assert ceilings.closed_form_ceiling(task, model) == 1.0
     assert ceilings.closed_form_ceiling(task, gf.ModelSpec("softmax", values="trained")) is None
+
+
+GREEDY_CASES = [  # (n, attention, mask_self, n_isolated, cap): n = 2..6, both kinds, masked or not
+    (2, "linear", True, 0, None),
+    (3, "softmax", False, 1, None),
+    (4, "linear", False, 2, 3),
+    (5, "softmax", True, 0, None),
+    (6, "linear", True, 1, None),
+    (6, "softmax", False, 0, 4),
+    (4, "softmax", True, 2, None),
+    (5, "linear", False, 0, None),
+]
+
+
+def _greedy_thetas(rng):
+    """Random two-matrix points at two scales and a trained-looking one (forward, no self-loop, V near fixed)."""
+    good = gf.Theta(2.0, -0.5, -0.8, -0.3, 0.2, sigma=0.7, rho=1.4, omega=-0.1, mu=-0.6, nu=0.1)
+    return [random_two_matrix_theta(rng, scale) for scale in (0.8, 0.8, 2.0, 2.0)] + [good]
+
+
+@pytest.mark.parametrize("n, attention, mask, iso, cap", GREEDY_CASES)
+def test_greedy_equals_greedy_decoding_of_the_dense_token_chain(n, attention, mask, iso, cap, rng):
+    """Greedy decoding with V trained, per start, against argmax walks over the dense token-built logits."""
+    model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained", max_len=cap)
+    task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+    steps = 2 * n + iso if cap is None else cap
+    outcomes = set()
+    for theta in _greedy_thetas(rng):
+        per = gf.greedy.greedy_per_start(theta, task, model)
+        x = theta.as_array("trained")
+        reference = np.array([dense_greedy(x, n, model, n - d, steps) for d in range(1, n)])
+        got = np.stack([per.correct, per.reached, per.traversed, per.length, per.margin], -1).astype(float)
+        # exact ties (two far vertices of one class, e.g. both terminals) are ties of the dense chain up to
+        # round-off, where its argmax may go either way: those starts are compared by their margin only
+        tied = np.asarray(per.tied)
+        np.testing.assert_array_equal(tied, reference[:, 4] <= 1e-10)
+        np.testing.assert_array_equal(got[~tied, :4], reference[~tied, :4])
+        np.testing.assert_allclose(got[~tied, 4], reference[~tied, 4], rtol=1e-9, atol=1e-11)
+        outcomes |= set(map(tuple, reference[~tied, :3]))
+        metrics = gf.greedy.greedy_metrics(theta, task, model)
+        np.testing.assert_allclose(metrics.reach_rate, task.start_probs @ got[:, 1], rtol=1e-13)
+        np.testing.assert_allclose(metrics.traversal_accuracy, task.start_probs @ got[:, 2], rtol=1e-13)
+        path = gf.greedy.greedy_path(theta, task, model, n - 1)
+        assert len(path) == per.length[-1]
+        covered = gf.readouts.read_covered(("greedy_conditional_accuracy", "greedy_reached"), theta, task, model)
+        np.testing.assert_array_equal(covered["greedy_reached"], got[:, 1])
+        np.testing.assert_array_equal(covered["greedy_conditional_accuracy"], metrics.conditional_accuracy)
+    assert len(outcomes) >= 2  # the points reach different greedy outcomes
+
+
+@pytest.mark.parametrize("n, attention, mask, iso", CASES)
+def test_uncapped_length_and_traversal_equal_the_dense_token_chain(n, attention, mask, iso, rng):
+    """E[tokens to a terminal] (self-loops and isolated detours counted) and the exact-traversal probability, V
+    trained, per start and start-weighted with the gradient of the length, against the dense token chain."""
+    model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained")
+    task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
+
+    def dense(x):
+        pairs = [dense_length_and_traversal(x, n, model, n - d) for d in range(1, n)]
+        return jnp.stack([length for length, _ in pairs]), jnp.stack([path for _, path in pairs])
+
+    closed_length = jax.jit(jax.value_and_grad(lambda x: gf.expected_length(gf.Theta.from_array(x), task, model)))
+    dense_length = jax.jit(jax.value_and_grad(lambda x: task.start_probs @ dense(x)[0]))
+    for _ in range(3):
+        x = random_two_matrix_theta(rng, 0.8).as_array("trained")
+        theta = gf.Theta.from_array(x)
+        lengths, paths = dense(x)
+        np.testing.assert_allclose(gf.length_per_start(theta, task, model), lengths, rtol=1e-10)
+        np.testing.assert_allclose(gf.traversal_per_start(theta, task, model), paths, rtol=1e-11, atol=1e-300)
+        np.testing.assert_allclose(gf.traversal_probability(theta, task, model), task.start_probs @ paths, rtol=1e-11)
+        (value, grad), (value_ref, grad_ref) = closed_length(x), dense_length(x)
+        np.testing.assert_allclose(value, value_ref, rtol=1e-10)
+        np.testing.assert_allclose(grad, grad_ref, rtol=1e-7, atol=1e-9 * abs(value_ref))
+        assert np.all(np.asarray(lengths) >= np.arange(1, n))
+
+
+def test_uncapped_length_and_traversal_fixed_v_limit(rng):
+    """Linear attention at the fixed V: today's lengths and traversal (masked or not, isolated vertices)."""
+    task = gf.ChainTask.uniform(5)
+    for mask, iso in ((True, 0), (False, 2)):
+        fixed = gf.ModelSpec(tau=0.3, mask_self=mask, n_isolated=iso)
+        trained = gf.ModelSpec(tau=0.3, mask_self=mask, n_isolated=iso, values="trained")
+        for _ in range(3):
+            theta = gf.Theta(*rng.normal(0.0, 1.0, 5))
+            for fn in (gf.length_per_start, gf.traversal_per_start):
+                np.testing.assert_allclose(fn(theta, task, trained), fn(theta, task, fixed), rtol=1e-10)
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("mask", [True, False])
+def test_greedy_at_the_fixed_v_is_todays_greedy(attention, mask, rng):
+    """At the fixed V the two-matrix greedy walks are today's (softmax rows differ by a positive factor only,
+    the current vertex's token in the normaliser: the same argmax); linear margins and ties equal too, also at
+    the exact ties of theta = (alpha, 0, 0) under both tie rules."""
+    n, iso = 5, 1
+    task = gf.ChainTask.uniform(n)
+    fixed = gf.ModelSpec(attention, tau=0.3, mask_self=mask, n_isolated=iso)
+    trained = gf.ModelSpec(attention, tau=0.3, mask_self=mask, n_isolated=iso, values="trained")
+    thetas = [gf.Theta(*rng.normal(0.0, 1.5, 5)) for _ in range(4)] + [gf.Theta(0.3, 0.0, 0.0)]
+    for theta in thetas:
+        for tie_break in ("first", "last"):
+            today = gf.greedy.greedy_per_start(theta, task, fixed, tie_break=tie_break)
+            two = gf.greedy.greedy_per_start(theta, task, trained, tie_break=tie_break)
+            for field in ("correct", "reached", "traversed", "length"):
+                np.testing.assert_array_equal(getattr(two, field), getattr(today, field))
+            if attention == "linear":
+                np.testing.assert_array_equal(two.tied, today.tied)
+                np.testing.assert_allclose(two.margin, today.margin, rtol=1e-12, atol=1e-14)
+
+
+def test_readouts_cover_greedy_lengths_and_traversal_with_v_trained():
+    for trained in (gf.ModelSpec(values="trained"), gf.ModelSpec(values="trained", max_len=4)):
+        for name in gf.readouts.READOUTS:
+            assert gf.readouts.covers(name, trained) == (name in gf.readouts.TRAINED_V), name
+    assert {"expected_length", "traversal_prob"} <= set(gf.readouts.TRAINED_V) and not gf.readouts.TRAINED_V_CAPPED
+    assert {name for name in gf.readouts.READOUTS if name.startswith("greedy")} <= set(gf.readouts.TRAINED_V)
 
 
 CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
@@ -351,7 +515,10 @@ def test_exact_training_with_v_trained_reduced_and_full():
     per = capped.per_start(theta, task, model)
     np.testing.assert_allclose(run.success_per_start[2], per.success, rtol=1e-13)
     np.testing.assert_allclose(run.expected_length[2], gf.expected_length(theta, task, model), rtol=1e-13)
-    assert np.isnan(run.forward_prob).all() and np.isnan(run.greedy_accuracy).all() and run.reward[-1] > run.reward[0]
+    assert np.isnan(run.forward_prob).all() and run.reward[-1] > run.reward[0]
+    greedy = gf.greedy.greedy_metrics(theta, task, model)
+    np.testing.assert_array_equal(run.greedy_accuracy[2], greedy.accuracy)
+    np.testing.assert_array_equal(run.greedy_traversal_accuracy[2], greedy.traversal_accuracy)
     configs = [config, gf.FlowParams(task, model, gf.model.authors_start(0.1))]
     many = gf.training.gradient_descent_many(configs, lrs=[lr, 0.2], steps=steps, optimizer="adam")
     np.testing.assert_allclose(many[0].theta, run.theta, rtol=1e-12, atol=1e-15)
@@ -368,6 +535,9 @@ def test_flow_with_v_trained_conserves_the_balances(coords, t1):
     assert trajectory.theta.shape == (201, 10) and trajectory.reward[-1] > 0.9
     np.testing.assert_array_equal(trajectory.theta[0], start.as_array("trained"))
     assert np.isnan(trajectory.forward_prob).all()  # no closed form with V trained: recorded as NaN
+    last = gf.Theta.from_array(trajectory.theta[-1])
+    np.testing.assert_allclose(trajectory.expected_length[-1], gf.expected_length(last, params.task, model), rtol=1e-13)
+    np.testing.assert_allclose(trajectory.traversal_prob[-1], gf.traversal_probability(last, params.task, model), rtol=1e-13)
     sizes = params.orbit_sizes() if coords == "full" else None
     thetas = gf.Theta.from_array(trajectory.theta)
     balance = np.asarray(two_matrix.balances(thetas, sizes))
