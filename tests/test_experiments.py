@@ -29,6 +29,7 @@ FIGURES = (
     "noise",
     "design",
     "data_window",
+    "two_matrix",
 )
 
 # Every check below recomputes the figure's claim from the numbers in its JSON; no script's own
@@ -151,6 +152,20 @@ def check_authors_setting(data):
     last = exact[str(n - 1)]["final"]
     alpha, beta, gamma = last["theta"]
     assert last["hardest_reward"] > 0.9 and alpha > gamma > 0 > beta
+
+
+def check_two_matrix(data):
+    ks, runs = [str(k) for k in data["ks"]], data["runs"]
+    self_loop = data["terms"].index("self-loop η·M")
+    for values in ("trained", "fixed"):  # both V kinds: only k = 4 (with d = 1) learns the hardest start
+        assert _arr(runs[values][ks[-1]]["hardest_reward"])[-1] > 0.9
+        assert np.max(_arr(runs[values][ks[0]]["hardest_reward"])) < 0.6
+        step = data["summary"][values]["k4_step_0.9"]
+        assert step == int(np.argmax(_arr(runs[values][ks[-1]]["hardest_reward"]) >= 0.9))
+    assert all(runs["trained"][k]["final_terms"][self_loop] < 0 for k in ks)  # V trained suppresses self-loops
+    assert data["summary"]["trained"]["self_loop_sign"] == -1 and data["summary"]["fixed"]["self_loop_sign"] == 0
+    times = _arr(data["escape"]["times"]["trained"])  # the saddle: escape time falls with the start scale
+    assert np.all(np.isfinite(times)) and np.all(np.diff(times) < 0)
 
 
 def check_noise(data):
