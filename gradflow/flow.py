@@ -321,7 +321,8 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
             t0, t1, y0, saves = *main_span, requested_s
         else:
             s_lo, s_hi = bracket.s_lo[event], bracket.s_hi[event]
-            s_hi = jnp.where(s_hi > s_lo, s_hi, s_lo + 1.0)  # a bracket with nothing to find: any short span
+            s_lo = jnp.where(jnp.isfinite(s_lo), s_lo, main_span[0])  # saves past a stop are inf: never a NaN span
+            s_hi = jnp.where(jnp.isfinite(s_hi) & (s_hi > s_lo), s_hi, s_lo + 1.0)  # nothing to find: any short span
             t0, t1 = jnp.where(main, main_span[0], s_lo), jnp.where(main, main_span[1], s_hi)
             y0 = jnp.where(main, main_span[2], bracket.y_lo[event])
             saves = jnp.where(main, requested_s, jnp.linspace(s_lo, s_hi, n_saves))
