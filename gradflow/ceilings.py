@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow._checks import check_fraction, is_concrete
-from gradflow.config import FlowParams
 from gradflow.model import ModelSpec, Theta
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask
@@ -73,11 +72,15 @@ def reward_ceiling(task: ChainTask, model: ModelSpec | None = None) -> RewardCei
     """The supremum of the expected reward J over theta, and how it was found.
 
     - Linear attention, no cap: 1 (forward traversal, alpha - gamma -> +inf, gamma -> -inf).
-    - Linear attention, cap T (``model.max_len``): the mass on the starts the cap lets through,
-      sum_{d <= T} p[d-1], reached in the limit alpha >> 2 gamma >> 0, beta -> -inf (every step
-      forward: no self-loop, no backward step, no jump).  One exception: at n = 2 with self-loops
-      allowed the self-loop and the forward step have the same logit alpha for every theta, so the
-      best is p[0] (1 - 2^-T) (each token moves with probability at most 1/2).
+    - Linear attention, cap T (``model.max_len``) covering every start (p[d-1] = 0 for d > T): 1, the
+      limit alpha >> 2 gamma >> 0, beta -> -inf (every step forward: no self-loop, no backward step, no
+      jump).  One exception: at n = 2 with self-loops allowed the self-loop and the forward step have the
+      same logit alpha for every theta, so the best is p[0] (1 - 2^-T) (each token moves with probability
+      at most 1/2; a jump lands on the other chain).
+    - Linear attention with starts beyond the cap: those starts still succeed by far jumps (a terminal has
+      one edge, so at gamma << 0 it is a likely jump target), so forward traversal's sum_{d <= T} p[d-1] is
+      only a lower bound (hardest start, n = 5, T = 3: J = 0.48 at theta = (-1.69, -0.43, -4.05)): the
+      value is a numerical maximisation, as for softmax with a cap, never below that limit.
     - Softmax attention, no cap: every logit is (1/tau) times a total attention weight, at most
       1/tau.  The supremum is the limit alpha -> +inf with the others finite: each row puts all its
       weight on its outgoing edge, which writes 1/tau on the current vertex and its successor and 0
@@ -112,14 +115,23 @@ def _reward_ceiling_cached(key: tuple) -> RewardCeiling:
         if n == 2 and not mask_self:
             value = float(probs[0] * (1.0 - 0.5**max_len))
             return RewardCeiling(value, True, f"n = 2, self-loops allowed: p[0] (1 - 2^-{max_len})")
-        value = float(probs[: min(max_len, n - 1)].sum())
-        return RewardCeiling(value, True, f"cap {max_len}: mass on starts d <= {max_len} (forward traversal limit)")
+        if _covered(probs, max_len):
+            return RewardCeiling(1.0, True, f"cap {max_len} covers every start: forward traversal limit")
+        forward = float(probs[:max_len].sum())
+        value, theta = _numerical_max_reward(task, model)
+        method = f"cap {max_len}, starts beyond it reached by far jumps: multi-start L-BFGS-B over theta in [-40, 40]^3"
+        return RewardCeiling(max(value, forward), False, method, theta if value >= forward else None)
     if max_len is None:
         limit = ModelSpec(attention="linear", tau=tau, mask_self=mask_self, n_isolated=n_isolated)
         value = float(expected_reward(Theta(1.0, 0.0, 0.0), task, limit))
         return RewardCeiling(value, True, "softmax: alpha -> +inf limit (the linear walk at theta = (1, 0, 0))")
     value, theta = _numerical_max_reward(task, model)
     return RewardCeiling(value, False, "softmax with a cap: multi-start L-BFGS-B over theta in [-40, 40]^P", theta)
+
+
+def _covered(probs: np.ndarray, max_len: int) -> bool:
+    """Every start with mass lies within the cap: p[d-1] = 0 for d > max_len."""
+    return not np.any(np.asarray(probs)[max_len:] > 0)
 
 
 def _numerical_max_reward(task: ChainTask, model: ModelSpec, n_starts: int = 12, bound: float = 40.0, seed: int = 0):
@@ -177,10 +189,10 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
     Raises:
         ValueError: config is neither a FlowParams nor a ChainTask, or level is not in [0, 1].
     """
-    if isinstance(config, FlowParams):
-        task, model = config.task, config.model
-    elif isinstance(config, ChainTask):
+    if isinstance(config, ChainTask):
         task, model = config, _as_model(model)
+    elif isinstance(getattr(config, "task", None), ChainTask) and isinstance(getattr(config, "model", None), ModelSpec):
+        task, model = config.task, config.model  # a FlowParams (``gradflow.config`` builds on this module)
     else:
         raise ValueError(f"config must be a gradflow.FlowParams or gradflow.ChainTask, got {type(config).__name__}")
     level = check_fraction("level", level, 0.0, 1.0, inclusive=True)
@@ -194,14 +206,20 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
         why.append(f"cap max_len = {model.max_len}")
     if model.attention == "softmax":
         why.append(f"softmax attention at tau = {float(model.tau):g} (every logit <= 1/tau)")
+    if ceiling.exact:
+        return (
+            f"reward level {level:g} is above the reward ceiling sup J = {ceiling.value:.6g} of this model "
+            f"({', '.join(why)}): it is never reached"
+        )
     return (
-        f"reward level {level:g} is above the reward ceiling sup J = {ceiling.value:.6g} of this model "
-        f"({', '.join(why)}): it is never reached"
+        f"reward level {level:g} is above the reward ceiling sup J ~ {ceiling.value:.6g} of this model "
+        f"({', '.join(why)}; the best of a numerical maximisation): it is not expected to be reached"
     )
 
 
 def closed_form_ceiling(task: ChainTask, model: ModelSpec) -> float | None:
-    """sup J where it is a closed form (linear attention, or softmax without a cap), else None.
+    """sup J where it is a closed form (linear attention without a cap or with a cap covering every start, softmax
+    without a cap), else None.
 
     None too for a traced task or temperature, and with V trained unless linear and uncapped (sup J = 1: the
     fixed-V model is inside it; the other ceilings are derived for the fixed V only).  Cached per (task,
@@ -209,8 +227,14 @@ def closed_form_ceiling(task: ChainTask, model: ModelSpec) -> float | None:
     """
     if model.attention == "linear" and not _is_capped(model):
         return 1.0
-    if model.values == "trained" or (model.attention == "softmax" and _is_capped(model)):
+    if model.values == "trained" or not is_concrete((task.start_probs, model.tau)):
         return None
-    if not is_concrete((task.start_probs, model.tau)):
+    if _is_capped(model) and (model.attention == "softmax" or not _linear_cap_is_closed(task, model)):
         return None
     return _reward_ceiling_cached(_model_key(task, model)).value
+
+
+def _linear_cap_is_closed(task: ChainTask, model: ModelSpec) -> bool:
+    """Linear attention with a cap has a closed-form ceiling when the cap covers every start, or at n = 2 with
+    self-loops allowed (``reward_ceiling``); with starts beyond the cap it is a numerical maximisation."""
+    return _covered(np.asarray(task.start_probs), model.max_len) or (task.n == 2 and not model.mask_self)
