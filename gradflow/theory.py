@@ -606,12 +606,18 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
 
     # one condition (diffrax root-finds a single scalar here): the first of the two to fall through 0
     either = falling_event(lambda t, y, args, **kwargs: jnp.minimum(escape - reward(y), fast(t, y)))  # t: here s
-    first = integrate(params, diffrax.SaveAt(t1=True), clock=plateau, event=either)
+    # a flow already fast at theta0 (a condition that starts below 0 never falls through it) has no plateau to
+    # cross in log time: the log-time stage takes zero length and the linear-time stage starts at t0
+    s0 = plateau.to_solver(params.t0)
+    starts_fast = fast(s0, params.theta0.as_array(params.model.values)) <= 0.0
+    first = integrate(
+        params, diffrax.SaveAt(t1=True), clock=plateau, t1=jnp.where(starts_fast, s0, plateau.to_solver(params.t1)), event=either
+    )
     s_stop, y_first = first.ts[-1], first.ys[-1]
     t_switch = plateau.to_time(s_stop)
     escaped = first.event_mask & (escape - reward(y_first) <= fast(s_stop, y_first))
     done = escaped & (escape >= level)  # the level is the plateau's end: reached in log time
-    switched = first.event_mask & ~done
+    switched = (first.event_mask & ~done) | starts_fast
     t_escape = jnp.where(escaped, t_switch, jnp.nan)
 
     def active(state):

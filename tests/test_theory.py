@@ -318,6 +318,18 @@ def test_log_time_learning_time_matches_the_flow_event(uniform8):
     assert t.plateau == pytest.approx(escape, rel=1e-6) and t.rise == pytest.approx(event - escape, rel=1e-6)
 
 
+@pytest.mark.parametrize("easy_mass, level", [(1.0, 0.9), (0.5, 0.4)])
+def test_learning_time_of_a_flow_that_starts_fast_matches_the_flow_event(easy_mass, level):
+    """At tau = 0.2 with a cap the gradient at theta0 already moves theta faster than the log-time stage's hand-over
+    speed: its condition starts below 0 and never falls through it, so that stage takes zero length (these two
+    answered None, and ran out of max_steps at J = 0.74 > 0.4, before)."""
+    task, capped = ChainTask.mixture(5, easy_mass), gf.ModelSpec(max_len=3)
+    t = theory.learning_time(task, capped, level=level)
+    (event,) = hitting_times([FlowParams(task, capped, reward_threshold=level, stop_at="threshold", t1=1e4)])
+    assert t is not None and t == pytest.approx(event, rel=1e-6)
+    assert t.plateau <= t
+
+
 def test_position_times_are_root_found_not_read_off_the_saves(uniform8):
     report = theory.phases(uniform8)
     saves = set(np.asarray(uniform8.ts).tolist())
