@@ -48,6 +48,7 @@ from gradflow.compile_cache import compiled
 from gradflow.config import config_label
 from gradflow.flow import FlowParams, Trajectory, stack_configs
 from gradflow.model import ModelSpec, Theta
+from gradflow.readouts import RECORDED  # TrainingTrajectory's read-outs
 from gradflow.sampling import full_attention, orbit_statistics, resolve_max_len, rollouts, surrogate
 from gradflow.task import ChainTask
 
@@ -144,25 +145,6 @@ def reward_function(model: ModelSpec):
     """J(theta, task, model): ``gradflow.objective.expected_reward``, which is the capped reward of
     ``gradflow.capped`` when ``model.max_len`` is set (the one dispatch)."""
     return objective.expected_reward
-
-
-RECORDED = (
-    "reward",
-    "forward_prob",
-    "switch_prob",
-    "expected_length",
-    "traversal_prob",
-    "success_per_start",
-    "reach_per_start",
-    "reach_probability",
-    "greedy_accuracy",
-    "greedy_conditional_accuracy",
-    "greedy_reach_rate",
-    "greedy_traversal_accuracy",
-    "greedy_tie_rate",
-    "greedy_correct",
-    "greedy_reached",
-)  # TrainingTrajectory's
 
 
 EVAL_RECORDED = (

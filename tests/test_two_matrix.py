@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference import dense_logits, dense_matrices, dense_transition
 
 import gradflow as gf
 from gradflow import capped, ceilings, sampling, two_matrix
@@ -27,45 +28,6 @@ def random_two_matrix_theta(rng, scale=1.0) -> gf.Theta:
     a = rng.normal(0.0, scale, 5)
     v = np.array([1.0, 1.0, 0.0, 0.0, 0.0]) + rng.normal(0.0, scale, 5)
     return gf.Theta(*a, **dict(zip(VALUES, v)))
-
-
-def dense_matrices(x, n_vocab: int):
-    """(A, V) from the ten numbers x, entry by entry; tokens: N vertex tokens, then edges (x, y), x != y."""
-    tokens = [("v", v) for v in range(n_vocab)] + [("e", (p, q)) for p in range(n_vocab) for q in range(n_vocab) if p != q]
-    a_kind, v_kind = np.zeros((n_vocab, len(tokens)), int), np.zeros((len(tokens), n_vocab), int)
-    for j, (kind, tok) in enumerate(tokens):
-        for u in range(n_vocab):
-            if kind == "v":
-                a_kind[u, j] = 3 if tok == u else 4
-                v_kind[j, u] = 8 if tok == u else 9
-            else:
-                a_kind[u, j] = 0 if tok[0] == u else 1 if tok[1] == u else 2
-                v_kind[j, u] = 5 if tok[0] == u else 6 if tok[1] == u else 7
-    return x[a_kind], x[v_kind], {tok: j for j, tok in enumerate(tokens)}
-
-
-def dense_logits(x, n: int, model: gf.ModelSpec, start: int):
-    """The N x N next-vertex logits of the token-built chain for the start a_start (the current vertex at -inf
-    when masked; jax, differentiable)."""
-    n_vocab = 2 * n + model.n_isolated
-    A, V, column = dense_matrices(x, n_vocab)
-    edges = [column[("e", (c * n + i, c * n + i + 1))] for c in range(2) for i in range(n - 1)]
-    s = start - 1
-    rows = []
-    for u in range(n_vocab):
-        context = edges + sorted({column[("v", s)], column[("v", u)]})
-        scores = A[u, jnp.array(context)]
-        weights = jax.nn.softmax(scores) if model.attention == "softmax" else scores
-        logits = weights @ V[jnp.array(context)] / model.tau
-        if model.mask_self:
-            logits = logits.at[u].set(-jnp.inf)
-        rows.append(logits)
-    return jnp.stack(rows)
-
-
-def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
-    """The N x N next-vertex matrix of the token-built chain for the start a_start (jax, differentiable)."""
-    return jax.nn.softmax(dense_logits(x, n, model, start), axis=1)
 
 
 def dense_greedy(x, n: int, model: gf.ModelSpec, start: int, steps: int):
@@ -377,8 +339,43 @@ def test_readouts_cover_greedy_lengths_and_traversal_with_v_trained():
     for trained in (gf.ModelSpec(values="trained"), gf.ModelSpec(values="trained", max_len=4)):
         for name in gf.readouts.READOUTS:
             assert gf.readouts.covers(name, trained) == (name in gf.readouts.TRAINED_V), name
-    assert {"expected_length", "traversal_prob"} <= set(gf.readouts.TRAINED_V) and not gf.readouts.TRAINED_V_CAPPED
-    assert {name for name in gf.readouts.READOUTS if name.startswith("greedy")} <= set(gf.readouts.TRAINED_V)
+    assert set(gf.readouts.TRAINED_V) == set(gf.readouts.READOUTS) and not gf.readouts.TRAINED_V_CAPPED
+    assert gf.training.RECORDED is gf.readouts.RECORDED and set(gf.readouts.RECORDED) <= set(gf.readouts.TRAINED_V)
+
+
+STEP_CASES = [(2, "linear", True, 0), (5, "softmax", False, 2), (6, "linear", False, 1), (4, "softmax", True, 1)]
+
+
+@pytest.mark.parametrize("n, attention, mask, iso", STEP_CASES)
+def test_step_probabilities_equal_the_dense_token_chain(n, attention, mask, iso, rng):
+    """V trained: the step probabilities of a_i's row seen from the start a_i, and the read-outs given a move,
+    equal the row of the token-built chain; at the fixed V (linear) they are today's."""
+    model = gf.ModelSpec(attention=attention, mask_self=mask, n_isolated=iso, values="trained", tau=0.7)
+    theta, task = random_two_matrix_theta(rng), gf.ChainTask.uniform(n)
+    steps = two_matrix.step_probabilities(theta, task, model)
+    names = ("forward_prob", "backward_prob", "switch_prob", "jump_prob", "isolated_prob")
+    given_move = gf.readouts.read(names, theta, task, model)
+    for i in range(1, n):
+        p = np.asarray(dense_transition(theta.as_array("trained"), n, model, i))[i - 1]
+        kinds = {
+            "forward": p[i],
+            "backward": p[i - 2] if i >= 2 else 0.0,
+            "stay": p[i - 1],
+            "switch": p[n : 2 * n].sum(),
+            "jump": sum(p[j] for j in range(n) if abs(j - (i - 1)) >= 2),
+            "isolated": p[2 * n :].sum(),
+            "move": 1.0 - p[i - 1],
+        }
+        for kind, want in kinds.items():
+            np.testing.assert_allclose(getattr(steps, kind)[i - 1], want, rtol=1e-12, atol=1e-15, err_msg=kind)
+        for name in names:
+            np.testing.assert_allclose(given_move[name][i - 1], kinds[name[:-5]] / kinds["move"], rtol=1e-12, atol=1e-15)
+    if attention == "linear":
+        fixed = gf.ModelSpec(mask_self=mask, n_isolated=iso, tau=0.7)
+        at_fixed = gf.Theta(*theta.as_array()[:5])
+        ours, today = two_matrix.step_probabilities(at_fixed, task, model), gf.step_probabilities(at_fixed, task, fixed)
+        for kind in ("forward", "backward", "stay", "switch", "jump", "isolated"):
+            np.testing.assert_allclose(getattr(ours, kind), getattr(today, kind), rtol=1e-13, atol=1e-16)
 
 
 CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
