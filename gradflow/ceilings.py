@@ -2,6 +2,7 @@
 
 Linear attention without a cap reaches 1 in the limit of forward traversal; a cap (``model.max_len``)
 and softmax attention (every logit at most 1/tau) each keep the supremum below 1 (docs/THEORY.md §13).
+With V trained (docs/THEORY.md §10) the value numbers are unbounded, so only the cap binds.
 ``reward_ceiling`` says the value and how it was found, ``max_reward`` is the value,
 ``closed_form_ceiling`` is the value only where it is a closed form (cheap, cached: what a solve checks
 before it runs), and ``reward_ceiling_warning`` is the one-line warning for a reward level above it.
@@ -66,6 +67,7 @@ def _model_key(task: ChainTask, model: ModelSpec) -> tuple:
         model.mask_self,
         model.n_isolated,
         model.max_len,
+        model.values,
     )
 
 
@@ -89,6 +91,12 @@ def reward_ceiling(task: ChainTask, model: ModelSpec | None = None) -> RewardCei
     - Softmax attention with a cap: self-loops, the cap and the isolated rows make the best weights
       interior, so the value is a numerical maximisation (multi-start L-BFGS-B on theta in a box of
       +-40, which covers softmax weight ratios up to e^80, started also from the alpha -> inf point).
+    - V trained (``values="trained"``, either attention): sum_{d <= T} p[d-1] (1 without a cap), a limit.
+      A start at distance d needs d tokens, so no theta does better; and with alpha -> +inf (softmax:
+      each row's whole weight on its outgoing edge; linear: alpha >> |the rest|) and rho - omega -> +inf
+      the successor's logit alpha (rho - omega) outgrows every other logit of the row (the self-loop's is
+      alpha (sigma - omega) + (mu - nu) eta, which V trained separates from it even at n = 2), so every
+      step is forward with probability -> 1 (docs/THEORY.md §10).
     Results are cached per (task, model).
     """
     if not isinstance(task, ChainTask):
@@ -99,9 +107,13 @@ def reward_ceiling(task: ChainTask, model: ModelSpec | None = None) -> RewardCei
 
 @functools.lru_cache(maxsize=256)
 def _reward_ceiling_cached(key: tuple) -> RewardCeiling:
-    n, probs, attention, tau, mask_self, n_isolated, max_len = key
+    n, probs, attention, tau, mask_self, n_isolated, max_len, values = key
     probs = np.asarray(probs)
     task = ChainTask(n, probs)
+    if values == "trained":
+        cap = n - 1 if max_len is None else min(max_len, n - 1)
+        how = "no cap" if max_len is None else f"cap {max_len}: mass on starts d <= {max_len}"
+        return RewardCeiling(float(probs[:cap].sum()), True, f"V trained, {how} (forward traversal limit, rho - omega -> inf)")
     kwargs = dict(attention=attention, tau=tau, mask_self=mask_self, n_isolated=n_isolated)
     if max_len is not None:
         kwargs["max_len"] = max_len
@@ -184,7 +196,7 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
     else:
         raise ValueError(f"config must be a gradflow.FlowParams or gradflow.ChainTask, got {type(config).__name__}")
     level = check_fraction("level", level, 0.0, 1.0, inclusive=True)
-    if model.attention == "linear" and not _is_capped(model):
+    if (model.attention == "linear" or model.values == "trained") and not _is_capped(model):
         return None  # ceiling 1, and a level of 1 is refused by every caller
     ceiling = reward_ceiling(task, model)
     if level < ceiling.value:
@@ -192,7 +204,7 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
     why = []
     if _is_capped(model):
         why.append(f"cap max_len = {model.max_len}")
-    if model.attention == "softmax":
+    if model.attention == "softmax" and model.values == "fixed":
         why.append(f"softmax attention at tau = {float(model.tau):g} (every logit <= 1/tau)")
     return (
         f"reward level {level:g} is above the reward ceiling sup J = {ceiling.value:.6g} of this model "
@@ -203,13 +215,12 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
 def closed_form_ceiling(task: ChainTask, model: ModelSpec) -> float | None:
     """sup J where it is a closed form (linear attention, or softmax without a cap), else None.
 
-    None too for a traced task or temperature, and with V trained unless linear and uncapped (sup J = 1: the
-    fixed-V model is inside it; the other ceilings are derived for the fixed V only).  Cached per (task,
-    model): a solve calls it before running.
+    None too for a traced task or temperature.  V trained: always a closed form (the cap's mass, 1 without a
+    cap).  Cached per (task, model): a solve calls it before running.
     """
-    if model.attention == "linear" and not _is_capped(model):
+    if (model.attention == "linear" or model.values == "trained") and not _is_capped(model):
         return 1.0
-    if model.values == "trained" or (model.attention == "softmax" and _is_capped(model)):
+    if model.values == "fixed" and model.attention == "softmax" and _is_capped(model):
         return None
     if not is_concrete((task.start_probs, model.tau)):
         return None
