@@ -32,6 +32,9 @@ from gradflow.training import gradient_descent_many, train
 
 NAME = "data_window"
 HARDEST = "hardest"  # the eval task: the hardest start alone
+# The flow runs to t = lr x steps <= 40, before the capped valleys turn stiff: explicit tsit5 keeps a step of order 1
+# there and costs 1/16 of "auto"'s implicit Kvaerno5 (21 flows, n = 8, t = 40: 2.2 s against 35.5 s).
+FLOW_SOLVER = "tsit5"
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,9 @@ def compute(preset: Preset) -> dict:
                 preset.cs, rewards, main, preset.level
             )
             params = [
-                FlowParams(task, model, Theta(*preset.theta0), t1=times[-1], save_ts=[0.0] + times, eval_tasks=evals)
+                FlowParams(
+                    task, model, Theta(*preset.theta0), t1=times[-1], save_ts=[0.0] + times, eval_tasks=evals, solver=FLOW_SOLVER
+                )
                 for task in tasks
             ]
             solved = np.array([traj.eval_reward[HARDEST][1:] for traj in simulate_many(params)])  # (cs, times)

@@ -21,6 +21,7 @@ import numpy as np
 
 from gradflow import readouts, schedules
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
+from gradflow.ceilings import closed_form_ceiling, reward_ceiling_warning
 from gradflow.integrator import AUTO, SOLVER_CHOICES, flow_clock, resolve_solver
 from gradflow.model import ModelSpec, Theta, default_theta0, orbit_sizes
 from gradflow.objective import expected_reward
@@ -323,6 +324,19 @@ def _check_no_conflict(given: dict, **parts) -> None:
         raise ValueError(f"FlowParams: give each field once, either in its part or as a flat keyword, not both ({listed})")
 
 
+def _check_stop_can_fire(params) -> None:
+    """Refuse a ``stop_at`` event whose level is at or above the model's closed-form reward ceiling sup J: it
+    can never fire, so the solve would run to t1 or max_steps (``gradflow.ceilings.closed_form_ceiling``)."""
+    if params.stop_at is None or not is_concrete((params.reward_threshold, params.convergence_loss)):
+        return
+    ceiling = closed_form_ceiling(params.task, params.model)
+    if ceiling is None or ceiling >= 1.0:
+        return
+    note = reward_ceiling_warning(params, float(params.event_level(params.stop_at)))
+    if note is not None:
+        raise ValueError(f"stop_at={params.stop_at!r} can never fire: the {note}")
+
+
 class FlowParams(eqx.Module):
     """One gradient-flow run: a ``Problem``, its ``Numerics`` and its ``Recording``.
 
@@ -422,6 +436,7 @@ class FlowParams(eqx.Module):
             ts = np.asarray(self.save_ts)
             if ts.min() < float(self.t0) or ts.max() > float(self.t1):
                 raise ValueError(f"save_ts must lie in [t0, t1] = [{float(self.t0)}, {float(self.t1)}]")
+        _check_stop_can_fire(self)
 
     # flat read access (the names of earlier versions)
     task = property(lambda self: self.problem.task)

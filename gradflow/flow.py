@@ -635,9 +635,9 @@ def check_levels(params: FlowParams, index: int | None = None) -> None:
 
     A warning when a recorded event's level is at or above the ceiling (it is never reached).  Only
     closed-form ceilings are checked (``gradflow.ceilings.closed_form_ceiling``: linear attention, softmax
-    without a cap; cached), so the check costs microseconds after the first call.  It runs at the entry of
-    every solve, not when a ``FlowParams`` is built: ``theory.learning_time(s)`` builds its configs at the
-    requested level and answers None (with a warning) where that level is above the ceiling.
+    without a cap; cached), so the check costs microseconds after the first call.  A ``stop_at`` that cannot
+    fire is refused already when a ``FlowParams`` is built; this check repeats it at the entry of every solve
+    for configs changed without being built (``eqx.tree_at``) and names the config (and its batch index).
 
     Args:
         params: the config to check.

@@ -698,10 +698,7 @@ def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[Flow
         if key in flow_kwargs:
             raise ValueError(f"{key} is set by learning_time itself; do not pass it in flow_kwargs")
     return [
-        FlowParams(
-            task=task, model=model, theta0=theta0, t1=float(t1), reward_threshold=level, stop_at="threshold", **flow_kwargs
-        )
-        for task in tasks
+        FlowParams(task=task, model=model, theta0=theta0, t1=float(t1), reward_threshold=level, **flow_kwargs) for task in tasks
     ]
 
 
@@ -852,8 +849,9 @@ def learning_time(
 ) -> float | None | TaskTimes:
     """Flow time at which the reward J first reaches ``level`` starting from ``theta0``; None if not by t1.
 
-    Builds ``FlowParams(task, model, theta0, t1=t1, reward_threshold=level, stop_at="threshold",
-    **flow_kwargs)`` and integrates it in log time s = log(1 + t - t0) (d theta/ds = (1 + t - t0) grad J)
+    Builds ``FlowParams(task, model, theta0, t1=t1, reward_threshold=level, **flow_kwargs)`` (it stops on the
+    watched task's reward itself, no ``stop_at``) and integrates it in log time s = log(1 + t - t0) (d theta/ds =
+    (1 + t - t0) grad J)
     across the plateau, then in linear-time segments that each restart the clock for the rise
     (``_learning_solve``, docs/THEORY.md §12.4); the crossing is root-found by bisection.  Hardest-only
     training: n = 16 learns at t = 1.973e11, n = 20 at 5.907e16, n = 24 at 4.565e22, n = 30 at

@@ -15,6 +15,7 @@ import time
 import types
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,17 +142,27 @@ def test_theory_reexports_the_ceilings():
     assert theory.reward_ceiling_warning is ceilings.reward_ceiling_warning
 
 
-def test_a_stop_at_above_the_ceiling_is_refused_before_solving(monkeypatch):
+def test_a_stop_at_above_the_ceiling_is_refused_when_built():
+    """Issue 23.6: the event could never fire, so the config is refused at construction, naming the field."""
+    with pytest.raises(ValueError, match=r"stop_at='converged' can never fire.*ceiling sup J = 0\.95"):
+        FlowParams(gf.ChainTask.uniform(4), SOFTMAX, stop_at="converged")  # ceiling 0.95 < 0.999
+    with pytest.raises(ValueError, match=r"stop_at='threshold' can never fire.*ceiling sup J = 0\.875.*max_len = 3"):
+        FlowParams(gf.ChainTask.uniform(2), gf.ModelSpec(max_len=3, mask_self=False), reward_threshold=0.9, stop_at="threshold")
+    reachable = FlowParams(gf.ChainTask.uniform(4), SOFTMAX, reward_threshold=0.5, stop_at="threshold")
+    with pytest.raises(ValueError, match="stop_at='threshold' can never fire"):
+        reachable.replace(reward_threshold=0.97)
+    assert reachable.replace(reward_threshold=0.94).reward_threshold == 0.94
+
+
+def test_a_stop_at_set_without_building_is_refused_before_solving(monkeypatch):
     monkeypatch.setattr(gf.flow, "compiled", lambda *a, **k: pytest.fail("compiled despite an event that cannot fire"))
-    params = FlowParams(gf.ChainTask.uniform(4), SOFTMAX, stop_at="converged")  # ceiling 0.95 < 0.999
+    built = FlowParams(gf.ChainTask.uniform(4), SOFTMAX, convergence_loss=0.5, stop_at="converged")
+    params = eqx.tree_at(lambda p: p.recording.convergence_loss, built, jnp.asarray(1e-3))  # no construction check
     for run in (simulate, gf.solve, lambda p: simulate_many([p]), lambda p: hitting_times([p])):
         with pytest.raises(ValueError, match=r"stop_at='converged' can never fire.*ceiling sup J = 0\.95"):
             run(params)
     with pytest.raises(ValueError, match=r"configs\[1\]"):
-        simulate_many([params.replace(stop_at=None), params])
-    capped = FlowParams(gf.ChainTask.hardest(6), gf.ModelSpec(max_len=4), stop_at="threshold")  # ceiling 0
-    with pytest.raises(ValueError, match="max_len = 4"):
-        simulate(capped)
+        simulate_many([built, params])
 
 
 def test_a_recorded_level_above_the_ceiling_warns():
@@ -182,15 +193,15 @@ def test_simulate_and_solve_check_the_levels_before_compiling(monkeypatch):
         hitting_times([stopping])
 
 
-def test_a_config_whose_stop_at_cannot_fire_is_built_and_refused_by_every_solve():
-    """Issue 23.6: the check runs at each solve's entry, not at construction: ``learning_time`` builds its config at
-    the requested level first and answers None (with a warning) for a level above the ceiling."""
-    params = FlowParams(gf.ChainTask.uniform(4), SOFTMAX, stop_at="converged")
-    assert params.stop_at == "converged"
-    with pytest.raises(ValueError, match="can never fire"):
-        check_levels(params)
+def test_learning_time_above_the_ceiling_is_none_with_a_warning():
+    """learning_time stops on the watched task's reward itself (no stop_at), so a level above the training
+    task's ceiling is answered None with a warning, while an eval task with a higher ceiling is still timed."""
     with pytest.warns(UserWarning, match="ceiling"):
         assert theory.learning_times([gf.ChainTask.uniform(4)], SOFTMAX, level=0.999) == [None]
+    two = gf.ModelSpec(max_len=3, mask_self=False)  # n = 2: sup J = 7/8 < 0.9, every token moves with probability <= 1/2
+    with pytest.warns(UserWarning, match="ceiling"):
+        (times,) = theory.learning_times([gf.ChainTask.uniform(2)], two, level=0.9, eval_tasks={"same": gf.ChainTask.uniform(2)})
+    assert times.train is None and times.eval["same"] is None
 
 
 def test_the_ceiling_check_costs_microseconds_once_cached():
