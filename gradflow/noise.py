@@ -192,7 +192,7 @@ def _trained_logits(x, n: int, model: ModelSpec, start):
     """The logits of the row terms of ``_trained_rows`` from the ten numbers x: chain rows (12, 2(n-1)), the
     isolated row (7,) (``two_matrix.start_logits``; an absent term's logit is 0, its weight masked)."""
     logits = two_matrix.start_logits(Theta.from_array(x, "trained"), n, model, start)
-    _, pos = two_matrix._rows(n)
+    pos = np.tile(np.arange(1, n), 2)  # the position 1..n-1 of each chain row (chain a, then chain b)
     full = lambda v: jnp.broadcast_to(v, (2 * (n - 1),))
     chain = [logits.chain_start, logits.interior, logits.terminal, 0.0]
     chain += [logits.succ, jnp.where(pos == n - 1, logits.terminal, logits.interior)]
@@ -219,7 +219,7 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start) -> _Rows:
     logits, iso_logits = _trained_logits(x, n, model, start)
     grads, iso_grads = jax.jacfwd(lambda y: _trained_logits(y, n, model, start))(x)
     start_far = two_matrix.start_logits(Theta.from_array(x, "trained"), n, model, start).start_far
-    _, pos = two_matrix._rows(n)
+    pos = np.tile(np.arange(1, n), 2)  # the position 1..n-1 of each chain row (chain a, then chain b)
     yes = jnp.ones(2 * (n - 1), dtype=bool)
     present = jnp.stack([yes, yes, yes, yes & (m > 0), yes, yes, yes & (not model.mask_self), yes, pos >= 2, pos >= 2])
     present = jnp.concatenate([present, jnp.stack([start_far, start_far])])
