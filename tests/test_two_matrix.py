@@ -525,7 +525,7 @@ def test_full_coordinate_adam_is_per_entry_adam_on_the_dense_matrices():
 
 def test_exact_training_with_v_trained_reduced_and_full():
     """SGD on the ten numbers (reduced: lr grad J; full: lr grad J / orbit sizes), Adam on them (reduced), the
-    read-outs with a closed form recorded and the others NaN; ``gradient_descent_many`` equals one by one."""
+    read-outs recorded (every one has a closed form); ``gradient_descent_many`` equals one by one."""
     model = gf.ModelSpec(tau=0.3, mask_self=False, values="trained", max_len=5)
     task = gf.ChainTask.uniform(3)
     config = gf.FlowParams(task, model, gf.model.authors_start(0.2))
@@ -549,7 +549,9 @@ def test_exact_training_with_v_trained_reduced_and_full():
     per = capped.per_start(theta, task, model)
     np.testing.assert_allclose(run.success_per_start[2], per.success, rtol=1e-13)
     np.testing.assert_allclose(run.expected_length[2], gf.expected_length(theta, task, model), rtol=1e-13)
-    assert np.isnan(run.forward_prob).all() and run.reward[-1] > run.reward[0]
+    steps_at = two_matrix.step_probabilities(theta, task, model)  # recorded too: every read-out has a closed form
+    np.testing.assert_allclose(run.forward_prob[2], steps_at.forward / steps_at.move, rtol=1e-13)
+    assert run.reward[-1] > run.reward[0]
     greedy = gf.greedy.greedy_metrics(theta, task, model)
     np.testing.assert_array_equal(run.greedy_accuracy[2], greedy.accuracy)
     np.testing.assert_array_equal(run.greedy_traversal_accuracy[2], greedy.traversal_accuracy)
@@ -568,8 +570,9 @@ def test_flow_with_v_trained_conserves_the_balances(coords, t1):
     trajectory = gf.simulate(params)
     assert trajectory.theta.shape == (201, 10) and trajectory.reward[-1] > 0.9
     np.testing.assert_array_equal(trajectory.theta[0], start.as_array("trained"))
-    assert np.isnan(trajectory.forward_prob).all()  # no closed form with V trained: recorded as NaN
     last = gf.Theta.from_array(trajectory.theta[-1])
+    steps_at = two_matrix.step_probabilities(last, params.task, model)  # the flow records the step read-outs too
+    np.testing.assert_allclose(trajectory.forward_prob[-1], steps_at.forward / steps_at.move, rtol=1e-13)
     np.testing.assert_allclose(trajectory.expected_length[-1], gf.expected_length(last, params.task, model), rtol=1e-13)
     np.testing.assert_allclose(trajectory.traversal_prob[-1], gf.traversal_probability(last, params.task, model), rtol=1e-13)
     sizes = params.orbit_sizes() if coords == "full" else None
