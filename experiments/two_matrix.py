@@ -9,8 +9,12 @@ V fixed: today's model from the same A numbers.  Both in ``coords="full"``: Adam
 with per-entry moments and eps = 1e-8, the authors' optimizer (``gradflow.training`` docstring), not
 Adam on the orbit numbers.  Read-outs on the hardest start (``ChainTask.hardest(5)``, d = 4) by Adam
 step, V trained solid, V fixed dashed: (a) reward, (b) greedy reach rate and (c) greedy exact
-traversal (tie rule "first").  The sampled REINFORCE overlay of the issue is not drawn: sampled
-training does not train V yet.
+traversal (tie rule "first").  Overlaid in (a), thin: sampled REINFORCE + Adam (``gradflow.training.train``:
+token-level capped rollouts, ``sampled_batch`` per step, leave-one-out baseline), ``sampled_seeds`` seeds per
+k, its exact hardest-start reward.  A choice: the sampled runs step on the orbit numbers (A's five, V's
+five), so the policy stays symmetric and the closed form is its reward; per-entry Adam on the full
+matrices leaves the symmetric subspace under sampling noise, where the reward at the orbit means is not
+the policy's.
 
 (d) The learned effective logit terms at the last step.  With S = sigma - omega, R = rho - omega and
 M = mu - nu (``two_matrix.value_differences``), query u's logit of w is (1/tau) times a sum of A
@@ -31,13 +35,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from gradflow import ChainTask, ModelSpec, Theta, theory, two_matrix
 from gradflow.flow import FlowParams
 from gradflow.model import authors_start
 from gradflow.plotting import claim_failures, color, experiment_parser, panel_label, run_experiment, subplots
-from gradflow.training import gradient_descent_many
+from gradflow.training import gradient_descent_many, train
 
 NAME = "two_matrix"
 VALUES = ("trained", "fixed")
@@ -61,7 +66,8 @@ class Preset:
     """The authors' setting: n, the k hardest starts (ks), cap n + 1, self-loops, linear attention at tau,
     Adam (lr, steps) in full coordinates from ``authors_start(scale)``; the escape time of the flow to
     ``escape_t1`` at a rise of ``rise`` from each of ``scales``; the claim: k = 4 passes ``high`` by the last
-    step and k = 1 stays below ``low``; the reward recorded at ``report_step``."""
+    step and k = 1 stays below ``low``; the reward recorded at ``report_step``; sampled REINFORCE + Adam with
+    ``sampled_batch`` rollouts per step, ``sampled_seeds`` seeds per k."""
 
     steps: int
     scales: tuple[float, ...]
@@ -75,9 +81,11 @@ class Preset:
     high: float = 0.9
     low: float = 0.6
     report_step: int = 300
+    sampled_seeds: int = 3
+    sampled_batch: int = 64
 
 
-QUICK = Preset(steps=300, scales=(1e-8, 1e-4, 1e-1))
+QUICK = Preset(steps=300, scales=(1e-8, 1e-4, 1e-1), sampled_seeds=2)
 FULL = Preset(steps=1000, scales=tuple(10.0**-e for e in range(8, 0, -1)))
 
 
@@ -102,6 +110,19 @@ def first_step(values: np.ndarray, level: float) -> int | None:
     """The first step with values >= level, None if never."""
     hit = np.nonzero(np.asarray(values) >= level)[0]
     return int(hit[0]) if hit.size else None
+
+
+def _sampled(config: FlowParams, preset: Preset) -> dict:
+    """Sampled REINFORCE + Adam on the orbit numbers, one run per seed: the exact hardest-start reward by step."""
+    rewards = []
+    for seed in range(preset.sampled_seeds):
+        run = train(
+            config, preset.lr, preset.steps, preset.sampled_batch, jax.random.key(seed), optimizer="adam", coords="reduced"
+        )
+        rewards.append(run.eval_readouts["hardest"]["reward"])
+    finals = [float(r[-1]) for r in rewards]
+    print(f"{NAME}: sampled, V {config.model.values}: final hardest {np.round(finals, 4).tolist()}")
+    return {"hardest_reward": rewards, "final_reward": finals, "mean_final_reward": float(np.mean(finals))}
 
 
 def compute(preset: Preset) -> dict:
@@ -133,6 +154,8 @@ def compute(preset: Preset) -> dict:
                 "max_reward": float(np.max(read["reward"])),
             }
             print(f"{NAME}: V {values}, k={k}: hardest {read['reward'][-1]:.4f}, theta {np.round(run.theta[-1], 3).tolist()}")
+        for config, k in zip(configs, preset.ks):
+            runs[values][k]["sampled"] = _sampled(config, preset)
     escape = {}
     for values in VALUES:
         configs = [
@@ -157,6 +180,7 @@ def compute(preset: Preset) -> dict:
                 },
                 "self_loop_term": self_loop[values],
                 "self_loop_sign": int(np.sign(self_loop[values])),
+                "sampled_mean_final_reward": {k: runs[values][k]["sampled"]["mean_final_reward"] for k in preset.ks},
             }
             for values in VALUES
         },
@@ -164,7 +188,8 @@ def compute(preset: Preset) -> dict:
 
 
 def check(data: dict) -> list[str]:
-    """Both V kinds: k = 4 passes ``high`` on the hardest start by the last step, k = 1 stays below ``low``;
+    """Both V kinds, exact and every sampled seed: k = 4 passes ``high`` on the hardest start by the last step,
+    k = 1 stays below ``low``;
     V trained: the learned self-loop term (mu - nu) eta is negative for every k; the flow's escape time
     falls as the start scale grows (every one finite)."""
     preset, runs = data["preset"], data["runs"]
@@ -176,6 +201,12 @@ def check(data: dict) -> list[str]:
         )
         for values in VALUES
     }
+    for values in VALUES:
+        sampled = {k: np.asarray(runs[values][k]["sampled"]["hardest_reward"], dtype=float) for k in (last, first)}
+        claim = f"sampled REINFORCE + Adam, V {values}: every seed of k = {last} passes {preset['high']}"
+        conditions[f"{claim}, of k = {first} stays below {preset['low']}"] = bool(
+            np.all(sampled[last][:, -1] > preset["high"]) and np.all(sampled[first] < preset["low"])
+        )
     conditions["V trained: the learned self-loop term (mu - nu) eta < 0 for every k"] = all(
         runs["trained"][k]["final_terms"][SELF_LOOP] < 0 for k in runs["trained"]
     )
@@ -194,13 +225,16 @@ def draw(data: dict, preset: Preset):
             run, c, ls = data["runs"][values][str(k)], color(j), STYLES[values]
             label = f"k = {k}" + (" (hardest only)" if k == 1 else "") if values == "trained" else None
             ax_r.plot(step_axis, np.asarray(run["hardest_reward"], dtype=float), color=c, ls=ls, label=label)
+            for reward in run["sampled"]["hardest_reward"]:
+                ax_r.plot(step_axis, np.asarray(reward, dtype=float), color=c, ls=ls, lw=0.6, alpha=0.45)
             ax_reach.plot(step_axis, np.asarray(run["greedy_reach"], dtype=float) + 0.02 * j, color=c, ls=ls)
             ax_trav.plot(step_axis, np.asarray(run["greedy_traversal"], dtype=float) + 0.02 * j, color=c, ls=ls)
     for values in VALUES:
         ax_r.plot([], [], color="0.3", ls=STYLES[values], label=f"V {values}")
+    ax_r.plot([], [], color="0.3", lw=0.6, alpha=0.45, label=f"sampled REINFORCE + Adam ({preset.sampled_seeds} seeds)")
     ax_r.axhline(preset.high, color="0.5", lw=0.8, ls=":")
     ax_r.set(xlabel="Adam step", ylabel=f"reward on the hardest start (d = {preset.n - 1})", ylim=(0, 1.02))
-    ax_r.set_title(f"exact-gradient Adam (lr {preset.lr:g}), cap {preset.n + 1}")
+    ax_r.set_title(f"Adam (lr {preset.lr:g}), cap {preset.n + 1}; thin: sampled, B = {preset.sampled_batch}")
     ax_r.legend(loc="lower right", fontsize=6.5)
     greedy = {"xlabel": "Adam step", "ylim": (-0.1, 1.15)}
     ax_reach.set(ylabel="greedy reach rate, hardest start", title="greedy: reaches a terminal", **greedy)

@@ -2,6 +2,7 @@
 
 Linear attention without a cap reaches 1 in the limit of forward traversal; a cap (``model.max_len``)
 and softmax attention (every logit at most 1/tau) each keep the supremum below 1 (docs/THEORY.md §13).
+With V trained (docs/THEORY.md §10) the value numbers are unbounded, so only the cap binds.
 ``reward_ceiling`` says the value and how it was found, ``max_reward`` is the value,
 ``closed_form_ceiling`` is the value only where it is a closed form (cheap, cached: what a solve checks
 before it runs), and ``reward_ceiling_warning`` is the one-line warning for a reward level above it.
@@ -65,6 +66,7 @@ def _model_key(task: ChainTask, model: ModelSpec) -> tuple:
         model.mask_self,
         model.n_isolated,
         model.max_len,
+        model.values,
     )
 
 
@@ -92,6 +94,13 @@ def reward_ceiling(task: ChainTask, model: ModelSpec | None = None) -> RewardCei
     - Softmax attention with a cap: self-loops, the cap and the isolated rows make the best weights
       interior, so the value is a numerical maximisation (multi-start L-BFGS-B on theta in a box of
       +-40, which covers softmax weight ratios up to e^80, started also from the alpha -> inf point).
+    - V trained (``values="trained"``, either attention), no cap or a cap covering every start: 1, the
+      limit alpha -> +inf (softmax: each row's whole weight on its outgoing edge; linear: alpha >> |the
+      rest|) and rho - omega -> +inf, where the successor's logit alpha (rho - omega) outgrows every other
+      logit of the row (the self-loop's is alpha (sigma - omega) + (mu - nu) eta, which V trained separates
+      from it even at n = 2), so every step is forward with probability -> 1 (docs/THEORY.md §10).  Starts
+      beyond the cap: as for the fixed V, far jumps reach them, so the value is a numerical maximisation over
+      the ten numbers, never below forward traversal's sum_{d <= T} p[d-1].
     Results are cached per (task, model).
     """
     if not isinstance(task, ChainTask):
@@ -102,13 +111,20 @@ def reward_ceiling(task: ChainTask, model: ModelSpec | None = None) -> RewardCei
 
 @functools.lru_cache(maxsize=256)
 def _reward_ceiling_cached(key: tuple) -> RewardCeiling:
-    n, probs, attention, tau, mask_self, n_isolated, max_len = key
+    n, probs, attention, tau, mask_self, n_isolated, max_len, values = key
     probs = np.asarray(probs)
     task = ChainTask(n, probs)
-    kwargs = dict(attention=attention, tau=tau, mask_self=mask_self, n_isolated=n_isolated)
+    kwargs = dict(attention=attention, tau=tau, mask_self=mask_self, n_isolated=n_isolated, values=values)
     if max_len is not None:
         kwargs["max_len"] = max_len
     model = ModelSpec(**kwargs)
+    if values == "trained":
+        if max_len is None or _covered(probs, max_len):
+            return RewardCeiling(1.0, True, "V trained: forward traversal limit (alpha, rho - omega -> +inf)")
+        forward = float(probs[:max_len].sum())
+        value, theta = _numerical_max_reward(task, model)
+        method = f"V trained, cap {max_len}, starts beyond it reached by far jumps: multi-start L-BFGS-B over [-40, 40]^10"
+        return RewardCeiling(max(value, forward), False, method, theta if value >= forward else None)
     if attention == "linear" and max_len is None:
         return RewardCeiling(1.0, True, "linear attention: forward traversal in the limit")
     if attention == "linear":
@@ -135,13 +151,15 @@ def _covered(probs: np.ndarray, max_len: int) -> bool:
 
 
 def _numerical_max_reward(task: ChainTask, model: ModelSpec, n_starts: int = 12, bound: float = 40.0, seed: int = 0):
-    """Best J over theta in [-bound, bound]^k (k = P = Theta.size() softmax, 3 linear) by multi-start L-BFGS-B."""
+    """Best J over theta in [-bound, bound]^k (k = P = ``Theta.size(model.values)`` softmax or V trained, 3 linear)
+    by multi-start L-BFGS-B (V trained: the deterministic starts at the fixed V)."""
     from scipy.optimize import minimize
 
-    k = Theta.size() if model.attention == "softmax" else 3
+    size = Theta.size(model.values)
+    k = size if model.attention == "softmax" or model.values == "trained" else 3
 
     def full(x):
-        return Theta.from_array(jnp.concatenate([x, jnp.zeros(Theta.size() - k)]))
+        return Theta.from_array(jnp.concatenate([x, jnp.zeros(size - k)]))
 
     value_and_grad = jax.jit(jax.value_and_grad(lambda x: -expected_reward(full(x), task, model)))
 
@@ -153,9 +171,11 @@ def _numerical_max_reward(task: ChainTask, model: ModelSpec, n_starts: int = 12,
         return v, g
 
     rng = np.random.default_rng(seed)
-    limit = np.zeros(k)
+    zero = np.zeros(k)
+    zero[5:7] = 1.0  # V trained: sigma = rho = 1, the fixed V
+    limit = zero.copy()
     limit[0] = bound
-    starts = [limit, np.zeros(k)] + [rng.normal(scale=3.0, size=k) for _ in range(n_starts)]
+    starts = [limit, zero] + [rng.normal(scale=3.0, size=k) for _ in range(n_starts)]
     best, best_x = -np.inf, None
     for x0 in starts:
         result = minimize(objective, x0, jac=True, method="L-BFGS-B", bounds=[(-bound, bound)] * k)
@@ -163,7 +183,7 @@ def _numerical_max_reward(task: ChainTask, model: ModelSpec, n_starts: int = 12,
             value = -objective(x)[0]
             if value > best:
                 best, best_x = value, x
-    return float(best), tuple(float(v) for v in np.concatenate([best_x, np.zeros(Theta.size() - k)]))
+    return float(best), tuple(float(v) for v in np.concatenate([best_x, np.zeros(size - k)]))
 
 
 def max_reward(task: ChainTask, model: ModelSpec | None = None) -> float:
@@ -196,7 +216,7 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
     else:
         raise ValueError(f"config must be a gradflow.FlowParams or gradflow.ChainTask, got {type(config).__name__}")
     level = check_fraction("level", level, 0.0, 1.0, inclusive=True)
-    if model.attention == "linear" and not _is_capped(model):
+    if (model.attention == "linear" or model.values == "trained") and not _is_capped(model):
         return None  # ceiling 1, and a level of 1 is refused by every caller
     ceiling = reward_ceiling(task, model)
     if level < ceiling.value:
@@ -204,7 +224,7 @@ def reward_ceiling_warning(config, level: float, model: ModelSpec | None = None)
     why = []
     if _is_capped(model):
         why.append(f"cap max_len = {model.max_len}")
-    if model.attention == "softmax":
+    if model.attention == "softmax" and model.values == "fixed":
         why.append(f"softmax attention at tau = {float(model.tau):g} (every logit <= 1/tau)")
     if ceiling.exact:
         return (
@@ -221,14 +241,15 @@ def closed_form_ceiling(task: ChainTask, model: ModelSpec) -> float | None:
     """sup J where it is a closed form (linear attention without a cap or with a cap covering every start, softmax
     without a cap), else None.
 
-    None too for a traced task or temperature, and with V trained unless linear and uncapped (sup J = 1: the
-    fixed-V model is inside it; the other ceilings are derived for the fixed V only).  Cached per (task,
-    model): a solve calls it before running.
+    None too for a traced task or temperature.  V trained (either attention): 1 without a cap or with a cap
+    covering every start, else None.  Cached per (task, model): a solve calls it before running.
     """
-    if model.attention == "linear" and not _is_capped(model):
+    if (model.attention == "linear" or model.values == "trained") and not _is_capped(model):
         return 1.0
-    if model.values == "trained" or not is_concrete((task.start_probs, model.tau)):
+    if not is_concrete((task.start_probs, model.tau)):
         return None
+    if model.values == "trained":
+        return 1.0 if _covered(np.asarray(task.start_probs), model.max_len) else None
     if _is_capped(model) and (model.attention == "softmax" or not _linear_cap_is_closed(task, model)):
         return None
     return _reward_ceiling_cached(_model_key(task, model)).value

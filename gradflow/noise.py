@@ -38,6 +38,13 @@ m (P), M (P^2).  Linear attention: one chain serves every start; softmax: the st
 eta, one chain per start (vmapped), as in ``gradflow.objective``.  The a/b mirror symmetry is not used
 (both chains are solved: a factor 2, and the capped case needs both anyway).
 
+V trained (``ModelSpec(values="trained")``, docs/THEORY.md §10): the coordinates are the ten numbers
+(P = ``Theta.size("trained")``).  A chain row's logits are the far classes of ``gradflow.two_matrix``
+(chain starts, interior vertices, terminals, isolated vertices) plus actual-minus-class corrections on
+successor, self, predecessor and the start where it is far: twelve terms, each with its own score
+gradient d logit / d theta (forward mode, so c(u, v) is that gradient and Js the identity); the isolated
+row has seven.  Every solve is ``two_matrix.start_system``'s (tridiagonal minus rank 3, one per start).
+
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
 """
@@ -54,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow import sampling
+from gradflow import sampling, two_matrix
 from gradflow._checks import check_choice, check_fraction, check_int, check_positive
 from gradflow._series import first_crossing
 from gradflow.config import config_label
@@ -103,6 +110,7 @@ class _Rows(NamedTuple):
     iso_cbar: jnp.ndarray  # (3,)
     iso_jac: jnp.ndarray  # (3, P)
     system: ChainSystem  # the absorbing chain of ``gradflow.objective`` (the matrix of every solve)
+    start: object = None  # V trained: the start's position (its rows and terms depend on it)
 
 
 def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _Rows:
@@ -175,6 +183,95 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _R
     return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_counts, iso_z, iso_cbar, iso_jac, system)
 
 
+# V trained (docs/THEORY.md §10): the twelve terms of a chain row and the seven of the isolated row
+_TRAINED_SIGNS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+_TRAINED_ISO_SIGNS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0])
+
+
+def _trained_logits(x, n: int, model: ModelSpec, start):
+    """The logits of the row terms of ``_trained_rows`` from the ten numbers x: chain rows (12, 2(n-1)), the
+    isolated row (7,) (``two_matrix.start_logits``; an absent term's logit is 0, its weight masked)."""
+    logits = two_matrix.start_logits(Theta.from_array(x, "trained"), n, model, start)
+    pos = np.tile(np.arange(1, n), 2)  # the position 1..n-1 of each chain row (chain a, then chain b)
+    full = lambda v: jnp.broadcast_to(v, (2 * (n - 1),))
+    chain = [logits.chain_start, logits.interior, logits.terminal, 0.0]
+    chain += [logits.succ, jnp.where(pos == n - 1, logits.terminal, logits.interior)]
+    chain += [logits.self_, jnp.where(pos == 1, logits.chain_start, logits.interior)]
+    chain += [jnp.where(pos >= 2, logits.pred, 0.0), jnp.where(pos == 2, logits.chain_start, logits.interior)]
+    chain += [logits.start_class + logits.start_extra, logits.start_class]
+    iso = [logits.iso_start, logits.iso_interior, logits.iso_terminal, 0.0, logits.iso_self]
+    iso += [logits.iso_start_class + logits.iso_start_extra, logits.iso_start_class]
+    return jnp.stack([full(v) for v in chain]), jnp.stack([jnp.asarray(v, dtype=float) for v in iso])
+
+
+def _trained_rows(theta_array, n: int, model: ModelSpec, start) -> _Rows:
+    """``_chain_rows`` for V trained: each term's score gradient is d logit / d theta itself (K = P = 10, the
+    Jacobian the identity).
+
+    Chain row terms: the far classes (every chain start, interior vertex, terminal, isolated vertex), then
+    successor, self, predecessor and the start (where it is far) each as actual weight minus class weight.
+    Isolated row: the three classes, the other isolated vertices, itself, the start's actual minus class.
+    The weights are in the scale of ``two_matrix.start_system`` (the matrix of every solve).
+    """
+    x = jnp.asarray(theta_array, dtype=float)
+    shape, p, m = (2, n - 1), Theta.size("trained"), model.n_isolated
+    system = two_matrix.start_system(Theta.from_array(x, "trained"), n, model, start)
+    logits, iso_logits = _trained_logits(x, n, model, start)
+    grads, iso_grads = jax.jacfwd(lambda y: _trained_logits(y, n, model, start))(x)
+    start_far = two_matrix.start_logits(Theta.from_array(x, "trained"), n, model, start).start_far
+    pos = np.tile(np.arange(1, n), 2)  # the position 1..n-1 of each chain row (chain a, then chain b)
+    yes = jnp.ones(2 * (n - 1), dtype=bool)
+    present = jnp.stack([yes, yes, yes, yes & (m > 0), yes, yes, yes & (not model.mask_self), yes, pos >= 2, pos >= 2])
+    present = jnp.concatenate([present, jnp.stack([start_far, start_far])])
+    top = system.top
+    weights = _TRAINED_SIGNS[:, None] * jnp.where(present, jnp.exp(jnp.where(present, logits, top) - top), 0.0)
+    weights = weights.reshape((12,) + shape)
+    counts = grads.reshape((12,) + shape + (p,))
+    ones = _trained_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0]
+    z = jnp.sum(weights * ones, axis=0)
+    cbar = jnp.sum((weights * ones)[..., None] * counts, axis=0) / z[..., None]
+    jac = jnp.broadcast_to(jnp.eye(p), shape + (p, p))
+
+    iso_present = jnp.array([True, True, True, m > 1, not model.mask_self, True, True])
+    iso_top = jax.lax.stop_gradient(jnp.max(jnp.where(iso_present, iso_logits, -jnp.inf)))
+    iso_weights = _TRAINED_ISO_SIGNS * jnp.where(iso_present, jnp.exp(jnp.where(iso_present, iso_logits, iso_top) - iso_top), 0.0)
+    iso_ones = _trained_iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0]
+    iso_z = jnp.sum(iso_weights * iso_ones)
+    iso_cbar = jnp.sum((iso_weights * iso_ones)[:, None] * iso_grads, axis=0) / iso_z
+    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_grads, iso_z, iso_cbar, jnp.eye(p), system, start)
+
+
+def _trained_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int, start) -> jnp.ndarray:
+    """``_class_values`` of the twelve chain-row terms of ``_trained_rows``: (12, 2, n-1, K)."""
+    k = g.shape[-1]
+    full = lambda v: jnp.broadcast_to(v, (2, n - 1, k))
+    classes = (g[0, 0] + g[1, 0], jnp.sum(g[:, 1 : n - 1], axis=(0, 1)), g[0, n - 1] + g[1, n - 1], m * g_iso)
+    succ, self_ = g[:, 1:n], g[:, 0 : n - 1]
+    pred = jnp.concatenate([jnp.zeros((2, 1, k)), g[:, 0 : n - 2]], axis=1)
+    the_start = full(g[0, start - 1])
+    return jnp.stack([full(c) for c in classes] + [succ, succ, self_, self_, pred, pred, the_start, the_start])
+
+
+def _trained_iso_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int, start) -> jnp.ndarray:
+    """Values of the isolated row's seven terms (``_trained_rows``): (7, K)."""
+    classes = [g[0, 0] + g[1, 0], jnp.sum(g[:, 1 : n - 1], axis=(0, 1)), g[0, n - 1] + g[1, n - 1]]
+    return jnp.stack(classes + [(m - 1.0) * g_iso, g_iso, g[0, start - 1], g[0, start - 1]])
+
+
+def _row_values(rows: _Rows, g, g_iso, n: int, model: ModelSpec) -> jnp.ndarray:
+    """The values of the chain rows' terms (``_class_values``, or ``_trained_values`` with V trained)."""
+    if model.values == "trained":
+        return _trained_values(g, g_iso, n, model.n_isolated, rows.start)
+    return _class_values(g, g_iso, n, model.n_isolated)
+
+
+def _iso_row_values(rows: _Rows, g, g_iso, n: int, model: ModelSpec) -> jnp.ndarray:
+    """The values of the isolated row's terms (``_iso_values``, or ``_trained_iso_values`` with V trained)."""
+    if model.values == "trained":
+        return _trained_iso_values(g, g_iso, n, model.n_isolated, rows.start)
+    return _iso_values(g, g_iso, n, model.n_isolated, model.mask_self)
+
+
 def _class_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int) -> jnp.ndarray:
     """Values of the nine row terms for vertex values g (2, n, K) (terminals at position n) and the
     isolated value g_iso (K,): (9, 2, n-1, K).  Far classes carry the sum over the class."""
@@ -226,7 +323,10 @@ def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, termin
     system is the chain of ``gradflow.objective.chain_system`` with right-hand side Z rhs + (weight
     on the isolated vertices x their expected visits) rhs_iso + (rates into a_n, b_n) . terminal values,
     solved by the positive Woodbury of ``gradflow._linalg`` (a signed right-hand side by its two parts).
+    V trained: the chain of ``gradflow.two_matrix.start_system`` (``_trained_absorbing_solve``).
     """
+    if model.values == "trained":
+        return _trained_absorbing_solve(rows, n, model, rhs, rhs_iso, terminal_a, terminal_b)
     m = model.n_isolated
     system = rows.system
     if m > 0:
@@ -249,15 +349,33 @@ def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, termin
     return g, g_iso
 
 
+def _trained_absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b):
+    """``_absorbing_solve`` with V trained: Z rhs + iso_tokens rhs_iso + (rates into a_n, b_n) . terminal values
+    solved on ``two_matrix.start_system``; the isolated value from the isolated row's terms,
+    g_iso = (sum over its chain terms of weight x value + Z_iso rhs_iso) / (its weight on the chain)."""
+    system = rows.system
+    shape = (2, n - 1, 1)
+    b = rows.z[..., None] * rhs + jnp.broadcast_to(system.iso_tokens, (2 * (n - 1),)).reshape(shape) * rhs_iso
+    b = b + system.rates[:, 0].reshape(shape) * terminal_a + system.rates[:, 1].reshape(shape) * terminal_b
+    x = two_matrix.start_system_solve(system, b.reshape((2 * (n - 1),) + b.shape[2:]), signed=True).reshape(b.shape)
+    g = jnp.concatenate([x, jnp.stack([terminal_a, terminal_b])[:, None, :]], axis=1)
+    if model.n_isolated == 0:
+        return g, jnp.zeros_like(rhs_iso)
+    on_chain = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # the isolated row's terms that land on the chain
+    weights = rows.iso_weights * on_chain
+    chain_values = _trained_iso_values(g, jnp.zeros_like(rhs_iso), n, model.n_isolated, rows.start)
+    chain_weight = jnp.sum(weights * _trained_iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, 1, rows.start)[:, 0])
+    return g, (weights @ chain_values + rows.iso_z * rhs_iso) / chain_weight
+
+
 def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_iso):
     """Right-hand sides of m and M from (h, m) values: (rhs_m, rhs_m_iso, rhs_M, rhs_M_iso).
 
     rhs_m = Js^T E[c~ h(v)], rhs_M = Js^T E[c~ c~^T h(v)] Js + Js^T E[c~ m(v)^T] + transpose.
     h (2, n, 1), grad (2, n, P) with terminals; the isolated ones (1,), (P,).
     """
-    m = model.n_isolated
-    values = _class_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m)
-    iso_values = _iso_values(jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, m, model.mask_self)
+    values = _row_values(rows, jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, model)
+    iso_values = _iso_row_values(rows, jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, model)
     a1 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values, 1)  # (2, n-1, 3, 1 + P)
     a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values[..., :1], 2)[..., 0]  # (2, n-1, 3, 3)
     i1 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values, 1)  # (3, 1 + P)
@@ -272,9 +390,8 @@ def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_
 
 def _score_source(rows: _Rows, n: int, model: ModelSpec):
     """Right-hand side of F: sum_v P(u, v) psi psi^T = Js^T Cov_P(c) Js, chains (2, n-1, P, P) and isolated."""
-    m = model.n_isolated
-    ones = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)
-    iso_ones = _iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, model.mask_self)
+    ones = _row_values(rows, jnp.ones((2, n, 1)), jnp.ones((1,)), n, model)
+    iso_ones = _iso_row_values(rows, jnp.ones((2, n, 1)), jnp.ones((1,)), n, model)
     a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, ones, 2)[..., 0]
     i2 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_ones, 2)[..., 0]
     return _project2(rows.jac, a2), _project2(rows.iso_jac, i2)
@@ -282,9 +399,9 @@ def _score_source(rows: _Rows, n: int, model: ModelSpec):
 
 def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, ...]:
     """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2."""
-    rows = _chain_rows(theta_array, n, model, start)
+    rows = (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start)
     f_src, f_src_iso = _score_source(rows, n, model)
-    p = Theta.size()
+    p = Theta.size(model.values)
     flat = lambda x: x.reshape(x.shape[:-2] + (p * p,))
     if model.max_len is None:
         one_zero = jnp.zeros(1 + p * p).at[0].set(1.0)
@@ -317,8 +434,7 @@ def _capped_moments(rows: _Rows, n: int, model: ModelSpec, f_src, f_src_iso):
     m_k psi^T + M_k(v)], F_{k+1} = E[psi psi^T + F_k(v)]; terminals h = 1 (a_n), 0 (b_n), others 0.
     Returns chains with terminals (2, n, .) for h, m and (2, n-1, P, P) for M, F, plus isolated h, m.
     """
-    m = model.n_isolated
-    p = Theta.size()
+    p = Theta.size(model.values)
     terminal_h = jnp.zeros((2, 1, 1)).at[0].set(1.0)
     # the columns of one stacked state: h | m | M | F
     cut_m, cut_big_m = 1 + p, 1 + p + p * p
@@ -343,13 +459,13 @@ def _capped_moments(rows: _Rows, n: int, model: ModelSpec, f_src, f_src_iso):
             axis=-1,
         )
         stacked_iso = jnp.concatenate([h_iso, grad_iso, big_m_iso.reshape(p * p), big_f_iso.reshape(p * p)])
-        a0 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, _class_values(stacked, stacked_iso, n, m), 0)
+        a0 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, _row_values(rows, stacked, stacked_iso, n, model), 0)
         i0 = _expectations(
             rows.iso_weights,
             rows.iso_counts,
             rows.iso_z,
             rows.iso_cbar,
-            _iso_values(stacked, stacked_iso, n, m, model.mask_self),
+            _iso_row_values(rows, stacked, stacked_iso, n, model),
             0,
         )
         rhs_m, rhs_m_iso, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h_full, h_iso, grad_full, grad_iso)
@@ -393,7 +509,7 @@ def _require_prompt_context(model: ModelSpec) -> None:
 @eqx.filter_jit
 def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moments:
     n = task.n
-    if model.attention == "linear":
+    if model.attention == "linear" and model.values == "fixed":
         h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None)
     else:
         at_start = lambda s: jax.tree.map(lambda x: x[s - 1], _chain_moments(theta_array, n, model, s))
@@ -401,8 +517,11 @@ def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moment
     return Moments(h[::-1], grad[::-1], big_m[::-1], big_f[::-1])
 
 
-def _theta_array(theta) -> jnp.ndarray:
-    return theta.as_array() if isinstance(theta, Theta) else jnp.asarray(theta, dtype=float)
+def _theta_array(theta, model: ModelSpec) -> jnp.ndarray:
+    """The parameter vector the model trains (``Theta.fields(model.values)``) of a Theta or an array."""
+    x = theta.as_array(model.values) if isinstance(theta, Theta) else jnp.asarray(theta, dtype=float)
+    Theta.from_array(x, model.values)  # raises for a vector of the other model's length
+    return x
 
 
 def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
@@ -412,7 +531,7 @@ def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
     max_len steps of the recursions.  jit/vmap-able.
     """
     _require_prompt_context(model)
-    return _moments_per_start(_theta_array(theta), task, model)
+    return _moments_per_start(_theta_array(theta, model), task, model)
 
 
 class GradientNoise(NamedTuple):
@@ -505,7 +624,7 @@ def batch_covariance(theta, task: ChainTask, model: ModelSpec, batch: int, basel
     check_choice("baseline", baseline, BATCH_BASELINES)
     batch = check_int("batch", batch, 2 if baseline == "leave_one_out" else 1)
     _require_prompt_context(model)
-    return _batch_noise(_theta_array(theta), task, model, float(batch), baseline)
+    return _batch_noise(_theta_array(theta, model), task, model, float(batch), baseline)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -702,7 +821,7 @@ def _sde_solve(flow_params, y0, lr, keys, dt, t0, t1, save_ts, n_steps: int, bat
     model = flow_params.model
 
     def one(key):
-        brownian = diffrax.VirtualBrownianTree(t0, t1, tol=dt / 8.0, shape=(Theta.size(),), key=key)
+        brownian = diffrax.VirtualBrownianTree(t0, t1, tol=dt / 8.0, shape=(Theta.size(model.values),), key=key)
         sde = EulerMaruyama(field_fn, _ClockAndNoise(brownian, t0, t1), dt)
         solution = integrate(flow_params, diffrax.SaveAt(ts=save_ts), t0=t0, t1=t1, y0=y0, max_steps=n_steps + 2, sde=sde)
         return solution.ys, solution.result == diffrax.RESULTS.successful
@@ -782,7 +901,7 @@ def simulate_sgd(
     start = time.perf_counter()
     thetas, reward, ok = _sde_solve(
         flow_params,
-        flow_params.theta0.as_array(),
+        flow_params.theta0.as_array(flow_params.model.values),
         jnp.asarray(lr, dtype=float),
         keys,
         jnp.asarray(dt),
@@ -834,10 +953,11 @@ class ScoreSamples(NamedTuple):
 
 
 def sample_scores(theta, task: ChainTask, model: ModelSpec, key, batch: int, max_len: int | None = None) -> ScoreSamples:
-    """Token-level rollouts (``gradflow.sampling.rollouts``) and each path's score in the five numbers.
+    """Token-level rollouts (``gradflow.sampling.rollouts``) and each path's score in the numbers the model
+    trains (``Theta.fields(model.values)``: the five, or the ten with V trained).
 
-    The path is replayed through ``gradflow.sampling.path_log_prob`` (full attention matrix built from
-    theta) and differentiated in forward mode.
+    The path is replayed through ``gradflow.sampling.path_log_prob`` (full attention matrix, and with V
+    trained the full value matrix, built from theta) and differentiated in forward mode.
 
     Args:
         theta (Theta | jax.Array): the attention scores (a Theta or its array of shape (5,)).
@@ -848,14 +968,21 @@ def sample_scores(theta, task: ChainTask, model: ModelSpec, key, batch: int, max
         max_len: the cap (default ``model.max_len``, else the sampler's truncation).
 
     Returns:
-        ``ScoreSamples``: rewards (batch,), scores (batch, 5) and start distances (batch,).
+        ``ScoreSamples``: rewards (batch,), scores (batch, P) and start distances (batch,).
     """
-    theta = theta if isinstance(theta, Theta) else Theta.from_array(theta)
+    theta = theta if isinstance(theta, Theta) else Theta.from_array(theta, model.values)
     n_vocab = 2 * task.n + model.n_isolated
     if max_len is None:
         max_len = model.max_len
-    ro = sampling.rollouts(sampling.full_attention(theta, n_vocab), task, model, key, batch, max_len)
-    return ScoreSamples(ro.rewards, _replay_scores(theta.as_array(), ro, task.n, n_vocab, model), ro.distances)
+    ro = sampling.rollouts(
+        sampling.full_attention(theta, n_vocab), task, model, key, batch, max_len, _value_matrix(theta, n_vocab, model)
+    )
+    return ScoreSamples(ro.rewards, _replay_scores(theta.as_array(model.values), ro, task.n, n_vocab, model), ro.distances)
+
+
+def _value_matrix(theta: Theta, n_vocab: int, model: ModelSpec):
+    """The full V of a two-matrix model (``sampling.full_values``), None for the fixed V."""
+    return sampling.full_values(theta, n_vocab) if model.values == "trained" else None
 
 
 @eqx.filter_jit
@@ -863,7 +990,8 @@ def _replay_scores(theta_array, ro, n: int, n_vocab: int, model: ModelSpec):
     start = n - ro.distances - 1
 
     def log_probs(x):
-        a = sampling.full_attention(Theta.from_array(x), n_vocab)
-        return jax.vmap(lambda lab, p, s: sampling.path_log_prob(a, lab, p, s, n, model))(ro.labels, ro.paths, start)
+        theta = Theta.from_array(x, model.values)
+        a, v = sampling.full_attention(theta, n_vocab), _value_matrix(theta, n_vocab, model)
+        return jax.vmap(lambda lab, p, s: sampling.path_log_prob(a, lab, p, s, n, model, v))(ro.labels, ro.paths, start)
 
     return jax.jacfwd(log_probs)(theta_array)

@@ -10,7 +10,9 @@ so a new read-out is one ``register`` call here.  The reward on another task (th
 
 Step probabilities are conditional on moving: P(kind | the walk leaves a_i) = P(kind) / P(move),
 P(move) summed over the moves (never 1 - P(stay)), so they do not depend on ``mask_self`` and the
-five of them sum to 1 at every position.
+five of them sum to 1 at every position.  V trained (docs/THEORY.md §10): the row of a_i seen from the
+start a_i (``gradflow.two_matrix.step_probabilities``).  Every read-out registered here has a closed form
+with V trained too (``TRAINED_V``); ``RECORDED`` is what discrete training records.
 
 ``read(names, theta, task, model)`` evaluates several read-outs at once; within one call the shared
 intermediates (the step probabilities, the greedy walks, the capped reach) are computed once.
@@ -25,7 +27,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from gradflow import capped, greedy, objective
+from gradflow import capped, greedy, objective, two_matrix
 from gradflow.model import ModelSpec, Theta, step_probabilities
 from gradflow.task import ChainTask
 
@@ -36,6 +38,7 @@ __all__ = [
     "READOUTS",
     "AXES",
     "TRAINED_V",
+    "RECORDED",
     "TRAINED_V_CAPPED",
     "register",
     "read",
@@ -126,13 +129,15 @@ def read(names: Iterable[str], theta, task: ChainTask, model: ModelSpec) -> dict
         _MEMO.reset(token)
 
 
-TRAINED_V = (  # closed forms with V trained: the reward, reach, lengths, traversal and greedy decoding
+RECORDED = (
     "reward",
+    "forward_prob",
+    "switch_prob",
+    "expected_length",
+    "traversal_prob",
     "success_per_start",
     "reach_per_start",
     "reach_probability",
-    "expected_length",
-    "traversal_prob",
     "greedy_accuracy",
     "greedy_conditional_accuracy",
     "greedy_reach_rate",
@@ -140,8 +145,8 @@ TRAINED_V = (  # closed forms with V trained: the reward, reach, lengths, traver
     "greedy_tie_rate",
     "greedy_correct",
     "greedy_reached",
-)
-TRAINED_V_CAPPED = ()  # ... and those with V trained only with a cap (none now: lengths and traversal have both)
+)  # what discrete training records (``gradflow.training.TrainingTrajectory``)
+TRAINED_V_CAPPED = ()  # the read-outs with V trained only with a cap (none: every one has both, ``TRAINED_V``)
 
 
 def covers(name: str, model: ModelSpec) -> bool:
@@ -192,7 +197,12 @@ def _shared(fn: Callable) -> Callable:
     return once
 
 
-_steps = _shared(step_probabilities)
+@_shared
+def _steps(theta: Theta, task: ChainTask, model: ModelSpec):
+    """The step probabilities per position (``gradflow.model.step_probabilities``; V trained: ``two_matrix``'s)."""
+    return (two_matrix.step_probabilities if model.values == "trained" else step_probabilities)(theta, task, model)
+
+
 _greedy = _shared(greedy.greedy_metrics)
 
 
@@ -340,3 +350,5 @@ register(
     probability=True,
     description="[the greedy path from a_{n-d} writes a terminal], as 0/1",
 )
+
+TRAINED_V = tuple(READOUTS)  # the read-outs with a closed form with V trained: every one registered above

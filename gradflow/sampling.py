@@ -94,13 +94,22 @@ def _values_of(theta: Theta, n_vocab: int, model: ModelSpec):
     return full_values(theta, n_vocab) if model.values == "trained" else None
 
 
-def orbit_statistics(A: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Mean and standard deviation of A over the entries of each kind: two arrays of length ``Theta.size()``."""
-    kinds = orbit_labels(A.shape[0]).reshape(-1)
+def orbit_statistics(A: jnp.ndarray, V: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Mean and standard deviation of A over the entries of each kind: two arrays of length ``Theta.size()``;
+    with the full V too (``full_values``), of length ``Theta.size("trained")`` (A's five, then V's five)."""
+    stats = [_kind_statistics(A, orbit_labels(A.shape[0]))]
+    if V is not None:
+        stats.append(_kind_statistics(V, value_labels(V.shape[1])))
+    return tuple(jnp.concatenate(parts) for parts in zip(*stats)) if V is not None else stats[0]
+
+
+def _kind_statistics(x: jnp.ndarray, labels: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Mean and standard deviation of the entries of x of each kind 0..4 (``labels``, x's shape)."""
+    kinds = labels.reshape(-1)
     n_kinds = Theta.size()
     counts = np.bincount(kinds, minlength=n_kinds).astype(float)
-    mean = jax.ops.segment_sum(A.reshape(-1), kinds, n_kinds) / counts
-    var = jax.ops.segment_sum((A.reshape(-1) - mean[kinds]) ** 2, kinds, n_kinds) / counts
+    mean = jax.ops.segment_sum(x.reshape(-1), kinds, n_kinds) / counts
+    var = jax.ops.segment_sum((x.reshape(-1) - mean[kinds]) ** 2, kinds, n_kinds) / counts
     return mean, jnp.sqrt(var)
 
 

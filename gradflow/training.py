@@ -48,7 +48,8 @@ from gradflow.compile_cache import compiled
 from gradflow.config import config_label
 from gradflow.flow import FlowParams, Trajectory, stack_configs
 from gradflow.model import ModelSpec, Theta
-from gradflow.sampling import full_attention, orbit_statistics, resolve_max_len, rollouts, surrogate
+from gradflow.readouts import RECORDED  # TrainingTrajectory's read-outs
+from gradflow.sampling import full_attention, full_values, orbit_statistics, resolve_max_len, rollouts, surrogate
 from gradflow.task import ChainTask
 
 OPTIMIZERS = ("sgd", "adam")  # the common ones; any optax optimizer name is accepted
@@ -144,25 +145,6 @@ def reward_function(model: ModelSpec):
     """J(theta, task, model): ``gradflow.objective.expected_reward``, which is the capped reward of
     ``gradflow.capped`` when ``model.max_len`` is set (the one dispatch)."""
     return objective.expected_reward
-
-
-RECORDED = (
-    "reward",
-    "forward_prob",
-    "switch_prob",
-    "expected_length",
-    "traversal_prob",
-    "success_per_start",
-    "reach_per_start",
-    "reach_probability",
-    "greedy_accuracy",
-    "greedy_conditional_accuracy",
-    "greedy_reach_rate",
-    "greedy_traversal_accuracy",
-    "greedy_tie_rate",
-    "greedy_correct",
-    "greedy_reached",
-)  # TrainingTrajectory's
 
 
 EVAL_RECORDED = (
@@ -504,15 +486,30 @@ def _optimizer_name(optimizer) -> str:
 def _train(flow_params, params0, key, lr, steps: int, batch: int, max_len: int, optimizer, kind: str):
     model, n_vocab = flow_params.model, flow_params.vocabulary_size
     opt = _make_optimizer(optimizer, lr)
-    to_matrix = (lambda p: p) if kind == "full" else (lambda p: full_attention(Theta.from_array(p), n_vocab))
-    orbit = orbit_statistics if kind == "full" else (lambda p: (p, jnp.zeros(Theta.size())))
+    trained = model.values == "trained"
+
+    def matrices(p):
+        """(A, V) of the parameters: the full matrices themselves (V None with the fixed V), or built from theta."""
+        if kind == "full":
+            return p if trained else (p, None)
+        theta = Theta.from_array(p)
+        return full_attention(theta, n_vocab), full_values(theta, n_vocab) if trained else None
+
+    def orbit(p):
+        return orbit_statistics(*matrices(p)) if kind == "full" else (p, jnp.zeros_like(p))
 
     def step(carry, inputs):
         params, opt_state = carry
         step_key, k = inputs
         task = flow_params.training_task(flow_params.t0 + lr * k)
-        ro = rollouts(jax.lax.stop_gradient(to_matrix(params)), task, model, step_key, batch, max_len)
-        grad = jax.grad(lambda p: surrogate(to_matrix(p), ro, task.n, model))(params)
+        A, V = jax.lax.stop_gradient(matrices(params))
+        ro = rollouts(A, task, model, step_key, batch, max_len, V)
+
+        def loss(p):
+            A, V = matrices(p)
+            return surrogate(A, ro, task.n, model, V)
+
+        grad = jax.grad(loss)(params)
         updates, opt_state = opt.update(jax.tree.map(jnp.negative, grad), opt_state, params)
         theta, spread = orbit(params)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)]))
@@ -542,7 +539,9 @@ def train(
     g_k = grad of ``sampling.surrogate`` (REINFORCE, leave-one-out baseline) on a fresh batch of
     rollouts of the training task at t_k (``flow_params.training_task``: a schedule is honoured),
     w.r.t. the five numbers (coords="reduced", default) or the full matrix A (coords="full", started
-    at full_attention(theta0, N), N = flow_params.vocabulary_size).  At a symmetric A the expected
+    at full_attention(theta0, N), N = flow_params.vocabulary_size).  V trained (``model.values ==
+    "trained"``): the ten numbers, or the full A and V (``sampling.full_values``; recorded theta: the
+    orbit means of both).  At a symmetric A the expected
     full gradient is g_k / (N * orbit size) per entry, so SGD on A with rate lr follows the flow
     with coords="full" at t = lr * step / N.  Settings may come from ``config`` (a TrainConfig;
     explicit arguments win).  One scan over steps, compiled once.
@@ -581,9 +580,11 @@ def train(
         raise ValueError("batch is required for sampled training (rollouts per step, >= 2)")
     kind = cfg.coords or "reduced"
     cap = resolve_max_len(flow_params.task, flow_params.model, cfg.max_len)
-    params0 = flow_params.theta0.as_array()
+    params0 = flow_params.theta0.as_array(flow_params.model.values)
     if kind == "full":
         params0 = full_attention(flow_params.theta0, flow_params.vocabulary_size)
+        if flow_params.model.values == "trained":
+            params0 = (params0, full_values(flow_params.theta0, flow_params.vocabulary_size))
     start = time.perf_counter()
     record = _train(flow_params, params0, key, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.batch, cap, cfg.optimizer, kind)
     record = record | _metrics_along(flow_params, record["theta"])

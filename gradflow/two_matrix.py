@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow._linalg import TINY_PIVOT, gth_solve
-from gradflow.model import ModelSpec, Theta, log_sum
+from gradflow.model import ModelSpec, StepProbabilities, Theta, log_sum
 from gradflow.task import ChainTask
 
 
@@ -70,7 +70,7 @@ def _rows(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat([0, 1], n - 1), np.tile(np.arange(1, n), 2)
 
 
-def row_scores(theta: Theta, n: int, model: ModelSpec, start):
+def row_scores(theta: Theta, n: int, model: ModelSpec, start, rows=None):
     """Effective (a, b, g, e, d) of the transient rows (each (2(n-1),)) and of an isolated row (scalars).
 
     linear: theta/tau.  softmax: exp(score - log Z(u))/tau with Z(u) = e^alpha #out + e^beta #in + e^gamma #far
@@ -81,15 +81,16 @@ def row_scores(theta: Theta, n: int, model: ModelSpec, start):
         n: the chain length.
         model: the model (attention, tau).
         start (int | jax.Array): the start's position on chain a, 1..n-1.
+        rows (tuple | None): (chain 0/1, position) of the rows wanted (None: all 2(n-1) transient rows).
 
     Returns:
         (rows, isolated): two 5-tuples of effective scores.
     """
     names = ("alpha", "beta", "gamma", "eta", "delta")
     scores = [getattr(theta, name) for name in names]
-    chain, pos = _rows(n)
+    chain, pos = _rows(n) if rows is None else rows
     if model.attention == "linear":
-        scaled = tuple(x / model.tau + jnp.zeros(2 * (n - 1)) for x in scores)
+        scaled = tuple(x / model.tau + jnp.zeros(jnp.shape(pos)) for x in scores)
         return scaled, tuple(x / model.tau for x in scores)
     alpha, beta, gamma, eta, delta = scores
     not_start = jnp.where((chain == 0) & (pos == start), 0.0, 1.0)
@@ -127,21 +128,22 @@ class StartLogits(NamedTuple):
     iso_self: jnp.ndarray
 
 
-def start_logits(theta: Theta, n: int, model: ModelSpec, start) -> StartLogits:
-    """The ``StartLogits`` of every chain row and of an isolated row, seen from the start a_start.
+def start_logits(theta: Theta, n: int, model: ModelSpec, start, rows=None) -> StartLogits:
+    """The ``StartLogits`` of every chain row (or of ``rows``) and of an isolated row, seen from the start a_start.
 
     Args:
         theta: the parameters (A and V).
         n: the chain length.
         model: the model (attention, tau).
         start (int | jax.Array): the start's position on chain a, 1..n-1.
+        rows (tuple | None): (chain 0/1, position) of the rows wanted (None: all 2(n-1) transient rows).
 
     Returns:
         The ``StartLogits``.
     """
     S, R, M = value_differences(theta)
-    chain, pos = _rows(n)
-    (a, b, g, e, d), (_, _, g_iso, e_iso, d_iso) = row_scores(theta, n, model, start)
+    chain, pos = _rows(n) if rows is None else rows
+    (a, b, g, e, d), (_, _, g_iso, e_iso, d_iso) = row_scores(theta, n, model, start, rows)
     on_a = chain == 0
     is_s, s_is_succ, s_is_pred = on_a & (pos == start), on_a & (pos + 1 == start), on_a & (pos - 1 == start)
     start_class = lambda classes: jnp.where(start == 1, classes[0], classes[1])  # a chain start or interior
@@ -192,19 +194,88 @@ def query_logits(logits: StartLogits, n: int, model: ModelSpec, start, u) -> jnp
     return jnp.where(v == u, -jnp.inf, row) if model.mask_self else row
 
 
+def step_probabilities(theta: Theta, task: ChainTask, model: ModelSpec) -> StepProbabilities:
+    """Per-position step probabilities of the row of a_i seen from the start a_i (the walk's first step from
+    each start; a choice: with V trained a row depends on the start through the start's extra M d), i = 1..n-1:
+    O(1) per row from the row's class logits (docs/THEORY.md §10).
+
+    Args:
+        theta: the parameters (A and V).
+        task: the chain task.
+        model: the model (``values="trained"``).
+
+    Returns:
+        The ``gradflow.model.StepProbabilities`` (each (n-1,)).
+    """
+    if model.values != "trained":
+        raise ValueError(f"gradflow.two_matrix needs ModelSpec(values='trained'), got values={model.values!r}")
+    n, m = task.n, model.n_isolated
+
+    def at(i):
+        logits = start_logits(theta, n, model, i, (jnp.zeros(1, int), i[None]))
+        one = lambda x: jnp.asarray(x).reshape(-1)[0]
+        succ, self_, pred = one(logits.succ), one(logits.self_), one(logits.pred)
+        first, interior, terminal = one(logits.chain_start), one(logits.interior), one(logits.terminal)
+        # chain a, not a_{i-1}, a_i, a_{i+1}: a_1 when i >= 3, the other interior vertices, a_n when i <= n-2
+        n_near = (i - 1 >= 2) * 1.0 + (i >= 2) + (i + 1 <= n - 1)
+        jump = log_sum([(first, (i >= 3) * 1.0), (interior, n - 2.0 - n_near), (terminal, (i <= n - 2) * 1.0)])
+        switch = log_sum([(first, 1.0), (interior, n - 2.0), (terminal, 1.0)])
+        isolated = jnp.log(float(m)) if m else -jnp.inf
+        has_pred = (i >= 2) * 1.0
+        pred = jnp.where(i >= 2, pred, 0.0)
+        far = [(first, (i >= 3) + 1.0), (interior, 2.0 * (n - 2) - n_near), (terminal, (i <= n - 2) + 1.0), (0.0, float(m))]
+        move = log_sum([(succ, 1.0), (pred, has_pred)] + far)
+        total = move if model.mask_self else jnp.logaddexp(move, self_)
+        prob = lambda log_w: jnp.exp(log_w - total)
+        stay = jnp.zeros(()) if model.mask_self else prob(self_)
+        backward = jnp.where(i >= 2, prob(pred), 0.0)
+        return StepProbabilities(prob(succ), backward, stay, prob(switch), prob(jump), prob(isolated), prob(move))
+
+    return jax.vmap(at)(jnp.arange(1, n))
+
+
 def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(P(own terminal), P(other terminal)) from a_start: one tridiagonal-plus-rank-3 solve."""
     x, _ = _start_solve(theta, n, model, start)
     return x[0], x[1]
 
 
-def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False):
-    """The solve from a_start: (P(own), P(other)[, E[tokens to a terminal]]) at the start, and log P(succ) of every
-    chain row (2(n-1),).
+class StartSystem(NamedTuple):
+    """The absorbing chain of the 2(n-1) chain rows (chain a then chain b) seen from one start, each row in its
+    own scale (divided by exp(``top``)), self-loops dropped and isolated vertices eliminated exactly.
 
-    The length's right-hand side is each row's total weight (self-loop included when allowed: a token),
-    plus, per isolated target, the expected tokens spent among the isolated vertices before landing on a
-    chain vertex (1 / P(the isolated row lands on the chain)); the left-hand side is the absorption system's.
+    excess, lower, upper (2(n-1),): the tridiagonal T (``gradflow._linalg.gth_solve``); u (2(n-1), 3): each
+    row's weight on every chain start, every interior vertex and the start's extra (isolated detours folded
+    in); c (2(n-1), 3): the rows of each of those columns; rates (2(n-1), 2): into a_n and into b_n; total:
+    the row's weight on every target (its self-loop included when allowed); iso_tokens: the row's weight on
+    the isolated vertices times the isolated row's total over its weight on the chain (0 without isolated
+    vertices: a right-hand side r_iso at the isolated vertices enters row u as iso_tokens r_iso);
+    log_forward: log P(successor) of each row; top: each row's scale.
+    """
+
+    excess: jnp.ndarray
+    lower: jnp.ndarray
+    upper: jnp.ndarray
+    u: jnp.ndarray
+    c: jnp.ndarray
+    rates: jnp.ndarray
+    total: jnp.ndarray
+    iso_tokens: jnp.ndarray
+    log_forward: jnp.ndarray
+    top: jnp.ndarray
+
+
+def start_system(theta: Theta, n: int, model: ModelSpec, start) -> StartSystem:
+    """The ``StartSystem`` of the chain rows seen from a_start: (I - Q) on the 2(n-1) rows is T - U C^T.
+
+    Args:
+        theta: the parameters (A and V).
+        n: the chain length.
+        model: the model (attention, tau, mask_self, n_isolated).
+        start (int | jax.Array): the start's position on chain a, 1..n-1.
+
+    Returns:
+        The ``StartSystem``.
     """
     chain, pos = _rows(n)
     has_pred = pos >= 2
@@ -261,23 +332,51 @@ def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = 
     pred_kept = jnp.where(has_pred, kept(w_pred, jnp.where(pos == 2, w_start, w_int)), 0.0)
     excess = rest + jnp.where(pos == 1, w_start, w_int) + succ_kept + pred_kept
     u = jnp.stack([w_start + iso[0], w_int + iso[1], w_s_extra + iso[2]], -1)
-    rhs = jnp.stack([jnp.where(on_a & succ_terminal, w_succ, w_term), jnp.where(~on_a & succ_terminal, w_succ, w_term)], -1)
-    rhs = rhs + jnp.asarray(iso[3])[..., None]
+    rates = jnp.stack([jnp.where(on_a & succ_terminal, w_succ, w_term), jnp.where(~on_a & succ_terminal, w_succ, w_term)], -1)
+    rates = rates + jnp.asarray(iso[3])[..., None]
     self_weight = 0.0 if model.mask_self else ex(logits.self_)
     total = w_succ + w_pred + rest + self_weight  # the row's weight on every target, in its scale
     log_forward = jnp.log(w_succ) - jnp.log(total)
-    if lengths:  # (Z - w_self) L_u - sum_v w_v L_v = Z + m w_iso / P(an isolated vertex lands on the chain)
-        rhs = jnp.concatenate([rhs, (total + iso_tokens)[:, None]], -1)
-    k = rhs.shape[-1]
-
-    # Woodbury: (T - U C^T)^{-1} rhs = z_r + z_u (I - C^T z_u)^{-1} C^T z_r
-    z, min_pivot = gth_solve(excess, lower, upper, jnp.concatenate([rhs, u], -1))
-    z_r, z_u = z[:, :k], z[:, k:]
     c = jnp.stack([jnp.asarray(pos == 1, float), jnp.asarray(pos >= 2, float), jnp.where(is_s, 1.0, 0.0)], -1)
-    correction = jnp.linalg.solve(jnp.eye(3) - c.T @ z_u, c.T @ z_r)
+    return StartSystem(excess, lower, upper, u, c, rates, total, iso_tokens, log_forward, top)
+
+
+def start_system_solve(system: StartSystem, rhs, signed: bool = False) -> jnp.ndarray:
+    """x = (T - U C^T)^{-1} rhs by Woodbury: z_r + z_u (I - C^T z_u)^{-1} C^T z_r, one ``gth_solve`` of T with
+    k + 3 columns and a 3 x 3 capacitance; NaN where float64 could not hold the elimination.
+
+    Args:
+        system: the chain rows (``start_system``).
+        rhs (jax.Array): right-hand sides (2(n-1), k), in the rows' scale.
+        signed: right-hand sides of either sign, eliminated as their two positive parts (x = x+ - x-).
+
+    Returns:
+        x, shape (2(n-1), k).
+    """
+    k = rhs.shape[-1]
+    if signed:
+        x = start_system_solve(system, jnp.concatenate([jnp.maximum(rhs, 0.0), jnp.maximum(-rhs, 0.0)], -1))
+        return x[:, :k] - x[:, k:]
+    z, min_pivot = gth_solve(system.excess, system.lower, system.upper, jnp.concatenate([rhs, system.u], -1))
+    z_r, z_u = z[:, :k], z[:, k:]
+    correction = jnp.linalg.solve(jnp.eye(3) - system.c.T @ z_u, system.c.T @ z_r)
     x = z_r + z_u @ correction
-    x = jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
-    return x[start - 1], log_forward
+    return jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
+
+
+def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False):
+    """The solve from a_start: (P(own), P(other)[, E[tokens to a terminal]]) at the start, and log P(succ) of every
+    chain row (2(n-1),).
+
+    The length's right-hand side is each row's total weight (self-loop included when allowed: a token),
+    plus, per isolated target, the expected tokens spent among the isolated vertices before landing on a
+    chain vertex (1 / P(the isolated row lands on the chain)); the left-hand side is the absorption system's.
+    """
+    system = start_system(theta, n, model, start)
+    rhs = system.rates
+    if lengths:  # (Z - w_self) L_u - sum_v w_v L_v = Z + m w_iso / P(an isolated vertex lands on the chain)
+        rhs = jnp.concatenate([rhs, (system.total + system.iso_tokens)[:, None]], -1)
+    return start_system_solve(system, rhs)[start - 1], system.log_forward
 
 
 def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[jnp.ndarray, jnp.ndarray]:

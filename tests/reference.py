@@ -11,6 +11,11 @@ probabilities and expected lengths by GTH state reduction (Grassmann-Taksar-Heym
 elimination divides by the eliminated state's summed leaving probability, never 1 - p), so the
 reference keeps relative accuracy at any theta; the working precision is raised until
 P(own) - 1/2 keeps 30 digits.  ``mp_reward_gradient``: central differences of J - 1/2 in mpmath.
+
+The two-matrix model (V trained, docs/THEORY.md §10): ``dense_matrices`` builds the full A (N x N^2) and
+V (N^2 x N) entry by entry from the ten numbers with Python loops (nothing shared with gradflow's orbit
+tables), ``dense_logits`` / ``dense_transition`` the next-vertex logits and matrix of the token-built chain
+seen from one start (context: the prompt's edge tokens plus the vertex tokens {s, u}, u counted once).
 """
 
 from __future__ import annotations
@@ -20,12 +25,52 @@ import jax.numpy as jnp
 import mpmath as mp
 import numpy as np
 
+import gradflow as gf
 from gradflow.model import ModelSpec, Theta, transition_matrix
 from gradflow.task import ChainTask
 
 # --------------------------------------------------------------------------------------------------
 # dense float64 (fast, small n)
 # --------------------------------------------------------------------------------------------------
+
+
+def dense_matrices(x, n_vocab: int):
+    """(A, V) from the ten numbers x, entry by entry; tokens: N vertex tokens, then edges (x, y), x != y."""
+    tokens = [("v", v) for v in range(n_vocab)] + [("e", (p, q)) for p in range(n_vocab) for q in range(n_vocab) if p != q]
+    a_kind, v_kind = np.zeros((n_vocab, len(tokens)), int), np.zeros((len(tokens), n_vocab), int)
+    for j, (kind, tok) in enumerate(tokens):
+        for u in range(n_vocab):
+            if kind == "v":
+                a_kind[u, j] = 3 if tok == u else 4
+                v_kind[j, u] = 8 if tok == u else 9
+            else:
+                a_kind[u, j] = 0 if tok[0] == u else 1 if tok[1] == u else 2
+                v_kind[j, u] = 5 if tok[0] == u else 6 if tok[1] == u else 7
+    return x[a_kind], x[v_kind], {tok: j for j, tok in enumerate(tokens)}
+
+
+def dense_logits(x, n: int, model: gf.ModelSpec, start: int):
+    """The N x N next-vertex logits of the token-built chain for the start a_start (the current vertex at -inf
+    when masked; jax, differentiable)."""
+    n_vocab = 2 * n + model.n_isolated
+    A, V, column = dense_matrices(x, n_vocab)
+    edges = [column[("e", (c * n + i, c * n + i + 1))] for c in range(2) for i in range(n - 1)]
+    s = start - 1
+    rows = []
+    for u in range(n_vocab):
+        context = edges + sorted({column[("v", s)], column[("v", u)]})
+        scores = A[u, jnp.array(context)]
+        weights = jax.nn.softmax(scores) if model.attention == "softmax" else scores
+        logits = weights @ V[jnp.array(context)] / model.tau
+        if model.mask_self:
+            logits = logits.at[u].set(-jnp.inf)
+        rows.append(logits)
+    return jnp.stack(rows)
+
+
+def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
+    """The N x N next-vertex matrix of the token-built chain for the start a_start (jax, differentiable)."""
+    return jax.nn.softmax(dense_logits(x, n, model, start), axis=1)
 
 
 def _dense_per_start(theta: Theta, task: ChainTask, model: ModelSpec, cost: float, terminal) -> jnp.ndarray:

@@ -162,6 +162,8 @@ def check_two_matrix(data):
         assert np.max(_arr(runs[values][ks[0]]["hardest_reward"])) < 0.6
         step = data["summary"][values]["k4_step_0.9"]
         assert step == int(np.argmax(_arr(runs[values][ks[-1]]["hardest_reward"]) >= 0.9))
+        sampled = {k: _arr(runs[values][k]["sampled"]["hardest_reward"]) for k in (ks[0], ks[-1])}  # REINFORCE + Adam seeds
+        assert np.all(sampled[ks[-1]][:, -1] > 0.9) and np.all(sampled[ks[0]] < 0.6)
     assert all(runs["trained"][k]["final_terms"][self_loop] < 0 for k in ks)  # V trained suppresses self-loops
     assert data["summary"]["trained"]["self_loop_sign"] == -1 and data["summary"]["fixed"]["self_loop_sign"] == 0
     times = _arr(data["escape"]["times"]["trained"])  # the saddle: escape time falls with the start scale

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import dense_transition
 
 import gradflow as gf
 from gradflow import noise
@@ -31,16 +32,21 @@ def dense_moments(theta: Theta, task: gf.ChainTask, model: gf.ModelSpec):
 
     psi(u, v) = d log P(u, v) / d theta by jax.jacfwd of the dense P (0 where P = 0).  Uncapped: dense
     solves of (I - Q) x = rhs over every non-terminal vertex (isolated ones included); capped: the
-    recursions run model.max_len times from 0.
+    recursions run model.max_len times from 0.  V trained: the token-built two-matrix chain
+    (``reference.dense_transition``) in the ten numbers.
     """
     n = task.n
     n_vertices = 2 * n + model.n_isolated
     term_a, term_b = n - 1, 2 * n - 1
     transient = np.array([v for v in range(n_vertices) if v not in (term_a, term_b)])
-    x = theta.as_array()
+    x = theta.as_array(model.values)
+    size = x.size
 
     def chain(start):
-        p_of = lambda y: transition_matrix(Theta.from_array(y), n, model, start=start)
+        if model.values == "trained":
+            p_of = lambda y: dense_transition(y, n, model, start)
+        else:
+            p_of = lambda y: transition_matrix(Theta.from_array(y), n, model, start=start)
         p = p_of(x)
         dp = jax.jacfwd(p_of)(x)
         psi = jnp.where(p[..., None] > 0, dp / jnp.where(p > 0, p, 1.0)[..., None], 0.0)
@@ -65,9 +71,9 @@ def dense_moments(theta: Theta, task: gf.ChainTask, model: gf.ModelSpec):
         if model.max_len is not None:
             state = (
                 jnp.zeros(n_vertices) + h_term,
-                jnp.zeros((n_vertices, 5)),
-                jnp.zeros((n_vertices, 5, 5)),
-                jnp.zeros((n_vertices, 5, 5)),
+                jnp.zeros((n_vertices, size)),
+                jnp.zeros((n_vertices, size, size)),
+                jnp.zeros((n_vertices, size, size)),
             )
             for _ in range(model.max_len):
                 state = sweep(*state)
@@ -87,7 +93,7 @@ def dense_moments(theta: Theta, task: gf.ChainTask, model: gf.ModelSpec):
         big_f = embed(solve(jnp.einsum("uv,uvij->uij", p, pp)[transient]))
         return h, m, big_m, big_f
 
-    if model.attention == "linear":
+    if model.attention == "linear" and model.values == "fixed":
         values = chain(None)
         return [v[: n - 1][::-1] for v in values]
     per_start = [chain(s) for s in range(1, n)]
@@ -127,6 +133,40 @@ def test_moments_match_dense_reference(spec):
         _close(ours, reference)
     if model.max_len is None:
         _close(closed.reward, gf.same_side_probability(THETA, task, model))
+
+
+TRAINED_THETA = Theta(0.4, -0.3, 0.2, 0.5, -0.2, sigma=1.3, rho=0.6, omega=0.2, mu=-0.7, nu=0.3)
+TRAINED_MODELS = [("linear", True, 0, None), ("softmax", False, 2, None), ("linear", False, 1, 6)]
+
+
+@pytest.mark.parametrize("spec", TRAINED_MODELS)
+def test_moments_with_v_trained_match_the_dense_token_chain(spec):
+    """V trained (docs/THEORY.md §10): h, E[R S], E[R S S^T], E[S S^T] in the ten numbers equal the recursions
+    on the token-built two-matrix chain, and the mean is grad J of ``gradflow.two_matrix`` / ``capped``."""
+    task = gf.ChainTask.mixture(5, 0.3, (1, 3))
+    attention, mask_self, n_isolated, max_len = spec
+    model = gf.ModelSpec(
+        attention=attention, mask_self=mask_self, n_isolated=n_isolated, max_len=max_len, values="trained", tau=0.5
+    )
+    closed = noise.moments_per_start(TRAINED_THETA, task, model)
+    assert closed.grad.shape == (4, Theta.size("trained"))
+    for ours, reference in zip(closed, dense_moments(TRAINED_THETA, task, model)):
+        _close(ours, reference)
+    x = TRAINED_THETA.as_array("trained")
+    grad = jax.grad(lambda y: gf.expected_reward(Theta.from_array(y), task, model))(x)
+    _close(noise.gradient_covariance(TRAINED_THETA, task, model).mean, grad)
+    with pytest.raises(ValueError, match="size 10"):
+        noise.moments_per_start(TRAINED_THETA.as_array(), task, model)
+
+
+def test_covariance_with_v_trained_matches_sampling():
+    """V trained: every entry of the mean and covariance of (R - J) S in the ten numbers within 4 standard errors
+    of 20k token-level rollouts (full A and V)."""
+    theta = Theta(0.6, -0.2, 0.1, 0.3, -0.1, sigma=1.2, rho=0.8, omega=0.1, mu=-0.5, nu=0.2)
+    model = gf.ModelSpec(tau=0.5, mask_self=False, values="trained")
+    z_cov, z_mean, samples = _z_scores(theta, gf.ChainTask.uniform(4), model, 20_000, seed=3)
+    assert samples.scores.shape == (20_000, 10)
+    assert np.max(np.abs(z_cov)) < 4.0 and np.max(np.abs(z_mean)) < 4.0
 
 
 @pytest.mark.parametrize("spec", DEFAULT_MODELS)

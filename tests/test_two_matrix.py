@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference import dense_logits, dense_matrices, dense_transition
 
 import gradflow as gf
 from gradflow import capped, ceilings, sampling, two_matrix
@@ -27,45 +28,6 @@ def random_two_matrix_theta(rng, scale=1.0) -> gf.Theta:
     a = rng.normal(0.0, scale, 5)
     v = np.array([1.0, 1.0, 0.0, 0.0, 0.0]) + rng.normal(0.0, scale, 5)
     return gf.Theta(*a, **dict(zip(VALUES, v)))
-
-
-def dense_matrices(x, n_vocab: int):
-    """(A, V) from the ten numbers x, entry by entry; tokens: N vertex tokens, then edges (x, y), x != y."""
-    tokens = [("v", v) for v in range(n_vocab)] + [("e", (p, q)) for p in range(n_vocab) for q in range(n_vocab) if p != q]
-    a_kind, v_kind = np.zeros((n_vocab, len(tokens)), int), np.zeros((len(tokens), n_vocab), int)
-    for j, (kind, tok) in enumerate(tokens):
-        for u in range(n_vocab):
-            if kind == "v":
-                a_kind[u, j] = 3 if tok == u else 4
-                v_kind[j, u] = 8 if tok == u else 9
-            else:
-                a_kind[u, j] = 0 if tok[0] == u else 1 if tok[1] == u else 2
-                v_kind[j, u] = 5 if tok[0] == u else 6 if tok[1] == u else 7
-    return x[a_kind], x[v_kind], {tok: j for j, tok in enumerate(tokens)}
-
-
-def dense_logits(x, n: int, model: gf.ModelSpec, start: int):
-    """The N x N next-vertex logits of the token-built chain for the start a_start (the current vertex at -inf
-    when masked; jax, differentiable)."""
-    n_vocab = 2 * n + model.n_isolated
-    A, V, column = dense_matrices(x, n_vocab)
-    edges = [column[("e", (c * n + i, c * n + i + 1))] for c in range(2) for i in range(n - 1)]
-    s = start - 1
-    rows = []
-    for u in range(n_vocab):
-        context = edges + sorted({column[("v", s)], column[("v", u)]})
-        scores = A[u, jnp.array(context)]
-        weights = jax.nn.softmax(scores) if model.attention == "softmax" else scores
-        logits = weights @ V[jnp.array(context)] / model.tau
-        if model.mask_self:
-            logits = logits.at[u].set(-jnp.inf)
-        rows.append(logits)
-    return jnp.stack(rows)
-
-
-def dense_transition(x, n: int, model: gf.ModelSpec, start: int):
-    """The N x N next-vertex matrix of the token-built chain for the start a_start (jax, differentiable)."""
-    return jax.nn.softmax(dense_logits(x, n, model, start), axis=1)
 
 
 def dense_greedy(x, n: int, model: gf.ModelSpec, start: int, steps: int):
@@ -258,11 +220,48 @@ def test_authors_start_and_unsupported_quantities():
     np.testing.assert_array_equal(start.as_array("trained"), [1e-8] * 7 + [0.0, 1e-8, 0.0])
     model, task = gf.ModelSpec(values="trained"), gf.ChainTask.uniform(5)
     assert abs(float(gf.expected_reward(start, task, model)) - 0.5) < 1e-6
-    with pytest.raises(NotImplementedError):
-        gf.noise.moments_per_start(start, task, model)
-    # the reward ceiling: 1 for linear attention without a cap, not derived otherwise with V trained
-    assert ceilings.closed_form_ceiling(task, model) == 1.0
-    assert ceilings.closed_form_ceiling(task, gf.ModelSpec("softmax", values="trained")) is None
+    assert gf.noise.moments_per_start(start, task, model).grad.shape == (4, 10)  # the noise moments cover V trained
+
+
+CEILING_CASES = [  # (task, model kwargs, theta near the limit): a cap covering every start, or none: sup J = 1
+    (gf.ChainTask.uniform(5), dict(attention="softmax", tau=0.2), (30.0, 0, 0, 0, 0, 1, 40, 0, 0, 0)),
+    (
+        gf.ChainTask.uniform(4),
+        dict(attention="softmax", mask_self=False, n_isolated=1, max_len=3),
+        (30.0, 0, 0, 0, 0, 1, 40, 0, 0, 0),
+    ),
+    (gf.ChainTask.uniform(2), dict(mask_self=False, max_len=3), (1.0, 0, 0, 0, 0, 0, 40, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CEILING_CASES)))
+def test_reward_ceiling_with_v_trained_is_one_when_the_cap_covers_every_start(case, rng):
+    """V trained: sup J = 1 uncapped or with a cap covering every start, for either attention (V's numbers are
+    unbounded), approached at large alpha and rho - omega; above the fixed V's where softmax or n = 2
+    self-loops bound that."""
+    task, kwargs, near = CEILING_CASES[case]
+    model = gf.ModelSpec(values="trained", **kwargs)
+    ceiling = ceilings.reward_ceiling(task, model)
+    assert ceiling.exact and ceiling.value == 1.0
+    assert ceilings.closed_form_ceiling(task, model) == 1.0 == gf.theory.max_reward(task, model)
+    reward = lambda x: float(gf.expected_reward(gf.Theta.from_array(jnp.asarray(x, float)), task, model))
+    assert 1.0 - 1e-6 < reward(near) <= 1.0
+    if case != 1:
+        assert ceilings.max_reward(task, gf.ModelSpec(**kwargs)) < 1.0 - 1e-3
+
+
+def test_reward_ceiling_with_v_trained_beyond_the_cap_is_numerical(rng):
+    """Starts beyond the cap are reached by far jumps: a numerical maximisation over the ten numbers, at least
+    forward traversal's mass and the fixed V's ceiling; no random theta beats it."""
+    task, model = gf.ChainTask.uniform(4), gf.ModelSpec(tau=0.5, max_len=2, values="trained")
+    ceiling = ceilings.reward_ceiling(task, model)
+    assert not ceiling.exact and ceilings.closed_form_ceiling(task, model) is None
+    fixed = ceilings.max_reward(task, gf.ModelSpec(tau=0.5, max_len=2))
+    assert ceiling.value >= max(2.0 / 3.0, fixed - 1e-9)
+    assert abs(float(gf.expected_reward(gf.Theta.from_array(jnp.asarray(ceiling.theta)), task, model)) - ceiling.value) < 1e-12
+    for _ in range(5):
+        x = random_two_matrix_theta(rng, 3.0)
+        assert float(gf.expected_reward(x, task, model)) <= ceiling.value + 1e-9
 
 
 GREEDY_CASES = [  # (n, attention, mask_self, n_isolated, cap): n = 2..6, both kinds, masked or not
@@ -377,8 +376,43 @@ def test_readouts_cover_greedy_lengths_and_traversal_with_v_trained():
     for trained in (gf.ModelSpec(values="trained"), gf.ModelSpec(values="trained", max_len=4)):
         for name in gf.readouts.READOUTS:
             assert gf.readouts.covers(name, trained) == (name in gf.readouts.TRAINED_V), name
-    assert {"expected_length", "traversal_prob"} <= set(gf.readouts.TRAINED_V) and not gf.readouts.TRAINED_V_CAPPED
-    assert {name for name in gf.readouts.READOUTS if name.startswith("greedy")} <= set(gf.readouts.TRAINED_V)
+    assert set(gf.readouts.TRAINED_V) == set(gf.readouts.READOUTS) and not gf.readouts.TRAINED_V_CAPPED
+    assert gf.training.RECORDED is gf.readouts.RECORDED and set(gf.readouts.RECORDED) <= set(gf.readouts.TRAINED_V)
+
+
+STEP_CASES = [(2, "linear", True, 0), (5, "softmax", False, 2), (6, "linear", False, 1), (4, "softmax", True, 1)]
+
+
+@pytest.mark.parametrize("n, attention, mask, iso", STEP_CASES)
+def test_step_probabilities_equal_the_dense_token_chain(n, attention, mask, iso, rng):
+    """V trained: the step probabilities of a_i's row seen from the start a_i, and the read-outs given a move,
+    equal the row of the token-built chain; at the fixed V (linear) they are today's."""
+    model = gf.ModelSpec(attention=attention, mask_self=mask, n_isolated=iso, values="trained", tau=0.7)
+    theta, task = random_two_matrix_theta(rng), gf.ChainTask.uniform(n)
+    steps = two_matrix.step_probabilities(theta, task, model)
+    names = ("forward_prob", "backward_prob", "switch_prob", "jump_prob", "isolated_prob")
+    given_move = gf.readouts.read(names, theta, task, model)
+    for i in range(1, n):
+        p = np.asarray(dense_transition(theta.as_array("trained"), n, model, i))[i - 1]
+        kinds = {
+            "forward": p[i],
+            "backward": p[i - 2] if i >= 2 else 0.0,
+            "stay": p[i - 1],
+            "switch": p[n : 2 * n].sum(),
+            "jump": sum(p[j] for j in range(n) if abs(j - (i - 1)) >= 2),
+            "isolated": p[2 * n :].sum(),
+            "move": 1.0 - p[i - 1],
+        }
+        for kind, want in kinds.items():
+            np.testing.assert_allclose(getattr(steps, kind)[i - 1], want, rtol=1e-12, atol=1e-15, err_msg=kind)
+        for name in names:
+            np.testing.assert_allclose(given_move[name][i - 1], kinds[name[:-5]] / kinds["move"], rtol=1e-12, atol=1e-15)
+    if attention == "linear":
+        fixed = gf.ModelSpec(mask_self=mask, n_isolated=iso, tau=0.7)
+        at_fixed = gf.Theta(*theta.as_array()[:5])
+        ours, today = two_matrix.step_probabilities(at_fixed, task, model), gf.step_probabilities(at_fixed, task, fixed)
+        for kind in ("forward", "backward", "stay", "switch", "jump", "isolated"):
+            np.testing.assert_allclose(getattr(ours, kind), getattr(today, kind), rtol=1e-13, atol=1e-16)
 
 
 CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
@@ -491,7 +525,7 @@ def test_full_coordinate_adam_is_per_entry_adam_on_the_dense_matrices():
 
 def test_exact_training_with_v_trained_reduced_and_full():
     """SGD on the ten numbers (reduced: lr grad J; full: lr grad J / orbit sizes), Adam on them (reduced), the
-    read-outs with a closed form recorded and the others NaN; ``gradient_descent_many`` equals one by one."""
+    read-outs recorded (every one has a closed form); ``gradient_descent_many`` equals one by one."""
     model = gf.ModelSpec(tau=0.3, mask_self=False, values="trained", max_len=5)
     task = gf.ChainTask.uniform(3)
     config = gf.FlowParams(task, model, gf.model.authors_start(0.2))
@@ -515,7 +549,9 @@ def test_exact_training_with_v_trained_reduced_and_full():
     per = capped.per_start(theta, task, model)
     np.testing.assert_allclose(run.success_per_start[2], per.success, rtol=1e-13)
     np.testing.assert_allclose(run.expected_length[2], gf.expected_length(theta, task, model), rtol=1e-13)
-    assert np.isnan(run.forward_prob).all() and run.reward[-1] > run.reward[0]
+    steps_at = two_matrix.step_probabilities(theta, task, model)  # recorded too: every read-out has a closed form
+    np.testing.assert_allclose(run.forward_prob[2], steps_at.forward / steps_at.move, rtol=1e-13)
+    assert run.reward[-1] > run.reward[0]
     greedy = gf.greedy.greedy_metrics(theta, task, model)
     np.testing.assert_array_equal(run.greedy_accuracy[2], greedy.accuracy)
     np.testing.assert_array_equal(run.greedy_traversal_accuracy[2], greedy.traversal_accuracy)
@@ -534,8 +570,9 @@ def test_flow_with_v_trained_conserves_the_balances(coords, t1):
     trajectory = gf.simulate(params)
     assert trajectory.theta.shape == (201, 10) and trajectory.reward[-1] > 0.9
     np.testing.assert_array_equal(trajectory.theta[0], start.as_array("trained"))
-    assert np.isnan(trajectory.forward_prob).all()  # no closed form with V trained: recorded as NaN
     last = gf.Theta.from_array(trajectory.theta[-1])
+    steps_at = two_matrix.step_probabilities(last, params.task, model)  # the flow records the step read-outs too
+    np.testing.assert_allclose(trajectory.forward_prob[-1], steps_at.forward / steps_at.move, rtol=1e-13)
     np.testing.assert_allclose(trajectory.expected_length[-1], gf.expected_length(last, params.task, model), rtol=1e-13)
     np.testing.assert_allclose(trajectory.traversal_prob[-1], gf.traversal_probability(last, params.task, model), rtol=1e-13)
     sizes = params.orbit_sizes() if coords == "full" else None
