@@ -24,8 +24,9 @@ local one) T stays strictly diagonally dominant and the cancellations are bounde
 1e-12 or better in the tests).  J is read from e near 1/2, from q near 1 and from h near 0, so
 J - 1/2, 1 - J and J keep their leading digits and so do their gradients (JAX differentiates the
 plain jax.numpy solve, any order, both modes).  An expected length above 1e300 is returned as inf.
-A row-scaled elimination that leaves float64 (a reduced row below 1e-200 of its row's scale: logit
-gaps of several hundred, e.g. |theta|/tau > ~300) returns NaN: never a wrong finite number.
+Where the row-scaled float64 elimination cannot hold a solve or its derivatives (a reduced row below
+1e-150 of its row's scale, or a NaN: logit gaps of a few hundred) the same rows are solved again in
+``gradflow._extended`` numbers (any exponent), only when needed (``_exact``): finite at any logit gap.
 """
 
 from __future__ import annotations
