@@ -394,9 +394,9 @@ def _any_member_batched(axis_size, in_batched, bad):
     return _any_member(jnp.any(bad, axis=0) if in_batched[0] else bad), False
 
 
-def _exact(quantity, theta: Theta, model: ModelSpec):
-    """quantity(theta, model, FLOAT), or, where that holds a NaN (float64 could not hold a solve: logit gaps of
-    hundreds), quantity(theta, model, EXTENDED): float64 digits with an unbounded exponent, ~30x slower.
+def _exact(quantity, theta: Theta, model: ModelSpec, n):
+    """quantity(theta, model, FLOAT, n), or, where that holds a NaN (float64 could not hold a solve: logit gaps
+    of hundreds), quantity(theta, model, EXTENDED, n): float64 digits with an unbounded exponent, ~30x slower.
 
     The extended branch is a ``lax.cond``, run only when this evaluation needs it (under vmap: when some
     member does, and then batched, each member keeping its own float64 result unless it needs the other).
@@ -405,33 +405,36 @@ def _exact(quantity, theta: Theta, model: ModelSpec):
     branch likewise where it is not used.
     """
     dynamic, static = eqx.partition(model, eqx.is_array)
-    evaluate = lambda numbers: lambda x, d: quantity(x, eqx.combine(d, static), numbers)
+    traced_n = () if isinstance(n, int) else (n,)  # a PaddedTask's n: an argument (a custom_jvp closes over no tracer)
+    of = lambda x, d, numbers, *m: quantity(x, eqx.combine(d, static), numbers, *(m or (n,)))
+    evaluate = lambda numbers, *m: lambda x, d: of(x, d, numbers, *m)
     nan_in = lambda values: functools.reduce(jnp.logical_or, [jnp.any(jnp.isnan(v)) for v in jax.tree.leaves(values)])
     masked = lambda keep, tree: jax.tree.map(lambda t: jnp.where(keep, t, jnp.zeros_like(t)), tree)
     choose = lambda bad, slow, fast: jax.tree.map(functools.partial(jnp.where, bad), slow, fast)
 
     @jax.custom_jvp
-    def exact(x, d):
-        fast = evaluate(FLOAT)(x, d)
+    def exact(x, d, *m):
+        fast = of(x, d, FLOAT, *m)
         bad = nan_in(fast)
-        return jax.lax.cond(_any_member(bad), lambda: choose(bad, evaluate(EXTENDED)(x, d), fast), lambda: fast)
+        return jax.lax.cond(_any_member(bad), lambda: choose(bad, of(x, d, EXTENDED, *m), fast), lambda: fast)
 
     @exact.defjvp
     def exact_jvp(primals, tangents):
-        fast, linear = jax.linearize(evaluate(FLOAT), *primals)
+        (x, d, *m), tangents = primals, tangents[:2]
+        fast, linear = jax.linearize(evaluate(FLOAT, *m), x, d)
         bad = nan_in(fast)
         fast_dot = linear(*masked(~bad, tangents))
 
         def extended():
-            slow, slow_dot = jax.jvp(evaluate(EXTENDED), primals, masked(bad, tangents))
+            slow, slow_dot = jax.jvp(evaluate(EXTENDED, *m), (x, d), masked(bad, tangents))
             return choose(bad, slow, fast), choose(bad, slow_dot, fast_dot)
 
         return jax.lax.cond(_any_member(bad), extended, lambda: (fast, fast_dot))
 
-    return exact(theta, dynamic)
+    return exact(theta, dynamic, *traced_n)
 
 
-def _outcome_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows):
+def _outcome_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int | None):
     """(P(own), P(other)) per start distance in ``numbers`` (``_outcome_per_start``)."""
     if model.attention == "linear":
         h, q, e = _linear_probabilities(theta, n, model, rows, numbers)
@@ -458,7 +461,7 @@ def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
         return two_matrix.outcome_per_start(theta, task, model)
     _require_unpadded(task, model, "expected_reward")
     n, rows = _layout(task)
-    return _exact(functools.partial(_outcome_of, n=n, rows=rows), theta, model)
+    return _exact(functools.partial(_outcome_of, rows=rows), theta, model, n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,11 +509,11 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
     if model.values == "trained":
         lengths = two_matrix.length_per_start(theta, task, model)
     else:
-        lengths = _exact(functools.partial(_lengths_of, n=n, rows=rows), theta, model)
+        lengths = _exact(functools.partial(_lengths_of, rows=rows), theta, model, n)
     return jnp.where(lengths > LENGTH_LIMIT, jnp.inf, lengths)
 
 
-def _lengths_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows):
+def _lengths_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int | None):
     """``length_per_start`` in ``numbers``."""
     if model.attention == "linear":
         return _by_distance(_linear_length(theta, n, model, rows, numbers), n, rows)
