@@ -39,6 +39,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from gradflow import capped, two_matrix
 from gradflow._extended import EXTENDED, FLOAT, Numbers
@@ -402,7 +403,8 @@ def _exact(quantity, theta: Theta, model: ModelSpec, n):
     member does, and then batched, each member keeping its own float64 result unless it needs the other).
     Derivatives come from the branch chosen: the float64 branch is differentiated with its tangents zeroed
     where its value is NaN (so an unused NaN branch never turns a cotangent of 0 into NaN), and the extended
-    branch likewise where it is not used.
+    branch likewise where it is not used, by its forward-mode Jacobian (so reverse mode stores none of its
+    residuals: a cond's residuals are those of both branches).
     """
     dynamic, static = eqx.partition(model, eqx.is_array)
     traced_n = () if isinstance(n, int) else (n,)  # a PaddedTask's n: an argument (a custom_jvp closes over no tracer)
@@ -425,8 +427,11 @@ def _exact(quantity, theta: Theta, model: ModelSpec, n):
         bad = nan_in(fast)
         fast_dot = linear(*masked(~bad, tangents))
 
-        def extended():
-            slow, slow_dot = jax.jvp(evaluate(EXTENDED, *m), (x, d), masked(bad, tangents))
+        def extended():  # forward-mode Jacobian in (theta, tau): reverse mode then keeps no residual of the branch
+            flat, unravel = ravel_pytree((x, d))
+            jvp = lambda t: jax.jvp(lambda z: of(*unravel(z), EXTENDED, *m), (flat,), (t,))
+            slow, jacobian = jax.vmap(jvp, out_axes=(None, -1))(jnp.eye(flat.size))
+            slow_dot = jax.tree.map(lambda j: j @ ravel_pytree(masked(bad, tangents))[0], jacobian)
             return choose(bad, slow, fast), choose(bad, slow_dot, fast_dot)
 
         return jax.lax.cond(_any_member(bad), extended, lambda: (fast, fast_dot))
