@@ -405,7 +405,9 @@ def _exact(quantity, theta: Theta, model: ModelSpec, n):
     branch likewise where it is not used, checkpointed inside its cond (reverse mode recomputes it in the
     backward pass: the forward pass stores none of its residuals, and the float64 values and tangents never
     pass through a cond).  Cost when no member is bad: the NaN test, a select, and the memory XLA reserves for
-    the branch (one temporary buffer for both: at n = 1e5 a value+grad's grows from 22 MB to 95 MB).
+    the branch (one temporary buffer for both: at n = 1e5 a value+grad's grows from 22 MB to 69 MB; above
+    glibc's 32 MB mmap threshold that buffer is mapped afresh each call, ~7,800 page faults: about 2x the
+    float64 time at n = 1e5, none at n = 1e4).
     """
     dynamic, static = eqx.partition(model, eqx.is_array)
     traced_n = () if isinstance(n, int) else (n,)  # a PaddedTask's n: an argument (a custom_jvp closes over no tracer)
