@@ -324,17 +324,16 @@ def _check_no_conflict(given: dict, **parts) -> None:
         raise ValueError(f"FlowParams: give each field once, either in its part or as a flat keyword, not both ({listed})")
 
 
-def _check_stop_can_fire(params) -> None:
-    """Refuse a ``stop_at`` event whose level is at or above the model's closed-form reward ceiling sup J: it
-    can never fire, so the solve would run to t1 or max_steps (``gradflow.ceilings.closed_form_ceiling``)."""
+def stop_at_refusal(params) -> str | None:
+    """Why ``params.stop_at`` can never fire (its level at or above the model's closed-form reward ceiling sup J,
+    ``gradflow.ceilings.closed_form_ceiling``: the solve would run to t1 or max_steps), else None."""
     if params.stop_at is None or not is_concrete((params.reward_threshold, params.convergence_loss)):
-        return
+        return None
     ceiling = closed_form_ceiling(params.task, params.model)
     if ceiling is None or ceiling >= 1.0:
-        return
+        return None
     note = reward_ceiling_warning(params, float(params.event_level(params.stop_at)))
-    if note is not None:
-        raise ValueError(f"stop_at={params.stop_at!r} can never fire: the {note}")
+    return None if note is None else f"stop_at={params.stop_at!r} can never fire: the {note}"
 
 
 class FlowParams(eqx.Module):
@@ -436,7 +435,9 @@ class FlowParams(eqx.Module):
             ts = np.asarray(self.save_ts)
             if ts.min() < float(self.t0) or ts.max() > float(self.t1):
                 raise ValueError(f"save_ts must lie in [t0, t1] = [{float(self.t0)}, {float(self.t1)}]")
-        _check_stop_can_fire(self)
+        refusal = stop_at_refusal(self)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     # flat read access (the names of earlier versions)
     task = property(lambda self: self.problem.task)

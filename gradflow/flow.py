@@ -62,6 +62,7 @@ from gradflow.config import (
     config_hash,
     config_label,
     default_theta0,
+    stop_at_refusal,
 )
 from gradflow.integrator import (
     BISECTION_STEPS,
@@ -647,23 +648,20 @@ def check_levels(params: FlowParams, index: int | None = None) -> None:
         ValueError: the ``stop_at`` event's level is at or above the ceiling (it can never fire, so the
             solve would run to t1 or max_steps); the message names the config (``config_label``).
     """
-    events = [e for e in EVENTS if e in params.events or e == params.stop_at]
+    name = lambda: config_label(params) if index is None else f"configs[{index}] ({config_label(params)})"
+    refusal = stop_at_refusal(params)
+    if refusal is not None:
+        raise ValueError(f"{name()}: {refusal}")
+    events = [e for e in EVENTS if e in params.events and e != params.stop_at]
     if not events or not is_concrete((params.reward_threshold, params.convergence_loss)):
         return
     ceiling = closed_form_ceiling(params.task, params.model)
     if ceiling is None or ceiling >= 1.0:
         return
-    notes = []
-    for event in events:
-        note = reward_ceiling_warning(params, float(params.event_level(event)))
-        if note is None:
-            continue
-        name = config_label(params) if index is None else f"configs[{index}] ({config_label(params)})"
-        if event == params.stop_at:
-            raise ValueError(f"{name}: stop_at={event!r} can never fire: the {note}")
-        notes.append(f"{EVENT_NAMES[event]} event: {note}")
+    notes = [(event, reward_ceiling_warning(params, float(params.event_level(event)))) for event in events]
+    notes = [f"{EVENT_NAMES[event]} event: {note}" for event, note in notes if note is not None]
     if notes:
-        warnings.warn(f"{name}: " + "; ".join(notes), stacklevel=3)
+        warnings.warn(f"{name()}: " + "; ".join(notes), stacklevel=3)
 
 
 def _trajectory(params: FlowParams, out, stats: dict) -> Trajectory:
