@@ -121,10 +121,7 @@ def _reward_ceiling_cached(key: tuple) -> RewardCeiling:
     if values == "trained":
         if max_len is None or _covered(probs, max_len):
             return RewardCeiling(1.0, True, "V trained: forward traversal limit (alpha, rho - omega -> +inf)")
-        forward = float(probs[:max_len].sum())
-        value, theta = _numerical_max_reward(task, model)
-        method = f"V trained, cap {max_len}, starts beyond it reached by far jumps: multi-start L-BFGS-B over [-40, 40]^10"
-        return RewardCeiling(max(value, forward), False, method, theta if value >= forward else None)
+        return _jump_ceiling(task, model, f"V trained, cap {max_len}, starts beyond it reached by far jumps: [-40, 40]^10")
     if attention == "linear" and max_len is None:
         return RewardCeiling(1.0, True, "linear attention: forward traversal in the limit")
     if attention == "linear":
@@ -133,16 +130,21 @@ def _reward_ceiling_cached(key: tuple) -> RewardCeiling:
             return RewardCeiling(value, True, f"n = 2, self-loops allowed: p[0] (1 - 2^-{max_len})")
         if _covered(probs, max_len):
             return RewardCeiling(1.0, True, f"cap {max_len} covers every start: forward traversal limit")
-        forward = float(probs[:max_len].sum())
-        value, theta = _numerical_max_reward(task, model)
-        method = f"cap {max_len}, starts beyond it reached by far jumps: multi-start L-BFGS-B over theta in [-40, 40]^3"
-        return RewardCeiling(max(value, forward), False, method, theta if value >= forward else None)
+        return _jump_ceiling(task, model, f"cap {max_len}, starts beyond it reached by far jumps: theta in [-40, 40]^3")
     if max_len is None:
         limit = ModelSpec(attention="linear", tau=tau, mask_self=mask_self, n_isolated=n_isolated)
         value = float(expected_reward(Theta(1.0, 0.0, 0.0), task, limit))
         return RewardCeiling(value, True, "softmax: alpha -> +inf limit (the linear walk at theta = (1, 0, 0))")
     value, theta = _numerical_max_reward(task, model)
     return RewardCeiling(value, False, "softmax with a cap: multi-start L-BFGS-B over theta in [-40, 40]^P", theta)
+
+
+def _jump_ceiling(task: ChainTask, model: ModelSpec, box: str) -> RewardCeiling:
+    """Starts beyond the cap succeed only by far jumps: the best of a multi-start L-BFGS-B maximisation over ``box``,
+    never below forward traversal's mass on the starts d <= T."""
+    forward = float(np.asarray(task.start_probs)[: model.max_len].sum())
+    value, theta = _numerical_max_reward(task, model)
+    return RewardCeiling(max(value, forward), False, f"multi-start L-BFGS-B, {box}", theta if value >= forward else None)
 
 
 def _covered(probs: np.ndarray, max_len: int) -> bool:
