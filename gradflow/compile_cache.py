@@ -2,7 +2,10 @@
 
 Every compiled solve of gradflow (the flow, batches, crossings, phases, learning times) comes from
 ``compiled``: executables are keyed by the structure of their arguments, kept least-recently-used
-up to ``CACHE_SIZE``, and counted (``compilation_count``).  The first compilation turns on JAX's
+up to ``CACHE_SIZE``, and counted (``compilation_count``).  Each compiled flow holds about 1,000 memory
+maps (XLA:CPU maps every kernel apart) and a Linux process past ``vm.max_map_count`` (65,530 by default)
+aborts inside its next compilation, so before compiling, ``release_memory_maps`` drops least-recently-used
+executables while the process holds more than ``MAP_SHARE`` of that limit.  The first compilation turns on JAX's
 persistent compilation cache in ``~/.cache/gradflow/jax`` (``GRADFLOW_CACHE_DIR`` relocates it,
 ``GRADFLOW_NO_CACHE=1`` turns it off), so a new process loads the executable from disk.
 
@@ -15,6 +18,7 @@ and goes straight to the persistent cache, tracing nothing.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import os
@@ -34,6 +38,7 @@ from gradflow._dependencies import runtime_checks_as_nan
 from gradflow._version import versions
 
 CACHE_SIZE = 64  # compiled executables kept in memory (least recently used dropped first)
+MAP_SHARE = 0.5  # executables are dropped while the process's memory maps exceed this share of vm.max_map_count
 CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradflow sets it up
 
 _COMPILED: OrderedDict = OrderedDict()
@@ -109,6 +114,38 @@ def enable_persistent_cache() -> str | None:
     return path
 
 
+def memory_maps() -> tuple[int, int] | None:
+    """(memory maps this process holds, the kernel's limit ``vm.max_map_count``); None where unknown (not Linux)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return maps.read().count(b"\n"), int(limit.read())
+    except (OSError, ValueError):
+        return None
+
+
+def release_memory_maps() -> int:
+    """Drop compiled executables, least recently used first (then JAX's own caches), while this process holds
+    more than ``MAP_SHARE`` of ``vm.max_map_count`` memory maps; returns how many of ours were dropped.
+
+    A process past the limit aborts in the next compilation (XLA cannot map its code); each compiled flow
+    holds about 1,000 maps, so 64 cached flows alone reach the default limit of 65,530."""
+    usage = memory_maps()
+    if usage is None:
+        return 0
+    count, limit = usage
+    dropped = 0
+    while count > MAP_SHARE * limit and _COMPILED:
+        for _ in range(max(1, len(_COMPILED) // 4)):  # a quarter at a time: each count reads the maps again
+            _COMPILED.popitem(last=False)
+            dropped += 1
+        gc.collect()
+        count = memory_maps()[0]
+    if count > MAP_SHARE * limit:
+        jax.clear_caches()
+        gc.collect()
+    return dropped
+
+
 def _has_module(name: str) -> bool:
     """Whether an optional package JAX uses (filelock: the size-limited cache; flatbuffers: ``jax.export``) is installed."""
     return importlib.util.find_spec(name) is not None
@@ -141,6 +178,7 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool =
         return _COMPILED[key], 0.0
     require_x64()
     folder = enable_persistent_cache()
+    release_memory_maps()
     start = time.perf_counter()
     with runtime_checks_as_nan():
         executable, traced = None, True

@@ -3,7 +3,12 @@
 The suite's xdist workers run with the persistent compilation cache off (``GRADFLOW_NO_CACHE``): reading
 it crashed a worker in two clean-clone runs (an abort, then a segmentation fault, each inside jax's
 ``compilation_cache.get_executable_and_time``, each test passing alone on the same cache), and a crashed
-worker fails the run.  Tests of the cache itself give their subprocesses their own folder."""
+worker fails the run.  Tests of the cache itself give their subprocesses their own folder.
+
+Those crashes, and a third one with the cache off, were the worker running out of memory maps: every
+compiled flow holds about 1,000 and a worker crossed ``vm.max_map_count`` (65,530) near the end of the run.
+``gradflow.compile_cache`` now gives maps back before each compilation; after every test the suite does
+the same for the programs jitted outside it (``release_memory_maps``: only while over half the limit)."""
 
 import os
 
@@ -14,8 +19,15 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "GRADFLOW_CACHE_DIR" not in os.envi
     os.environ.setdefault("GRADFLOW_NO_CACHE", "1")
 
 import gradflow  # noqa: E402,F401  (enables jax_enable_x64)
+from gradflow.compile_cache import release_memory_maps  # noqa: E402
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(20260126)
+
+
+@pytest.fixture(autouse=True)
+def _memory_maps_to_spare():
+    yield
+    release_memory_maps()

@@ -350,6 +350,23 @@ def test_new_callable_schedules_do_not_grow_the_cache_forever(monkeypatch):
     assert len(compile_cache._COMPILED) == 1
 
 
+def test_executables_are_dropped_before_memory_maps_run_out(monkeypatch):
+    """A process past vm.max_map_count aborts in its next compilation: the cache gives maps back first."""
+    if compile_cache.memory_maps() is None:
+        pytest.skip("no /proc/self/maps here")
+    for size in (3, 4, 5):
+        compile_cache.compiled("maps_probe", lambda x: jnp.cumsum(jnp.sin(x) * 2.0), (jnp.ones(size),))
+    held = len(compile_cache._COMPILED)
+    before = compile_cache.memory_maps()[0]
+    monkeypatch.setattr(compile_cache, "MAP_SHARE", 1.0)
+    assert compile_cache.release_memory_maps() == 0 and len(compile_cache._COMPILED) == held  # under the budget
+    monkeypatch.setattr(compile_cache, "MAP_SHARE", 0.0)
+    assert compile_cache.release_memory_maps() == held and not compile_cache._COMPILED
+    assert compile_cache.memory_maps()[0] < before
+    compile_cache.compiled("maps_probe", lambda x: jnp.cumsum(jnp.sin(x) * 2.0), (jnp.ones(6),))
+    assert len(compile_cache._COMPILED) == 1  # compiling releases first, then keeps the new executable
+
+
 def test_save_is_atomic_and_load_checks_the_arrays(tmp_path):
     trajectory = simulate(FlowParams(TASK, t1=30.0, eval_tasks={"hardest": gf.ChainTask.hardest(N)}), progress=False)
     trajectory.save(tmp_path / "run")
