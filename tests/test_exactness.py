@@ -6,8 +6,8 @@ chain solved by GTH state reduction in mpmath, tests/reference.py); mask_self Tr
 same reward to 1e-12; grad J to relative 1e-6 (linear attention) including the hardest-only plateau.
 No NaN at any logit gap (issue 23.2: where float64 cannot hold a solve, an eager call falls back on the
 host to ModelSpec(numbers="extended"), extended-exponent numbers, which traced code picks itself), tested
-against the reference to |theta|/tau = 1e4; a length above 1e300 is inf.  The hypothesis runs marked slow cover n 2..40, |theta| <= 200, tau 0.01..5; the default run draws
-a few small cases.
+against the reference to |theta|/tau = 1e4; a length above 1e300 is inf.  The hypothesis runs marked slow
+cover n 2..40, |theta| <= 200, tau 0.01..5; the default run draws a few small cases.
 """
 
 import dataclasses
@@ -120,19 +120,20 @@ def test_unrepresentable_lengths_are_inf_and_extreme_rows_are_finite():
 
 
 # issue 23.2: |theta|/tau = 300, 1e3, 1e4 (logit gaps of up to 4e4: reduced rows e^{-10^4} of their scale)
+SLOW = pytest.mark.slow
 EXTREME_CASES = [
     (gf.Theta(46.2, 46.2, -46.2), 8, gf.ModelSpec(tau=0.2, mask_self=False)),  # the issue's NaN: J = 0.72789
     (gf.Theta(35.6, 0.0, -35.6), 3, gf.ModelSpec(tau=0.2, mask_self=False)),  # the issue's NaN gradient
-    pytest.param(gf.Theta(3.0, 2.0, -1.0), 6, gf.ModelSpec(tau=0.01), marks=pytest.mark.slow),  # 300
-    pytest.param(gf.Theta(3.0, 2.0, -1.0), 6, gf.ModelSpec(tau=0.003, mask_self=False), marks=pytest.mark.slow),  # 1e3
-    pytest.param(gf.Theta(3.0, 2.0, -1.0), 6, gf.ModelSpec(tau=0.0003, mask_self=False), marks=pytest.mark.slow),  # 1e4
-    pytest.param(gf.Theta(-1.0, 2.0, 3.0), 5, gf.ModelSpec(tau=0.0003, n_isolated=2), marks=pytest.mark.slow),  # 1e4, far weights dominate
-    pytest.param(gf.Theta(1.0, -2.0, 3.0), 5, gf.ModelSpec(tau=0.001, mask_self=False, n_isolated=1), marks=pytest.mark.slow),  # 3e3, negative couplings
-    pytest.param(gf.Theta(0.0, 800.0, 0.0, 1.0, -2.0), 4, gf.ModelSpec("softmax", tau=0.05), marks=pytest.mark.slow),  # softmax, beta >= 740
-    pytest.param(gf.Theta(3.0, -2.0, 1.0, 2.0, 0.5), 4, gf.ModelSpec("softmax", tau=0.0003, mask_self=False), marks=pytest.mark.slow),  # 1e4
-    pytest.param(gf.Theta(3.0, 2.0, -1.0), 30, gf.ModelSpec(tau=0.001), marks=pytest.mark.slow),  # 3e3, scan path
-    pytest.param(gf.Theta(-2.0, 3.0, 1.0), 12, gf.ModelSpec(tau=0.0003, mask_self=False), marks=pytest.mark.slow),  # 1e4
-    pytest.param(gf.Theta(1.0, 3.0, -2.0, 0.5, 1.0), 6, gf.ModelSpec("softmax", tau=0.001), marks=pytest.mark.slow),  # 3e3
+    pytest.param(gf.Theta(3.0, 2.0, -1.0), 6, gf.ModelSpec(tau=0.01), marks=SLOW),  # 300
+    pytest.param(gf.Theta(3.0, 2.0, -1.0), 6, gf.ModelSpec(tau=0.003, mask_self=False), marks=SLOW),  # 1e3
+    pytest.param(gf.Theta(3.0, 2.0, -1.0), 6, gf.ModelSpec(tau=0.0003, mask_self=False), marks=SLOW),  # 1e4
+    pytest.param(gf.Theta(-1.0, 2.0, 3.0), 5, gf.ModelSpec(tau=0.0003, n_isolated=2), marks=SLOW),  # 1e4, far weights dominate
+    pytest.param(gf.Theta(1.0, -2.0, 3.0), 5, gf.ModelSpec(tau=0.001, mask_self=False, n_isolated=1), marks=SLOW),
+    pytest.param(gf.Theta(0.0, 800.0, 0.0, 1.0, -2.0), 4, gf.ModelSpec("softmax", tau=0.05), marks=SLOW),  # softmax, beta >= 740
+    pytest.param(gf.Theta(3.0, -2.0, 1.0, 2.0, 0.5), 4, gf.ModelSpec("softmax", tau=0.0003, mask_self=False), marks=SLOW),  # 1e4
+    pytest.param(gf.Theta(3.0, 2.0, -1.0), 30, gf.ModelSpec(tau=0.001), marks=SLOW),  # 3e3, scan path
+    pytest.param(gf.Theta(-2.0, 3.0, 1.0), 12, gf.ModelSpec(tau=0.0003, mask_self=False), marks=SLOW),  # 1e4
+    pytest.param(gf.Theta(1.0, 3.0, -2.0, 0.5, 1.0), 6, gf.ModelSpec("softmax", tau=0.001), marks=SLOW),  # 3e3
 ]
 
 
@@ -203,8 +204,9 @@ def test_traced_code_keeps_float64_and_extended_is_a_static_choice():
     task = gf.ChainTask.uniform(6)
     xs = jnp.array([[0.3, 0.1, -0.2, 0, 0], [3.0, 2.0, -1.0, 0, 0], [-0.5, 0.4, 0.2, 0, 0]])
     run = lambda model: jax.vmap(jax.value_and_grad(lambda v: gf.expected_reward(gf.Theta.from_array(v), task, model)))(xs)
-    (values, grads), (ext_values, ext_grads) = run(gf.ModelSpec(tau=0.01, mask_self=False)), run(
-        gf.ModelSpec(tau=0.01, mask_self=False, numbers="extended")
+    (values, grads), (ext_values, ext_grads) = (
+        run(gf.ModelSpec(tau=0.01, mask_self=False)),
+        run(gf.ModelSpec(tau=0.01, mask_self=False, numbers="extended")),
     )
     assert np.isnan(values[1]) and np.all(np.isnan(grads[1]))  # never a wrong number, never a silent zero gradient
     assert np.all(np.isfinite(ext_values)) and np.all(np.isfinite(ext_grads))

@@ -70,6 +70,7 @@ def test_a_nan_gradient_raises_in_training():
         training.gradient_descent(params, lr=0.1, steps=3)
 
 
+@pytest.mark.slow
 def test_a_flow_that_is_nan_in_float64_is_solved_again_in_extended_numbers():
     """n = 3, Theta(35.6, 0, -35.6), self-loops (the issue's NaN gradient): float64's vector field is NaN at
     theta0, so the flow is solved again with ModelSpec(numbers="extended"); the trajectory keeps its config."""
