@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow import _extended as ext
+
 SMALL_SYSTEM = 4  # up to this many rows the elimination is written out in Python; above, sequential scans
 
 
@@ -172,7 +174,7 @@ def _solve_unrolled(excess, lower, upper, rhs):
     rho, sigma = s / pivot, upper / pivot
     rho_prev = jnp.concatenate([jnp.zeros_like(rho[..., :1]), rho[..., :-1]], axis=-1)
     t = _linear_recurrence(lower * rho_prev / s, rhs / s[..., None])
-    return _linear_recurrence(sigma, rho[..., None] * t, reverse=True), pivot
+    return _linear_recurrence(sigma, rho[..., None] * t, reverse=True), s
 
 
 def _factor_scan(excess, lower, upper, rhs):
@@ -220,9 +222,9 @@ def _lower_difference(lower, upper, x, rho, t):
 
 @jax.custom_jvp
 def _solve_scan(excess, lower, upper, rhs):
-    """(x, smallest pivot); the pivot is for the caller's range check only (zero tangent)."""
-    x, s, rho, *_ = _factor_scan(excess, lower, upper, rhs)
-    return x, jnp.min(s / rho, axis=-1)
+    """(x, smallest reduced excess); the latter is for the caller's range check only (zero tangent)."""
+    x, s, *_ = _factor_scan(excess, lower, upper, rhs)
+    return x, jnp.min(s, axis=-1)
 
 
 @_solve_scan.defjvp
@@ -235,16 +237,17 @@ def _solve_scan_jvp(primals, tangents):
     d_tx = d_exc[..., None] * x + d_lo[..., None] * _lower_difference(lower, upper, x, rho, t)
     d_tx = d_tx + d_up[..., None] * _upper_difference(upper, x, rho, t)
     t_dot = _linear_recurrence(omega, (d_rhs - d_tx) / s[..., None])
-    min_pivot = jnp.min(s / rho, axis=-1)
-    return (x, min_pivot), (_linear_recurrence(sigma, rho[..., None] * t_dot, reverse=True), jnp.zeros_like(min_pivot))
+    smallest = jnp.min(s, axis=-1)
+    return (x, smallest), (_linear_recurrence(sigma, rho[..., None] * t_dot, reverse=True), jnp.zeros_like(smallest))
 
 
 def gth_solve(excess, lower, upper, rhs):
-    """x = T^{-1} rhs for the row-scaled tridiagonal T above; returns (x, smallest pivot).
+    """x = T^{-1} rhs for the row-scaled tridiagonal T above; returns (x, smallest reduced excess).
 
-    The smallest pivot (in row units: each row's largest weight is 1) tells the caller whether float64
-    held the elimination: below ``TINY_PIVOT`` some reduced row fell under the float range and the result
-    must not be trusted.
+    The smallest reduced excess s (in row units: each row's largest weight is 1; every pivot is at least
+    its s) tells the caller whether float64 held the elimination: below ``TINY_PIVOT`` some reduced row fell
+    under the float range and the result must not be trusted; below ``TINY_FOR_DERIVATIVES`` its
+    derivatives (which divide by s^2) may not be.
 
     With s the reduced excesses, p = s + |upper| the pivots, rho = s / p, sigma = upper / p:
         t_k = rhs_k / s_k + (lower_k rho_{k-1} / s_k) t_{k-1}     (t = reduced rhs / reduced excess)
@@ -260,16 +263,17 @@ def gth_solve(excess, lower, upper, rhs):
         rhs (jax.Array): (..., N, k) the right-hand sides.
 
     Returns:
-        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest pivot, (...,) (no gradient).
+        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest reduced excess, (...,) (no gradient).
     """
     if excess.shape[-1] <= SMALL_SYSTEM:
-        x, pivot = _solve_unrolled(excess, lower, upper, rhs)
-        return x, jax.lax.stop_gradient(jnp.min(pivot, axis=-1))
+        x, s = _solve_unrolled(excess, lower, upper, rhs)
+        return x, jax.lax.stop_gradient(jnp.min(s, axis=-1))
     x, min_pivot = _solve_scan(excess, lower, upper, rhs)
     return x, jax.lax.stop_gradient(min_pivot)
 
 
-TINY_PIVOT = 1e-200
+TINY_PIVOT = 1e-200  # a reduced excess below this (in row units) and float64 cannot hold the elimination
+TINY_FOR_DERIVATIVES = 1e-150  # ... or its derivatives (they divide by s^2): ``gradflow.objective`` falls back below it
 
 
 def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
@@ -295,7 +299,7 @@ def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
             a bucket); None: all.
 
     Returns:
-        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest pivot of the elimination.
+        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest reduced excess of the elimination.
     """
     deg1 = np.asarray(deg1, dtype=bool)
     k = rhs.shape[-1]
@@ -343,9 +347,104 @@ def woodbury_gth_signed(excess, lower, upper, rhs, u, absorb, deg1):
         deg1 (np.ndarray): (N,) static bools, the transient vertices of degree 1.
 
     Returns:
-        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest pivot of the elimination.
+        solution (tuple[jax.Array, jax.Array]): x, (..., N, k), and the smallest reduced excess of the elimination.
     """
     k = rhs.shape[-1]
     parts = jnp.concatenate([jnp.maximum(rhs, 0.0), jnp.maximum(-rhs, 0.0)], axis=-1)
     x, min_pivot = woodbury_gth(excess, lower, upper, parts, u, absorb, deg1)
     return x[..., :k] - x[..., k:], min_pivot
+
+
+# --------------------------------------------------------------------------------------------------
+# The same solves in ``gradflow._extended`` numbers (the fallback where float64 cannot hold the rows)
+# --------------------------------------------------------------------------------------------------
+
+
+def _sweep(step, carry, rows, n_rows: int, reverse: bool = False):
+    """The outputs of ``step`` over rows (pytrees, rows on axis 0): written out for at most
+    ``SMALL_SYSTEM`` rows (JAX differentiates it directly), one ``lax.scan`` above (its step checkpointed:
+    reverse mode keeps the carries, not every intermediate: a value+grad's buffer at n = 1e5 95 -> 69 MB)."""
+    if n_rows > SMALL_SYSTEM:
+        return jax.lax.scan(jax.checkpoint(step, prevent_cse=False), carry, rows, reverse=reverse)[1]
+    outputs = [None] * n_rows
+    for k in range(n_rows - 1, -1, -1) if reverse else range(n_rows):
+        carry, outputs[k] = step(carry, jax.tree.map(lambda x, k=k: x[k], rows))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+
+
+def _eliminate(excess, lower, upper, rhs):
+    """x with rows on axis 0 (excess, lower, upper (N, ...), rhs (N, ..., k): ``Extended``), by the elimination
+    of ``gth_solve`` (one forward sweep for s and t, one backward sweep for x), differentiated directly."""
+    n_rows = excess.m.shape[0]
+    next_sign = jnp.concatenate([_unit_sign(lower.m[1:]), jnp.ones_like(lower.m[:1])])
+    flip = next_sign * _unit_sign(upper.m) < 0  # lower_{k+1} upper_k < 0
+    col = lambda x: ext.apply(lambda v: v[..., None], x)
+    one = ext.extended(jnp.ones_like(excess.m[0]))
+
+    def forward(carry, row):
+        tau_prev, rho_prev, t_prev = carry
+        exc, lo, up, fl, r = row
+        s = ext.add(exc, ext.mul(ext.magnitude(lo), tau_prev))
+        p = ext.add(s, ext.magnitude(up))
+        rho, sigma = ext.div(s, p), ext.div(up, p)
+        t = ext.add(ext.div(r, col(s)), ext.mul(col(ext.div(ext.mul(lo, rho_prev), s)), t_prev))
+        tau = ext.where(fl, ext.add(one, ext.div(ext.magnitude(up), p)), rho)
+        return (tau, rho, t), (rho, sigma, t)
+
+    start = (ext.zeros(excess.m.shape[1:]), ext.zeros(excess.m.shape[1:]), ext.zeros(rhs.m.shape[1:]))
+    rho, sigma, t = _sweep(forward, start, (excess, lower, upper, flip, rhs), n_rows)
+
+    def backward(x_next, row):
+        rho_k, sigma_k, t_k = row
+        x = ext.add(ext.mul(col(rho_k), t_k), ext.mul(col(sigma_k), x_next))
+        return x, x
+
+    return _sweep(backward, ext.zeros(rhs.m.shape[1:]), (rho, sigma, t), n_rows, reverse=True)
+
+
+def _solve_extended(excess, lower, upper, rhs):
+    """``gth_solve`` in ``Extended`` numbers, rows on axis -1 (-2 for rhs): x as an ``Extended``."""
+    batch = jnp.broadcast_shapes(excess.m.shape[:-1], lower.m.shape[:-1], upper.m.shape[:-1], rhs.m.shape[:-2])
+    n_rows, k = excess.m.shape[-1], rhs.m.shape[-1]
+    rows_first = lambda x: ext.apply(lambda v: jnp.moveaxis(jnp.broadcast_to(v, batch + (n_rows,)), -1, 0), x)
+    rhs = ext.apply(lambda v: jnp.moveaxis(jnp.broadcast_to(v, batch + (n_rows, k)), -2, 0), rhs)
+    x = _eliminate(rows_first(excess), rows_first(lower), rows_first(upper), rhs)
+    return ext.apply(lambda v: jnp.moveaxis(v, 0, -2), x)
+
+
+def gth_solve_extended(excess, lower, upper, rhs):
+    """``gth_solve`` for ``gradflow._extended.Extended`` rows: x as floats (0 or +-inf beyond float64's range),
+    at any logit gap (no pivot leaves the range)."""
+    return ext.to_float(_solve_extended(excess, lower, upper, rhs))
+
+
+def woodbury_gth_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
+    """``woodbury_gth`` for ``gradflow._extended.Extended`` rows (right-hand sides of either sign: each solved
+    by its two positive parts, as ``woodbury_gth_signed``): x as floats."""
+    deg1 = np.asarray(deg1, dtype=bool)
+    k = rhs.m.shape[-1]
+    positive, negative = (ext.Extended(jnp.maximum(sign * rhs.m, 0.0), rhs.e) for sign in (1.0, -1.0))
+    batch = jnp.broadcast_shapes(rhs.m.shape[:-1], u.m.shape[:-1], absorb.m.shape)
+    widen = lambda x: ext.apply(lambda v: jnp.broadcast_to(v, batch + v.shape[-1:]), x)
+    columns = [widen(positive), widen(negative), widen(u), widen(ext.apply(lambda v: v[..., None], absorb))]
+    z = _solve_extended(excess, lower, upper, ext.concatenate(columns, -1))
+    part = lambda lo, hi: ext.apply(lambda v: v[..., lo:hi], z)
+    z_r, z_u0, z_u1, z_a = part(0, 2 * k), part(2 * k, 2 * k + 1), part(2 * k + 1, 2 * k + 2), part(2 * k + 2, 2 * k + 3)
+    v1, v2 = (deg1, ~deg1) if valid is None else (deg1 & valid, ~deg1 & valid)
+    rows_of = lambda x, mask: ext.total(ext.where(mask[:, None], x, ext.zeros(x.m.shape)), axis=-2)  # (..., cols)
+    c1, c2 = jnp.sum(v1), jnp.sum(v2)
+    a1, a2 = rows_of(z_a, v1), rows_of(z_a, v2)
+    vr1, vr2 = rows_of(z_r, v1), rows_of(z_r, v2)
+    lift = lambda x: ext.apply(lambda v: v[..., None, :], x)  # (..., cols) -> (..., 1, cols): over the rows
+    rank1 = ext.add(z_r, ext.mul(z_u0, lift(ext.div(vr1, ext.scale(a1, 1.0 / c1)))))  # C = 1 - K_11 = alpha_1 / c_1
+    c2_safe = jnp.maximum(c2, 1)  # without degree-2 rows the rank-2 branch must stay finite
+    k12, k21 = rows_of(z_u1, v1), rows_of(z_u0, v2)
+    c11 = ext.scale(ext.add(a1, ext.scale(k12, c2)), 1.0 / c1)
+    c22 = ext.scale(ext.add(a2, ext.scale(k21, c1)), 1.0 / c2_safe)
+    det = ext.add(ext.add(ext.mul(a1, a2), ext.scale(ext.mul(a1, k21), c1)), ext.scale(ext.mul(a2, k12), c2))
+    det = ext.where(c2 > 0, ext.scale(det, 1.0 / (c1 * c2_safe)), ext.Extended(jnp.ones_like(det.m), jnp.zeros_like(det.e)))
+    w1 = ext.div(ext.add(ext.mul(c22, vr1), ext.mul(k12, vr2)), det)
+    w2 = ext.div(ext.add(ext.mul(k21, vr1), ext.mul(c11, vr2)), det)
+    rank2 = ext.add(z_r, ext.add(ext.mul(z_u0, lift(w1)), ext.mul(z_u1, lift(w2))))
+    x = ext.to_float(ext.where(c2 > 0, rank2, rank1))
+    return x[..., :k] - x[..., k:]

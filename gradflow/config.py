@@ -23,7 +23,7 @@ from gradflow import readouts, schedules
 from gradflow._checks import as_float_array, check_choice, check_int, check_positive, is_concrete, optional_float_array
 from gradflow.ceilings import closed_form_ceiling, reward_ceiling_warning
 from gradflow.integrator import AUTO, SOLVER_CHOICES, flow_clock, resolve_solver
-from gradflow.model import ModelSpec, Theta, default_theta0, orbit_sizes
+from gradflow.model import ModelSpec, Theta, default_theta0, orbit_sizes, with_extended_numbers
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask
 
@@ -632,6 +632,13 @@ def _task_from_dict(d, name: str) -> ChainTask:
     if unknown:
         raise ValueError(f"{name}: unknown key(s) {unknown}")
     return ChainTask(d["n"], d["start_probs"])
+
+
+def extended_config(params: FlowParams) -> FlowParams | None:
+    """The config with its closed forms in extended numbers (``model.with_extended_numbers``): what a solve or a
+    training run runs again where float64 gave a NaN; None where the model has them already or they do not reach it."""
+    model = with_extended_numbers(params.model)
+    return None if model is None else params.replace(model=model)
 
 
 def _model_dict(model: ModelSpec) -> dict:

@@ -62,6 +62,7 @@ from gradflow.config import (
     config_hash,
     config_label,
     default_theta0,
+    extended_config,
     stop_at_refusal,
 )
 from gradflow.integrator import (
@@ -583,6 +584,16 @@ def _nonfinite_save(out) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
+def _not_finite(out) -> bool:
+    """Whether a solve failed by a NaN or infinite reward or vector field (what extended numbers may mend)."""
+    return _nonfinite_save(out) is not None or not bool(out.field_finite)
+
+
+def _also_extended(message: str, extended_message: str) -> str:
+    """The reason of a solve that failed in float64 numbers and again in extended ones (``extended_config``)."""
+    return f"{extended_message} (solved again with ModelSpec(numbers='extended') after float64 numbers failed: {message})"
+
+
 def failure_message(params: FlowParams, out) -> str | None:
     """What went wrong in a solve, or None when it succeeded.
 
@@ -753,17 +764,29 @@ def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
         raise ValueError(f"flow_params must be a gradflow.FlowParams, got {type(flow_params).__name__}")
     check_levels(flow_params)
     label = config_label(flow_params)
-    out, stats = _host_solve(flow_params if progress else _early(flow_params), progress)
-    if not progress and _ran_out_early(flow_params, out):
-        message, hopeless = _outlook(flow_params, out, stats["run_seconds"])
-        if hopeless:
-            raise RuntimeError(f"{label}: {_early_failure(message, flow_params)}")
-        warnings.warn(f"{label}: {message}; solving again up to max_steps={flow_params.max_steps:,}", stacklevel=2)
-        out, stats = _host_solve(flow_params, progress)
+    out, stats = _simulated(flow_params, progress, label)
     message = failure_message(flow_params, out)
+    extended = extended_config(flow_params) if message is not None and _not_finite(out) else None
+    if extended is not None:  # a NaN in float64 numbers: the same flow with the extended closed form
+        out, stats = _simulated(extended, progress, label)
+        stats["numbers"] = "extended"
+        again = failure_message(extended, out)
+        message = None if again is None else _also_extended(message, again)
     if message is not None:
         raise RuntimeError(f"{label}: {message}")
     return _trajectory(flow_params, out, stats)
+
+
+def _simulated(params: FlowParams, progress: bool, label: str) -> tuple:
+    """``_host_solve`` of one config after an early solve (``_early``): raises when it is going to run out of steps."""
+    out, stats = _host_solve(params if progress else _early(params), progress)
+    if not progress and _ran_out_early(params, out) and not _not_finite(out):  # a NaN: failure_message says so
+        message, hopeless = _outlook(params, out, stats["run_seconds"])
+        if hopeless:
+            raise RuntimeError(f"{label}: {_early_failure(message, params)}")
+        warnings.warn(f"{label}: {message}; solving again up to max_steps={params.max_steps:,}", stacklevel=3)
+        out, stats = _host_solve(params, progress)
+    return out, stats
 
 
 def _host_solve(params: FlowParams, progress: bool) -> tuple:
@@ -864,31 +887,51 @@ def simulate_many(
     for index, cfg in enumerate(configs):
         if isinstance(cfg, FlowParams):
             check_levels(cfg, index)
+    outs, stats, reasons = _batch_solved(configs, progress, devices)
+    messages = {index: reasons.get(index) or failure_message(cfg, outs[index]) for index, cfg in enumerate(configs)}
+    extended = {
+        index: extended_config(configs[index])
+        for index, message in messages.items()
+        if message is not None and index not in reasons and _not_finite(outs[index])
+    }
+    extended = {index: cfg for index, cfg in extended.items() if cfg is not None}
+    again_stats = stats
+    if extended:  # NaN members in float64 numbers: solved again, in a batch of their own, in extended numbers
+        again, again_stats, again_reasons = _batch_solved(list(extended.values()), progress, devices)
+        for row, (index, cfg) in enumerate(extended.items()):
+            outs[index] = again[row]
+            message = again_reasons.get(row) or failure_message(cfg, again[row])
+            messages[index] = None if message is None else _also_extended(messages[index], message)
+    results = []
+    for index, cfg in enumerate(configs):
+        one, message = outs[index], messages[index]
+        if message is None:
+            results.append(_trajectory(cfg, one, again_stats | {"numbers": "extended"} if index in extended else stats))
+        elif on_error == "report":
+            results.append(_failure(index, cfg, message))
+        else:
+            raise RuntimeError(str(_failure(index, cfg, message)))
+    return results
+
+
+def _batch_solved(configs: list[FlowParams], progress: bool, devices) -> tuple[list, dict, dict]:
+    """``_host_batch`` of configs after an early solve (``_early``): each member's Solution, the batch's stats, and
+    {index: reason} of the members that are going to run out of steps (the others that ran out are solved again)."""
     outs, stats = _host_batch([cfg if progress else _early(cfg) for cfg in configs], progress, devices)
     reasons, again = {}, []
     for index, cfg in enumerate(configs):  # members that ran out of early steps: hopeless, or solved again in full
-        if not progress and _ran_out_early(cfg, outs[index]):
+        if not progress and _ran_out_early(cfg, outs[index]) and not _not_finite(outs[index]):
             message, hopeless = _outlook(cfg, outs[index], stats["run_seconds"])
             if hopeless:
                 reasons[index] = _early_failure(message, cfg)
             else:
                 again.append(index)
                 note = f"configs[{index}] ({config_label(cfg)}): {message}; solving it again up to max_steps"
-                warnings.warn(note, stacklevel=2)
+                warnings.warn(note, stacklevel=3)
     if again:
         for index, out in zip(again, _host_batch([configs[i] for i in again], progress, devices)[0]):
             outs[index] = out
-    results = []
-    for index, cfg in enumerate(configs):
-        one = outs[index]
-        message = reasons.get(index) or failure_message(cfg, one)
-        if message is None:
-            results.append(_trajectory(cfg, one, stats))
-        elif on_error == "report":
-            results.append(_failure(index, cfg, message))
-        else:
-            raise RuntimeError(str(_failure(index, cfg, message)))
-    return results
+    return outs, stats, reasons
 
 
 def _host_batch(configs: list[FlowParams], progress: bool, devices) -> tuple[list, dict]:
@@ -937,10 +980,7 @@ def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
     for index, cfg in enumerate(lean):
         groups.setdefault(structure_key(cfg), []).append(index)
     for indices in groups.values():
-        batch = stack_configs([lean[i] for i in indices])
-        solution = jax.device_get(solve_many(batch))
-        for row, index in enumerate(indices):
-            one = jax.tree_util.tree_map(lambda v, row=row: v[row], solution)
+        for index, one in zip(indices, _lean_solutions([lean[i] for i in indices])):
             cfg = configs[index]
             message = failure_message(cfg, one)
             if message is not None:
@@ -951,6 +991,20 @@ def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
             elif bool(one.event_reached[cfg.stop_at]):
                 out[index] = float(one.event_times[cfg.stop_at])
     return out
+
+
+def _lean_solutions(configs: list[FlowParams]) -> list:
+    """Each member's Solution of configs of one structure, solved as one batch; the members with a NaN in
+    float64 numbers solved again in extended numbers (``extended_config``), in a batch of their own."""
+    solution = jax.device_get(solve_many(stack_configs(configs)))
+    outs = [jax.tree_util.tree_map(lambda v, row=row: v[row], solution) for row in range(len(configs))]
+    bad = [row for row, one in enumerate(outs) if failure_message(configs[row], one) is not None and _not_finite(one)]
+    extended = {row: extended_config(configs[row]) for row in bad}
+    extended = {row: cfg for row, cfg in extended.items() if cfg is not None}
+    if extended:
+        for row, one in zip(extended, _lean_solutions(list(extended.values()))):
+            outs[row] = one
+    return outs
 
 
 def _shard(batch: FlowParams, size: int, devices: list) -> FlowParams:

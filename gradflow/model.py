@@ -13,6 +13,7 @@ elsewhere (the fixed V is sigma = rho = 1, omega = mu = nu = 0).  Its closed for
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx
@@ -27,6 +28,7 @@ from gradflow.task import ChainTask, PaddedTask
 
 ATTENTION_KINDS = ("linear", "softmax")
 CONTEXTS = ("prompt", "history")
+NUMBER_KINDS = ("float64", "extended")
 VALUE_KINDS = ("fixed", "trained")
 ATTENTION_FIELDS = ("alpha", "beta", "gamma", "eta", "delta")
 VALUE_FIELDS = ("sigma", "rho", "omega", "mu", "nu")
@@ -44,6 +46,11 @@ class ModelSpec(eqx.Module):
     max_len: None (rollouts run until a terminal, default) or the maximum number of generated tokens
     (an int >= 1; self-loops count): reward 1 iff the start's own terminal is written within max_len
     tokens (docs/THEORY.md §7; closed form in ``gradflow.capped``).
+    numbers: the numbers of the uncapped closed form's solves: "float64" (default; NaN where a row-scaled
+    elimination leaves float64's range, logit gaps of a few hundred) or "extended" (float64 digits with an
+    unbounded exponent, ``gradflow._extended``: finite at any logit gap, several times slower; its own
+    compiled program).  The eager public functions and the flows take "extended" by themselves where
+    "float64" gave a NaN; under a user's jit/vmap/grad pick it here.
     """
 
     attention: str = eqx.field(static=True, default="linear")
@@ -53,8 +60,15 @@ class ModelSpec(eqx.Module):
     context: str = eqx.field(static=True, default="prompt")
     max_len: int | None = eqx.field(static=True, default=None)
     values: str = eqx.field(static=True, default="fixed")
+    numbers: str = eqx.field(static=True, default="float64")
 
     def __check_init__(self):
+        check_choice("numbers", self.numbers, NUMBER_KINDS)
+        if self.numbers == "extended" and not _extended_reaches(self):
+            raise ValueError(
+                "numbers='extended' covers the uncapped closed form with V fixed only (max_len=None, values='fixed'), "
+                f"got max_len={self.max_len!r}, values={self.values!r}"
+            )
         check_choice("values", self.values, VALUE_KINDS)
         if self.max_len is not None:
             check_int("max_len", self.max_len, 1)
@@ -64,6 +78,19 @@ class ModelSpec(eqx.Module):
         check_choice("context", self.context, CONTEXTS)
         if not isinstance(self.mask_self, bool):
             raise ValueError(f"mask_self must be True or False, got {self.mask_self!r}")
+
+
+def _extended_reaches(model: ModelSpec) -> bool:
+    """Whether ``numbers="extended"`` reaches the model's closed form (uncapped, V fixed)."""
+    return model.max_len is None and model.values == "fixed"
+
+
+def with_extended_numbers(model: ModelSpec) -> ModelSpec | None:
+    """The model with numbers="extended" (``ModelSpec.numbers``), or None where it has them already or they do
+    not reach its closed form (a cap, V trained)."""
+    if model.numbers == "extended" or not _extended_reaches(model):
+        return None
+    return dataclasses.replace(model, numbers="extended")
 
 
 class Theta(eqx.Module):

@@ -24,15 +24,20 @@ local one) T stays strictly diagonally dominant and the cancellations are bounde
 1e-12 or better in the tests).  J is read from e near 1/2, from q near 1 and from h near 0, so
 J - 1/2, 1 - J and J keep their leading digits and so do their gradients (JAX differentiates the
 plain jax.numpy solve, any order, both modes).  An expected length above 1e300 is returned as inf.
-A row-scaled elimination that leaves float64 (a reduced row below 1e-200 of its row's scale: logit
-gaps of several hundred, e.g. |theta|/tau > ~300) returns NaN: never a wrong finite number.
+Where the row-scaled float64 elimination cannot hold a solve or its derivatives (a reduced row below
+1e-150 of its row's scale: logit gaps of a few hundred) the value and every derivative are NaN, never a
+wrong number.  ``ModelSpec(numbers="extended")`` solves the same rows in ``gradflow._extended`` numbers
+(float64 digits, any exponent): finite at any logit gap, a separate compiled program.  The eager public
+functions fall back to it on the host where float64 gave a NaN (``finite_or_extended``); a float64
+program holds no extended code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -40,8 +45,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import capped, two_matrix
-from gradflow._linalg import SMALL_SYSTEM, TINY_PIVOT, gth_solve, woodbury_gth, woodbury_gth_signed  # noqa: F401
-from gradflow.model import ModelSpec, RowLogits, Theta, chain_a_logits, row_log_total, row_logits, row_scores
+from gradflow._extended import EXTENDED, FLOAT, Numbers
+from gradflow._linalg import (  # noqa: F401
+    SMALL_SYSTEM,
+    TINY_FOR_DERIVATIVES,
+    TINY_PIVOT,
+    gth_solve,
+    gth_solve_extended,
+    woodbury_gth,
+    woodbury_gth_extended,
+    woodbury_gth_signed,
+)
+from gradflow.model import (
+    ModelSpec,
+    RowLogits,
+    Theta,
+    chain_a_logits,
+    row_log_total,
+    row_logits,
+    row_scores,
+    with_extended_numbers,
+)
 from gradflow.policy import distinct_rows, distinct_rows_traced
 from gradflow.task import ChainTask, PaddedTask
 
@@ -88,16 +112,18 @@ def _one_minus_exp_jvp(primals, tangents):
     return _one_minus_exp(d), jnp.exp(-d) * d_dot
 
 
-def _diff_exp(x, y, top):
+def _diff_exp(x, y, top, numbers: Numbers = FLOAT):
     """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (1 - e^{-|x - y|} on either side)."""
     d = x - y
     up = d >= 0
     d_up, d_down = jnp.where(up, d, 0.0), jnp.where(up, 0.0, -d)
-    return jnp.where(up, jnp.exp(x - top) * _one_minus_exp(d_up), -(jnp.exp(y - top) * _one_minus_exp(d_down)))
+    fraction = jnp.where(up, _one_minus_exp(d_up), -_one_minus_exp(d_down))  # of the larger weight, signed
+    return numbers.scale(numbers.exp(jnp.where(up, x, y) - top), fraction)
 
 
 class _Scaled(eqx.Module):
-    """One system's rows, each divided by exp(top) (its largest logit): the inputs of the solves."""
+    """One system's rows, each divided by exp(top) (its largest logit): the inputs of the solves, in float64
+    or (the fallback) ``gradflow._extended.Extended`` numbers; ``top`` is always a float."""
 
     excess: jnp.ndarray  # absolute excess (positive sum)
     lower: jnp.ndarray  # c_pred (0 in the first row)
@@ -112,15 +138,17 @@ class _Scaled(eqx.Module):
     top: jnp.ndarray  # the row's scale: its largest logit (no gradient)
 
 
-def _scale_rows(rows: RowLogits) -> _Scaled:
+def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
     """The scaled row quantities of docs/THEORY.md §3.3 for the chain-a rows given (any broadcast shape).
 
     With W = 2 e^g + (n-2) e^{2g} (one chain's far weights), m isolated vertices, Y the isolated row's
     W: diag = 2W + m + c_succ + c_pred, and the absolute excess diag - |c_succ| - |c_pred| becomes a
     positive sum by removing the far weight of a neighbour whose coupling is negative and adding its
     local weight twice.  The last row's successor a_n absorbs (its coupling goes to the rhs).
+    ``numbers``: float64 (``FLOAT``), or ``EXTENDED`` (no underflow at any logit gap).
     """
     n, m = rows.n, rows.n_isolated
+    add, scale, where = numbers.add, numbers.scale, numbers.where
     g = rows.g
     shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in rows[:8]))
     bc = lambda x: jnp.broadcast_to(x, shape)
@@ -142,7 +170,8 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     if rows.self_present:
         cands.append(self_)
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
-    ex = lambda logit: jnp.exp(logit - top)
+    ex = lambda logit: numbers.exp(logit - top)
+    none = numbers.zeros(shape)
 
     # isolated detours: an isolated vertex returns to chain vertex v with prob. e^{g_iso deg v} / (2Y)
     g_iso = jnp.broadcast_to(rows.g_iso, shape)
@@ -151,16 +180,16 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
         jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(jnp.maximum(n - 2, 1))),
         jnp.log(4.0) + g_iso,
     )
-    iso1 = m * jnp.exp(g_iso - log_2y - top) if m else jnp.zeros(shape)  # isolated share on a deg-1 vertex
-    iso2 = m * jnp.exp(2.0 * g_iso - log_2y - top) if m else jnp.zeros(shape)  # ... on a deg-2 vertex
+    iso1 = scale(ex(g_iso - log_2y), m) if m else none  # isolated share on a deg-1 vertex
+    iso2 = scale(ex(2.0 * g_iso - log_2y), m) if m else none  # ... on a deg-2 vertex
     if isinstance(interior, bool):
-        e_g2 = ex(2.0 * g) if interior else jnp.zeros(shape)
+        e_g2 = ex(2.0 * g) if interior else none
     else:
-        e_g2 = jnp.where(interior, ex(jnp.where(interior, 2.0 * g, top)), 0.0)
-    e_g, e_m = ex(g), (m * ex(jnp.zeros(shape)) if m else jnp.zeros(shape))
+        e_g2 = where(interior, ex(jnp.where(interior, 2.0 * g, top)), none)
+    e_g, e_m = ex(g), (scale(ex(jnp.zeros(shape)), m) if m else none)
 
-    c_succ = jnp.where(last, 0.0, _diff_exp(succ, base_succ, top))
-    c_pred = jnp.where(has_pred, _diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top), 0.0)
+    c_succ = where(last, none, _diff_exp(succ, base_succ, top, numbers))
+    c_pred = where(has_pred, _diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top, numbers), none)
     neg_s = (~last) & (succ < base_succ)
     neg_p = has_pred & (pred < base_pred)
 
@@ -168,28 +197,26 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
     # the last row: 2W + m - far(a_n) + succ (+ the same pred correction)
     n1 = 4.0 - jnp.where(last, 1.0, 2.0 * pres(neg_s & d1s)) - 2.0 * pres(neg_p & d1p)
     n2 = 2.0 * (n - 2) - 2.0 * pres(neg_s & ~d1s) - 2.0 * pres(neg_p & ~d1p)
-    excess = (
-        n1 * e_g
-        + n2 * e_g2
-        + e_m
-        + jnp.where(last, 1.0, 2.0 * pres(neg_s)) * ex(succ)
-        + 2.0 * pres(neg_p) * ex(jnp.where(has_pred, pred, top))
-    )
+    pred_or_top = jnp.where(has_pred, pred, top)
+    excess = add(add(add(scale(e_g, n1), scale(e_g2, n2)), e_m), scale(ex(succ), jnp.where(last, 1.0, 2.0 * pres(neg_s))))
+    excess = add(excess, scale(ex(pred_or_top), 2.0 * pres(neg_p)))
 
-    half_w = e_g + 0.5 * (n - 2) * e_g2  # W / 2
-    rhs_q = 2.0 * half_w + 0.5 * e_m
-    to_own = ex(succ) + iso1  # eff. weight into a_n from the last row (actual succ + isolated detour)
-    rhs_h = jnp.where(last, (e_g + (n - 2) * e_g2) + ex(succ) + 0.5 * e_m, rhs_q)
-    rhs_e = jnp.where(last, 0.5 * _diff_exp(succ, g, top), 0.0)
+    half_w = add(e_g, scale(e_g2, 0.5 * (n - 2)))  # W / 2
+    rhs_q = add(scale(half_w, 2.0), scale(e_m, 0.5))
+    to_own = add(ex(succ), iso1)  # eff. weight into a_n from the last row (actual succ + isolated detour)
+    rhs_h = where(last, add(add(add(e_g, scale(e_g2, n - 2)), ex(succ)), scale(e_m, 0.5)), rhs_q)
+    rhs_e = where(last, scale(_diff_exp(succ, g, top, numbers), 0.5), none)
 
     # cost: Z_u (all weights, self included when present) + m Z_iso / (2Y), Z_iso = 2Y + m - 1 + [self]
-    cost = ex(succ) + pres(has_pred) * ex(jnp.where(has_pred, pred, top)) + bc(rows.far1) * e_g + bc(rows.far2) * e_g2 + e_m
+    cost = add(add(ex(succ), scale(ex(pred_or_top), pres(has_pred))), scale(e_g, bc(rows.far1)))
+    cost = add(add(cost, scale(e_g2, bc(rows.far2))), e_m)
     if rows.self_present:
-        cost = cost + ex(self_)
+        cost = add(cost, ex(self_))
     if m:
         extra = m - 1 + (1 if rows.self_present else 0)
-        cost = cost + e_m + (m * extra * jnp.exp(-log_2y - top) if extra else 0.0)
-    return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, e_g + iso1, e_g2 + iso2, to_own, cost, top)
+        cost = add(cost, e_m)
+        cost = add(cost, scale(ex(-log_2y), m * extra)) if extra else cost
+    return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, add(e_g, iso1), add(e_g2, iso2), to_own, cost, top)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,12 +224,21 @@ def _scale_rows(rows: RowLogits) -> _Scaled:
 # --------------------------------------------------------------------------------------------------
 
 
+@jax.custom_jvp
 def _check_pivot(min_pivot, values):
-    """NaN where float64 could not hold the elimination (see ``_linalg.TINY_PIVOT``): never a wrong number."""
-    return jnp.where(min_pivot >= TINY_PIVOT, values, jnp.nan)
+    """NaN where float64 could not hold the elimination or its derivatives (``_linalg.TINY_FOR_DERIVATIVES``),
+    in the value and in every derivative: never a wrong number, never a silent zero gradient
+    (``finite_or_extended`` then takes the extended numbers)."""
+    return jnp.where(min_pivot >= TINY_FOR_DERIVATIVES, values, jnp.nan)
 
 
-def _linear_rows(theta: Theta, n, model: ModelSpec, rows: int | None = None) -> _Scaled:
+@_check_pivot.defjvp
+def _check_pivot_jvp(primals, tangents):
+    min_pivot, values = primals
+    return _check_pivot(min_pivot, values), tangents[1] * jnp.where(min_pivot >= TINY_FOR_DERIVATIVES, 1.0, jnp.nan)
+
+
+def _linear_rows(theta: Theta, n, model: ModelSpec, rows: int | None = None, numbers: Numbers = FLOAT) -> _Scaled:
     """The scaled rows a_1..a_{n-1} under linear attention, each kind of row (``distinct_rows``: at most
     four) scaled once and gathered: O(1) exponentials at any n, O(n) arithmetic.
 
@@ -212,36 +248,54 @@ def _linear_rows(theta: Theta, n, model: ModelSpec, rows: int | None = None) -> 
         positions, kind = distinct_rows(n)
     else:
         positions, kind, valid = distinct_rows_traced(n, rows)
-    distinct = _scale_rows(row_logits(row_scores(theta, n, model), n, model, positions))
+    distinct = _scale_rows(row_logits(row_scores(theta, n, model), n, model, positions), numbers)
     if rows is None:
         return jax.tree_util.tree_map(lambda x: x[kind], distinct)
     # a traced kind: selects, not a gather (a batched gather, and its scatter-add transpose, cost 5x the rows)
-    pick = lambda x, fill: jnp.select([valid & (kind == k) for k in range(4)], [x[k] for k in range(4)], fill)
-    no_op = jax.tree_util.tree_map(lambda x: pick(x, 0.0), distinct)
-    return dataclasses.replace(no_op, excess=pick(distinct.excess, 1.0))
+    pick = lambda x: jnp.select([valid & (kind == k) for k in range(4)], [x[k] for k in range(4)], 0.0)
+    no_op = jax.tree_util.tree_map(pick, distinct)
+    return dataclasses.replace(no_op, excess=numbers.where(valid, no_op.excess, numbers.exp(jnp.zeros(rows))))
 
 
-def _linear_probabilities(theta: Theta, n, model: ModelSpec, rows: int | None = None):
+def _tridiagonal(t, rhs, numbers: Numbers):
+    """``gth_solve`` of the rows t = (excess, lower, upper), NaN where float64 could not hold it; or in
+    ``EXTENDED`` numbers."""
+    if numbers is EXTENDED:
+        return gth_solve_extended(*t, rhs)
+    x, min_pivot = gth_solve(*t, rhs)
+    return _check_pivot(min_pivot, x)
+
+
+def _woodbury(t, rhs, u, absorb, deg1, valid=None, signed: bool = False, numbers: Numbers = FLOAT):
+    """``woodbury_gth`` (``signed``: ``woodbury_gth_signed``) of the rows t = (excess, lower, upper), NaN where
+    float64 could not hold it; or in ``EXTENDED`` numbers (either sign)."""
+    if numbers is EXTENDED:
+        return woodbury_gth_extended(*t, rhs, u, absorb, deg1, valid)
+    solve = woodbury_gth_signed if signed else woodbury_gth
+    x, min_pivot = solve(*t, rhs, u, absorb, deg1, *([] if valid is None else [valid]))
+    return _check_pivot(min_pivot, x)
+
+
+def _linear_probabilities(theta: Theta, n, model: ModelSpec, rows: int | None = None, numbers: Numbers = FLOAT):
     """(h, q, e) on chain a, positions 1..n-1 (linear attention): one tridiagonal, three columns
     (``rows``: a bucket's row slots for a traced n, the slots past n - 1 giving 0)."""
-    s = _linear_rows(theta, n, model, rows)
-    x, min_pivot = gth_solve(s.excess, s.lower, s.upper, jnp.stack([s.rhs_h, s.rhs_q, s.rhs_e], -1))
-    x = _check_pivot(min_pivot, x)
+    s = _linear_rows(theta, n, model, rows, numbers)
+    x = _tridiagonal((s.excess, s.lower, s.upper), numbers.stack([s.rhs_h, s.rhs_q, s.rhs_e], -1), numbers)
     return x[:, 0], x[:, 1], x[:, 2]
 
 
-def _linear_length(theta: Theta, n, model: ModelSpec, rows: int | None = None):
+def _linear_length(theta: Theta, n, model: ModelSpec, rows: int | None = None, numbers: Numbers = FLOAT):
     """Expected tokens to absorption from a_i (= from b_i), linear attention: folded rank-2 Woodbury
     (``rows``: a bucket's row slots for a traced n, the slots past n - 1 giving 0)."""
-    s = _linear_rows(theta, n, model, rows)
+    s = _linear_rows(theta, n, model, rows, numbers)
     slots = n - 1 if rows is None else rows
     last = jnp.arange(slots) == n - 2
-    absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)  # into a_n and b_n
-    u = 2.0 * jnp.stack([s.far1, s.far2], -1)  # folded: the b chain's far targets count too
+    absorb = numbers.where(last, numbers.add(s.far1, s.to_own), numbers.scale(s.far1, 2.0))  # into a_n and b_n
+    u = numbers.scale(numbers.stack([s.far1, s.far2], -1), 2.0)  # folded: the b chain's far targets count too
     deg1 = np.arange(slots) == 0
     valid = None if rows is None else jnp.arange(slots) < n - 1
-    x, min_pivot = woodbury_gth(s.excess, s.lower, s.upper, s.cost[:, None], u, absorb, deg1, valid)
-    return _check_pivot(min_pivot, x[:, 0])
+    cost = numbers.apply(lambda v: v[:, None], s.cost)
+    return _woodbury((s.excess, s.lower, s.upper), cost, u, absorb, deg1, valid, numbers=numbers)[:, 0]
 
 
 class ChainSystem(NamedTuple):
@@ -250,7 +304,8 @@ class ChainSystem(NamedTuple):
 
     scaled: the row quantities of docs/THEORY.md §3.1, fields (2, n-1); own, other (2, n-1): each row's rate
     into a_n and into b_n; absorb (2(n-1),): into either; u (2(n-1), 2): weight on each degree-1 and
-    degree-2 transient vertex; deg1 (2(n-1),): static, the rows of a degree-1 vertex (a_1, b_1).
+    degree-2 transient vertex; deg1 (2(n-1),): static, the rows of a degree-1 vertex (a_1, b_1).  Floats, or
+    ``gradflow._extended.Extended`` numbers (``numbers=EXTENDED``).
     """
 
     scaled: _Scaled
@@ -261,12 +316,12 @@ class ChainSystem(NamedTuple):
     deg1: np.ndarray
 
 
-def _flat(x, n: int):
+def _flat(x, n: int, numbers: Numbers = FLOAT):
     """(2, n-1) (or broadcastable) -> (2(n-1),): chain a then chain b."""
-    return jnp.broadcast_to(x, (2, n - 1)).reshape(-1)
+    return numbers.apply(lambda v: jnp.broadcast_to(v, (2, n - 1)).reshape(-1), x)
 
 
-def chain_system(theta: Theta, n: int, model: ModelSpec, start) -> ChainSystem:
+def chain_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT) -> ChainSystem:
     """The ``ChainSystem`` of the policy's rows for one start (``start`` only matters for softmax).
 
     Args:
@@ -274,50 +329,53 @@ def chain_system(theta: Theta, n: int, model: ModelSpec, start) -> ChainSystem:
         n: the chain length.
         model: the model.
         start (int | jax.Array): the start position i of a_i (1..n-1).
+        numbers: float64 (``FLOAT``) or ``EXTENDED`` (the fallback: no underflow at any logit gap).
 
     Returns:
         The ``ChainSystem`` (scaled rows, absorption and low-rank parts) of the 2(n-1) chain rows.
     """
     rows = row_logits(row_scores(theta, n, model, start=start), n, model)
-    s = _scale_rows(rows)  # fields (2, n-1)
+    s = _scale_rows(rows, numbers)  # fields (2, n-1)
+    where, apply = numbers.where, numbers.apply
     last = np.arange(n - 1) == n - 2
-    absorb = jnp.where(last, s.far1 + s.to_own, 2.0 * s.far1)
-    far1 = jnp.broadcast_to(s.far1, (2, n - 1))
-    to_own = jnp.broadcast_to(s.to_own, (2, n - 1))
-    own = jnp.stack([jnp.where(last, to_own[0], far1[0]), far1[1]])  # into a_n
-    other = jnp.stack([far1[0], jnp.where(last, to_own[1], far1[1])])  # into b_n
-    u = jnp.stack([_flat(s.far1, n), _flat(s.far2, n)], -1)
-    return ChainSystem(s, own, other, _flat(absorb, n), u, np.tile(np.arange(1, n) == 1, 2))
+    absorb = where(last, numbers.add(s.far1, s.to_own), numbers.scale(s.far1, 2.0))
+    far1, to_own = (apply(lambda v: jnp.broadcast_to(v, (2, n - 1)), x) for x in (s.far1, s.to_own))
+    row = lambda x, i: apply(lambda v: v[i], x)
+    own = numbers.stack([where(last, row(to_own, 0), row(far1, 0)), row(far1, 1)])  # into a_n
+    other = numbers.stack([row(far1, 0), where(last, row(to_own, 1), row(far1, 1))])  # into b_n
+    u = numbers.stack([_flat(s.far1, n, numbers), _flat(s.far2, n, numbers)], -1)
+    return ChainSystem(s, own, other, _flat(absorb, n, numbers), u, np.tile(np.arange(1, n) == 1, 2))
 
 
-def chain_solve(system: ChainSystem, rhs, signed: bool = False) -> jnp.ndarray:
+def chain_solve(system: ChainSystem, rhs, signed: bool = False, numbers: Numbers = FLOAT) -> jnp.ndarray:
     """x = (I - Q)^{-1} rhs on the chain rows, by the positive Woodbury solve of ``gradflow._linalg``.
 
     Args:
         system: the chain rows (``chain_system``).
         rhs (jax.Array): right-hand sides of shape (2(n-1), k), in the rows' scale.
         signed: right-hand sides of either sign, solved by their two positive parts.
+        numbers: the numbers of ``system`` and ``rhs`` (``chain_system``).
 
     Returns:
-        x of shape (2(n-1), k); NaN where float64 could not hold the elimination.
+        x of shape (2(n-1), k); NaN where float64 could not hold the elimination (``FLOAT``).
     """
-    s, n = system.scaled, system.u.shape[0] // 2 + 1
-    flat = lambda x: _flat(x, n)
-    solve = woodbury_gth_signed if signed else woodbury_gth
-    x, min_pivot = solve(flat(s.excess), flat(s.lower), flat(s.upper), rhs, system.u, system.absorb, system.deg1)
-    return _check_pivot(min_pivot, x)
+    n = system.deg1.shape[0] // 2 + 1
+    s = system.scaled
+    t = tuple(_flat(x, n, numbers) for x in (s.excess, s.lower, s.upper))
+    return _woodbury(t, rhs, system.u, system.absorb, system.deg1, signed=signed, numbers=numbers)
 
 
-def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start):
+def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):
     """(h, q) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve."""
-    system = chain_system(theta, n, model, start)
-    x = chain_solve(system, jnp.stack([_flat(system.own, n), _flat(system.other, n)], -1))
+    system = chain_system(theta, n, model, start, numbers)
+    x = chain_solve(system, numbers.stack([_flat(system.own, n, numbers), _flat(system.other, n, numbers)], -1), numbers=numbers)
     return x[start - 1, 0], x[start - 1, 1]
 
 
-def _softmax_length(theta: Theta, n: int, model: ModelSpec, start):
-    system = chain_system(theta, n, model, start)
-    return chain_solve(system, _flat(system.scaled.cost, n)[:, None])[start - 1, 0]
+def _softmax_length(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):
+    system = chain_system(theta, n, model, start, numbers)
+    cost = numbers.apply(lambda v: v[:, None], _flat(system.scaled.cost, n, numbers))
+    return chain_solve(system, cost, numbers=numbers)[start - 1, 0]
 
 
 def _by_distance(values, n=None, rows: int | None = None):
@@ -345,28 +403,68 @@ def _softmax_per_start(fn, theta, n, model):
     return jax.vmap(lambda position: fn(theta, n, model, position))(jnp.arange(1, n))
 
 
+def numbers_of(model: ModelSpec) -> Numbers:
+    """The numbers the closed form's solves run in (``ModelSpec.numbers``): ``FLOAT`` or ``EXTENDED``, a static choice."""
+    return EXTENDED if model.numbers == "extended" else FLOAT
+
+
+def _has_nan(tree) -> bool:
+    return any(bool(np.isnan(np.asarray(leaf)).any()) for leaf in jax.tree.leaves(tree))
+
+
+def finite_or_extended(evaluate: Callable[[ModelSpec], Any], model: ModelSpec):
+    """evaluate(model); where that is eager (no JAX trace), in float64 numbers and holds a NaN (a solve left
+    float64's range), evaluate(model with numbers="extended") instead (``model.with_extended_numbers``; a cap or
+    V trained: no fallback): its own compiled program, built only then.
+
+    Under a JAX trace (a user's jit, vmap or grad) nothing can be checked: ``evaluate(model)`` is returned as
+    it is, and such users pick ``ModelSpec(numbers="extended")`` themselves.
+    """
+    out = evaluate(model)
+    extended = with_extended_numbers(model)
+    leaves = jax.tree.leaves(out)
+    if extended is None or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves) or not _has_nan(leaves):
+        return out
+    return evaluate(extended)
+
+
+def _extended_on_nan(quantity: Callable) -> Callable:
+    """``quantity(theta, task, model)`` through ``finite_or_extended``."""
+
+    @functools.wraps(quantity)
+    def eager(theta: Theta, task: ChainTask, model: ModelSpec):
+        return finite_or_extended(lambda m: quantity(theta, task, m), model)
+
+    return eager
+
+
+def _outcome_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int | None):
+    """(P(own), P(other)) per start distance in ``numbers`` (``_outcome_per_start``)."""
+    if model.attention == "linear":
+        h, q, e = _linear_probabilities(theta, n, model, rows, numbers)
+        mid = jnp.abs(e) <= 0.25
+        own = jnp.where(mid, 0.5 + e, jnp.where(e > 0, 1.0 - q, h))
+        other = jnp.where(mid, 0.5 - e, jnp.where(e > 0, q, 1.0 - h))
+        return _by_distance(own, n, rows), _by_distance(other, n, rows)
+    h, q = _softmax_per_start(functools.partial(_softmax_probabilities, numbers=numbers), theta, n, model)
+    own = jnp.where(h <= q, h, 1.0 - q)
+    other = jnp.where(h <= q, 1.0 - h, q)
+    return _by_distance(own), _by_distance(other)
+
+
 def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
     """(P(own), P(other)) per start distance, each read from the representation that keeps its digits.
 
     Linear: from e = h - 1/2 while |e| <= 1/4 (so J - 1/2 and its gradient keep their leading digits
     on a plateau), from q when e > 1/4 (1 - J near 1), from h when e < -1/4.  Softmax: from h and q.
-    V trained (``model.values == "trained"``): ``gradflow.two_matrix``.
+    V trained (``model.values == "trained"``): ``gradflow.two_matrix``.  In the model's numbers (``numbers_of``).
     """
     _require_closed_form(model)
     if model.values == "trained":
         return two_matrix.outcome_per_start(theta, task, model)
     _require_unpadded(task, model, "expected_reward")
     n, rows = _layout(task)
-    if model.attention == "linear":
-        h, q, e = _linear_probabilities(theta, n, model, rows)
-        mid = jnp.abs(e) <= 0.25
-        own = jnp.where(mid, 0.5 + e, jnp.where(e > 0, 1.0 - q, h))
-        other = jnp.where(mid, 0.5 - e, jnp.where(e > 0, q, 1.0 - h))
-        return _by_distance(own, n, rows), _by_distance(other, n, rows)
-    h, q = _softmax_per_start(_softmax_probabilities, theta, n, model)
-    own = jnp.where(h <= q, h, 1.0 - q)
-    other = jnp.where(h <= q, 1.0 - h, q)
-    return _by_distance(own), _by_distance(other)
+    return _outcome_of(theta, model, numbers_of(model), n, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,6 +472,7 @@ def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
 # --------------------------------------------------------------------------------------------------
 
 
+@_extended_on_nan
 @eqx.filter_jit
 @_capped_when_set(capped.success_per_start)
 def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
@@ -381,6 +480,7 @@ def same_side_probability(theta: Theta, task: ChainTask, model: ModelSpec) -> jn
     return _outcome_per_start(theta, task, model)[0]
 
 
+@_extended_on_nan
 @eqx.filter_jit
 @_capped_when_set(capped.expected_reward)
 def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
@@ -392,6 +492,7 @@ def expected_reward(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndar
     return jnp.where(loss < 0.5, 1.0 - loss, jnp.sum(task.start_probs * own))
 
 
+@_extended_on_nan
 @eqx.filter_jit
 @_capped_when_set(capped.expected_loss)
 def expected_loss(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
@@ -400,6 +501,7 @@ def expected_loss(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarra
     return jnp.sum(task.start_probs * _outcome_per_start(theta, task, model)[1])
 
 
+@_extended_on_nan
 @eqx.filter_jit
 @_capped_when_set(capped.length_per_start)
 def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
@@ -413,13 +515,19 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
     n, rows = _layout(task)
     if model.values == "trained":
         lengths = two_matrix.length_per_start(theta, task, model)
-    elif model.attention == "linear":
-        lengths = _by_distance(_linear_length(theta, n, model, rows), n, rows)
     else:
-        lengths = _by_distance(_softmax_per_start(_softmax_length, theta, n, model))
+        lengths = _lengths_of(theta, model, numbers_of(model), n, rows)
     return jnp.where(lengths > LENGTH_LIMIT, jnp.inf, lengths)
 
 
+def _lengths_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int | None):
+    """``length_per_start`` in ``numbers``."""
+    if model.attention == "linear":
+        return _by_distance(_linear_length(theta, n, model, rows, numbers), n, rows)
+    return _by_distance(_softmax_per_start(functools.partial(_softmax_length, numbers=numbers), theta, n, model))
+
+
+@_extended_on_nan
 @eqx.filter_jit
 @_capped_when_set(capped.expected_length)
 def expected_length(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:

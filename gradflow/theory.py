@@ -45,7 +45,7 @@ from gradflow.config import FlowParams, config_label
 from gradflow.flow import bucketable, bucketed, hitting_times, shared_bucket, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
 from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_probabilities
-from gradflow.objective import expected_reward, same_side_probability
+from gradflow.objective import expected_reward, finite_or_extended, same_side_probability
 from gradflow.task import ChainTask, PaddedTask, bucket_size
 from gradflow.trajectory import Trajectory
 
@@ -1028,13 +1028,14 @@ def success_gradient(theta: Theta, task: ChainTask | int, model: ModelSpec | Non
     probability ``gradflow.capped.success_per_start`` (the own terminal written within max_len
     tokens).  Columns k in (alpha, beta, gamma, eta, delta) order; rows d = 1..n-1.  ``task`` may be
     an int n (only n matters: h_d does not depend on the start distribution).  A training
-    distribution p makes grad J = sum_d p[d-1] G[d-1].
+    distribution p makes grad J = sum_d p[d-1] G[d-1].  In extended numbers where float64's has a NaN
+    (``gradflow.objective.finite_or_extended``).
     """
     task = as_task(task)
     model = _model_or_default(model)
     theta = _theta_or_default(theta, "theta")
-    jac = jax.jacobian(lambda x: _success_per_start(Theta.from_array(x), task, model))(theta.as_array())
-    return np.asarray(jac)
+    jacobian = lambda m: jax.jacobian(lambda x: _success_per_start(Theta.from_array(x), task, m))(theta.as_array())
+    return np.asarray(finite_or_extended(jacobian, model))
 
 
 def gradient_by_distance(theta: Theta, task: ChainTask | int, model: ModelSpec | None = None) -> np.ndarray:

@@ -45,7 +45,7 @@ from gradflow import objective, readouts
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow._deprecated import module_getattr, renamed_keyword
 from gradflow.compile_cache import compiled
-from gradflow.config import config_label
+from gradflow.config import config_label, extended_config
 from gradflow.flow import FlowParams, Trajectory, stack_configs
 from gradflow.model import ModelSpec, Theta
 from gradflow.readouts import RECORDED  # TrainingTrajectory's read-outs
@@ -254,6 +254,22 @@ def _check_finite(what: str, flow_params: FlowParams, ts: np.ndarray, record: di
     )
 
 
+def _finite_record(flow_params: FlowParams, run) -> tuple[dict, str]:
+    """(run(flow_params), "float64"), or where its J or gradient is not finite and the closed form can take
+    extended numbers, (run(the config in extended numbers), "extended") (``extended_config``): a run's record on
+    the host, and the numbers it was computed in."""
+    record = jax.device_get(run(flow_params))
+    extended = extended_config(flow_params)
+    if extended is None or _finite(record):
+        return record, flow_params.model.numbers
+    return jax.device_get(run(extended)), "extended"
+
+
+def _finite(record: dict) -> bool:
+    """Whether a run's exact reward J and gradient are finite at every step."""
+    return bool(np.all(np.isfinite(record["reward"])) and np.all(record["grad_finite"]))
+
+
 def _make_trajectory(what: str, flow_params: FlowParams, lr, record: dict, stats: dict) -> TrainingTrajectory:
     record = jax.device_get(record)
     evals = {name: {k: np.asarray(v) for k, v in values.items()} for name, values in record.pop("eval").items()}
@@ -385,9 +401,14 @@ def gradient_descent(
     cfg = _config(config, lr=lr, steps=steps, optimizer=optimizer, coords=coords)
     coords = cfg.coords or flow_params.coords
     start = time.perf_counter()
-    record = _gradient_descent(flow_params, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.optimizer, coords)
-    record = record | _metrics_along(flow_params, record["theta"])
+
+    def descent(params):
+        record = _gradient_descent(params, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.optimizer, coords)
+        return record | _metrics_along(params, record["theta"])
+
+    record, numbers = _finite_record(flow_params, descent)
     stats = {
+        "numbers": numbers,
         "seconds": time.perf_counter() - start,
         "lr": float(cfg.lr),
         "steps": cfg.steps,
@@ -442,6 +463,23 @@ def gradient_descent_many(
     if not isinstance(cfg.optimizer, str):
         raise ValueError(f"gradient_descent_many needs an optax optimizer name (one compilation), got {cfg.optimizer!r}")
     coords = cfg.coords or configs[0].coords
+    records, stats = _many_records(configs, rates, cfg, coords)
+    numbers = [config.model.numbers for config in configs]
+    extended = {i: extended_config(c) for i, (c, r) in enumerate(zip(configs, records)) if not _finite(r)}
+    extended = {i: c for i, c in extended.items() if c is not None}
+    if extended:  # members with a NaN in float64 numbers: run again, in a batch of their own, in extended numbers
+        again, _ = _many_records(list(extended.values()), rates[list(extended)], cfg, coords)
+        for i, record in zip(extended, again):
+            records[i], numbers[i] = record, "extended"
+    trajectories = []
+    for flow_params, rate, record, kind in zip(configs, rates, records, numbers):
+        member = stats | {"numbers": kind, "lr": float(rate), "max_len": flow_params.model.max_len}
+        trajectories.append(_make_trajectory("gradient_descent_many", flow_params, rate, record, member))
+    return trajectories
+
+
+def _many_records(configs: list[FlowParams], rates: np.ndarray, cfg: TrainConfig, coords: str) -> tuple[list, dict]:
+    """``gradient_descent_many``'s vmapped run: each member's record on the host, and the batch's stats."""
     batch = stack_configs(configs)
 
     def run(batch, rates):
@@ -455,22 +493,15 @@ def gradient_descent_many(
     args = (batch, jnp.asarray(rates))
     executable, compile_s = compiled("gradient_descent_many", run, args, (cfg.steps, cfg.optimizer, coords), export=True)
     out = jax.device_get(executable(*args))
-    seconds = time.perf_counter() - start
-    trajectories = []
-    for i, (flow_params, rate) in enumerate(zip(configs, rates)):
-        stats = {
-            "seconds": seconds,
-            "compile_seconds": compile_s,
-            "batch": len(configs),
-            "lr": float(rate),
-            "steps": cfg.steps,
-            "optimizer": cfg.optimizer,
-            "coords": coords,
-            "max_len": flow_params.model.max_len,
-        }
-        record = jax.tree_util.tree_map(lambda v, i=i: v[i], out)
-        trajectories.append(_make_trajectory("gradient_descent_many", flow_params, rate, record, stats))
-    return trajectories
+    stats = {
+        "seconds": time.perf_counter() - start,
+        "compile_seconds": compile_s,
+        "batch": len(configs),
+        "steps": cfg.steps,
+        "optimizer": cfg.optimizer,
+        "coords": coords,
+    }
+    return [jax.tree_util.tree_map(lambda v, i=i: v[i], out) for i in range(len(configs))], stats
 
 
 def _optimizer_name(optimizer) -> str:
@@ -587,8 +618,9 @@ def train(
             params0 = (params0, full_values(flow_params.theta0, flow_params.vocabulary_size))
     start = time.perf_counter()
     record = _train(flow_params, params0, key, jnp.asarray(cfg.lr, dtype=float), cfg.steps, cfg.batch, cap, cfg.optimizer, kind)
-    record = record | _metrics_along(flow_params, record["theta"])
+    record, numbers = _finite_record(flow_params, lambda params: record | _metrics_along(params, record["theta"]))
     stats = {
+        "numbers": numbers,
         "seconds": time.perf_counter() - start,
         "lr": float(cfg.lr),
         "steps": cfg.steps,

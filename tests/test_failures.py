@@ -70,6 +70,29 @@ def test_a_nan_gradient_raises_in_training():
         training.gradient_descent(params, lr=0.1, steps=3)
 
 
+@pytest.mark.slow
+def test_a_flow_that_is_nan_in_float64_is_solved_again_in_extended_numbers():
+    """n = 3, Theta(35.6, 0, -35.6), self-loops (the issue's NaN gradient): float64's vector field is NaN at
+    theta0, so the flow is solved again with ModelSpec(numbers="extended"); the trajectory keeps its config."""
+    params = FlowParams(gf.ChainTask.uniform(3), SELF_LOOPS, gf.Theta(35.6, 0.0, -35.6), t1=1.0, save_ts=[0.0, 1.0])
+    params = params.replace(events=(), readouts=False)
+    trajectory = simulate(params)
+    assert trajectory.stats["numbers"] == "extended" and trajectory.config.model.numbers == "float64"
+    assert np.all(np.isfinite(trajectory.reward)) and np.all(np.isfinite(trajectory.theta))
+
+
+@pytest.mark.slow
+def test_only_the_nan_members_of_a_batch_and_of_training_are_run_again_in_extended_numbers():
+    good = FlowParams(gf.ChainTask.uniform(8), SELF_LOOPS, gf.Theta(0.3, 0.1, -0.2), t1=1.0, save_ts=[0.0, 1.0])
+    bad = good.replace(theta0=NAN_THETA)
+    results = simulate_many([good.replace(events=(), readouts=False), bad.replace(events=(), readouts=False)])
+    assert [r.stats.get("numbers") for r in results] == [None, "extended"] and results[1].stats["batch"] == 1
+    assert results[1].reward[0] == pytest.approx(0.7278911564625851, rel=1e-12)  # the mpmath reference
+    runs = training.gradient_descent_many([good, bad], lrs=0.1, steps=3)
+    assert [r.stats["numbers"] for r in runs] == ["float64", "extended"] and np.all(np.isfinite(runs[1].reward))
+    assert training.gradient_descent(bad, lr=0.1, steps=3).reward[0] == pytest.approx(0.7278911564625851, rel=1e-12)
+
+
 def test_failure_message_reports_a_nan_reward_even_when_the_solver_succeeded():
     """The check is on the host: a successful solve whose saved reward is NaN fails, naming the save and theta."""
     params = FlowParams(gf.ChainTask.uniform(3), t1=1.0)
