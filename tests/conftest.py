@@ -11,6 +11,7 @@ compiled flow holds about 1,000 and a worker crossed ``vm.max_map_count`` (65,53
 the same for the programs jitted outside it (``release_memory_maps``: only while over half the limit)."""
 
 import os
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "GRADFLOW_CACHE_DIR" not in os.envi
     os.environ.setdefault("GRADFLOW_NO_CACHE", "1")
 
 import gradflow  # noqa: E402,F401  (enables jax_enable_x64)
-from gradflow.compile_cache import release_memory_maps  # noqa: E402
+from gradflow import compile_cache  # noqa: E402
 
 
 @pytest.fixture
@@ -27,7 +28,14 @@ def rng():
     return np.random.default_rng(20260126)
 
 
+@pytest.fixture
+def empty_compile_cache(monkeypatch):
+    """An empty in-memory cache of compiled executables for one test: a test counting compilations then does
+    not depend on which tests ran before it in the same worker."""
+    monkeypatch.setattr(compile_cache, "_COMPILED", OrderedDict())
+
+
 @pytest.fixture(autouse=True)
 def _memory_maps_to_spare():
     yield
-    release_memory_maps()
+    compile_cache.release_memory_maps()

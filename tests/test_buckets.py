@@ -88,7 +88,7 @@ def test_a_bucketed_flow_equals_the_per_n_flow(n):
         assert bucketed.events[name] == pytest.approx(float(direct.event_times[event]), rel=1e-9)
 
 
-def test_configs_of_different_n_share_one_batch():
+def test_configs_of_different_n_share_one_batch(empty_compile_cache):
     configs = [gf.FlowParams(gf.ChainTask.uniform(n), t1=50.0) for n in (2, 5, 7)]
     before = gf.compile_cache.compilation_count()
     batch = gf.simulate_many(configs)

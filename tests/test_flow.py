@@ -99,7 +99,7 @@ def test_constant_schedule_equals_fixed_distribution():
     np.testing.assert_allclose(scheduled.reward[::50], expected, atol=1e-12)
 
 
-def test_simulate_many_compiles_once_and_matches_single_runs():
+def test_simulate_many_compiles_once_and_matches_single_runs(empty_compile_cache):
     configs = [
         FlowParams(gf.ChainTask.mixture(N, c), theta0=gf.Theta(a, 0.0, 0.0), t1=t1, rtol=1e-9)
         for c, a, t1 in [(0.1, 0.3, 1e3), (0.5, 0.1, 1e2), (1.0, 0.5, 1e4)]
@@ -327,7 +327,7 @@ def test_a_part_and_its_flat_keywords_together_raise_naming_them():
 
 
 @pytest.mark.slow
-def test_module_schedules_are_traced_round_trip_and_batch():
+def test_module_schedules_are_traced_round_trip_and_batch(empty_compile_cache):
     easy, hard = np.asarray(gf.ChainTask.mixture(N, 0.9).start_probs), np.asarray(gf.ChainTask.hardest(N).start_probs)
     configs = [FlowParams(TASK, t1=20.0, schedule=schedules.Step(s, easy, hard)) for s in (0.5, 2.0)]
     before = compilation_count()

@@ -176,7 +176,7 @@ def test_eval_tasks_recorded_at_every_step_and_saved(tmp_path):
     assert back.stats["optimizer"] == "adam" and back.config.model.max_len == 8
 
 
-def test_gradient_descent_many_is_one_compilation_and_equals_one_by_one(tmp_path):
+def test_gradient_descent_many_is_one_compilation_and_equals_one_by_one(tmp_path, empty_compile_cache):
     evals = {"hard": gf.ChainTask.hardest(4)}
     configs = [
         gf.FlowParams(gf.ChainTask.mixture(4, c), theta0=gf.Theta(a, 0.0, 0.0), eval_tasks=evals)
