@@ -45,6 +45,10 @@ def case_id(case) -> str:
     return f"n{n}-T{cap}-" + "-".join(f"{k}{v}" for k, v in kw.items())
 
 
-def solver_params() -> list:
-    """Every key of ``gradflow.flow.SOLVERS`` for ``pytest.mark.parametrize``; the SLOW_SOLVERS marked slow."""
-    return [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SOLVERS else s for s in SOLVERS]
+def solver_params(every: bool = True) -> list:
+    """Every key of ``gradflow.flow.SOLVERS`` for ``pytest.mark.parametrize``; the SLOW_SOLVERS marked slow.
+
+    ``every=False``, for tests where the solver is incidental: every solver but tsit5 marked slow (each one
+    already solves in the default run: tests/test_flow.py::test_every_solver_runs_the_default_preset)."""
+    fast = SOLVERS if every else ("tsit5",)
+    return [s if s in fast and s not in SLOW_SOLVERS else pytest.param(s, marks=pytest.mark.slow) for s in SOLVERS]
