@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import case_id, model_grid, random_theta
+from helpers import ATTENTIONS, case_id, model_grid, random_theta
 from reference import dense_capped
 
 import gradflow as gf
@@ -143,6 +143,23 @@ def test_extreme_scores_stay_finite():
     # gamma = -150: the head prefers its self-loop (300 > 150) and never leaves
     stuck = closed(gf.Theta(300.0, -200.0, -150.0), task, model)
     np.testing.assert_allclose(stuck[:, -1], [0.0, 0.0, 6.0, 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [300.0, 1e3, 1e4])
+def test_finite_at_every_logit_scale_against_dense_powers(ratio, rng):
+    """Issue 23 item 2 for the capped closed form: |theta|/tau = 300, 1e3, 1e4, both attentions, self-loops masked
+    or kept, isolated vertices: the per-start read-outs equal the dense matrix powers and value and gradient are
+    finite (each row is normalised by its largest logit, so float64 holds the capped form without a fallback)."""
+    for attention in ATTENTIONS:
+        for mask in (True, False):
+            n, cap = int(rng.integers(3, 7)), int(rng.integers(1, 12))
+            model = gf.ModelSpec(attention=attention, mask_self=mask, n_isolated=int(rng.integers(0, 2)), max_len=cap, tau=0.2)
+            theta = gf.Theta.from_array(rng.normal(size=5) * ratio * 0.2 / np.sqrt(5))
+            task = gf.ChainTask.uniform(n)
+            np.testing.assert_allclose(closed(theta, task, model), dense_capped(theta, n, model, cap), atol=1e-9)
+            reward = lambda x: capped.expected_reward(gf.Theta.from_array(x), task, model)
+            value, grad = jax.value_and_grad(reward)(theta.as_array())
+            assert np.isfinite(value) and np.all(np.isfinite(grad)), (attention, mask, n, cap, theta)
 
 
 # --------------------------------------------------------------------------------------------------
