@@ -330,6 +330,44 @@ def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
     return (rank2 if valid is None else jnp.where(c2 > 0, rank2, rank1())), min_pivot
 
 
+def capacitance_solve(k, alpha, counts, b):
+    """y = (I - K)^{-1} b for a Woodbury capacitance over disjoint columns (K = C^T T^{-1} U, a few columns), rebuilt
+    from the absorption: with c = C^T 1 the column sizes and alpha = C^T T^{-1} absorb, (I - K) c = alpha, so
+    C' = (I - K) diag(c) has off-diagonal -K_kl c_l and row sums alpha_k, and a GTH elimination of C' (pivot =
+    alpha_k + sum of the remaining K_kl c_l: no 1 - K_kk) keeps its relative accuracy where the columns' walk
+    returns to them with probability close to 1.  An empty column (c_k = 0, K's row k 0) is a unit row.
+
+    Args:
+        k (jax.Array): (r, r) the capacitance's K.
+        alpha (jax.Array): (r,) C^T T^{-1} absorb (absorb = (T - U C^T) 1).
+        counts (jax.Array): (r,) the column sizes C^T 1.
+        b (jax.Array): (r, j) the right-hand sides C^T T^{-1} rhs.
+
+    Returns:
+        y, (r, j).
+    """
+    r = alpha.shape[-1]
+    size = jnp.where(counts > 0, counts, 1.0)
+    a = [[k[i, j] * counts[j] for j in range(r)] for i in range(r)]  # the off-diagonal couplings of C'
+    e = [jnp.where(counts[i] > 0, alpha[i], 1.0) for i in range(r)]
+    b = [b[i] for i in range(r)]
+    pivots = []
+    for j in range(r):
+        pivot = e[j] + sum((a[j][l] for l in range(j + 1, r)), 0.0)
+        pivots.append(pivot)
+        for i in range(j + 1, r):
+            f = a[i][j] / pivot
+            e[i] = e[i] + f * e[j]
+            b[i] = b[i] + f * b[j]
+            for l in range(j + 1, r):
+                if l != i:
+                    a[i][l] = a[i][l] + f * a[j][l]
+    y = [None] * r
+    for j in range(r - 1, -1, -1):
+        y[j] = (b[j] + sum((a[j][l] * y[l] for l in range(j + 1, r)), 0.0)) / pivots[j]
+    return jnp.stack(y) * size[:, None]
+
+
 def woodbury_gth_signed(excess, lower, upper, rhs, u, absorb, deg1):
     """``woodbury_gth`` for right-hand sides of either sign: x = solve(rhs+) - solve(rhs-), rhs+- >= 0.
 
