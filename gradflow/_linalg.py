@@ -330,6 +330,20 @@ def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
     return (rank2 if valid is None else jnp.where(c2 > 0, rank2, rank1())), min_pivot
 
 
+@jax.custom_jvp
+def ratio(x, y):
+    """x / y whose derivative is (dx - (x / y) dy) / y: finite wherever x / y is (JAX's x / y derives through
+    x y^-2, which overflows for y below 1e-154 even when the ratio is of order 1)."""
+    return x / y
+
+
+@ratio.defjvp
+def _ratio_jvp(primals, tangents):
+    (x, y), (dx, dy) = primals, tangents
+    q = ratio(x, y)
+    return q, ratio(dx - q * dy, y)
+
+
 def capacitance_solve(k, alpha, counts, b):
     """y = (I - K)^{-1} b for a Woodbury capacitance over disjoint columns (K = C^T T^{-1} U, a few columns), rebuilt
     from the absorption: with c = C^T 1 the column sizes and alpha = C^T T^{-1} absorb, (I - K) c = alpha, so
@@ -353,18 +367,18 @@ def capacitance_solve(k, alpha, counts, b):
     b = [b[i] for i in range(r)]
     pivots = []
     for j in range(r):
-        pivot = e[j] + sum((a[j][l] for l in range(j + 1, r)), 0.0)
+        pivot = e[j] + sum((a[j][m] for m in range(j + 1, r)), 0.0)
         pivots.append(pivot)
         for i in range(j + 1, r):
-            f = a[i][j] / pivot
+            f = ratio(a[i][j], pivot)
             e[i] = e[i] + f * e[j]
             b[i] = b[i] + f * b[j]
-            for l in range(j + 1, r):
-                if l != i:
-                    a[i][l] = a[i][l] + f * a[j][l]
+            for m in range(j + 1, r):
+                if m != i:
+                    a[i][m] = a[i][m] + f * a[j][m]
     y = [None] * r
     for j in range(r - 1, -1, -1):
-        y[j] = (b[j] + sum((a[j][l] * y[l] for l in range(j + 1, r)), 0.0)) / pivots[j]
+        y[j] = ratio(b[j] + sum((a[j][m] * y[m] for m in range(j + 1, r)), 0.0), pivots[j][..., None])
     return jnp.stack(y) * size[:, None]
 
 

@@ -15,7 +15,8 @@ So the transient vertices fall into two far classes (chain starts, interior vert
 and the start vertex gets its own column: for each start, (I - Q) on the 2(n-1) chain rows is a
 tridiagonal T (the local corrections, each row in its own scale) minus a rank-3 part U C^T, C = (chain
 starts, interior vertices, the start: disjoint, U >= 0), solved by Woodbury: one ``gth_solve`` of T with 2 + 4
-columns and a 3 x 3 capacitance rebuilt from the absorption rates (positive sums, no 1 - K).  Isolated vertices are eliminated exactly (each returns to chain vertex w with
+columns and a 3 x 3 capacitance rebuilt from the absorption rates (positive sums, no 1 - K).  Isolated vertices are
+eliminated exactly (each returns to chain vertex w with
 the isolated row's probability of w, a combination of the same three columns).  Self-loops drop out.
 """
 
@@ -345,7 +346,7 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start) -> StartSystem:
     rates = rates + jnp.asarray(iso[3])[..., None]
     self_weight = 0.0 if model.mask_self else ex(logits.self_)
     total = w_succ + w_pred + rest + self_weight  # the row's weight on every target, in its scale
-    log_forward = jnp.log(w_succ) - jnp.log(total)
+    log_forward = succ - top - jnp.log(total)
     c = jnp.stack([(pos == 1) & ~is_s, (pos >= 2) & ~is_s, is_s], -1).astype(float)
     return StartSystem(excess, lower, upper, u, c, rates, total, iso_tokens, log_forward, top)
 

@@ -288,14 +288,20 @@ def mp_chain_trained(x, n: int, model: ModelSpec, start: int):
     rows = []
     for u in range(n_vertices):
         tokens = [("e", e) for e in edges] + [("v", t) for t in sorted({start - 1, u})]
-        scores = [(alpha if t[0] == u else beta if t[1] == u else gamma) if kind == "e" else (eta if t == u else delta) for kind, t in tokens]
+        scores = [
+            (alpha if t[0] == u else beta if t[1] == u else gamma) if kind == "e" else (eta if t == u else delta)
+            for kind, t in tokens
+        ]
         if model.attention == "softmax":
             top = max(scores)
             z = mp.fsum(mp.exp(s - top) for s in scores)
             scores = [mp.exp(s - top) / z for s in scores]
         logit = []
         for v in range(n_vertices):
-            values = [(sigma if t[0] == v else rho if t[1] == v else omega) if kind == "e" else (mu if t == v else nu) for kind, t in tokens]
+            values = [
+                (sigma if t[0] == v else rho if t[1] == v else omega) if kind == "e" else (mu if t == v else nu)
+                for kind, t in tokens
+            ]
             logit.append(mp.fsum(w * val for w, val in zip(scores, values)) / tau)
         allowed = [v for v in range(n_vertices) if not (model.mask_self and v == u)]
         top = max(logit[v] for v in allowed)
