@@ -27,6 +27,9 @@ does not touch its neighbours.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,6 +333,83 @@ def woodbury_gth(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
     return (rank2 if valid is None else jnp.where(c2 > 0, rank2, rank1())), min_pivot
 
 
+@jax.custom_jvp
+def ratio(x, y):
+    """x / y whose derivative is (dx - (x / y) dy) / y: finite wherever x / y is (JAX's x / y derives through
+    x y^-2, which overflows for y below 1e-154 even when the ratio is of order 1)."""
+    return x / y
+
+
+@ratio.defjvp
+def _ratio_jvp(primals, tangents):
+    (x, y), (dx, dy) = primals, tangents
+    q = ratio(x, y)
+    return q, ratio(dx - q * dy, y)
+
+
+class CapacitanceOps(NamedTuple):
+    """The arithmetic of ``capacitance_solve``: float64 (``FLOAT_OPS``) or ``gradflow._extended`` (``EXTENDED_OPS``)."""
+
+    add: Callable
+    scale: Callable
+    mul: Callable
+    ratio: Callable
+    where: Callable
+
+
+def capacitance_solve(k, alpha, counts, b, ops: CapacitanceOps | None = None) -> list:
+    """y = (I - K)^{-1} b for a Woodbury capacitance over disjoint columns (K = C^T T^{-1} U, a few columns), rebuilt
+    from the absorption: with c = C^T 1 the column sizes and alpha = C^T T^{-1} absorb, (I - K) c = alpha, so
+    C' = (I - K) diag(c) has off-diagonal -K_kl c_l and row sums alpha_k, and a GTH elimination of C' (pivot =
+    alpha_k + sum of the remaining K_kl c_l: no 1 - K_kk) keeps its relative accuracy where the columns' walk
+    returns to them with probability close to 1.  An empty column (c_k = 0, K's row k 0) is a unit row.
+
+    Args:
+        k: (r, r) the capacitance's K (k[i][j]: an array, or nested lists of ``Extended``).
+        alpha: (r,) C^T T^{-1} absorb (absorb = (T - U C^T) 1).
+        counts (jax.Array): (r,) the column sizes C^T 1.
+        b: (r, j) the right-hand sides C^T T^{-1} rhs (b[i]: (j,)).
+        ops: the arithmetic (None: float64).
+
+    Returns:
+        y as a list of r rows, each (j,).
+    """
+    ops = ops or FLOAT_OPS
+    r = len(counts)
+    size = jnp.where(counts > 0, counts, 1.0)
+    a = [[ops.scale(k[i][j], counts[j]) for j in range(r)] for i in range(r)]  # the off-diagonal couplings of C'
+    e = [ops.where(counts[i] > 0, alpha[i], _one_like(alpha[i], ops)) for i in range(r)]
+    b = [b[i] for i in range(r)]
+    pivots = []
+    for j in range(r):
+        pivot = e[j]
+        for m in range(j + 1, r):
+            pivot = ops.add(pivot, a[j][m])
+        pivots.append(pivot)
+        for i in range(j + 1, r):
+            f = ops.ratio(a[i][j], pivot)
+            e[i] = ops.add(e[i], ops.mul(f, e[j]))
+            b[i] = ops.add(b[i], ops.mul(f, b[j]))
+            for m in range(j + 1, r):
+                if m != i:
+                    a[i][m] = ops.add(a[i][m], ops.mul(f, a[j][m]))
+    y = [None] * r
+    for j in range(r - 1, -1, -1):
+        total = b[j]
+        for m in range(j + 1, r):
+            total = ops.add(total, ops.mul(a[j][m], y[m]))
+        y[j] = ops.ratio(total, pivots[j])
+    return [ops.scale(y[j], size[j]) for j in range(r)]
+
+
+def _one_like(x, ops: CapacitanceOps):
+    return ext.extended(jnp.ones_like(x.m)) if ops is EXTENDED_OPS else jnp.ones_like(x)
+
+
+FLOAT_OPS = CapacitanceOps(jnp.add, jnp.multiply, jnp.multiply, ratio, jnp.where)
+EXTENDED_OPS = CapacitanceOps(ext.add, ext.scale, ext.mul, ext.div, ext.where)
+
+
 def woodbury_gth_signed(excess, lower, upper, rhs, u, absorb, deg1):
     """``woodbury_gth`` for right-hand sides of either sign: x = solve(rhs+) - solve(rhs-), rhs+- >= 0.
 
@@ -402,7 +482,7 @@ def _eliminate(excess, lower, upper, rhs):
     return _sweep(backward, ext.zeros(rhs.m.shape[1:]), (rho, sigma, t), n_rows, reverse=True)
 
 
-def _solve_extended(excess, lower, upper, rhs):
+def solve_extended(excess, lower, upper, rhs):
     """``gth_solve`` in ``Extended`` numbers, rows on axis -1 (-2 for rhs): x as an ``Extended``."""
     batch = jnp.broadcast_shapes(excess.m.shape[:-1], lower.m.shape[:-1], upper.m.shape[:-1], rhs.m.shape[:-2])
     n_rows, k = excess.m.shape[-1], rhs.m.shape[-1]
@@ -415,7 +495,7 @@ def _solve_extended(excess, lower, upper, rhs):
 def gth_solve_extended(excess, lower, upper, rhs):
     """``gth_solve`` for ``gradflow._extended.Extended`` rows: x as floats (0 or +-inf beyond float64's range),
     at any logit gap (no pivot leaves the range)."""
-    return ext.to_float(_solve_extended(excess, lower, upper, rhs))
+    return ext.to_float(solve_extended(excess, lower, upper, rhs))
 
 
 def woodbury_gth_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
@@ -427,7 +507,7 @@ def woodbury_gth_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None
     batch = jnp.broadcast_shapes(rhs.m.shape[:-1], u.m.shape[:-1], absorb.m.shape)
     widen = lambda x: ext.apply(lambda v: jnp.broadcast_to(v, batch + v.shape[-1:]), x)
     columns = [widen(positive), widen(negative), widen(u), widen(ext.apply(lambda v: v[..., None], absorb))]
-    z = _solve_extended(excess, lower, upper, ext.concatenate(columns, -1))
+    z = solve_extended(excess, lower, upper, ext.concatenate(columns, -1))
     part = lambda lo, hi: ext.apply(lambda v: v[..., lo:hi], z)
     z_r, z_u0, z_u1, z_a = part(0, 2 * k), part(2 * k, 2 * k + 1), part(2 * k + 1, 2 * k + 2), part(2 * k + 2, 2 * k + 3)
     v1, v2 = (deg1, ~deg1) if valid is None else (deg1 & valid, ~deg1 & valid)

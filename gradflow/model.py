@@ -66,8 +66,7 @@ class ModelSpec(eqx.Module):
         check_choice("numbers", self.numbers, NUMBER_KINDS)
         if self.numbers == "extended" and not _extended_reaches(self):
             raise ValueError(
-                "numbers='extended' covers the uncapped closed form with V fixed only (max_len=None, values='fixed'), "
-                f"got max_len={self.max_len!r}, values={self.values!r}"
+                f"numbers='extended' covers the uncapped closed forms only (max_len=None), got max_len={self.max_len!r}"
             )
         check_choice("values", self.values, VALUE_KINDS)
         if self.max_len is not None:
@@ -81,13 +80,13 @@ class ModelSpec(eqx.Module):
 
 
 def _extended_reaches(model: ModelSpec) -> bool:
-    """Whether ``numbers="extended"`` reaches the model's closed form (uncapped, V fixed)."""
-    return model.max_len is None and model.values == "fixed"
+    """Whether ``numbers="extended"`` reaches the model's closed form (uncapped, V fixed or trained)."""
+    return model.max_len is None
 
 
 def with_extended_numbers(model: ModelSpec) -> ModelSpec | None:
     """The model with numbers="extended" (``ModelSpec.numbers``), or None where it has them already or they do
-    not reach its closed form (a cap, V trained)."""
+    not reach its closed form (a cap)."""
     if model.numbers == "extended" or not _extended_reaches(model):
         return None
     return dataclasses.replace(model, numbers="extended")

@@ -414,8 +414,8 @@ def _has_nan(tree) -> bool:
 
 def finite_or_extended(evaluate: Callable[[ModelSpec], Any], model: ModelSpec):
     """evaluate(model); where that is eager (no JAX trace), in float64 numbers and holds a NaN (a solve left
-    float64's range), evaluate(model with numbers="extended") instead (``model.with_extended_numbers``; a cap or
-    V trained: no fallback): its own compiled program, built only then.
+    float64's range), evaluate(model with numbers="extended") instead (``model.with_extended_numbers``; a cap:
+    no fallback): its own compiled program, built only then.
 
     Under a JAX trace (a user's jit, vmap or grad) nothing can be checked: ``evaluate(model)`` is returned as
     it is, and such users pick ``ModelSpec(numbers="extended")`` themselves.

@@ -14,8 +14,9 @@ edges, the start token and the current vertex's token, counted once), query u = 
 So the transient vertices fall into two far classes (chain starts, interior vertices; terminals absorb)
 and the start vertex gets its own column: for each start, (I - Q) on the 2(n-1) chain rows is a
 tridiagonal T (the local corrections, each row in its own scale) minus a rank-3 part U C^T, C = (chain
-starts, interior vertices, the start), solved by Woodbury: one ``gth_solve`` of T with 2 + 3 columns
-and a 3 x 3 capacitance.  Isolated vertices are eliminated exactly (each returns to chain vertex w with
+starts, interior vertices, the start: disjoint, U >= 0), solved by Woodbury: one ``gth_solve`` of T with 2 + 4
+columns and a 3 x 3 capacitance rebuilt from the absorption rates (positive sums, no 1 - K).  Isolated vertices are
+eliminated exactly (each returns to chain vertex w with
 the isolated row's probability of w, a combination of the same three columns).  Self-loops drop out.
 """
 
@@ -28,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow._linalg import TINY_PIVOT, gth_solve
+from gradflow import _extended as ext
+from gradflow._extended import EXTENDED, FLOAT, Numbers
+from gradflow._linalg import EXTENDED_OPS, TINY_PIVOT, capacitance_solve, gth_solve, solve_extended
 from gradflow.model import ModelSpec, StepProbabilities, Theta, log_sum
 from gradflow.task import ChainTask
 
@@ -245,12 +248,14 @@ class StartSystem(NamedTuple):
     own scale (divided by exp(``top``)), self-loops dropped and isolated vertices eliminated exactly.
 
     excess, lower, upper (2(n-1),): the tridiagonal T (``gradflow._linalg.gth_solve``); u (2(n-1), 3): each
-    row's weight on every chain start, every interior vertex and the start's extra (isolated detours folded
-    in); c (2(n-1), 3): the rows of each of those columns; rates (2(n-1), 2): into a_n and into b_n; total:
-    the row's weight on every target (its self-loop included when allowed); iso_tokens: the row's weight on
-    the isolated vertices times the isolated row's total over its weight on the chain (0 without isolated
-    vertices: a right-hand side r_iso at the isolated vertices enters row u as iso_tokens r_iso);
-    log_forward: log P(successor) of each row; top: each row's scale.
+    row's weight on every chain start, every interior vertex (the start excluded from both) and on the start
+    (isolated detours folded in), 0 on a column all of whose vertices are the row's neighbours or itself
+    (their whole weight then stays in T); c (2(n-1), 3): the rows of each of those columns (disjoint);
+    rates (2(n-1), 2): into a_n and into b_n; total: the row's weight on every target (its self-loop included
+    when allowed); iso_tokens: the row's weight on the isolated vertices times the isolated row's total over
+    its weight on the chain (0 without isolated vertices: a right-hand side r_iso at the isolated vertices
+    enters row u as iso_tokens r_iso); log_forward: log P(successor) of each row; top: each row's scale.
+    Every entry of u, rates, total and excess is a sum of positive terms (T is diagonally dominant).
     """
 
     excess: jnp.ndarray
@@ -265,7 +270,7 @@ class StartSystem(NamedTuple):
     top: jnp.ndarray
 
 
-def start_system(theta: Theta, n: int, model: ModelSpec, start) -> StartSystem:
+def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT) -> StartSystem:
     """The ``StartSystem`` of the chain rows seen from a_start: (I - Q) on the 2(n-1) rows is T - U C^T.
 
     Args:
@@ -273,10 +278,13 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start) -> StartSystem:
         n: the chain length.
         model: the model (attention, tau, mask_self, n_isolated).
         start (int | jax.Array): the start's position on chain a, 1..n-1.
+        numbers: float64 (``FLOAT``) or ``EXTENDED`` weights (no underflow at any logit gap; ``top``, ``c`` and
+            ``log_forward`` stay floats).
 
     Returns:
         The ``StartSystem``.
     """
+    add, scale, where = numbers.add, numbers.scale, numbers.where
     chain, pos = _rows(n)
     has_pred = pos >= 2
     m = model.n_isolated
@@ -287,21 +295,29 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start) -> StartSystem:
     logits = start_logits(theta, n, model, start)
     succ, pred = logits.succ, logits.pred
     cls_start, cls_int, cls_term = logits.chain_start, logits.interior, logits.terminal
-    s_far, cls_s, s_extra = logits.start_far, logits.start_class, logits.start_extra
-    cands = [succ, pred, cls_start, cls_term, jnp.where(s_far, cls_s + s_extra, -jnp.inf)]
+    s_far, s_near = logits.start_far, ~logits.start_far & ~is_s  # the start far from the row, its neighbour
+    s_logit = logits.start_class + logits.start_extra
+    cands = [succ, pred, cls_start, cls_term, jnp.where(s_far, s_logit, -jnp.inf)]
     cands += [cls_int] if n >= 3 else []
     cands += [jnp.zeros_like(succ)] if m else []
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
-    ex = lambda logit: jnp.exp(logit - top)
-    w_succ, w_pred = ex(succ), jnp.where(has_pred, ex(jnp.where(has_pred, pred, top)), 0.0)
+    shape = jnp.shape(top)
+    none = numbers.zeros(shape)
+    ex = lambda logit: numbers.exp(logit - top + jnp.zeros(shape))
+    present = lambda flag, logit: where(flag, ex(jnp.where(flag, logit, top)), none)
+    minus = lambda x, y: add(x, scale(y, -1.0))
+    w_succ, w_pred = ex(succ), present(has_pred, pred)
     w_start, w_int, w_term = ex(cls_start), ex(cls_int), ex(cls_term)
-    w_s_extra = jnp.where(s_far, ex(cls_s) * jnp.expm1(s_extra), 0.0)  # actual minus class weight of a far start
+    w_s = present(s_far, s_logit)  # the start's actual weight where it is far
 
-    # the far targets' weight: every class at its weight, the far start at its class weight plus its extra
-    n_start = 2.0 - (pos == 1) - (pos == 2)
-    n_int = 2.0 * (n - 2) - (pos >= 2) - (pos + 1 <= n - 1) - (pos - 1 >= 2)
+    # far targets per column (the start in its own column): chain starts, interior vertices, terminals
+    n_start = 2.0 - (pos == 1) - (pos == 2) - (s_first & s_far)
+    n_int = 2.0 * (n - 2) - (pos >= 2) - (pos + 1 <= n - 1) - (pos - 1 >= 2) - (~s_first & s_far)
     n_term = 2.0 - succ_terminal
-    rest = n_start * w_start + n_int * w_int + n_term * w_term + m * ex(0.0) + w_s_extra  # non-local targets
+    rest = add(add(scale(w_start, n_start), scale(w_int, n_int)), add(scale(w_term, n_term), w_s))  # non-local targets
+    if m:
+        rest = add(rest, scale(ex(0.0), float(m)))
+    u_start, u_int = where(n_start > 0, w_start, none), where(n_int > 0, w_int, none)
 
     # isolated detours: an isolated vertex returns to chain vertex w with probability pi(w)
     if m:
@@ -314,68 +330,112 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start) -> StartSystem:
                 (iso_s + logits.iso_start_extra, 1.0),
             ]
         )
-        share = m * ex(-log_y)  # m e^{-top} / Y
-        pi = lambda logit: share * jnp.exp(logit)
-        iso = (pi(iso_start), pi(iso_int), share * jnp.exp(iso_s) * jnp.expm1(logits.iso_start_extra), pi(iso_term))
+        pi = lambda logit: scale(ex(logit - log_y), float(m))  # m e^{-top} pi(w), pi(w) = e^{logit} / Y <= 1
+        iso = (pi(iso_start), pi(iso_int), pi(iso_s + logits.iso_start_extra), pi(iso_term))
         # tokens among the isolated vertices per visit: 1 / P(land on the chain) = 1 + (stay weight) / Y
         stay = ([(0.0, m - 1.0)] if m > 1 else []) + ([] if model.mask_self else [(logits.iso_self, 1.0)])
-        iso_tokens = m * ex(0.0) * (1.0 + (jnp.exp(log_sum(stay) - log_y) if stay else 0.0))
+        iso_tokens = scale(ex(0.0), m * (1.0 + (jnp.exp(log_sum(stay) - log_y) if stay else 0.0)))
     else:
-        iso, iso_tokens = (0.0, 0.0, 0.0, 0.0), 0.0
+        iso, iso_tokens = (none, none, none, none), none
 
-    upper = jnp.where(succ_terminal, 0.0, w_succ - w_int)
-    lower = jnp.where(has_pred, w_pred - jnp.where(pos == 2, w_start, w_int), 0.0)
-    # excess = D_u + class weight of u - |upper| - |lower|, without subtracting a local weight from itself:
-    # W - |W - K| is K when W >= K, else 2W - K (an absorbing successor keeps its whole weight)
-    kept = lambda w, k: jnp.where(w >= k, k, 2.0 * w - k)
-    succ_kept = jnp.where(succ_terminal, w_succ, kept(w_succ, w_int))
-    pred_kept = jnp.where(has_pred, kept(w_pred, jnp.where(pos == 2, w_start, w_int)), 0.0)
-    excess = rest + jnp.where(pos == 1, w_start, w_int) + succ_kept + pred_kept
-    u = jnp.stack([w_start + iso[0], w_int + iso[1], w_s_extra + iso[2]], -1)
-    rates = jnp.stack([jnp.where(on_a & succ_terminal, w_succ, w_term), jnp.where(~on_a & succ_terminal, w_succ, w_term)], -1)
-    rates = rates + jnp.asarray(iso[3])[..., None]
-    self_weight = 0.0 if model.mask_self else ex(logits.self_)
-    total = w_succ + w_pred + rest + self_weight  # the row's weight on every target, in its scale
-    log_forward = jnp.log(w_succ) - jnp.log(total)
-    c = jnp.stack([jnp.asarray(pos == 1, float), jnp.asarray(pos >= 2, float), jnp.where(is_s, 1.0, 0.0)], -1)
+    # each local vertex's column weight (what U C^T puts there; 0 for the start: it is local, so u's start column is 0)
+    column_weight = lambda first, here_s: where(here_s, none, where(first, u_start, u_int))
+    k_succ = column_weight(False, s_near & (pos + 1 == start) & on_a)
+    k_pred = column_weight(pos == 2, s_near & (pos - 1 == start) & on_a)
+    own = column_weight(pos == 1, is_s)
+    upper = where(succ_terminal, none, minus(w_succ, k_succ))
+    lower = where(has_pred, minus(w_pred, k_pred), none)
+    # excess = D_u + own column weight - |upper| - |lower|, without subtracting a local weight from itself:
+    # W - |W - K| is K when W >= K, else 2W - K (an absorbing successor keeps its whole weight); every K > 0 has a far
+    # vertex of its column in ``rest`` (and ``own``), so the excess is >= 0
+    kept = lambda w, k: where(_nonnegative(minus(w, k)), k, minus(scale(w, 2.0), k))
+    succ_kept = where(succ_terminal, w_succ, kept(w_succ, k_succ))
+    pred_kept = where(has_pred, kept(w_pred, k_pred), none)
+    excess = add(add(rest, own), add(succ_kept, pred_kept))
+    u = numbers.stack([add(u_start, iso[0]), add(u_int, iso[1]), add(w_s, iso[2])], -1)
+    to_a, to_b = where(on_a & succ_terminal, w_succ, w_term), where(~on_a & succ_terminal, w_succ, w_term)
+    rates = numbers.stack([add(to_a, iso[3]), add(to_b, iso[3])], -1)
+    total = add(add(w_succ, w_pred), rest)  # the row's weight on every target, in its scale
+    if not model.mask_self:
+        total = add(total, ex(logits.self_))
+    log_forward = succ - top - _log(total)
+    c = jnp.stack([(pos == 1) & ~is_s, (pos >= 2) & ~is_s, is_s], -1).astype(float)
     return StartSystem(excess, lower, upper, u, c, rates, total, iso_tokens, log_forward, top)
 
 
+def _nonnegative(x) -> jnp.ndarray:
+    """x >= 0 for a float or an ``Extended``."""
+    return (x.m if isinstance(x, ext.Extended) else x) >= 0
+
+
+def _log(x) -> jnp.ndarray:
+    """log x for a float or an ``Extended`` (x > 0)."""
+    return jnp.log(x.m) + x.e * np.log(2.0) if isinstance(x, ext.Extended) else jnp.log(x)
+
+
 def start_system_solve(system: StartSystem, rhs, signed: bool = False) -> jnp.ndarray:
-    """x = (T - U C^T)^{-1} rhs by Woodbury: z_r + z_u (I - C^T z_u)^{-1} C^T z_r, one ``gth_solve`` of T with
-    k + 3 columns and a 3 x 3 capacitance; NaN where float64 could not hold the elimination.
+    """x = (T - U C^T)^{-1} rhs by Woodbury: z_r + z_u y, y = (I - C^T z_u)^{-1} C^T z_r, one ``gth_solve`` of T
+    with k + 4 columns and a 3 x 3 capacitance built from positive sums (``_linalg.capacitance_solve``);
+    NaN where float64 could not hold the elimination.  An ``EXTENDED`` system (``start_system``) is solved in its
+    numbers at any logit gap (``gradflow._extended``).
 
     Args:
         system: the chain rows (``start_system``).
-        rhs (jax.Array): right-hand sides (2(n-1), k), in the rows' scale.
+        rhs (jax.Array): right-hand sides (2(n-1), k), in the rows' scale (the system's numbers).
         signed: right-hand sides of either sign, eliminated as their two positive parts (x = x+ - x-).
 
     Returns:
-        x, shape (2(n-1), k).
+        x, shape (2(n-1), k), floats.
     """
+    if isinstance(system.excess, ext.Extended):
+        return _solve_extended_system(system, rhs)
     k = rhs.shape[-1]
     if signed:
         x = start_system_solve(system, jnp.concatenate([jnp.maximum(rhs, 0.0), jnp.maximum(-rhs, 0.0)], -1))
         return x[:, :k] - x[:, k:]
-    z, min_pivot = gth_solve(system.excess, system.lower, system.upper, jnp.concatenate([rhs, system.u], -1))
-    z_r, z_u = z[:, :k], z[:, k:]
-    correction = jnp.linalg.solve(jnp.eye(3) - system.c.T @ z_u, system.c.T @ z_r)
-    x = z_r + z_u @ correction
+    absorb = jnp.sum(system.rates, -1)
+    z, min_pivot = gth_solve(system.excess, system.lower, system.upper, jnp.concatenate([rhs, system.u, absorb[:, None]], -1))
+    z_r, z_u, z_a = z[:, :k], z[:, k : k + 3], z[:, k + 3]
+    y = jnp.stack(capacitance_solve(system.c.T @ z_u, system.c.T @ z_a, jnp.sum(system.c, 0), system.c.T @ z_r))
+    x = z_r + z_u @ y
     return jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
+
+
+def _solve_extended_system(system: StartSystem, rhs: ext.Extended) -> jnp.ndarray:
+    """``start_system_solve`` for an ``EXTENDED`` system and right-hand sides >= 0: the same Woodbury in
+    ``gradflow._extended`` numbers, x as floats."""
+    k = rhs.m.shape[-1]
+    absorb = ext.total(system.rates, -1)
+    columns = ext.concatenate([rhs, system.u, ext.apply(lambda v: v[:, None], absorb)], -1)
+    z = solve_extended(system.excess, system.lower, system.upper, columns)
+    part = lambda lo, hi: ext.apply(lambda v: v[:, lo:hi], z)
+    z_r, z_u, z_a = part(0, k), part(k, k + 3), part(k + 3, k + 4)
+    by_column = lambda x: [ext.total(ext.where(system.c[:, j, None] > 0, x, ext.zeros(x.m.shape)), 0) for j in range(3)]
+    k_rows, alpha, b = by_column(z_u), by_column(z_a), by_column(z_r)
+    pick = lambda x, j: ext.apply(lambda v: v[..., j], x)
+    k_matrix = [[pick(k_rows[i], j) for j in range(3)] for i in range(3)]
+    alpha = [pick(a, 0) for a in alpha]
+    y = capacitance_solve(k_matrix, alpha, jnp.sum(system.c, 0), b, EXTENDED_OPS)
+    x = z_r
+    for j in range(3):
+        x = ext.add(x, ext.mul(ext.apply(lambda v, j=j: v[:, j, None], z_u), ext.apply(lambda v: v[None, :], y[j])))
+    return ext.to_float(x)
 
 
 def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False):
     """The solve from a_start: (P(own), P(other)[, E[tokens to a terminal]]) at the start, and log P(succ) of every
-    chain row (2(n-1),).
+    chain row (2(n-1),), in the model's numbers (``ModelSpec.numbers``).
 
     The length's right-hand side is each row's total weight (self-loop included when allowed: a token),
     plus, per isolated target, the expected tokens spent among the isolated vertices before landing on a
     chain vertex (1 / P(the isolated row lands on the chain)); the left-hand side is the absorption system's.
     """
-    system = start_system(theta, n, model, start)
+    numbers = EXTENDED if model.numbers == "extended" else FLOAT
+    system = start_system(theta, n, model, start, numbers)
     rhs = system.rates
     if lengths:  # (Z - w_self) L_u - sum_v w_v L_v = Z + m w_iso / P(an isolated vertex lands on the chain)
-        rhs = jnp.concatenate([rhs, (system.total + system.iso_tokens)[:, None]], -1)
+        tokens = numbers.add(system.total, numbers.apply(lambda v: jnp.broadcast_to(v, jnp.shape(system.top)), system.iso_tokens))
+        rhs = numbers.stack([numbers.apply(lambda v: v[:, 0], rhs), numbers.apply(lambda v: v[:, 1], rhs), tokens], -1)
     return start_system_solve(system, rhs)[start - 1], system.log_forward
 
 

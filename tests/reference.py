@@ -268,3 +268,75 @@ def _mp_chain_numbers(x, n, model, start):
         z = mp.fsum(weight.values())
         rows.append({v: w / z for v, w in weight.items()})
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# mpmath reference with V trained (the ten numbers, docs/THEORY.md §10)
+# --------------------------------------------------------------------------------------------------
+
+
+def mp_chain_trained(x, n: int, model: ModelSpec, start: int):
+    """P[u][v] (mpmath) of the token-built chain with V trained, seen from the start a_start, from the ten numbers x
+    (mpf or floats): the context of query u is the prompt's edge tokens plus the vertex tokens {s, u} (u counted
+    once); edge (p, q) scores alpha / beta / gamma (p = u, q = u, else) and carries sigma / rho / omega to
+    vertex v (p = v, q = v, else); vertex token t scores eta (t = u) or delta and carries mu (t = v) or nu.
+    Linear attention uses the scores as weights, softmax normalises them; logit(v) = (1/tau) sum_j w_j V_j(v)."""
+    alpha, beta, gamma, eta, delta, sigma, rho, omega, mu, nu = (mp.mpf(v) if not isinstance(v, mp.mpf) else v for v in x)
+    tau = mp.mpf(float(model.tau))
+    n_vertices = 2 * n + model.n_isolated
+    edges = [(c * n + i, c * n + i + 1) for c in range(2) for i in range(n - 1)]
+    rows = []
+    for u in range(n_vertices):
+        tokens = [("e", e) for e in edges] + [("v", t) for t in sorted({start - 1, u})]
+        scores = [
+            (alpha if t[0] == u else beta if t[1] == u else gamma) if kind == "e" else (eta if t == u else delta)
+            for kind, t in tokens
+        ]
+        if model.attention == "softmax":
+            top = max(scores)
+            z = mp.fsum(mp.exp(s - top) for s in scores)
+            scores = [mp.exp(s - top) / z for s in scores]
+        logit = []
+        for v in range(n_vertices):
+            values = [
+                (sigma if t[0] == v else rho if t[1] == v else omega) if kind == "e" else (mu if t == v else nu)
+                for kind, t in tokens
+            ]
+            logit.append(mp.fsum(w * val for w, val in zip(scores, values)) / tau)
+        allowed = [v for v in range(n_vertices) if not (model.mask_self and v == u)]
+        top = max(logit[v] for v in allowed)
+        weight = {v: mp.exp(logit[v] - top) for v in allowed}
+        z = mp.fsum(weight.values())
+        rows.append({v: w / z for v, w in weight.items()})
+    return rows
+
+
+def mp_reward_trained(x, task: ChainTask, model: ModelSpec, dps: int = 60):
+    """(J, 1 - J) with V trained in mpmath at ``dps`` digits (x: the ten numbers, floats or mpf)."""
+    n = task.n
+    with mp.workdps(dps):
+        hs, qs = [], []
+        for d in range(1, n):
+            h, q, _ = mp_absorption(mp_chain_trained(x, n, model, n - d), n)
+            hs.append(h[n - d - 1]), qs.append(q[n - d - 1])
+        p = [mp.mpf(float(v)) for v in np.asarray(task.start_probs)]
+        return +mp.fsum(a * b for a, b in zip(p, hs)), +mp.fsum(a * b for a, b in zip(p, qs))
+
+
+def mp_reward_gradient_trained(x, task: ChainTask, model: ModelSpec, dps: int = 60):
+    """dJ/dx (the ten numbers) by 4th-order central differences of J in mpmath (step 1e-15 relative to the scale of x,
+    at ``dps`` + 30 digits).  Returns floats."""
+    x0 = [float(v) for v in np.asarray(x, dtype=float)]
+    out = []
+    with mp.workdps(dps + 30):
+        step = mp.mpf(10) ** -15 * max(1.0, max(abs(v) for v in x0))
+        for k in range(len(x0)):
+
+            def j_at(shift, k=k):
+                y = [mp.mpf(v) for v in x0]
+                y[k] += shift
+                return mp_reward_trained(y, task, model, dps + 30)[0]
+
+            d = (8 * (j_at(step) - j_at(-step)) - (j_at(2 * step) - j_at(-2 * step))) / (12 * step)
+            out.append(float(d))
+    return np.array(out)

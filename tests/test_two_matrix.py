@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import dense_logits, dense_matrices, dense_transition
+from reference import dense_logits, dense_matrices, dense_transition, mp_reward_gradient_trained, mp_reward_trained
 
 import gradflow as gf
 from gradflow import capped, ceilings, sampling, two_matrix
@@ -651,3 +651,68 @@ def test_history_context_uses_the_trained_vertex_rows():
     # one more copy of u's token raises u's logit by (mu - nu) eta / tau, relative to the others
     shift = np.asarray(twice - once)
     np.testing.assert_allclose(shift[1] - shift[0], 0.6 * -0.4 / 0.5, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# large |theta| / tau: finite and equal to the mpmath chain (issue 23 item 2)
+# --------------------------------------------------------------------------------------------------
+
+SCALE_CASES = [  # (attention, mask_self, n_isolated, |theta| / tau scale, draws)
+    ("linear", True, 0, 30.0, 2),
+    pytest.param("softmax", True, 0, 30.0, 3, marks=pytest.mark.slow),
+    pytest.param("linear", False, 0, 100.0, 3, marks=pytest.mark.slow),
+    pytest.param("softmax", False, 1, 100.0, 3, marks=pytest.mark.slow),
+    pytest.param("linear", True, 1, 1e3, 3, marks=pytest.mark.slow),
+    pytest.param("softmax", True, 0, 1e3, 3, marks=pytest.mark.slow),
+    pytest.param("linear", False, 0, 1e3, 3, marks=pytest.mark.slow),
+]
+
+
+def _scaled_draw(rng, scale, tau=0.2):
+    return rng.normal(size=10) * scale * tau
+
+
+@pytest.mark.parametrize("attention, mask, iso, scale, draws", SCALE_CASES)
+def test_v_trained_at_large_scale_equals_the_mpmath_chain(attention, mask, iso, scale, draws):
+    """Ten numbers N(0, (scale tau)^2): logit gaps of scale^2 tau.  The eager reward (float64, extended where
+    float64 gave a NaN) and the extended program's value and gradient are finite and equal the 60-digit chain;
+    a gradient component to 1e-9 relative or 1e-13 absolute (components far below J's scale are float64 round-off
+    of J's own terms there)."""
+    task = gf.ChainTask.uniform(5)
+    model = gf.ModelSpec(attention, mask_self=mask, n_isolated=iso, values="trained")
+    extended = gf.ModelSpec(attention, mask_self=mask, n_isolated=iso, values="trained", numbers="extended")
+    value_and_grad = jax.jit(jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, extended)))
+    rng = np.random.default_rng(int(scale) + 7 * iso + mask)
+    for _ in range(draws):
+        x = _scaled_draw(rng, scale)
+        j_ref = float(mp_reward_trained(x, task, model)[0])
+        eager = float(gf.expected_reward(gf.Theta.from_array(jnp.asarray(x)), task, model))
+        j, g = value_and_grad(jnp.asarray(x))
+        np.testing.assert_allclose([eager, float(j)], j_ref, rtol=1e-9, atol=1e-15)
+        if scale <= 100:
+            np.testing.assert_allclose(g, mp_reward_gradient_trained(x, task, model), rtol=1e-9, atol=1e-13)
+        else:
+            assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_v_trained_float64_is_finite_at_moderate_scale():
+    """The float64 program alone (no fallback) is finite for |theta| / tau = 10 (it was NaN for 2 of 40 draws at n = 6
+    before the Woodbury columns were made disjoint and its capacitance positive)."""
+    task, model = gf.ChainTask.uniform(6), gf.ModelSpec(values="trained")
+    value_and_grad = jax.jit(jax.vmap(jax.value_and_grad(lambda x: gf.expected_reward(gf.Theta.from_array(x), task, model))))
+    j, g = value_and_grad(jnp.asarray(np.random.default_rng(0).normal(size=(40, 10)) * 10 * 0.2))
+    assert np.all(np.isfinite(np.asarray(j))) and np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_v_trained_property_no_nan_where_the_reference_is_finite(attention):
+    """Seeded random draws at |theta| / tau = 10 .. 300: the eager reward (float64 with the extended fallback) is
+    finite wherever the mpmath chain is, and equal to it."""
+    task, model = gf.ChainTask.uniform(4), gf.ModelSpec(attention, values="trained", mask_self=False)
+    rng = np.random.default_rng(23)
+    for scale in (10.0, 30.0, 100.0, 300.0):
+        for _ in range(6):
+            x = _scaled_draw(rng, scale)
+            j = float(gf.expected_reward(gf.Theta.from_array(jnp.asarray(x)), task, model))
+            np.testing.assert_allclose(j, float(mp_reward_trained(x, task, model)[0]), rtol=1e-9, atol=1e-15)
