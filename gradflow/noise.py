@@ -113,6 +113,14 @@ class _Rows(NamedTuple):
     start: object = None  # V trained: the start's position (its rows and terms depend on it)
 
 
+def _below_top(gap):
+    """exp(gap) for a term's logit minus its row's largest present logit (gap <= 0); 0 for a gap above 0, which
+    only a class with no vertex in the row has (e.g. the isolated class without isolated vertices): its count
+    is 0, and exp of a gap of thousands would be inf, and inf * 0 NaN."""
+    above = gap > 0.0
+    return jnp.where(above, 0.0, jnp.exp(jnp.where(above, 0.0, gap)))
+
+
 def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _Rows:
     """Row weights, edge counts c(u, v) (``gradflow.policy``), normalisers and score Jacobians of the
     chain seen from ``start``.
@@ -136,7 +144,7 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _R
     top = system.scaled.top
     targets = chain_targets(n)
     b = lambda v: jnp.broadcast_to(v, shape)
-    ex = lambda logit: b(jnp.exp(logit - top))
+    ex = lambda logit: b(_below_top(logit - top))
     present = lambda flag, logit: jnp.where(flag, ex(jnp.where(flag, logit, top)), 0.0)
     weights = jnp.stack(
         [
@@ -508,6 +516,8 @@ def _require_prompt_context(model: ModelSpec) -> None:
 
 @eqx.filter_jit
 def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moments:
+    if model.numbers == "extended":
+        raise ValueError("noise: the moments are float64 only (numbers='extended' is not implemented for them)")
     n = task.n
     if model.attention == "linear" and model.values == "fixed":
         h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import dense_transition
+from reference import dense_transition, mp_per_start
 
 import gradflow as gf
 from gradflow import noise
@@ -133,6 +133,33 @@ def test_moments_match_dense_reference(spec):
         _close(ours, reference)
     if model.max_len is None:
         _close(closed.reward, gf.same_side_probability(THETA, task, model))
+
+
+EXTREME_MODELS = [("linear", True, 0), ("linear", False, 1), ("softmax", True, 0), ("softmax", False, 1)]
+
+
+def _extreme_theta(rng, ratio: float, tau: float) -> np.ndarray:
+    """Five numbers of size ratio * tau (|theta| / tau = ratio)."""
+    return rng.normal(size=5) * ratio * tau / np.sqrt(5)
+
+
+def test_moments_refuse_extended_numbers():
+    with pytest.raises(ValueError, match="numbers='extended'"):
+        noise.moments_per_start(THETA, gf.ChainTask.uniform(4), gf.ModelSpec(numbers="extended"))
+
+
+@pytest.mark.parametrize("ratio", [300.0, 1e3, 1e4])
+def test_moments_never_give_a_wrong_finite_value(ratio, rng):
+    """The noise moments stay float64 (issue 23 item 2 is open for them): at |theta|/tau = 300, 1e3, 1e4 they may
+    be NaN, but every finite h equals the mpmath chain, and an absent row class (weight exp(gap of thousands))
+    no longer turns a row's normaliser into inf * 0."""
+    for attention, mask, iso in EXTREME_MODELS:
+        model = gf.ModelSpec(attention=attention, mask_self=mask, n_isolated=iso, tau=0.2)
+        task, x = gf.ChainTask.uniform(4), _extreme_theta(rng, ratio, 0.2)
+        reward = np.asarray(noise.moments_per_start(x, task, model).reward)
+        exact = np.array([float(h) for h in mp_per_start(gf.Theta.from_array(x), task, model)[0]])
+        finite = np.isfinite(reward)
+        np.testing.assert_allclose(reward[finite], exact[finite], rtol=1e-9, atol=1e-300, err_msg=f"{attention} {mask} {iso} {x}")
 
 
 TRAINED_THETA = Theta(0.4, -0.3, 0.2, 0.5, -0.2, sigma=1.3, rho=0.6, omega=0.2, mu=-0.7, nu=0.3)
