@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_ZERO_EXPONENT = -1e6  # the exponent of ``zeros``: below every other
+_ZERO_EXPONENT = -1e300  # the exponent of ``zeros``: below every other (V trained at |theta|/tau = 1e4 reaches 2^-3e6)
 _LN2_HI, _LN2_LO = 0.6931471803691238, 1.9082149292705877e-10  # ln 2 = HI + LO, HI exact in 32 bits
 
 
