@@ -275,7 +275,10 @@ def _start_rows(theta: Theta, n: int, model: ModelSpec, start) -> _StartRows:
     succ, self_, pred = rows(logits.succ), rows(logits.self_), rows(logits.pred)
     far = jnp.stack([rows(logits.chain_start), rows(logits.interior), rows(logits.terminal)])
     far_s = rows(jnp.where(logits.start_far, logits.start_class + logits.start_extra, -jnp.inf))
-    present = [succ, pred, far[0], far[2], far_s] + ([far[1]] if n >= 3 else []) + ([jnp.zeros(shape)] if m else [])
+    # a far class sets the row's scale only where the row has members of it: a dominant empty class would
+    # underflow every weight of the row (z = 0, log z = -inf at |theta|/tau ~ 1e4 with V trained)
+    far_present = jnp.where(_far_counts(n, model, start) > 0, far, -jnp.inf)
+    present = [succ, pred, far_s, *far_present] + ([jnp.zeros(shape)] if m else [])
     present += [] if model.mask_self else [self_]
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(present), axis=0))
     self_w = jnp.zeros(shape) if model.mask_self else jnp.exp(self_ - top)
@@ -289,11 +292,22 @@ def _start_rows(theta: Theta, n: int, model: ModelSpec, start) -> _StartRows:
     iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack(iso_present)))
     iso_self = jnp.zeros(()) if model.mask_self else jnp.exp(logits.iso_self - iso_top)
     weights = _StartRows(
-        jnp.exp(succ - top), self_w, jnp.exp(pred - top), jnp.exp(far - top), jnp.exp(far_s - top), isolated,
+        jnp.exp(succ - top), self_w, jnp.exp(pred - top), jnp.exp(far_present - top), jnp.exp(far_s - top), isolated,
         None, None, jnp.exp(iso_far - iso_top), jnp.exp(iso_s - iso_top), iso_self, jnp.exp(-iso_top), None,
     )  # fmt: skip
     (z,), (iso_z,) = _start_apply(weights, jnp.ones((1, 2, n)), jnp.ones(1), n, model, start)
     return weights._replace(z=z, log_forward=succ - top - jnp.log(z), iso_z=iso_z)
+
+
+def _far_counts(n: int, model: ModelSpec, start) -> jnp.ndarray:
+    """(3, 2, n-1): how many far members of each class (chain starts, interior vertices, terminals) each chain
+    row has seen from ``start`` (``_start_apply`` with a unit weight on that class alone)."""
+
+    def count(c):
+        unit = _StartRows(*([jnp.zeros(())] * len(_StartRows._fields)))._replace(far=jnp.eye(3)[c][:, None, None])
+        return _start_apply(unit, jnp.ones((1, 2, n)), jnp.zeros(1), n, model, start)[0][0]
+
+    return jnp.stack([count(c) for c in range(3)])
 
 
 def _start_apply(rows: _StartRows, values: jnp.ndarray, iso: jnp.ndarray, n: int, model: ModelSpec, start):
