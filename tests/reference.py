@@ -243,6 +243,15 @@ def _mp_deviation(x, task: ChainTask, model: ModelSpec):
     return total
 
 
+def _mp_policy_row(logit, u: int, model: ModelSpec) -> dict:
+    """Row u of the policy in mpmath: softmax of the logits over every vertex (u itself left out when masked)."""
+    allowed = [v for v in range(len(logit)) if not (model.mask_self and v == u)]
+    top = max(logit[v] for v in allowed)
+    weight = {v: mp.exp(logit[v] - top) for v in allowed}
+    z = mp.fsum(weight.values())
+    return {v: w / z for v, w in weight.items()}
+
+
 def _mp_chain_numbers(x, n, model, start):
     """``mp_chain`` for theta given as five mpf numbers (no float rounding of a shifted theta)."""
     alpha, beta, gamma, eta, delta = x
@@ -262,11 +271,7 @@ def _mp_chain_numbers(x, n, model, start):
         for (a, b), s in zip(edges, scores):
             logit[a] += s / tau
             logit[b] += s / tau
-        allowed = [v for v in range(n_vertices) if not (model.mask_self and v == u)]
-        top = max(logit[v] for v in allowed)
-        weight = {v: mp.exp(logit[v] - top) for v in allowed}
-        z = mp.fsum(weight.values())
-        rows.append({v: w / z for v, w in weight.items()})
+        rows.append(_mp_policy_row(logit, u, model))
     return rows
 
 
@@ -303,11 +308,7 @@ def mp_chain_trained(x, n: int, model: ModelSpec, start: int):
                 for kind, t in tokens
             ]
             logit.append(mp.fsum(w * val for w, val in zip(scores, values)) / tau)
-        allowed = [v for v in range(n_vertices) if not (model.mask_self and v == u)]
-        top = max(logit[v] for v in allowed)
-        weight = {v: mp.exp(logit[v] - top) for v in allowed}
-        z = mp.fsum(weight.values())
-        rows.append({v: w / z for v, w in weight.items()})
+        rows.append(_mp_policy_row(logit, u, model))
     return rows
 
 
