@@ -641,6 +641,13 @@ def extended_config(params: FlowParams) -> FlowParams | None:
     return None if model is None else params.replace(model=model)
 
 
+def extended_configs(configs, failed) -> dict[int, FlowParams]:
+    """{index: ``extended_config(configs[index])``} for the ``failed`` indices whose closed form takes extended
+    numbers: the members of a batch to run again, in a batch of their own."""
+    extended = {index: extended_config(configs[index]) for index in failed}
+    return {index: config for index, config in extended.items() if config is not None}
+
+
 def _model_dict(model: ModelSpec) -> dict:
     out = {name: getattr(model, name) for name in ModelSpec.__dataclass_fields__}
     out["tau"] = float(model.tau)

@@ -63,6 +63,7 @@ from gradflow.config import (
     config_label,
     default_theta0,
     extended_config,
+    extended_configs,
     stop_at_refusal,
 )
 from gradflow.integrator import (
@@ -889,12 +890,8 @@ def simulate_many(
             check_levels(cfg, index)
     outs, stats, reasons = _batch_solved(configs, progress, devices)
     messages = {index: reasons.get(index) or failure_message(cfg, outs[index]) for index, cfg in enumerate(configs)}
-    extended = {
-        index: extended_config(configs[index])
-        for index, message in messages.items()
-        if message is not None and index not in reasons and _not_finite(outs[index])
-    }
-    extended = {index: cfg for index, cfg in extended.items() if cfg is not None}
+    failed = [i for i, message in messages.items() if message is not None and i not in reasons and _not_finite(outs[i])]
+    extended = extended_configs(configs, failed)
     again_stats = stats
     if extended:  # NaN members in float64 numbers: solved again, in a batch of their own, in extended numbers
         again, again_stats, again_reasons = _batch_solved(list(extended.values()), progress, devices)
@@ -999,8 +996,7 @@ def _lean_solutions(configs: list[FlowParams]) -> list:
     solution = jax.device_get(solve_many(stack_configs(configs)))
     outs = [jax.tree_util.tree_map(lambda v, row=row: v[row], solution) for row in range(len(configs))]
     bad = [row for row, one in enumerate(outs) if failure_message(configs[row], one) is not None and _not_finite(one)]
-    extended = {row: extended_config(configs[row]) for row in bad}
-    extended = {row: cfg for row, cfg in extended.items() if cfg is not None}
+    extended = extended_configs(configs, bad)
     if extended:
         for row, one in zip(extended, _lean_solutions(list(extended.values()))):
             outs[row] = one

@@ -45,7 +45,7 @@ from gradflow import objective, readouts
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow._deprecated import module_getattr, renamed_keyword
 from gradflow.compile_cache import compiled
-from gradflow.config import config_label, extended_config
+from gradflow.config import config_label, extended_config, extended_configs
 from gradflow.flow import FlowParams, Trajectory, stack_configs
 from gradflow.model import ModelSpec, Theta
 from gradflow.readouts import RECORDED  # TrainingTrajectory's read-outs
@@ -465,8 +465,7 @@ def gradient_descent_many(
     coords = cfg.coords or configs[0].coords
     records, stats = _many_records(configs, rates, cfg, coords)
     numbers = [config.model.numbers for config in configs]
-    extended = {i: extended_config(c) for i, (c, r) in enumerate(zip(configs, records)) if not _finite(r)}
-    extended = {i: c for i, c in extended.items() if c is not None}
+    extended = extended_configs(configs, [i for i, record in enumerate(records) if not _finite(record)])
     if extended:  # members with a NaN in float64 numbers: run again, in a batch of their own, in extended numbers
         again, _ = _many_records(list(extended.values()), rates[list(extended)], cfg, coords)
         for i, record in zip(extended, again):
