@@ -40,6 +40,9 @@ from gradflow._version import versions
 CACHE_SIZE = 64  # compiled executables kept in memory (least recently used dropped first)
 MAP_SHARE = 0.5  # executables are dropped while the process's memory maps exceed this share of vm.max_map_count
 CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradflow sets it up
+# XLA:CPU's options for every program compiled here: its classic elemental emitters instead of the fusion emitters
+# (XLA's default): a flow compiles 20-35% faster (docs/guide/details.md, benchmarks/bench_compile.py)
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 _COMPILED: OrderedDict = OrderedDict()
 _COMPILATIONS = 0
@@ -151,6 +154,11 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def compile_lowered(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+    """XLA-compile a lowered program, with ``CPU_COMPILER_OPTIONS`` when it runs on CPU."""
+    return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)
+
+
 def structure_key(tree) -> tuple:
     """What a compiled executable depends on: the tree structure and each leaf's shape and dtype."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -185,7 +193,7 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool =
         if export and folder is not None:
             executable, traced = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
         if executable is None:
-            executable = jax.jit(fn).lower(*args).compile()
+            executable = compile_lowered(jax.jit(fn).lower(*args))
     _TRACES += traced
     _COMPILATIONS += 1
     _COMPILED[key] = executable
@@ -255,7 +263,7 @@ def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_
         skeleton = jax.tree_util.tree_unflatten(box["tree"], [0] * box["tree"].num_leaves)
         _write_atomic(path, pickle.dumps((bytes(blob), skeleton)))
     out_tree = jax.tree_util.tree_structure(skeleton)
-    executable = jax.jit(program.call).lower(*specs).compile()
+    executable = compile_lowered(jax.jit(program.call).lower(*specs))
 
     def run(*call_args):
         return jax.tree_util.tree_unflatten(out_tree, executable(*jax.tree_util.tree_leaves(call_args)))

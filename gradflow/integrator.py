@@ -50,22 +50,31 @@ BRACKET_MAX_STEPS = 128  # earlier solves' in-solve bracket budget; the solve no
 
 
 class Clock(eqx.Module):
-    """Flow time t <-> solver time s: s = t - origin (linear) or s = log(1 + t - origin) (log)."""
+    """Flow time t <-> solver time s: s = t - origin (linear) or s = log(1 + t - origin) (log).
+
+    ``log`` is a Python bool (one clock per program) or a traced bool (the clock chosen at run time:
+    ``theory.learning_time`` steps its plateau in log time and its rise in linear time with one solve)."""
 
     origin: jnp.ndarray
-    log: bool = eqx.field(static=True)
+    log: bool | jnp.ndarray
 
     def to_solver(self, t):
         """s(t)."""
-        return jnp.log1p(t - self.origin) if self.log else t - self.origin
+        if isinstance(self.log, bool):
+            return jnp.log1p(t - self.origin) if self.log else t - self.origin
+        return jnp.where(self.log, jnp.log1p(jnp.where(self.log, t - self.origin, 0.0)), t - self.origin)
 
     def to_time(self, s):
         """t(s), the inverse of ``to_solver``."""
-        return self.origin + (jnp.expm1(s) if self.log else s)
+        if isinstance(self.log, bool):
+            return self.origin + (jnp.expm1(s) if self.log else s)
+        return self.origin + jnp.where(self.log, jnp.expm1(jnp.where(self.log, s, 0.0)), s)
 
     def rate(self, s):
         """dt/ds: 1 + t - origin = e^s in log time, 1 in linear time."""
-        return jnp.exp(s) if self.log else jnp.ones_like(s)
+        if isinstance(self.log, bool):
+            return jnp.exp(s) if self.log else jnp.ones_like(s)
+        return jnp.where(self.log, jnp.exp(jnp.where(self.log, s, 0.0)), jnp.ones_like(s))
 
 
 def resolve_solver(solver: str, model) -> str:
@@ -222,7 +231,7 @@ def integrate(
         if jumps is not None:
             controller = diffrax.ClipStepSizeController(controller, jump_ts=jumps)
     else:
-        if clock.log:
+        if clock.log is not False:
             raise ValueError("integrate: the SDE runs in flow time (a linear clock)")
         term, solver, dt0, controller = diffrax.ControlTerm(sde.field, sde.control), diffrax.Euler(), sde.dt, None
     return diffrax.diffeqsolve(

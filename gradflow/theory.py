@@ -589,80 +589,75 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     The escape that follows accelerates without bound: the rise from 1/2 to 0.9 lasts a few time units at
     t ~ 1e49 (n = 40), far below one ulp of t.  So stage 2 runs in linear time u = t - t_k from u = 0,
     restarting the clock at t_k + u (every digit of u kept) each time |grad J| has grown SEGMENT_GROWTH-fold,
-    until J reaches the level (docs/THEORY.md §12.4).  Every solve goes through
-    ``gradflow.integrator.integrate``: a schedule's jumps end a step in either clock, and each event is
-    root-found by bisection on the step interpolant.  Under vmap, configs whose event did not fire report a
-    meaningless stop time.
+    until J reaches the level (docs/THEORY.md §12.4).  Both stages are passes of one loop around ONE
+    ``gradflow.integrator.integrate`` call whose clock (log or linear) is data, so the program holds one copy
+    of the solve and of its event (two copies compiled twice as long).  A schedule's jumps end a step in
+    either clock, and each event is root-found by bisection on the step interpolant.  Under vmap, configs
+    whose event did not fire report a meaningless stop time.
     """
     level = params.reward_threshold
     reward = lambda y: _reward(Theta.from_array(y), watched, params.model)
     speed = lambda t, y: jnp.linalg.norm(params.vector_field(t, y))
-    plateau = Clock(params.t0, log=True)
+    y0 = params.theta0.as_array(params.model.values)
     j0 = reward(params.theta0.as_array())
     escape = jnp.minimum(j0 + ESCAPE_FRACTION * (1.0 - j0), level)  # the plateau ends here (``phases``' escape)
-
-    def fast(s, y):  # scaled so the switch is at 0, like the level
-        return 1.0 - plateau.rate(s) * speed(plateau.to_time(s), y) / SWITCH_SPEED
-
-    # one condition (diffrax root-finds a single scalar here): the first of the two to fall through 0
-    either = falling_event(lambda t, y, args, **kwargs: jnp.minimum(escape - reward(y), fast(t, y)))  # t: here s
     # a flow already fast at theta0 (a condition that starts below 0 never falls through it) has no plateau to
     # cross in log time: the log-time stage takes zero length and the linear-time stage starts at t0
-    s0 = plateau.to_solver(params.t0)
-    starts_fast = fast(s0, params.theta0.as_array(params.model.values)) <= 0.0
-    first = integrate(
-        params, diffrax.SaveAt(t1=True), clock=plateau, t1=jnp.where(starts_fast, s0, plateau.to_solver(params.t1)), event=either
-    )
-    s_stop, y_first = first.ts[-1], first.ys[-1]
-    t_switch = plateau.to_time(s_stop)
-    escaped = first.event_mask & (escape - reward(y_first) <= fast(s_stop, y_first))
-    done = escaped & (escape >= level)  # the level is the plateau's end: reached in log time
-    switched = (first.event_mask & ~done) | starts_fast
-    t_escape = jnp.where(escaped, t_switch, jnp.nan)
+    starts_fast = 1.0 - speed(params.t0, y0) / SWITCH_SPEED <= 0.0
+
+    def terms(plateau, clock: Clock, grown, t_escape, s, y):
+        """(the level's term, the speed's term, the plateau end's term) of the event: each falls through 0.
+        Plateau (log time): J reaches the plateau's end, or theta moves fast ((1 + t - t0) |grad J| >= SWITCH_SPEED);
+        rise (linear time): J reaches the level, |grad J| grows SEGMENT_GROWTH-fold, or J passes the plateau's end."""
+        j, moving = reward(y), speed(clock.to_time(s), y)
+        level_term = jnp.where(plateau, jnp.inf, level - j)
+        speed_term = jnp.where(plateau, 1.0 - clock.rate(s) * moving / SWITCH_SPEED, 1.0 - moving / grown)
+        end_term = jnp.where(plateau | jnp.isnan(t_escape), escape - j, jnp.inf)
+        return level_term, speed_term, end_term
 
     def active(state):
-        k, t, y, _, _, going, _, _ = state
-        return going & (k < MAX_SEGMENTS)
+        k, _, _, _, _, going, *_ = state
+        return going & (k <= MAX_SEGMENTS)
 
-    def segment(state):  # rise: the lengths u of the segments after the plateau's end, every digit kept
-        k, origin, theta, steps, result, going, t_escape, rise = state
+    def stage(state):  # k = 0: the plateau in log time from t0; k >= 1: the rise's segments u = t - origin, every digit kept
+        k, origin, theta, steps, result, going, t_escape, rise, switched, done = state
+        plateau = k == 0
+        clock = Clock(origin, log=plateau)
         grown = SEGMENT_GROWTH * jnp.maximum(speed(origin, theta), jnp.finfo(float).tiny)
-        plateau_end = lambda y: jnp.where(jnp.isnan(t_escape), escape - reward(y), jnp.inf)
-        growth = lambda u, y: 1.0 - speed(origin + u, y) / grown
-        cond = lambda t, y, args, **kwargs: jnp.minimum(jnp.minimum(level - reward(y), growth(t, y)), plateau_end(y))  # t: u
-        span = jnp.where(going, params.t1 - origin, 0.0)  # the members already done take a zero-length segment
-        sol = integrate(
-            params, diffrax.SaveAt(t1=True), clock=Clock(origin, log=False), t0=0.0, t1=span, y0=theta, event=falling_event(cond)
-        )
-        y_next = jnp.where(going, sol.ys[-1], theta)
+        event = falling_event(lambda t, y, args, **kwargs: jnp.min(jnp.stack(terms(plateau, clock, grown, t_escape, t, y))))
+        span = jnp.where(plateau, jnp.where(starts_fast, 0.0, clock.to_solver(params.t1)), params.t1 - origin)
+        span = jnp.where(going, span, 0.0)  # under vmap, members already done take a zero-length solve (their state is kept)
+        sol = integrate(params, diffrax.SaveAt(t1=True), clock=clock, t0=0.0, t1=span, y0=theta, event=event)
+        s_end, y_end = sol.ts[-1], sol.ys[-1]
+        _, speed_end, end_end = terms(plateau, clock, grown, t_escape, s_end, y_end)
+        fired = sol.event_mask  # (a zero-length solve fires nothing)
         ok = sol.result == diffrax.RESULTS.event_occurred
-        still = going & ok & (reward(y_next) < level)
-        result = jnp.where(going & ~ok, result_code(sol.result), result)
-        t_next = jnp.where(going, origin + sol.ts[-1], origin)
-        ended = going & ok & (plateau_end(y_next) <= growth(sol.ts[-1], y_next))
+        # plateau: where it ended, and whether the rise in linear time follows
+        escaped = fired & (end_end <= speed_end)
+        reached = escaped & (escape >= level)  # the level is the plateau's end: reached in log time
+        rises = (fired & ~reached) | starts_fast
+        # rise: whether this segment ended the plateau, and whether another segment follows
+        ended = ok & (end_end <= speed_end)
+        y_next = jnp.where(going, y_end, theta)
+        t_next = clock.to_time(s_end)
         return (
             k + 1,
             t_next,
             y_next,
-            steps + jnp.where(going, sol.stats["num_steps"], 0),
-            result,
-            still,
-            jnp.where(ended, t_next, t_escape),
-            rise + jnp.where(going & ~jnp.isnan(t_escape), sol.ts[-1], 0.0),
+            steps + sol.stats["num_steps"],
+            jnp.where(plateau | ~ok, result_code(sol.result), result),
+            jnp.where(plateau, rises, ok & (reward(y_next) < level)),
+            jnp.where(plateau, jnp.where(escaped, t_next, jnp.nan), jnp.where(ended, t_next, t_escape)),
+            rise + jnp.where(~plateau & ~jnp.isnan(t_escape), s_end, 0.0),
+            jnp.where(plateau, rises, switched),
+            jnp.where(plateau, reached, done),
         )
 
-    start = (
-        jnp.asarray(0),
-        jnp.where(switched, t_switch, params.t1),
-        y_first,
-        first.stats["num_steps"],
-        result_code(first.result),
-        switched,
-        t_escape,
-        jnp.zeros(()),
+    zero, no = jnp.zeros(()), jnp.asarray(False)
+    start = (jnp.asarray(0), params.t0, y0, jnp.asarray(0), result_code(diffrax.RESULTS.successful), jnp.asarray(True))
+    k, t_stop, y_stop, steps, result, _, t_escape, rise, switched, done = jax.lax.while_loop(
+        active, stage, (*start, jnp.nan * zero, zero, no, no)
     )
-    _, t_stop, y_stop, steps, result, _, t_escape, rise = jax.lax.while_loop(active, segment, start)
-    t_stop = jnp.where(switched, t_stop, t_switch)
     fired = jnp.where(switched, reward(y_stop) >= level - 1e-12, done)
     result = jnp.where(switched & fired, result_code(diffrax.RESULTS.successful), result)
     unended = jnp.isnan(t_escape)  # J jumped past the plateau's end and the level within one segment

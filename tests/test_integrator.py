@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import diffrax
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
@@ -41,6 +42,23 @@ def test_clock_round_trip_and_rate():
     np.testing.assert_allclose(clock.rate(clock.to_solver(t)), 1.0 + t - 2.0, rtol=1e-14)
     linear = Clock(jnp.asarray(2.0), False)
     assert float(linear.to_solver(5.0)) == 3.0 and float(linear.to_time(3.0)) == 5.0
+
+
+def test_a_clock_chosen_at_run_time_equals_the_static_clocks():
+    """Clock(origin, log=<traced bool>) (learning_time's stages) gives the static clocks' numbers and finite derivatives."""
+    s, origin = jnp.asarray([0.0, 1.5, 200.0]), jnp.asarray(2.0)
+
+    def readings(log, s):
+        clock = Clock(origin, log)
+        return clock.to_solver(clock.to_time(s)), clock.to_time(s), clock.rate(s)
+
+    for log in (True, False):
+        static = readings(log, s[:2] if log else s)
+        traced = jax.jit(readings)(jnp.asarray(log), s[:2] if log else s)
+        for a, b in zip(static, traced):
+            np.testing.assert_array_equal(a, b)
+    slope = jax.grad(lambda u: jax.jit(readings)(jnp.asarray(False), u)[1])(jnp.asarray(800.0))  # e^800 = inf untaken
+    assert float(slope) == 1.0
 
 
 def test_one_diffeqsolve_call_site():
