@@ -36,6 +36,7 @@ def value_and_grad_ms(n: int) -> float:
 def main() -> None:
     out = {"first_solve_s": seconds(lambda: gf.simulate(gf.FlowParams(gf.ChainTask.uniform(8))).reward)}
     out["new_n_s"] = seconds(lambda: gf.simulate(gf.FlowParams(gf.ChainTask.uniform(7))).reward)
+    out["learning_time_first_s"] = seconds(lambda: float(gf.theory.learning_time(gf.ChainTask.hardest(12))))  # compile + run
     configs = [gf.FlowParams(gf.ChainTask.mixture(SWEEP_N, float(c)), events=()) for c in np.geomspace(1e-3, 1.0, SWEEP_SIZE)]
     out["sweep_first_s"] = seconds(lambda: [t.reward for t in gf.simulate_many(configs)][-1])  # compile + run
     out["sweep_flows_per_s"] = SWEEP_SIZE / seconds(lambda: [t.reward for t in gf.simulate_many(configs)][-1])

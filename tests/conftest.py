@@ -1,23 +1,29 @@
 """Shared fixtures.  Importing gradflow turns on float64, as for every user.
 
-The suite's xdist workers run with the persistent compilation cache off (``GRADFLOW_NO_CACHE``): reading
-it crashed a worker in two clean-clone runs (an abort, then a segmentation fault, each inside jax's
-``compilation_cache.get_executable_and_time``, each test passing alone on the same cache), and a crashed
-worker fails the run.  Tests of the cache itself give their subprocesses their own folder.
+The suite's processes (the xdist controller and its workers) share one persistent compilation cache, a
+fresh folder per run (``GRADFLOW_CACHE_DIR``, removed at the end): a program one worker compiled, the other
+loads from disk instead of compiling it again (and a worker that gave an executable back reloads it), so a
+cold run compiles each program about once.  ``GRADFLOW_CACHE_DIR`` or ``GRADFLOW_NO_CACHE=1`` set by the
+caller is respected.  Tests of the cache itself give their subprocesses their own folder.
 
-Those crashes, and a third one with the cache off, were the worker running out of memory maps: every
-compiled flow holds about 1,000 and a worker crossed ``vm.max_map_count`` (65,530) near the end of the run.
-``gradflow.compile_cache`` now gives maps back before each compilation; after every test the suite does
-the same for the programs jitted outside it (``release_memory_maps``: only while over half the limit)."""
+Memory maps: every compiled flow holds about 1,000 and a process past ``vm.max_map_count`` (65,530) aborts in
+its next compilation (earlier runs lost workers that way, inside jax's cache read and elsewhere).
+``gradflow.compile_cache`` gives maps back before each compilation; after every test the suite does the same
+for the programs jitted outside it (``release_memory_maps``: only while over half the limit)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER") and "GRADFLOW_CACHE_DIR" not in os.environ:
-    os.environ.setdefault("GRADFLOW_NO_CACHE", "1")
+if not os.environ.get("PYTEST_XDIST_WORKER") and "GRADFLOW_CACHE_DIR" not in os.environ:  # the controller, before workers start
+    _SUITE_CACHE = tempfile.mkdtemp(prefix="gradflow-suite-cache-")
+    os.environ["GRADFLOW_CACHE_DIR"] = _SUITE_CACHE
+    atexit.register(shutil.rmtree, _SUITE_CACHE, True)
 
 import gradflow  # noqa: E402,F401  (enables jax_enable_x64)
 from gradflow import compile_cache  # noqa: E402
