@@ -77,7 +77,8 @@ def row_scores(theta: Theta, n: int, model: ModelSpec, start, rows=None):
     """Effective (a, b, g, e, d) of the transient rows (each (2(n-1),)) and of an isolated row (scalars).
 
     linear: theta/tau.  softmax: exp(score - log Z(u))/tau with Z(u) = e^alpha #out + e^beta #in + e^gamma #far
-    + e^eta (u's own token) + e^delta [u != s] (the start's token).
+    + e^eta (u's own token) + e^delta [u != s] (the start's token); 0 for a token the row does not hold (b without a
+    predecessor, d on the start's own row).
 
     Args:
         theta: the parameters.
@@ -100,7 +101,11 @@ def row_scores(theta: Theta, n: int, model: ModelSpec, start, rows=None):
     has_pred = (pos >= 2) * 1.0
     log_z = log_sum([(alpha, 1.0), (beta, has_pred), (gamma, 2.0 * (n - 1) - 1.0 - has_pred), (eta, 1.0), (delta, not_start)])
     log_z_iso = log_sum([(gamma, 2.0 * (n - 1)), (eta, 1.0), (delta, 1.0)])
-    return tuple(jnp.exp(x - log_z) / model.tau for x in scores), tuple(jnp.exp(x - log_z_iso) / model.tau for x in scores)
+    # a token the row does not hold (beta without a predecessor, delta on the start's own row) has score 0; its
+    # x - log Z may be thousands (exp: inf, and inf * 0 a NaN cotangent), so it is masked before the exp
+    held = (1.0, has_pred, 1.0, 1.0, not_start)
+    row = tuple(jnp.exp(jnp.where(h > 0, x - log_z, -jnp.inf)) / model.tau for x, h in zip(scores, held))
+    return row, tuple(jnp.exp(x - log_z_iso) / model.tau for x in scores)
 
 
 class StartLogits(NamedTuple):
