@@ -275,6 +275,7 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start, numbers: Numbers
     yes = jnp.ones(2 * (n - 1), dtype=bool)
     present = jnp.stack([yes, yes, yes, yes & (m > 0), yes, yes, yes & (not model.mask_self), yes, pos >= 2, pos >= 2])
     present = jnp.concatenate([present, jnp.stack([start_far, start_far])])
+    present = present & _with_far_member(present, n, m, start)
     top = system.top
     weights = numbers.exp(jnp.where(present, logits, top) - top)
     weights = numbers.where(present, weights, numbers.zeros(present.shape))
@@ -293,6 +294,24 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start, numbers: Numbers
     iso_z = numbers.total(iso_weighted, 0)
     iso_cbar = _mean_counts(numbers, iso_weighted, iso_grads, iso_z)
     return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_grads, iso_z, iso_cbar, jnp.eye(p), system, start, numbers)
+
+
+def _with_far_member(present, n: int, m: int, start) -> jnp.ndarray:
+    """(12, 2(n-1)) bools: False for the class terms (a far class and its actual-minus-class corrections) of a class
+    whose every member is the row's successor, itself, its predecessor or the start.  Such a class holds no far
+    vertex, yet its logit may set the row's scale (``two_matrix.start_system``): kept, its class weight minus
+    itself would cancel the row's whole weight (z = 0 in any numbers)."""
+    pos = np.tile(np.arange(1, n), 2)
+    # the class (0 chain starts, 1 interior vertices, 2 terminals) of the corrections: successor, self, predecessor, start
+    member = jnp.stack(
+        [np.where(pos == n - 1, 2, 1), np.where(pos == 1, 0, 1), np.where(pos == 2, 0, 1), jnp.where(start == 1, 0, 1) + 0 * pos]
+    )
+    corrections = present[np.array([5, 7, 9, 11])]
+    sizes = jnp.array([2.0, 2.0 * (n - 2), 2.0, float(m)])[:, None]
+    far = sizes - jnp.stack([jnp.sum((member == c) & corrections, 0) for c in range(4)]) > 0  # (4, 2(n-1))
+    corrected = jnp.take_along_axis(far, member, 0)
+    always = jnp.ones_like(pos, dtype=bool)
+    return jnp.stack([*far, always, corrected[0], always, corrected[1], always, corrected[2], always, corrected[3]])
 
 
 def _trained_values(g, g_iso, n: int, m: int, start, numbers: Numbers = FLOAT):

@@ -334,7 +334,7 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
         iso = (pi(iso_start), pi(iso_int), pi(iso_s + logits.iso_start_extra), pi(iso_term))
         # tokens among the isolated vertices per visit: 1 / P(land on the chain) = 1 + (stay weight) / Y
         stay = ([(0.0, m - 1.0)] if m > 1 else []) + ([] if model.mask_self else [(logits.iso_self, 1.0)])
-        iso_tokens = scale(ex(0.0), m * (1.0 + (jnp.exp(log_sum(stay) - log_y) if stay else 0.0)))
+        iso_tokens = scale(add(ex(0.0), ex(log_sum(stay) - log_y)) if stay else ex(0.0), float(m))  # no overflow of stay / Y
     else:
         iso, iso_tokens = (none, none, none, none), none
 
