@@ -49,8 +49,8 @@ class ModelSpec(eqx.Module):
     numbers: the numbers of the uncapped closed form's solves (and of the noise moments' whole recursion):
     "float64" (default; NaN where a row-scaled elimination leaves float64's range, logit gaps of a few
     hundred) or "extended" (float64 digits with an unbounded exponent, ``gradflow._extended``: finite at any
-    logit gap, several times slower; its own compiled program).  The eager public functions and the flows take "extended" by themselves where
-    "float64" gave a NaN; under a user's jit/vmap/grad pick it here.
+    logit gap, several times slower; its own compiled program).  The eager public functions and the flows
+    take "extended" by themselves where "float64" gave a NaN; under a user's jit/vmap/grad pick it here.
     """
 
     attention: str = eqx.field(static=True, default="linear")
