@@ -48,8 +48,8 @@ row has seven.  Every solve is ``two_matrix.start_system``'s (tridiagonal minus 
 Numbers (``ModelSpec.numbers``, docs/THEORY.md §8.4): float64, or the whole uncapped recursion (row weights and
 normalisers, right-hand sides, solves and the values between them) in ``gradflow._extended`` numbers, written once
 over ``Numbers``; the eager ``moments_per_start``, ``gradient_covariance``, ``batch_covariance`` and
-``critical_batch`` fall back to them where float64 gave a NaN (``objective.finite_or_extended``).  m and M keep
-their digits only to about |theta|/tau = 300 in either numbers: their signed right-hand sides' two parts cancel.
+``critical_batch`` fall back to them where float64 gave a NaN (``objective.finite_or_extended``).  m and M lose
+their digits from |theta|/tau of a few hundred in either numbers: their signed right-hand sides' two parts cancel.
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
