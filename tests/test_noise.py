@@ -188,6 +188,17 @@ def test_moments_finite_at_extreme_scales_against_mpmath(spec, rng):
         _agree_with_reference([np.where(np.isnan(a), b, a) for a, b in zip(float64, reference)], reference, label, checked)
 
 
+def test_the_float64_moments_hold_no_extended_code():
+    """The default float64 moments trace none of ``gradflow._extended``'s exponent arithmetic; the extended ones do."""
+    task, x = gf.ChainTask.uniform(4), THETA.as_array()
+
+    def bitcasts(model):
+        return "bitcast_convert_type" in str(jax.make_jaxpr(lambda y: noise._moments_per_start(y, task, model))(x))
+
+    assert not bitcasts(gf.ModelSpec()) and not bitcasts(gf.ModelSpec(attention="softmax"))
+    assert bitcasts(gf.ModelSpec(numbers="extended"))
+
+
 @pytest.mark.xfail(strict=True, reason="m and M: signed right-hand sides whose positive parts cancel (issue 23)")
 def test_signed_moments_lose_digits_at_extreme_scales():
     """Known limit: at |theta|/tau = 1e3 (linear, tau = 0.2, h = 1/2 at every start) the true m = grad h is about
