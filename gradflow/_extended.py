@@ -132,7 +132,9 @@ def magnitude(x: Extended) -> Extended:
 
 class Numbers(NamedTuple):
     """The operations a closed form's rows are written in: exp(logit), a + b, a * float, where, zeros, stack
-    and ``apply`` (indexing and selecting, no arithmetic), in one kind of number."""
+    and ``apply`` (indexing and selecting, no arithmetic), in one kind of number; and for the noise moments'
+    recursions (``gradflow.noise``) a * b, a / b, the sum over an axis, concatenate, a float as such a
+    number (``of``) and back (``to_float``)."""
 
     exp: Callable
     add: Callable
@@ -141,7 +143,31 @@ class Numbers(NamedTuple):
     zeros: Callable
     stack: Callable
     apply: Callable
+    mul: Callable
+    div: Callable
+    total: Callable
+    concatenate: Callable
+    of: Callable
+    to_float: Callable
 
 
-FLOAT = Numbers(jnp.exp, jnp.add, jnp.multiply, jnp.where, jnp.zeros, jnp.stack, lambda f, *xs: f(*xs))
-EXTENDED = Numbers(extended_exp, add, scale, where, zeros, stack, apply)
+def _float_total(x, axis: int = -1):
+    return jnp.sum(x, axis=axis)
+
+
+FLOAT = Numbers(
+    jnp.exp,
+    jnp.add,
+    jnp.multiply,
+    jnp.where,
+    jnp.zeros,
+    jnp.stack,
+    lambda f, *xs: f(*xs),
+    jnp.multiply,
+    jnp.divide,
+    _float_total,
+    jnp.concatenate,
+    lambda x: jnp.asarray(x, float),
+    lambda x: x,
+)
+EXTENDED = Numbers(extended_exp, add, scale, where, zeros, stack, apply, mul, div, total, concatenate, extended, to_float)

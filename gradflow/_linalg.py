@@ -501,6 +501,21 @@ def gth_solve_extended(excess, lower, upper, rhs):
 def woodbury_gth_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None):
     """``woodbury_gth`` for ``gradflow._extended.Extended`` rows (right-hand sides of either sign: each solved
     by its two positive parts, as ``woodbury_gth_signed``): x as floats."""
+    k = rhs.m.shape[-1]
+    x = ext.to_float(_woodbury_parts_extended(excess, lower, upper, rhs, u, absorb, deg1, valid))
+    return x[..., :k] - x[..., k:]
+
+
+def woodbury_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None) -> ext.Extended:
+    """``woodbury_gth_extended`` with x as an ``Extended`` (x = x+ - x- in those numbers: a solution beyond
+    float64's range, or one that feeds another solve, keeps its digits)."""
+    k = rhs.m.shape[-1]
+    x = _woodbury_parts_extended(excess, lower, upper, rhs, u, absorb, deg1, valid)
+    return ext.add(ext.apply(lambda v: v[..., :k], x), ext.scale(ext.apply(lambda v: v[..., k:], x), -1.0))
+
+
+def _woodbury_parts_extended(excess, lower, upper, rhs, u, absorb, deg1, valid):
+    """The Woodbury solve of ``woodbury_gth_extended`` for [rhs+ | rhs-] (2k columns, each >= 0), as ``Extended``."""
     deg1 = np.asarray(deg1, dtype=bool)
     k = rhs.m.shape[-1]
     positive, negative = (ext.Extended(jnp.maximum(sign * rhs.m, 0.0), rhs.e) for sign in (1.0, -1.0))
@@ -526,5 +541,4 @@ def woodbury_gth_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None
     w1 = ext.div(ext.add(ext.mul(c22, vr1), ext.mul(k12, vr2)), det)
     w2 = ext.div(ext.add(ext.mul(k21, vr1), ext.mul(c11, vr2)), det)
     rank2 = ext.add(z_r, ext.add(ext.mul(z_u0, lift(w1)), ext.mul(z_u1, lift(w2))))
-    x = ext.to_float(ext.where(c2 > 0, rank2, rank1))
-    return x[..., :k] - x[..., k:]
+    return ext.where(c2 > 0, rank2, rank1)

@@ -46,11 +46,11 @@ class ModelSpec(eqx.Module):
     max_len: None (rollouts run until a terminal, default) or the maximum number of generated tokens
     (an int >= 1; self-loops count): reward 1 iff the start's own terminal is written within max_len
     tokens (docs/THEORY.md §7; closed form in ``gradflow.capped``).
-    numbers: the numbers of the uncapped closed form's solves: "float64" (default; NaN where a row-scaled
-    elimination leaves float64's range, logit gaps of a few hundred) or "extended" (float64 digits with an
-    unbounded exponent, ``gradflow._extended``: finite at any logit gap, several times slower; its own
-    compiled program).  The eager public functions and the flows take "extended" by themselves where
-    "float64" gave a NaN; under a user's jit/vmap/grad pick it here.
+    numbers: the numbers of the uncapped closed form's solves (and of the noise moments' whole recursion):
+    "float64" (default; NaN where a row-scaled elimination leaves float64's range, logit gaps of a few
+    hundred) or "extended" (float64 digits with an unbounded exponent, ``gradflow._extended``: finite at any
+    logit gap, several times slower; its own compiled program).  The eager public functions and the flows
+    take "extended" by themselves where "float64" gave a NaN; under a user's jit/vmap/grad pick it here.
     """
 
     attention: str = eqx.field(static=True, default="linear")

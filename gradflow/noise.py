@@ -45,6 +45,12 @@ successor, self, predecessor and the start where it is far: twelve terms, each w
 gradient d logit / d theta (forward mode, so c(u, v) is that gradient and Js the identity); the isolated
 row has seven.  Every solve is ``two_matrix.start_system``'s (tridiagonal minus rank 3, one per start).
 
+Numbers (``ModelSpec.numbers``, docs/THEORY.md §8.4): float64, or the whole uncapped recursion (row weights and
+normalisers, right-hand sides, solves and the values between them) in ``gradflow._extended`` numbers, written once
+over ``Numbers``; the eager ``moments_per_start``, ``gradient_covariance``, ``batch_covariance`` and
+``critical_batch`` fall back to them where float64 gave a NaN (``objective.finite_or_extended``).  m and M lose
+their digits from |theta|/tau of a few hundred in either numbers: their signed right-hand sides' two parts cancel.
+
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
 """
@@ -63,11 +69,20 @@ import numpy as np
 
 from gradflow import sampling, two_matrix
 from gradflow._checks import check_choice, check_fraction, check_int, check_positive
+from gradflow._extended import EXTENDED, FLOAT, Extended, Numbers
 from gradflow._series import first_crossing
 from gradflow.config import config_label
 from gradflow.integrator import EulerMaruyama, integrate
 from gradflow.model import ModelSpec, Theta, row_logits, row_scores
-from gradflow.objective import ChainSystem, chain_solve, chain_system, expected_reward
+from gradflow.objective import (
+    ChainSystem,
+    chain_solve,
+    chain_solve_extended,
+    chain_system,
+    expected_reward,
+    finite_or_extended,
+    numbers_of,
+)
 from gradflow.policy import chain_targets, degree_counts
 from gradflow.task import ChainTask
 
@@ -97,7 +112,9 @@ class Moments(NamedTuple):
 class _Rows(NamedTuple):
     """Everything the recursions need about one chain (one start for softmax); P = ``Theta.size()``.
 
-    Weights are in each row's own scale (divided by exp of its largest logit, as in ``system``)."""
+    Weights are in each row's own scale (divided by exp of its largest logit, as in ``system``), in ``numbers``
+    (float64, or ``gradflow._extended`` numbers: weights, normalisers and every value of the recursions); the
+    edge counts, their means and the score Jacobians are floats."""
 
     weights: jnp.ndarray  # (9, 2, n-1): the nine row terms (see _chain_rows)
     counts: jnp.ndarray  # (9, 2, n-1, 3): c(u, v) of each term
@@ -111,17 +128,47 @@ class _Rows(NamedTuple):
     iso_jac: jnp.ndarray  # (3, P)
     system: ChainSystem  # the absorbing chain of ``gradflow.objective`` (the matrix of every solve)
     start: object = None  # V trained: the start's position (its rows and terms depend on it)
+    numbers: Numbers = FLOAT  # the numbers of weights, z, the system and every value built from them
 
 
-def _below_top(gap):
+def _shape(x) -> tuple:
+    """The shape of a float array or of an ``Extended``."""
+    return x.m.shape if isinstance(x, Extended) else jnp.shape(x)
+
+
+def _scaled(numbers: Numbers, x, factor):
+    """x times a float array ``factor`` broadcasting against it (an ``Extended``'s exponent broadcast too)."""
+    shape = jnp.broadcast_shapes(_shape(x), jnp.shape(factor))
+    return numbers.scale(numbers.apply(lambda v: jnp.broadcast_to(v, shape), x), factor)
+
+
+def _expand(numbers: Numbers, x, axis: int = -1):
+    """x with a new axis of size 1 at ``axis``."""
+    return numbers.apply(lambda v: jnp.expand_dims(v, axis), x)
+
+
+def _sum_leading(numbers: Numbers, x, k: int):
+    """The sum of x (2, r, K) over its first two axes: (K,) (0 for r = 0)."""
+    if _shape(x)[1] == 0:
+        return numbers.zeros((k,))
+    return numbers.total(numbers.apply(lambda v: v.reshape(-1, k), x), 0)
+
+
+def _below_top(gap, numbers: Numbers = FLOAT):
     """exp(gap) for a term's logit minus its row's largest present logit (gap <= 0); 0 for a gap above 0, which
     only a class with no vertex in the row has (e.g. the isolated class without isolated vertices): its count
     is 0, and exp of a gap of thousands would be inf, and inf * 0 NaN."""
     above = gap > 0.0
-    return jnp.where(above, 0.0, jnp.exp(jnp.where(above, 0.0, gap)))
+    return numbers.where(above, numbers.zeros(jnp.shape(gap)), numbers.exp(jnp.where(above, 0.0, gap)))
 
 
-def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _Rows:
+def _mean_counts(numbers: Numbers, weighted, counts, z):
+    """cbar = sum over the terms of weight x class size x c / z, as floats (a mean of edge counts)."""
+    total = numbers.total(_scaled(numbers, _expand(numbers, weighted), counts), 0)
+    return numbers.to_float(numbers.div(total, _expand(numbers, z)))
+
+
+def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT) -> _Rows:
     """Row weights, edge counts c(u, v) (``gradflow.policy``), normalisers and score Jacobians of the
     chain seen from ``start``.
 
@@ -140,23 +187,24 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _R
     theta = Theta.from_array(x)
     scores = row_scores(theta, n, model, start=start)
     rows = row_logits(scores, n, model)
-    system = chain_system(theta, n, model, start)
+    system = chain_system(theta, n, model, start, numbers)
     top = system.scaled.top
     targets = chain_targets(n)
     b = lambda v: jnp.broadcast_to(v, shape)
-    ex = lambda logit: b(_below_top(logit - top))
-    present = lambda flag, logit: jnp.where(flag, ex(jnp.where(flag, logit, top)), 0.0)
-    weights = jnp.stack(
+    ex = lambda logit: _below_top(b(logit - top), numbers)
+    present = lambda flag, logit: numbers.where(b(flag), ex(jnp.where(flag, logit, top)), numbers.zeros(shape))
+    minus = lambda w: numbers.scale(w, -1.0)
+    weights = numbers.stack(
         [
             ex(rows.g),
             ex(2.0 * rows.g),
             ex(jnp.zeros(shape)),
             ex(rows.succ),
-            -ex(rows.base_succ),
-            ex(rows.self_) * (0.0 if model.mask_self else 1.0),
-            -ex(rows.base_self),
+            minus(ex(rows.base_succ)),
+            numbers.scale(ex(rows.self_), 0.0 if model.mask_self else 1.0),
+            minus(ex(rows.base_self)),
             present(rows.has_pred, rows.pred),
-            -present(rows.has_pred, rows.base_pred),
+            minus(present(rows.has_pred, rows.base_pred)),
         ]
     )
     local = lambda c: jnp.broadcast_to(jnp.asarray(c, float), shape + (3,))
@@ -176,19 +224,21 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start) -> _R
     )
     m = model.n_isolated
     ones_values = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)[..., 0]  # vertex counts per term
-    z = jnp.sum(weights * ones_values, axis=0)
-    cbar = jnp.sum((weights * ones_values)[..., None] * counts, axis=0) / z[..., None]
+    weighted = _scaled(numbers, weights, ones_values)
+    z = numbers.total(weighted, 0)
+    cbar = _mean_counts(numbers, weighted, counts, z)
 
     y = scores.isolated
     n_deg1, n_deg2, n_deg0 = degree_counts(n, m)
     iso_top = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(y, 2.0 * y), 0.0))
-    iso_weights = jnp.exp(jnp.stack([y, 2.0 * y, jnp.zeros_like(y)]) - iso_top)
+    iso_weights = numbers.exp(jnp.stack([y, 2.0 * y, jnp.zeros_like(y)]) - iso_top)
     iso_counts = jnp.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
     iso_multiplicity = jnp.array([n_deg1, n_deg2, n_deg0 - (1.0 if model.mask_self else 0.0)])
-    iso_z = jnp.sum(iso_weights * iso_multiplicity)
-    iso_cbar = jnp.sum((iso_weights * iso_multiplicity)[:, None] * iso_counts, axis=0) / iso_z
+    iso_weighted = _scaled(numbers, iso_weights, iso_multiplicity)
+    iso_z = numbers.total(iso_weighted, 0)
+    iso_cbar = _mean_counts(numbers, iso_weighted, iso_counts, iso_z)
     iso_jac = jnp.zeros((3, Theta.size())).at[2].set(iso_jac)
-    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_counts, iso_z, iso_cbar, iso_jac, system)
+    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_counts, iso_z, iso_cbar, iso_jac, system, numbers=numbers)
 
 
 # V trained (docs/THEORY.md §10): the twelve terms of a chain row and the seven of the isolated row
@@ -212,7 +262,7 @@ def _trained_logits(x, n: int, model: ModelSpec, start):
     return jnp.stack([full(v) for v in chain]), jnp.stack([jnp.asarray(v, dtype=float) for v in iso])
 
 
-def _trained_rows(theta_array, n: int, model: ModelSpec, start) -> _Rows:
+def _trained_rows(theta_array, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT) -> _Rows:
     """``_chain_rows`` for V trained: each term's score gradient is d logit / d theta itself (K = P = 10, the
     Jacobian the identity).
 
@@ -223,7 +273,7 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start) -> _Rows:
     """
     x = jnp.asarray(theta_array, dtype=float)
     shape, p, m = (2, n - 1), Theta.size("trained"), model.n_isolated
-    system = two_matrix.start_system(Theta.from_array(x, "trained"), n, model, start)
+    system = two_matrix.start_system(Theta.from_array(x, "trained"), n, model, start, numbers)
     logits, iso_logits = _trained_logits(x, n, model, start)
     grads, iso_grads = jax.jacfwd(lambda y: _trained_logits(y, n, model, start))(x)
     start_far = two_matrix.start_logits(Theta.from_array(x, "trained"), n, model, start).start_far
@@ -231,103 +281,152 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start) -> _Rows:
     yes = jnp.ones(2 * (n - 1), dtype=bool)
     present = jnp.stack([yes, yes, yes, yes & (m > 0), yes, yes, yes & (not model.mask_self), yes, pos >= 2, pos >= 2])
     present = jnp.concatenate([present, jnp.stack([start_far, start_far])])
+    present = present & _with_far_member(present, n, m, start)
     top = system.top
-    weights = _TRAINED_SIGNS[:, None] * jnp.where(present, jnp.exp(jnp.where(present, logits, top) - top), 0.0)
-    weights = weights.reshape((12,) + shape)
+    weights = numbers.exp(jnp.where(present, logits, top) - top)
+    weights = numbers.where(present, weights, numbers.zeros(present.shape))
+    weights = numbers.apply(lambda v: v.reshape((12,) + shape), _scaled(numbers, weights, _TRAINED_SIGNS[:, None]))
     counts = grads.reshape((12,) + shape + (p,))
-    ones = _trained_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0]
-    z = jnp.sum(weights * ones, axis=0)
-    cbar = jnp.sum((weights * ones)[..., None] * counts, axis=0) / z[..., None]
+    weighted = _scaled(numbers, weights, _trained_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0])
+    z = numbers.total(weighted, 0)
+    cbar = _mean_counts(numbers, weighted, counts, z)
     jac = jnp.broadcast_to(jnp.eye(p), shape + (p, p))
 
     iso_present = jnp.array([True, True, True, m > 1, not model.mask_self, True, True])
     iso_top = jax.lax.stop_gradient(jnp.max(jnp.where(iso_present, iso_logits, -jnp.inf)))
-    iso_weights = _TRAINED_ISO_SIGNS * jnp.where(iso_present, jnp.exp(jnp.where(iso_present, iso_logits, iso_top) - iso_top), 0.0)
-    iso_ones = _trained_iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0]
-    iso_z = jnp.sum(iso_weights * iso_ones)
-    iso_cbar = jnp.sum((iso_weights * iso_ones)[:, None] * iso_grads, axis=0) / iso_z
-    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_grads, iso_z, iso_cbar, jnp.eye(p), system, start)
+    iso_weights = numbers.exp(jnp.where(iso_present, iso_logits, iso_top) - iso_top)
+    iso_weights = _scaled(numbers, numbers.where(iso_present, iso_weights, numbers.zeros((7,))), _TRAINED_ISO_SIGNS)
+    iso_weighted = _scaled(numbers, iso_weights, _trained_iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0])
+    iso_z = numbers.total(iso_weighted, 0)
+    iso_cbar = _mean_counts(numbers, iso_weighted, iso_grads, iso_z)
+    return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_grads, iso_z, iso_cbar, jnp.eye(p), system, start, numbers)
 
 
-def _trained_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int, start) -> jnp.ndarray:
+def _with_far_member(present, n: int, m: int, start) -> jnp.ndarray:
+    """(12, 2(n-1)) bools: False for the class terms (a far class and its actual-minus-class corrections) of a class
+    whose every member is the row's successor, itself, its predecessor or the start.  Such a class holds no far
+    vertex, yet its logit may set the row's scale (``two_matrix.start_system``): kept, its class weight minus
+    itself would cancel the row's whole weight (z = 0 in any numbers)."""
+    pos = np.tile(np.arange(1, n), 2)
+    # the class (0 chain starts, 1 interior vertices, 2 terminals) of the corrections: successor, self, predecessor, start
+    member = jnp.stack(
+        [np.where(pos == n - 1, 2, 1), np.where(pos == 1, 0, 1), np.where(pos == 2, 0, 1), jnp.where(start == 1, 0, 1) + 0 * pos]
+    )
+    corrections = present[np.array([5, 7, 9, 11])]
+    sizes = jnp.array([2.0, 2.0 * (n - 2), 2.0, float(m)])[:, None]
+    far = sizes - jnp.stack([jnp.sum((member == c) & corrections, 0) for c in range(4)]) > 0  # (4, 2(n-1))
+    corrected = jnp.take_along_axis(far, member, 0)
+    always = jnp.ones_like(pos, dtype=bool)
+    return jnp.stack([*far, always, corrected[0], always, corrected[1], always, corrected[2], always, corrected[3]])
+
+
+def _trained_values(g, g_iso, n: int, m: int, start, numbers: Numbers = FLOAT):
     """``_class_values`` of the twelve chain-row terms of ``_trained_rows``: (12, 2, n-1, K)."""
-    k = g.shape[-1]
-    full = lambda v: jnp.broadcast_to(v, (2, n - 1, k))
-    classes = (g[0, 0] + g[1, 0], jnp.sum(g[:, 1 : n - 1], axis=(0, 1)), g[0, n - 1] + g[1, n - 1], m * g_iso)
-    succ, self_ = g[:, 1:n], g[:, 0 : n - 1]
-    pred = jnp.concatenate([jnp.zeros((2, 1, k)), g[:, 0 : n - 2]], axis=1)
-    the_start = full(g[0, start - 1])
-    return jnp.stack([full(c) for c in classes] + [succ, succ, self_, self_, pred, pred, the_start, the_start])
+    k = _shape(g)[-1]
+    add, at = numbers.add, lambda *index: numbers.apply(lambda v: v[index], g)
+    full = lambda v: numbers.apply(lambda a: jnp.broadcast_to(a, (2, n - 1, k)), v)
+    classes = (add(at(0, 0), at(1, 0)), _sum_leading(numbers, at(slice(None), slice(1, n - 1)), k))
+    classes += (add(at(0, n - 1), at(1, n - 1)), numbers.scale(g_iso, float(m)))
+    succ, self_ = at(slice(None), slice(1, n)), at(slice(None), slice(0, n - 1))
+    pred = numbers.concatenate([numbers.zeros((2, 1, k)), at(slice(None), slice(0, n - 2))], 1)
+    the_start = full(at(0, start - 1))
+    return numbers.stack([full(c) for c in classes] + [succ, succ, self_, self_, pred, pred, the_start, the_start])
 
 
-def _trained_iso_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int, start) -> jnp.ndarray:
+def _trained_iso_values(g, g_iso, n: int, m: int, start, numbers: Numbers = FLOAT):
     """Values of the isolated row's seven terms (``_trained_rows``): (7, K)."""
-    classes = [g[0, 0] + g[1, 0], jnp.sum(g[:, 1 : n - 1], axis=(0, 1)), g[0, n - 1] + g[1, n - 1]]
-    return jnp.stack(classes + [(m - 1.0) * g_iso, g_iso, g[0, start - 1], g[0, start - 1]])
+    k = _shape(g)[-1]
+    add, at = numbers.add, lambda *index: numbers.apply(lambda v: v[index], g)
+    classes = [add(at(0, 0), at(1, 0)), _sum_leading(numbers, at(slice(None), slice(1, n - 1)), k)]
+    classes += [add(at(0, n - 1), at(1, n - 1))]
+    return numbers.stack(classes + [numbers.scale(g_iso, m - 1.0), g_iso, at(0, start - 1), at(0, start - 1)])
 
 
-def _row_values(rows: _Rows, g, g_iso, n: int, model: ModelSpec) -> jnp.ndarray:
+def _row_values(rows: _Rows, g, g_iso, n: int, model: ModelSpec, numbers: Numbers = FLOAT):
     """The values of the chain rows' terms (``_class_values``, or ``_trained_values`` with V trained)."""
     if model.values == "trained":
-        return _trained_values(g, g_iso, n, model.n_isolated, rows.start)
-    return _class_values(g, g_iso, n, model.n_isolated)
+        return _trained_values(g, g_iso, n, model.n_isolated, rows.start, numbers)
+    return _class_values(g, g_iso, n, model.n_isolated, numbers)
 
 
-def _iso_row_values(rows: _Rows, g, g_iso, n: int, model: ModelSpec) -> jnp.ndarray:
+def _iso_row_values(rows: _Rows, g, g_iso, n: int, model: ModelSpec, numbers: Numbers = FLOAT):
     """The values of the isolated row's terms (``_iso_values``, or ``_trained_iso_values`` with V trained)."""
     if model.values == "trained":
-        return _trained_iso_values(g, g_iso, n, model.n_isolated, rows.start)
-    return _iso_values(g, g_iso, n, model.n_isolated, model.mask_self)
+        return _trained_iso_values(g, g_iso, n, model.n_isolated, rows.start, numbers)
+    return _iso_values(g, g_iso, n, model.n_isolated, model.mask_self, numbers)
 
 
-def _class_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int) -> jnp.ndarray:
+def _class_values(g, g_iso, n: int, m: int, numbers: Numbers = FLOAT):
     """Values of the nine row terms for vertex values g (2, n, K) (terminals at position n) and the
     isolated value g_iso (K,): (9, 2, n-1, K).  Far classes carry the sum over the class."""
-    k = g.shape[-1]
-    g1 = g[0, 0] + g[1, 0] + g[0, n - 1] + g[1, n - 1]
-    g2 = jnp.sum(g[:, 1 : n - 1], axis=(0, 1))
-    succ, self_ = g[:, 1:n], g[:, 0 : n - 1]
-    pred = jnp.concatenate([jnp.zeros((2, 1, k)), g[:, 0 : n - 2]], axis=1)
-    full = lambda v: jnp.broadcast_to(v, (2, n - 1, k))
-    return jnp.stack([full(g1), full(g2), full(m * g_iso), succ, succ, self_, self_, pred, pred])
+    k = _shape(g)[-1]
+    add, at = numbers.add, lambda *index: numbers.apply(lambda v: v[index], g)
+    g1 = add(add(add(at(0, 0), at(1, 0)), at(0, n - 1)), at(1, n - 1))
+    g2 = _sum_leading(numbers, at(slice(None), slice(1, n - 1)), k)
+    succ, self_ = at(slice(None), slice(1, n)), at(slice(None), slice(0, n - 1))
+    pred = numbers.concatenate([numbers.zeros((2, 1, k)), at(slice(None), slice(0, n - 2))], 1)
+    full = lambda v: numbers.apply(lambda a: jnp.broadcast_to(a, (2, n - 1, k)), v)
+    return numbers.stack([full(g1), full(g2), full(numbers.scale(g_iso, float(m))), succ, succ, self_, self_, pred, pred])
 
 
-def _iso_values(g: jnp.ndarray, g_iso: jnp.ndarray, n: int, m: int, mask_self: bool) -> jnp.ndarray:
+def _iso_values(g, g_iso, n: int, m: int, mask_self: bool, numbers: Numbers = FLOAT):
     """Values of the isolated row's three terms: (3, K)."""
-    g1 = g[0, 0] + g[1, 0] + g[0, n - 1] + g[1, n - 1]
-    g2 = jnp.sum(g[:, 1 : n - 1], axis=(0, 1))
-    return jnp.stack([g1, g2, (m - (1.0 if mask_self else 0.0)) * g_iso])
+    k = _shape(g)[-1]
+    add, at = numbers.add, lambda *index: numbers.apply(lambda v: v[index], g)
+    g1 = add(add(add(at(0, 0), at(1, 0)), at(0, n - 1)), at(1, n - 1))
+    g2 = _sum_leading(numbers, at(slice(None), slice(1, n - 1)), k)
+    return numbers.stack([g1, g2, numbers.scale(g_iso, m - (1.0 if mask_self else 0.0))])
 
 
-def _expectations(weights, counts, z, cbar, values, order: int):
-    """sum_v P(u, v) f(c(u, v) - cbar(u)) g(v) for f = 1 (order 0), c~ (1) or c~ c~^T (2).
+def _expectations(rows: _Rows, values, order: int, isolated: bool = False):
+    """sum_v P(u, v) f(c(u, v) - cbar(u)) g(v) for f = 1 (order 0), c~ (1) or c~ c~^T (2), over the chain rows (or
+    the isolated row).
 
-    weights (T, *R), counts (T, *R, 3), values (T, *R, K): returns (*R, K), (*R, 3, K) or (*R, 3, 3, K).
+    weights (T, *R), counts (T, *R, C), values (T, *R, K): returns (*R, K), (*R, C, K) or (*R, C, C, K).
     """
-    wv = weights[..., None] * values / z[..., None]
+    numbers = rows.numbers
+    if isolated:
+        weights, counts, z, cbar = rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar
+    else:
+        weights, counts, z, cbar = rows.weights, rows.counts, rows.z, rows.cbar
+    wv = numbers.mul(_expand(numbers, numbers.div(weights, z)), values)
     if order == 0:
-        return jnp.sum(wv, axis=0)
+        return numbers.total(wv, 0)
     centred = counts - cbar
     if order == 1:
-        return jnp.sum(centred[..., :, None] * wv[..., None, :], axis=0)
-    return jnp.sum(centred[..., :, None, None] * centred[..., None, :, None] * wv[..., None, None, :], axis=0)
+        return numbers.total(_scaled(numbers, _expand(numbers, wv, -2), centred[..., :, None]), 0)
+    product = centred[..., :, None, None] * centred[..., None, :, None]
+    return numbers.total(_scaled(numbers, numbers.apply(lambda v: v[..., None, None, :], wv), product), 0)
 
 
-def _project(jac, a1):
-    """Js^T a1 for a1 (..., 3, K): (..., P, K)."""
-    return jnp.einsum("...ai,...ak->...ik", jac, a1)
+def _project(numbers: Numbers, jac, a1):
+    """Js^T a1 for a1 (..., C, K): (..., P, K)."""
+    return numbers.total(_scaled(numbers, _expand(numbers, a1, -2), jac[..., :, :, None]), -3)
 
 
-def _project2(jac, a2):
-    """Js^T a2 Js for a2 (..., 3, 3) (one column): (..., P, P)."""
-    return jnp.einsum("...ai,...ab,...bj->...ij", jac, a2, jac)
+def _project2(numbers: Numbers, jac, a2):
+    """Js^T a2 Js for a2 (..., C, C) (one column): (..., P, P)."""
+    a2_js = numbers.total(_scaled(numbers, _expand(numbers, a2, -1), jac[..., None, :, :]), -2)  # (..., C, P)
+    return _project(numbers, jac, a2_js)
+
+
+def _solve(rows: _Rows, b):
+    """(I - Q)^{-1} b on the chain rows (b (2(n-1), K), either sign, in the rows' scale and numbers), in those numbers."""
+    numbers, system = rows.numbers, rows.system
+    if isinstance(system, two_matrix.StartSystem):
+        if numbers is EXTENDED:
+            return two_matrix.start_system_solve_extended(system, b)
+        return two_matrix.start_system_solve(system, b, signed=True)
+    if numbers is EXTENDED:
+        return chain_solve_extended(system, b)
+    return chain_solve(system, b, signed=True)
 
 
 def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b):
     """Solve g = rhs + sum_v P(u, v) g(v) on the transient vertices (chains and isolated).
 
-    rhs (2, n-1, K), rhs_iso (K,), terminal values (K,) at a_n and b_n.  Returns g (2, n, K) with the
-    terminal values at position n, and g_iso (K,).  Multiplied by each row's (scaled) weight Z, the
+    rhs (2, n-1, K), rhs_iso (K,), terminal values (K,) at a_n and b_n (``rows.numbers``).  Returns g (2, n, K)
+    with the terminal values at position n, and g_iso (K,).  Multiplied by each row's (scaled) weight Z, the
     system is the chain of ``gradflow.objective.chain_system`` with right-hand side Z rhs + (weight
     on the isolated vertices x their expected visits) rhs_iso + (rates into a_n, b_n) . terminal values,
     solved by the positive Woodbury of ``gradflow._linalg`` (a signed right-hand side by its two parts).
@@ -335,95 +434,110 @@ def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, termin
     """
     if model.values == "trained":
         return _trained_absorbing_solve(rows, n, model, rhs, rhs_iso, terminal_a, terminal_b)
-    m = model.n_isolated
-    system = rows.system
+    numbers, system, m = rows.numbers, rows.system, model.n_isolated
+    add, mul, at = numbers.add, numbers.mul, lambda x, *index: numbers.apply(lambda v: v[index], x)
+    col = lambda x: _expand(numbers, x)
+    k = _shape(rhs)[-1]
     if m > 0:
-        y1, y2 = rows.iso_weights[0], rows.iso_weights[1]
+        y1, y2 = at(rows.iso_weights, 0), at(rows.iso_weights, 1)
         n_deg1, n_deg2, _ = degree_counts(n, m)
-        w_iso = n_deg1 * y1 + n_deg2 * y2
-        iso_rhs_term = (rows.weights[2] * m * rows.iso_z / w_iso)[..., None] * rhs_iso
+        w_iso = add(numbers.scale(y1, float(n_deg1)), numbers.scale(y2, float(n_deg2)))
+        iso_rhs_term = mul(col(numbers.div(mul(numbers.scale(at(rows.weights, 2), float(m)), rows.iso_z), w_iso)), rhs_iso)
     else:
-        iso_rhs_term = jnp.zeros_like(rhs_iso)
-    b = rows.z[..., None] * rhs + iso_rhs_term + system.own[..., None] * terminal_a + system.other[..., None] * terminal_b
-    x = chain_solve(system, b.reshape((2 * (n - 1),) + b.shape[2:]), signed=True).reshape(b.shape)
-    terminal_own = jnp.stack([terminal_a, terminal_b])  # (2, K)
-    g = jnp.concatenate([x, terminal_own[:, None, :]], axis=1)
-    if m > 0:
-        g1 = x[0, 0] + x[1, 0] + terminal_a + terminal_b
-        g2 = jnp.sum(x[:, 1:], axis=(0, 1))
-        g_iso = (y1 * g1 + y2 * g2 + rows.iso_z * rhs_iso) / w_iso
-    else:
-        g_iso = jnp.zeros_like(rhs_iso)
-    return g, g_iso
+        iso_rhs_term = numbers.zeros(_shape(rhs))
+    b = add(add(mul(col(rows.z), rhs), iso_rhs_term), add(mul(col(system.own), terminal_a), mul(col(system.other), terminal_b)))
+    x = numbers.apply(lambda v: v.reshape((2, n - 1, k)), _solve(rows, numbers.apply(lambda v: v.reshape(2 * (n - 1), k), b)))
+    terminals = numbers.apply(lambda v: v[:, None, :], numbers.stack([terminal_a, terminal_b]))  # (2, 1, K)
+    g = numbers.concatenate([x, terminals], 1)
+    if m == 0:
+        return g, numbers.zeros((k,))
+    g1 = add(add(at(x, 0, 0), at(x, 1, 0)), add(terminal_a, terminal_b))
+    g2 = _sum_leading(numbers, at(x, slice(None), slice(1, None)), k)
+    return g, numbers.div(add(add(mul(y1, g1), mul(y2, g2)), mul(rows.iso_z, rhs_iso)), w_iso)
 
 
 def _trained_absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b):
     """``_absorbing_solve`` with V trained: Z rhs + iso_tokens rhs_iso + (rates into a_n, b_n) . terminal values
     solved on ``two_matrix.start_system``; the isolated value from the isolated row's terms,
     g_iso = (sum over its chain terms of weight x value + Z_iso rhs_iso) / (its weight on the chain)."""
-    system = rows.system
-    shape = (2, n - 1, 1)
-    b = rows.z[..., None] * rhs + jnp.broadcast_to(system.iso_tokens, (2 * (n - 1),)).reshape(shape) * rhs_iso
-    b = b + system.rates[:, 0].reshape(shape) * terminal_a + system.rates[:, 1].reshape(shape) * terminal_b
-    x = two_matrix.start_system_solve(system, b.reshape((2 * (n - 1),) + b.shape[2:]), signed=True).reshape(b.shape)
-    g = jnp.concatenate([x, jnp.stack([terminal_a, terminal_b])[:, None, :]], axis=1)
+    numbers, system = rows.numbers, rows.system
+    add, mul, at = numbers.add, numbers.mul, lambda x, *index: numbers.apply(lambda v: v[index], x)
+    k = _shape(rhs)[-1]
+    as_rows = lambda x: numbers.apply(lambda v: jnp.broadcast_to(v, (2 * (n - 1),)).reshape(2, n - 1, 1), x)
+    b = add(mul(_expand(numbers, rows.z), rhs), mul(as_rows(system.iso_tokens), rhs_iso))
+    rate = lambda j: as_rows(at(system.rates, slice(None), j))
+    b = add(b, add(mul(rate(0), terminal_a), mul(rate(1), terminal_b)))
+    x = numbers.apply(lambda v: v.reshape((2, n - 1, k)), _solve(rows, numbers.apply(lambda v: v.reshape(2 * (n - 1), k), b)))
+    g = numbers.concatenate([x, numbers.apply(lambda v: v[:, None, :], numbers.stack([terminal_a, terminal_b]))], 1)
     if model.n_isolated == 0:
-        return g, jnp.zeros_like(rhs_iso)
+        return g, numbers.zeros((k,))
     on_chain = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # the isolated row's terms that land on the chain
-    weights = rows.iso_weights * on_chain
-    chain_values = _trained_iso_values(g, jnp.zeros_like(rhs_iso), n, model.n_isolated, rows.start)
-    chain_weight = jnp.sum(weights * _trained_iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, 1, rows.start)[:, 0])
-    return g, (weights @ chain_values + rows.iso_z * rhs_iso) / chain_weight
+    weights = _scaled(numbers, rows.iso_weights, on_chain)
+    chain_values = _trained_iso_values(g, numbers.zeros((k,)), n, model.n_isolated, rows.start, numbers)
+    sizes = _trained_iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, 1, rows.start)[:, 0]
+    chain_weight = numbers.total(_scaled(numbers, weights, sizes), 0)
+    on_chain_value = numbers.total(mul(_expand(numbers, weights), chain_values), 0)
+    return g, numbers.div(add(on_chain_value, mul(rows.iso_z, rhs_iso)), chain_weight)
 
 
 def _moment_sources(rows: _Rows, n: int, model: ModelSpec, h, h_iso, grad, grad_iso):
     """Right-hand sides of m and M from (h, m) values: (rhs_m, rhs_m_iso, rhs_M, rhs_M_iso).
 
     rhs_m = Js^T E[c~ h(v)], rhs_M = Js^T E[c~ c~^T h(v)] Js + Js^T E[c~ m(v)^T] + transpose.
-    h (2, n, 1), grad (2, n, P) with terminals; the isolated ones (1,), (P,).
+    h (2, n, 1), grad (2, n, P) with terminals; the isolated ones (1,), (P,) (``rows.numbers``).
     """
-    values = _row_values(rows, jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, model)
-    iso_values = _iso_row_values(rows, jnp.concatenate([h, grad], axis=-1), jnp.concatenate([h_iso, grad_iso]), n, model)
-    a1 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values, 1)  # (2, n-1, 3, 1 + P)
-    a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, values[..., :1], 2)[..., 0]  # (2, n-1, 3, 3)
-    i1 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values, 1)  # (3, 1 + P)
-    i2 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_values[..., :1], 2)[..., 0]
-    p1, ip1 = _project(rows.jac, a1), _project(rows.iso_jac, i1)  # (2, n-1, P, 1 + P), (P, 1 + P)
-    rhs_m, rhs_m_iso = p1[..., 0], ip1[..., 0]
-    cross, iso_cross = p1[..., 1:], ip1[..., 1:]  # Js^T E[c~ m(v)^T]
-    rhs_big = _project2(rows.jac, a2) + cross + jnp.swapaxes(cross, -1, -2)
-    rhs_big_iso = _project2(rows.iso_jac, i2) + iso_cross + iso_cross.T
+    numbers = rows.numbers
+    first = lambda x: numbers.apply(lambda v: v[..., :1], x)
+    rest = lambda x: numbers.apply(lambda v: v[..., 1:], x)
+    g, g_iso = numbers.concatenate([h, grad], -1), numbers.concatenate([h_iso, grad_iso], 0)
+    values = _row_values(rows, g, g_iso, n, model, numbers)
+    iso_values = _iso_row_values(rows, g, g_iso, n, model, numbers)
+    a1 = _expectations(rows, values, 1)  # (2, n-1, C, 1 + P)
+    a2 = numbers.apply(lambda v: v[..., 0], _expectations(rows, first(values), 2))  # (2, n-1, C, C)
+    i1 = _expectations(rows, iso_values, 1, isolated=True)  # (C, 1 + P)
+    i2 = numbers.apply(lambda v: v[..., 0], _expectations(rows, first(iso_values), 2, isolated=True))
+    p1, ip1 = _project(numbers, rows.jac, a1), _project(numbers, rows.iso_jac, i1)  # (2, n-1, P, 1 + P), (P, 1 + P)
+    rhs_m, rhs_m_iso = numbers.apply(lambda v: v[..., 0], p1), numbers.apply(lambda v: v[..., 0], ip1)
+    cross, iso_cross = rest(p1), rest(ip1)  # Js^T E[c~ m(v)^T]
+    transposed = lambda x: numbers.apply(lambda v: jnp.swapaxes(v, -1, -2), x)
+    rhs_big = numbers.add(_project2(numbers, rows.jac, a2), numbers.add(cross, transposed(cross)))
+    rhs_big_iso = numbers.add(_project2(numbers, rows.iso_jac, i2), numbers.add(iso_cross, transposed(iso_cross)))
     return rhs_m, rhs_m_iso, rhs_big, rhs_big_iso
 
 
 def _score_source(rows: _Rows, n: int, model: ModelSpec):
     """Right-hand side of F: sum_v P(u, v) psi psi^T = Js^T Cov_P(c) Js, chains (2, n-1, P, P) and isolated."""
-    ones = _row_values(rows, jnp.ones((2, n, 1)), jnp.ones((1,)), n, model)
-    iso_ones = _iso_row_values(rows, jnp.ones((2, n, 1)), jnp.ones((1,)), n, model)
-    a2 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, ones, 2)[..., 0]
-    i2 = _expectations(rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar, iso_ones, 2)[..., 0]
-    return _project2(rows.jac, a2), _project2(rows.iso_jac, i2)
+    numbers = rows.numbers
+    ones = numbers.of(_row_values(rows, jnp.ones((2, n, 1)), jnp.ones((1,)), n, model))
+    iso_ones = numbers.of(_iso_row_values(rows, jnp.ones((2, n, 1)), jnp.ones((1,)), n, model))
+    a2 = numbers.apply(lambda v: v[..., 0], _expectations(rows, ones, 2))
+    i2 = numbers.apply(lambda v: v[..., 0], _expectations(rows, iso_ones, 2, isolated=True))
+    return _project2(numbers, rows.jac, a2), _project2(numbers, rows.iso_jac, i2)
 
 
 def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, ...]:
-    """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2."""
-    rows = (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start)
+    """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2,
+    floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range)."""
+    numbers = numbers_of(model)
+    rows = (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start, numbers)
     f_src, f_src_iso = _score_source(rows, n, model)
     p = Theta.size(model.values)
-    flat = lambda x: x.reshape(x.shape[:-2] + (p * p,))
+    flat = lambda x: numbers.apply(lambda v: v.reshape(v.shape[:-2] + (p * p,)), x)
     if model.max_len is None:
-        one_zero = jnp.zeros(1 + p * p).at[0].set(1.0)
-        rhs = jnp.concatenate([jnp.zeros((2, n - 1, 1)), flat(f_src)], axis=-1)
-        rhs_iso = jnp.concatenate([jnp.zeros(1), flat(f_src_iso)])
-        g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, jnp.zeros_like(one_zero))
-        h, h_iso, big_f = g[..., :1], g_iso[:1], g[:, : n - 1, 1:]
-        zero = jnp.zeros(p)
-        rhs_m, rhs_m_iso, _, _ = _moment_sources(rows, n, model, h, h_iso, jnp.zeros((2, n, p)), zero)
+        one_zero = numbers.of(jnp.zeros(1 + p * p).at[0].set(1.0))
+        rhs = numbers.concatenate([numbers.zeros((2, n - 1, 1)), flat(f_src)], -1)
+        rhs_iso = numbers.concatenate([numbers.zeros((1,)), flat(f_src_iso)], 0)
+        g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, numbers.zeros((1 + p * p,)))
+        h, h_iso = numbers.apply(lambda v: v[..., :1], g), numbers.apply(lambda v: v[:1], g_iso)
+        big_f = numbers.apply(lambda v: v[:, : n - 1, 1:], g)
+        zero = numbers.zeros((p,))
+        rhs_m, rhs_m_iso, _, _ = _moment_sources(rows, n, model, h, h_iso, numbers.zeros((2, n, p)), zero)
         grad, grad_iso = _absorbing_solve(rows, n, model, rhs_m, rhs_m_iso, zero, zero)
         _, _, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h, h_iso, grad, grad_iso)
-        zeros = jnp.zeros(p * p)
+        zeros = numbers.zeros((p * p,))
         big_m, _ = _absorbing_solve(rows, n, model, flat(rhs_big), flat(rhs_big_iso), zeros, zeros)
-        big_m = big_m[:, : n - 1]
+        big_m = numbers.apply(lambda v: v[:, : n - 1], big_m)
+        h, grad, big_m, big_f = (numbers.to_float(x) for x in (h, grad, big_m, big_f))
     else:
         h, h_iso, grad, grad_iso, big_m, big_f = _capped_moments(rows, n, model, f_src, f_src_iso)
         big_m, big_f = flat(big_m), flat(big_f)
@@ -467,15 +581,8 @@ def _capped_moments(rows: _Rows, n: int, model: ModelSpec, f_src, f_src_iso):
             axis=-1,
         )
         stacked_iso = jnp.concatenate([h_iso, grad_iso, big_m_iso.reshape(p * p), big_f_iso.reshape(p * p)])
-        a0 = _expectations(rows.weights, rows.counts, rows.z, rows.cbar, _row_values(rows, stacked, stacked_iso, n, model), 0)
-        i0 = _expectations(
-            rows.iso_weights,
-            rows.iso_counts,
-            rows.iso_z,
-            rows.iso_cbar,
-            _iso_row_values(rows, stacked, stacked_iso, n, model),
-            0,
-        )
+        a0 = _expectations(rows, _row_values(rows, stacked, stacked_iso, n, model), 0)
+        i0 = _expectations(rows, _iso_row_values(rows, stacked, stacked_iso, n, model), 0, isolated=True)
         rhs_m, rhs_m_iso, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h_full, h_iso, grad_full, grad_iso)
         return (
             a0[..., :1],
@@ -516,8 +623,6 @@ def _require_prompt_context(model: ModelSpec) -> None:
 
 @eqx.filter_jit
 def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moments:
-    if model.numbers == "extended":
-        raise ValueError("noise: the moments are float64 only (numbers='extended' is not implemented for them)")
     n = task.n
     if model.attention == "linear" and model.values == "fixed":
         h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None)
@@ -541,7 +646,8 @@ def moments_per_start(theta, task: ChainTask, model: ModelSpec) -> Moments:
     max_len steps of the recursions.  jit/vmap-able.
     """
     _require_prompt_context(model)
-    return _moments_per_start(_theta_array(theta, model), task, model)
+    x = _theta_array(theta, model)
+    return finite_or_extended(lambda numbers_model: _moments_per_start(x, task, numbers_model), model)
 
 
 class GradientNoise(NamedTuple):
@@ -634,7 +740,8 @@ def batch_covariance(theta, task: ChainTask, model: ModelSpec, batch: int, basel
     check_choice("baseline", baseline, BATCH_BASELINES)
     batch = check_int("batch", batch, 2 if baseline == "leave_one_out" else 1)
     _require_prompt_context(model)
-    return _batch_noise(_theta_array(theta, model), task, model, float(batch), baseline)
+    x = _theta_array(theta, model)
+    return finite_or_extended(lambda numbers_model: _batch_noise(x, task, numbers_model, float(batch), baseline), model)
 
 
 # --------------------------------------------------------------------------------------------------

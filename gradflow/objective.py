@@ -45,13 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import capped, two_matrix
-from gradflow._extended import EXTENDED, FLOAT, Numbers
+from gradflow._extended import EXTENDED, FLOAT, Extended, Numbers
 from gradflow._linalg import (  # noqa: F401
     SMALL_SYSTEM,
     TINY_FOR_DERIVATIVES,
     TINY_PIVOT,
     gth_solve,
     gth_solve_extended,
+    woodbury_extended,
     woodbury_gth,
     woodbury_gth_extended,
     woodbury_gth_signed,
@@ -359,10 +360,20 @@ def chain_solve(system: ChainSystem, rhs, signed: bool = False, numbers: Numbers
     Returns:
         x of shape (2(n-1), k); NaN where float64 could not hold the elimination (``FLOAT``).
     """
+    return _woodbury(_chain_matrix(system, numbers), rhs, system.u, system.absorb, system.deg1, signed=signed, numbers=numbers)
+
+
+def chain_solve_extended(system: ChainSystem, rhs: Extended) -> Extended:
+    """``chain_solve`` of an ``EXTENDED`` system for right-hand sides of either sign, x as an ``Extended`` (a
+    solution that feeds another solve keeps its digits: ``gradflow.noise``)."""
+    return woodbury_extended(*_chain_matrix(system, EXTENDED), rhs, system.u, system.absorb, system.deg1)
+
+
+def _chain_matrix(system: ChainSystem, numbers: Numbers) -> tuple:
+    """(excess, lower, upper) of the tridiagonal T, flat over the 2(n-1) chain rows."""
     n = system.deg1.shape[0] // 2 + 1
     s = system.scaled
-    t = tuple(_flat(x, n, numbers) for x in (s.excess, s.lower, s.upper))
-    return _woodbury(t, rhs, system.u, system.absorb, system.deg1, signed=signed, numbers=numbers)
+    return tuple(_flat(x, n, numbers) for x in (s.excess, s.lower, s.upper))
 
 
 def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):

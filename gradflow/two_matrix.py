@@ -339,7 +339,7 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
         iso = (pi(iso_start), pi(iso_int), pi(iso_s + logits.iso_start_extra), pi(iso_term))
         # tokens among the isolated vertices per visit: 1 / P(land on the chain) = 1 + (stay weight) / Y
         stay = ([(0.0, m - 1.0)] if m > 1 else []) + ([] if model.mask_self else [(logits.iso_self, 1.0)])
-        iso_tokens = scale(ex(0.0), m * (1.0 + (jnp.exp(log_sum(stay) - log_y) if stay else 0.0)))
+        iso_tokens = scale(add(ex(0.0), ex(log_sum(stay) - log_y)) if stay else ex(0.0), float(m))  # no overflow of stay / Y
     else:
         iso, iso_tokens = (none, none, none, none), none
 
@@ -393,7 +393,7 @@ def start_system_solve(system: StartSystem, rhs, signed: bool = False) -> jnp.nd
         x, shape (2(n-1), k), floats.
     """
     if isinstance(system.excess, ext.Extended):
-        return _solve_extended_system(system, rhs)
+        return ext.to_float(_solve_extended_system(system, rhs))
     k = rhs.shape[-1]
     if signed:
         x = start_system_solve(system, jnp.concatenate([jnp.maximum(rhs, 0.0), jnp.maximum(-rhs, 0.0)], -1))
@@ -406,9 +406,19 @@ def start_system_solve(system: StartSystem, rhs, signed: bool = False) -> jnp.nd
     return jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
 
 
-def _solve_extended_system(system: StartSystem, rhs: ext.Extended) -> jnp.ndarray:
+def start_system_solve_extended(system: StartSystem, rhs: ext.Extended) -> ext.Extended:
+    """``start_system_solve`` of an ``EXTENDED`` system for right-hand sides of either sign (their two positive
+    parts solved together, x = x+ - x-), x as an ``Extended`` (a solution that feeds another solve keeps its
+    digits: ``gradflow.noise``)."""
+    k = rhs.m.shape[-1]
+    parts = ext.concatenate([ext.Extended(jnp.maximum(sign * rhs.m, 0.0), rhs.e) for sign in (1.0, -1.0)], -1)
+    x = _solve_extended_system(system, parts)
+    return ext.add(ext.apply(lambda v: v[:, :k], x), ext.scale(ext.apply(lambda v: v[:, k:], x), -1.0))
+
+
+def _solve_extended_system(system: StartSystem, rhs: ext.Extended) -> ext.Extended:
     """``start_system_solve`` for an ``EXTENDED`` system and right-hand sides >= 0: the same Woodbury in
-    ``gradflow._extended`` numbers, x as floats."""
+    ``gradflow._extended`` numbers, x as an ``Extended``."""
     k = rhs.m.shape[-1]
     absorb = ext.total(system.rates, -1)
     columns = ext.concatenate([rhs, system.u, ext.apply(lambda v: v[:, None], absorb)], -1)
@@ -424,7 +434,7 @@ def _solve_extended_system(system: StartSystem, rhs: ext.Extended) -> jnp.ndarra
     x = z_r
     for j in range(3):
         x = ext.add(x, ext.mul(ext.apply(lambda v, j=j: v[:, j, None], z_u), ext.apply(lambda v: v[None, :], y[j])))
-    return ext.to_float(x)
+    return x
 
 
 def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False):

@@ -252,8 +252,9 @@ def _mp_policy_row(logit, u: int, model: ModelSpec) -> dict:
     return {v: w / z for v, w in weight.items()}
 
 
-def _mp_chain_numbers(x, n, model, start):
-    """``mp_chain`` for theta given as five mpf numbers (no float rounding of a shifted theta)."""
+def _mp_chain_numbers(x, n, model, start, row=_mp_policy_row):
+    """``mp_chain`` for theta given as five mpf numbers (no float rounding of a shifted theta); ``row`` turns
+    each query's logits into its row (default: the policy's probabilities)."""
     alpha, beta, gamma, eta, delta = x
     tau = mp.mpf(float(model.tau))
     n_vertices = 2 * n + model.n_isolated
@@ -271,7 +272,7 @@ def _mp_chain_numbers(x, n, model, start):
         for (a, b), s in zip(edges, scores):
             logit[a] += s / tau
             logit[b] += s / tau
-        rows.append(_mp_policy_row(logit, u, model))
+        rows.append(row(logit, u, model))
     return rows
 
 
@@ -280,12 +281,13 @@ def _mp_chain_numbers(x, n, model, start):
 # --------------------------------------------------------------------------------------------------
 
 
-def mp_chain_trained(x, n: int, model: ModelSpec, start: int):
+def mp_chain_trained(x, n: int, model: ModelSpec, start: int, row=_mp_policy_row):
     """P[u][v] (mpmath) of the token-built chain with V trained, seen from the start a_start, from the ten numbers x
     (mpf or floats): the context of query u is the prompt's edge tokens plus the vertex tokens {s, u} (u counted
     once); edge (p, q) scores alpha / beta / gamma (p = u, q = u, else) and carries sigma / rho / omega to
     vertex v (p = v, q = v, else); vertex token t scores eta (t = u) or delta and carries mu (t = v) or nu.
-    Linear attention uses the scores as weights, softmax normalises them; logit(v) = (1/tau) sum_j w_j V_j(v)."""
+    Linear attention uses the scores as weights, softmax normalises them; logit(v) = (1/tau) sum_j w_j V_j(v).
+    ``row`` turns each query's logits into its row (default: the policy's probabilities)."""
     alpha, beta, gamma, eta, delta, sigma, rho, omega, mu, nu = (mp.mpf(v) if not isinstance(v, mp.mpf) else v for v in x)
     tau = mp.mpf(float(model.tau))
     n_vertices = 2 * n + model.n_isolated
@@ -308,7 +310,7 @@ def mp_chain_trained(x, n: int, model: ModelSpec, start: int):
                 for kind, t in tokens
             ]
             logit.append(mp.fsum(w * val for w, val in zip(scores, values)) / tau)
-        rows.append(_mp_policy_row(logit, u, model))
+        rows.append(row(logit, u, model))
     return rows
 
 
@@ -341,3 +343,120 @@ def mp_reward_gradient_trained(x, task: ChainTask, model: ModelSpec, dps: int = 
             d = (8 * (j_at(step) - j_at(-step)) - (j_at(2 * step) - j_at(-2 * step))) / (12 * step)
             out.append(float(d))
     return np.array(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# mpmath reference of the policy-gradient noise moments (docs/THEORY.md §8.2)
+# --------------------------------------------------------------------------------------------------
+
+
+def mp_absorbing_solve(rows, n: int, costs, terminal):
+    """g = cost + sum_v P(u, v) g(v) on every transient vertex by GTH state reduction (``mp_absorption``'s
+    elimination, K columns): costs[u] a list of K mpf, terminal = (values at a_n, values at b_n).  Returns g as a
+    list of K-lists per vertex (the terminals' given values at a_n, b_n)."""
+    absorbing = (n - 1, 2 * n - 1)
+    k_cols = len(terminal[0])
+    p = [dict(r) for r in rows]
+    cost = [list(c) for c in costs]
+    order = [v for v in range(len(rows)) if v not in absorbing]
+    alive = set(order)
+    saved = []
+    for k in order:
+        alive.discard(k)
+        out = {j: w for j, w in p[k].items() if j != k and w != 0}
+        s_k = mp.fsum(out.values())
+        saved.append((k, out, s_k, cost[k]))
+        for i in alive:
+            w_ik = p[i].pop(k, 0)
+            if w_ik == 0:
+                continue
+            f = w_ik / s_k
+            for j, w in out.items():
+                p[i][j] = p[i].get(j, 0) + f * w
+            cost[i] = [a + f * b for a, b in zip(cost[i], cost[k])]
+    g = {absorbing[0]: list(terminal[0]), absorbing[1]: list(terminal[1])}
+    for k, out, s_k, c_k in reversed(saved):
+        g[k] = [(c_k[c] + mp.fsum(w * g[j][c] for j, w in out.items())) / s_k for c in range(k_cols)]
+    return [g[v] for v in range(len(rows))]
+
+
+def _mp_logit_gradients(logits_at, x, dps: int):
+    """(logits, d logits / d x_k for every k) of one chain: 4th-order central differences at ``dps`` + 40 digits."""
+    with mp.workdps(dps + 40):
+        xs = [mp.mpf(float(v)) for v in x]
+        step = mp.mpf(10) ** -20 * max(1, max(abs(v) for v in xs))
+        base = logits_at(xs)
+        grads = []
+        for k in range(len(xs)):
+
+            def at(shift, k=k):
+                y = list(xs)
+                y[k] += shift
+                return logits_at(y)
+
+            a, b, c, d = at(step), at(-step), at(2 * step), at(-2 * step)
+            grads.append(
+                [
+                    [(8 * (a[u][v] - b[u][v]) - (c[u][v] - d[u][v])) / (12 * step) for v in range(len(base))]
+                    for u in range(len(base))
+                ]
+            )
+        return base, grads
+
+
+def _mp_chain_moments(base, grads, n: int, model: ModelSpec, dps: int):
+    """(h, m, M, F) at every vertex of one chain from its logits and their gradients (the recursions of §8.2)."""
+    size, n_vertices = len(grads), len(base)
+    with mp.workdps(dps):
+        p = [_mp_policy_row(base[u], u, model) for u in range(n_vertices)]
+        psi = [
+            {v: [grads[k][u][v] - mp.fsum(p[u][w] * grads[k][u][w] for w in p[u]) for k in range(size)] for v in p[u]}
+            for u in range(n_vertices)
+        ]
+        pairs = [(i, j) for i in range(size) for j in range(size)]
+        zero = [mp.mpf(0)] * size
+        h = [v[0] for v in mp_absorbing_solve(p, n, [[mp.mpf(0)]] * n_vertices, ([mp.mpf(1)], [mp.mpf(0)]))]
+        cost_m = [[mp.fsum(w * psi[u][v][i] * h[v] for v, w in p[u].items()) for i in range(size)] for u in range(n_vertices)]
+        m = mp_absorbing_solve(p, n, cost_m, (zero, zero))
+        cost_big = [
+            [
+                mp.fsum(
+                    w * (psi[u][v][i] * psi[u][v][j] * h[v] + psi[u][v][i] * m[v][j] + m[v][i] * psi[u][v][j])
+                    for v, w in p[u].items()
+                )
+                for i, j in pairs
+            ]
+            for u in range(n_vertices)
+        ]
+        cost_f = [
+            [mp.fsum(w * psi[u][v][i] * psi[u][v][j] for v, w in p[u].items()) for i, j in pairs] for u in range(n_vertices)
+        ]
+        zeros = [mp.mpf(0)] * len(pairs)
+        big_m = mp_absorbing_solve(p, n, cost_big, (zeros, zeros))
+        big_f = mp_absorbing_solve(p, n, cost_f, (zeros, zeros))
+        return h, m, big_m, big_f
+
+
+def mp_moments(x, task: ChainTask, model: ModelSpec, dps: int = 60):
+    """(h, m, M, F) per start distance d (entry d-1) of ``gradflow.noise.moments_per_start`` in mpmath, as float arrays
+    (inf beyond float64's range): the token-built chain (x: the five numbers, or the ten with V trained), psi(u, v) =
+    d logit(u, v) / d theta - sum_w P(u, w) d logit(u, w) / d theta, and the three absorbing solves of §8.2 by GTH
+    state reduction at ``dps`` digits."""
+    n, size = task.n, len(x)
+    raw = lambda logit, u, model: logit
+    if model.values == "trained":
+        logits_at = lambda start: lambda y: mp_chain_trained(y, n, model, start, row=raw)
+    else:
+        logits_at = lambda start: lambda y: _mp_chain_numbers(y, n, model, start, row=raw)
+    shared = model.attention == "linear" and model.values == "fixed"
+    out = [np.zeros(n - 1), np.zeros((n - 1, size)), np.zeros((n - 1, size, size)), np.zeros((n - 1, size, size))]
+    moments = _mp_chain_moments(*_mp_logit_gradients(logits_at(None), x, dps), n, model, dps) if shared else None
+    for d in range(1, n):
+        start = n - d
+        h, m, big_m, big_f = moments or _mp_chain_moments(*_mp_logit_gradients(logits_at(start), x, dps), n, model, dps)
+        u = start - 1
+        out[0][d - 1] = float(h[u])
+        out[1][d - 1] = [float(v) for v in m[u]]
+        out[2][d - 1] = np.array([float(v) for v in big_m[u]]).reshape(size, size)
+        out[3][d - 1] = np.array([float(v) for v in big_f[u]]).reshape(size, size)
+    return out
