@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _ZERO_EXPONENT = -1e300  # the exponent of ``zeros``: below every other (V trained at |theta|/tau = 1e4 reaches 2^-3e6)
+_FRACTION_MASK = (1 << 52) - 1  # a float64's fraction bits
+_SQRT2_FRACTION = int(np.array(np.sqrt(2.0)).view(np.int64)) & _FRACTION_MASK  # sqrt 2's fraction bits (the cut of ``_normal``)
 _LN2_HI, _LN2_LO = 0.6931471803691238, 1.9082149292705877e-10  # ln 2 = HI + LO, HI exact in 32 bits
 
 
@@ -40,9 +42,15 @@ def _pow2(k):
 
 
 def _normal(m, e) -> Extended:
-    """(m, e) rescaled exactly so that |m| is in [1/2, 1) (a zero keeps its exponent: its tangent lives there)."""
-    biased = (jax.lax.bitcast_convert_type(jax.lax.stop_gradient(m), jnp.int64) >> 52) & 0x7FF
-    k = jnp.where(m == 0, 0.0, (biased - 1022).astype(m.dtype))  # m = f 2^k, f in [1/2, 1) (denormals: part way)
+    """(m, e) rescaled exactly so that |m| is in [1/sqrt 2, sqrt 2) (a zero keeps its exponent: its tangent lives there).
+
+    The cut sits at sqrt 2 2^j, never at a power of two: XLA may evaluate m once for the new mantissa and again
+    (fused differently, an ulp apart) for the new exponent, and a sum landing on a power of two (1 + 1) would then
+    take k from one copy and the mantissa from the other, a factor of 2 (issue 23)."""
+    bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(m), jnp.int64)
+    biased, fraction = (bits >> 52) & 0x7FF, bits & _FRACTION_MASK
+    k = (biased - 1023 + (fraction >= _SQRT2_FRACTION)).astype(m.dtype)  # |m| = f 2^k, f in [1/sqrt 2, sqrt 2)
+    k = jnp.where(m == 0, 0.0, k)  # (denormals: part way)
     return Extended(m * _pow2(-k), jax.lax.stop_gradient(e + k))
 
 
@@ -62,8 +70,12 @@ def extended(x) -> Extended:
 
 
 def extended_exp(log_x) -> Extended:
-    """exp(log_x) for any finite log_x (no overflow, no underflow)."""
-    k = jax.lax.stop_gradient(jnp.floor(log_x / np.log(2.0)))
+    """exp(log_x) for any finite log_x (no overflow, no underflow), the mantissa in [1/sqrt 2, sqrt 2].
+
+    k rounds log_x / ln 2 to the nearest integer: its cuts sit at half-integers, where no exact ratio of weights
+    lands (a floor would cut at ln(1/2), the log of an exact half: XLA may compute log_x once for k and again, an
+    ulp apart, for the mantissa, and the two sides of the cut give a factor of 2: issue 23)."""
+    k = jax.lax.stop_gradient(jnp.floor(log_x / np.log(2.0) + 0.5))
     return Extended(jnp.exp(log_x - k * _LN2_HI - k * _LN2_LO), k)
 
 
@@ -83,7 +95,7 @@ def add(a: Extended, b: Extended) -> Extended:
 
 
 def mul(a: Extended, b: Extended) -> Extended:
-    """a b (mantissas in [1/4, 4) stay unnormalised until the next sum)."""
+    """a b (mantissas in [1/2, 2] stay unnormalised until the next sum)."""
     return Extended(a.m * b.m, a.e + b.e)
 
 
