@@ -129,6 +129,17 @@ def apply(f, *xs: Extended) -> Extended:
     return Extended(*(f(*parts) for parts in zip(*xs)))
 
 
+def signed_parts(x: Extended) -> Extended:
+    """[x+ | x-] along the last axis: x = x+ - x-, both parts >= 0 (a signed right-hand side solved as two positive ones)."""
+    return concatenate([Extended(jnp.maximum(sign * x.m, 0.0), x.e) for sign in (1.0, -1.0)], -1)
+
+
+def parts_difference(x: Extended) -> Extended:
+    """x+ - x- from [x+ | x-] along the last axis (what a linear solve of ``signed_parts``' columns gives)."""
+    k = x.m.shape[-1] // 2
+    return add(apply(lambda v: v[..., :k], x), scale(apply(lambda v: v[..., k:], x), -1.0))
+
+
 def total(x: Extended, axis: int = -1) -> Extended:
     """The sum over ``axis``."""
     largest = lambda exponents: jnp.max(exponents, axis=axis, keepdims=True)

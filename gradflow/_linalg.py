@@ -509,19 +509,16 @@ def woodbury_gth_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None
 def woodbury_extended(excess, lower, upper, rhs, u, absorb, deg1, valid=None) -> ext.Extended:
     """``woodbury_gth_extended`` with x as an ``Extended`` (x = x+ - x- in those numbers: a solution beyond
     float64's range, or one that feeds another solve, keeps its digits)."""
-    k = rhs.m.shape[-1]
-    x = _woodbury_parts_extended(excess, lower, upper, rhs, u, absorb, deg1, valid)
-    return ext.add(ext.apply(lambda v: v[..., :k], x), ext.scale(ext.apply(lambda v: v[..., k:], x), -1.0))
+    return ext.parts_difference(_woodbury_parts_extended(excess, lower, upper, rhs, u, absorb, deg1, valid))
 
 
 def _woodbury_parts_extended(excess, lower, upper, rhs, u, absorb, deg1, valid):
     """The Woodbury solve of ``woodbury_gth_extended`` for [rhs+ | rhs-] (2k columns, each >= 0), as ``Extended``."""
     deg1 = np.asarray(deg1, dtype=bool)
     k = rhs.m.shape[-1]
-    positive, negative = (ext.Extended(jnp.maximum(sign * rhs.m, 0.0), rhs.e) for sign in (1.0, -1.0))
     batch = jnp.broadcast_shapes(rhs.m.shape[:-1], u.m.shape[:-1], absorb.m.shape)
     widen = lambda x: ext.apply(lambda v: jnp.broadcast_to(v, batch + v.shape[-1:]), x)
-    columns = [widen(positive), widen(negative), widen(u), widen(ext.apply(lambda v: v[..., None], absorb))]
+    columns = [widen(ext.signed_parts(rhs)), widen(u), widen(ext.apply(lambda v: v[..., None], absorb))]
     z = solve_extended(excess, lower, upper, ext.concatenate(columns, -1))
     part = lambda lo, hi: ext.apply(lambda v: v[..., lo:hi], z)
     z_r, z_u0, z_u1, z_a = part(0, 2 * k), part(2 * k, 2 * k + 1), part(2 * k + 1, 2 * k + 2), part(2 * k + 2, 2 * k + 3)

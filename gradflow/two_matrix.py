@@ -410,10 +410,7 @@ def start_system_solve_extended(system: StartSystem, rhs: ext.Extended) -> ext.E
     """``start_system_solve`` of an ``EXTENDED`` system for right-hand sides of either sign (their two positive
     parts solved together, x = x+ - x-), x as an ``Extended`` (a solution that feeds another solve keeps its
     digits: ``gradflow.noise``)."""
-    k = rhs.m.shape[-1]
-    parts = ext.concatenate([ext.Extended(jnp.maximum(sign * rhs.m, 0.0), rhs.e) for sign in (1.0, -1.0)], -1)
-    x = _solve_extended_system(system, parts)
-    return ext.add(ext.apply(lambda v: v[:, :k], x), ext.scale(ext.apply(lambda v: v[:, k:], x), -1.0))
+    return ext.parts_difference(_solve_extended_system(system, ext.signed_parts(rhs)))
 
 
 def _solve_extended_system(system: StartSystem, rhs: ext.Extended) -> ext.Extended:
