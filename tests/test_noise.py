@@ -201,12 +201,13 @@ def test_the_float64_moments_hold_no_extended_code():
 
 @pytest.mark.xfail(strict=True, reason="m and M: signed right-hand sides whose positive parts cancel (issue 23)")
 def test_signed_moments_lose_digits_at_extreme_scales():
-    """Known limit: at |theta|/tau = 1e3 (linear, tau = 0.2, h = 1/2 at every start) the true m = grad h is about
-    1e-64, while the solve's positive and negative parts are about 1e88: float64 and extended numbers alike return
-    1e72 (a wrong finite value, so no fallback helps).  Fixed when this passes."""
+    """Known limit: at |theta|/tau = 1e3 (linear, tau = 0.2, h = 1/2 at every start) the true m = grad h is
+    1e-93..1e-88 per component (the reference needs 300 digits: the parts cancel by about 152), while the solve's
+    positive and negative parts are about 1e88: float64 and extended numbers alike return 1e72 (a wrong finite
+    value, so no fallback helps).  Fixed when this passes."""
     x = np.array([37.64602096998613, -16.05366991982297, 40.13102900705486, -7.991601937436284, 13.3840603743027])
     task, model = gf.ChainTask.uniform(4), gf.ModelSpec(tau=0.2)
-    reference = mp_moments(x, task, model, dps=150)
+    reference = mp_moments(x, task, model, dps=300)
     _agree_with_reference(noise.moments_per_start(x, task, model), reference, "m at 1e3", (1,))
 
 
