@@ -48,8 +48,9 @@ row has seven.  Every solve is ``two_matrix.start_system``'s (tridiagonal minus 
 Numbers (``ModelSpec.numbers``, docs/THEORY.md §8.4): float64, or the whole uncapped recursion (row weights and
 normalisers, right-hand sides, solves and the values between them) in ``gradflow._extended`` numbers, written once
 over ``Numbers``; the eager ``moments_per_start``, ``gradient_covariance``, ``batch_covariance`` and
-``critical_batch`` fall back to them where float64 gave a NaN (``objective.finite_or_extended``).  m and M lose
-their digits from |theta|/tau of a few hundred in either numbers: their signed right-hand sides' two parts cancel.
+``critical_batch`` fall back to them where float64 gave a NaN (``objective.finite_or_extended``).  Uncapped, m is
+the closed form's gradient of h (``_grad_h``: it keeps its digits); M loses its digits from |theta|/tau of a few
+hundred in either numbers: its signed right-hand side's two parts cancel.
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
@@ -82,6 +83,7 @@ from gradflow.objective import (
     expected_reward,
     finite_or_extended,
     numbers_of,
+    same_side_probability,
 )
 from gradflow.policy import chain_targets, degree_counts
 from gradflow.task import ChainTask
@@ -629,7 +631,20 @@ def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moment
     else:
         at_start = lambda s: jax.tree.map(lambda x: x[s - 1], _chain_moments(theta_array, n, model, s))
         h, grad, big_m, big_f = jax.vmap(at_start)(jnp.arange(1, n))
-    return Moments(h[::-1], grad[::-1], big_m[::-1], big_f[::-1])
+    moments = Moments(h[::-1], grad[::-1], big_m[::-1], big_f[::-1])
+    if model.max_len is not None:
+        return moments
+    return moments._replace(grad=_grad_h(theta_array, task, model))
+
+
+def _grad_h(theta_array, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
+    """m = E[R S] = grad h per start (n-1, P), by differentiating the closed form's h (forward mode, P tangents).
+
+    The recursion's own m solves a signed right-hand side as two positive parts, which cancel by dozens of digits
+    from |theta|/tau of a few hundred (a wrong finite value); the closed form's derivative keeps its digits there
+    (docs/guide/details.md, Limits)."""
+    h = lambda y: same_side_probability(Theta.from_array(y, model.values), task, model)
+    return jax.jacfwd(h)(theta_array)
 
 
 def _theta_array(theta, model: ModelSpec) -> jnp.ndarray:

@@ -169,8 +169,9 @@ def test_moments_finite_at_extreme_scales_against_mpmath(spec, rng):
     """Issue 23 item 2 for the noise moments: at |theta|/tau = 300, 1e3, 1e4 the eager moments (float64, then extended
     numbers where float64 gave a NaN) and ``ModelSpec(numbers="extended")`` hold no NaN; h equals the mpmath chain to
     1e-9, and with V fixed F = E[S S^T] too (to 1e-9 of its size), and so do the float64 program's values where
-    finite.  m = E[R S] and M = E[R S S^T] (and F with V trained) are not checked: their signed right-hand sides'
-    two positive parts cancel by dozens of digits at these scales (``test_signed_moments_lose_digits_at_extreme_scales``)."""
+    finite.  M = E[R S S^T] (and F with V trained) are not checked: their signed right-hand sides' two positive
+    parts cancel by dozens of digits at these scales; m (the closed form's gradient of h) needs a reference of 300
+    digits there (``test_m_is_the_closed_forms_gradient_of_h_and_keeps_its_digits_at_extreme_scales``)."""
     attention, mask_self, n_isolated, values = spec
     kwargs = dict(attention=attention, mask_self=mask_self, n_isolated=n_isolated, tau=0.2, values=values)
     model, extended = gf.ModelSpec(**kwargs), gf.ModelSpec(**kwargs, numbers="extended")
@@ -199,16 +200,17 @@ def test_the_float64_moments_hold_no_extended_code():
     assert bitcasts(gf.ModelSpec(numbers="extended"))
 
 
-@pytest.mark.xfail(strict=True, reason="m and M: signed right-hand sides whose positive parts cancel (issue 23)")
-def test_signed_moments_lose_digits_at_extreme_scales():
-    """Known limit: at |theta|/tau = 1e3 (linear, tau = 0.2, h = 1/2 at every start) the true m = grad h is
-    1e-93..1e-88 per component (the reference needs 300 digits: the parts cancel by about 152), while the solve's
-    positive and negative parts are about 1e88: float64 and extended numbers alike return 1e72 (a wrong finite
-    value, so no fallback helps).  Fixed when this passes."""
+def test_m_is_the_closed_forms_gradient_of_h_and_keeps_its_digits_at_extreme_scales():
+    """At |theta|/tau = 1e3 (linear, tau = 0.2, h = 1/2 at every start) the true m = grad h is 1e-93..1e-88 per
+    component (the reference needs 300 digits: the recursion's signed parts, about 1e88, cancel by about 152), and
+    the recursion's own m was 1e72 in float64 and extended numbers alike; m is now the closed form's gradient of h
+    and equals the reference to 1e-8 relative, every component."""
     x = np.array([37.64602096998613, -16.05366991982297, 40.13102900705486, -7.991601937436284, 13.3840603743027])
     task, model = gf.ChainTask.uniform(4), gf.ModelSpec(tau=0.2)
-    reference = mp_moments(x, task, model, dps=300)
-    _agree_with_reference(noise.moments_per_start(x, task, model), reference, "m at 1e3", (1,))
+    reference = mp_moments(x, task, model, dps=300)[1]
+    assert np.all(np.abs(reference[:, :3]) < 1e-80) and np.all(reference[:, :3] != 0)
+    for m in (model, gf.ModelSpec(tau=0.2, numbers="extended")):
+        np.testing.assert_allclose(np.asarray(noise.moments_per_start(x, task, m).grad), reference, rtol=1e-8, atol=0)
 
 
 def test_moments_fall_back_to_extended_numbers():
