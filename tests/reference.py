@@ -146,40 +146,17 @@ def mp_chain(theta, n: int, model: ModelSpec, start: int | None = None):
 
 
 def mp_absorption(rows, n: int):
-    """(h, q, L) for every vertex by GTH state reduction: P(absorbed at a_n), at b_n, expected tokens.
+    """(h, q, L) for every vertex by GTH state reduction: P(absorbed at a_n), at b_n, expected tokens
+    (``mp_absorbing_solve`` with the three columns: cost 0, 0, 1; terminals (1, 0, 0) at a_n, (0, 1, 0) at b_n).
 
     Transient states are eliminated one by one: P(i, j) += P(i, k) P(k, j) / S_k with S_k the sum of
     k's probabilities to other states (self-loops fold into S); costs c(i) += P(i, k) c(k) / S_k.  Values
     are recovered backwards: value(k) = (c(k) + sum_j P(k, j) value(j)) / S_k over states left when k
     was eliminated.  Only positive numbers are ever added.
     """
-    absorbing = (n - 1, 2 * n - 1)
-    p = [dict(r) for r in rows]
-    cost = [mp.mpf(1)] * len(rows)
-    order = [v for v in range(len(rows)) if v not in absorbing]
-    alive = set(order)
-    saved = []
-    for k in order:
-        alive.discard(k)
-        out = {j: w for j, w in p[k].items() if j != k and w != 0}
-        s_k = mp.fsum(out.values())
-        saved.append((k, out, s_k, cost[k]))
-        for i in alive:
-            w_ik = p[i].pop(k, 0)
-            if w_ik == 0:
-                continue
-            f = w_ik / s_k
-            for j, w in out.items():
-                p[i][j] = p[i].get(j, 0) + f * w
-            cost[i] += f * cost[k]
-    h = {absorbing[0]: mp.mpf(1), absorbing[1]: mp.mpf(0)}
-    q = {absorbing[0]: mp.mpf(0), absorbing[1]: mp.mpf(1)}
-    length = {absorbing[0]: mp.mpf(0), absorbing[1]: mp.mpf(0)}
-    for k, out, s_k, c_k in reversed(saved):
-        h[k] = mp.fsum(w * h[j] for j, w in out.items()) / s_k
-        q[k] = mp.fsum(w * q[j] for j, w in out.items()) / s_k
-        length[k] = (c_k + mp.fsum(w * length[j] for j, w in out.items())) / s_k
-    return h, q, length
+    zero, one = mp.mpf(0), mp.mpf(1)
+    g = mp_absorbing_solve(rows, n, [[zero, zero, one]] * len(rows), ([one, zero, zero], [zero, one, zero]))
+    return tuple([values[c] for values in g] for c in range(3))
 
 
 def mp_per_start(theta, task: ChainTask, model: ModelSpec, dps: int = 50):
@@ -351,9 +328,9 @@ def mp_reward_gradient_trained(x, task: ChainTask, model: ModelSpec, dps: int = 
 
 
 def mp_absorbing_solve(rows, n: int, costs, terminal):
-    """g = cost + sum_v P(u, v) g(v) on every transient vertex by GTH state reduction (``mp_absorption``'s
-    elimination, K columns): costs[u] a list of K mpf, terminal = (values at a_n, values at b_n).  Returns g as a
-    list of K-lists per vertex (the terminals' given values at a_n, b_n)."""
+    """g = cost + sum_v P(u, v) g(v) on every transient vertex by GTH state reduction (the one elimination of this
+    reference, K columns; ``mp_absorption`` is its three-column case): costs[u] a list of K mpf, terminal = (values
+    at a_n, values at b_n).  Returns g as a list of K-lists per vertex (the terminals' given values at a_n, b_n)."""
     absorbing = (n - 1, 2 * n - 1)
     k_cols = len(terminal[0])
     p = [dict(r) for r in rows]
