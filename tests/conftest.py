@@ -9,7 +9,11 @@ caller is respected.  Tests of the cache itself give their subprocesses their ow
 Memory maps: every compiled flow holds about 1,000 and a process past ``vm.max_map_count`` (65,530) aborts in
 its next compilation (earlier runs lost workers that way, inside jax's cache read and elsewhere).
 ``gradflow.compile_cache`` gives maps back before each compilation; after every test the suite does the same
-for the programs jitted outside it (``release_memory_maps``: only while over half the limit)."""
+for the programs jitted outside it (``release_memory_maps``: only while over half the limit).
+
+Compilation options: the suite's programs are compiled by XLA:CPU at backend optimisation level 0 with the classic
+emitters (``XLA_FLAGS``, unless the caller sets it): the suite is almost all compilation, which this halves, while
+the arithmetic, and so every value a test checks, is the same up to round-off (tests never time things)."""
 
 import atexit
 import os
@@ -24,6 +28,7 @@ if not os.environ.get("PYTEST_XDIST_WORKER") and "GRADFLOW_CACHE_DIR" not in os.
     _SUITE_CACHE = tempfile.mkdtemp(prefix="gradflow-suite-cache-")
     os.environ["GRADFLOW_CACHE_DIR"] = _SUITE_CACHE
     atexit.register(shutil.rmtree, _SUITE_CACHE, True)
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0")
 
 import gradflow  # noqa: E402,F401  (enables jax_enable_x64)
 from gradflow import compile_cache  # noqa: E402

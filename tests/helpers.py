@@ -45,6 +45,11 @@ def case_id(case) -> str:
     return f"n{n}-T{cap}-" + "-".join(f"{k}{v}" for k, v in kw.items())
 
 
+def slow_case(*values):
+    """One ``pytest.mark.parametrize`` case kept out of the default run (``pytest -m slow`` runs it)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 def solver_params(every: bool = True) -> list:
     """Every key of ``gradflow.flow.SOLVERS`` for ``pytest.mark.parametrize``; the SLOW_SOLVERS marked slow.
 

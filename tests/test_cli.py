@@ -603,6 +603,7 @@ def test_max_len_allow_self_and_eval_reach_the_config():
         assert name == "design" or "--eval" in flags, name
 
 
+@pytest.mark.slow
 def test_simulate_prints_and_saves_eval_tasks(tmp_path, capsys):
     out = tmp_path / "ev"
     assert cli.main(["simulate", *SMALL, "--eval", "hard=hardest", "--out", str(out)]) == 0

@@ -315,11 +315,13 @@ def test_expected_loss_with_a_cap_is_the_capped_loss():
     assert loss == float(gf.capped.expected_loss(theta, task, model)) and 0.0 < loss < 1e-3
 
 
+@pytest.mark.slow
 def test_learning_time_raises_at_a_nan_reward(float64_only):
     with pytest.raises(RuntimeError, match=r"learning_time: config [0-9a-f]{16} \(n = 8.*reward J is not finite"):
         theory.learning_time(gf.ChainTask.uniform(8), SELF_LOOPS, NAN_THETA, t1=10.0, max_steps=50)
 
 
+@pytest.mark.slow
 def test_a_solve_that_needs_many_steps_says_so_early(monkeypatch):
     """A solve first runs EARLY_STEPS steps: past them it raises at once when even the fewest steps t1 can
     need (uniform in log t) exceed max_steps, and otherwise warns and solves again in full."""

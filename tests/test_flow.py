@@ -253,6 +253,7 @@ def test_solve_vmaps_and_equals_the_batched_solve():
     np.testing.assert_allclose(vmapped.eval_reward["target"], batched.eval_reward["target"], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_configs_that_stop_apart_share_one_batch():
     """Issue 12.4: one config stops at its event, one reaches t1 first, one never reaches it; each alone works."""
     task = gf.ChainTask.uniform(8)
@@ -350,6 +351,7 @@ def test_new_callable_schedules_do_not_grow_the_cache_forever(monkeypatch):
     assert len(compile_cache._COMPILED) == 1
 
 
+@pytest.mark.slow
 def test_executables_are_dropped_before_memory_maps_run_out(monkeypatch):
     """A process past vm.max_map_count aborts in its next compilation: the cache gives maps back first."""
     if compile_cache.memory_maps() is None:
@@ -431,6 +433,7 @@ def test_from_dict_names_a_missing_or_unknown_key():
         FlowParams.from_dict({**good, "model": {"attention": "linear", "temperature": 1.0}})
 
 
+@pytest.mark.slow
 def test_a_nan_vector_field_is_reported_as_such():
     nan_probs = lambda t: jnp.full(N - 1, jnp.nan)
     with pytest.raises(RuntimeError, match="not finite") as error:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 import pytest
+from helpers import slow_case
 
 import gradflow as gf
 from gradflow import schedules
@@ -26,7 +27,7 @@ def _step_ends(config, clock):
     return np.asarray(clock.to_time(jnp.asarray(s[np.isfinite(s)])))
 
 
-@pytest.mark.parametrize("time_scale", ["linear", "log"])
+@pytest.mark.parametrize("time_scale", [slow_case("linear"), "log"])
 def test_a_schedule_switch_ends_a_step_in_every_clock(time_scale):
     step = schedules.Step(SWITCH, gf.ChainTask.uniform(N).start_probs, gf.ChainTask.hardest(N).start_probs)
     config = FlowParams(gf.ChainTask.hardest(N), t1=10.0, schedule=step, time_scale=time_scale, max_steps=4096)
@@ -103,6 +104,7 @@ def test_auto_resolves_per_model_and_explicit_names_keep_their_meaning():
     assert config_hash(stiff) == config_hash(stiff.replace(solver=STIFF_SOLVER)) != config_hash(stiff.replace(solver="tsit5"))
 
 
+@pytest.mark.slow
 def test_auto_steps_a_stiff_capped_flow_with_self_loops_like_a_masked_one():
     """Issue 23.5: n = 6, max_len = 6, self-loops allowed: tsit5 took 9,182 steps to t = 1e4 (masked: 165);
     "auto" takes 154 (masked: tsit5's 165), the same steps as naming kvaerno5_newton, and agrees with diffrax's

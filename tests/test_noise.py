@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_case
 from reference import dense_transition, mp_moments
 
 import gradflow as gf
@@ -123,7 +124,7 @@ def _model(attention, mask_self, n_isolated, max_len):
     return gf.ModelSpec(attention=attention, mask_self=mask_self, n_isolated=n_isolated, max_len=max_len)
 
 
-@pytest.mark.parametrize("spec", DEFAULT_MODELS + [pytest.param(s, marks=pytest.mark.slow) for s in SLOW_MODELS])
+@pytest.mark.parametrize("spec", [DEFAULT_MODELS[0], *(slow_case(s) for s in DEFAULT_MODELS[1:] + SLOW_MODELS)])
 def test_moments_match_dense_reference(spec):
     """h, E[R S], E[R S S^T], E[S S^T] per start equal the dense enumeration to round-off."""
     task = gf.ChainTask.uniform(5)
@@ -213,6 +214,7 @@ def test_m_is_the_closed_forms_gradient_of_h_and_keeps_its_digits_at_extreme_sca
         np.testing.assert_allclose(np.asarray(noise.moments_per_start(x, task, m).grad), reference, rtol=1e-8, atol=0)
 
 
+@pytest.mark.slow
 def test_moments_fall_back_to_extended_numbers():
     """Where float64 leaves its range (|theta|/tau = 1e4) the eager moments, covariances and critical batch are the
     extended program's, with no NaN; under a trace no fallback is possible (the float64 NaN stays)."""
@@ -233,7 +235,7 @@ TRAINED_THETA = Theta(0.4, -0.3, 0.2, 0.5, -0.2, sigma=1.3, rho=0.6, omega=0.2, 
 TRAINED_MODELS = [("linear", True, 0, None), ("softmax", False, 2, None), ("linear", False, 1, 6)]
 
 
-@pytest.mark.parametrize("spec", TRAINED_MODELS)
+@pytest.mark.parametrize("spec", [TRAINED_MODELS[0], *(slow_case(s) for s in TRAINED_MODELS[1:])])
 def test_moments_with_v_trained_match_the_dense_token_chain(spec):
     """V trained (docs/THEORY.md §10): h, E[R S], E[R S S^T], E[S S^T] in the ten numbers equal the recursions
     on the token-built two-matrix chain, and the mean is grad J of ``gradflow.two_matrix`` / ``capped``."""
@@ -253,6 +255,7 @@ def test_moments_with_v_trained_match_the_dense_token_chain(spec):
         noise.moments_per_start(TRAINED_THETA.as_array(), task, model)
 
 
+@pytest.mark.slow
 def test_covariance_with_v_trained_matches_sampling():
     """V trained: every entry of the mean and covariance of (R - J) S in the ten numbers within 4 standard errors
     of 20k token-level rollouts (full A and V)."""

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import model_id, random_theta
+from helpers import model_id, random_theta, slow_case
 from reference import dense_length_per_start, dense_same_side_probability
 
 import gradflow as gf
@@ -19,7 +19,7 @@ MODELS = [
 
 
 @pytest.mark.parametrize("model", MODELS, ids=model_id)
-@pytest.mark.parametrize("n", [2, 3, 9])
+@pytest.mark.parametrize("n", [slow_case(2), 3, slow_case(9)])
 def test_structured_solve_equals_dense_solve(model, n, rng):
     for _ in range(3):
         theta, task = random_theta(rng), gf.ChainTask.uniform(n)
@@ -31,7 +31,7 @@ def test_structured_solve_equals_dense_solve(model, n, rng):
 
 @pytest.mark.parametrize(
     "attention, n",
-    [("linear", 200), ("softmax", 80), pytest.param("softmax", 200, marks=pytest.mark.slow)],
+    [("linear", 200), slow_case("softmax", 80), slow_case("softmax", 200)],
 )
 def test_structured_solve_equals_dense_at_large_n(attention, n):
     model, task = gf.ModelSpec(attention), gf.ChainTask.uniform(n)

@@ -4,6 +4,7 @@ discrete training, the phase analysis and the CLI alike."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_case
 
 import gradflow as gf
 from gradflow import cli, flow, readouts, theory, training, trajectory
@@ -40,7 +41,7 @@ def test_the_flow_records_the_registry_values_and_theory_roots_on_them():
         np.testing.assert_allclose(phase, np.r_[want["forward_prob"], want["forward_prob"].min(), want["reward"]], rtol=1e-14)
 
 
-@pytest.mark.parametrize("model", [MODEL, CAPPED], ids=["uncapped", "capped"])
+@pytest.mark.parametrize("model", [MODEL, slow_case(CAPPED)], ids=["uncapped", "capped"])
 def test_training_records_the_registry_values(model):
     run = training.gradient_descent(CONFIG.replace(model=model, eval_tasks={}), 0.5, 2)
     assert set(training.RECORDED) <= set(readouts.READOUTS)
@@ -64,7 +65,7 @@ def test_move_probabilities_are_conditional_on_moving_and_sum_to_one(model, rng)
         np.testing.assert_allclose(values["switch_prob"], steps.switch / (1.0 - steps.stay), rtol=1e-12)
 
 
-@pytest.mark.parametrize("model", MODELS, ids=["isolated", "capped", "default", "softmax"])
+@pytest.mark.parametrize("model", [*MODELS[:3], slow_case(MODELS[3])], ids=["isolated", "capped", "default", "softmax"])
 def test_every_read_out_has_its_declared_shape_and_range(model, rng):
     task = gf.ChainTask.uniform(5)
     values = registry_at(gf.Theta(*rng.normal(0.0, 1.0, size=5)), task, model)
@@ -96,6 +97,7 @@ def test_unknown_names_raise_naming_the_allowed_ones(monkeypatch):
     assert float(readouts.read(["alpha"], THETA0, CONFIG.task, MODEL)["alpha"]) == 0.5
 
 
+@pytest.mark.slow
 def test_recording_saves_only_the_asked_read_outs():
     config = CONFIG.replace(readouts=["reward", "traversal_prob"])
     assert config.readouts == ("reward", "traversal_prob")

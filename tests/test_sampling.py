@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import case_id, model_grid, random_theta
+from helpers import case_id, model_grid, random_theta, slow_case
 
 import gradflow as gf
 from gradflow import sampling
@@ -28,8 +28,8 @@ def max_len(n):
 FAST_CASES = [  # (n, model): both attention kinds, self-loops masked and kept, isolated vertices
     (3, gf.ModelSpec("linear")),
     (3, gf.ModelSpec("softmax", mask_self=False)),
-    (5, gf.ModelSpec("softmax", tau=0.05, n_isolated=2)),
-    (8, gf.ModelSpec("linear", mask_self=False)),
+    slow_case((5, gf.ModelSpec("softmax", tau=0.05, n_isolated=2))),
+    slow_case((8, gf.ModelSpec("linear", mask_self=False))),
 ]
 SLOW_CASES = [  # softmax at the authors' tau = 0.05 self-loops for hundreds of steps unless masked
     (n, gf.ModelSpec(**kw, tau=0.05 if kw["attention"] == "softmax" and kw["mask_self"] else 0.2))
@@ -118,9 +118,9 @@ def test_orbit_statistics_recover_the_five_numbers(rng):
     "kw",
     [
         dict(),
-        dict(mask_self=False, n_isolated=2),
-        dict(attention="softmax", n_isolated=1),
-        dict(attention="softmax", mask_self=False, tau=0.05),
+        slow_case(dict(mask_self=False, n_isolated=2)),
+        slow_case(dict(attention="softmax", n_isolated=1)),
+        slow_case(dict(attention="softmax", mask_self=False, tau=0.05)),
     ],
 )
 def test_token_level_transition_matrix_is_the_row_structure(kw, rng):

@@ -141,6 +141,7 @@ def _complete(out, configs):
     return [sweep.is_complete(sweep.result_path(out, c), c) for c in configs]
 
 
+@pytest.mark.slow
 def test_resume_resolves_truncated_results(tmp_path, counted):
     """A truncated .npz or .json (a result written by a killed process) counts as missing."""
     configs = _configs()[:3]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import solver_params
+from helpers import slow_case, solver_params
 from reference import dense_capped
 
 import gradflow as gf
@@ -318,6 +318,7 @@ def test_log_time_learning_time_matches_the_flow_event(uniform8):
     assert t.plateau == pytest.approx(escape, rel=1e-6) and t.rise == pytest.approx(event - escape, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("easy_mass, level", [(1.0, 0.9), (0.5, 0.4)])
 def test_learning_time_of_a_flow_that_starts_fast_matches_the_flow_event(easy_mass, level):
     """At tau = 0.2 with a cap the gradient at theta0 already moves theta faster than the log-time stage's hand-over
@@ -478,7 +479,7 @@ CAPPED_GRADIENT_AT_ZERO = {
 }
 
 
-@pytest.mark.parametrize("n", [5, 8])
+@pytest.mark.parametrize("n", [5, slow_case(8)])
 def test_capped_gradient_at_zero_teaches_reaching_a_terminal_not_which(n):
     from gradflow import capped
 
@@ -643,6 +644,7 @@ def test_no_arrays_at_import_and_default_theta0_alias():
     assert np.array_equal(theta.as_array(), gf.Theta(0.3, 0.0, 0.0).as_array())
 
 
+@pytest.mark.slow
 def test_learning_time_of_a_step_schedule_matches_the_flow_event():
     # learning_time and the flow solve through one integrator: both end a step on the schedule's switch
     # (here at t = 5, on the plateau), so the two agree to the solver's tolerance
@@ -655,6 +657,7 @@ def test_learning_time_of_a_step_schedule_matches_the_flow_event():
     assert abs(t / event - 1) < 1e-6, f"learning_time {t} vs the flow's event {event}"
 
 
+@pytest.mark.slow
 def test_eval_tasks_learning_times_and_phases_agree():
     """When the hardest start is learned while training on a mixture: learning_time and phases give one time."""
     n, train = 5, ChainTask.mixture(5, 0.3)

@@ -116,6 +116,7 @@ def test_reinforce_gradient_is_unbiased_for_the_capped_reward():
     assert np.max(np.abs(exact[:3]) / np.asarray(se[:3])) > 8, "the estimate must resolve the gradient"
 
 
+@pytest.mark.slow
 def test_sampled_training_with_v_trained_steps_on_the_exact_gradient_in_the_ten_numbers():
     """V trained: sampled REINFORCE trains V too.  SGD at a tiny rate, so theta stays put: the mean step / lr of
     300 batches of 32 rollouts is grad J in all ten numbers within 4 SE; full coordinates train A and V."""

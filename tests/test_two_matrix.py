@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import slow_case
 from reference import dense_logits, dense_matrices, dense_transition, mp_reward_gradient_trained, mp_reward_trained
 
 import gradflow as gf
@@ -110,13 +111,13 @@ def dense_reward(x, task: gf.ChainTask, model: gf.ModelSpec):
 
 CASES = [  # (n, attention, mask_self, n_isolated): n = 2..7, both kinds, masked or not, with and without isolated
     (2, "linear", True, 0),
-    (3, "softmax", False, 1),
-    (4, "linear", False, 2),
-    pytest.param(5, "softmax", True, 0, marks=pytest.mark.slow),
-    pytest.param(6, "linear", True, 1, marks=pytest.mark.slow),
-    pytest.param(7, "softmax", False, 0, marks=pytest.mark.slow),
+    slow_case(3, "softmax", False, 1),
+    slow_case(4, "linear", False, 2),
+    slow_case(5, "softmax", True, 0),
+    slow_case(6, "linear", True, 1),
+    slow_case(7, "softmax", False, 0),
     (4, "softmax", True, 2),
-    pytest.param(5, "linear", False, 0, marks=pytest.mark.slow),
+    slow_case(5, "linear", False, 0),
 ]
 
 
@@ -266,13 +267,13 @@ def test_reward_ceiling_with_v_trained_beyond_the_cap_is_numerical(rng):
 
 GREEDY_CASES = [  # (n, attention, mask_self, n_isolated, cap): n = 2..6, both kinds, masked or not
     (2, "linear", True, 0, None),
-    (3, "softmax", False, 1, None),
-    (4, "linear", False, 2, 3),
-    (5, "softmax", True, 0, None),
-    (6, "linear", True, 1, None),
-    (6, "softmax", False, 0, 4),
+    slow_case(3, "softmax", False, 1, None),
+    slow_case(4, "linear", False, 2, 3),
+    slow_case(5, "softmax", True, 0, None),
+    slow_case(6, "linear", True, 1, None),
+    slow_case(6, "softmax", False, 0, 4),
     (4, "softmax", True, 2, None),
-    (5, "linear", False, 0, None),
+    slow_case(5, "linear", False, 0, None),
 ]
 
 
@@ -350,8 +351,9 @@ def test_uncapped_length_and_traversal_fixed_v_limit(rng):
                 np.testing.assert_allclose(fn(theta, task, trained), fn(theta, task, fixed), rtol=1e-10)
 
 
-@pytest.mark.parametrize("attention", ["linear", "softmax"])
-@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize(
+    "attention, mask", [("linear", False), *(slow_case(*c) for c in (("linear", True), ("softmax", True), ("softmax", False)))]
+)
 def test_greedy_at_the_fixed_v_is_todays_greedy(attention, mask, rng):
     """At the fixed V the two-matrix greedy walks are today's (softmax rows differ by a positive factor only,
     the current vertex's token in the normaliser: the same argmax); linear margins and ties equal too, also at
@@ -380,7 +382,10 @@ def test_readouts_cover_greedy_lengths_and_traversal_with_v_trained():
     assert gf.training.RECORDED is gf.readouts.RECORDED and set(gf.readouts.RECORDED) <= set(gf.readouts.TRAINED_V)
 
 
-STEP_CASES = [(2, "linear", True, 0), (5, "softmax", False, 2), (6, "linear", False, 1), (4, "softmax", True, 1)]
+STEP_CASES = [
+    (2, "linear", True, 0),
+    *(slow_case(*c) for c in ((5, "softmax", False, 2), (6, "linear", False, 1), (4, "softmax", True, 1))),
+]
 
 
 @pytest.mark.parametrize("n, attention, mask, iso", STEP_CASES)
@@ -417,8 +422,8 @@ def test_step_probabilities_equal_the_dense_token_chain(n, attention, mask, iso,
 
 CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
     (2, "linear", True, 0, (1, 2, 3, 4)),
-    (3, "softmax", False, 1, (1, 3, 6)),
-    (4, "linear", False, 2, (2, 8)),
+    slow_case(3, "softmax", False, 1, (1, 3, 6)),
+    slow_case(4, "linear", False, 2, (2, 8)),
     pytest.param(4, "softmax", True, 0, range(1, 9), marks=pytest.mark.slow),
     pytest.param(5, "softmax", True, 1, range(1, 11), marks=pytest.mark.slow),
     pytest.param(6, "linear", False, 0, range(1, 13), marks=pytest.mark.slow),
@@ -464,6 +469,7 @@ def test_capped_reward_and_gradient_equal_the_dense_token_chain(n, attention, ma
             )
 
 
+@pytest.mark.slow
 def test_capped_fixed_v_limit_equals_the_one_matrix_model(rng):
     """Linear attention at the fixed V: the trained-V recursion is today's capped result, every read-out."""
     for n, mask, iso, cap in [(2, True, 0, 1), (3, False, 2, 4), (5, True, 1, 3), (6, False, 0, 12)]:
@@ -491,6 +497,7 @@ def test_capped_sampled_reward_agrees_with_the_closed_form():
     assert abs(float(z)) < 4.5, f"z = {float(z)}"
 
 
+@pytest.mark.slow
 def test_full_coordinate_adam_is_per_entry_adam_on_the_dense_matrices():
     """Adam in full coordinates (gradient_descent) = optax.adam on every entry of the dense A and V, the reward
     averaged over all labellings of the vertices (so its gradient is the same on every entry of an orbit)."""
@@ -523,6 +530,7 @@ def test_full_coordinate_adam_is_per_entry_adam_on_the_dense_matrices():
             assert np.max(np.abs(reduced.theta[1] - run.theta[1])) > 1e-3 * lr
 
 
+@pytest.mark.slow
 def test_exact_training_with_v_trained_reduced_and_full():
     """SGD on the ten numbers (reduced: lr grad J; full: lr grad J / orbit sizes), Adam on them (reduced), the
     read-outs recorded (every one has a closed form); ``gradient_descent_many`` equals one by one."""
@@ -560,7 +568,7 @@ def test_exact_training_with_v_trained_reduced_and_full():
     np.testing.assert_allclose(many[0].theta, run.theta, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("coords, t1", [("reduced", 30.0), ("full", 400.0)])
+@pytest.mark.parametrize("coords, t1", [slow_case("reduced", 30.0), ("full", 400.0)])
 def test_flow_with_v_trained_conserves_the_balances(coords, t1):
     """The flow of the ten numbers from the authors' start escapes the saddle while |A|^2 - |V|^2 of the edge
     tokens and of the vertex tokens (orbit-weighted in full coordinates) stay at their start values."""
@@ -585,6 +593,7 @@ def test_flow_with_v_trained_conserves_the_balances(coords, t1):
     assert np.ptp(a_edge) > 1e4 * drift  # |A|^2 itself grows by orders of magnitude more
 
 
+@pytest.mark.slow
 def test_escape_time_grows_like_log_one_over_scale():
     """From authors_start(scale) the flow sits at the saddle for a time linear in log(1/scale)."""
     model = gf.ModelSpec(tau=0.2, mask_self=False, values="trained")
@@ -596,7 +605,7 @@ def test_escape_time_grows_like_log_one_over_scale():
     np.testing.assert_allclose(times, slope * np.log(1.0 / scales) + intercept, rtol=0.02)
 
 
-@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("attention", [slow_case("linear"), "softmax"])
 def test_token_level_transition_equals_the_dense_route(attention, rng):
     """``gradflow.sampling`` with the trained V builds the same chain as the reference, for random labels."""
     n, iso = 4, 1
@@ -715,6 +724,7 @@ def test_v_trained_softmax_reward_at_1e4_equals_the_mpmath_chain():
 NAN_DRAW_1E4 = (-1108.01, 1129.85, -1977.76, 124.76, 1858.65, -1353.73, 3905.82, 2268.16, 2744.21, -422.31)
 
 
+@pytest.mark.slow
 def test_softmax_row_scores_hold_no_overflow_for_tokens_the_row_lacks():
     """Softmax, V trained, at NAN_DRAW_1E4: b is 0 on the rows without a predecessor and d on the start's own row
     (the tokens they do not hold), and the reverse-mode gradient of the finite logits is finite and equals forward
@@ -769,6 +779,7 @@ def test_v_trained_softmax_gradient_at_large_scale_equals_the_mpmath_chain(mask,
                 np.testing.assert_allclose(g_float, g, rtol=1e-9, atol=1e-13, err_msg=str(x))
 
 
+@pytest.mark.slow
 def test_extended_exponent_and_mantissa_agree_under_jit_vmap():
     """Issue 23: at this draw (softmax, V trained, one isolated vertex, self-loops, |theta| / tau = 300) an isolated
     row's pi(terminal) is exactly 1/2, log 1/2 sat on the cut of floor(log_x / ln 2), and XLA (jit of the vmap over
@@ -788,7 +799,7 @@ def test_extended_exponent_and_mantissa_agree_under_jit_vmap():
     np.testing.assert_allclose(jax.jit(per_start)(x), np.full((4, 2), 0.5), atol=1e-6)
 
 
-@pytest.mark.parametrize("scale", [100.0, *(pytest.param(s, marks=pytest.mark.slow) for s in (300.0, 1e3)), 1e4])
+@pytest.mark.parametrize("scale", [*(slow_case(s) for s in (100.0, 300.0, 1e3)), 1e4])
 def test_capped_v_trained_at_large_scale_equals_the_dense_chain(scale):
     """Capped with V trained (float64: the recursion steps probabilities, rows in their own scale) at |theta| / tau
     = 100, 300, 1e3, 1e4: per-start success equals the dense token chain propagated T steps, and the reverse-mode
