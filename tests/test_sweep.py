@@ -263,6 +263,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path, counted):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_submitit_local_job_array(tmp_path):
     configs = _configs()[:3]
     path = sweep.write_configs(configs, tmp_path / "configs.json")
