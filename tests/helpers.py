@@ -13,7 +13,6 @@ from gradflow.flow import SOLVERS
 
 THETA_SIZE = gf.Theta(0.0, 0.0, 0.0).as_array().shape[-1]  # the model's parameter count (5)
 ATTENTIONS = ("linear", "softmax")
-SLOW_SOLVERS = ("dopri8", "kvaerno5", "kvaerno5_newton")  # the default run takes tsit5 (the default) and dopri5
 
 
 def random_theta(rng, scale: float = 1.0) -> gf.Theta:
@@ -50,10 +49,7 @@ def slow_case(*values):
     return pytest.param(*values, marks=pytest.mark.slow)
 
 
-def solver_params(every: bool = True) -> list:
-    """Every key of ``gradflow.flow.SOLVERS`` for ``pytest.mark.parametrize``; the SLOW_SOLVERS marked slow.
-
-    ``every=False``, for tests where the solver is incidental: every solver but tsit5 marked slow (each one
-    already solves in the default run: tests/test_flow.py::test_every_solver_runs_the_default_preset)."""
-    fast = SOLVERS if every else ("tsit5",)
-    return [s if s in fast and s not in SLOW_SOLVERS else pytest.param(s, marks=pytest.mark.slow) for s in SOLVERS]
+def solver_params() -> list:
+    """Every key of ``gradflow.flow.SOLVERS`` for ``pytest.mark.parametrize``: tsit5 (the default) in the default run,
+    every other solver in the slow run (tests/test_flow.py::test_every_solver_runs_the_default_preset runs each)."""
+    return [s if s == "tsit5" else slow_case(s) for s in SOLVERS]

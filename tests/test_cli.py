@@ -127,6 +127,7 @@ def test_choice_lists_come_from_the_modules():
     assert choices["attention"] == tuple(ATTENTION_KINDS)
 
 
+@pytest.mark.slow
 def test_values_trained_simulate_and_train_record_and_report_v(tmp_path, capsys):
     """--values trained: the config records V (model.values and theta0's ten numbers) and the reports print V."""
     theta0 = "0.3 0.1 0 0 0 0.9 1.1 0.05 -0.1 0.02".split()

@@ -63,6 +63,7 @@ def test_gradient_descent_raises_at_a_nan_reward(float64_only):
         training.gradient_descent(params, lr=0.1, steps=3)
 
 
+@pytest.mark.slow
 def test_a_nan_gradient_raises_in_training():
     """Forced: a schedule whose distribution is NaN makes grad J NaN while J on the task stays finite
     (the flow's version: tests/test_flow.py::test_a_nan_vector_field_is_reported_as_such)."""

@@ -63,7 +63,7 @@ def test_trajectory_matches_fixed_step_rk4():
     assert error < 1e-6, f"max |theta - RK4| = {error:.2e}"
 
 
-@pytest.mark.parametrize("solver", solver_params(every=False))
+@pytest.mark.parametrize("solver", solver_params())
 def test_default_preset_learns_forward_traversal(solver):
     trajectory = simulate(FlowParams(gf.ChainTask.uniform(8), t1=100.0, solver=solver), progress=False)
     assert trajectory.reward[0] < 0.6 and trajectory.reward[-1] >= 0.999, f"J: {trajectory.reward[0]} -> {trajectory.reward[-1]}"
@@ -125,7 +125,7 @@ def test_changing_numbers_does_not_recompile():
     assert compilation_count() == before
 
 
-@pytest.mark.parametrize("solver", solver_params(every=False))
+@pytest.mark.parametrize("solver", solver_params())
 def test_t_hit_is_a_root_of_the_reward(solver):
     params = FlowParams(TASK, t1=100.0, solver=solver)
     trajectory = simulate(params, progress=False)

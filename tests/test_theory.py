@@ -215,7 +215,7 @@ def test_easy_mass_makes_learning_time_polynomial(fast_scaling):
         assert t_low / t_high <= 3.0, f"n = {n}: T grows faster than 1/c: {t_low} / {t_high}"
 
 
-@pytest.mark.parametrize("solver", solver_params(every=False))
+@pytest.mark.parametrize("solver", solver_params())
 def test_learning_time_matches_flow_event_and_reports_unreached(solver):
     t = theory.learning_time(ChainTask.hardest(8), solver=solver)
     assert _on_grid(t, 181.0), f"hardest n = 8: {t}"
