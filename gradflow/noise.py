@@ -517,11 +517,48 @@ def _score_source(rows: _Rows, n: int, model: ModelSpec):
     return _project2(numbers, rows.jac, a2), _project2(numbers, rows.iso_jac, i2)
 
 
+def _rows_of(theta_array, n: int, model: ModelSpec, start, numbers: Numbers) -> _Rows:
+    """The ``_Rows`` of the model's chain seen from ``start`` (``_trained_rows`` with V trained, else ``_chain_rows``)."""
+    return (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start, numbers)
+
+
+def _own_values(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
+    """h = P(own terminal) at every chain vertex (2, n, 1) (terminals 1 and 0) and at the isolated ones (1,), in
+    ``numbers``: the absorbing solve with terminals (1, 0) and (0, 1), each value read as h or 1 - q, the smaller
+    (1 - q where q < h keeps the digits of grad h near h = 1, as ``gradflow.objective`` does)."""
+    rows = _rows_of(theta_array, n, model, start, numbers)
+    terminal_a, terminal_b = numbers.of(jnp.array([1.0, 0.0])), numbers.of(jnp.array([0.0, 1.0]))
+    g, g_iso = _absorbing_solve(rows, n, model, numbers.zeros((2, n - 1, 2)), numbers.zeros((2,)), terminal_a, terminal_b)
+
+    def own(x):
+        h, q = numbers.apply(lambda v: v[..., :1], x), numbers.apply(lambda v: v[..., 1:], x)
+        one_minus_q = numbers.add(numbers.of(jnp.ones(_shape(q))), numbers.scale(q, -1.0))
+        return numbers.where(numbers.to_float(h) <= numbers.to_float(q), h, one_minus_q)
+
+    return own(g), own(g_iso)
+
+
+def _own_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
+    """m = grad h at every chain vertex (2, n, P) and at the isolated ones (P,), in ``numbers``: forward mode (P
+    tangents) through ``_own_values``; an ``Extended`` h's gradient is its mantissa's, at h's exponent.
+
+    The recursion m(u) = sum_v P(u, v) [psi h(v) + m(v)] solves a signed right-hand side as two positive parts that
+    cancel by dozens of digits from |theta|/tau of a few hundred (1e72 where m is 1e-93 at 1e3); M's right-hand side
+    needs m at every row, and this derivative keeps its digits there."""
+    values = lambda y: (lambda v: (v, v))(_own_values(y, n, model, start, numbers))
+    jacobians, own = jax.jacfwd(values, has_aux=True)(jnp.asarray(theta_array, dtype=float))
+    if numbers is EXTENDED:
+        gradient = lambda jac, value: Extended(jac.m[..., 0, :], jnp.broadcast_to(value.e, jac.m[..., 0, :].shape))
+        return tuple(gradient(jac, value) for jac, value in zip(jacobians, own))
+    return tuple(jac[..., 0, :] for jac in jacobians)
+
+
 def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, ...]:
     """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2,
-    floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range)."""
+    floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range).
+    Uncapped, M's right-hand side takes m from ``_own_gradients`` (the recursion's own m loses its digits)."""
     numbers = numbers_of(model)
-    rows = (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start, numbers)
+    rows = _rows_of(theta_array, n, model, start, numbers)
     f_src, f_src_iso = _score_source(rows, n, model)
     p = Theta.size(model.values)
     flat = lambda x: numbers.apply(lambda v: v.reshape(v.shape[:-2] + (p * p,)), x)
@@ -532,9 +569,7 @@ def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.nd
         g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, numbers.zeros((1 + p * p,)))
         h, h_iso = numbers.apply(lambda v: v[..., :1], g), numbers.apply(lambda v: v[:1], g_iso)
         big_f = numbers.apply(lambda v: v[:, : n - 1, 1:], g)
-        zero = numbers.zeros((p,))
-        rhs_m, rhs_m_iso, _, _ = _moment_sources(rows, n, model, h, h_iso, numbers.zeros((2, n, p)), zero)
-        grad, grad_iso = _absorbing_solve(rows, n, model, rhs_m, rhs_m_iso, zero, zero)
+        grad, grad_iso = _own_gradients(theta_array, n, model, start, numbers)
         _, _, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h, h_iso, grad, grad_iso)
         zeros = numbers.zeros((p * p,))
         big_m, _ = _absorbing_solve(rows, n, model, flat(rhs_big), flat(rhs_big_iso), zeros, zeros)
