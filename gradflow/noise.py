@@ -553,10 +553,24 @@ def _own_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Number
     return tuple(jac[..., 0, :] for jac in jacobians)
 
 
-def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, ...]:
+def _row_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Numbers, grad_h):
+    """m = grad h at every chain vertex (2, n, P) and at the isolated ones (P,), in ``numbers``, for M's right-hand side.
+
+    Linear attention with V fixed: ``grad_h`` (the closed form's, by start distance) on chain a, -grad_h on chain b
+    (h(b_i) = 1 - h(a_i)), 0 at the terminals and isolated vertices (h = 1/2 there): the closed form reads h near 1/2
+    from e = h - 1/2, where grad h is 1e-1819 at |theta|/tau = 1e4 and a 2(n-1)-row solve's h (1/2 to round-off)
+    gives 1e-16.  Otherwise ``_own_gradients`` (no a/b symmetry: the start's token or the start row differ)."""
+    if model.attention != "linear" or model.values != "fixed":
+        return _own_gradients(theta_array, n, model, start, numbers)
+    chain_a = jnp.concatenate([grad_h[::-1], jnp.zeros((1, grad_h.shape[-1]))])
+    return numbers.of(jnp.stack([chain_a, -chain_a])), numbers.zeros(grad_h.shape[-1:])
+
+
+def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None) -> tuple[jnp.ndarray, ...]:
     """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2,
     floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range).
-    Uncapped, M's right-hand side takes m from ``_own_gradients`` (the recursion's own m loses its digits)."""
+    Uncapped, M's right-hand side takes m from ``_row_gradients`` (``grad_h``: the closed form's m by start distance;
+    the recursion's own m loses its digits)."""
     numbers = numbers_of(model)
     rows = _rows_of(theta_array, n, model, start, numbers)
     f_src, f_src_iso = _score_source(rows, n, model)
@@ -569,7 +583,7 @@ def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.nd
         g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, numbers.zeros((1 + p * p,)))
         h, h_iso = numbers.apply(lambda v: v[..., :1], g), numbers.apply(lambda v: v[:1], g_iso)
         big_f = numbers.apply(lambda v: v[:, : n - 1, 1:], g)
-        grad, grad_iso = _own_gradients(theta_array, n, model, start, numbers)
+        grad, grad_iso = _row_gradients(theta_array, n, model, start, numbers, grad_h)
         _, _, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h, h_iso, grad, grad_iso)
         zeros = numbers.zeros((p * p,))
         big_m, _ = _absorbing_solve(rows, n, model, flat(rhs_big), flat(rhs_big_iso), zeros, zeros)
@@ -661,15 +675,14 @@ def _require_prompt_context(model: ModelSpec) -> None:
 @eqx.filter_jit
 def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moments:
     n = task.n
+    grad_h = None if model.max_len is not None else _grad_h(theta_array, task, model)
     if model.attention == "linear" and model.values == "fixed":
-        h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None)
+        h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None, grad_h)
     else:
         at_start = lambda s: jax.tree.map(lambda x: x[s - 1], _chain_moments(theta_array, n, model, s))
         h, grad, big_m, big_f = jax.vmap(at_start)(jnp.arange(1, n))
     moments = Moments(h[::-1], grad[::-1], big_m[::-1], big_f[::-1])
-    if model.max_len is not None:
-        return moments
-    return moments._replace(grad=_grad_h(theta_array, task, model))
+    return moments if grad_h is None else moments._replace(grad=grad_h)
 
 
 def _grad_h(theta_array, task: ChainTask, model: ModelSpec) -> jnp.ndarray:

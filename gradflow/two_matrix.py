@@ -399,9 +399,13 @@ def start_system_solve(system: StartSystem, rhs, signed: bool = False) -> jnp.nd
     absorb = jnp.sum(system.rates, -1)
     z, min_pivot = gth_solve(system.excess, system.lower, system.upper, jnp.concatenate([rhs, system.u, absorb[:, None]], -1))
     z_r, z_u, z_a = z[:, :k], z[:, k : k + 3], z[:, k + 3]
-    y = jnp.stack(capacitance_solve(system.c.T @ z_u, system.c.T @ z_a, jnp.sum(system.c, 0), system.c.T @ z_r))
+    counts, alpha = jnp.sum(system.c, 0), system.c.T @ z_a
+    y = jnp.stack(capacitance_solve(system.c.T @ z_u, alpha, counts, system.c.T @ z_r))
     x = z_r + z_u @ y
-    return jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
+    # a column's absorption alpha below the range bounds its capacitance pivot: a compiled program then gave 6e223 for
+    # an F of 982 (V trained, |theta|/tau = 300); NaN instead, and the extended numbers take over
+    held = (min_pivot >= TINY_PIVOT) & jnp.all((counts == 0) | (alpha >= TINY_PIVOT))
+    return jnp.where(held, x, jnp.nan)
 
 
 def start_system_solve_extended(system: StartSystem, rhs: ext.Extended) -> ext.Extended:
