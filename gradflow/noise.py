@@ -33,10 +33,11 @@ weight, each system is the absorbing chain of ``gradflow.objective.chain_system`
 moves minus rank 2 far jumps, one column per degree class) with a new right-hand side, solved by the
 positive GTH elimination and Woodbury of ``gradflow._linalg`` (``chain_solve``; a signed right-hand
 side as the difference of its positive and negative parts, both solved with the positive guarantees).
-O(n) per right-hand side, differentiable and vmappable.  Three solves: [h | F] (1 + P^2 columns),
-m (P), M (P^2).  Linear attention: one chain serves every start; softmax: the start row has its own
-eta, one chain per start (vmapped), as in ``gradflow.objective``.  The a/b mirror symmetry is not used
-(both chains are solved: a factor 2, and the capped case needs both anyway).
+O(n) per right-hand side, differentiable and vmappable.  Uncapped, two solves: [h | F] (1 + P^2 columns) and
+M (P^2), M's m at every row the closed form's gradient of h (``_row_gradients``; the capped recursion solves m).
+Linear attention: one chain serves every start; softmax: the start row has its own eta, one chain per start
+(vmapped), as in ``gradflow.objective``.  The a/b mirror symmetry is not used (both chains are solved: a factor 2,
+and the capped case needs both anyway).
 
 V trained (``ModelSpec(values="trained")``, docs/THEORY.md §10): the coordinates are the ten numbers
 (P = ``Theta.size("trained")``).  A chain row's logits are the far classes of ``gradflow.two_matrix``
@@ -49,8 +50,10 @@ Numbers (``ModelSpec.numbers``, docs/THEORY.md §8.4): float64, or the whole unc
 normalisers, right-hand sides, solves and the values between them) in ``gradflow._extended`` numbers, written once
 over ``Numbers``; the eager ``moments_per_start``, ``gradient_covariance``, ``batch_covariance`` and
 ``critical_batch`` fall back to them where float64 gave a NaN (``objective.finite_or_extended``).  Uncapped, m is
-the closed form's gradient of h (``_grad_h``: it keeps its digits); M loses its digits from |theta|/tau of a few
-hundred in either numbers: its signed right-hand side's two parts cancel.
+the closed form's gradient of h (``_grad_h``: the recursion's m solve cancels by dozens of digits from |theta|/tau of
+a few hundred), and M's right-hand side takes m at every row from the closed form too (``_row_gradients``): with V
+fixed M then equals a 2000-digit reference to about 1e-13 of its largest entry per start up to |theta|/tau = 1e4 (its
+own signed solve does not cancel); with V trained it can still be wrong at 1e3.
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
