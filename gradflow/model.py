@@ -283,17 +283,10 @@ def query_scores(theta: Theta, u, n: int, model: ModelSpec, start_vertex=-1):
     require_fixed_values(model)
     if model.attention == "linear":
         return theta.alpha / model.tau, theta.beta / model.tau, theta.gamma / model.tau
-    inv_tau = 1.0 / model.tau
     n_out, n_in, n_far = context_counts(u, n)
-    log_count = lambda score, count: jnp.where(count > 0, score + jnp.log(jnp.maximum(count, 1.0)), -jnp.inf)
     vertex = jnp.where(u == start_vertex, theta.eta, theta.delta)
-    terms = jnp.broadcast_arrays(
-        log_count(theta.alpha, n_out), log_count(theta.beta, n_in), log_count(theta.gamma, n_far), vertex
-    )
-    log_z = jax.nn.logsumexp(jnp.stack(terms, axis=-1), axis=-1)
-    # a score with no token in u's context is 0 (not exp(score - log_z), unbounded at |score| >~ 709)
-    share = lambda score, count: jnp.exp(jnp.where(count > 0, score - log_z, -jnp.inf)) * inv_tau
-    return share(theta.alpha, n_out), share(theta.beta, n_in), share(theta.gamma, n_far)
+    shares = attention_shares([(theta.alpha, n_out), (theta.beta, n_in), (theta.gamma, n_far), (vertex, 1.0)])
+    return tuple(share / model.tau for share in shares[:3])
 
 
 def row_scores(theta: Theta, n: int, model: ModelSpec, start: int | None = None) -> RowScores:
@@ -470,23 +463,57 @@ def chain_a_logits(rows: RowLogits) -> RowLogits:
     return rows._replace(**{f: jnp.broadcast_to(getattr(rows, f), (2, width))[0] for f in per_row})
 
 
-def log_sum(terms) -> jnp.ndarray:
-    """log(sum_j count_j * exp(logit_j)) for (logit, count) pairs, counts >= 0 (arrays or numbers).
+def _stacked_terms(terms) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(logits, counts) of (logit, count) pairs, broadcast together and stacked on a last axis."""
+    pairs = [jnp.broadcast_arrays(jnp.asarray(logit, float), jnp.asarray(count, float)) for logit, count in terms]
+    logits = jnp.broadcast_arrays(*(logit for logit, _ in pairs))
+    counts = jnp.broadcast_arrays(*(count for _, count in pairs))
+    return jnp.stack(logits, -1), jnp.stack(counts, -1)
 
-    A term with count 0 contributes nothing (and no gradient); the maximum is taken over present terms.
-    """
-    logits, counts = [], []
-    for logit, count in terms:
-        logit, count = jnp.broadcast_arrays(jnp.asarray(logit, float), jnp.asarray(count, float))
-        logits.append(logit)
-        counts.append(count)
-    logits, counts = jnp.broadcast_arrays(*logits), jnp.broadcast_arrays(*counts)
-    logits, counts = jnp.stack(logits, -1), jnp.stack(counts, -1)
+
+def _log_sum_stacked(logits, counts) -> jnp.ndarray:
+    """log(sum_j count_j * exp(logit_j)) over the last axis (``log_sum``)."""
     present = counts > 0
     top = jax.lax.stop_gradient(jnp.max(jnp.where(present, logits, -jnp.inf), axis=-1, keepdims=True))
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     scaled = jnp.where(present, counts * jnp.exp(jnp.where(present, logits, top) - top), 0.0)
     return jnp.log(jnp.sum(scaled, axis=-1)) + top[..., 0]
+
+
+def log_sum(terms) -> jnp.ndarray:
+    """log(sum_j count_j * exp(logit_j)) for (logit, count) pairs, counts >= 0 (arrays or numbers).
+
+    A term with count 0 contributes nothing (and no gradient); the maximum is taken over present terms.
+    """
+    return _log_sum_stacked(*_stacked_terms(terms))
+
+
+@jax.custom_jvp
+def _shares(logits, counts) -> jnp.ndarray:
+    """exp(logit_k) / sum_j count_j exp(logit_j) over the last axis, 0 where count_k = 0 (``attention_shares``)."""
+    log_z = _log_sum_stacked(logits, counts)[..., None]
+    # a token the row does not hold has share 0 (not exp(logit - log_z), unbounded at |logit| >~ 709)
+    return jnp.exp(jnp.where(counts > 0, logits - log_z, -jnp.inf))
+
+
+@_shares.defjvp
+def _shares_jvp(primals, tangents):
+    """d share_k = share_k sum_j p_j (d logit_k - d logit_j), p_j = count_j share_j (sum 1): the j = k term is exactly
+    0, so a dominant token's share keeps the digits of its derivative (share_k (1 - p_k), 1 - p_k of 1e-20), which
+    d logit_k - d log Z loses (1 - 1 in float64)."""
+    logits, counts = primals
+    d_logits = tangents[0]
+    shares = _shares(logits, counts)
+    weights = counts * shares
+    spread = jnp.sum(weights[..., None, :] * (d_logits[..., :, None] - d_logits[..., None, :]), -1)
+    return shares, shares * spread
+
+
+def attention_shares(terms) -> tuple:
+    """exp(logit_k) / sum_j count_j exp(logit_j) for (logit, count) pairs: the softmax weight of ONE token of each
+    kind (0 for a kind with count 0), its derivatives to relative accuracy (``_shares_jvp``)."""
+    shares = _shares(*_stacked_terms(terms))
+    return tuple(shares[..., k] for k in range(len(terms)))
 
 
 def row_log_total(rows: RowLogits, include_self: bool) -> dict:

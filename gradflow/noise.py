@@ -33,10 +33,11 @@ weight, each system is the absorbing chain of ``gradflow.objective.chain_system`
 moves minus rank 2 far jumps, one column per degree class) with a new right-hand side, solved by the
 positive GTH elimination and Woodbury of ``gradflow._linalg`` (``chain_solve``; a signed right-hand
 side as the difference of its positive and negative parts, both solved with the positive guarantees).
-O(n) per right-hand side, differentiable and vmappable.  Three solves: [h | F] (1 + P^2 columns),
-m (P), M (P^2).  Linear attention: one chain serves every start; softmax: the start row has its own
-eta, one chain per start (vmapped), as in ``gradflow.objective``.  The a/b mirror symmetry is not used
-(both chains are solved: a factor 2, and the capped case needs both anyway).
+O(n) per right-hand side, differentiable and vmappable.  Uncapped, two solves: [h | F] (1 + P^2 columns) and
+M (P^2), M's m at every row the closed form's gradient of h (``_row_gradients``; the capped recursion solves m).
+Linear attention: one chain serves every start; softmax: the start row has its own eta, one chain per start
+(vmapped), as in ``gradflow.objective``.  The a/b mirror symmetry is not used (both chains are solved: a factor 2,
+and the capped case needs both anyway).
 
 V trained (``ModelSpec(values="trained")``, docs/THEORY.md §10): the coordinates are the ten numbers
 (P = ``Theta.size("trained")``).  A chain row's logits are the far classes of ``gradflow.two_matrix``
@@ -49,8 +50,10 @@ Numbers (``ModelSpec.numbers``, docs/THEORY.md §8.4): float64, or the whole unc
 normalisers, right-hand sides, solves and the values between them) in ``gradflow._extended`` numbers, written once
 over ``Numbers``; the eager ``moments_per_start``, ``gradient_covariance``, ``batch_covariance`` and
 ``critical_batch`` fall back to them where float64 gave a NaN (``objective.finite_or_extended``).  Uncapped, m is
-the closed form's gradient of h (``_grad_h``: it keeps its digits); M loses its digits from |theta|/tau of a few
-hundred in either numbers: its signed right-hand side's two parts cancel.
+the closed form's gradient of h (``_grad_h``: the recursion's m solve cancels by dozens of digits from |theta|/tau of
+a few hundred), and M's right-hand side takes m at every row from the closed form too (``_row_gradients``): with V
+fixed M then equals a 2000-digit reference to about 1e-13 of its largest entry per start up to |theta|/tau = 1e4 (its
+own signed solve does not cancel); with V trained it can still be wrong at 1e3.
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
@@ -517,11 +520,62 @@ def _score_source(rows: _Rows, n: int, model: ModelSpec):
     return _project2(numbers, rows.jac, a2), _project2(numbers, rows.iso_jac, i2)
 
 
-def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, ...]:
+def _rows_of(theta_array, n: int, model: ModelSpec, start, numbers: Numbers) -> _Rows:
+    """The ``_Rows`` of the model's chain seen from ``start`` (``_trained_rows`` with V trained, else ``_chain_rows``)."""
+    return (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start, numbers)
+
+
+def _own_values(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
+    """h = P(own terminal) at every chain vertex (2, n, 1) (terminals 1 and 0) and at the isolated ones (1,), in
+    ``numbers``: the absorbing solve with terminals (1, 0) and (0, 1), each value read as h or 1 - q, the smaller
+    (1 - q where q < h keeps the digits of grad h near h = 1, as ``gradflow.objective`` does)."""
+    rows = _rows_of(theta_array, n, model, start, numbers)
+    terminal_a, terminal_b = numbers.of(jnp.array([1.0, 0.0])), numbers.of(jnp.array([0.0, 1.0]))
+    g, g_iso = _absorbing_solve(rows, n, model, numbers.zeros((2, n - 1, 2)), numbers.zeros((2,)), terminal_a, terminal_b)
+
+    def own(x):
+        h, q = numbers.apply(lambda v: v[..., :1], x), numbers.apply(lambda v: v[..., 1:], x)
+        one_minus_q = numbers.add(numbers.of(jnp.ones(_shape(q))), numbers.scale(q, -1.0))
+        return numbers.where(numbers.to_float(h) <= numbers.to_float(q), h, one_minus_q)
+
+    return own(g), own(g_iso)
+
+
+def _own_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
+    """m = grad h at every chain vertex (2, n, P) and at the isolated ones (P,), in ``numbers``: forward mode (P
+    tangents) through ``_own_values``; an ``Extended`` h's gradient is its mantissa's, at h's exponent.
+
+    The recursion m(u) = sum_v P(u, v) [psi h(v) + m(v)] solves a signed right-hand side as two positive parts that
+    cancel by dozens of digits from |theta|/tau of a few hundred (1e72 where m is 1e-93 at 1e3); M's right-hand side
+    needs m at every row, and this derivative keeps its digits there."""
+    values = lambda y: (lambda v: (v, v))(_own_values(y, n, model, start, numbers))
+    jacobians, own = jax.jacfwd(values, has_aux=True)(jnp.asarray(theta_array, dtype=float))
+    if numbers is EXTENDED:
+        gradient = lambda jac, value: Extended(jac.m[..., 0, :], jnp.broadcast_to(value.e, jac.m[..., 0, :].shape))
+        return tuple(gradient(jac, value) for jac, value in zip(jacobians, own))
+    return tuple(jac[..., 0, :] for jac in jacobians)
+
+
+def _row_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Numbers, grad_h):
+    """m = grad h at every chain vertex (2, n, P) and at the isolated ones (P,), in ``numbers``, for M's right-hand side.
+
+    Linear attention with V fixed: ``grad_h`` (the closed form's, by start distance) on chain a, -grad_h on chain b
+    (h(b_i) = 1 - h(a_i)), 0 at the terminals and isolated vertices (h = 1/2 there): the closed form reads h near 1/2
+    from e = h - 1/2, where grad h is 1e-1819 at |theta|/tau = 1e4 and a 2(n-1)-row solve's h (1/2 to round-off)
+    gives 1e-16.  Otherwise ``_own_gradients`` (no a/b symmetry: the start's token or the start row differ)."""
+    if model.attention != "linear" or model.values != "fixed":
+        return _own_gradients(theta_array, n, model, start, numbers)
+    chain_a = jnp.concatenate([grad_h[::-1], jnp.zeros((1, grad_h.shape[-1]))])
+    return numbers.of(jnp.stack([chain_a, -chain_a])), numbers.zeros(grad_h.shape[-1:])
+
+
+def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None) -> tuple[jnp.ndarray, ...]:
     """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2,
-    floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range)."""
+    floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range).
+    Uncapped, M's right-hand side takes m from ``_row_gradients`` (``grad_h``: the closed form's m by start distance;
+    the recursion's own m loses its digits)."""
     numbers = numbers_of(model)
-    rows = (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start, numbers)
+    rows = _rows_of(theta_array, n, model, start, numbers)
     f_src, f_src_iso = _score_source(rows, n, model)
     p = Theta.size(model.values)
     flat = lambda x: numbers.apply(lambda v: v.reshape(v.shape[:-2] + (p * p,)), x)
@@ -532,9 +586,7 @@ def _chain_moments(theta_array, n: int, model: ModelSpec, start) -> tuple[jnp.nd
         g, g_iso = _absorbing_solve(rows, n, model, rhs, rhs_iso, one_zero, numbers.zeros((1 + p * p,)))
         h, h_iso = numbers.apply(lambda v: v[..., :1], g), numbers.apply(lambda v: v[:1], g_iso)
         big_f = numbers.apply(lambda v: v[:, : n - 1, 1:], g)
-        zero = numbers.zeros((p,))
-        rhs_m, rhs_m_iso, _, _ = _moment_sources(rows, n, model, h, h_iso, numbers.zeros((2, n, p)), zero)
-        grad, grad_iso = _absorbing_solve(rows, n, model, rhs_m, rhs_m_iso, zero, zero)
+        grad, grad_iso = _row_gradients(theta_array, n, model, start, numbers, grad_h)
         _, _, rhs_big, rhs_big_iso = _moment_sources(rows, n, model, h, h_iso, grad, grad_iso)
         zeros = numbers.zeros((p * p,))
         big_m, _ = _absorbing_solve(rows, n, model, flat(rhs_big), flat(rhs_big_iso), zeros, zeros)
@@ -626,15 +678,14 @@ def _require_prompt_context(model: ModelSpec) -> None:
 @eqx.filter_jit
 def _moments_per_start(theta_array, task: ChainTask, model: ModelSpec) -> Moments:
     n = task.n
+    grad_h = None if model.max_len is not None else _grad_h(theta_array, task, model)
     if model.attention == "linear" and model.values == "fixed":
-        h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None)
+        h, grad, big_m, big_f = _chain_moments(theta_array, n, model, None, grad_h)
     else:
         at_start = lambda s: jax.tree.map(lambda x: x[s - 1], _chain_moments(theta_array, n, model, s))
         h, grad, big_m, big_f = jax.vmap(at_start)(jnp.arange(1, n))
     moments = Moments(h[::-1], grad[::-1], big_m[::-1], big_f[::-1])
-    if model.max_len is not None:
-        return moments
-    return moments._replace(grad=_grad_h(theta_array, task, model))
+    return moments if grad_h is None else moments._replace(grad=grad_h)
 
 
 def _grad_h(theta_array, task: ChainTask, model: ModelSpec) -> jnp.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 from gradflow import _extended as ext
 from gradflow._extended import EXTENDED, FLOAT, Numbers
 from gradflow._linalg import EXTENDED_OPS, TINY_PIVOT, capacitance_solve, gth_solve, solve_extended
-from gradflow.model import ModelSpec, StepProbabilities, Theta, log_sum
+from gradflow.model import ModelSpec, StepProbabilities, Theta, attention_shares, log_sum
 from gradflow.task import ChainTask
 
 
@@ -99,13 +99,11 @@ def row_scores(theta: Theta, n: int, model: ModelSpec, start, rows=None):
     alpha, beta, gamma, eta, delta = scores
     not_start = jnp.where((chain == 0) & (pos == start), 0.0, 1.0)
     has_pred = (pos >= 2) * 1.0
-    log_z = log_sum([(alpha, 1.0), (beta, has_pred), (gamma, 2.0 * (n - 1) - 1.0 - has_pred), (eta, 1.0), (delta, not_start)])
-    log_z_iso = log_sum([(gamma, 2.0 * (n - 1)), (eta, 1.0), (delta, 1.0)])
-    # a token the row does not hold (beta without a predecessor, delta on the start's own row) has score 0; its
-    # x - log Z may be thousands (exp: inf, and inf * 0 a NaN cotangent), so it is masked before the exp
-    held = (1.0, has_pred, 1.0, 1.0, not_start)
-    row = tuple(jnp.exp(jnp.where(h > 0, x - log_z, -jnp.inf)) / model.tau for x, h in zip(scores, held))
-    return row, tuple(jnp.exp(x - log_z_iso) / model.tau for x in scores)
+    # a token the row does not hold (beta without a predecessor, delta on the start's own row) has score 0
+    counts = (1.0, has_pred, 2.0 * (n - 1) - 1.0 - has_pred, 1.0, not_start)
+    row = attention_shares(list(zip(scores, counts)))
+    isolated = attention_shares(list(zip(scores, (0.0, 0.0, 2.0 * (n - 1), 1.0, 1.0))))
+    return tuple(x / model.tau for x in row), tuple(x / model.tau for x in isolated)
 
 
 class StartLogits(NamedTuple):
@@ -401,9 +399,13 @@ def start_system_solve(system: StartSystem, rhs, signed: bool = False) -> jnp.nd
     absorb = jnp.sum(system.rates, -1)
     z, min_pivot = gth_solve(system.excess, system.lower, system.upper, jnp.concatenate([rhs, system.u, absorb[:, None]], -1))
     z_r, z_u, z_a = z[:, :k], z[:, k : k + 3], z[:, k + 3]
-    y = jnp.stack(capacitance_solve(system.c.T @ z_u, system.c.T @ z_a, jnp.sum(system.c, 0), system.c.T @ z_r))
+    counts, alpha = jnp.sum(system.c, 0), system.c.T @ z_a
+    y = jnp.stack(capacitance_solve(system.c.T @ z_u, alpha, counts, system.c.T @ z_r))
     x = z_r + z_u @ y
-    return jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
+    # a column's absorption alpha below the range bounds its capacitance pivot: a compiled program then gave 6e223 for
+    # an F of 982 (V trained, |theta|/tau = 300); NaN instead, and the extended numbers take over
+    held = (min_pivot >= TINY_PIVOT) & jnp.all((counts == 0) | (alpha >= TINY_PIVOT))
+    return jnp.where(held, x, jnp.nan)
 
 
 def start_system_solve_extended(system: StartSystem, rhs: ext.Extended) -> ext.Extended:

@@ -170,9 +170,10 @@ def test_moments_finite_at_extreme_scales_against_mpmath(spec, rng):
     """Issue 23 item 2 for the noise moments: at |theta|/tau = 300, 1e3, 1e4 the eager moments (float64, then extended
     numbers where float64 gave a NaN) and ``ModelSpec(numbers="extended")`` hold no NaN; h equals the mpmath chain to
     1e-9, and with V fixed F = E[S S^T] too (to 1e-9 of its size), and so do the float64 program's values where
-    finite.  M = E[R S S^T] (and F with V trained) are not checked: their signed right-hand sides' two positive
-    parts cancel by dozens of digits at these scales; m (the closed form's gradient of h) needs a reference of 300
-    digits there (``test_m_is_the_closed_forms_gradient_of_h_and_keeps_its_digits_at_extreme_scales``)."""
+    finite.  M = E[R S S^T] and m need a reference of 300 digits and more there (the reference's recursion for m
+    cancels by about 152 digits at 1e3): ``test_m_is_the_closed_forms_gradient_of_h_and_keeps_its_digits_at_extreme_scales``
+    and ``test_second_moment_equals_the_reference_at_extreme_scales``; F with V trained is not checked (a V-trained
+    M or F can still be wrong at 1e3)."""
     attention, mask_self, n_isolated, values = spec
     kwargs = dict(attention=attention, mask_self=mask_self, n_isolated=n_isolated, tau=0.2, values=values)
     model, extended = gf.ModelSpec(**kwargs), gf.ModelSpec(**kwargs, numbers="extended")
@@ -212,6 +213,33 @@ def test_m_is_the_closed_forms_gradient_of_h_and_keeps_its_digits_at_extreme_sca
     assert np.all(np.abs(reference[:, :3]) < 1e-80) and np.all(reference[:, :3] != 0)
     for m in (model, gf.ModelSpec(tau=0.2, numbers="extended")):
         np.testing.assert_allclose(np.asarray(noise.moments_per_start(x, task, m).grad), reference, rtol=1e-8, atol=0)
+
+
+# (attention, mask_self, n_isolated, |theta|/tau, seed, digits of the reference): M at 1e3 needs 300, at 1e4 2000
+EXTREME_M_CASES = [
+    ("linear", True, 0, 1e3, 1, 300),
+    slow_case(("linear", False, 1, 1e4, 0, 2000)),
+    ("softmax", True, 0, 1e3, 0, 300),
+]
+
+
+@pytest.mark.parametrize("case", EXTREME_M_CASES)
+def test_second_moment_equals_the_reference_at_extreme_scales(case):
+    """Issue 23 item 2 for M = E[R S S^T] (V fixed): its right-hand side psi psi^T h + psi m^T + m psi^T takes m at every
+    row from the closed form's gradient of h (the recursion's own m was 1e72 where m is 1e-93 at 1e3, and M wrong in
+    its leading digit), and softmax attention's shares derive to relative accuracy (``gradflow.model.attention_shares``:
+    the dominant token's derivative was 1 - 1); M equals the mpmath chain to 1e-12 of its largest entry per start,
+    float64 and extended numbers, at |theta|/tau = 1e3 (M up to 3e65) and 1e4 (linear: up to 7e244)."""
+    attention, mask_self, n_isolated, ratio, seed, dps = case
+    kwargs = dict(attention=attention, mask_self=mask_self, n_isolated=n_isolated, tau=0.2)
+    task = gf.ChainTask.uniform(4)
+    x = np.random.default_rng(seed).normal(size=5) * ratio * 0.2 / np.sqrt(5)
+    reference = mp_moments(x, task, gf.ModelSpec(**kwargs), dps=dps)[2]
+    scale = np.max(np.abs(reference), axis=(1, 2), keepdims=True)
+    assert np.all(np.isfinite(reference)) and np.all(scale > 0)
+    for numbers in ("float64", "extended"):
+        ours = np.asarray(noise.moments_per_start(x, task, gf.ModelSpec(**kwargs, numbers=numbers)).reward_second)
+        assert np.all(np.abs(ours - reference) <= 1e-12 * scale), (case, numbers, float(np.max(np.abs(ours - reference) / scale)))
 
 
 @pytest.mark.slow
