@@ -161,6 +161,7 @@ def test_resume_resolves_truncated_results(tmp_path, counted):
     assert paths[0].read_bytes() != full[: len(full) // 2]
 
 
+@pytest.mark.slow
 def test_crash_between_writes_leaves_no_partial_result(tmp_path, monkeypatch, counted):
     """A sweep that dies while moving a result into place leaves no result that looks complete."""
     configs = _configs()[:3]
