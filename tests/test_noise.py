@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import slow_case
-from reference import dense_transition, mp_moments
+from reference import dense_transition, mp_moments, mp_reward_gradient
 
 import gradflow as gf
 from gradflow import noise
@@ -213,6 +213,9 @@ def test_m_is_the_closed_forms_gradient_of_h_and_keeps_its_digits_at_extreme_sca
     assert np.all(np.abs(reference[:, :3]) < 1e-80) and np.all(reference[:, :3] != 0)
     for m in (model, gf.ModelSpec(tau=0.2, numbers="extended")):
         np.testing.assert_allclose(np.asarray(noise.moments_per_start(x, task, m).grad), reference, rtol=1e-8, atol=0)
+    # the two mpmath routes agree: dJ/dtheta by central differences at the precision the derivative itself needs
+    pooled = np.asarray(task.start_probs)[::-1] @ reference[:, :3]
+    np.testing.assert_allclose(mp_reward_gradient(x, task, model), pooled, rtol=1e-8, atol=0)
 
 
 # (attention, mask_self, n_isolated, |theta|/tau, seed, digits of the reference): M at 1e3 needs 300, at 1e4 2000
