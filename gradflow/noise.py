@@ -122,12 +122,12 @@ class _Rows(NamedTuple):
     edge counts, their means and the score Jacobians are floats."""
 
     weights: jnp.ndarray  # (9, 2, n-1): the nine row terms (see _chain_rows)
-    counts: jnp.ndarray  # (9, 2, n-1, 3): c(u, v) of each term
+    counts: jnp.ndarray  # (9, 2, n-1, 3): c(u, v) of each term, minus its row's heaviest term's (``_mean_counts``)
     z: jnp.ndarray  # (2, n-1) row normaliser
-    cbar: jnp.ndarray  # (2, n-1, 3)
+    cbar: jnp.ndarray  # (2, n-1, 3): the mean of counts (so c - cbar = counts - cbar)
     jac: jnp.ndarray  # (2, n-1, 3, P) d s(u) / d theta
     iso_weights: jnp.ndarray  # (3,): degree-1, degree-2, other isolated vertex
-    iso_counts: jnp.ndarray  # (3, 3)
+    iso_counts: jnp.ndarray  # (3, 3), minus the heaviest term's
     iso_z: jnp.ndarray  # ()
     iso_cbar: jnp.ndarray  # (3,)
     iso_jac: jnp.ndarray  # (3, P)
@@ -167,10 +167,25 @@ def _below_top(gap, numbers: Numbers = FLOAT):
     return numbers.where(above, numbers.zeros(jnp.shape(gap)), numbers.exp(jnp.where(above, 0.0, gap)))
 
 
+def _log_size(numbers: Numbers, x) -> jnp.ndarray:
+    """log2 x for x > 0 (float or ``Extended``), -inf for x <= 0: a comparison of weights beyond float64's range."""
+    m, e = (x.m, x.e) if isinstance(x, Extended) else (x, 0.0)
+    return jnp.where(m > 0, jnp.log2(jnp.where(m > 0, m, 1.0)) + e, -jnp.inf)
+
+
 def _mean_counts(numbers: Numbers, weighted, counts, z):
-    """cbar = sum over the terms of weight x class size x c / z, as floats (a mean of edge counts)."""
-    total = numbers.total(_scaled(numbers, _expand(numbers, weighted), counts), 0)
-    return numbers.to_float(numbers.div(total, _expand(numbers, z)))
+    """(c - c_ref, cbar - c_ref): the counts (T, *R, C) measured from the row's heaviest term's c_ref and their mean
+    sum over the terms of weight x class size x (c - c_ref) / z, as floats.
+
+    c - cbar is then (c - c_ref) - (cbar - c_ref): where one term holds all but q of the row, its own c~ is -(cbar -
+    c_ref) (order q) to relative accuracy, where c - cbar in floats keeps one ulp of c, and Var_P(c) (order q)
+    gained that ulp squared: 1e-33 for 2e-49 (V trained, the self-loop of a row at |theta|/tau = 1e3), F wrong by 5e15
+    once the solve multiplied it by the 1e50 expected self-loops."""
+    heaviest = jnp.argmax(jax.lax.stop_gradient(_log_size(numbers, weighted)), axis=0)
+    ref = jnp.take_along_axis(counts, jnp.broadcast_to(heaviest[None, ..., None], (1,) + counts.shape[1:]), 0)
+    shifted = counts - ref
+    total = numbers.total(_scaled(numbers, _expand(numbers, weighted), shifted), 0)
+    return shifted, numbers.to_float(numbers.div(total, _expand(numbers, z)))
 
 
 def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT) -> _Rows:
@@ -231,7 +246,7 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start, numbe
     ones_values = _class_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m)[..., 0]  # vertex counts per term
     weighted = _scaled(numbers, weights, ones_values)
     z = numbers.total(weighted, 0)
-    cbar = _mean_counts(numbers, weighted, counts, z)
+    counts, cbar = _mean_counts(numbers, weighted, counts, z)
 
     y = scores.isolated
     n_deg1, n_deg2, n_deg0 = degree_counts(n, m)
@@ -241,7 +256,7 @@ def _chain_rows(theta_array: jnp.ndarray, n: int, model: ModelSpec, start, numbe
     iso_multiplicity = jnp.array([n_deg1, n_deg2, n_deg0 - (1.0 if model.mask_self else 0.0)])
     iso_weighted = _scaled(numbers, iso_weights, iso_multiplicity)
     iso_z = numbers.total(iso_weighted, 0)
-    iso_cbar = _mean_counts(numbers, iso_weighted, iso_counts, iso_z)
+    iso_counts, iso_cbar = _mean_counts(numbers, iso_weighted, iso_counts, iso_z)
     iso_jac = jnp.zeros((3, Theta.size())).at[2].set(iso_jac)
     return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_counts, iso_z, iso_cbar, iso_jac, system, numbers=numbers)
 
@@ -294,7 +309,7 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start, numbers: Numbers
     counts = grads.reshape((12,) + shape + (p,))
     weighted = _scaled(numbers, weights, _trained_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0])
     z = numbers.total(weighted, 0)
-    cbar = _mean_counts(numbers, weighted, counts, z)
+    counts, cbar = _mean_counts(numbers, weighted, counts, z)
     jac = jnp.broadcast_to(jnp.eye(p), shape + (p, p))
 
     iso_present = jnp.array([True, True, True, m > 1, not model.mask_self, True, True])
@@ -303,7 +318,7 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start, numbers: Numbers
     iso_weights = _scaled(numbers, numbers.where(iso_present, iso_weights, numbers.zeros((7,))), _TRAINED_ISO_SIGNS)
     iso_weighted = _scaled(numbers, iso_weights, _trained_iso_values(jnp.ones((2, n, 1)), jnp.ones((1,)), n, m, start)[..., 0])
     iso_z = numbers.total(iso_weighted, 0)
-    iso_cbar = _mean_counts(numbers, iso_weighted, iso_grads, iso_z)
+    iso_grads, iso_cbar = _mean_counts(numbers, iso_weighted, iso_grads, iso_z)
     return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_grads, iso_z, iso_cbar, jnp.eye(p), system, start, numbers)
 
 
