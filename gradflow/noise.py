@@ -53,7 +53,9 @@ over ``Numbers``; the eager ``moments_per_start``, ``gradient_covariance``, ``ba
 the closed form's gradient of h (``_grad_h``: the recursion's m solve cancels by dozens of digits from |theta|/tau of
 a few hundred), and M's right-hand side takes m at every row from the closed form too (``_row_gradients``): with V
 fixed M then equals a 2000-digit reference to about 1e-13 of its largest entry per start up to |theta|/tau = 1e4 (its
-own signed solve does not cancel); with V trained it can still be wrong at 1e3.
+own signed solve does not cancel); with V trained M and F equal a 300-digit reference to about 2e-13 at 300 and 1e3
+(c - cbar measured from each row's heaviest term, ``_mean_counts``; each far class summed with its corrections
+first, ``_grouped_total``).
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
@@ -322,16 +324,47 @@ def _trained_rows(theta_array, n: int, model: ModelSpec, start, numbers: Numbers
     return _Rows(weights, counts, z, cbar, jac, iso_weights, iso_grads, iso_z, iso_cbar, jnp.eye(p), system, start, numbers)
 
 
+def _member_classes(n: int, start) -> jnp.ndarray:
+    """(4, 2(n-1)): the class (0 chain starts, 1 interior vertices, 2 terminals) of each chain row's corrected members:
+    successor, self, predecessor, start."""
+    pos = np.tile(np.arange(1, n), 2)
+    return jnp.stack(
+        [np.where(pos == n - 1, 2, 1), np.where(pos == 1, 0, 1), np.where(pos == 2, 0, 1), jnp.where(start == 1, 0, 1) + 0 * pos]
+    )
+
+
+def _trained_groups(n: int, start, isolated: bool) -> jnp.ndarray:
+    """The group of each term of ``_trained_rows`` (chain rows (12, 2, n-1), or the isolated row (7,)): a far class's
+    term and its members' minus-class corrections share their class's group (0..3), the actual weights group 4."""
+    if isolated:
+        return jnp.stack([0, 1, 2, 4, 4, 4, jnp.where(start == 1, 0, 1)])
+    member = _member_classes(n, start)
+    actual = jnp.full_like(member[0], 4)
+    classes = [jnp.full_like(member[0], c) for c in range(4)]
+    return jnp.stack(classes + [actual, member[0], actual, member[1], actual, member[2], actual, member[3]]).reshape(12, 2, n - 1)
+
+
+def _grouped_total(numbers: Numbers, x, group):
+    """The sum over the terms (axis 0) of x (T, *R, ...), each group first (None: one group).  A far class's value sum
+    minus a local member's value cancels exactly only before the other terms join: summed in the terms' order, the
+    terminal class's h(a_n) = 1 (times its weight 1e-51) and the successor's -1 swallowed the 1e-163 of the other
+    terms of M's right-hand side (V trained, |theta|/tau = 1e3), and M came out 1e-127 for 2e-112."""
+    if group is None:
+        return numbers.total(x, 0)
+    shape = _shape(x)
+    member = jnp.reshape(group, jnp.shape(group) + (1,) * (len(shape) - jnp.ndim(group)))
+    none = numbers.zeros(shape)
+    parts = [numbers.total(numbers.where(jnp.broadcast_to(member == c, shape), x, none), 0) for c in range(5)]
+    return numbers.total(numbers.stack(parts), 0)
+
+
 def _with_far_member(present, n: int, m: int, start) -> jnp.ndarray:
     """(12, 2(n-1)) bools: False for the class terms (a far class and its actual-minus-class corrections) of a class
     whose every member is the row's successor, itself, its predecessor or the start.  Such a class holds no far
     vertex, yet its logit may set the row's scale (``two_matrix.start_system``): kept, its class weight minus
     itself would cancel the row's whole weight (z = 0 in any numbers)."""
     pos = np.tile(np.arange(1, n), 2)
-    # the class (0 chain starts, 1 interior vertices, 2 terminals) of the corrections: successor, self, predecessor, start
-    member = jnp.stack(
-        [np.where(pos == n - 1, 2, 1), np.where(pos == 1, 0, 1), np.where(pos == 2, 0, 1), jnp.where(start == 1, 0, 1) + 0 * pos]
-    )
+    member = _member_classes(n, start)
     corrections = present[np.array([5, 7, 9, 11])]
     sizes = jnp.array([2.0, 2.0 * (n - 2), 2.0, float(m)])[:, None]
     far = sizes - jnp.stack([jnp.sum((member == c) & corrections, 0) for c in range(4)]) > 0  # (4, 2(n-1))
@@ -409,14 +442,16 @@ def _expectations(rows: _Rows, values, order: int, isolated: bool = False):
         weights, counts, z, cbar = rows.iso_weights, rows.iso_counts, rows.iso_z, rows.iso_cbar
     else:
         weights, counts, z, cbar = rows.weights, rows.counts, rows.z, rows.cbar
+    group = None if rows.start is None else _trained_groups(_shape(rows.weights)[-1] + 1, rows.start, isolated)
+    total = lambda x: _grouped_total(numbers, x, group)
     wv = numbers.mul(_expand(numbers, numbers.div(weights, z)), values)
     if order == 0:
-        return numbers.total(wv, 0)
+        return total(wv)
     centred = counts - cbar
     if order == 1:
-        return numbers.total(_scaled(numbers, _expand(numbers, wv, -2), centred[..., :, None]), 0)
+        return total(_scaled(numbers, _expand(numbers, wv, -2), centred[..., :, None]))
     product = centred[..., :, None, None] * centred[..., None, :, None]
-    return numbers.total(_scaled(numbers, numbers.apply(lambda v: v[..., None, None, :], wv), product), 0)
+    return total(_scaled(numbers, numbers.apply(lambda v: v[..., None, None, :], wv), product))
 
 
 def _project(numbers: Numbers, jac, a1):

@@ -245,6 +245,35 @@ def test_second_moment_equals_the_reference_at_extreme_scales(case):
         assert np.all(np.abs(ours - reference) <= 1e-12 * scale), (case, numbers, float(np.max(np.abs(ours - reference) / scale)))
 
 
+# V trained (attention, mask_self, n_isolated, |theta|/tau, seed, numbers): draws where M and F were wrong finite values
+EXTREME_TRAINED_CASES = [
+    ("softmax", False, 1, 1e3, 2, "float64"),
+    slow_case(("softmax", False, 1, 1e3, 2, "extended")),
+    *(slow_case(("softmax", False, 1, 300.0, 2, numbers)) for numbers in ("float64", "extended")),
+    *(slow_case(("linear", True, 0, 300.0, 1, numbers)) for numbers in ("float64", "extended")),
+]
+
+
+@pytest.mark.parametrize("case", EXTREME_TRAINED_CASES)
+def test_second_moments_with_v_trained_equal_the_reference_at_extreme_scales(case):
+    """Issue 23 item 2 for M and F with V trained: c - cbar is measured from each row's heaviest term (a row held by its
+    self-loop but for 1e-50 had Var_P(c) polluted by one ulp of cbar squared, and F was 9e17 for 175 at 1e3) and each
+    far class's term meets its members' minus-class corrections before the other terms (the terminal class's h = 1
+    swallowed M's 1e-163 right-hand side: M was 1e-127 for 2e-112).  M and F equal the 300-digit mpmath chain (the same
+    at 600) to 1e-12 of their largest entry per start, float64 and extended numbers (extended: slow run)."""
+    attention, mask_self, n_isolated, ratio, seed, numbers = case
+    kwargs = dict(attention=attention, mask_self=mask_self, n_isolated=n_isolated, tau=0.2, values="trained")
+    task = gf.ChainTask.uniform(4)
+    x = np.random.default_rng(seed).normal(size=10) * ratio * 0.2 / np.sqrt(10)
+    reference = mp_moments(x, task, gf.ModelSpec(**kwargs), dps=300)
+    ours = noise.moments_per_start(x, task, gf.ModelSpec(**kwargs, numbers=numbers))
+    for name, got, want in (("M", ours.reward_second, reference[2]), ("F", ours.score_second, reference[3])):
+        scale = np.max(np.abs(want), axis=(1, 2), keepdims=True)
+        assert np.all(np.isfinite(want)) and np.all(scale > 0)
+        error = float(np.max(np.abs(np.asarray(got) - want) / scale))
+        assert error <= 1e-12, (case, name, error)
+
+
 @pytest.mark.slow
 def test_moments_fall_back_to_extended_numbers():
     """Where float64 leaves its range (|theta|/tau = 1e4) the eager moments, covariances and critical batch are the
