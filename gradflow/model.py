@@ -480,6 +480,13 @@ def _log_sum_stacked(logits, counts) -> jnp.ndarray:
     return jnp.log(jnp.sum(scaled, axis=-1)) + top[..., 0]
 
 
+def own_and_other(h, q) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(P(own terminal), P(other terminal)) from the absorbing solutions h (own) and q (other), each read from the
+    smaller (own = h or 1 - q, other = 1 - h or q), so the one near 1 keeps the digits of its distance to 1."""
+    smaller = h <= q
+    return jnp.where(smaller, h, 1.0 - q), jnp.where(smaller, 1.0 - h, q)
+
+
 def log_sum(terms) -> jnp.ndarray:
     """log(sum_j count_j * exp(logit_j)) for (logit, count) pairs, counts >= 0 (arrays or numbers).
 

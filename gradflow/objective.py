@@ -62,6 +62,7 @@ from gradflow.model import (
     RowLogits,
     Theta,
     chain_a_logits,
+    own_and_other,
     row_log_total,
     row_logits,
     row_scores,
@@ -458,8 +459,7 @@ def _outcome_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int |
         other = jnp.where(mid, 0.5 - e, jnp.where(e > 0, q, 1.0 - h))
         return _by_distance(own, n, rows), _by_distance(other, n, rows)
     h, q = _softmax_per_start(functools.partial(_softmax_probabilities, numbers=numbers), theta, n, model)
-    own = jnp.where(h <= q, h, 1.0 - q)
-    other = jnp.where(h <= q, 1.0 - h, q)
+    own, other = own_and_other(h, q)
     return _by_distance(own), _by_distance(other)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from gradflow import _extended as ext
 from gradflow._extended import EXTENDED, FLOAT, Numbers
 from gradflow._linalg import EXTENDED_OPS, TINY_PIVOT, capacitance_solve, gth_solve, solve_extended
-from gradflow.model import ModelSpec, StepProbabilities, Theta, attention_shares, log_sum
+from gradflow.model import ModelSpec, StepProbabilities, Theta, attention_shares, log_sum, own_and_other
 from gradflow.task import ChainTask
 
 
@@ -468,7 +468,7 @@ def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[
     _require_two_matrix(model)
     n = task.n
     h, q = jax.vmap(lambda position: _start_outcome(theta, n, model, position))(jnp.arange(1, n))
-    own, other = jnp.where(h <= q, h, 1.0 - q), jnp.where(h <= q, 1.0 - h, q)
+    own, other = own_and_other(h, q)
     return own[::-1], other[::-1]
 
 
