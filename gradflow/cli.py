@@ -55,6 +55,7 @@ EXAMPLES = {  # shown at the end of each command's --help
     "info": "gradflow info",
     "design": "gradflow design --n 8 --budget 2.5 --curriculum 4 --families step --max-mean-easy-mass 0.1",
 }
+RUN_FIGURE = "runs/emergence.png"  # gradflow run's figure: beside the user's runs, never over the committed figures/
 SIMULATE_NAME = "run"  # gradflow simulate --out FOLDER writes FOLDER/run.npz and run.json
 
 
@@ -394,8 +395,9 @@ def _eval_lines(trajectory, k: int, threshold: float) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    """The main job: the default preset, a report and figures/emergence.png (not with V trained: its panels read
-    P(forward | move), which then depends on the start)."""
+    """The main job: the default preset, a report and runs/emergence.png (not with V trained: its panels read
+    P(forward | move), which then depends on the start).  The committed figures/ are drawn only by their scripts
+    (``gradflow figures``), which record their provenance: a run never overwrites them."""
     with _input_stage():
         params = _flow_from_args(args)
         figure = _writable_files(args.figure, "--figure", (".png", ".pdf", ".json"))
@@ -728,12 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help_text, epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter
         )
 
-    run = command("run", "simulate the default preset, print a report, write figures/emergence.png")
+    run = command("run", "simulate the default preset, print a report, write runs/emergence.png")
     _add_config_arguments(run, choices)
     run.add_argument(
         "--figure",
-        default="figures/emergence.png",
-        help="where to write the figure (also writes the .pdf and the .json of numbers beside it)",
+        default=RUN_FIGURE,
+        help=f"where to write the figure (also writes the .pdf and the .json of numbers beside it; default {RUN_FIGURE})",
     )
     run.set_defaults(func=cmd_run)
 

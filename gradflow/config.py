@@ -9,6 +9,7 @@ once, here (``FlowParams.vector_field``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -454,6 +455,13 @@ class FlowParams(eqx.Module):
     def resolved_solver(self) -> str:
         """The key of ``SOLVERS`` the solve steps with (``solver`` itself, or what "auto" stands for on this model)."""
         return resolve_solver(self.solver, self.model)
+
+    def solver_resolved(self) -> FlowParams:
+        """This config (or stacked batch) with "auto" replaced by the solver it stands for: both trace the same
+        program, so what is compiled from this form serves either spelling (one compilation, not two)."""
+        if self.solver == self.resolved_solver:
+            return self
+        return eqx.tree_at(lambda p: p.numerics, self, dataclasses.replace(self.numerics, solver=self.resolved_solver))
 
     rtol = property(lambda self: self.numerics.rtol)
     atol = property(lambda self: self.numerics.atol)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -500,9 +500,14 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
     if not is_concrete(config):
         return _solve(config, progress)
     check_levels(config)
-    padded = bucketed(config)
-    executable, _ = compiled("solve", lambda p: _solve(p, progress), (padded,), progress, export=not progress)
-    return _trimmed(executable(padded), config.task.n)
+    padded = bucketed(config).solver_resolved()
+    return _trimmed(_compiled_solve(padded, progress)[0](padded), config.task.n)
+
+
+def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
+    """The compiled ``_solve`` of one config in its program form (``bucketed(...).solver_resolved()``), and its compile
+    seconds (0 when cached)."""
+    return compiled("solve", lambda p: _solve(p, progress), (program,), progress, export=not progress)
 
 
 def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = False, devices=None) -> Solution:
@@ -542,6 +547,7 @@ def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = F
 
 
 def _run_batch(batch: FlowParams, progress: bool, n_devices: int):
+    batch = batch.solver_resolved()
     solve_batch = jax.vmap(lambda p: _solve(p, progress))
     export = not progress and n_devices == 1  # a sharded batch compiles as usual
     executable, compile_s = compiled("solve_many", solve_batch, (batch,), (progress, n_devices), export=export)
@@ -792,8 +798,8 @@ def _simulated(params: FlowParams, progress: bool, label: str) -> tuple:
 
 def _host_solve(params: FlowParams, progress: bool) -> tuple:
     """One config's Solution on the host (trimmed to its n) and its compile and run seconds."""
-    padded = bucketed(params)
-    executable, compile_s = compiled("solve", lambda p: _solve(p, progress), (padded,), progress, export=not progress)
+    padded = bucketed(params).solver_resolved()
+    executable, compile_s = _compiled_solve(padded, progress)
     start = time.perf_counter()
     out = jax.device_get(_trimmed(executable(padded), params.task.n))
     return out, {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}

@@ -413,7 +413,7 @@ def _root_times(
     columns = np.array([c for c, _ in requests])
     levels = np.array([lv for _, lv in requests], dtype=float)
     args = (
-        trajectory.config,
+        trajectory.config.solver_resolved(),
         eval_tasks,
         jnp.asarray(np.where(valid, ts, np.nan)),
         jnp.asarray(np.nan_to_num(np.asarray(trajectory.theta, dtype=float))),
@@ -670,7 +670,10 @@ def _learning_run(configs, watched) -> dict:
     configs, watched = _in_buckets(configs if batched else [configs], watched if batched else [watched])
     configs, watched = (configs, watched) if batched else (configs[0], watched[0])
     stack = lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs]))
-    args = (stack_configs(configs), jax.tree_util.tree_map(stack, *watched)) if batched else (configs, watched)
+    if batched:
+        args = (stack_configs(configs).solver_resolved(), jax.tree_util.tree_map(stack, *watched))
+    else:
+        args = (configs.solver_resolved(), watched)
     fn = jax.vmap(_learning_solve) if batched else _learning_solve
     executable, _ = compiled("learning_batch" if batched else "learning", fn, args, export=True)
     return jax.device_get(executable(*args))

@@ -148,7 +148,7 @@ class Trajectory:
         def hit(config, ts, thetas, values, level):
             return crossing(config, ts, thetas, values, level, quantity_fn(config, quantity, index), LOCAL_MAX_STEPS)
 
-        args = (self.config, ts, thetas, jnp.asarray(values), jnp.asarray(float(level)))
+        args = (self.config.solver_resolved(), ts, thetas, jnp.asarray(values), jnp.asarray(float(level)))
         executable, _ = compiled("crossing", hit, args, (quantity, index), export=True)
         t, reached, resolved = jax.device_get(executable(*args))
         if not bool(resolved):

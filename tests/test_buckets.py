@@ -68,11 +68,15 @@ def test_buckets_are_powers_of_two_from_four():
 
 
 def test_a_new_n_in_a_compiled_bucket_compiles_nothing():
+    """A new n in a compiled bucket, and "auto" spelled as the solver it stands for (tsit5 here), compile nothing."""
     gf.simulate(gf.FlowParams(gf.ChainTask.uniform(6), t1=50.0))
     before = gf.compile_cache.compilation_count()
     trajectory = gf.simulate(gf.FlowParams(gf.ChainTask.uniform(7), t1=50.0))
+    explicit = gf.simulate(gf.FlowParams(gf.ChainTask.uniform(7), t1=50.0, solver="tsit5"))
     assert gf.compile_cache.compilation_count() == before
     assert trajectory.forward_prob.shape == (201, 6) and trajectory.events["reward_threshold"] is not None
+    assert (trajectory.config.solver, explicit.config.solver) == ("auto", "tsit5")  # each keeps its own spelling
+    np.testing.assert_array_equal(explicit.theta, trajectory.theta)
 
 
 @pytest.mark.parametrize("n", [3, pytest.param(5, marks=pytest.mark.slow), pytest.param(9, marks=pytest.mark.slow)])

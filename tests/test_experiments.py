@@ -266,7 +266,7 @@ def test_every_figure_has_a_script():
 
 
 @pytest.mark.parametrize("name", [n if n == "emergence" else pytest.param(n, marks=pytest.mark.slow) for n in FIGURES])
-def test_figure_quick(name, tmp_path):
+def test_figure_quick(name, tmp_path, monkeypatch):
     assert cli.main(["figures", name, "--quick", "--out", str(tmp_path)]) == 0
     for ext in ("png", "pdf", "json"):
         path = tmp_path / f"{name}.{ext}"
@@ -280,9 +280,11 @@ def test_figure_quick(name, tmp_path):
     assert provenance["figure"] == name and provenance["mode"] == "quick" and provenance["seconds"] > 0
     assert provenance["script_sha256"] == hashlib.sha256((EXPERIMENTS / f"{name}.py").read_bytes()).hexdigest()
     assert provenance["gradflow_version"] == gf.__version__
-    if name == "emergence":  # `gradflow run` draws the same figure (same compiled flow: run it here)
-        out = tmp_path / "run" / "emergence.png"
-        assert cli.main(["run", "--no-progress", "--t1", "1000", "--figure", str(out)]) == 0
+    if name == "emergence":  # `gradflow run` draws the same figure (same compiled flow: run it here), into runs/
+        monkeypatch.chdir(tmp_path)
+        assert cli.main(["run", "--no-progress", "--t1", "1000"]) == 0
+        out = tmp_path / cli.RUN_FIGURE
+        assert out.parent.name == "runs" and not (tmp_path / "figures").exists()  # never over the committed figures
         for ext in ("png", "pdf", "json"):
             assert out.with_suffix(f".{ext}").stat().st_size > 0
         check_emergence(json.loads(out.with_suffix(".json").read_text()))

@@ -102,8 +102,8 @@ def test_only_distance_one_carries_gradient_at_uniform_policy():
     assert hard < 1e-12 < uniform, f"|grad J| at theta = 0: hardest-only {hard}, uniform {uniform}"
     # hardest-only training from theta = 0 never learns; with mass on d = 1 it does
     zero = gf.Theta(0.0, 0.0, 0.0)
-    never = theory.learning_time(ChainTask.hardest(6), theta0=zero, t1=1e9)
-    learns = theory.learning_time(ChainTask.mixture(6, 0.1), theta0=zero, t1=1e9)
+    never = theory.learning_time(ChainTask.hardest(8), theta0=zero, t1=1e9)  # n = 8: the program of the tests below
+    learns = theory.learning_time(ChainTask.mixture(8, 0.1), theta0=zero, t1=1e9)
     assert never is None and learns is not None, f"from theta = 0: hardest {never}, 10% on d = 1 {learns}"
 
 
