@@ -129,6 +129,7 @@ __all__ = [
 
 METRIC_CHUNK_ELEMENTS = 4096
 ON_ERROR = ("raise", "report")  # simulate_many: what a failed member does
+BATCH_CHUNK = 64  # members vmapped together in a batch on one CPU device (``chunked_on``)
 EARLY_STEPS = 16_384  # simulate / simulate_many first solve with at most this many steps: a long solve says so early
 
 
@@ -540,18 +541,42 @@ def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = F
     size = int(np.shape(batch.t0)[0])
     if devices is not None:
         batch = _shard(batch, size, list(devices))
-    out, _ = _run_batch(batch, progress, 1 if devices is None else len(devices))
+    out, _ = _run_batch(batch, progress, devices)
     out = jax.tree_util.tree_map(lambda x: x[:size], out)
     lengths = {cfg.task.n for cfg in configs} if not isinstance(configs, FlowParams) else set()
     return _trimmed(out, lengths.pop()) if len(lengths) == 1 else out
 
 
-def _run_batch(batch: FlowParams, progress: bool, n_devices: int):
+def _run_batch(batch: FlowParams, progress: bool, devices):
+    """A stacked batch (sharded over ``devices`` when given) solved by one compiled program (``over_batch``)."""
     batch = batch.solver_resolved()
-    solve_batch = jax.vmap(lambda p: _solve(p, progress))
-    export = not progress and n_devices == 1  # a sharded batch compiles as usual
-    executable, compile_s = compiled("solve_many", solve_batch, (batch,), (progress, n_devices), export=export)
+    solve_batch = over_batch(lambda p: _solve(p, progress), devices)
+    export = not progress and devices is None  # a sharded batch compiles as usual
+    static_key = (progress, 1 if devices is None else len(devices), chunked_on(devices))
+    executable, compile_s = compiled("solve_many", solve_batch, (batch,), static_key, export=export)
     return executable(batch), compile_s
+
+
+def over_batch(fn: Callable, devices=None) -> Callable:
+    """``fn`` mapped over the leading axis of its arguments.  Where ``chunked_on``: a loop over chunks of
+    ``BATCH_CHUNK`` vmapped members, on each device its own shard of them (``devices``: several CPU devices);
+    elsewhere one vmap (partitioned over ``devices`` when the arguments are sharded)."""
+    if not chunked_on(devices):
+        return jax.vmap(fn)
+    chunks = lambda *args: jax.lax.map(lambda xs: fn(*xs), args, batch_size=BATCH_CHUNK)
+    if devices is None:
+        return chunks
+    spec = PartitionSpec("batch")
+    mesh = Mesh(np.asarray(list(devices)), ("batch",))
+    return lambda *args: jax.shard_map(chunks, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+
+def chunked_on(devices=None) -> bool:
+    """Whether batches run in chunks of ``BATCH_CHUNK`` members: on CPU devices (the default device, or ``devices``),
+    where a chunk's working set stays in cache (a whole 1,024-member batch streams its intermediates through
+    memory) and each chunk stops with its own slowest member; a GPU takes every member at once."""
+    platforms = {jax.devices()[0].platform} if devices is None else {device.platform for device in devices}
+    return platforms == {"cpu"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -942,11 +967,10 @@ def _host_batch(configs: list[FlowParams], progress: bool, devices) -> tuple[lis
     and the batch's compile and run seconds."""
     batch = _stack_bucketed(configs)
     size = len(configs)
-    n_devices = 1 if devices is None else len(devices)
     if devices is not None:
         batch = _shard(batch, size, list(devices))
     start = time.perf_counter()
-    out, compile_s = _run_batch(batch, progress, n_devices)
+    out, compile_s = _run_batch(batch, progress, devices)
     out = jax.device_get(out)
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start - compile_s, "batch": size}
     members = [_trimmed(jax.tree_util.tree_map(lambda v, i=index: v[i], out), cfg.task.n) for index, cfg in enumerate(configs)]
