@@ -964,9 +964,13 @@ def _batch_solved(configs: list[FlowParams], progress: bool, devices) -> tuple[l
 
 def _host_batch(configs: list[FlowParams], progress: bool, devices) -> tuple[list, dict]:
     """Configs of one structure solved as one batch: each member's Solution on the host (trimmed to its n),
-    and the batch's compile and run seconds."""
-    batch = _stack_bucketed(configs)
+    and the batch's compile and run seconds.  A batch of one on the default device is ``simulate``'s solve
+    (its program, already compiled when that config was simulated)."""
     size = len(configs)
+    if size == 1 and devices is None:
+        out, stats = _host_solve(configs[0], progress)
+        return [out], stats | {"batch": 1}
+    batch = _stack_bucketed(configs)
     if devices is not None:
         batch = _shard(batch, size, list(devices))
     start = time.perf_counter()

@@ -101,7 +101,7 @@ def test_sweep_matches_simulate(tmp_path):
     path.write_text(json.dumps(cfg.to_dict()))  # a single config, not a list
     (result,) = sweep.run_sweep(path, tmp_path, progress=False)
     direct = gf.flow.simulate(cfg, progress=False)
-    # the sweep runs the vmapped program: the same trajectory up to round-off, far below the solver's rtol of 1e-8
+    # a group of one runs simulate's own program (a batch of one is no vmapped compilation of its own)
     np.testing.assert_allclose(Trajectory.load(result).theta, direct.theta, rtol=1e-10, atol=1e-12)
 
 
