@@ -111,55 +111,19 @@ def _reduce_step(s_prev, exc, a_pred, a_succ_prev, flip_prev):
 
 
 def _reduced_excess(excess, a_pred, a_succ, flip):
-    """s_k = excess_k + a_pred_k tau_{k-1}, tau as in the module docstring; s_0 = excess_0.
+    """s_k = excess_k + a_pred_k tau_{k-1}, tau as in the module docstring; s_0 = excess_0 (small systems,
+    written out: JAX differentiates it directly; larger ones reduce inside ``_factor_scan``).
 
     a_pred = |lower|, a_succ = |upper| (>= 0), flip[k] = (lower_{k+1} upper_k < 0).
     """
-    n_rows = excess.shape[-1]
-    if n_rows <= SMALL_SYSTEM:
-        s = [excess[..., 0]]
-        for k in range(1, n_rows):
-            s.append(_reduce_step(s[-1], excess[..., k], a_pred[..., k], a_succ[..., k - 1], flip[..., k - 1]))
-        return jnp.stack(s, axis=-1)
-    return _reduced_excess_scan(excess, a_pred, a_succ, flip)
-
-
-@jax.custom_jvp
-def _reduced_excess_scan(excess, a_pred, a_succ, flip):
-    """``_reduced_excess`` for large N: one ``lax.scan``; its JVP (below) is a linear recurrence in the
-    relative tangents ds_k / s_k, whose coefficients are at most 1 (``_linear_recurrence``)."""
-
-    def step(s_prev, row):
-        s = _reduce_step(s_prev, *row)
-        return s, s
-
-    rows = tuple(jnp.moveaxis(x, -1, 0) for x in (excess[..., 1:], a_pred[..., 1:], a_succ[..., :-1], flip[..., :-1]))
-    _, s = jax.lax.scan(step, excess[..., 0], rows)
-    return jnp.concatenate([excess[..., :1], jnp.moveaxis(s, 0, -1)], axis=-1)
+    s = [excess[..., 0]]
+    for k in range(1, excess.shape[-1]):
+        s.append(_reduce_step(s[-1], excess[..., k], a_pred[..., k], a_succ[..., k - 1], flip[..., k - 1]))
+    return jnp.stack(s, axis=-1)
 
 
 def _instantiate(tangent, like):
     return jnp.zeros_like(like) if type(tangent) is jax.custom_derivatives.SymbolicZero else tangent
-
-
-@_reduced_excess_scan.defjvp
-def _reduced_excess_scan_jvp(primals, tangents):
-    excess, a_pred, a_succ, flip = primals
-    d_excess, d_pred, d_succ = (_instantiate(t, x) for t, x in zip(tangents[:3], primals[:3]))
-    s = _reduced_excess_scan(excess, a_pred, a_succ, flip)
-    s_prev, a_s, fl, s_next = s[..., :-1], a_succ[..., :-1], flip[..., :-1], s[..., 1:]
-    pivot = s_prev + a_s
-    tau = jnp.where(fl, 1.0 + a_s / pivot, s_prev / pivot)
-    sign = jnp.where(fl, -1.0, 1.0)
-    frac_s, frac_a = a_s / pivot, s_prev / pivot
-    # s_{k+1} = exc + a_p tau(s_k, a_s):  d tau = sign (frac_a frac_s)(d s_k / s_k) - sign frac_a d a_s / p
-    coef = a_pred[..., 1:] * sign * frac_s * frac_a / s_next
-    offset = (d_excess[..., 1:] + d_pred[..., 1:] * tau - a_pred[..., 1:] * sign * frac_a * d_succ[..., :-1] / pivot) / s_next
-    first = d_excess[..., :1] / excess[..., :1]
-    coef = jnp.concatenate([jnp.zeros_like(first), coef], -1)
-    offset = jnp.concatenate([first, offset], -1)
-    relative = _linear_recurrence(coef, offset[..., None])[..., 0]
-    return s, s * relative
 
 
 def _signs(lower, upper):
