@@ -151,21 +151,33 @@ def _factor_scan(excess, lower, upper, rhs):
 
     def step(carry, row):
         tau_prev, rho_prev, t_prev = carry
-        exc, lo, up, s_lo, s_up, fl, r = row
+        exc, lo, up, s_lo, s_up, fl, r = (
+            row[..., 0],
+            row[..., 1],
+            row[..., 2],
+            row[..., 3],
+            row[..., 4],
+            row[..., 5],
+            row[..., 6:],
+        )
         s = exc + (s_lo * lo) * tau_prev
         pivot = s + s_up * up
         rho, sigma = s / pivot, up / pivot
-        omega = lo * rho_prev / s
-        t = r / s[..., None] + omega[..., None] * t_prev
-        tau = jnp.where(fl, 1.0 + s_up * sigma, rho)
-        return (tau, rho, t), (s, rho, sigma, omega, t)
+        t = r / s[..., None] + (lo * rho_prev / s)[..., None] * t_prev
+        tau = jnp.where(fl > 0, 1.0 + s_up * sigma, rho)
+        return (tau, rho, t), jnp.concatenate([s[..., None], t], axis=-1)
 
-    rows = (excess, lower, upper, sign_lower, sign_upper, flip)
-    rows = tuple(jnp.moveaxis(x, -1, 0) for x in rows) + (jnp.moveaxis(rhs, -2, 0),)
+    # one array in and one out per row: each scanned array costs the loop a slice (a write) per row, the
+    # loop's main cost at small n; the loop keeps only s and t, the rest follows elementwise after it
+    columns = [excess, lower, upper, sign_lower, sign_upper, jnp.where(flip, 1.0, 0.0)]
+    rows = jnp.moveaxis(jnp.concatenate([jnp.stack(columns, axis=-1), rhs], axis=-1), -2, 0)
     zero = jnp.zeros_like(excess[..., 0])
-    _, (s, rho, sigma, omega, t) = jax.lax.scan(step, (zero, zero, jnp.zeros_like(rhs[..., 0, :])), rows)
-    s, rho, sigma, omega = (jnp.moveaxis(x, 0, -1) for x in (s, rho, sigma, omega))
-    t = jnp.moveaxis(t, 0, -2)
+    _, st = jax.lax.scan(step, (zero, zero, jnp.zeros_like(rhs[..., 0, :])), rows)
+    st = jnp.moveaxis(st, 0, -2)
+    s, t = st[..., 0], st[..., 1:]
+    pivot = s + sign_upper * upper
+    rho, sigma = s / pivot, upper / pivot
+    omega = lower * _shift_down(rho[..., None])[..., 0] / s
     x = _scan_recurrence(sigma, rho[..., None] * t, reverse=True)
     return x, s, rho, sigma, omega, t
 
