@@ -648,11 +648,12 @@ def _row_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Number
     return numbers.of(jnp.stack([chain_a, -chain_a])), numbers.zeros(grad_h.shape[-1:])
 
 
-def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None) -> tuple[jnp.ndarray, ...]:
+def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None, as_float: bool = True) -> tuple:
     """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2,
     floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range).
     Uncapped, M's right-hand side takes m from ``_row_gradients`` (``grad_h``: the closed form's m by start distance;
-    the recursion's own m loses its digits)."""
+    the recursion's own m loses its digits).  ``as_float=False`` (uncapped): in the model's numbers (an ``Extended``
+    keeps values beyond float64's range: the tests' check against mpmath there)."""
     numbers = numbers_of(model)
     rows = _rows_of(theta_array, n, model, start, numbers)
     f_src, f_src_iso = _score_source(rows, n, model)
@@ -670,15 +671,17 @@ def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None) ->
         zeros = numbers.zeros((p * p,))
         big_m, _ = _absorbing_solve(rows, n, model, flat(rhs_big), flat(rhs_big_iso), zeros, zeros)
         big_m = numbers.apply(lambda v: v[:, : n - 1], big_m)
-        h, grad, big_m, big_f = (numbers.to_float(x) for x in (h, grad, big_m, big_f))
+        if as_float:
+            h, grad, big_m, big_f = (numbers.to_float(x) for x in (h, grad, big_m, big_f))
     else:
         h, h_iso, grad, grad_iso, big_m, big_f = _capped_moments(rows, n, model, f_src, f_src_iso)
         big_m, big_f = flat(big_m), flat(big_f)
+    select = lambda f, x: numbers.apply(f, x) if isinstance(x, Extended) else f(x)
     return (
-        h[0, : n - 1, 0],
-        grad[0, : n - 1],
-        big_m[0].reshape(n - 1, p, p),
-        big_f[0].reshape(n - 1, p, p),
+        select(lambda v: v[0, : n - 1, 0], h),
+        select(lambda v: v[0, : n - 1], grad),
+        select(lambda v: v[0].reshape(n - 1, p, p), big_m),
+        select(lambda v: v[0].reshape(n - 1, p, p), big_f),
     )
 
 

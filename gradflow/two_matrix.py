@@ -307,7 +307,12 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
     cands = [succ, pred, cls_start, cls_term, jnp.where(s_far, s_logit, -jnp.inf)]
     cands += [cls_int] if n >= 3 else []
     cands += [jnp.zeros_like(succ)] if m else []
-    top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
+    # the row's scale is its heaviest logit, derivative included (any scale gives the same solution): the heaviest weight
+    # is then a constant for differentiation and a light one's derivative keeps its digits (a stop-gradient scale gave
+    # every weight its logit's derivative, which cancelled between the heavy ones: grad h 1e-258 for 1.8e-123 at 1e4).
+    # The heaviest picked by index, not by max's derivative (an equality test: under jit, no candidate may equal it)
+    stacked = jnp.stack(cands)
+    top = jnp.take_along_axis(stacked, jax.lax.stop_gradient(jnp.argmax(stacked, axis=0))[None], 0)[0]
     shape = jnp.shape(top)
     none = numbers.zeros(shape)
     ex = lambda logit: numbers.exp(logit - top + jnp.zeros(shape))
