@@ -411,8 +411,10 @@ def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start, number
     system = chain_system(theta, n, model, start, numbers)
     deviation = softmax_deviation(theta, n, model, system, start, numbers)
     at_start = jnp.arange(2 * (n - 1)) == start - 1
-    visits = numbers.where(at_start, numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), deviation.diag), numbers.zeros(at_start.shape))
-    x = chain_solve(system, numbers.stack([_flat(system.own, n, numbers), _flat(system.other, n, numbers), visits], -1), numbers=numbers)
+    diag = numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), deviation.diag)
+    visits = numbers.where(at_start, diag, numbers.zeros(at_start.shape))
+    columns = [_flat(system.own, n, numbers), _flat(system.other, n, numbers), visits]
+    x = chain_solve(system, numbers.stack(columns, -1), numbers=numbers)
     e_start = numbers.apply(lambda v: v[start - 1], deviation.e_sym)
     e = numbers.to_float(numbers.add(e_start, numbers.scale(deviation.rho, x[start - 1, 2])))
     return x[start - 1, 0], x[start - 1, 1], e

@@ -460,7 +460,8 @@ def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = 
     system = start_system(theta, n, model, start, numbers)
     columns = [numbers.apply(lambda v: v[:, 0], system.rates), numbers.apply(lambda v: v[:, 1], system.rates), system.deviation]
     if lengths:  # (Z - w_self) L_u - sum_v w_v L_v = Z + m w_iso / P(an isolated vertex lands on the chain)
-        columns.append(numbers.add(system.total, numbers.apply(lambda v: jnp.broadcast_to(v, jnp.shape(system.top)), system.iso_tokens)))
+        iso_tokens = numbers.apply(lambda v: jnp.broadcast_to(v, jnp.shape(system.top)), system.iso_tokens)
+        columns.append(numbers.add(system.total, iso_tokens))
     return start_system_solve(system, numbers.stack(columns, -1), signed=True)[start - 1], system.log_forward
 
 

@@ -462,7 +462,9 @@ def mp_moments(x, task: ChainTask, model: ModelSpec, dps: int = 60, as_float: bo
     return out
 
 
-def mp_moments_settled(x, task: ChainTask, model: ModelSpec, dps: int = 300, which=(1, 2, 3), digits: int = 20, max_dps: int = 20000):
+def mp_moments_settled(
+    x, task: ChainTask, model: ModelSpec, dps: int = 300, which=(1, 2, 3), digits: int = 20, max_dps: int = 20000
+):
     """``mp_moments(as_float=False)`` at doubling precision until two successive precisions agree on the moments
     ``which`` (1: m, 2: M, 3: F) to ``digits`` digits of each one's largest entry per start (the scale the checks use).
     Returns (moments, dps)."""
@@ -471,11 +473,10 @@ def mp_moments_settled(x, task: ChainTask, model: ModelSpec, dps: int = 300, whi
         dps *= 2
         current = mp_moments(x, task, model, dps, as_float=False)
         with mp.workdps(dps):
-            settled = all(
-                max(abs(a - b) for a, b in zip(new[d].flat, old[d].flat)) <= mp.mpf(10) ** -digits * max(abs(v) for v in new[d].flat)
-                for new, old in ((current[k], previous[k]) for k in which)
-                for d in range(new.shape[0])
+            agree = lambda new, old: (
+                max(abs(a - b) for a, b in zip(new.flat, old.flat)) <= mp.mpf(10) ** -digits * max(abs(v) for v in new.flat)
             )
+            settled = all(agree(current[k][d], previous[k][d]) for k in which for d in range(current[k].shape[0]))
         if settled:
             return current, dps
         previous = current

@@ -280,7 +280,7 @@ def test_second_moments_with_v_trained_equal_the_reference_at_extreme_scales(cas
 NEAR_HALF_CASES = [
     (True, 0, 2, "float64"),
     slow_case((True, 0, 1, "float64")),
-    *(slow_case((mask_self, n_isolated, seed, "extended")) for mask_self, n_isolated in ((True, 0), (False, 1)) for seed in (1, 2)),
+    *(slow_case((mask, n_isolated, seed, "extended")) for mask, n_isolated in ((True, 0), (False, 1)) for seed in (1, 2)),
 ]
 
 
