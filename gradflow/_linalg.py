@@ -39,6 +39,27 @@ from gradflow import _extended as ext
 SMALL_SYSTEM = 4  # up to this many rows the elimination is written out in Python; above, sequential scans
 
 
+@jax.custom_jvp
+def _one_minus_exp(d):
+    """1 - e^{-d} (d >= 0), whose derivative is e^{-d} itself (expm1's own, 1 + expm1(-d), cancels for large d)."""
+    return -jnp.expm1(-d)
+
+
+@_one_minus_exp.defjvp
+def _one_minus_exp_jvp(primals, tangents):
+    (d,), (d_dot,) = primals, tangents
+    return _one_minus_exp(d), jnp.exp(-d) * d_dot
+
+
+def diff_exp(x, y, top, numbers: ext.Numbers = ext.FLOAT):
+    """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (1 - e^{-|x - y|} on either side)."""
+    d = x - y
+    up = d >= 0
+    d_up, d_down = jnp.where(up, d, 0.0), jnp.where(up, 0.0, -d)
+    fraction = jnp.where(up, _one_minus_exp(d_up), -_one_minus_exp(d_down))  # of the larger weight, signed
+    return numbers.scale(numbers.exp(jnp.where(up, x, y) - top), fraction)
+
+
 def _unit_sign(x):
     """+1 where x >= 0, -1 where x < 0, as a constant for differentiation."""
     return jax.lax.stop_gradient(jnp.where(x < 0, -1.0, 1.0))

@@ -55,7 +55,9 @@ a few hundred), and M's right-hand side takes m at every row from the closed for
 fixed M then equals a 2000-digit reference to about 1e-13 of its largest entry per start up to |theta|/tau = 1e4 (its
 own signed solve does not cancel); with V trained M and F equal a 300-digit reference to about 2e-13 at 300 and 1e3
 (c - cbar measured from each row's heaviest term, ``_mean_counts``; each far class summed with its corrections
-first, ``_grouped_total``).
+first, ``_grouped_total``), and the settled mpmath chain beyond float64's range (linear at 1e3, softmax at 1e4) to
+1e-13 and 3e-12.  At every row m is the derivative of h's reading that keeps its digits (``_own_readings``): e = h - 1/2
+near 1/2 (``_deviations``), else h or -q.
 
 Public names: ``moments_per_start``, ``gradient_covariance``, ``batch_covariance``, ``critical_batch``,
 ``critical_batch_along``, ``simulate_sgd`` (returns ``SGDPaths``), ``sample_scores``.
@@ -89,6 +91,7 @@ from gradflow.objective import (
     finite_or_extended,
     numbers_of,
     same_side_probability,
+    softmax_deviation,
 )
 from gradflow.policy import chain_targets, degree_counts
 from gradflow.task import ChainTask
@@ -511,17 +514,22 @@ def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, termin
     return g, numbers.div(add(add(mul(y1, g1), mul(y2, g2)), mul(rows.iso_z, rhs_iso)), w_iso)
 
 
-def _trained_absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b):
+def _trained_absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b, deviation=False):
     """``_absorbing_solve`` with V trained: Z rhs + iso_tokens rhs_iso + (rates into a_n, b_n) . terminal values
     solved on ``two_matrix.start_system``; the isolated value from the isolated row's terms,
-    g_iso = (sum over its chain terms of weight x value + Z_iso rhs_iso) / (its weight on the chain)."""
+    g_iso = (sum over its chain terms of weight x value + Z_iso rhs_iso) / (its weight on the chain).
+    ``deviation``: terminal values (t, -t), their part of the right-hand side t (rate into a_n - rate into b_n) from
+    the system's ``deviation`` (to relative accuracy, where the difference of the two rates cancels)."""
     numbers, system = rows.numbers, rows.system
     add, mul, at = numbers.add, numbers.mul, lambda x, *index: numbers.apply(lambda v: v[index], x)
     k = _shape(rhs)[-1]
     as_rows = lambda x: numbers.apply(lambda v: jnp.broadcast_to(v, (2 * (n - 1),)).reshape(2, n - 1, 1), x)
     b = add(mul(_expand(numbers, rows.z), rhs), mul(as_rows(system.iso_tokens), rhs_iso))
-    rate = lambda j: as_rows(at(system.rates, slice(None), j))
-    b = add(b, add(mul(rate(0), terminal_a), mul(rate(1), terminal_b)))
+    if deviation:
+        b = add(b, mul(as_rows(numbers.scale(system.deviation, 2.0)), terminal_a))
+    else:
+        rate = lambda j: as_rows(at(system.rates, slice(None), j))
+        b = add(b, add(mul(rate(0), terminal_a), mul(rate(1), terminal_b)))
     x = numbers.apply(lambda v: v.reshape((2, n - 1, k)), _solve(rows, numbers.apply(lambda v: v.reshape(2 * (n - 1), k), b)))
     g = numbers.concatenate([x, numbers.apply(lambda v: v[:, None, :], numbers.stack([terminal_a, terminal_b]))], 1)
     if model.n_isolated == 0:
@@ -575,30 +583,54 @@ def _rows_of(theta_array, n: int, model: ModelSpec, start, numbers: Numbers) -> 
     return (_trained_rows if model.values == "trained" else _chain_rows)(theta_array, n, model, start, numbers)
 
 
-def _own_values(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
-    """h = P(own terminal) at every chain vertex (2, n, 1) (terminals 1 and 0) and at the isolated ones (1,), in
-    ``numbers``: the absorbing solve with terminals (1, 0) and (0, 1), each value read as h or 1 - q, the smaller
-    (1 - q where q < h keeps the digits of grad h near h = 1, as ``gradflow.objective`` does)."""
+def _own_readings(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
+    """A reading r of h = P(own terminal) with grad r = grad h, at every chain vertex (2, n, 1) and at the isolated
+    ones (1,), in ``numbers``: the absorbing solves of h and q = 1 - h (terminals (1, 0), (0, 1)) and the deviation
+    e = h - 1/2 (``_deviations``), read as e while |e| <= 1/4, else as h or -q, the smaller (as
+    ``gradflow.model.own_and_other``): each keeps the digits of grad h where it is read (h - 1/2 from h near 1/2 was
+    right only to 1e-16 absolute: grad h 7e-41 for 1e-63, softmax at |theta|/tau = 1e3)."""
     rows = _rows_of(theta_array, n, model, start, numbers)
     terminal_a, terminal_b = numbers.of(jnp.array([1.0, 0.0])), numbers.of(jnp.array([0.0, 1.0]))
     g, g_iso = _absorbing_solve(rows, n, model, numbers.zeros((2, n - 1, 2)), numbers.zeros((2,)), terminal_a, terminal_b)
+    e, e_iso = _deviations(rows, theta_array, n, model, start)
 
-    def own(x):
+    def reading(x, deviation):
         h, q = numbers.apply(lambda v: v[..., :1], x), numbers.apply(lambda v: v[..., 1:], x)
-        one_minus_q = numbers.add(numbers.of(jnp.ones(_shape(q))), numbers.scale(q, -1.0))
-        return numbers.where(numbers.to_float(h) <= numbers.to_float(q), h, one_minus_q)
+        mid, smaller = jnp.abs(numbers.to_float(deviation)) <= 0.25, numbers.to_float(h) <= numbers.to_float(q)
+        return numbers.where(mid, deviation, numbers.where(smaller, h, numbers.scale(q, -1.0)))
 
-    return own(g), own(g_iso)
+    return reading(g, e), reading(g_iso, e_iso)
+
+
+def _deviations(rows: _Rows, theta_array, n: int, model: ModelSpec, start):
+    """e = h - 1/2 at every chain vertex (2, n, 1) (terminals 1/2, -1/2) and at the isolated ones (1,).
+
+    V fixed (softmax): e_sym + rho G(., a_start) (``gradflow.objective.softmax_deviation``: the mirror-symmetric part,
+    and the start row's correction times the expected visits to the start, a positive solve).  V trained: the
+    absorbing solve with terminals (1/2, -1/2) and the rates' difference from ``two_matrix.StartSystem.deviation``."""
+    numbers, half, zero = rows.numbers, rows.numbers.of(jnp.array([0.5])), rows.numbers.zeros((1,))
+    if model.values == "trained":
+        return _trained_absorbing_solve(rows, n, model, numbers.zeros((2, n - 1, 1)), zero, half, numbers.scale(half, -1.0), True)
+    deviation = softmax_deviation(Theta.from_array(theta_array), n, model, rows.system, start, numbers)
+    at_start = (jnp.arange(2)[:, None, None] == 0) & (jnp.arange(1, n)[None, :, None] == start)  # (2, n-1, 1)
+    per_row = numbers.div(deviation.diag, numbers.apply(lambda v: v[0, start - 1], rows.z))  # rhs x Z = diag at the start
+    per_row = numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), per_row)
+    visits = numbers.where(at_start, per_row, numbers.zeros(at_start.shape))
+    g, g_iso = _absorbing_solve(rows, n, model, visits, zero, zero, zero)
+    chain_a = numbers.concatenate([deviation.e_sym, half], 0)
+    e_sym = _expand(numbers, numbers.stack([chain_a, numbers.scale(chain_a, -1.0)]))
+    rho = lambda x: numbers.mul(numbers.apply(lambda v: jnp.broadcast_to(v, _shape(x)), deviation.rho), x)
+    return numbers.add(e_sym, rho(g)), rho(g_iso)
 
 
 def _own_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
     """m = grad h at every chain vertex (2, n, P) and at the isolated ones (P,), in ``numbers``: forward mode (P
-    tangents) through ``_own_values``; an ``Extended`` h's gradient is its mantissa's, at h's exponent.
+    tangents) through ``_own_readings``; an ``Extended`` reading's gradient is its mantissa's, at its exponent.
 
     The recursion m(u) = sum_v P(u, v) [psi h(v) + m(v)] solves a signed right-hand side as two positive parts that
     cancel by dozens of digits from |theta|/tau of a few hundred (1e72 where m is 1e-93 at 1e3); M's right-hand side
     needs m at every row, and this derivative keeps its digits there."""
-    values = lambda y: (lambda v: (v, v))(_own_values(y, n, model, start, numbers))
+    values = lambda y: (lambda v: (v, v))(_own_readings(y, n, model, start, numbers))
     jacobians, own = jax.jacfwd(values, has_aux=True)(jnp.asarray(theta_array, dtype=float))
     if numbers is EXTENDED:
         gradient = lambda jac, value: Extended(jac.m[..., 0, :], jnp.broadcast_to(value.e, jac.m[..., 0, :].shape))
@@ -619,11 +651,12 @@ def _row_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Number
     return numbers.of(jnp.stack([chain_a, -chain_a])), numbers.zeros(grad_h.shape[-1:])
 
 
-def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None) -> tuple[jnp.ndarray, ...]:
+def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None, as_float: bool = True) -> tuple:
     """(h, m, M, F) at the chain-a positions 1..n-1 of the chain seen from ``start``: (n-1,), (n-1, P), (n-1, P, P) x2,
     floats; computed in the model's numbers (``numbers_of``: the extended ones keep every row and value in range).
     Uncapped, M's right-hand side takes m from ``_row_gradients`` (``grad_h``: the closed form's m by start distance;
-    the recursion's own m loses its digits)."""
+    the recursion's own m loses its digits).  ``as_float=False`` (uncapped): in the model's numbers (an ``Extended``
+    keeps values beyond float64's range: the tests' check against mpmath there)."""
     numbers = numbers_of(model)
     rows = _rows_of(theta_array, n, model, start, numbers)
     f_src, f_src_iso = _score_source(rows, n, model)
@@ -641,15 +674,17 @@ def _chain_moments(theta_array, n: int, model: ModelSpec, start, grad_h=None) ->
         zeros = numbers.zeros((p * p,))
         big_m, _ = _absorbing_solve(rows, n, model, flat(rhs_big), flat(rhs_big_iso), zeros, zeros)
         big_m = numbers.apply(lambda v: v[:, : n - 1], big_m)
-        h, grad, big_m, big_f = (numbers.to_float(x) for x in (h, grad, big_m, big_f))
+        if as_float:
+            h, grad, big_m, big_f = (numbers.to_float(x) for x in (h, grad, big_m, big_f))
     else:
         h, h_iso, grad, grad_iso, big_m, big_f = _capped_moments(rows, n, model, f_src, f_src_iso)
         big_m, big_f = flat(big_m), flat(big_f)
+    select = lambda f, x: numbers.apply(f, x) if isinstance(x, Extended) else f(x)
     return (
-        h[0, : n - 1, 0],
-        grad[0, : n - 1],
-        big_m[0].reshape(n - 1, p, p),
-        big_f[0].reshape(n - 1, p, p),
+        select(lambda v: v[0, : n - 1, 0], h),
+        select(lambda v: v[0, : n - 1], grad),
+        select(lambda v: v[0].reshape(n - 1, p, p), big_m),
+        select(lambda v: v[0].reshape(n - 1, p, p), big_f),
     )
 
 

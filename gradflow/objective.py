@@ -50,8 +50,10 @@ from gradflow._linalg import (  # noqa: F401
     SMALL_SYSTEM,
     TINY_FOR_DERIVATIVES,
     TINY_PIVOT,
+    diff_exp,
     gth_solve,
     gth_solve_extended,
+    solve_extended,
     woodbury_extended,
     woodbury_gth,
     woodbury_gth_extended,
@@ -100,27 +102,6 @@ def _capped_when_set(capped_quantity):
 # --------------------------------------------------------------------------------------------------
 # Rows in their own scale
 # --------------------------------------------------------------------------------------------------
-
-
-@jax.custom_jvp
-def _one_minus_exp(d):
-    """1 - e^{-d} (d >= 0), whose derivative is e^{-d} itself (expm1's own, 1 + expm1(-d), cancels for large d)."""
-    return -jnp.expm1(-d)
-
-
-@_one_minus_exp.defjvp
-def _one_minus_exp_jvp(primals, tangents):
-    (d,), (d_dot,) = primals, tangents
-    return _one_minus_exp(d), jnp.exp(-d) * d_dot
-
-
-def _diff_exp(x, y, top, numbers: Numbers = FLOAT):
-    """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (1 - e^{-|x - y|} on either side)."""
-    d = x - y
-    up = d >= 0
-    d_up, d_down = jnp.where(up, d, 0.0), jnp.where(up, 0.0, -d)
-    fraction = jnp.where(up, _one_minus_exp(d_up), -_one_minus_exp(d_down))  # of the larger weight, signed
-    return numbers.scale(numbers.exp(jnp.where(up, x, y) - top), fraction)
 
 
 class _Scaled(eqx.Module):
@@ -190,8 +171,8 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
         e_g2 = where(interior, ex(jnp.where(interior, 2.0 * g, top)), none)
     e_g, e_m = ex(g), (scale(ex(jnp.zeros(shape)), m) if m else none)
 
-    c_succ = where(last, none, _diff_exp(succ, base_succ, top, numbers))
-    c_pred = where(has_pred, _diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top, numbers), none)
+    c_succ = where(last, none, diff_exp(succ, base_succ, top, numbers))
+    c_pred = where(has_pred, diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top, numbers), none)
     neg_s = (~last) & (succ < base_succ)
     neg_p = has_pred & (pred < base_pred)
 
@@ -207,7 +188,7 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
     rhs_q = add(scale(half_w, 2.0), scale(e_m, 0.5))
     to_own = add(ex(succ), iso1)  # eff. weight into a_n from the last row (actual succ + isolated detour)
     rhs_h = where(last, add(add(add(e_g, scale(e_g2, n - 2)), ex(succ)), scale(e_m, 0.5)), rhs_q)
-    rhs_e = where(last, scale(_diff_exp(succ, g, top, numbers), 0.5), none)
+    rhs_e = where(last, scale(diff_exp(succ, g, top, numbers), 0.5), none)
 
     # cost: Z_u (all weights, self included when present) + m Z_iso / (2Y), Z_iso = 2Y + m - 1 + [self]
     cost = add(add(ex(succ), scale(ex(pred_or_top), pres(has_pred))), scale(e_g, bc(rows.far1)))
@@ -377,11 +358,66 @@ def _chain_matrix(system: ChainSystem, numbers: Numbers) -> tuple:
     return tuple(_flat(x, n, numbers) for x in (s.excess, s.lower, s.upper))
 
 
+class Deviation(NamedTuple):
+    """e = h - 1/2 of a softmax start's chain, by its mirror-symmetric part (docs/THEORY.md §3.6): every row but the
+    start's is the row it would be with no start (``row_scores(start=None)``), so e = e_sym + rho G(., a_start), with
+    e_sym the deviation of the chain whose start row is that row too (e_sym(b_i) = -e_sym(a_i), 0 at the isolated
+    vertices: the far jumps fold away and e_sym solves chain a's tridiagonal with the last row's c_succ / 2, as linear
+    attention's), rho = E_P[e_sym(next)] - E_Psym[e_sym(next)] from the start row's local couplings alone (the far
+    pairs cancel exactly), and G(., a_start) >= 0 its expected visits to the start (a positive solve).  Both parts keep
+    their digits where h - 1/2 read from h or from a signed solve (its parts ~1/2, or ~G r at each last row) cancels.
+
+    e_sym (n-1,): chain a; rho (); diag (): the start row's weight in its scale (the right-hand side diag 1_start
+    of G's solve), in the system's numbers."""
+
+    e_sym: Any
+    rho: Any
+    diag: Any
+
+
+def _signed_magnitude(numbers: Numbers, x):
+    """|x| with the sign a constant for differentiation (+1 at 0), in ``numbers``."""
+    return numbers.scale(x, jax.lax.stop_gradient(jnp.where(numbers.to_float(x) < 0, -1.0, 1.0)))
+
+
+def softmax_deviation(theta: Theta, n: int, model: ModelSpec, system: ChainSystem, start, numbers: Numbers = FLOAT) -> Deviation:
+    """The ``Deviation`` of the softmax chain ``system`` seen from ``start`` (``chain_system``), in its numbers."""
+    apply, add, mul = numbers.apply, numbers.add, numbers.mul
+    sym = _scale_rows(row_logits(row_scores(theta, n, model), n, model), numbers)
+    chain_a = lambda x: apply(lambda v: jnp.broadcast_to(v, (2, n - 1))[0], x)
+    t = tuple(chain_a(x) for x in (sym.excess, sym.lower, sym.upper))
+    rhs = apply(lambda v: v[:, None], chain_a(sym.rhs_e))
+    if numbers is EXTENDED:
+        e_sym = apply(lambda v: v[:, 0], solve_extended(*t, rhs))
+    else:
+        e_sym = _tridiagonal(t, rhs, numbers)[:, 0]
+    padded = numbers.concatenate([numbers.zeros((1,)), e_sym, numbers.zeros((1,))], 0)
+    succ, pred = apply(lambda v: v[start + 1], padded), apply(lambda v: v[start - 1], padded)
+
+    def mean_next(rows):
+        """The start row's E[e_sym(next)] = (c_succ e_sym(succ) + c_pred e_sym(pred) + c_terminal / 2) / diag, and diag."""
+        at = lambda x: apply(lambda v: jnp.broadcast_to(v, (2, n - 1))[0, start - 1], x)
+        lower, upper = at(rows.lower), at(rows.upper)
+        diag = add(at(rows.excess), add(_signed_magnitude(numbers, lower), _signed_magnitude(numbers, upper)))
+        return numbers.div(add(add(mul(upper, succ), mul(lower, pred)), at(rows.rhs_e)), diag), diag
+
+    (mean, diag), (mean_sym, _) = mean_next(system.scaled), mean_next(sym)
+    return Deviation(e_sym, add(mean, numbers.scale(mean_sym, -1.0)), diag)
+
+
 def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):
-    """(h, q) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve."""
+    """(h, q, e) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve with three columns (h, q and
+    the expected visits to the start), e = h - 1/2 from its mirror-symmetric part (``softmax_deviation``)."""
     system = chain_system(theta, n, model, start, numbers)
-    x = chain_solve(system, numbers.stack([_flat(system.own, n, numbers), _flat(system.other, n, numbers)], -1), numbers=numbers)
-    return x[start - 1, 0], x[start - 1, 1]
+    deviation = softmax_deviation(theta, n, model, system, start, numbers)
+    at_start = jnp.arange(2 * (n - 1)) == start - 1
+    diag = numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), deviation.diag)
+    visits = numbers.where(at_start, diag, numbers.zeros(at_start.shape))
+    columns = [_flat(system.own, n, numbers), _flat(system.other, n, numbers), visits]
+    x = chain_solve(system, numbers.stack(columns, -1), numbers=numbers)
+    e_start = numbers.apply(lambda v: v[start - 1], deviation.e_sym)
+    e = numbers.to_float(numbers.add(e_start, numbers.scale(deviation.rho, x[start - 1, 2])))
+    return x[start - 1, 0], x[start - 1, 1], e
 
 
 def _softmax_length(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):
@@ -453,21 +489,17 @@ def _extended_on_nan(quantity: Callable) -> Callable:
 def _outcome_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int | None):
     """(P(own), P(other)) per start distance in ``numbers`` (``_outcome_per_start``)."""
     if model.attention == "linear":
-        h, q, e = _linear_probabilities(theta, n, model, rows, numbers)
-        mid = jnp.abs(e) <= 0.25
-        own = jnp.where(mid, 0.5 + e, jnp.where(e > 0, 1.0 - q, h))
-        other = jnp.where(mid, 0.5 - e, jnp.where(e > 0, q, 1.0 - h))
+        own, other = own_and_other(*_linear_probabilities(theta, n, model, rows, numbers))
         return _by_distance(own, n, rows), _by_distance(other, n, rows)
-    h, q = _softmax_per_start(functools.partial(_softmax_probabilities, numbers=numbers), theta, n, model)
-    own, other = own_and_other(h, q)
+    own, other = own_and_other(*_softmax_per_start(functools.partial(_softmax_probabilities, numbers=numbers), theta, n, model))
     return _by_distance(own), _by_distance(other)
 
 
 def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
     """(P(own), P(other)) per start distance, each read from the representation that keeps its digits.
 
-    Linear: from e = h - 1/2 while |e| <= 1/4 (so J - 1/2 and its gradient keep their leading digits
-    on a plateau), from q when e > 1/4 (1 - J near 1), from h when e < -1/4.  Softmax: from h and q.
+    From e = h - 1/2 while |e| <= 1/4 (so J - 1/2 and its gradient keep their leading digits on a plateau), from q
+    when e > 1/4 (1 - J near 1), from h when e < -1/4 (``gradflow.model.own_and_other``).
     V trained (``model.values == "trained"``): ``gradflow.two_matrix``.  In the model's numbers (``numbers_of``).
     """
     _require_closed_form(model)

@@ -31,7 +31,7 @@ import numpy as np
 
 from gradflow import _extended as ext
 from gradflow._extended import EXTENDED, FLOAT, Numbers
-from gradflow._linalg import EXTENDED_OPS, TINY_PIVOT, capacitance_solve, gth_solve, solve_extended
+from gradflow._linalg import EXTENDED_OPS, TINY_PIVOT, capacitance_solve, diff_exp, gth_solve, solve_extended
 from gradflow.model import ModelSpec, StepProbabilities, Theta, attention_shares, log_sum, own_and_other
 from gradflow.task import ChainTask
 
@@ -240,10 +240,11 @@ def step_probabilities(theta: Theta, task: ChainTask, model: ModelSpec) -> StepP
     return jax.vmap(at)(jnp.arange(1, n))
 
 
-def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(P(own terminal), P(other terminal)) from a_start: one tridiagonal-plus-rank-3 solve."""
+def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(P(own terminal), P(other terminal), their deviation e = h - 1/2) from a_start: one tridiagonal-plus-rank-3
+    solve."""
     x, _ = _start_solve(theta, n, model, start)
-    return x[0], x[1]
+    return x[0], x[1], x[2]
 
 
 class StartSystem(NamedTuple):
@@ -254,7 +255,9 @@ class StartSystem(NamedTuple):
     row's weight on every chain start, every interior vertex (the start excluded from both) and on the start
     (isolated detours folded in), 0 on a column all of whose vertices are the row's neighbours or itself
     (their whole weight then stays in T); c (2(n-1), 3): the rows of each of those columns (disjoint);
-    rates (2(n-1), 2): into a_n and into b_n; total: the row's weight on every target (its self-loop included
+    rates (2(n-1), 2): into a_n and into b_n; deviation (2(n-1),): (rate into a_n - rate into b_n) / 2, the right-hand
+    side of e = h - 1/2, from the last rows' successor minus terminal-class weight (to relative accuracy; 0 in every
+    other row); total: the row's weight on every target (its self-loop included
     when allowed); iso_tokens: the row's weight on the isolated vertices times the isolated row's total over
     its weight on the chain (0 without isolated vertices: a right-hand side r_iso at the isolated vertices
     enters row u as iso_tokens r_iso); log_forward: log P(successor) of each row; top: each row's scale.
@@ -267,6 +270,7 @@ class StartSystem(NamedTuple):
     u: jnp.ndarray
     c: jnp.ndarray
     rates: jnp.ndarray
+    deviation: jnp.ndarray
     total: jnp.ndarray
     iso_tokens: jnp.ndarray
     log_forward: jnp.ndarray
@@ -303,7 +307,12 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
     cands = [succ, pred, cls_start, cls_term, jnp.where(s_far, s_logit, -jnp.inf)]
     cands += [cls_int] if n >= 3 else []
     cands += [jnp.zeros_like(succ)] if m else []
-    top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
+    # the row's scale is its heaviest logit, derivative included (any scale gives the same solution): the heaviest weight
+    # is then a constant for differentiation and a light one's derivative keeps its digits (a stop-gradient scale gave
+    # every weight its logit's derivative, which cancelled between the heavy ones: grad h 1e-258 for 1.8e-123 at 1e4).
+    # The heaviest picked by index, not by max's derivative (an equality test: under jit, no candidate may equal it)
+    stacked = jnp.stack(cands)
+    top = jnp.take_along_axis(stacked, jax.lax.stop_gradient(jnp.argmax(stacked, axis=0))[None], 0)[0]
     shape = jnp.shape(top)
     none = numbers.zeros(shape)
     ex = lambda logit: numbers.exp(logit - top + jnp.zeros(shape))
@@ -358,12 +367,14 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
     u = numbers.stack([add(u_start, iso[0]), add(u_int, iso[1]), add(w_s, iso[2])], -1)
     to_a, to_b = where(on_a & succ_terminal, w_succ, w_term), where(~on_a & succ_terminal, w_succ, w_term)
     rates = numbers.stack([add(to_a, iso[3]), add(to_b, iso[3])], -1)
+    half_c = scale(diff_exp(succ, cls_term, top, numbers), 0.5)  # the last rows: (succ - terminal class) / 2
+    deviation = where(succ_terminal, scale(half_c, jnp.where(on_a, 1.0, -1.0)), none)
     total = add(add(w_succ, w_pred), rest)  # the row's weight on every target, in its scale
     if not model.mask_self:
         total = add(total, ex(logits.self_))
     log_forward = succ - top - _log(total)
     c = jnp.stack([(pos == 1) & ~is_s, (pos >= 2) & ~is_s, is_s], -1).astype(float)
-    return StartSystem(excess, lower, upper, u, c, rates, total, iso_tokens, log_forward, top)
+    return StartSystem(excess, lower, upper, u, c, rates, deviation, total, iso_tokens, log_forward, top)
 
 
 def _nonnegative(x) -> jnp.ndarray:
@@ -391,7 +402,7 @@ def start_system_solve(system: StartSystem, rhs, signed: bool = False) -> jnp.nd
         x, shape (2(n-1), k), floats.
     """
     if isinstance(system.excess, ext.Extended):
-        return ext.to_float(_solve_extended_system(system, rhs))
+        return ext.to_float(start_system_solve_extended(system, rhs) if signed else _solve_extended_system(system, rhs))
     k = rhs.shape[-1]
     if signed:
         x = start_system_solve(system, jnp.concatenate([jnp.maximum(rhs, 0.0), jnp.maximum(-rhs, 0.0)], -1))
@@ -437,8 +448,9 @@ def _solve_extended_system(system: StartSystem, rhs: ext.Extended) -> ext.Extend
 
 
 def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False):
-    """The solve from a_start: (P(own), P(other)[, E[tokens to a terminal]]) at the start, and log P(succ) of every
-    chain row (2(n-1),), in the model's numbers (``ModelSpec.numbers``).
+    """The solve from a_start: (P(own), P(other), e = h - 1/2[, E[tokens to a terminal]]) at the start, and log P(succ)
+    of every chain row (2(n-1),), in the model's numbers (``ModelSpec.numbers``); e from its own right-hand side
+    (``StartSystem.deviation``, signed: its two parts solved together) keeps its digits near h = 1/2.
 
     The length's right-hand side is each row's total weight (self-loop included when allowed: a token),
     plus, per isolated target, the expected tokens spent among the isolated vertices before landing on a
@@ -446,16 +458,16 @@ def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = 
     """
     numbers = EXTENDED if model.numbers == "extended" else FLOAT
     system = start_system(theta, n, model, start, numbers)
-    rhs = system.rates
+    columns = [numbers.apply(lambda v: v[:, 0], system.rates), numbers.apply(lambda v: v[:, 1], system.rates), system.deviation]
     if lengths:  # (Z - w_self) L_u - sum_v w_v L_v = Z + m w_iso / P(an isolated vertex lands on the chain)
-        tokens = numbers.add(system.total, numbers.apply(lambda v: jnp.broadcast_to(v, jnp.shape(system.top)), system.iso_tokens))
-        rhs = numbers.stack([numbers.apply(lambda v: v[:, 0], rhs), numbers.apply(lambda v: v[:, 1], rhs), tokens], -1)
-    return start_system_solve(system, rhs)[start - 1], system.log_forward
+        iso_tokens = numbers.apply(lambda v: jnp.broadcast_to(v, jnp.shape(system.top)), system.iso_tokens)
+        columns.append(numbers.add(system.total, iso_tokens))
+    return start_system_solve(system, numbers.stack(columns, -1), signed=True)[start - 1], system.log_forward
 
 
 def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(P(own terminal), P(other terminal)) per start distance d = 1..n-1, each read from the smaller of the
-    two solutions (so 1 - J keeps its digits near J = 1).
+    """(P(own terminal), P(other terminal)) per start distance d = 1..n-1, each read from the solution that keeps its
+    digits (``gradflow.model.own_and_other``: e = h - 1/2 near 1/2, else the smaller of h and q).
 
     Args:
         theta: the parameters (A and V).
@@ -467,8 +479,7 @@ def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[
     """
     _require_two_matrix(model)
     n = task.n
-    h, q = jax.vmap(lambda position: _start_outcome(theta, n, model, position))(jnp.arange(1, n))
-    own, other = own_and_other(h, q)
+    own, other = own_and_other(*jax.vmap(lambda position: _start_outcome(theta, n, model, position))(jnp.arange(1, n)))
     return own[::-1], other[::-1]
 
 
@@ -477,7 +488,7 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
     the absorption solve with each row's total weight as right-hand side (one more column)."""
     _require_two_matrix(model)
     n = task.n
-    lengths = jax.vmap(lambda position: _start_solve(theta, n, model, position, lengths=True)[0][2])(jnp.arange(1, n))
+    lengths = jax.vmap(lambda position: _start_solve(theta, n, model, position, lengths=True)[0][3])(jnp.arange(1, n))
     return lengths[::-1]
 
 

@@ -374,10 +374,13 @@ def mp_absorbing_solve(rows, n: int, costs, terminal):
 
 
 def _mp_logit_gradients(logits_at, x, dps: int):
-    """(logits, d logits / d x_k for every k) of one chain: 4th-order central differences at ``dps`` + 40 digits."""
+    """(logits, d logits / d x_k for every k) of one chain: 4th-order central differences at ``dps`` + 40 digits, the
+    step 10^-((dps + 40) / 5) (relative to |x|): truncation (step^4) and rounding (10^-(dps+40) / step) balanced, so
+    the gradients keep about 4 (dps + 40) / 5 digits (a fixed step of 1e-20 kept 80, and psi = 1 - P(the dominant
+    target) far below that was noise)."""
     with mp.workdps(dps + 40):
         xs = [mp.mpf(float(v)) for v in x]
-        step = mp.mpf(10) ** -20 * max(1, max(abs(v) for v in xs))
+        step = mp.mpf(10) ** -((dps + 40) // 5) * max(1, max(abs(v) for v in xs))
         base = logits_at(xs)
         grads = []
         for k in range(len(xs)):
@@ -430,11 +433,12 @@ def _mp_chain_moments(base, grads, n: int, model: ModelSpec, dps: int):
         return h, m, big_m, big_f
 
 
-def mp_moments(x, task: ChainTask, model: ModelSpec, dps: int = 60):
+def mp_moments(x, task: ChainTask, model: ModelSpec, dps: int = 60, as_float: bool = True):
     """(h, m, M, F) per start distance d (entry d-1) of ``gradflow.noise.moments_per_start`` in mpmath, as float arrays
-    (inf beyond float64's range): the token-built chain (x: the five numbers, or the ten with V trained), psi(u, v) =
-    d logit(u, v) / d theta - sum_w P(u, w) d logit(u, w) / d theta, and the three absorbing solves of §8.2 by GTH
-    state reduction at ``dps`` digits."""
+    (0 or inf beyond float64's range), or with ``as_float=False`` as object arrays of mpf (mpmath's exponent is
+    unbounded: values of 1e-1310 keep their digits): the token-built chain (x: the five numbers, or the ten with V
+    trained), psi(u, v) = d logit(u, v) / d theta - sum_w P(u, w) d logit(u, w) / d theta, and the three absorbing
+    solves of §8.2 by GTH state reduction at ``dps`` digits."""
     n, size = task.n, len(x)
     raw = lambda logit, u, model: logit
     if model.values == "trained":
@@ -442,14 +446,38 @@ def mp_moments(x, task: ChainTask, model: ModelSpec, dps: int = 60):
     else:
         logits_at = lambda start: lambda y: _mp_chain_numbers(y, n, model, start, row=raw)
     shared = model.attention == "linear" and model.values == "fixed"
-    out = [np.zeros(n - 1), np.zeros((n - 1, size)), np.zeros((n - 1, size, size)), np.zeros((n - 1, size, size))]
+    kind = {"dtype": float} if as_float else {"dtype": object}
+    out = [np.zeros(n - 1, **kind), np.zeros((n - 1, size), **kind), np.zeros((n - 1, size, size), **kind)]
+    out.append(np.zeros((n - 1, size, size), **kind))
+    number = float if as_float else (lambda v: +v)
     moments = _mp_chain_moments(*_mp_logit_gradients(logits_at(None), x, dps), n, model, dps) if shared else None
     for d in range(1, n):
         start = n - d
         h, m, big_m, big_f = moments or _mp_chain_moments(*_mp_logit_gradients(logits_at(start), x, dps), n, model, dps)
         u = start - 1
-        out[0][d - 1] = float(h[u])
-        out[1][d - 1] = [float(v) for v in m[u]]
-        out[2][d - 1] = np.array([float(v) for v in big_m[u]]).reshape(size, size)
-        out[3][d - 1] = np.array([float(v) for v in big_f[u]]).reshape(size, size)
+        out[0][d - 1] = number(h[u])
+        out[1][d - 1] = [number(v) for v in m[u]]
+        out[2][d - 1] = np.array([number(v) for v in big_m[u]], **kind).reshape(size, size)
+        out[3][d - 1] = np.array([number(v) for v in big_f[u]], **kind).reshape(size, size)
     return out
+
+
+def mp_moments_settled(
+    x, task: ChainTask, model: ModelSpec, dps: int = 300, which=(1, 2, 3), digits: int = 20, max_dps: int = 20000
+):
+    """``mp_moments(as_float=False)`` at doubling precision until two successive precisions agree on the moments
+    ``which`` (1: m, 2: M, 3: F) to ``digits`` digits of each one's largest entry per start (the scale the checks use).
+    Returns (moments, dps)."""
+    previous = mp_moments(x, task, model, dps, as_float=False)
+    while dps < max_dps:
+        dps *= 2
+        current = mp_moments(x, task, model, dps, as_float=False)
+        with mp.workdps(dps):
+            agree = lambda new, old: (
+                max(abs(a - b) for a, b in zip(new.flat, old.flat)) <= mp.mpf(10) ** -digits * max(abs(v) for v in new.flat)
+            )
+            settled = all(agree(current[k][d], previous[k][d]) for k in which for d in range(current[k].shape[0]))
+        if settled:
+            return current, dps
+        previous = current
+    raise RuntimeError(f"the moments did not settle to {digits} digits by {max_dps} digits of precision")

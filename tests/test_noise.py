@@ -13,13 +13,15 @@ import json
 
 import jax
 import jax.numpy as jnp
+import mpmath as mp
 import numpy as np
 import pytest
 from helpers import slow_case
-from reference import dense_transition, mp_moments, mp_reward_gradient
+from reference import dense_transition, mp_moments, mp_moments_settled, mp_reward_gradient
 
 import gradflow as gf
 from gradflow import noise
+from gradflow._extended import Extended
 from gradflow.cli import main as cli_main
 from gradflow.model import Theta, transition_matrix
 
@@ -272,6 +274,113 @@ def test_second_moments_with_v_trained_equal_the_reference_at_extreme_scales(cas
         assert np.all(np.isfinite(want)) and np.all(scale > 0)
         error = float(np.max(np.abs(np.asarray(got) - want) / scale))
         assert error <= 1e-12, (case, name, error)
+
+
+# softmax attention (V fixed) near h = 1/2 at |theta|/tau = 1e3: (mask_self, n_isolated, seed, numbers)
+NEAR_HALF_CASES = [
+    (True, 0, 2, "float64"),
+    slow_case((True, 0, 1, "float64")),
+    *(slow_case((mask, n_isolated, seed, "extended")) for mask, n_isolated in ((True, 0), (False, 1)) for seed in (1, 2)),
+]
+
+
+@pytest.mark.parametrize("case", NEAR_HALF_CASES)
+def test_m_near_one_half_keeps_its_digits_with_softmax_attention(case):
+    """Issue 23: m = grad h was read from h (or 1 - q) where h is near 1/2, right only to 1e-16 ABSOLUTE: at 1e3 (seed 2,
+    d = 2) m was 6.9e-41 where it is 1.2e-63, and at d = 3 (4e-126) and seed 1 (1e-45) wrong by up to 1e28.  e = h - 1/2
+    is now solved for itself: the mirror-symmetric chain's deviation (linear attention's folded tridiagonal) plus the
+    start row's correction times the expected visits to the start (``gradflow.objective.softmax_deviation``), read
+    while |e| <= 1/4.  m equals the 300-digit mpmath chain (the same at 600: the reference has settled) to 1e-12
+    relative, every component, and M to 1e-12 of its largest entry per start (M was right before and stays so)."""
+    mask_self, n_isolated, seed, numbers = case
+    kwargs = dict(attention="softmax", mask_self=mask_self, n_isolated=n_isolated, tau=0.2)
+    task = gf.ChainTask.uniform(4)
+    x = np.random.default_rng(seed).normal(size=5) * 1e3 * 0.2 / np.sqrt(5)
+    reference = mp_moments(x, task, gf.ModelSpec(**kwargs), dps=300)
+    if numbers == "extended":  # the slow run: the reference has settled (the default case's draw is among these)
+        np.testing.assert_array_equal(mp_moments(x, task, gf.ModelSpec(**kwargs), dps=600)[1], reference[1])
+    assert np.all(np.abs(reference[0][1:] - 0.5) < 1e-15) and np.all(reference[1] != 0)
+    ours = noise.moments_per_start(x, task, gf.ModelSpec(**kwargs, numbers=numbers))
+    np.testing.assert_allclose(np.asarray(ours.grad), reference[1], rtol=1e-12, atol=0)
+    scale = np.max(np.abs(reference[2]), axis=(1, 2), keepdims=True)
+    assert np.all(np.abs(np.asarray(ours.reward_second) - reference[2]) <= 1e-12 * scale)
+
+
+# V trained near h = 1/2 or h = 1/4 (attention, mask_self, n_isolated, seed, starts checked by distance d, rtol)
+NEAR_HALF_TRAINED_CASES = [("softmax", True, 0, 1, (2,), 1e-10), ("softmax", False, 1, 0, (1, 2), 1e-8)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", NEAR_HALF_TRAINED_CASES)
+def test_m_with_v_trained_keeps_its_digits_near_one_half(case):
+    """Issue 23 with V trained at 1e3: e = h - 1/2 from its own right-hand side (``two_matrix.StartSystem.deviation``:
+    the last rows' successor minus terminal-class weight) and each row's scale carrying its heaviest logit's derivative
+    (``two_matrix.start_system``).  m was wrong by 5.8 (seed 1, d = 2) and by 6.0 and 5e6 (seed 0 unmasked, d = 1 at
+    h = 1/4 and d = 2); it equals the 300-digit mpmath chain (the same at 600) to ``rtol``.  Not every start: where the
+    two chains' parts of e cancel in the solve (seed 0, d = 3) m is still 0."""
+    attention, mask_self, n_isolated, seed, distances, rtol = case
+    kwargs = dict(attention=attention, mask_self=mask_self, n_isolated=n_isolated, tau=0.2, values="trained")
+    task = gf.ChainTask.uniform(4)
+    x = np.random.default_rng(seed).normal(size=10) * 1e3 * 0.2 / np.sqrt(10)
+    rows = np.array(distances) - 1
+    reference = mp_moments(x, task, gf.ModelSpec(**kwargs), dps=300)[1][rows]
+    np.testing.assert_array_equal(mp_moments(x, task, gf.ModelSpec(**kwargs), dps=600)[1][rows], reference)
+    ours = np.asarray(noise.moments_per_start(x, task, gf.ModelSpec(**kwargs)).grad)[rows]
+    np.testing.assert_allclose(ours, reference, rtol=rtol, atol=0)
+
+
+def _as_mpf(x) -> np.ndarray:
+    """An ``Extended`` (or float) array as mpf numbers: m 2^e exactly, at any exponent."""
+    if isinstance(x, Extended):
+        exact = lambda m, e: mp.ldexp(mp.mpf(float(m)), int(e)) if m != 0 else mp.mpf(0)
+        return np.vectorize(exact, otypes=[object])(np.asarray(x.m), np.asarray(x.e))
+    return np.vectorize(lambda v: mp.mpf(float(v)), otypes=[object])(np.asarray(x))
+
+
+# V trained where M and F leave float64's range (attention, mask_self, n_isolated, |theta|/tau, seed, tolerance)
+BEYOND_FLOAT_TRAINED_CASES = [
+    ("linear", True, 0, 1e3, 0, 1e-12),
+    ("softmax", False, 1, 1e4, 0, 1e-11),
+    ("softmax", False, 1, 1e4, 1, 1e-11),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BEYOND_FLOAT_TRAINED_CASES)
+def test_second_moments_with_v_trained_equal_the_reference_beyond_float64(case):
+    """Issue 23 item 2: with V trained at |theta|/tau = 1e3 (linear: M 4e-1310, F 5e-668, every value of the chain far
+    below float64) and 1e4 (softmax), M and F in extended numbers (``noise._chain_moments(as_float=False)``) equal the
+    mpmath chain kept as mpf (``mp_moments(as_float=False)``: its floats were 0 or inf there) at the precision where it
+    has settled (``mp_moments_settled``: 4800 digits for linear) to ``tolerance`` of their largest entry per start (1e4:
+    float64's own rounding of logits of 5e3 is 1e-12 of them); the eager float64 moments are finite, and at 1e4 equal
+    the reference's floats, m at d = 1 included to ``tolerance`` of its largest component (1.8e-123: it was 1e-258 before
+    each row's scale carried its heaviest logit's derivative; components below 1e-200 are not yet right: a logit's
+    derivative is summed from a class part and a correction, and the correction's 1e-211 drowns in the class's 1e-138)."""
+    attention, mask_self, n_isolated, ratio, seed, tolerance = case
+    kwargs = dict(attention=attention, mask_self=mask_self, n_isolated=n_isolated, tau=0.2, values="trained")
+    task, n = gf.ChainTask.uniform(4), 4
+    x = np.random.default_rng(seed).normal(size=10) * ratio * 0.2 / np.sqrt(10)
+    reference, _ = mp_moments_settled(x, task, gf.ModelSpec(**kwargs), dps=300, which=(2, 3))
+    extended = gf.ModelSpec(**kwargs, numbers="extended")
+    at_start = jax.jit(lambda y, s: noise._chain_moments(y, n, extended, s, as_float=False))
+    with mp.workdps(50):
+        for d in range(1, n):
+            start = n - d
+            moments = at_start(jnp.asarray(x), start)
+            for k, name in ((2, "M"), (3, "F")):
+                ours, want = _as_mpf(jax.tree.map(lambda v: v[start - 1], moments[k])), reference[k][d - 1]
+                scale = max(abs(v) for v in want.flat)
+                error = max(abs(a - b) for a, b in zip(ours.flat, want.flat)) / scale
+                assert scale > 0 and error <= tolerance, (case, name, d, mp.nstr(error, 3), mp.nstr(scale, 3))
+    public = noise.moments_per_start(x, task, gf.ModelSpec(**kwargs))
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in public)
+    if ratio == 1e4:
+        for k in (2, 3):
+            want = np.vectorize(float)(reference[k]).astype(float)
+            scale = np.max(np.abs(want), axis=(1, 2), keepdims=True)
+            assert np.all(np.abs(np.asarray(public[k]) - want) <= tolerance * scale)
+        want = np.vectorize(float)(reference[1][0]).astype(float)
+        assert np.max(np.abs(np.asarray(public.grad)[0] - want)) <= tolerance * np.max(np.abs(want))
 
 
 @pytest.mark.slow

@@ -795,7 +795,8 @@ def test_extended_exponent_and_mantissa_agree_under_jit_vmap():
     lowered = jax.jit(reward).lower(x)
     for j in (reward(x), compile_cache.compile_lowered(lowered)(x), lowered.compile()(x)):
         np.testing.assert_allclose(float(j), j_ref, rtol=1e-9)
-    per_start = lambda y: jax.vmap(lambda s: two_matrix._start_solve(gf.Theta.from_array(y), 5, model, s)[0])(jnp.arange(1, 5))
+    outcome = lambda y, s: two_matrix._start_solve(gf.Theta.from_array(y), 5, model, s)[0][:2]  # (h, q)
+    per_start = lambda y: jax.vmap(lambda s: outcome(y, s))(jnp.arange(1, 5))
     np.testing.assert_allclose(jax.jit(per_start)(x), np.full((4, 2), 0.5), atol=1e-6)
 
 
