@@ -18,6 +18,7 @@ cache of compiled executables, ``compilation_count``, the persistent compilation
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -563,12 +564,24 @@ def over_batch(fn: Callable, devices=None) -> Callable:
     elsewhere one vmap (partitioned over ``devices`` when the arguments are sharded)."""
     if not chunked_on(devices):
         return jax.vmap(fn)
-    chunks = lambda *args: jax.lax.map(lambda xs: fn(*xs), args, batch_size=BATCH_CHUNK)
+    chunks = functools.partial(_in_chunks, fn)
     if devices is None:
         return chunks
     spec = PartitionSpec("batch")
     mesh = Mesh(np.asarray(list(devices)), ("batch",))
     return lambda *args: jax.shard_map(chunks, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+
+def _in_chunks(fn: Callable, *args):
+    """fn over the leading axis in chunks of ``BATCH_CHUNK`` vmapped members, the batch padded to whole chunks with
+    copies of its last member (a remainder would be a second vmapped copy of fn to compile), the padding dropped."""
+    size = jax.tree_util.tree_leaves(args)[0].shape[0]
+    if size <= BATCH_CHUNK:
+        return jax.vmap(fn)(*args)
+    padded = -(-size // BATCH_CHUNK) * BATCH_CHUNK
+    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], padded - size, axis=0)])
+    out = jax.lax.map(lambda xs: fn(*xs), jax.tree_util.tree_map(pad, args), batch_size=BATCH_CHUNK)
+    return jax.tree_util.tree_map(lambda y: y[:size], out)
 
 
 def chunked_on(devices=None) -> bool:

@@ -93,6 +93,26 @@ def test_a_bucketed_flow_equals_the_per_n_flow(n):
         assert bucketed.events[name] == pytest.approx(float(direct.event_times[event]), rel=1e-9)
 
 
+def test_a_batch_runs_in_whole_chunks_and_each_member_equals_its_own_solve(monkeypatch, empty_compile_cache):
+    """On CPU a batch larger than ``BATCH_CHUNK`` runs as a loop over chunks of vmapped members, padded to whole chunks
+    (copies of its last member, dropped after): one compilation, every member equal to its own solve."""
+    monkeypatch.setattr(flow, "BATCH_CHUNK", 4)  # 6 members: two chunks, the second padded
+    assert flow.chunked_on()
+    configs = [
+        gf.FlowParams(gf.ChainTask.mixture(4, c), t1=20.0, save_ts=[0.0, 5.0, 20.0], events=())
+        for c in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    ]
+    before = gf.compile_cache.compilation_count()
+    batch = gf.simulate_many(configs)
+    assert gf.compile_cache.compilation_count() == before + 1 and len(batch) == len(configs)
+    for cfg, trajectory in zip(configs, batch):
+        assert trajectory.config is cfg
+    for index in (0, 5):  # the first chunk's first member and the padded chunk's last real one
+        alone = gf.simulate(configs[index])
+        np.testing.assert_allclose(batch[index].theta, alone.theta, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(batch[index].forward_prob, alone.forward_prob, rtol=1e-10, atol=1e-13)
+
+
 def test_configs_of_different_n_share_one_batch(empty_compile_cache):
     configs = [gf.FlowParams(gf.ChainTask.uniform(n), t1=50.0) for n in (2, 5, 7)]
     before = gf.compile_cache.compilation_count()
