@@ -480,11 +480,13 @@ def _log_sum_stacked(logits, counts) -> jnp.ndarray:
     return jnp.log(jnp.sum(scaled, axis=-1)) + top[..., 0]
 
 
-def own_and_other(h, q, e) -> tuple[jnp.ndarray, jnp.ndarray]:
+def own_and_other(h, q, e=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(P(own terminal), P(other terminal)) from the absorbing solutions h (own), q (other) and e = h - 1/2 (the
     deviation, solved for itself), each read from the one that keeps its digits: 1/2 +- e while |e| <= 1/4 (so
     h - 1/2 and its gradient keep their leading digits near 1/2), else from the smaller of h and q (own = h or
-    1 - q, other = 1 - h or q: the one near 1 keeps the digits of its distance to 1)."""
+    1 - q, other = 1 - h or q: the one near 1 keeps the digits of its distance to 1).  Without e: h and q only."""
+    if e is None:
+        e = jnp.full(jnp.shape(h), jnp.inf)
     mid, smaller = jnp.abs(e) <= 0.25, h <= q
     own = jnp.where(mid, 0.5 + e, jnp.where(smaller, h, 1.0 - q))
     return own, jnp.where(mid, 0.5 - e, jnp.where(smaller, 1.0 - h, q))
