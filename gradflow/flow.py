@@ -553,7 +553,7 @@ def _run_batch(batch: FlowParams, progress: bool, devices):
     batch = batch.solver_resolved()
     solve_batch = over_batch(lambda p: _solve(p, progress), devices)
     export = not progress and devices is None  # a sharded batch compiles as usual
-    static_key = (progress, 1 if devices is None else len(devices), chunked_on(devices))
+    static_key = (progress, 1 if devices is None else len(devices), batch_chunk(devices))
     executable, compile_s = compiled("solve_many", solve_batch, (batch,), static_key, export=export)
     return executable(batch), compile_s
 
@@ -578,10 +578,21 @@ def _in_chunks(fn: Callable, *args):
     size = jax.tree_util.tree_leaves(args)[0].shape[0]
     if size <= BATCH_CHUNK:
         return jax.vmap(fn)(*args)
-    padded = -(-size // BATCH_CHUNK) * BATCH_CHUNK
-    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], padded - size, axis=0)])
-    out = jax.lax.map(lambda xs: fn(*xs), jax.tree_util.tree_map(pad, args), batch_size=BATCH_CHUNK)
+    padded = _with_last_repeated(args, -(-size // BATCH_CHUNK) * BATCH_CHUNK)
+    out = jax.lax.map(lambda xs: fn(*xs), padded, batch_size=BATCH_CHUNK)
     return jax.tree_util.tree_map(lambda y: y[:size], out)
+
+
+def _with_last_repeated(tree, size: int):
+    """Every leaf's leading axis extended to ``size`` with copies of its last member (padding results are dropped)."""
+    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], size - x.shape[0], axis=0)]) if size > x.shape[0] else x
+    return jax.tree_util.tree_map(pad, tree)
+
+
+def batch_chunk(devices=None) -> int:
+    """Members per chunk of a batch on these devices: ``BATCH_CHUNK`` where ``chunked_on``, else 0 (one vmap); part
+    of a batch program's compile key."""
+    return BATCH_CHUNK if chunked_on(devices) else 0
 
 
 def chunked_on(devices=None) -> bool:
@@ -1052,8 +1063,6 @@ def _lean_solutions(configs: list[FlowParams]) -> list:
 
 def _shard(batch: FlowParams, size: int, devices: list) -> FlowParams:
     """Pad the leading axis to a multiple of len(devices) (repeating the last config) and shard it."""
-    padded = -(-size // len(devices)) * len(devices)
-    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], padded - size, axis=0)]) if padded > size else x
-    batch = jax.tree_util.tree_map(pad, batch)
+    batch = _with_last_repeated(batch, -(-size // len(devices)) * len(devices))
     sharding = NamedSharding(Mesh(np.asarray(devices), ("batch",)), PartitionSpec("batch"))
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)

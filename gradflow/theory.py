@@ -42,7 +42,7 @@ from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import compiled
 from gradflow.config import FlowParams, config_label
-from gradflow.flow import bucketable, bucketed, chunked_on, hitting_times, over_batch, shared_bucket, stack_configs
+from gradflow.flow import batch_chunk, bucketable, bucketed, hitting_times, over_batch, shared_bucket, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
 from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, finite_or_extended, same_side_probability
@@ -675,7 +675,7 @@ def _learning_run(configs, watched) -> dict:
     else:
         args = (configs.solver_resolved(), watched)
     fn = over_batch(_learning_solve) if batched else _learning_solve
-    executable, _ = compiled("learning_batch" if batched else "learning", fn, args, chunked_on(), export=True)
+    executable, _ = compiled("learning_batch" if batched else "learning", fn, args, batch_chunk(), export=True)
     return jax.device_get(executable(*args))
 
 
