@@ -599,37 +599,42 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     reward = lambda y: _reward(Theta.from_array(y), watched, params.model)
     speed = lambda t, y: jnp.linalg.norm(params.vector_field(t, y))
     y0 = params.theta0.as_array(params.model.values)
-    j0 = reward(params.theta0.as_array())
+    j0, speed0 = reward(y0), speed(params.t0, y0)
     escape = jnp.minimum(j0 + ESCAPE_FRACTION * (1.0 - j0), level)  # the plateau ends here (``phases``' escape)
     # a flow already fast at theta0 (a condition that starts below 0 never falls through it) has no plateau to
     # cross in log time: the log-time stage takes zero length and the linear-time stage starts at t0
-    starts_fast = 1.0 - speed(params.t0, y0) / SWITCH_SPEED <= 0.0
+    starts_fast = 1.0 - speed0 / SWITCH_SPEED <= 0.0
 
     def terms(plateau, clock: Clock, grown, t_escape, s, y):
-        """(the level's term, the speed's term, the plateau end's term) of the event: each falls through 0.
+        """(the level's term, the speed's term, the plateau end's term) of the event: each falls through 0; and J and
+        |grad J| at (s, y), which the stage after this one starts from.
         Plateau (log time): J reaches the plateau's end, or theta moves fast ((1 + t - t0) |grad J| >= SWITCH_SPEED);
         rise (linear time): J reaches the level, |grad J| grows SEGMENT_GROWTH-fold, or J passes the plateau's end."""
         j, moving = reward(y), speed(clock.to_time(s), y)
         level_term = jnp.where(plateau, jnp.inf, level - j)
         speed_term = jnp.where(plateau, 1.0 - clock.rate(s) * moving / SWITCH_SPEED, 1.0 - moving / grown)
         end_term = jnp.where(plateau | jnp.isnan(t_escape), escape - j, jnp.inf)
-        return level_term, speed_term, end_term
+        return (level_term, speed_term, end_term), (j, moving)
 
     def active(state):
         k, _, _, _, _, going, *_ = state
         return going & (k <= MAX_SEGMENTS)
 
+    # the state: segment k, its origin (flow time), theta there, steps so far, result code, whether another segment
+    # follows, the plateau's end, the rise so far, whether the rise started, whether the level was reached in log
+    # time, and J and |grad J| at theta (each computed once where a segment ends: the program holds fewer copies)
+
     def stage(state):  # k = 0: the plateau in log time from t0; k >= 1: the rise's segments u = t - origin, every digit kept
-        k, origin, theta, steps, result, going, t_escape, rise, switched, done = state
+        k, origin, theta, steps, result, going, t_escape, rise, switched, done, j_theta, speed_theta = state
         plateau = k == 0
         clock = Clock(origin, log=plateau)
-        grown = SEGMENT_GROWTH * jnp.maximum(speed(origin, theta), jnp.finfo(float).tiny)
-        event = falling_event(lambda t, y, args, **kwargs: jnp.min(jnp.stack(terms(plateau, clock, grown, t_escape, t, y))))
+        grown = SEGMENT_GROWTH * jnp.maximum(speed_theta, jnp.finfo(float).tiny)
+        event = falling_event(lambda t, y, args, **kwargs: jnp.min(jnp.stack(terms(plateau, clock, grown, t_escape, t, y)[0])))
         span = jnp.where(plateau, jnp.where(starts_fast, 0.0, clock.to_solver(params.t1)), params.t1 - origin)
         span = jnp.where(going, span, 0.0)  # under vmap, members already done take a zero-length solve (their state is kept)
         sol = integrate(params, diffrax.SaveAt(t1=True), clock=clock, t0=0.0, t1=span, y0=theta, event=event)
         s_end, y_end = sol.ts[-1], sol.ys[-1]
-        _, speed_end, end_end = terms(plateau, clock, grown, t_escape, s_end, y_end)
+        (_, speed_end, end_end), (j_end, moving_end) = terms(plateau, clock, grown, t_escape, s_end, y_end)
         fired = sol.event_mask  # (a zero-length solve fires nothing)
         ok = sol.result == diffrax.RESULTS.event_occurred
         # plateau: where it ended, and whether the rise in linear time follows
@@ -639,6 +644,7 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
         # rise: whether this segment ended the plateau, and whether another segment follows
         ended = ok & (end_end <= speed_end)
         y_next = jnp.where(going, y_end, theta)
+        j_next, speed_next = jnp.where(going, j_end, j_theta), jnp.where(going, moving_end, speed_theta)
         t_next = clock.to_time(s_end)
         return (
             k + 1,
@@ -646,22 +652,24 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
             y_next,
             steps + sol.stats["num_steps"],
             jnp.where(plateau | ~ok, result_code(sol.result), result),
-            jnp.where(plateau, rises, ok & (reward(y_next) < level)),
+            jnp.where(plateau, rises, ok & (j_next < level)),
             jnp.where(plateau, jnp.where(escaped, t_next, jnp.nan), jnp.where(ended, t_next, t_escape)),
             rise + jnp.where(~plateau & ~jnp.isnan(t_escape), s_end, 0.0),
             jnp.where(plateau, rises, switched),
             jnp.where(plateau, reached, done),
+            j_next,
+            speed_next,
         )
 
     zero, no = jnp.zeros(()), jnp.asarray(False)
     start = (jnp.asarray(0), params.t0, y0, jnp.asarray(0), result_code(diffrax.RESULTS.successful), jnp.asarray(True))
-    k, t_stop, y_stop, steps, result, _, t_escape, rise, switched, done = jax.lax.while_loop(
-        active, stage, (*start, jnp.nan * zero, zero, no, no)
+    k, t_stop, y_stop, steps, result, _, t_escape, rise, switched, done, j_stop, _ = jax.lax.while_loop(
+        active, stage, (*start, jnp.nan * zero, zero, no, no, j0, speed0)
     )
-    fired = jnp.where(switched, reward(y_stop) >= level - 1e-12, done)
+    fired = jnp.where(switched, j_stop >= level - 1e-12, done)
     result = jnp.where(switched & fired, result_code(diffrax.RESULTS.successful), result)
     unended = jnp.isnan(t_escape)  # J jumped past the plateau's end and the level within one segment
-    return t_stop, fired, reward(y_stop), steps, result, jnp.where(unended, t_stop, t_escape), jnp.where(unended, 0.0, rise)
+    return t_stop, fired, j_stop, steps, result, jnp.where(unended, t_stop, t_escape), jnp.where(unended, 0.0, rise)
 
 
 def _learning_run(configs, watched) -> dict:
