@@ -317,7 +317,11 @@ def chain_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
     Returns:
         The ``ChainSystem`` (scaled rows, absorption and low-rank parts) of the 2(n-1) chain rows.
     """
-    rows = row_logits(row_scores(theta, n, model, start=start), n, model)
+    return _system_of_rows(row_logits(row_scores(theta, n, model, start=start), n, model), n, numbers)
+
+
+def _system_of_rows(rows: RowLogits, n: int, numbers: Numbers = FLOAT) -> ChainSystem:
+    """The ``ChainSystem`` of the chain rows' logits ``rows`` (``chain_system``)."""
     s = _scale_rows(rows, numbers)  # fields (2, n-1)
     where, apply = numbers.where, numbers.apply
     last = np.arange(n - 1) == n - 2
@@ -407,17 +411,63 @@ def softmax_deviation(theta: Theta, n: int, model: ModelSpec, system: ChainSyste
 
 def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):
     """(h, q, e) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve with three columns (h, q and
-    the expected visits to the start), e = h - 1/2 from its mirror-symmetric part (``softmax_deviation``)."""
-    system = chain_system(theta, n, model, start, numbers)
+    the expected visits to the start), e = h - 1/2 from its mirror-symmetric part (``softmax_deviation``).  With
+    isolated vertices (float64) the derivatives through their return logit are ``_detour_split``'s."""
+    rows = row_logits(row_scores(theta, n, model, start=start), n, model)
+    if model.n_isolated and numbers is FLOAT and n > 2:
+        return _detour_split(n, theta, model, start, rows.g_iso)
+    return _softmax_solve(theta, n, model, start, rows, numbers)[0]
+
+
+def _softmax_solve(theta: Theta, n: int, model: ModelSpec, start, rows: RowLogits, numbers: Numbers = FLOAT):
+    """((h, q, e) at a_start, (D, dh)) from the chain rows' logits ``rows``: D = the expected detours through the isolated
+    vertices from a_start, dh = the mean of h over the degree-1 vertices (terminals included) minus that over the
+    degree-2 vertices, from e's symmetric part (``_detour_split``; float64 numbers only)."""
+    system = _system_of_rows(rows, n, numbers)
     deviation = softmax_deviation(theta, n, model, system, start, numbers)
     at_start = jnp.arange(2 * (n - 1)) == start - 1
     diag = numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), deviation.diag)
     visits = numbers.where(at_start, diag, numbers.zeros(at_start.shape))
     columns = [_flat(system.own, n, numbers), _flat(system.other, n, numbers), visits]
+    if numbers is FLOAT and model.n_isolated:
+        columns.append(_flat(model.n_isolated * jnp.exp(-system.scaled.top), n))  # each row's weight into the detours
     x = chain_solve(system, numbers.stack(columns, -1), numbers=numbers)
     e_start = numbers.apply(lambda v: v[start - 1], deviation.e_sym)
     e = numbers.to_float(numbers.add(e_start, numbers.scale(deviation.rho, x[start - 1, 2])))
-    return x[start - 1, 0], x[start - 1, 1], e
+    if not (numbers is FLOAT and model.n_isolated):
+        return (x[start - 1, 0], x[start - 1, 1], e), None
+    # e(a_i) + e(b_i) = rho (G(a_i) + G(b_i)): e_sym is antisymmetric and the terminals' +-1/2 cancel
+    pair = deviation.rho * (x[: n - 1, 2] + x[n - 1 :, 2])
+    dh = pair[0] / 4.0 - jnp.sum(pair[1:]) / (2.0 * (n - 2))
+    return (x[start - 1, 0], x[start - 1, 1], e), (x[start - 1, 3], dh)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _detour_split(n: int, theta: Theta, model: ModelSpec, start, g_iso):
+    """(h, q, e) at a_start (softmax, isolated vertices), whose derivative through g_iso (the isolated vertices' return
+    logit) is exact.  A detour through the isolated vertices returns to a degree-1 chain vertex (terminals included)
+    with probability f1 = 2 / (2 + (n-2) e^{g_iso}), else to a degree-2 one, uniformly within each class, so
+        dh(a_s)/dg_iso = D(a_s) (mean h over degree 1 - mean h over degree 2) df1/dg_iso
+    with D the expected detours from a_s (a positive solve) and the difference of means from e's symmetric part (the
+    means are 1/2 up to it); differentiating the solve instead took that difference of two numbers near 1/2 and kept
+    only their round-off (m's gamma and delta components were 1e-53 where they are 7e-64 and 4e-100)."""
+    return _softmax_solve(theta, n, model, start, _with_g_iso(theta, n, model, start, g_iso))[0]
+
+
+def _with_g_iso(theta: Theta, n: int, model: ModelSpec, start, g_iso) -> RowLogits:
+    return row_logits(row_scores(theta, n, model, start=start), n, model)._replace(g_iso=g_iso)
+
+
+@_detour_split.defjvp
+def _detour_split_jvp(n, primals, tangents):
+    theta, model, start, g_iso = primals
+    d_theta, d_model, _, d_g_iso = tangents
+    held = lambda th, md: _softmax_solve(th, n, md, start, _with_g_iso(th, n, md, start, g_iso))
+    (outcome, (detours, dh)), (d_outcome, _) = jax.jvp(held, (theta, model), (d_theta, d_model))
+    f1 = lambda g: 2.0 / (2.0 + (n - 2) * jnp.exp(g))
+    d_f1 = jax.jvp(f1, (g_iso,), (d_g_iso,))[1]
+    d_h = detours * dh * d_f1
+    return outcome, (d_outcome[0] + d_h, d_outcome[1] - d_h, d_outcome[2] + d_h)
 
 
 def _softmax_length(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):
