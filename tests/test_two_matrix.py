@@ -165,9 +165,10 @@ def test_reward_depends_on_v_only_through_its_differences(attention, rng):
     np.testing.assert_allclose(g[9], -g[8], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("n, mask, iso", [slow_case(2, True, 0), (3, False, 2), (6, True, 1), slow_case(9, False, 0)])
+@pytest.mark.parametrize("n, mask, iso", [slow_case(2, True, 0), (3, False, 2), slow_case(6, True, 1), slow_case(9, False, 0)])
 def test_linear_fixed_v_limit_equals_the_one_matrix_model(n, mask, iso, rng):
-    """values="trained" at the fixed V is today's linear model (the current vertex's token has V = 0)."""
+    """values="trained" at the fixed V is today's linear model (the current vertex's token has V = 0).  The default run
+    takes one case (self-loops kept, isolated vertices); the masked and larger ones run in the slow run."""
     task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
     theta = gf.Theta.from_array(rng.normal(size=5))
     fixed = gf.ModelSpec(mask_self=mask, n_isolated=iso)
@@ -420,8 +421,8 @@ def test_step_probabilities_equal_the_dense_token_chain(n, attention, mask, iso,
             np.testing.assert_allclose(getattr(ours, kind), getattr(today, kind), rtol=1e-13, atol=1e-16)
 
 
-CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
-    (2, "linear", True, 0, (1, 2, 3, 4)),
+CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases; the first and last here
+    (2, "linear", True, 0, (1, 4)),
     slow_case(3, "softmax", False, 1, (1, 3, 6)),
     slow_case(4, "linear", False, 2, (2, 8)),
     pytest.param(4, "softmax", True, 0, range(1, 9), marks=pytest.mark.slow),
