@@ -133,7 +133,7 @@ def test_reward_and_gradient_equal_the_dense_token_chain(n, attention, mask, iso
         np.testing.assert_allclose(j, j_ref, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(g, g_ref, rtol=1e-8, atol=1e-11)
     success = two_matrix.same_side_probability(gf.Theta.from_array(x), task, model)
-    reference = [dense_success(x, n, model, n - d) for d in range(1, n)]
+    reference = jax.jit(lambda y: jnp.stack([dense_success(y, n, model, n - d) for d in range(1, n)]))(x)
     np.testing.assert_allclose(success, reference, rtol=1e-11, atol=1e-13)
 
 
