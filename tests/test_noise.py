@@ -96,6 +96,7 @@ def dense_moments(theta: Theta, task: gf.ChainTask, model: gf.ModelSpec):
         big_f = embed(solve(jnp.einsum("uv,uvij->uij", p, pp)[transient]))
         return h, m, big_m, big_f
 
+    chain = jax.jit(chain, static_argnums=0)  # one program per start: eagerly, each small op compiles on first use
     if model.attention == "linear" and model.values == "fixed":
         values = chain(None)
         return [v[: n - 1][::-1] for v in values]

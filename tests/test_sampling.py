@@ -219,8 +219,11 @@ def check_estimates(n, model, theta, key):
 
 @pytest.mark.parametrize("case", [FAST_CASES[0], pytest.param(FAST_CASES[1], marks=pytest.mark.slow)], ids=case_id)
 def test_estimates_match_exact_reward_and_gradient(case, rng):
+    """Sampled reward and REINFORCE gradient within Z standard errors of the closed form: one random theta in the default
+    run (``test_gradient_estimate_pins_the_scale`` adds the base model's), two in the slow case, three per grid case
+    in ``test_estimates_match_exact_reward_and_gradient_full_grid``."""
     n, model = case
-    for k in range(2):
+    for k in range(1 if case is FAST_CASES[0] else 2):
         check_estimates(n, model, draw_theta(rng), jax.random.key(10 + k))
 
 

@@ -133,7 +133,7 @@ def test_reward_and_gradient_equal_the_dense_token_chain(n, attention, mask, iso
         np.testing.assert_allclose(j, j_ref, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(g, g_ref, rtol=1e-8, atol=1e-11)
     success = two_matrix.same_side_probability(gf.Theta.from_array(x), task, model)
-    reference = [dense_success(x, n, model, n - d) for d in range(1, n)]
+    reference = jax.jit(lambda y: jnp.stack([dense_success(y, n, model, n - d) for d in range(1, n)]))(x)
     np.testing.assert_allclose(success, reference, rtol=1e-11, atol=1e-13)
 
 
@@ -165,9 +165,10 @@ def test_reward_depends_on_v_only_through_its_differences(attention, rng):
     np.testing.assert_allclose(g[9], -g[8], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("n, mask, iso", [slow_case(2, True, 0), (3, False, 2), (6, True, 1), slow_case(9, False, 0)])
+@pytest.mark.parametrize("n, mask, iso", [slow_case(2, True, 0), (3, False, 2), slow_case(6, True, 1), slow_case(9, False, 0)])
 def test_linear_fixed_v_limit_equals_the_one_matrix_model(n, mask, iso, rng):
-    """values="trained" at the fixed V is today's linear model (the current vertex's token has V = 0)."""
+    """values="trained" at the fixed V is today's linear model (the current vertex's token has V = 0).  The default run
+    takes one case (self-loops kept, isolated vertices); the masked and larger ones run in the slow run."""
     task = gf.ChainTask(n, rng.dirichlet(np.ones(n - 1)))
     theta = gf.Theta.from_array(rng.normal(size=5))
     fixed = gf.ModelSpec(mask_self=mask, n_isolated=iso)
@@ -420,8 +421,8 @@ def test_step_probabilities_equal_the_dense_token_chain(n, attention, mask, iso,
             np.testing.assert_allclose(getattr(ours, kind), getattr(today, kind), rtol=1e-13, atol=1e-16)
 
 
-CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases
-    (2, "linear", True, 0, (1, 2, 3, 4)),
+CAPPED_CASES = [  # (n, attention, mask_self, n_isolated, caps): every cap 1..2n in the slow cases; the first and last here
+    (2, "linear", True, 0, (1, 4)),
     slow_case(3, "softmax", False, 1, (1, 3, 6)),
     slow_case(4, "linear", False, 2, (2, 8)),
     pytest.param(4, "softmax", True, 0, range(1, 9), marks=pytest.mark.slow),
@@ -815,16 +816,21 @@ def test_capped_v_trained_at_large_scale_equals_the_dense_chain(scale, draws):
     for attention, mask, n, x in cases:
         model, task = gf.ModelSpec(attention, mask_self=mask, values="trained", max_len=cap), gf.ChainTask.uniform(n)
         per = gf.capped.per_start(gf.Theta.from_array(x), task, model)
-        dense = [float(dense_capped(x, n, model, start, cap)[0][-1]) for start in range(1, n)]
+        dense_per = lambda y: jnp.stack([dense_capped(y, n, model, start, cap)[0][-1] for start in range(1, n)])
+        # the reference jitted (one program per case, its gradient in the same one for softmax): eagerly, each of its
+        # hundreds of small ops compiles on first use
+        if attention == "linear":
+            dense, dense_grad = jax.jit(dense_per)(x), None
+        else:
+            dense, dense_grad = jax.jit(lambda y: (dense_per(y), jax.grad(lambda z: jnp.mean(dense_per(z)))(y)))(x)
         np.testing.assert_allclose(np.asarray(per.success)[::-1], dense, atol=1e-9, err_msg=f"{attention} {mask} {x}")
         reward = lambda y: gf.expected_reward(gf.Theta.from_array(y), task, model)
-        dense_reward = lambda y: jnp.mean(jnp.stack([dense_capped(y, n, model, start, cap)[0][-1] for start in range(1, n)]))
         grad = np.asarray(jax.grad(reward)(x))
         assert np.all(np.isfinite(grad)), (attention, mask, x)
         if attention == "linear":
             continue
         np.testing.assert_allclose(grad, jax.jacfwd(reward)(x), rtol=1e-9, atol=1e-12, err_msg=f"{attention} {mask} {x}")
-        np.testing.assert_allclose(grad, jax.grad(dense_reward)(x), rtol=1e-7, atol=1e-12, err_msg=f"{attention} {mask} {x}")
+        np.testing.assert_allclose(grad, dense_grad, rtol=1e-7, atol=1e-12, err_msg=f"{attention} {mask} {x}")
 
 
 def test_v_trained_float64_is_finite_at_moderate_scale():
