@@ -2,11 +2,14 @@
 
 Training distribution: mass c on the one-step start d = 1, the rest on the hardest start d = n-1
 (``ChainTask.mixture(n, c)``; c = 0 is hardest-only); the reward is J on that distribution.  One
-vmapped learning-time solve per n over all c (``gradflow.theory.learning_times``: log-time
-integration, stop at J = 0.9), so one compilation per chain length n (n is a shape, not yet data).
+vmapped learning-time solve per bucket of n over all c (``gradflow.theory.learning_times``: log-time
+integration, stop at J = 0.9); n is data, so one program serves every n of a bucket (n padded to the
+next power of two), and the buckets' programs compile side by side (or load from the persistent
+compilation cache).
 Default grid: 24 chain lengths n = 4..256 x 33 masses (c = 0 and 32 values 1e-4..1).  Cells not
 reached by t1 are grey (∞); the white contour is the budget beyond which we call learning
-infeasible.  The JSON records the wall and CPU seconds of each n and of the whole run.
+infeasible.  The JSON records the wall and CPU seconds of the whole run and the programs compiled or loaded
+(``programs``).
 Regenerate: ``gradflow figures phase_diagram``.
 """
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.colors import Normalize
 
-from gradflow import ChainTask, ModelSpec, Theta
+from gradflow import ChainTask, ModelSpec, Theta, compile_cache
 from gradflow.model import default_theta0
 from gradflow.plotting import SEQUENTIAL_CMAP, claim_failures, experiment_parser, format_theta, run_experiment, subplots
 from gradflow.theory import learning_times
@@ -58,21 +61,16 @@ def compute(preset: Preset) -> dict:
     """Flow time to the level per (c, n) (NaN: not by t1), the smallest c within budget per n, timings."""
     ns, cs = preset.ns, preset.cs
     model, theta0 = ModelSpec(), Theta(*preset.theta0)
-    times = np.full((len(cs), len(ns)), np.nan)
-    seconds, cpu_seconds = {}, {}
-    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    start, cpu_start, programs = time.perf_counter(), _cpu_seconds(), compile_cache.compilation_count()
+    tasks = [ChainTask.mixture(n, c) for n in ns for c in cs]  # one call: the buckets' programs compile side by side
+    flat = learning_times(tasks, model, theta0, level=preset.level, t1=preset.t1, progress=True)
+    times = np.array([np.nan if t is None else t for t in flat]).reshape(len(ns), len(cs)).T
     for j, n in enumerate(ns):
-        tick, cpu_tick = time.perf_counter(), _cpu_seconds()
-        row = learning_times([ChainTask.mixture(n, c) for c in cs], model, theta0, level=preset.level, t1=preset.t1)
-        seconds[n], cpu_seconds[n] = time.perf_counter() - tick, _cpu_seconds() - cpu_tick
-        times[:, j] = [np.nan if t is None else t for t in row]
-        print(
-            f"{NAME}: n = {n} ({seconds[n]:.1f} s, cpu {cpu_seconds[n]:.1f} s): "
-            + ", ".join(f"c={c:.3g}: {'-' if np.isnan(t) else f'{t:.3g}'}" for c, t in zip(cs, times[:, j])),
-            flush=True,
-        )
+        found = (f"c={c:.3g}: {'-' if np.isnan(t) else f'{t:.3g}'}" for c, t in zip(cs, times[:, j]))
+        print(f"{NAME}: n = {n}: " + ", ".join(found))
     total, total_cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
-    print(f"{NAME}: {len(ns)} chain lengths x {len(cs)} masses in {total:.1f} s (cpu {total_cpu:.1f} s), one compilation per n")
+    programs = compile_cache.compilation_count() - programs
+    print(f"{NAME}: {len(ns)} chain lengths x {len(cs)} masses in {total:.1f} s (cpu {total_cpu:.1f} s), {programs} programs")
     feasible = np.isfinite(times) & (times <= preset.budget)
     return {
         "ns": ns,
@@ -82,11 +80,9 @@ def compute(preset: Preset) -> dict:
         "budget": preset.budget,
         "times": times,
         "log10_times": np.log10(times),
-        "seconds_per_n": seconds,
-        "cpu_seconds_per_n": cpu_seconds,
         "seconds_total": total,
         "cpu_seconds_total": total_cpu,
-        "compilations": len(ns),
+        "programs": programs,
         "smallest_feasible_c": {n: (cs[np.argmax(feasible[:, j])] if feasible[:, j].any() else None) for j, n in enumerate(ns)},
         "slope_logT_logc_small_c": _small_c_slopes(ns, cs, times),
     }

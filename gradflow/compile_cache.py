@@ -27,6 +27,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -179,27 +180,67 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool =
     Returns:
         The compiled executable and its compile time in seconds (0.0 when it came from the cache).
     """
-    global _COMPILATIONS, _TRACES
     key = (kind, structure_key(args), static_key)
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key], 0.0
+    folder = _before_compiling()
+    start = time.perf_counter()
+    with runtime_checks_as_nan():
+        executable, traced = _build(folder, kind, fn, args, static_key, export)
+    _keep(key, executable, traced)
+    return executable, time.perf_counter() - start
+
+
+def compiled_together(requests: list[tuple]) -> int:
+    """Compile the missing ones of several ``compiled(kind, fn, args, static_key, export)`` requests side by side, one
+    thread per core, and keep them, so that each later ``compiled`` call with the same request finds its executable.
+
+    XLA compiles with Python's lock released, so a figure's programs (e.g. one learning-time batch per bucket of n)
+    compile concurrently; tracing still takes turns.  Returns how many were compiled (or loaded from the persistent
+    cache) here."""
+    missing = {}
+    for kind, fn, args, static_key, export in requests:
+        key = (kind, structure_key(args), static_key)
+        if key not in _COMPILED:
+            missing[key] = (kind, fn, args, static_key, export)
+    if not missing:
+        return 0
+    folder = _before_compiling()
+    with runtime_checks_as_nan(), ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
+        built = {key: pool.submit(_build, folder, *request) for key, request in missing.items()}
+        results = {key: future.result() for key, future in built.items()}
+    for key, (executable, traced) in results.items():
+        _keep(key, executable, traced)
+    return len(results)
+
+
+def _before_compiling():
+    """float64 checked, the persistent cache folder set up (returned; None when off), memory maps to spare."""
     require_x64()
     folder = enable_persistent_cache()
     release_memory_maps()
-    start = time.perf_counter()
-    with runtime_checks_as_nan():
-        executable, traced = None, True
-        if export and folder is not None:
-            executable, traced = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
-        if executable is None:
-            executable = compile_lowered(jax.jit(fn).lower(*args))
+    return folder
+
+
+def _build(folder, kind: str, fn: Callable, args: tuple, static_key, export: bool) -> tuple[Callable, bool]:
+    """(executable, whether fn was traced) of one request (``compiled``), inside ``runtime_checks_as_nan``."""
+    executable, traced = None, True
+    if export and folder is not None:
+        executable, traced = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
+    if executable is None:
+        executable = compile_lowered(jax.jit(fn).lower(*args))
+    return executable, traced
+
+
+def _keep(key, executable: Callable, traced: bool) -> None:
+    """Count one compilation (and its trace) and keep the executable (bounded LRU)."""
+    global _COMPILATIONS, _TRACES
     _TRACES += traced
     _COMPILATIONS += 1
     _COMPILED[key] = executable
     while len(_COMPILED) > CACHE_SIZE:
         _COMPILED.popitem(last=False)
-    return executable, time.perf_counter() - start
 
 
 _SOURCE_DIGEST: dict = {}

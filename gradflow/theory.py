@@ -24,6 +24,8 @@ Nothing here builds an array at import: defaults (theta0, model) are made when a
 from __future__ import annotations
 
 import math
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from gradflow._dependencies import is_result, result_code, result_message
 from gradflow._deprecated import module_getattr
 from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
-from gradflow.compile_cache import compiled
+from gradflow.compile_cache import compiled, compiled_together
 from gradflow.config import FlowParams, config_label
 from gradflow.flow import batch_chunk, bucketable, bucketed, hitting_times, over_batch, shared_bucket, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
@@ -674,6 +676,13 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
 
 def _learning_run(configs, watched) -> dict:
     """The learning-time solve of one config (watching one task), or of a stacked batch, through the one compile cache."""
+    kind, fn, args, static_key, export = _learning_request(configs, watched)
+    executable, _ = compiled(kind, fn, args, static_key, export=export)
+    return jax.device_get(executable(*args))
+
+
+def _learning_request(configs, watched) -> tuple:
+    """The ``compile_cache.compiled`` request (kind, fn, args, static key, export) of ``_learning_run``."""
     batched = isinstance(configs, list)
     configs, watched = _in_buckets(configs if batched else [configs], watched if batched else [watched])
     configs, watched = (configs, watched) if batched else (configs[0], watched[0])
@@ -683,8 +692,7 @@ def _learning_run(configs, watched) -> dict:
     else:
         args = (configs.solver_resolved(), watched)
     fn = over_batch(_learning_solve) if batched else _learning_solve
-    executable, _ = compiled("learning_batch" if batched else "learning", fn, args, batch_chunk(), export=True)
-    return jax.device_get(executable(*args))
+    return "learning_batch" if batched else "learning", fn, args, batch_chunk(), True
 
 
 def _bucket_of(config: FlowParams):
@@ -766,9 +774,11 @@ def learning_times(
     level: float = 0.9,
     t1: float = DEFAULT_T1,
     eval_tasks: dict[str, ChainTask] | None = None,
+    progress: bool = False,
     **flow_kwargs,
 ) -> list[float | None] | list[TaskTimes]:
-    """``learning_time`` for several tasks; tasks of one n are solved as one vmapped compilation.
+    """``learning_time`` for several tasks; tasks whose n share a bucket (``gradflow.task.bucket_size``) are solved as
+    one vmapped program, and the programs of several buckets compile side by side (one thread per core).
 
     A level at or above the model's reward ceiling (``max_reward``: a cap or softmax attention) gives
     None for that task without solving, with a warning.
@@ -782,6 +792,7 @@ def learning_times(
         eval_tasks: name -> ChainTask (each of the tasks' n): then each entry is a ``TaskTimes``, the time
             each eval task's reward reaches ``level`` while training on that task (one more solve per
             eval task, batched with the others).
+        progress: print (to stderr) the programs being compiled and each bucket's solve as it ends.
         **flow_kwargs (Any): more ``FlowParams`` fields (solver, rtol, atol, coords, max_steps, schedule, ...).
 
     Returns:
@@ -812,18 +823,37 @@ def learning_times(
             warnings.warn(f"learning_time at n = {cfg.task.n}: {note}", stacklevel=3)
             continue
         groups.setdefault(_bucket_of(cfg), []).append(index)
-    for indices in groups.values():
+    solves = [_group_solve(configs, jobs, indices) for indices in groups.values()]
+    if len(solves) > 1:  # one program per bucket of n: compiled side by side, one thread per core
+        _report(progress, f"learning_times: {len(solves)} programs (one per bucket of n), compiled side by side")
+        compiled_together([_learning_request(*solve) for solve in solves])
+    for bucket, indices, solve in zip(groups, groups.values(), solves):
+        start = time.perf_counter()
+        out = _learning_run(*solve)
+        seconds = time.perf_counter() - start
+        _report(progress, f"learning_times: {bucket[0]} {bucket[1]}: {len(indices)} solves in {seconds:.1f} s")
         if len(indices) == 1:
-            i, _, watched = jobs[indices[0]]
-            times[indices[0]] = _interpret(configs[i], *_learning_run(configs[i], watched))
+            times[indices[0]] = _interpret(solve[0], *out)
             continue
-        out = _learning_run([configs[jobs[k][0]] for k in indices], [jobs[k][2] for k in indices])
         for row, index in enumerate(indices):
             times[index] = _interpret(configs[jobs[index][0]], *(x[row] for x in out))
     if not evals:
         return times
     found = {(i, name): t for (i, name, _), t in zip(jobs, times)}
     return [TaskTimes(found[i, None], {name: found[i, name] for name in evals}) for i in range(len(configs))]
+
+
+def _report(progress: bool, line: str) -> None:
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _group_solve(configs: list, jobs: list, indices: list) -> tuple:
+    """``_learning_run``'s arguments for a group of jobs: one config and its watched task, or the lists of a batch."""
+    if len(indices) == 1:
+        i, _, watched = jobs[indices[0]]
+        return configs[i], watched
+    return [configs[jobs[k][0]] for k in indices], [jobs[k][2] for k in indices]
 
 
 def escape_times(configs: Sequence[FlowParams], rise: float = 1e-3) -> list[float | None]:
