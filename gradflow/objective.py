@@ -419,22 +419,23 @@ def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start, number
     return _softmax_solve(theta, n, model, start, rows, numbers)[0]
 
 
-def _softmax_solve(theta: Theta, n: int, model: ModelSpec, start, rows: RowLogits, numbers: Numbers = FLOAT):
-    """((h, q, e) at a_start, (D, dh)) from the chain rows' logits ``rows``: D = the expected detours through the isolated
-    vertices from a_start, dh = the mean of h over the degree-1 vertices (terminals included) minus that over the
-    degree-2 vertices, from e's symmetric part (``_detour_split``; float64 numbers only)."""
+def _softmax_solve(theta: Theta, n: int, model: ModelSpec, start, rows: RowLogits, numbers: Numbers = FLOAT, detours=False):
+    """((h, q, e) at a_start, aux) from the chain rows' logits ``rows``; aux is None, or with ``detours`` (isolated
+    vertices, n > 2, float64) (D, dh): D the expected detours through the isolated vertices from a_start, dh the mean
+    of h over the degree-1 vertices (terminals included) minus that over the degree-2 vertices, from e's symmetric part
+    (``_detour_split``)."""
     system = _system_of_rows(rows, n, numbers)
     deviation = softmax_deviation(theta, n, model, system, start, numbers)
     at_start = jnp.arange(2 * (n - 1)) == start - 1
     diag = numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), deviation.diag)
     visits = numbers.where(at_start, diag, numbers.zeros(at_start.shape))
     columns = [_flat(system.own, n, numbers), _flat(system.other, n, numbers), visits]
-    if numbers is FLOAT and model.n_isolated:
+    if detours:
         columns.append(_flat(model.n_isolated * jnp.exp(-system.scaled.top), n))  # each row's weight into the detours
     x = chain_solve(system, numbers.stack(columns, -1), numbers=numbers)
     e_start = numbers.apply(lambda v: v[start - 1], deviation.e_sym)
     e = numbers.to_float(numbers.add(e_start, numbers.scale(deviation.rho, x[start - 1, 2])))
-    if not (numbers is FLOAT and model.n_isolated):
+    if not detours:
         return (x[start - 1, 0], x[start - 1, 1], e), None
     # e(a_i) + e(b_i) = rho (G(a_i) + G(b_i)): e_sym is antisymmetric and the terminals' +-1/2 cancel
     pair = deviation.rho * (x[: n - 1, 2] + x[n - 1 :, 2])
@@ -451,7 +452,7 @@ def _detour_split(n: int, theta: Theta, model: ModelSpec, start, g_iso):
     with D the expected detours from a_s (a positive solve) and the difference of means from e's symmetric part (the
     means are 1/2 up to it); differentiating the solve instead took that difference of two numbers near 1/2 and kept
     only their round-off (m's gamma and delta components were 1e-53 where they are 7e-64 and 4e-100)."""
-    return _softmax_solve(theta, n, model, start, _with_g_iso(theta, n, model, start, g_iso))[0]
+    return _softmax_solve(theta, n, model, start, _with_g_iso(theta, n, model, start, g_iso), detours=True)[0]
 
 
 def _with_g_iso(theta: Theta, n: int, model: ModelSpec, start, g_iso) -> RowLogits:
@@ -462,7 +463,7 @@ def _with_g_iso(theta: Theta, n: int, model: ModelSpec, start, g_iso) -> RowLogi
 def _detour_split_jvp(n, primals, tangents):
     theta, model, start, g_iso = primals
     d_theta, d_model, _, d_g_iso = tangents
-    held = lambda th, md: _softmax_solve(th, n, md, start, _with_g_iso(th, n, md, start, g_iso))
+    held = lambda th, md: _softmax_solve(th, n, md, start, _with_g_iso(th, n, md, start, g_iso), detours=True)
     (outcome, (detours, dh)), (d_outcome, _) = jax.jvp(held, (theta, model), (d_theta, d_model))
     f1 = lambda g: 2.0 / (2.0 + (n - 2) * jnp.exp(g))
     d_f1 = jax.jvp(f1, (g_iso,), (d_g_iso,))[1]

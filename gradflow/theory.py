@@ -674,15 +674,16 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     return t_stop, fired, j_stop, steps, result, jnp.where(unended, t_stop, t_escape), jnp.where(unended, 0.0, rise)
 
 
-def _learning_run(configs, watched) -> dict:
-    """The learning-time solve of one config (watching one task), or of a stacked batch, through the one compile cache."""
-    kind, fn, args, static_key, export = _learning_request(configs, watched)
+def _run_request(request: tuple) -> dict:
+    """Run a ``_learning_request`` (compiled once, through the one compile cache) and bring its result to the host."""
+    kind, fn, args, static_key, export = request
     executable, _ = compiled(kind, fn, args, static_key, export=export)
     return jax.device_get(executable(*args))
 
 
 def _learning_request(configs, watched) -> tuple:
-    """The ``compile_cache.compiled`` request (kind, fn, args, static key, export) of ``_learning_run``."""
+    """The ``compile_cache.compiled`` request (kind, fn, args, static key, export) of the learning-time solve of one
+    config (watching one task), or of a stacked batch."""
     batched = isinstance(configs, list)
     configs, watched = _in_buckets(configs if batched else [configs], watched if batched else [watched])
     configs, watched = (configs, watched) if batched else (configs[0], watched[0])
@@ -824,12 +825,13 @@ def learning_times(
             continue
         groups.setdefault(_bucket_of(cfg), []).append(index)
     solves = [_group_solve(configs, jobs, indices) for indices in groups.values()]
-    if len(solves) > 1:  # one program per bucket of n: compiled side by side, one thread per core
-        _report(progress, f"learning_times: {len(solves)} programs (one per bucket of n), compiled side by side")
-        compiled_together([_learning_request(*solve) for solve in solves])
-    for bucket, indices, solve in zip(groups, groups.values(), solves):
+    requests = [_learning_request(*solve) for solve in solves]
+    if len(requests) > 1:  # one program per bucket of n: compiled side by side, one thread per core
+        _report(progress, f"learning_times: {len(requests)} programs (one per bucket of n), compiled side by side")
+        compiled_together(requests)
+    for bucket, indices, solve, request in zip(groups, groups.values(), solves, requests):
         start = time.perf_counter()
-        out = _learning_run(*solve)
+        out = _run_request(request)
         seconds = time.perf_counter() - start
         _report(progress, f"learning_times: {bucket[0]} {bucket[1]}: {len(indices)} solves in {seconds:.1f} s")
         if len(indices) == 1:
@@ -849,7 +851,7 @@ def _report(progress: bool, line: str) -> None:
 
 
 def _group_solve(configs: list, jobs: list, indices: list) -> tuple:
-    """``_learning_run``'s arguments for a group of jobs: one config and its watched task, or the lists of a batch."""
+    """``_learning_request``'s arguments for a group of jobs: one config and its watched task, or the lists of a batch."""
     if len(indices) == 1:
         i, _, watched = jobs[indices[0]]
         return configs[i], watched
