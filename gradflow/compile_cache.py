@@ -180,7 +180,7 @@ def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool =
     Returns:
         The compiled executable and its compile time in seconds (0.0 when it came from the cache).
     """
-    key = (kind, structure_key(args), static_key)
+    key = _key(kind, args, static_key)
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key], 0.0
@@ -201,7 +201,7 @@ def compiled_together(requests: list[tuple]) -> int:
     cache) here."""
     missing = {}
     for kind, fn, args, static_key, export in requests:
-        key = (kind, structure_key(args), static_key)
+        key = _key(kind, args, static_key)
         if key not in _COMPILED:
             missing[key] = (kind, fn, args, static_key, export)
     if not missing:
@@ -213,6 +213,11 @@ def compiled_together(requests: list[tuple]) -> int:
     for key, (executable, traced) in results.items():
         _keep(key, executable, traced)
     return len(results)
+
+
+def _key(kind: str, args: tuple, static_key) -> tuple:
+    """An executable's key in the in-memory cache: its kind, its arguments' structure and its static key."""
+    return kind, structure_key(args), static_key
 
 
 def _before_compiling():
