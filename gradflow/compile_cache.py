@@ -26,9 +26,10 @@ import pickle
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,10 @@ CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradf
 # XLA:CPU's options for every program compiled here: its classic elemental emitters instead of the fusion emitters
 # (XLA's default): a flow compiles 20-35% faster (docs/guide/details.md, benchmarks/bench_compile.py)
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+# and for a ``quick`` program (one config's solve, crossing or learning time: it runs for milliseconds after seconds of
+# compiling) XLA's optimisation level 0 too: the default flow compiles about a third faster and runs a few ms slower,
+# while a wide vmapped batch would run about 3x slower, so batches keep the level XLA_FLAGS sets (default 3)
+QUICK_CPU_COMPILER_OPTIONS = {**CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
 
 _COMPILED: OrderedDict = OrderedDict()
 _COMPILATIONS = 0
@@ -155,9 +160,12 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def compile_lowered(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-    """XLA-compile a lowered program, with ``CPU_COMPILER_OPTIONS`` when it runs on CPU."""
-    return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)
+def compile_lowered(lowered: jax.stages.Lowered, quick: bool = False) -> jax.stages.Compiled:
+    """XLA-compile a lowered program, with ``CPU_COMPILER_OPTIONS`` (``quick``: ``QUICK_CPU_COMPILER_OPTIONS``) when it
+    runs on CPU."""
+    if jax.default_backend() != "cpu":
+        return lowered.compile()
+    return lowered.compile(compiler_options=QUICK_CPU_COMPILER_OPTIONS if quick else CPU_COMPILER_OPTIONS)
 
 
 def structure_key(tree) -> tuple:
@@ -166,58 +174,72 @@ def structure_key(tree) -> tuple:
     return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def compiled(kind: str, fn: Callable, args: tuple, static_key=(), export: bool = False) -> tuple[Callable, float]:
+class CompileRequest(NamedTuple):
+    """One program for ``compiled`` / ``compiled_together``: ``fn(*args)`` under a name and a static key.
+
+    kind: a name for the computation, part of the cache key.  fn: the function to jit and compile.  args: the example
+    arguments; their tree structure, shapes and dtypes (``structure_key``) are part of the key.  static_key (Hashable):
+    anything else the executable depends on (part of the key).  export: keep the traced program on disk
+    (``exported_program``) so that a new process skips tracing; for functions without host callbacks (no progress
+    meter) on one device.  quick: compile with ``QUICK_CPU_COMPILER_OPTIONS`` (a program that runs briefly: one config)."""
+
+    kind: str
+    fn: Callable
+    args: tuple
+    static_key: Hashable = ()
+    export: bool = False
+    quick: bool = False
+
+
+def compiled(
+    kind: str, fn: Callable, args: tuple, static_key=(), export: bool = False, quick: bool = False
+) -> tuple[Callable, float]:
     """The compiled ``fn(*args)`` for this structure (bounded LRU cache), and its compile time (0 when cached).
 
-    Args:
-        kind: a name for the computation, part of the cache key.
-        fn: the function to jit and compile.
-        args: the example arguments; their tree structure, shapes and dtypes (``structure_key``) are part of the key.
-        static_key (Hashable): anything else the executable depends on (part of the key).
-        export: keep the traced program on disk (``exported_program``) so that a new process skips tracing;
-            for functions without host callbacks (no progress meter) on one device.
+    Args: as ``CompileRequest``'s fields (kind, fn, args, static_key, export, quick).
 
     Returns:
         The compiled executable and its compile time in seconds (0.0 when it came from the cache).
     """
-    key = _key(kind, args, static_key)
+    request = CompileRequest(kind, fn, args, static_key, export, quick)
+    key = _key(request)
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key], 0.0
     folder = _before_compiling()
     start = time.perf_counter()
     with runtime_checks_as_nan():
-        executable, traced = _build(folder, kind, fn, args, static_key, export)
+        executable, traced = _build(folder, request)
     _keep(key, executable, traced)
     return executable, time.perf_counter() - start
 
 
 def compiled_together(requests: list[tuple]) -> int:
-    """Compile the missing ones of several ``compiled(kind, fn, args, static_key, export)`` requests side by side, one
-    thread per core, and keep them, so that each later ``compiled`` call with the same request finds its executable.
+    """Compile the missing ones of several ``compiled`` requests (``CompileRequest``s or tuples of its fields) side by
+    side, one thread per core, and keep them, so that each later ``compiled`` call with the same request finds its
+    executable.
 
     XLA compiles with Python's lock released, so a figure's programs (e.g. one learning-time batch per bucket of n)
     compile concurrently; tracing still takes turns.  Returns how many were compiled (or loaded from the persistent
     cache) here."""
     missing = {}
-    for kind, fn, args, static_key, export in requests:
-        key = _key(kind, args, static_key)
-        if key not in _COMPILED:
-            missing[key] = (kind, fn, args, static_key, export)
+    for request in (CompileRequest(*fields) for fields in requests):
+        if _key(request) not in _COMPILED:
+            missing[_key(request)] = request
     if not missing:
         return 0
     folder = _before_compiling()
     with runtime_checks_as_nan(), ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
-        built = {key: pool.submit(_build, folder, *request) for key, request in missing.items()}
+        built = {key: pool.submit(_build, folder, request) for key, request in missing.items()}
         results = {key: future.result() for key, future in built.items()}
     for key, (executable, traced) in results.items():
         _keep(key, executable, traced)
     return len(results)
 
 
-def _key(kind: str, args: tuple, static_key) -> tuple:
-    """An executable's key in the in-memory cache: its kind, its arguments' structure and its static key."""
-    return kind, structure_key(args), static_key
+def _key(request: CompileRequest) -> tuple:
+    """An executable's key in the in-memory cache: its kind, its arguments' structure, its static key and its tier."""
+    return request.kind, structure_key(request.args), request.static_key, request.quick
 
 
 def _before_compiling():
@@ -228,13 +250,14 @@ def _before_compiling():
     return folder
 
 
-def _build(folder, kind: str, fn: Callable, args: tuple, static_key, export: bool) -> tuple[Callable, bool]:
+def _build(folder, request: CompileRequest) -> tuple[Callable, bool]:
     """(executable, whether fn was traced) of one request (``compiled``), inside ``runtime_checks_as_nan``."""
+    kind, fn, args, static_key, export, quick = request
     executable, traced = None, True
     if export and folder is not None:
-        executable, traced = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
+        executable, traced = exported_program(Path(folder) / "exported", kind, fn, args, static_key, quick)
     if executable is None:
-        executable = compile_lowered(jax.jit(fn).lower(*args))
+        executable = compile_lowered(jax.jit(fn).lower(*args), quick)
     return executable, traced
 
 
@@ -271,7 +294,9 @@ def _export_key(kind: str, args: tuple, static_key) -> str | None:
     return hashlib.sha256((_source_digest() + text).encode()).hexdigest()[:32]
 
 
-def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_key=()) -> tuple[Callable | None, bool]:
+def exported_program(
+    folder: Path, kind: str, fn: Callable, args: tuple, static_key=(), quick: bool = False
+) -> tuple[Callable | None, bool]:
     """``fn(*args)`` compiled from its traced program kept in ``folder`` (traced and kept there when missing).
 
     The program takes and returns flat lists of arrays: the arguments' tree structure is part of the key
@@ -309,7 +334,7 @@ def exported_program(folder: Path, kind: str, fn: Callable, args: tuple, static_
         skeleton = jax.tree_util.tree_unflatten(box["tree"], [0] * box["tree"].num_leaves)
         _write_atomic(path, pickle.dumps((bytes(blob), skeleton)))
     out_tree = jax.tree_util.tree_structure(skeleton)
-    executable = compile_lowered(jax.jit(program.call).lower(*specs))
+    executable = compile_lowered(jax.jit(program.call).lower(*specs), quick)
 
     def run(*call_args):
         return jax.tree_util.tree_unflatten(out_tree, executable(*jax.tree_util.tree_leaves(call_args)))

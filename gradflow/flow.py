@@ -509,7 +509,7 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
 def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
     """The compiled ``_solve`` of one config in its program form (``bucketed(...).solver_resolved()``), and its compile
     seconds (0 when cached)."""
-    return compiled("solve", lambda p: _solve(p, progress), (program,), progress, export=not progress)
+    return compiled("solve", lambda p: _solve(p, progress), (program,), progress, export=not progress, quick=True)
 
 
 def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = False, devices=None) -> Solution:

@@ -42,7 +42,7 @@ from gradflow._dependencies import is_result, result_code, result_message
 from gradflow._deprecated import module_getattr
 from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
-from gradflow.compile_cache import compiled, compiled_together
+from gradflow.compile_cache import CompileRequest, compiled, compiled_together
 from gradflow.config import FlowParams, config_label
 from gradflow.flow import batch_chunk, bucketable, bucketed, hitting_times, over_batch, shared_bucket, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
@@ -423,7 +423,7 @@ def _root_times(
         jnp.asarray(columns),
         jnp.asarray(levels),
     )
-    executable, _ = compiled("phases", _phase_crossings, args, export=True)
+    executable, _ = compiled("phases", _phase_crossings, args, export=True, quick=True)
     times, reached, resolved = jax.device_get(executable(*args))
     for index in pending:
         if not resolved[index]:
@@ -674,16 +674,15 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     return t_stop, fired, j_stop, steps, result, jnp.where(unended, t_stop, t_escape), jnp.where(unended, 0.0, rise)
 
 
-def _run_request(request: tuple) -> dict:
+def _run_request(request: CompileRequest) -> dict:
     """Run a ``_learning_request`` (compiled once, through the one compile cache) and bring its result to the host."""
-    kind, fn, args, static_key, export = request
-    executable, _ = compiled(kind, fn, args, static_key, export=export)
-    return jax.device_get(executable(*args))
+    executable, _ = compiled(*request)
+    return jax.device_get(executable(*request.args))
 
 
-def _learning_request(configs, watched) -> tuple:
-    """The ``compile_cache.compiled`` request (kind, fn, args, static key, export) of the learning-time solve of one
-    config (watching one task), or of a stacked batch."""
+def _learning_request(configs, watched) -> CompileRequest:
+    """The ``compile_cache.CompileRequest`` of the learning-time solve of one config (watching one task; a quick
+    program), or of a stacked batch."""
     batched = isinstance(configs, list)
     configs, watched = _in_buckets(configs if batched else [configs], watched if batched else [watched])
     configs, watched = (configs, watched) if batched else (configs[0], watched[0])
@@ -693,7 +692,7 @@ def _learning_request(configs, watched) -> tuple:
     else:
         args = (configs.solver_resolved(), watched)
     fn = over_batch(_learning_solve) if batched else _learning_solve
-    return "learning_batch" if batched else "learning", fn, args, batch_chunk(), True
+    return CompileRequest("learning_batch" if batched else "learning", fn, args, batch_chunk(), True, quick=not batched)
 
 
 def _bucket_of(config: FlowParams):

@@ -149,7 +149,7 @@ class Trajectory:
             return crossing(config, ts, thetas, values, level, quantity_fn(config, quantity, index), LOCAL_MAX_STEPS)
 
         args = (self.config.solver_resolved(), ts, thetas, jnp.asarray(values), jnp.asarray(float(level)))
-        executable, _ = compiled("crossing", hit, args, (quantity, index), export=True)
+        executable, _ = compiled("crossing", hit, args, (quantity, index), export=True, quick=True)
         t, reached, resolved = jax.device_get(executable(*args))
         if not bool(resolved):
             raise RuntimeError(

@@ -371,13 +371,26 @@ def test_executables_are_dropped_before_memory_maps_run_out(monkeypatch):
 
 
 def test_programs_compile_with_the_cpu_options_and_give_xla_defaults_numbers():
-    """compile_lowered's XLA:CPU options are accepted by this XLA (a renamed option raises) and change speed only."""
+    """compile_lowered's XLA:CPU options, batch and quick tier, are accepted by this XLA (a renamed option raises) and
+    change speed only."""
     theta = jnp.array([0.7, -0.2, 0.1, 0.0, 0.0])
     fn = jax.grad(lambda y: gf.expected_reward(gf.Theta.from_array(y), gf.ChainTask.mixture(9, 0.3), gf.ModelSpec("softmax")))
     lowered = jax.jit(fn).lower(theta)
-    ours, default = compile_cache.compile_lowered(lowered)(theta), lowered.compile()(theta)
-    assert jnp.all(jnp.isfinite(ours)) and jnp.any(ours != 0)
-    np.testing.assert_allclose(ours, default, rtol=1e-13, atol=1e-300)
+    default = lowered.compile()(theta)
+    for quick in (False, True):
+        ours = compile_cache.compile_lowered(lowered, quick)(theta)
+        assert jnp.all(jnp.isfinite(ours)) and jnp.any(ours != 0)
+        np.testing.assert_allclose(ours, default, rtol=1e-13, atol=1e-300)
+
+
+def test_one_config_compiles_quick_and_a_batch_does_not_with_the_same_numbers():
+    """simulate's program is a quick one (XLA level 0), simulate_many's is not, and both give the same trajectory."""
+    config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0)
+    single, batch = simulate(config), gf.simulate_many([config, config])[0]
+    tiers = {key[0]: key[-1] for key in compile_cache._COMPILED}
+    assert tiers["solve"] is True and tiers["solve_many"] is False
+    np.testing.assert_allclose(single.reward, batch.reward, rtol=1e-12)
+    np.testing.assert_allclose(single.theta, batch.theta, rtol=1e-10, atol=1e-13)
 
 
 def test_save_is_atomic_and_load_checks_the_arrays(tmp_path):
