@@ -23,13 +23,14 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import threading
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -203,9 +204,8 @@ def compiled(
     """
     request = CompileRequest(kind, fn, args, static_key, export, quick)
     key = _key(request)
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key], 0.0
+    if (executable := _cached(key)) is not None:
+        return executable, 0.0
     folder = _before_compiling()
     start = time.perf_counter()
     with runtime_checks_as_nan():
@@ -216,25 +216,49 @@ def compiled(
 
 def compiled_together(requests: list[tuple]) -> int:
     """Compile the missing ones of several ``compiled`` requests (``CompileRequest``s or tuples of its fields) side by
-    side, one thread per core, and keep them, so that each later ``compiled`` call with the same request finds its
-    executable.
-
-    XLA compiles with Python's lock released, so a figure's programs (e.g. one learning-time batch per bucket of n)
-    compile concurrently; tracing still takes turns.  Returns how many were compiled (or loaded from the persistent
-    cache) here."""
+    side, one thread per core (``run_together``), and keep them, so that each later ``compiled`` call with the same
+    request finds its executable.  Returns how many were compiled (or loaded from the persistent cache) here."""
     missing = {}
     for request in (CompileRequest(*fields) for fields in requests):
         if _key(request) not in _COMPILED:
             missing[_key(request)] = request
-    if not missing:
-        return 0
+    if missing:
+        run_together(list(missing.values()), lambda i, executable: None)
+    return len(missing)
+
+
+def run_together(requests: list[tuple], use: Callable[[int, Callable], Any]) -> list:
+    """``use(i, executable)`` for each of several ``compiled`` requests (``CompileRequest``s or tuples of its fields),
+    on a thread per core, each as soon as its program is compiled (or found in the cache): a figure's solves run while
+    its other programs still compile.  The requests start in the order given (put the longest first).
+
+    XLA compiles, and an executable runs, with Python's lock released, so both cores stay busy; tracing takes turns.
+    Returns the uses' results in the requests' order."""
+    requests = [CompileRequest(*fields) for fields in requests]
     folder = _before_compiling()
-    with runtime_checks_as_nan(), ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
-        built = {key: pool.submit(_build, folder, request) for key, request in missing.items()}
-        results = {key: future.result() for key, future in built.items()}
-    for key, (executable, traced) in results.items():
-        _keep(key, executable, traced)
-    return len(results)
+    lock = threading.Lock()
+
+    def job(i: int, request: CompileRequest):
+        key = _key(request)
+        with lock:
+            executable = _cached(key)
+        if executable is None:
+            executable, traced = _build(folder, request)
+            with lock:
+                _keep(key, executable, traced)
+        return use(i, executable)
+
+    with runtime_checks_as_nan(), ThreadPoolExecutor(max_workers=max(1, min(len(requests), os.cpu_count() or 1))) as pool:
+        futures = [pool.submit(job, i, request) for i, request in enumerate(requests)]
+        return [future.result() for future in futures]
+
+
+def _cached(key: tuple) -> Callable | None:
+    """The executable kept under ``key`` (marked most recently used), or None."""
+    if key not in _COMPILED:
+        return None
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key]
 
 
 def _key(request: CompileRequest) -> tuple:

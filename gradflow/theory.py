@@ -42,7 +42,7 @@ from gradflow._dependencies import is_result, result_code, result_message
 from gradflow._deprecated import module_getattr
 from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
-from gradflow.compile_cache import CompileRequest, compiled, compiled_together
+from gradflow.compile_cache import CompileRequest, compiled, run_together
 from gradflow.config import FlowParams, config_label
 from gradflow.flow import batch_chunk, bucketable, bucketed, hitting_times, over_batch, shared_bucket, stack_configs
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
@@ -558,6 +558,9 @@ SWITCH_SPEED = 1.0  # the log-time stage hands over when theta moves this fast p
 SEGMENT_GROWTH = 10.0  # a linear-time segment ends (and the clock restarts) when |grad J| has grown this much
 MAX_SEGMENTS = 400  # linear-time segments at most (n = 40 needs 50)
 ESCAPE_FRACTION = 0.1  # the plateau ends when J has covered this share of the way from J(theta0) to 1 (``phases``)
+# in one ``learning_times`` call, the tasks of every bucket of n up to this size share one program (laid out in the
+# largest of their buckets): their solves take seconds, each program's compilation tens of seconds
+SHARED_PROGRAM_UP_TO = 32
 
 
 class LearningTime(float):
@@ -674,12 +677,6 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
     return t_stop, fired, j_stop, steps, result, jnp.where(unended, t_stop, t_escape), jnp.where(unended, 0.0, rise)
 
 
-def _run_request(request: CompileRequest) -> dict:
-    """Run a ``_learning_request`` (compiled once, through the one compile cache) and bring its result to the host."""
-    executable, _ = compiled(*request)
-    return jax.device_get(executable(*request.args))
-
-
 def _learning_request(configs, watched) -> CompileRequest:
     """The ``compile_cache.CompileRequest`` of the learning-time solve of one config (watching one task; a quick
     program), or of a stacked batch."""
@@ -696,8 +693,12 @@ def _learning_request(configs, watched) -> CompileRequest:
 
 
 def _bucket_of(config: FlowParams):
-    """What shares a learning-time compilation: the bucket of n when ``bucketable`` (n as data), else n itself."""
-    return ("bucket", bucket_size(config.task.n)) if bucketable(config) else ("n", config.task.n)
+    """What shares a learning-time compilation in one call: the bucket of n when ``bucketable`` (n as data), every bucket
+    up to ``SHARED_PROGRAM_UP_TO`` together, else n itself."""
+    if not bucketable(config):
+        return ("n", config.task.n)
+    size = bucket_size(config.task.n)
+    return ("buckets up to", SHARED_PROGRAM_UP_TO) if size <= SHARED_PROGRAM_UP_TO else ("bucket", size)
 
 
 def _in_buckets(configs: list, watched: list) -> tuple[list, list]:
@@ -777,8 +778,10 @@ def learning_times(
     progress: bool = False,
     **flow_kwargs,
 ) -> list[float | None] | list[TaskTimes]:
-    """``learning_time`` for several tasks; tasks whose n share a bucket (``gradflow.task.bucket_size``) are solved as
-    one vmapped program, and the programs of several buckets compile side by side (one thread per core).
+    """``learning_time`` for several tasks; tasks whose n share a bucket (``gradflow.task.bucket_size``; every bucket
+    up to ``SHARED_PROGRAM_UP_TO`` counts as one) are solved as one vmapped program, and the programs of several buckets
+    compile side by side (one thread per core), each bucket's solves running as soon as its program is ready
+    (``compile_cache.run_together``).
 
     A level at or above the model's reward ceiling (``max_reward``: a cap or softmax attention) gives
     None for that task without solving, with a warning.
@@ -823,20 +826,33 @@ def learning_times(
             warnings.warn(f"learning_time at n = {cfg.task.n}: {note}", stacklevel=3)
             continue
         groups.setdefault(_bucket_of(cfg), []).append(index)
-    solves = [_group_solve(configs, jobs, indices) for indices in groups.values()]
+    buckets, members = list(groups), list(groups.values())
+    solves = [_group_solve(configs, jobs, indices) for indices in members]
     requests = [_learning_request(*solve) for solve in solves]
-    if len(requests) > 1:  # one program per bucket of n: compiled side by side, one thread per core
-        _report(progress, f"learning_times: {len(requests)} programs (one per bucket of n), compiled side by side")
-        compiled_together(requests)
-    for bucket, indices, solve, request in zip(groups, groups.values(), solves, requests):
+    if len(requests) > 1:  # one program per bucket of n (the small ones shared), on a thread per core
+        _report(
+            progress,
+            f"learning_times: {len(requests)} programs (one per bucket of n), compiled side by side, each "
+            "bucket's solves as soon as its program is ready",
+        )
+
+    def solve(k: int, executable) -> tuple:
         start = time.perf_counter()
-        out = _run_request(request)
-        seconds = time.perf_counter() - start
-        _report(progress, f"learning_times: {bucket[0]} {bucket[1]}: {len(indices)} solves in {seconds:.1f} s")
-        if len(indices) == 1:
-            times[indices[0]] = _interpret(solve[0], *out)
+        out = jax.device_get(executable(*requests[k].args))
+        _report(
+            progress,
+            f"learning_times: {buckets[k][0]} {buckets[k][1]}: {len(members[k])} solves in {time.perf_counter() - start:.1f} s",
+        )
+        return out
+
+    # the most work first (members x the longest chain: the solves' cost; each program's compile costs about the same)
+    order = sorted(range(len(requests)), key=lambda k: -len(members[k]) * max(jobs[i][2].n for i in members[k]))
+    outs = run_together([requests[k] for k in order], lambda i, executable: solve(order[i], executable))
+    for k, out in zip(order, outs):
+        if len(members[k]) == 1:
+            times[members[k][0]] = _interpret(solves[k][0], *out)
             continue
-        for row, index in enumerate(indices):
+        for row, index in enumerate(members[k]):
             times[index] = _interpret(configs[jobs[index][0]], *(x[row] for x in out))
     if not evals:
         return times

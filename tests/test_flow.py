@@ -383,6 +383,22 @@ def test_programs_compile_with_the_cpu_options_and_give_xla_defaults_numbers():
         np.testing.assert_allclose(ours, default, rtol=1e-13, atol=1e-300)
 
 
+def test_programs_compiled_together_are_kept_and_run_as_each_is_ready(empty_compile_cache):
+    """compile_cache.compiled_together compiles the missing requests once (a repeat finds them); run_together hands each
+    request's executable to ``use`` on a thread per core and returns the uses' results in the requests' order."""
+    x = jnp.arange(4.0)
+    requests = [("together_probe", lambda y, k=k: jnp.cumsum(y) * k, (x,), k) for k in (1.0, 2.0, 3.0)]
+    before = compile_cache.compilation_count()
+    assert compile_cache.compiled_together(requests[:2]) == 2 and compile_cache.compiled_together(requests[:2]) == 0
+    out = compile_cache.run_together(requests, lambda i, executable: (i, np.asarray(executable(x))))
+    assert compile_cache.compilation_count() - before == 3  # only the third was compiled again
+    assert [i for i, _ in out] == [0, 1, 2]
+    for (_, value), k in zip(out, (1.0, 2.0, 3.0)):
+        np.testing.assert_array_equal(value, np.cumsum(np.arange(4.0)) * k)
+    executable, seconds = compile_cache.compiled(*requests[2])
+    assert seconds == 0.0 and compile_cache.compilation_count() - before == 3
+
+
 def test_one_config_compiles_quick_and_a_batch_does_not_with_the_same_numbers():
     """simulate's program is a quick one (XLA level 0), simulate_many's is not, and both give the same trajectory."""
     config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0)

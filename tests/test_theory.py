@@ -287,13 +287,25 @@ def test_learning_time_raises_when_max_steps_run_out():
         theory.learning_time(ChainTask.hardest(8), max_steps=20)
 
 
-def test_learning_times_over_several_buckets_compile_their_programs_side_by_side(empty_compile_cache, capsys):
-    """Tasks of two buckets of n (4 and 8) in one call: one program per bucket, compiled together on a thread per core
-    (``compile_cache.compiled_together``) before any solve runs, and each time equal to the one its bucket's call
-    alone gives (the same program); ``progress`` reports the programs and each bucket's solves.  (One task per bucket:
-    n = 8's program is the other tests' ``learning_time`` program.)"""
+def test_small_buckets_share_one_learning_time_program():
+    """In one learning_times call every bucket of n up to SHARED_PROGRAM_UP_TO (32) shares a group, so one program;
+    larger buckets and configs that cannot be bucketed (n itself) keep their own."""
+    group = lambda task, **kwargs: theory._bucket_of(gf.FlowParams(task, **kwargs))
+    small = {group(ChainTask.uniform(n)) for n in (3, 4, 5, 8, 9, 17, 32)}
+    assert small == {("buckets up to", theory.SHARED_PROGRAM_UP_TO)} and theory.SHARED_PROGRAM_UP_TO == 32
+    assert group(ChainTask.uniform(33)) == ("bucket", 64) and group(ChainTask.uniform(100)) == ("bucket", 128)
+    assert group(ChainTask.uniform(8), model=gf.ModelSpec("softmax")) == ("n", 8)  # softmax: compiled per n
+
+
+def test_learning_times_over_several_buckets_compile_their_programs_side_by_side(empty_compile_cache, capsys, monkeypatch):
+    """Tasks of two buckets of n (4 and 8; buckets kept apart here: SHARED_PROGRAM_UP_TO = 4) in one call: one program
+    per bucket, compiled together on a thread per core (``compile_cache.run_together``: each bucket's solves run as
+    soon as its program is ready), and each time equal to the one its bucket's call alone gives (the same program);
+    ``progress`` reports the programs and each bucket's solves.  (One task per bucket: n = 8's program is the other
+    tests' ``learning_time`` program.)"""
     from gradflow import compile_cache
 
+    monkeypatch.setattr(theory, "SHARED_PROGRAM_UP_TO", 4)
     tasks = [ChainTask.mixture(4, 0.1), ChainTask.uniform(8)]
     before = compile_cache.compilation_count()
     together = theory.learning_times(tasks, progress=True)
