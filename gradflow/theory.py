@@ -816,9 +816,10 @@ def learning_times(
     jobs += [(i, name, task) for i in range(len(configs)) for name, task in evals.items()]
     times: list[float | None] = [None] * len(jobs)
     groups: dict[int, list[int]] = {}
+    start_rewards = _start_rewards(configs, jobs)
     for index, (i, _, watched) in enumerate(jobs):
         cfg = configs[i]
-        if float(_reward(cfg.theta0, watched, cfg.model)) >= float(cfg.reward_threshold):
+        if start_rewards[index] >= float(cfg.reward_threshold):
             times[index] = LearningTime(float(cfg.t0), float(cfg.t0), 0.0)
             continue
         note = reward_ceiling_warning(watched, float(cfg.reward_threshold), cfg.model)
@@ -858,6 +859,33 @@ def learning_times(
         return times
     found = {(i, name): t for (i, name, _), t in zip(jobs, times)}
     return [TaskTimes(found[i, None], {name: found[i, name] for name in evals}) for i in range(len(configs))]
+
+
+def _start_rewards(configs: list, jobs: list) -> np.ndarray:
+    """J(theta0) of each job's config on its watched task: the bucketable jobs in one vmapped program (n as data, laid
+    out in the longest chain's bucket: evaluating is cheap, compiling is not), the others one per n (the phase
+    diagram's 24 n spent 16 s here compiling one program per n).  A job alone in its group, and a NaN, is evaluated
+    by the eager ``_reward`` (float64, then extended numbers where that holds a NaN)."""
+    groups: dict = {}
+    for index, (i, _, _) in enumerate(jobs):
+        groups.setdefault("bucketed" if bucketable(configs[i]) else ("n", configs[i].task.n), []).append(index)
+    out = np.full(len(jobs), np.nan)
+    for indices in (indices for indices in groups.values() if len(indices) > 1):
+        laid_out, watched = _in_buckets([configs[jobs[k][0]] for k in indices], [jobs[k][2] for k in indices])
+        thetas = np.stack([cfg.theta0.as_array(cfg.model.values) for cfg in laid_out])
+        tasks = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *watched)
+        args = (thetas, tasks, laid_out[0].model)
+        executable, _ = compiled("start_rewards", _rewards_at, args, export=True, quick=True)
+        out[indices] = np.asarray(executable(*args))
+    for index in np.flatnonzero(np.isnan(out)):
+        i, _, watched = jobs[index]
+        out[index] = float(_reward(configs[i].theta0, watched, configs[i].model))
+    return out
+
+
+def _rewards_at(thetas: jnp.ndarray, tasks, model: ModelSpec) -> jnp.ndarray:
+    """J at each row of thetas (k, P) on the matching task of a stacked batch of k tasks."""
+    return jax.vmap(lambda x, task: _reward(Theta.from_array(x, model.values), task, model))(thetas, tasks)
 
 
 def _report(progress: bool, line: str) -> None:

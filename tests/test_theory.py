@@ -297,6 +297,25 @@ def test_small_buckets_share_one_learning_time_program():
     assert group(ChainTask.uniform(8), model=gf.ModelSpec("softmax")) == ("n", 8)  # softmax: compiled per n
 
 
+def test_start_rewards_are_one_batch_and_a_level_reached_at_theta0_takes_no_solve():
+    """learning_times reads J(theta0) of every task from one vmapped program (n as data: n = 4 and 40 laid out at 64;
+    softmax, not bucketable, per n; a task alone in its group eagerly), equal to the eager closed form; a level
+    J(theta0) already reaches takes time t0, with no learning-time program compiled."""
+    from gradflow import compile_cache
+
+    tasks = [ChainTask.uniform(4), ChainTask.mixture(40, 0.3), ChainTask.hardest(7), ChainTask.mixture(7, 0.5)]
+    for model in (gf.ModelSpec(), gf.ModelSpec("softmax")):
+        configs = theory._learning_configs(tasks, model, None, 0.3, 1e8, {})
+        jobs = [(i, None, cfg.task) for i, cfg in enumerate(configs)]
+        eager = [float(gf.expected_reward(cfg.theta0, cfg.task, model)) for cfg in configs]
+        np.testing.assert_allclose(theory._start_rewards(configs, jobs), eager, rtol=1e-12)
+        assert min(eager) > 0.3
+    before = compile_cache.compilation_count()
+    times = theory.learning_times(tasks, level=0.3)
+    assert [(float(t), t.plateau, t.rise) for t in times] == [(0.0, 0.0, 0.0)] * 4
+    assert compile_cache.compilation_count() == before  # the start rewards' program is the one above
+
+
 def test_learning_times_over_several_buckets_compile_their_programs_side_by_side(empty_compile_cache, capsys, monkeypatch):
     """Tasks of two buckets of n (4 and 8; buckets kept apart here: SHARED_PROGRAM_UP_TO = 4) in one call: one program
     per bucket, compiled together on a thread per core (``compile_cache.run_together``: each bucket's solves run as
@@ -309,11 +328,11 @@ def test_learning_times_over_several_buckets_compile_their_programs_side_by_side
     tasks = [ChainTask.mixture(4, 0.1), ChainTask.uniform(8)]
     before = compile_cache.compilation_count()
     together = theory.learning_times(tasks, progress=True)
-    assert compile_cache.compilation_count() - before == 2
+    assert compile_cache.compilation_count() - before == 3  # the start rewards' program and one per bucket
     report = capsys.readouterr().err
     assert "2 programs (one per bucket of n), compiled side by side" in report and report.count("solves in") == 2
     alone = [theory.learning_time(task) for task in tasks]
-    assert compile_cache.compilation_count() - before == 2  # the same two programs
+    assert compile_cache.compilation_count() - before == 3  # the same two programs (one task: J(theta0) eagerly)
     np.testing.assert_array_equal(np.array(together, dtype=float), np.array(alone, dtype=float))
 
 
