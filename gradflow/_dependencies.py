@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import diffrax
+import equinox as eqx
 import jax.numpy as jnp
 from equinox import _errors as equinox_errors  # private: the runtime switch behind EQX_ON_ERROR
 
@@ -38,6 +39,15 @@ def is_result(code, item) -> bool:
     return int(code) == int(item._value)
 
 
+def _nan_checks(x, pred, index, msgs, *, on_error):
+    """equinox's check with its default mode read as "nan" (``runtime_checks_as_nan``)."""
+    return equinox_errors.branched_error_if_impl(x, pred, index, msgs, on_error="nan" if on_error == "default" else on_error)
+
+
+# a jitted check of its own, so its trace cache only ever holds NaN-returning checks
+_NAN_CHECKS_JIT = eqx.filter_jit(_nan_checks)
+
+
 @contextlib.contextmanager
 def runtime_checks_as_nan():
     """Trace with equinox's runtime checks as NaN-returning selects instead of host callbacks.
@@ -45,10 +55,17 @@ def runtime_checks_as_nan():
     diffrax checks ``SaveAt(ts=...)`` with ``eqx.error_if``, which lowers to a Python callback; JAX
     never writes an executable holding a callback to its persistent cache.  equinox reads its
     ``EQX_ON_ERROR`` environment variable only at import, so the switch is flipped at trace time.
+    A check on arrays goes through equinox's own jitted implementation, which reads the switch while
+    tracing: JAX kept that trace and served it again for equal shapes whatever the switch said then,
+    so a check first traced outside this context (raising) came back inside it (a raising host callback
+    in a solve's program, depending on what the process traced before), and the other way round.  Inside
+    the context such checks therefore go through ``_NAN_CHECKS_JIT``, a jitted check of its own.
     """
-    old = equinox_errors.EQX_ON_ERROR
+    old, old_jit = equinox_errors.EQX_ON_ERROR, equinox_errors.branched_error_if_impl_jit
     equinox_errors.EQX_ON_ERROR = "nan"
+    equinox_errors.branched_error_if_impl_jit = _NAN_CHECKS_JIT
     try:
         yield
     finally:
         equinox_errors.EQX_ON_ERROR = old
+        equinox_errors.branched_error_if_impl_jit = old_jit

@@ -37,8 +37,23 @@ def test_runtime_checks_trace_without_host_callbacks():
     assert "callback" in plain.as_text()  # by default a runtime check is a host callback (never persistently cached)
 
 
+def test_a_check_traced_both_ways_keeps_each_mode():
+    """The same check (shapes and message) traced outside the switch, then inside, then outside again: each trace has
+    its own mode.  equinox keeps one jitted check and JAX served its first trace again (a raising host callback inside
+    a solve's program, depending on what the process traced before: a flaky slow test)."""
+    check = lambda x: eqx.error_if(x, x < 0, "negative, both ways")
+    x = jnp.arange(3.0)
+    assert "callback" in jax.jit(lambda y: check(y) * 2).lower(x).as_text()
+    with _dependencies.runtime_checks_as_nan():
+        inside = jax.jit(lambda y: check(y) * 3).lower(x)
+    assert "callback" not in inside.as_text() and bool(jnp.all(jnp.isnan(inside.compile()(-x - 1))))
+    assert "callback" in jax.jit(lambda y: check(y) * 4).lower(x).as_text()
+
+
 def test_runtime_checks_switch_is_restored():
     before = _dependencies.equinox_errors.EQX_ON_ERROR
+    before_jit = _dependencies.equinox_errors.branched_error_if_impl_jit
     with pytest.raises(RuntimeError), _dependencies.runtime_checks_as_nan():
         raise RuntimeError("inside")
     assert _dependencies.equinox_errors.EQX_ON_ERROR == before
+    assert _dependencies.equinox_errors.branched_error_if_impl_jit is before_jit
