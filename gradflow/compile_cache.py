@@ -220,8 +220,8 @@ def compiled_together(requests: list[tuple]) -> int:
     request finds its executable.  Returns how many were compiled (or loaded from the persistent cache) here."""
     missing = {}
     for request in (CompileRequest(*fields) for fields in requests):
-        if _key(request) not in _COMPILED:
-            missing[_key(request)] = request
+        if (key := _key(request)) not in _COMPILED:
+            missing[key] = request
     if missing:
         run_together(list(missing.values()), lambda i, executable: None)
     return len(missing)

@@ -683,13 +683,17 @@ def _learning_request(configs, watched) -> CompileRequest:
     batched = isinstance(configs, list)
     configs, watched = _in_buckets(configs if batched else [configs], watched if batched else [watched])
     configs, watched = (configs, watched) if batched else (configs[0], watched[0])
-    stack = lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs]))
     if batched:
-        args = (stack_configs(configs).solver_resolved(), jax.tree_util.tree_map(stack, *watched))
+        args = (stack_configs(configs).solver_resolved(), _stacked(watched))
     else:
         args = (configs.solver_resolved(), watched)
     fn = over_batch(_learning_solve) if batched else _learning_solve
     return CompileRequest("learning_batch" if batched else "learning", fn, args, batch_chunk(), True, quick=not batched)
+
+
+def _stacked(tasks: list):
+    """Tasks of one structure (``ChainTask``s of one n, or ``PaddedTask``s of one bucket) stacked on a leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *tasks)
 
 
 def _bucket_of(config: FlowParams):
@@ -873,8 +877,7 @@ def _start_rewards(configs: list, jobs: list) -> np.ndarray:
     for indices in (indices for indices in groups.values() if len(indices) > 1):
         laid_out, watched = _in_buckets([configs[jobs[k][0]] for k in indices], [jobs[k][2] for k in indices])
         thetas = np.stack([cfg.theta0.as_array(cfg.model.values) for cfg in laid_out])
-        tasks = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *watched)
-        args = (thetas, tasks, laid_out[0].model)
+        args = (thetas, _stacked(watched), laid_out[0].model)
         executable, _ = compiled("start_rewards", _rewards_at, args, export=True, quick=True)
         out[indices] = np.asarray(executable(*args))
     for index in np.flatnonzero(np.isnan(out)):
