@@ -875,7 +875,7 @@ def _start_rewards(configs: list, jobs: list) -> np.ndarray:
         groups.setdefault("bucketed" if bucketable(configs[i]) else ("n", configs[i].task.n), []).append(index)
     out = np.full(len(jobs), np.nan)
     for indices in (indices for indices in groups.values() if len(indices) > 1):
-        laid_out, watched = _in_buckets([configs[jobs[k][0]] for k in indices], [jobs[k][2] for k in indices])
+        laid_out, watched = _in_buckets(*_group_solve(configs, jobs, indices))
         thetas = np.stack([cfg.theta0.as_array(cfg.model.values) for cfg in laid_out])
         args = (thetas, _stacked(watched), laid_out[0].model)
         executable, _ = compiled("start_rewards", _rewards_at, args, export=True, quick=True)
@@ -897,7 +897,8 @@ def _report(progress: bool, line: str) -> None:
 
 
 def _group_solve(configs: list, jobs: list, indices: list) -> tuple:
-    """``_learning_request``'s arguments for a group of jobs: one config and its watched task, or the lists of a batch."""
+    """A group of jobs' configs and watched tasks (``_learning_request``'s arguments): one config and its task, or the
+    lists of a batch."""
     if len(indices) == 1:
         i, _, watched = jobs[indices[0]]
         return configs[i], watched
