@@ -7,6 +7,10 @@ Rows, each with the target it is held to:
 - a warm ``gradflow run`` in a fresh process (persistent cache filled by a first run; target: 3 s);
 - sweep throughput: 1,024 mixtures at n = 16, easy mass 1e-3..1, default t1 and tolerances
   (target: 2,000 flows/s), against solving a sample of them one by one.
+Floors, measured in the same run, that bound two of these on this machine: a fresh process that imports
+gradflow's CLI and writes an empty four-panel figure (what any ``gradflow run`` pays before it solves), and
+the sweep's flows/s if every core did nothing but its grad J evaluations (steps x 6 per flow, each timed in a
+compiled loop over a 64-member chunk).
 Before/after: ``--baseline REV`` (default ``BASELINE``, the tree before issue 21's work) runs
 ``compile_probe.py`` in fresh processes on that revision (``git archive``) and on this tree, one after
 the other in this run, and prints both with their ratio.
@@ -33,9 +37,10 @@ import diffrax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import check, finish, header, table  # noqa: E402
+from _common import best_time, check, finish, header, table  # noqa: E402
 
 import gradflow as gf  # noqa: E402
+from gradflow import flow as flow_module  # noqa: E402
 
 SWEEP_SIZE, SWEEP_N, SAMPLE = 1024, 16, 16
 BASELINE = "ba55733"  # main before issue 21's compile-once work (2026-12-06)
@@ -108,6 +113,56 @@ def warm_cli_seconds() -> tuple[float, float]:
     return times[0], times[1]
 
 
+FLOOR_SCRIPT = """
+import sys
+import time
+start = time.perf_counter()
+import gradflow, gradflow.cli, gradflow.plotting as plotting
+imported = time.perf_counter()
+plotting.use_headless_backend()
+import numpy as np
+fig, axes = plotting.subplots(2, 2)
+for ax in axes.flat:
+    ax.plot(np.geomspace(1e-2, 1e4, 201), np.linspace(0, 1, 201))
+    ax.set_xscale("log")
+    ax.set_xlabel(plotting.TIME_LABEL)
+    ax.set_title("panel")
+plotting.save_figure(fig, "floor", sys.argv[1], {})
+print(imported - start, time.perf_counter() - imported)
+"""
+
+
+def cli_floor_seconds() -> tuple[float, float, float]:
+    """What any `gradflow run` costs on this machine before it solves anything: a fresh process that imports
+    gradflow's CLI (jax, diffrax, matplotlib) and writes a four-panel log-time figure of no data as PNG, PDF and
+    JSON in gradflow's style.  Returns (wall s, of it imports s, of it the figure s)."""
+    folder = tempfile.mkdtemp(prefix="gradflow-bench-floor-")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, folder], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    shutil.rmtree(folder, ignore_errors=True)
+    imports, figure = (float(x) for x in done.stdout.split()[-2:])
+    return wall, imports, figure
+
+
+def grad_j_floor(configs: list[gf.FlowParams], trajectories) -> tuple[float, float, float]:
+    """The sweep's bound from its vector field alone: (evaluations per flow, us per member-evaluation of grad J in
+    a compiled loop over a 64-member vmapped chunk of the sweep's bucketed configs, flows/s on every core if the
+    solve did nothing else).  Evaluations: 6 per Tsit5 step, accepted or rejected (first same as last)."""
+    steps = np.mean([t.stats["num_steps"] for t in trajectories])
+    chunk = flow_module.stack_configs([flow_module.bucketed(c) for c in configs[:: len(configs) // 64][:64]])
+    loop = 200
+
+    def chained(p):
+        step = lambda _, y: y + 1e-12 * p.vector_field(p.t0, y)
+        return jax.lax.fori_loop(0, loop, step, p.theta0.as_array())
+
+    fn = jax.jit(jax.vmap(chained))
+    per_eval = best_time(lambda: fn(chunk), repeats=5) / loop / 64
+    evaluations = 6 * steps
+    return evaluations, per_eval * 1e6, os.cpu_count() / (evaluations * per_eval)
+
+
 def sweep_configs() -> list[gf.FlowParams]:
     masses = np.geomspace(1e-3, 1.0, SWEEP_SIZE)
     return [gf.FlowParams(gf.ChainTask.mixture(SWEEP_N, float(c)), events=()) for c in masses]
@@ -135,13 +190,17 @@ def main():
     check("new n of a compiled bucket in a warm process under 0.3 s", new_n < 0.3, f"{new_n:.2f} s")
 
     cold, warm = warm_cli_seconds()
-    table([(f"{cold:.2f}", f"{warm:.2f}")], ("gradflow run, cold cache s", "warm cache, fresh process s"))
+    floor, floor_imports, floor_figure = cli_floor_seconds()
+    table(
+        [(f"{cold:.2f}", f"{warm:.2f}", f"{floor:.2f}", f"{floor_imports:.2f}", f"{floor_figure:.2f}")],
+        ("gradflow run, cold cache s", "warm cache, fresh process s", "floor s", "of it imports s", "empty figure s"),
+    )
     check("warm `gradflow run` in a fresh process under 3 s", warm < 3.0, f"{warm:.2f} s")
 
     configs = sweep_configs()
     gf.simulate_many(configs)  # compile the batched program once (the throughput excludes it)
     start = time.perf_counter()
-    gf.simulate_many(configs)
+    solved = gf.simulate_many(configs)
     batched = time.perf_counter() - start
     devices = jax.devices()
     gf.simulate_many(configs, devices=devices)  # the same batch sharded over one device per core
@@ -159,6 +218,11 @@ def main():
             + (f"{SWEEP_SIZE / sharded:.0f}", f"{1 / one_by_one:.0f}")
         ],
         ("flows", "batched s", "batched flows/s", "devices", "sharded flows/s", "one by one flows/s"),
+    )
+    evaluations, per_eval_us, bound = grad_j_floor(configs, solved)
+    table(
+        [(f"{evaluations:.0f}", f"{per_eval_us:.2f}", os.cpu_count(), f"{bound:.0f}")],
+        ("grad J evaluations per flow", "us per member-evaluation", "cores", "flows/s if grad J were all"),
     )
     best = SWEEP_SIZE / min(batched, sharded)
     check("sweep at >= 2,000 flows/s", best >= 2000, f"{best:.0f} flows/s")

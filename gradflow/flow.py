@@ -761,8 +761,13 @@ def _trajectory(params: FlowParams, out, stats: dict) -> Trajectory:
 
 def _early(params: FlowParams) -> FlowParams:
     """The config a host solve runs first: at most ``EARLY_STEPS`` steps (a solve that ends within them is
-    identical to the full one; the others are reported by ``_outlook`` and solved again in full)."""
-    return params.replace(max_steps=EARLY_STEPS) if params.max_steps > EARLY_STEPS else params
+    identical to the full one; the others are reported by ``_outlook`` and solved again in full).  Also of
+    stacked configs: only the numerics are rebuilt (max_steps is static)."""
+    if params.max_steps <= EARLY_STEPS:
+        return params
+    numerics = params.numerics
+    early = Numerics(numerics.solver, numerics.rtol, numerics.atol, EARLY_STEPS)
+    return eqx.tree_at(lambda p: p.numerics, params, early)
 
 
 def _ran_out_early(params: FlowParams, out) -> bool:
@@ -969,7 +974,7 @@ def simulate_many(
 def _batch_solved(configs: list[FlowParams], progress: bool, devices) -> tuple[list, dict, dict]:
     """``_host_batch`` of configs after an early solve (``_early``): each member's Solution, the batch's stats, and
     {index: reason} of the members that are going to run out of steps (the others that ran out are solved again)."""
-    outs, stats = _host_batch([cfg if progress else _early(cfg) for cfg in configs], progress, devices)
+    outs, stats = _host_batch(configs, progress, devices, early=not progress)
     reasons, again = {}, []
     for index, cfg in enumerate(configs):  # members that ran out of early steps: hopeless, or solved again in full
         if not progress and _ran_out_early(cfg, outs[index]) and not _not_finite(outs[index]):
@@ -986,23 +991,33 @@ def _batch_solved(configs: list[FlowParams], progress: bool, devices) -> tuple[l
     return outs, stats, reasons
 
 
-def _host_batch(configs: list[FlowParams], progress: bool, devices) -> tuple[list, dict]:
+def _host_batch(configs: list[FlowParams], progress: bool, devices, early: bool = False) -> tuple[list, dict]:
     """Configs of one structure solved as one batch: each member's Solution on the host (trimmed to its n),
-    and the batch's compile and run seconds.  A batch of one on the default device is ``simulate``'s solve
-    (its program, already compiled when that config was simulated)."""
+    and the batch's compile and run seconds.  ``early``: the batch runs ``_early`` (once, on the stacked
+    configs: max_steps is static).  A batch of one on the default device is ``simulate``'s solve (its
+    program, already compiled when that config was simulated)."""
+    first = _early if early else (lambda params: params)
     size = len(configs)
     if size == 1 and devices is None:
-        out, stats = _host_solve(configs[0], progress)
+        out, stats = _host_solve(first(configs[0]), progress)
         return [out], stats | {"batch": 1}
-    batch = _stack_bucketed(configs)
+    batch = first(_stack_bucketed(configs))
     if devices is not None:
         batch = _shard(batch, size, list(devices))
     start = time.perf_counter()
     out, compile_s = _run_batch(batch, progress, devices)
     out = jax.device_get(out)
     stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start - compile_s, "batch": size}
-    members = [_trimmed(jax.tree_util.tree_map(lambda v, i=index: v[i], out), cfg.task.n) for index, cfg in enumerate(configs)]
-    return members, stats
+    return _members(out, [cfg.task.n for cfg in configs]), stats
+
+
+def _members(out: Solution, ns: list[int]) -> list[Solution]:
+    """A batch's Solution (on the host) split into its members, each trimmed to its own n (the batch is trimmed
+    once to the longest chain; only shorter members are trimmed again)."""
+    widest = max(ns)
+    leaves, structure = jax.tree_util.tree_flatten(_trimmed(out, widest))
+    members = [jax.tree_util.tree_unflatten(structure, [leaf[index] for leaf in leaves]) for index in range(len(ns))]
+    return [member if n == widest else _trimmed(member, n) for member, n in zip(members, ns)]
 
 
 def hitting_times(configs: Sequence[FlowParams]) -> list[float | None]:
