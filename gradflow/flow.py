@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -551,11 +553,16 @@ def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = F
 def _run_batch(batch: FlowParams, progress: bool, devices):
     """A stacked batch (sharded over ``devices`` when given) solved by one compiled program (``over_batch``)."""
     batch = batch.solver_resolved()
+    executable, compile_s = _batch_program(batch, progress, devices)
+    return executable(batch), compile_s
+
+
+def _batch_program(batch: FlowParams, progress: bool, devices):
+    """(the compiled program that solves stacked configs shaped like ``batch``, its compile seconds)."""
     solve_batch = over_batch(lambda p: _solve(p, progress), devices)
     export = not progress and devices is None  # a sharded batch compiles as usual
     static_key = (progress, 1 if devices is None else len(devices), batch_chunk(devices))
-    executable, compile_s = compiled("solve_many", solve_batch, (batch,), static_key, export=export)
-    return executable(batch), compile_s
+    return compiled("solve_many", solve_batch, (batch,), static_key, export=export)
 
 
 def over_batch(fn: Callable, devices=None) -> Callable:
@@ -859,11 +866,11 @@ def _host_solve(params: FlowParams, progress: bool) -> tuple:
     return out, {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}
 
 
-def _stack_bucketed(configs: Sequence[FlowParams]) -> FlowParams:
-    """``stack_configs`` of the configs laid out in one bucket (that of the longest chain) when every one is
-    ``bucketable``: chains of different n then share one batch and one compilation."""
+def _stack_bucketed(configs: Sequence[FlowParams], size: int | None = None) -> FlowParams:
+    """``stack_configs`` of the configs laid out in one bucket (``size``; default that of the longest chain) when
+    every one is ``bucketable``: chains of different n then share one batch and one compilation."""
     configs = list(configs)
-    size = shared_bucket(configs)
+    size = shared_bucket(configs) if size is None else size
     return stack_configs(configs if size is None else [bucketed(cfg, size) for cfg in configs])
 
 
@@ -929,7 +936,8 @@ def simulate_many(
         progress: show diffrax's progress meter.
         devices (Sequence[jax.Device] | None): None (default device) or a sequence of jax devices
             (``jax.devices()`` for all): the batch is padded to a multiple of the device count and
-            sharded along a 1-D mesh.
+            sharded along a 1-D mesh.  On the default CPU device a batch of several chunks runs on a
+            thread per core (``host_threads``), each solving its own slice with one shared program.
         on_error: "raise" (default) raises on the first failed config; "report" returns one entry per
             config, its Trajectory or a ``SolveFailure`` (index, config hash, reason), so the other
             results are kept.
@@ -1001,14 +1009,47 @@ def _host_batch(configs: list[FlowParams], progress: bool, devices, early: bool 
     if size == 1 and devices is None:
         out, stats = _host_solve(first(configs[0]), progress)
         return [out], stats | {"batch": 1}
-    batch = first(_stack_bucketed(configs))
-    if devices is not None:
-        batch = _shard(batch, size, list(devices))
-    start = time.perf_counter()
-    out, compile_s = _run_batch(batch, progress, devices)
-    out = jax.device_get(out)
-    stats = {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start - compile_s, "batch": size}
+    threads = 1 if progress or devices is not None else host_threads(size)
+    if threads > 1:
+        out, compile_s, seconds = _threaded_batch(configs, threads, first)
+    else:
+        batch = first(_stack_bucketed(configs))
+        if devices is not None:
+            batch = _shard(batch, size, list(devices))
+        start = time.perf_counter()
+        out, compile_s = _run_batch(batch, progress, devices)
+        out = jax.device_get(out)
+        seconds = time.perf_counter() - start - compile_s
+    stats = {"compile_seconds": compile_s, "run_seconds": seconds, "batch": size, "threads": threads}
     return _members(out, [cfg.task.n for cfg in configs]), stats
+
+
+def host_threads(size: int) -> int:
+    """How many threads ``simulate_many`` runs a batch of ``size`` members on: one per core this process may use
+    (at most one per ``BATCH_CHUNK`` members) on the default CPU device, where a compiled loop runs on one core; one
+    elsewhere (a GPU takes the whole batch; ``devices`` shards it)."""
+    if not chunked_on():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, size // BATCH_CHUNK))
+
+
+def _threaded_batch(configs: list[FlowParams], threads: int, first: Callable) -> tuple[Solution, float, float]:
+    """Configs solved as ``threads`` equal slices (the last padded with copies of its last config), one compiled
+    program of the slice's size run on every slice at once, one thread each (the solve releases the GIL).
+    Returns (the batch's Solution on the host, compile seconds, run seconds)."""
+    size, bucket = len(configs), shared_bucket(configs)
+    part = -(-size // threads)
+    slices = [configs[k : k + part] for k in range(0, size, part)]
+    slices[-1] = slices[-1] + [slices[-1][-1]] * (part - len(slices[-1]))
+    batches = [first(_stack_bucketed(members, bucket)).solver_resolved() for members in slices]
+    executable, compile_s = _batch_program(batches[0], False, None)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(batches)) as pool:
+        outs = list(pool.map(lambda batch: jax.device_get(executable(batch)), batches))
+    seconds = time.perf_counter() - start
+    joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:size], *outs)
+    return joined, compile_s, seconds
 
 
 def _members(out: Solution, ns: list[int]) -> list[Solution]:

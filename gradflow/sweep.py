@@ -44,8 +44,9 @@ file name is the config's hash):
                 index=jax.process_index(), count=jax.process_count())
 
   Each process solves configs[process_index::process_count] on its local devices; no collective
-  is needed.  Within one process, ``simulate_many(configs, devices=jax.local_devices())`` shards a
-  group over that process's devices (pass ``devices=`` to ``run_sweep``).
+  is needed.  Within one process a group runs on a thread per CPU core (``gradflow.flow.host_threads``),
+  and ``simulate_many(configs, devices=jax.local_devices())`` shards a group over that process's devices
+  (pass ``devices=`` to ``run_sweep``).
 """
 
 from __future__ import annotations

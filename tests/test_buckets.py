@@ -5,6 +5,8 @@ one is compiled once per bucket.  Bucket edges (n = 2..5, 8/9, 16/17, 32/33, 64/
 changes and where the rows' kinds (first, second, interior, last) overlap.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,36 @@ def test_a_batch_runs_in_whole_chunks_and_each_member_equals_its_own_solve(monke
         alone = gf.simulate(configs[index])
         np.testing.assert_allclose(batch[index].theta, alone.theta, rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(batch[index].forward_prob, alone.forward_prob, rtol=1e-10, atol=1e-13)
+
+
+def test_a_batch_on_several_threads_is_one_program_and_equals_the_one_thread_batch(monkeypatch, empty_compile_cache):
+    """On the default CPU device ``simulate_many`` splits a batch of several chunks into one slice per core, the last
+    padded with copies of its last config, and runs one compiled program of the slice's size on every slice at once:
+    one compilation, and every member (chains of different n, so every slice shares the longest chain's bucket) equal
+    to the same batch on one thread."""
+    monkeypatch.setattr(flow, "BATCH_CHUNK", 4)
+    configs = [
+        gf.FlowParams(gf.ChainTask.mixture(n, c), t1=20.0, events=())
+        for n, c in zip((3, 5, 4, 6, 5, 3, 4), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 0.4))
+    ]
+    monkeypatch.setattr(flow, "host_threads", lambda size: 3)  # slices of 3, 3 and 1 (+2 copies)
+    before = gf.compile_cache.compilation_count()
+    threaded = gf.simulate_many(configs)
+    assert gf.compile_cache.compilation_count() == before + 1
+    assert {t.stats["threads"] for t in threaded} == {3}
+    monkeypatch.setattr(flow, "host_threads", lambda size: 1)
+    alone = gf.simulate_many(configs)
+    for cfg, a, b in zip(configs, threaded, alone):
+        assert a.config is cfg and a.forward_prob.shape[-1] == cfg.task.n - 1
+        np.testing.assert_array_equal(a.theta, b.theta)
+        np.testing.assert_array_equal(a.forward_prob, b.forward_prob)
+
+
+def test_the_host_runs_a_batch_on_a_thread_per_core_up_to_one_per_chunk():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert flow.host_threads(1) == 1 and flow.host_threads(flow.BATCH_CHUNK - 1) == 1
+    assert flow.host_threads(2 * flow.BATCH_CHUNK) == min(cores, 2)
+    assert flow.host_threads(1000 * flow.BATCH_CHUNK) == cores
 
 
 def test_configs_of_different_n_share_one_batch(empty_compile_cache):
