@@ -37,7 +37,8 @@ import diffrax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import best_time, check, finish, header, table  # noqa: E402
+from _common import check, finish, header, table  # noqa: E402
+from bench_sweep import vector_field_seconds  # noqa: E402
 
 import gradflow as gf  # noqa: E402
 from gradflow import flow as flow_module  # noqa: E402
@@ -151,14 +152,7 @@ def grad_j_floor(configs: list[gf.FlowParams], trajectories) -> tuple[float, flo
     solve did nothing else).  Evaluations: 6 per Tsit5 step, accepted or rejected (first same as last)."""
     steps = np.mean([t.stats["num_steps"] for t in trajectories])
     chunk = flow_module.stack_configs([flow_module.bucketed(c) for c in configs[:: len(configs) // 64][:64]])
-    loop = 200
-
-    def chained(p):
-        step = lambda _, y: y + 1e-12 * p.vector_field(p.t0, y)
-        return jax.lax.fori_loop(0, loop, step, p.theta0.as_array())
-
-    fn = jax.jit(jax.vmap(chained))
-    per_eval = best_time(lambda: fn(chunk), repeats=5) / loop / 64
+    per_eval = vector_field_seconds(chunk, batched=True) / 64
     evaluations = 6 * steps
     return evaluations, per_eval * 1e6, os.cpu_count() / (evaluations * per_eval)
 
