@@ -51,9 +51,10 @@ def _one_minus_exp_jvp(primals, tangents):
     return _one_minus_exp(d), jnp.exp(-d) * d_dot
 
 
-def diff_exp(x, y, top, numbers: ext.Numbers = ext.FLOAT):
-    """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (1 - e^{-|x - y|} on either side)."""
-    d = x - y
+def diff_exp(x, y, top, numbers: ext.Numbers = ext.FLOAT, gap=None):
+    """exp(x - top) - exp(y - top) without cancellation, smooth at x = y (1 - e^{-|x - y|} on either side); ``gap``:
+    x - y given exactly (an extra of 1e-30 on a logit of 30, which x - y rounds to 0)."""
+    d = x - y if gap is None else gap
     up = d >= 0
     d_up, d_down = jnp.where(up, d, 0.0), jnp.where(up, 0.0, -d)
     fraction = jnp.where(up, _one_minus_exp(d_up), -_one_minus_exp(d_down))  # of the larger weight, signed

@@ -514,22 +514,17 @@ def _absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, termin
     return g, numbers.div(add(add(mul(y1, g1), mul(y2, g2)), mul(rows.iso_z, rhs_iso)), w_iso)
 
 
-def _trained_absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b, deviation=False):
+def _trained_absorbing_solve(rows: _Rows, n: int, model: ModelSpec, rhs, rhs_iso, terminal_a, terminal_b):
     """``_absorbing_solve`` with V trained: Z rhs + iso_tokens rhs_iso + (rates into a_n, b_n) . terminal values
     solved on ``two_matrix.start_system``; the isolated value from the isolated row's terms,
-    g_iso = (sum over its chain terms of weight x value + Z_iso rhs_iso) / (its weight on the chain).
-    ``deviation``: terminal values (t, -t), their part of the right-hand side t (rate into a_n - rate into b_n) from
-    the system's ``deviation`` (to relative accuracy, where the difference of the two rates cancels)."""
+    g_iso = (sum over its chain terms of weight x value + Z_iso rhs_iso) / (its weight on the chain)."""
     numbers, system = rows.numbers, rows.system
     add, mul, at = numbers.add, numbers.mul, lambda x, *index: numbers.apply(lambda v: v[index], x)
     k = _shape(rhs)[-1]
     as_rows = lambda x: numbers.apply(lambda v: jnp.broadcast_to(v, (2 * (n - 1),)).reshape(2, n - 1, 1), x)
     b = add(mul(_expand(numbers, rows.z), rhs), mul(as_rows(system.iso_tokens), rhs_iso))
-    if deviation:
-        b = add(b, mul(as_rows(numbers.scale(system.deviation, 2.0)), terminal_a))
-    else:
-        rate = lambda j: as_rows(at(system.rates, slice(None), j))
-        b = add(b, add(mul(rate(0), terminal_a), mul(rate(1), terminal_b)))
+    rate = lambda j: as_rows(at(system.rates, slice(None), j))
+    b = add(b, add(mul(rate(0), terminal_a), mul(rate(1), terminal_b)))
     x = numbers.apply(lambda v: v.reshape((2, n - 1, k)), _solve(rows, numbers.apply(lambda v: v.reshape(2 * (n - 1), k), b)))
     g = numbers.concatenate([x, numbers.apply(lambda v: v[:, None, :], numbers.stack([terminal_a, terminal_b]))], 1)
     if model.n_isolated == 0:
@@ -606,11 +601,11 @@ def _deviations(rows: _Rows, theta_array, n: int, model: ModelSpec, start):
     """e = h - 1/2 at every chain vertex (2, n, 1) (terminals 1/2, -1/2) and at the isolated ones (1,).
 
     V fixed (softmax): e_sym + rho G(., a_start) (``gradflow.objective.softmax_deviation``: the mirror-symmetric part,
-    and the start row's correction times the expected visits to the start, a positive solve).  V trained: the
-    absorbing solve with terminals (1/2, -1/2) and the rates' difference from ``two_matrix.StartSystem.deviation``."""
+    and the start row's correction times the expected visits to the start, a positive solve).  V trained: e_sym + G r
+    (``two_matrix.start_deviation``: r the residual of the mirror-symmetric part in the model's rows)."""
     numbers, half, zero = rows.numbers, rows.numbers.of(jnp.array([0.5])), rows.numbers.zeros((1,))
     if model.values == "trained":
-        return _trained_absorbing_solve(rows, n, model, numbers.zeros((2, n - 1, 1)), zero, half, numbers.scale(half, -1.0), True)
+        return _trained_deviations(rows, theta_array, n, model, start)
     deviation = softmax_deviation(Theta.from_array(theta_array), n, model, rows.system, start, numbers)
     at_start = (jnp.arange(2)[:, None, None] == 0) & (jnp.arange(1, n)[None, :, None] == start)  # (2, n-1, 1)
     per_row = numbers.div(deviation.diag, numbers.apply(lambda v: v[0, start - 1], rows.z))  # rhs x Z = diag at the start
@@ -621,6 +616,20 @@ def _deviations(rows: _Rows, theta_array, n: int, model: ModelSpec, start):
     e_sym = _expand(numbers, numbers.stack([chain_a, numbers.scale(chain_a, -1.0)]))
     rho = lambda x: numbers.mul(numbers.apply(lambda v: jnp.broadcast_to(v, _shape(x)), deviation.rho), x)
     return numbers.add(e_sym, rho(g)), rho(g_iso)
+
+
+def _trained_deviations(rows: _Rows, theta_array, n: int, model: ModelSpec, start):
+    """``_deviations`` with V trained: e_sym (-e_sym on chain b, 1/2 and -1/2 at the terminals, 0 at the isolated
+    vertices) plus the absorbing solve of its residual (``two_matrix.start_deviation``: r / Z on the chain rows, the
+    isolated vertices' part eliminated into them, and their own offset added to their mean on the chain)."""
+    numbers = rows.numbers
+    deviation = two_matrix.start_deviation(Theta.from_array(theta_array, "trained"), n, model, start, rows.system, numbers)
+    rhs = numbers.div(numbers.apply(lambda v: v.reshape(2, n - 1), deviation.chain), rows.z)
+    zero = numbers.zeros((1,))
+    g, g_iso = _trained_absorbing_solve(rows, n, model, _expand(numbers, rhs), zero, zero, zero)
+    chain_a = numbers.concatenate([deviation.e_sym, numbers.of(jnp.array([0.5]))], 0)
+    e_sym = _expand(numbers, numbers.stack([chain_a, numbers.scale(chain_a, -1.0)]))
+    return numbers.add(e_sym, g), numbers.add(g_iso, numbers.apply(lambda v: v[None], deviation.iso))
 
 
 def _own_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
@@ -779,7 +788,10 @@ def _grad_h(theta_array, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     The recursion's own m solves a signed right-hand side as two positive parts, which cancel by dozens of digits
     from |theta|/tau of a few hundred (a wrong finite value); the closed form's derivative keeps its digits there
     (docs/guide/details.md, Limits)."""
-    h = lambda y: same_side_probability(Theta.from_array(y, model.values), task, model)
+    if model.values == "trained":  # e split by its mirror-symmetric part: grad h keeps its digits where the logits tie
+        h = lambda y: two_matrix.outcome_per_start(Theta.from_array(y, "trained"), task, model, split_deviation=True)[0]
+    else:
+        h = lambda y: same_side_probability(Theta.from_array(y, model.values), task, model)
     return jax.jacfwd(h)(theta_array)
 
 

@@ -22,7 +22,7 @@ the isolated row's probability of w, a combination of the same three columns).  
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -240,10 +240,10 @@ def step_probabilities(theta: Theta, task: ChainTask, model: ModelSpec) -> StepP
     return jax.vmap(at)(jnp.arange(1, n))
 
 
-def _start_outcome(theta: Theta, n: int, model: ModelSpec, start) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def _start_outcome(theta: Theta, n: int, model: ModelSpec, start, split: bool = False) -> tuple:
     """(P(own terminal), P(other terminal), their deviation e = h - 1/2) from a_start: one tridiagonal-plus-rank-3
-    solve."""
-    x, _ = _start_solve(theta, n, model, start)
+    solve (``split``: e by its mirror-symmetric part, ``start_deviation``)."""
+    x, _ = _start_solve(theta, n, model, start, split=split)
     return x[0], x[1], x[2]
 
 
@@ -334,19 +334,12 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
     # isolated detours: an isolated vertex returns to chain vertex w with probability pi(w)
     if m:
         iso_start, iso_int, iso_term, iso_s = logits.iso_start, logits.iso_interior, logits.iso_terminal, logits.iso_start_class
-        log_y = log_sum(
-            [
-                (iso_start, 2.0 - s_first),
-                (iso_int, 2.0 * (n - 2) - (1.0 - s_first)),
-                (iso_term, 2.0),
-                (iso_s + logits.iso_start_extra, 1.0),
-            ]
-        )
+        log_y, log_stay = _isolated_logs(logits, n, model, start)
         pi = lambda logit: scale(ex(logit - log_y), float(m))  # m e^{-top} pi(w), pi(w) = e^{logit} / Y <= 1
         iso = (pi(iso_start), pi(iso_int), pi(iso_s + logits.iso_start_extra), pi(iso_term))
         # tokens among the isolated vertices per visit: 1 / P(land on the chain) = 1 + (stay weight) / Y
-        stay = ([(0.0, m - 1.0)] if m > 1 else []) + ([] if model.mask_self else [(logits.iso_self, 1.0)])
-        iso_tokens = scale(add(ex(0.0), ex(log_sum(stay) - log_y)) if stay else ex(0.0), float(m))  # no overflow of stay / Y
+        stay = ex(0.0) if log_stay is None else add(ex(0.0), ex(log_stay - log_y))  # no overflow of stay / Y
+        iso_tokens = scale(stay, float(m))
     else:
         iso, iso_tokens = (none, none, none, none), none
 
@@ -375,6 +368,168 @@ def start_system(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers
     log_forward = succ - top - _log(total)
     c = jnp.stack([(pos == 1) & ~is_s, (pos >= 2) & ~is_s, is_s], -1).astype(float)
     return StartSystem(excess, lower, upper, u, c, rates, deviation, total, iso_tokens, log_forward, top)
+
+
+class StartDeviation(NamedTuple):
+    """e = h - 1/2 seen from one start, by its mirror-symmetric part (docs/THEORY.md §10): e = e_sym + G r.
+
+    e_sym is the deviation of the chain whose chain-a rows are the model's and whose chain-b rows are their mirror
+    images: antisymmetric (-e_sym on chain b, 0 at the isolated vertices), it solves chain a's rows folded onto one
+    chain (``_folded_rows``).  r is its residual in the model's rows (0 on chain a) and G >= 0 the system's solve.
+    e_sym (n-1,): chain a; chain (2(n-1),): r on the chain rows in the system's scale, the isolated vertices' eliminated
+    (each row's detours times their residual); iso (): an isolated vertex's e over its mean on its return to the chain
+    (e(iso) = sum_w P(return to w) e(w) + iso).  In the system's numbers."""
+
+    e_sym: Any
+    chain: Any
+    iso: Any
+
+
+def _folded_rows(logits: StartLogits, n: int, m: int, start, rows, top, numbers: Numbers, own_chain: bool) -> tuple:
+    """(excess, lower, upper, coupling, dev, rate) of the chain rows ``rows`` folded onto their own chain by e(mirror
+    image) = -e, the start a_s (logit class + M d) on the rows' own chain (``own_chain``) or on the other.
+
+    Row i: diag e_i - lower e_{i-1} - upper e_{i+1} - coupling e_s = dev, with diag = (its weight off itself) + (its
+    mirror image's weight) = excess + |lower| + |upper|; upper, lower: the neighbour's weight minus its mirror image's;
+    coupling: +-kappa, kappa = e^{class} (e^{M d} - 1) the fold of the pair (a_s, b_s) where a_s is far from the row;
+    dev = (w_succ - w_terminal) / 2 in the last row; rate = diag - upper - lower - coupling (the rows' sums).  Excess
+    and rate are sums of positive terms: a neighbour and its mirror image keep 2 min(w, w'), the folded pair (a_s, b_s)
+    in the rate 2 e^{class} (own chain) or 2 e^{class + M d}."""
+    where, scale, add = numbers.where, numbers.scale, numbers.add
+    pos = jnp.asarray(np.tile(np.arange(1, n), 2))[rows]
+    at = lambda x: jnp.broadcast_to(x, (2 * (n - 1),))[rows]
+    succ, pred, top, extra = at(logits.succ), at(logits.pred), at(top), at(logits.start_extra)
+    first, interior, terminal, s_class = at(logits.chain_start), at(logits.interior), at(logits.terminal), at(logits.start_class)
+    none = numbers.zeros(pos.shape)
+    ex = lambda logit: numbers.exp(logit - top)
+    present = lambda flag, logit: where(flag, ex(jnp.where(flag, logit, top)), none)
+    counted = lambda count, logit: scale(present(count > 0, logit), count)
+    on_start = 0.0 if own_chain else extra  # the extra on a_s as a mirror image
+    image = lambda j: jnp.where(j == 1, first, jnp.where(j == n, terminal, interior)) + jnp.where(j == start, on_start, 0.0)
+    has_succ, has_pred = pos <= n - 2, pos >= 2  # a transient successor; a predecessor
+    s_first, kappa_row = jnp.asarray(start) == 1, jnp.abs(pos - start) >= 2
+    # far targets: the own chain off i-1, i, i+1, the other off the neighbours' images, a_s apart (where far), isolated
+    apart = kappa_row if own_chain else ~(((start == pos + 1) & has_succ) | ((start == pos - 1) & has_pred))
+    n_first = (pos >= 3) * 1.0 + (pos != 2) - (apart & s_first)
+    n_interior = 2.0 * (n - 2) - (pos >= 2) - 2.0 * has_succ - 2.0 * (pos - 1 >= 2) - (apart & ~s_first)
+    n_terminal = has_succ + 1.0
+
+    def far(starts, more):
+        """Far weight, a_s counted ``starts`` times and its class ``more`` more times."""
+        total = add(counted(n_first + more * s_first, first), counted(n_interior + more * ~s_first, interior))
+        total = add(add(total, counted(n_terminal, terminal)), counted(starts, s_class + extra))
+        return add(total, scale(ex(jnp.zeros_like(top)), float(m))) if m else total
+
+    own = ex(image(pos))
+    up_image, down_image = image(pos + 1), image(pos - 1)
+    kept_succ = where(has_succ, scale(ex(jnp.minimum(succ, up_image)), 2.0), ex(succ))
+    kept_pred = where(has_pred, scale(ex(jnp.minimum(jnp.where(has_pred, pred, top), down_image)), 2.0), none)
+    excess = add(add(far(apart * 1.0, 0.0), own), add(kept_succ, kept_pred))
+    upper = where(has_succ, diff_exp(succ, up_image, top, numbers), none)
+    lower = where(has_pred, diff_exp(jnp.where(has_pred, pred, down_image), down_image, top, numbers), none)
+    kappa = where(kappa_row, diff_exp(s_class + extra, s_class, top, numbers, gap=extra), none)
+    coupling = kappa if own_chain else numbers.scale(kappa, -1.0)
+    dev = where(pos == n - 1, scale(diff_exp(succ, terminal, top, numbers), 0.5), none)
+    # the rate's pair (a_s, b_s) where folded: e^{class + M d} + e^{class} - coupling, as 2 e^{class} or 2 e^{class + M d}
+    pair = kappa_row * 1.0
+    rate = far(apart - pair, pair) if own_chain else far(apart + pair, -pair)
+    rate = add(add(rate, own), add(scale(present(has_succ, up_image), 2.0), scale(present(has_pred, down_image), 2.0)))
+    return excess, lower, upper, coupling, dev, add(rate, present(~has_succ, succ))
+
+
+def start_deviation(theta: Theta, n: int, model: ModelSpec, start, system: StartSystem, numbers: Numbers = FLOAT):
+    """The ``StartDeviation`` of the chain seen from a_start (``system``: its ``start_system``).
+
+    e_sym: chain a's folded rows, (T - c 1_s^T) e = dev, by Sherman-Morrison: e = T^-1 dev + (T^-1 c) e_s with
+    e_s = (T^-1 dev)_s / (T^-1 rate)_s ((T - c 1_s^T) 1 = rate, a positive sum).  r: on b_i, i != s,
+    2 (k - 1) beta e_s - (k - 1) (alpha - beta) u_i, k = e^{M d}, alpha, beta the weights of b_s, a_s without the
+    extra (equal unless b_s is b_i's neighbour), u = e_sym - e_s; on b_s its folded row's residual,
+    rate e_s - upper u_{s+1} - lower u_{s-1} - dev (the mirror image of the start row is not b_s's row: the start's own
+    token); at an isolated vertex (k - 1) P(a_s) e_s.  u next to a_s is a difference of two near-equal values where
+    a_s and a neighbour hold the walk between them: it is also solved with a_s held at 0, T u = dev - e_s rate off
+    a_s, and taken from the smaller pair of parts.  Every part of r but b_s's and its neighbours' has the sign of
+    (k - 1) e_s, so G r keeps its digits where the two chains' parts of a solve with terminals (1/2, -1/2) cancel
+    (their logits tie), and e_sym holds the start row as it is (its derivatives too)."""
+    add, mul, scale, apply = numbers.add, numbers.mul, numbers.scale, numbers.apply
+    logits = start_logits(theta, n, model, start)
+    m, pos, b = model.n_isolated, np.arange(1, n), slice(n - 1, None)
+    excess, lower, upper, coupling, dev, rate = _folded_rows(logits, n, m, start, np.arange(n - 1), system.top, numbers, True)
+    z = _fold_solve(excess, lower, upper, numbers.stack([dev, coupling, rate], -1), numbers)
+    e_s = numbers.div(apply(lambda v: v[start - 1, 0], z), apply(lambda v: v[start - 1, 2], z))
+    e_start = _broadcast(numbers, e_s, (n - 1,))
+    e_sym = add(apply(lambda v: v[:, 0], z), mul(apply(lambda v: v[:, 1], z), e_start))
+    # u = e_sym - e_s, a_s held at 0: T u = dev - e_s rate off a_s (the differences next to a_s keep their digits)
+    where, none, here = numbers.where, numbers.zeros((n - 1,)), pos == start
+    dropped = add(*(_magnitude(numbers, where(pos == start + j, x, none)) for j, x in ((-1, upper), (1, lower))))
+    held = (where(here, numbers.exp(jnp.zeros(n - 1)), add(excess, dropped)), where(here | (pos == start + 1), none, lower))
+    held += (where(here | (pos == start - 1), none, upper),)
+    z_held = _fold_solve(*held, numbers.stack([where(here, none, dev), where(here, none, rate)], -1), numbers)
+    parts = (apply(lambda v: v[:, 0], z_held), mul(apply(lambda v: v[:, 1], z_held), e_start))
+    # each difference from the pair of parts that is smaller (both exact): e_sym(a_i) and e_s, or the held solve's
+    held_smaller = _log_size(*parts) < _log_size(e_sym, e_start)
+    u = where(held_smaller, add(parts[0], scale(parts[1], -1.0)), add(e_sym, scale(e_start, -1.0)))
+
+    extra, s_class, top = logits.start_extra[b], logits.start_class[b], system.top[b]
+    base = jnp.where(pos == start - 1, logits.succ[b], jnp.where(pos == start + 1, logits.pred[b], s_class))
+    alpha = diff_exp(base + extra, base, top, numbers, gap=extra)  # (k - 1) alpha: b_s in row b_i
+    beta = diff_exp(s_class + extra, s_class, top, numbers, gap=extra)  # (k - 1) beta: a_s in row b_i
+    r = add(scale(mul(beta, e_start), 2.0), scale(mul(add(alpha, scale(beta, -1.0)), u), -1.0))
+    _, lower_s, upper_s, _, dev_s, rate_s = _folded_rows(logits, n, m, start, n - 2 + start, system.top, numbers, False)
+    padded = numbers.concatenate([numbers.zeros((1,)), u, numbers.zeros((1,))], 0)
+    at = lambda i: apply(lambda v: v[i], padded)
+    coupled = add(add(mul(upper_s, at(start + 1)), mul(lower_s, at(start - 1))), dev_s)
+    r = numbers.where(pos == start, _broadcast(numbers, add(mul(rate_s, e_s), scale(coupled, -1.0)), (n - 1,)), r)
+    chain = numbers.concatenate([numbers.zeros((n - 1,)), r], 0)
+    if not m:
+        return StartDeviation(e_sym, chain, numbers.zeros(()))
+    # an isolated vertex returns to the chain with P(a_s) (k - 1) e^{class} / Y more than its mirror-symmetric row
+    y_class = logits.iso_start_class - _isolated_logs(logits, n, model, start)[0]
+    extra = logits.iso_start_extra
+    detours = scale(diff_exp(y_class + extra, y_class, system.top, numbers, gap=extra), float(m))  # m e^-top (k-1) P
+    chain = add(chain, mul(detours, _broadcast(numbers, e_s, (2 * (n - 1),))))
+    return StartDeviation(e_sym, chain, mul(diff_exp(y_class + extra, y_class, 0.0, numbers, gap=extra), e_s))
+
+
+def _broadcast(numbers: Numbers, x, shape) -> object:
+    """x broadcast to ``shape`` (a float or an ``Extended``)."""
+    return numbers.apply(lambda v: jnp.broadcast_to(v, shape), x)
+
+
+def _log_size(x, y) -> jnp.ndarray:
+    """log2 max(|x|, |y|) for floats or ``Extended`` numbers (-inf at 0), held constant for differentiation."""
+    size = lambda v: jnp.log2(jnp.abs(v.m)) + v.e if isinstance(v, ext.Extended) else jnp.log2(jnp.abs(v))
+    return jax.lax.stop_gradient(jnp.maximum(size(x), size(y)))
+
+
+def _magnitude(numbers: Numbers, x):
+    """|x| with the sign a constant for differentiation (+1 at 0)."""
+    return ext.magnitude(x) if numbers is EXTENDED else jax.lax.stop_gradient(jnp.where(x < 0, -1.0, 1.0)) * x
+
+
+def _fold_solve(excess, lower, upper, rhs, numbers: Numbers):
+    """``gth_solve`` of the folded rows (float64: NaN where it could not hold the elimination), or in ``EXTENDED``
+    numbers."""
+    if numbers is EXTENDED:
+        return solve_extended(excess, lower, upper, rhs)
+    x, min_pivot = gth_solve(excess, lower, upper, rhs)
+    return jnp.where(min_pivot >= TINY_PIVOT, x, jnp.nan)
+
+
+def _isolated_logs(logits: StartLogits, n: int, model: ModelSpec, start) -> tuple:
+    """(log Y, log of the stay weight or None) of an isolated row: Y its weight on the chain (the start with its extra),
+    the stay weight on the other isolated vertices and on itself (when allowed)."""
+    s_first = start == 1
+    log_y = log_sum(
+        [
+            (logits.iso_start, 2.0 - s_first),
+            (logits.iso_interior, 2.0 * (n - 2) - (1.0 - s_first)),
+            (logits.iso_terminal, 2.0),
+            (logits.iso_start_class + logits.iso_start_extra, 1.0),
+        ]
+    )
+    m = model.n_isolated
+    stay = ([(0.0, m - 1.0)] if m > 1 else []) + ([] if model.mask_self else [(logits.iso_self, 1.0)])
+    return log_y, (log_sum(stay) if stay else None)
 
 
 def _nonnegative(x) -> jnp.ndarray:
@@ -447,25 +602,41 @@ def _solve_extended_system(system: StartSystem, rhs: ext.Extended) -> ext.Extend
     return x
 
 
-def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False):
+def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = False, split: bool = False):
     """The solve from a_start: (P(own), P(other), e = h - 1/2[, E[tokens to a terminal]]) at the start, and log P(succ)
-    of every chain row (2(n-1),), in the model's numbers (``ModelSpec.numbers``); e from its own right-hand side
-    (``StartSystem.deviation``, signed: its two parts solved together) keeps its digits near h = 1/2.
+    of every chain row (2(n-1),), in the model's numbers (``ModelSpec.numbers``).
+
+    e from its own right-hand side (``StartSystem.deviation``, signed: its two parts solved together) keeps its digits
+    near h = 1/2 to the solve's absolute accuracy, all J and its gradient need; where the two chains' logits tie its two
+    parts cancel and grad e comes out 0.  ``split``: e = e_sym + G r (``start_deviation``), which keeps e and its
+    derivatives to relative accuracy there (the noise moments' m = grad h per start), at about twice the program.
 
     The length's right-hand side is each row's total weight (self-loop included when allowed: a token),
     plus, per isolated target, the expected tokens spent among the isolated vertices before landing on a
-    chain vertex (1 / P(the isolated row lands on the chain)); the left-hand side is the absorption system's.
+    chain vertex (``iso_tokens``).
     """
     numbers = EXTENDED if model.numbers == "extended" else FLOAT
     system = start_system(theta, n, model, start, numbers)
-    columns = [numbers.apply(lambda v: v[:, 0], system.rates), numbers.apply(lambda v: v[:, 1], system.rates), system.deviation]
+    deviation = start_deviation(theta, n, model, start, system, numbers) if split else None
+    columns = [numbers.apply(lambda v: v[:, 0], system.rates), numbers.apply(lambda v: v[:, 1], system.rates)]
+    columns.append(deviation.chain if split else system.deviation)
     if lengths:  # (Z - w_self) L_u - sum_v w_v L_v = Z + m w_iso / P(an isolated vertex lands on the chain)
         iso_tokens = numbers.apply(lambda v: jnp.broadcast_to(v, jnp.shape(system.top)), system.iso_tokens)
         columns.append(numbers.add(system.total, iso_tokens))
-    return start_system_solve(system, numbers.stack(columns, -1), signed=True)[start - 1], system.log_forward
+    rhs = numbers.stack(columns, -1)
+    if not split:
+        return start_system_solve(system, rhs, signed=True)[start - 1], system.log_forward
+    if numbers is EXTENDED:
+        x = numbers.apply(lambda v: v[start - 1], start_system_solve_extended(system, rhs))
+    else:
+        x = start_system_solve(system, rhs, signed=True)[start - 1]
+    part = lambda lo, hi: numbers.apply(lambda v: v[lo:hi], x)
+    e = numbers.add(numbers.apply(lambda v: v[start - 1][None], deviation.e_sym), part(2, 3))
+    x = numbers.concatenate([part(0, 2), e, part(3, None)], 0)
+    return numbers.to_float(x), system.log_forward
 
 
-def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
+def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec, split_deviation: bool = False) -> tuple:
     """(P(own terminal), P(other terminal)) per start distance d = 1..n-1, each read from the solution that keeps its
     digits (``gradflow.model.own_and_other``: e = h - 1/2 near 1/2, else the smaller of h and q).
 
@@ -473,13 +644,16 @@ def outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> tuple[
         theta: the parameters (A and V).
         task: the chain task.
         model: the model (``values="trained"``, prompt context, no cap).
+        split_deviation: e = h - 1/2 by its mirror-symmetric part (``start_deviation``): its derivatives keep their
+            digits where the two chains' logits tie (the noise moments' m), at about twice the program.
 
     Returns:
         (own, other), each (n-1,), entry d-1 for the start a_{n-d}.
     """
     _require_two_matrix(model)
     n = task.n
-    own, other = own_and_other(*jax.vmap(lambda position: _start_outcome(theta, n, model, position))(jnp.arange(1, n)))
+    outcome = lambda position: _start_outcome(theta, n, model, position, split_deviation)
+    own, other = own_and_other(*jax.vmap(outcome)(jnp.arange(1, n)))
     return own[::-1], other[::-1]
 
 

@@ -16,7 +16,17 @@ import numpy as np
 import optax
 import pytest
 from helpers import slow_case
-from reference import dense_logits, dense_matrices, dense_transition, mp_reward_gradient_trained, mp_reward_trained
+from reference import (
+    dense_logits,
+    dense_matrices,
+    dense_transition,
+    mp,
+    mp_absorption,
+    mp_chain_trained,
+    mp_moments,
+    mp_reward_gradient_trained,
+    mp_reward_trained,
+)
 
 import gradflow as gf
 from gradflow import capped, ceilings, compile_cache, sampling, two_matrix
@@ -135,6 +145,26 @@ def test_reward_and_gradient_equal_the_dense_token_chain(n, attention, mask, iso
     success = two_matrix.same_side_probability(gf.Theta.from_array(x), task, model)
     reference = jax.jit(lambda y: jnp.stack([dense_success(y, n, model, n - d) for d in range(1, n)]))(x)
     np.testing.assert_allclose(success, reference, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.slow  # the default check of this route: test_noise's test_moments_with_v_trained_match_the_dense_token_chain
+@pytest.mark.parametrize("n, attention, mask, iso", [(4, "softmax", False, 1), (5, "linear", True, 2)])
+def test_split_deviation_equals_the_token_chain_per_start(n, attention, mask, iso, rng):
+    """``outcome_per_start(split_deviation=True)`` (e = e_sym + G r, the noise moments' route) gives the 60-digit chain's
+    e = h - 1/2 per start to relative accuracy (the dense float64 chain's e of 3e-8 is off by 2e-4 of it) and the
+    token-built chain's m = grad h (``reference.mp_moments``, 40 digits)."""
+    model = gf.ModelSpec(attention, tau=0.4, mask_self=mask, n_isolated=iso, values="trained")
+    task = gf.ChainTask.uniform(n)
+    own = lambda x: two_matrix.outcome_per_start(gf.Theta.from_array(x, "trained"), task, model, split_deviation=True)[0]
+    xs = jnp.stack([random_two_matrix_theta(rng, scale).as_array("trained") for scale in (0.8, 0.8, 3.0)])
+    with mp.workdps(60):
+        chain = lambda x, start: mp_absorption(mp_chain_trained(np.asarray(x), n, model, start), n)[0][start - 1]
+        e_ref = np.array([[float(chain(x, n - d) - mp.mpf(0.5)) for d in range(1, n)] for x in xs])
+    deviation = lambda x, d: two_matrix._start_outcome(gf.Theta.from_array(x, "trained"), n, model, n - d, split=True)[2]
+    e = jax.jit(jax.vmap(lambda x: jnp.stack([deviation(x, d) for d in range(1, n)])))(xs)
+    np.testing.assert_allclose(e, e_ref, rtol=1e-12, atol=0)
+    m_ref = np.stack([mp_moments(np.asarray(x), task, model, dps=40)[1] for x in xs])
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.jacfwd(own)))(xs), m_ref, rtol=1e-9, atol=1e-15)
 
 
 def test_negative_self_term_and_large_scores_equal_the_dense_chain():
