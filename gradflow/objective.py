@@ -412,39 +412,44 @@ def softmax_deviation(theta: Theta, n: int, model: ModelSpec, system: ChainSyste
 def _softmax_probabilities(theta: Theta, n: int, model: ModelSpec, start, numbers: Numbers = FLOAT):
     """(h, q, e) at the start a_start (softmax): one 2(n-1)-row positive Woodbury solve with three columns (h, q and
     the expected visits to the start), e = h - 1/2 from its mirror-symmetric part (``softmax_deviation``).  With
-    isolated vertices (float64) the derivatives through their return logit are ``_detour_split``'s."""
+    isolated vertices the derivatives through their return logit are ``_detour_split``'s."""
     rows = row_logits(row_scores(theta, n, model, start=start), n, model)
-    if model.n_isolated and numbers is FLOAT and n > 2:
-        return _detour_split(n, theta, model, start, rows.g_iso)
+    if model.n_isolated and n > 2:
+        return _detour_split(n, numbers is EXTENDED, theta, model, start, rows.g_iso)
     return _softmax_solve(theta, n, model, start, rows, numbers)[0]
 
 
 def _softmax_solve(theta: Theta, n: int, model: ModelSpec, start, rows: RowLogits, numbers: Numbers = FLOAT, detours=False):
     """((h, q, e) at a_start, aux) from the chain rows' logits ``rows``; aux is None, or with ``detours`` (isolated
-    vertices, n > 2, float64) (D, dh): D the expected detours through the isolated vertices from a_start, dh the mean
+    vertices, n > 2) D dh as a float: D the expected detours through the isolated vertices from a_start, dh the mean
     of h over the degree-1 vertices (terminals included) minus that over the degree-2 vertices, from e's symmetric part
-    (``_detour_split``)."""
+    (``_detour_split``; their product in ``numbers``, either of which may leave float64's range)."""
     system = _system_of_rows(rows, n, numbers)
     deviation = softmax_deviation(theta, n, model, system, start, numbers)
     at_start = jnp.arange(2 * (n - 1)) == start - 1
     diag = numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), deviation.diag)
     visits = numbers.where(at_start, diag, numbers.zeros(at_start.shape))
     columns = [_flat(system.own, n, numbers), _flat(system.other, n, numbers), visits]
-    if detours:
-        columns.append(_flat(model.n_isolated * jnp.exp(-system.scaled.top), n))  # each row's weight into the detours
-    x = chain_solve(system, numbers.stack(columns, -1), numbers=numbers)
+    if detours:  # each row's weight into the detours
+        columns.append(_flat(numbers.scale(numbers.exp(-system.scaled.top), float(model.n_isolated)), n, numbers))
+    rhs = numbers.stack(columns, -1)
+    x = chain_solve_extended(system, rhs) if numbers is EXTENDED else chain_solve(system, rhs)
+    at = lambda i, j: numbers.apply(lambda v: v[i, j], x)
     e_start = numbers.apply(lambda v: v[start - 1], deviation.e_sym)
-    e = numbers.to_float(numbers.add(e_start, numbers.scale(deviation.rho, x[start - 1, 2])))
+    e = numbers.to_float(numbers.add(e_start, numbers.mul(deviation.rho, at(start - 1, 2))))
+    outcome = (numbers.to_float(at(start - 1, 0)), numbers.to_float(at(start - 1, 1)), e)
     if not detours:
-        return (x[start - 1, 0], x[start - 1, 1], e), None
+        return outcome, None
     # e(a_i) + e(b_i) = rho (G(a_i) + G(b_i)): e_sym is antisymmetric and the terminals' +-1/2 cancel
-    pair = deviation.rho * (x[: n - 1, 2] + x[n - 1 :, 2])
-    dh = pair[0] / 4.0 - jnp.sum(pair[1:]) / (2.0 * (n - 2))
-    return (x[start - 1, 0], x[start - 1, 1], e), (x[start - 1, 3], dh)
+    visits = numbers.apply(lambda v: v[:, 2], x)
+    pair = numbers.mul(deviation.rho, numbers.apply(lambda v: v[: n - 1] + v[n - 1 :], visits))
+    first, rest = numbers.apply(lambda v: v[0], pair), numbers.total(numbers.apply(lambda v: v[1:], pair))
+    dh = numbers.add(numbers.scale(first, 0.25), numbers.scale(rest, -1.0 / (2.0 * (n - 2))))
+    return outcome, numbers.to_float(numbers.mul(at(start - 1, 3), dh))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _detour_split(n: int, theta: Theta, model: ModelSpec, start, g_iso):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _detour_split(n: int, extended: bool, theta: Theta, model: ModelSpec, start, g_iso):
     """(h, q, e) at a_start (softmax, isolated vertices), whose derivative through g_iso (the isolated vertices' return
     logit) is exact.  A detour through the isolated vertices returns to a degree-1 chain vertex (terminals included)
     with probability f1 = 2 / (2 + (n-2) e^{g_iso}), else to a degree-2 one, uniformly within each class, so
@@ -452,7 +457,8 @@ def _detour_split(n: int, theta: Theta, model: ModelSpec, start, g_iso):
     with D the expected detours from a_s (a positive solve) and the difference of means from e's symmetric part (the
     means are 1/2 up to it); differentiating the solve instead took that difference of two numbers near 1/2 and kept
     only their round-off (m's gamma and delta components were 1e-53 where they are 7e-64 and 4e-100)."""
-    return _softmax_solve(theta, n, model, start, _with_g_iso(theta, n, model, start, g_iso), detours=True)[0]
+    numbers = EXTENDED if extended else FLOAT  # a flag: a Numbers tuple is rebuilt as a non-differentiated argument
+    return _softmax_solve(theta, n, model, start, _with_g_iso(theta, n, model, start, g_iso), numbers, detours=True)[0]
 
 
 def _with_g_iso(theta: Theta, n: int, model: ModelSpec, start, g_iso) -> RowLogits:
@@ -460,14 +466,15 @@ def _with_g_iso(theta: Theta, n: int, model: ModelSpec, start, g_iso) -> RowLogi
 
 
 @_detour_split.defjvp
-def _detour_split_jvp(n, primals, tangents):
+def _detour_split_jvp(n, extended, primals, tangents):
+    numbers = EXTENDED if extended else FLOAT
     theta, model, start, g_iso = primals
     d_theta, d_model, _, d_g_iso = tangents
-    held = lambda th, md: _softmax_solve(th, n, md, start, _with_g_iso(th, n, md, start, g_iso), detours=True)
-    (outcome, (detours, dh)), (d_outcome, _) = jax.jvp(held, (theta, model), (d_theta, d_model))
+    held = lambda th, md: _softmax_solve(th, n, md, start, _with_g_iso(th, n, md, start, g_iso), numbers, detours=True)
+    (outcome, detours_dh), (d_outcome, _) = jax.jvp(held, (theta, model), (d_theta, d_model))
     f1 = lambda g: 2.0 / (2.0 + (n - 2) * jnp.exp(g))
     d_f1 = jax.jvp(f1, (g_iso,), (d_g_iso,))[1]
-    d_h = detours * dh * d_f1
+    d_h = detours_dh * d_f1
     return outcome, (d_outcome[0] + d_h, d_outcome[1] - d_h, d_outcome[2] + d_h)
 
 

@@ -307,18 +307,20 @@ def test_m_near_one_half_keeps_its_digits_with_softmax_attention(case):
     assert np.all(np.abs(np.asarray(ours.reward_second) - reference[2]) <= 1e-12 * scale)
 
 
-def test_m_through_the_isolated_return_logit_keeps_its_digits():
+@pytest.mark.parametrize("numbers", ["float64", slow_case("extended")])
+def test_m_through_the_isolated_return_logit_keeps_its_digits(numbers):
     """Issue 23: softmax, self-loops allowed, one isolated vertex, |theta| / tau = 1e3 (seed 3, h = 0.97 .. 0.92, read
     from q): m's gamma and delta components were -1.0e-53 and +1.0e-53 where they are -6.7e-64 and 4.2e-100, the
     round-off of differentiating the solve through the isolated vertices' return logit (a difference of two class
     means near 1/2).  That derivative is now D (mean h over degree 1 - mean h over degree 2) df1 from e's symmetric
-    part (``gradflow.objective._detour_split``): every component of m equals the 300-digit mpmath chain to 1e-12."""
+    part (``gradflow.objective._detour_split``): every component of m equals the 300-digit mpmath chain to 1e-12, in
+    float64 and in extended numbers (there m was off by 2.5e46 relative: the extended solve kept the old route)."""
     kwargs = dict(attention="softmax", mask_self=False, n_isolated=1, tau=0.2)
     task = gf.ChainTask.uniform(4)
     x = np.random.default_rng(3).normal(size=5) * 1e3 * 0.2 / np.sqrt(5)
     reference = mp_moments(x, task, gf.ModelSpec(**kwargs), dps=300)
     assert np.all(reference[0] > 0.9) and np.all(reference[1] != 0)
-    ours = noise.moments_per_start(x, task, gf.ModelSpec(**kwargs))
+    ours = noise.moments_per_start(x, task, gf.ModelSpec(**kwargs, numbers=numbers))
     np.testing.assert_allclose(np.asarray(ours.grad), reference[1], rtol=1e-12, atol=0)
 
 
