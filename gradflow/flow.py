@@ -1036,17 +1036,21 @@ def host_threads(size: int) -> int:
 
 def _threaded_batch(configs: list[FlowParams], threads: int, first: Callable) -> tuple[Solution, float, float]:
     """Configs solved as ``threads`` equal slices (the last padded with copies of its last config), one compiled
-    program of the slice's size run on every slice at once, one thread each (the solve releases the GIL).
-    Returns (the batch's Solution on the host, compile seconds, run seconds)."""
+    program of the slice's size run on every slice at once, one thread each (the solve releases the GIL); each
+    slice is stacked on the host while the slices before it run.
+    Returns (the batch's Solution on the host, compile seconds, run seconds: the later slices' stacking included)."""
     size, bucket = len(configs), shared_bucket(configs)
     part = -(-size // threads)
     slices = [configs[k : k + part] for k in range(0, size, part)]
     slices[-1] = slices[-1] + [slices[-1][-1]] * (part - len(slices[-1]))
-    batches = [first(_stack_bucketed(members, bucket)).solver_resolved() for members in slices]
-    executable, compile_s = _batch_program(batches[0], False, None)
+    stacked = lambda members: first(_stack_bucketed(members, bucket)).solver_resolved()
+    head = stacked(slices[0])
+    executable, compile_s = _batch_program(head, False, None)
+    run = lambda batch: jax.device_get(executable(batch))
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(batches)) as pool:
-        outs = list(pool.map(lambda batch: jax.device_get(executable(batch)), batches))
+    with ThreadPoolExecutor(len(slices)) as pool:
+        running = [pool.submit(run, head)] + [pool.submit(run, stacked(members)) for members in slices[1:]]
+        outs = [future.result() for future in running]
     seconds = time.perf_counter() - start
     joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:size], *outs)
     return joined, compile_s, seconds
