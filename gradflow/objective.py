@@ -444,7 +444,8 @@ def _softmax_solve(theta: Theta, n: int, model: ModelSpec, start, rows: RowLogit
     visits = numbers.apply(lambda v: v[:, 2], x)
     pair = numbers.mul(deviation.rho, numbers.apply(lambda v: v[: n - 1] + v[n - 1 :], visits))
     first, rest = numbers.apply(lambda v: v[0], pair), numbers.total(numbers.apply(lambda v: v[1:], pair))
-    dh = numbers.add(numbers.scale(first, 0.25), numbers.scale(rest, -1.0 / (2.0 * (n - 2))))
+    per_vertex = numbers.div(rest, numbers.of(jnp.asarray(2.0 * (n - 2))))  # divided, as it was in float64
+    dh = numbers.add(numbers.scale(first, 0.25), numbers.scale(per_vertex, -1.0))
     return outcome, numbers.to_float(numbers.mul(at(start - 1, 3), dh))
 
 
