@@ -194,3 +194,9 @@ FLOAT = Numbers(
     lambda x: x,
 )
 EXTENDED = Numbers(extended_exp, add, scale, where, zeros, stack, apply, mul, div, total, concatenate, extended, to_float)
+
+
+def signed_magnitude(numbers: Numbers, x):
+    """|x| in ``numbers`` with the sign a constant for differentiation (+1 at 0); an ``Extended`` takes its sign from
+    its mantissa (one below float64's range keeps it)."""
+    return magnitude(x) if numbers is EXTENDED else jax.lax.stop_gradient(jnp.where(x < 0, -1.0, 1.0)) * x

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import capped, two_matrix
-from gradflow._extended import EXTENDED, FLOAT, Extended, Numbers
+from gradflow._extended import EXTENDED, FLOAT, Extended, Numbers, signed_magnitude
 from gradflow._linalg import (  # noqa: F401
     SMALL_SYSTEM,
     TINY_FOR_DERIVATIVES,
@@ -379,11 +379,6 @@ class Deviation(NamedTuple):
     diag: Any
 
 
-def _signed_magnitude(numbers: Numbers, x):
-    """|x| with the sign a constant for differentiation (+1 at 0), in ``numbers``."""
-    return numbers.scale(x, jax.lax.stop_gradient(jnp.where(numbers.to_float(x) < 0, -1.0, 1.0)))
-
-
 def softmax_deviation(theta: Theta, n: int, model: ModelSpec, system: ChainSystem, start, numbers: Numbers = FLOAT) -> Deviation:
     """The ``Deviation`` of the softmax chain ``system`` seen from ``start`` (``chain_system``), in its numbers."""
     apply, add, mul = numbers.apply, numbers.add, numbers.mul
@@ -402,7 +397,7 @@ def softmax_deviation(theta: Theta, n: int, model: ModelSpec, system: ChainSyste
         """The start row's E[e_sym(next)] = (c_succ e_sym(succ) + c_pred e_sym(pred) + c_terminal / 2) / diag, and diag."""
         at = lambda x: apply(lambda v: jnp.broadcast_to(v, (2, n - 1))[0, start - 1], x)
         lower, upper = at(rows.lower), at(rows.upper)
-        diag = add(at(rows.excess), add(_signed_magnitude(numbers, lower), _signed_magnitude(numbers, upper)))
+        diag = add(at(rows.excess), add(signed_magnitude(numbers, lower), signed_magnitude(numbers, upper)))
         return numbers.div(add(add(mul(upper, succ), mul(lower, pred)), at(rows.rhs_e)), diag), diag
 
     (mean, diag), (mean_sym, _) = mean_next(system.scaled), mean_next(sym)

@@ -460,7 +460,7 @@ def start_deviation(theta: Theta, n: int, model: ModelSpec, start, system: Start
     e_sym = add(apply(lambda v: v[:, 0], z), mul(apply(lambda v: v[:, 1], z), e_start))
     # u = e_sym - e_s, a_s held at 0: T u = dev - e_s rate off a_s (the differences next to a_s keep their digits)
     where, none, here = numbers.where, numbers.zeros((n - 1,)), pos == start
-    dropped = add(*(_magnitude(numbers, where(pos == start + j, x, none)) for j, x in ((-1, upper), (1, lower))))
+    dropped = add(*(ext.signed_magnitude(numbers, where(pos == start + j, x, none)) for j, x in ((-1, upper), (1, lower))))
     held = (where(here, numbers.exp(jnp.zeros(n - 1)), add(excess, dropped)), where(here | (pos == start + 1), none, lower))
     held += (where(here | (pos == start - 1), none, upper),)
     z_held = _fold_solve(*held, numbers.stack([where(here, none, dev), where(here, none, rate)], -1), numbers)
@@ -499,11 +499,6 @@ def _log_size(x, y) -> jnp.ndarray:
     """log2 max(|x|, |y|) for floats or ``Extended`` numbers (-inf at 0), held constant for differentiation."""
     size = lambda v: jnp.log2(jnp.abs(v.m)) + v.e if isinstance(v, ext.Extended) else jnp.log2(jnp.abs(v))
     return jax.lax.stop_gradient(jnp.maximum(size(x), size(y)))
-
-
-def _magnitude(numbers: Numbers, x):
-    """|x| with the sign a constant for differentiation (+1 at 0)."""
-    return ext.magnitude(x) if numbers is EXTENDED else jax.lax.stop_gradient(jnp.where(x < 0, -1.0, 1.0)) * x
 
 
 def _fold_solve(excess, lower, upper, rhs, numbers: Numbers):
@@ -626,10 +621,8 @@ def _start_solve(theta: Theta, n: int, model: ModelSpec, start, lengths: bool = 
     rhs = numbers.stack(columns, -1)
     if not split:
         return start_system_solve(system, rhs, signed=True)[start - 1], system.log_forward
-    if numbers is EXTENDED:
-        x = numbers.apply(lambda v: v[start - 1], start_system_solve_extended(system, rhs))
-    else:
-        x = start_system_solve(system, rhs, signed=True)[start - 1]
+    solved = start_system_solve_extended(system, rhs) if numbers is EXTENDED else start_system_solve(system, rhs, signed=True)
+    x = numbers.apply(lambda v: v[start - 1], solved)
     part = lambda lo, hi: numbers.apply(lambda v: v[lo:hi], x)
     e = numbers.add(numbers.apply(lambda v: v[start - 1][None], deviation.e_sym), part(2, 3))
     x = numbers.concatenate([part(0, 2), e, part(3, None)], 0)
