@@ -603,7 +603,7 @@ def _deviations(rows: _Rows, theta_array, n: int, model: ModelSpec, start):
     V fixed (softmax): e_sym + rho G(., a_start) (``gradflow.objective.softmax_deviation``: the mirror-symmetric part,
     and the start row's correction times the expected visits to the start, a positive solve).  V trained: e_sym + G r
     (``two_matrix.start_deviation``: r the residual of the mirror-symmetric part in the model's rows)."""
-    numbers, half, zero = rows.numbers, rows.numbers.of(jnp.array([0.5])), rows.numbers.zeros((1,))
+    numbers, zero = rows.numbers, rows.numbers.zeros((1,))
     if model.values == "trained":
         return _trained_deviations(rows, theta_array, n, model, start)
     deviation = softmax_deviation(Theta.from_array(theta_array), n, model, rows.system, start, numbers)
@@ -612,8 +612,7 @@ def _deviations(rows: _Rows, theta_array, n: int, model: ModelSpec, start):
     per_row = numbers.apply(lambda v: jnp.broadcast_to(v, at_start.shape), per_row)
     visits = numbers.where(at_start, per_row, numbers.zeros(at_start.shape))
     g, g_iso = _absorbing_solve(rows, n, model, visits, zero, zero, zero)
-    chain_a = numbers.concatenate([deviation.e_sym, half], 0)
-    e_sym = _expand(numbers, numbers.stack([chain_a, numbers.scale(chain_a, -1.0)]))
+    e_sym = _mirrored(numbers, deviation.e_sym)
     rho = lambda x: numbers.mul(numbers.apply(lambda v: jnp.broadcast_to(v, _shape(x)), deviation.rho), x)
     return numbers.add(e_sym, rho(g)), rho(g_iso)
 
@@ -627,9 +626,15 @@ def _trained_deviations(rows: _Rows, theta_array, n: int, model: ModelSpec, star
     rhs = numbers.div(numbers.apply(lambda v: v.reshape(2, n - 1), deviation.chain), rows.z)
     zero = numbers.zeros((1,))
     g, g_iso = _trained_absorbing_solve(rows, n, model, _expand(numbers, rhs), zero, zero, zero)
-    chain_a = numbers.concatenate([deviation.e_sym, numbers.of(jnp.array([0.5]))], 0)
-    e_sym = _expand(numbers, numbers.stack([chain_a, numbers.scale(chain_a, -1.0)]))
-    return numbers.add(e_sym, g), numbers.add(g_iso, numbers.apply(lambda v: v[None], deviation.iso))
+    e_iso = numbers.add(g_iso, numbers.apply(lambda v: v[None], deviation.iso))
+    return numbers.add(_mirrored(numbers, deviation.e_sym), g), e_iso
+
+
+def _mirrored(numbers: Numbers, e_sym):
+    """An antisymmetric deviation at every chain vertex (2, n, 1): e_sym (n-1,) on chain a and 1/2 at a_n, their
+    negatives on chain b."""
+    chain_a = numbers.concatenate([e_sym, numbers.of(jnp.array([0.5]))], 0)
+    return _expand(numbers, numbers.stack([chain_a, numbers.scale(chain_a, -1.0)]))
 
 
 def _own_gradients(theta_array, n: int, model: ModelSpec, start, numbers: Numbers):
