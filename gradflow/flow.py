@@ -80,7 +80,7 @@ from gradflow.integrator import (
     integrate,
     level_event,
 )
-from gradflow.model import Theta
+from gradflow.model import LaidOutModel, ModelSpec, Theta
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask, PaddedTask, bucket_size
 from gradflow.trajectory import QUANTITIES, Trajectory
@@ -113,6 +113,7 @@ __all__ = [
     "as_theta",
     "bucketable",
     "bucketed",
+    "options_as_data",
     "check_levels",
     "compilation_count",
     "default_theta0",
@@ -189,17 +190,29 @@ def bucketable(params: FlowParams) -> bool:
     )
 
 
-def bucketed(params: FlowParams, size: int | None = None) -> FlowParams:
+def options_as_data(configs: Sequence[FlowParams]) -> bool:
+    """Whether configs solved together lay their model out with its self-mask and isolated count as data
+    (``LaidOutModel``): where any of them differs from the defaults (masked, no isolated vertex).  The default flow's
+    program then holds no code for either, and every other mask and count of a bucket shares one program."""
+    return any(not cfg.model.mask_self or cfg.model.n_isolated for cfg in configs)
+
+
+def bucketed(params: FlowParams, size: int | None = None, options: bool | None = None) -> FlowParams:
     """``params`` with its task and eval tasks laid out in a bucket of ``size`` vertices per chain (default
-    ``bucket_size(n)``), n traced: every n up to the bucket shares one compiled solve.  Unchanged when
-    not ``bucketable``.  The padded config is internal (its Solution's per-position read-outs have
-    size - 1 columns, those past n - 1 meaningless): ``simulate`` and friends trim them."""
+    ``bucket_size(n)``), n traced: every n up to the bucket shares one compiled solve; with ``options`` (None:
+    ``options_as_data([params])``) its model's self-mask and isolated count traced too (``LaidOutModel``): either
+    mask and any number of isolated vertices share that solve.  Unchanged when not ``bucketable``.  The padded config
+    is internal (its Solution's per-position read-outs have size - 1 columns, those past n - 1 meaningless):
+    ``simulate`` and friends trim them."""
     if not bucketable(params):
         return params
     size = bucket_size(params.task.n) if size is None else size
-    is_task = lambda x: isinstance(x, ChainTask)  # the task and the eval tasks (a schedule is never bucketable)
+    options = options_as_data([params]) if options is None else options
+    # the task and the eval tasks (a schedule is never bucketable), and the model when its options are data
+    is_part = lambda x: isinstance(x, ChainTask) or (options and isinstance(x, ModelSpec))
+    laid_out = lambda x: PaddedTask.padded(x, size) if isinstance(x, ChainTask) else LaidOutModel.of(x)
     # one flatten and unflatten (eqx.tree_at costs 1.2 ms a config: half a second for a batch of 1,024)
-    return jax.tree_util.tree_map(lambda x: PaddedTask.padded(x, size) if is_task(x) else x, params, is_leaf=is_task)
+    return jax.tree_util.tree_map(lambda x: laid_out(x) if is_part(x) else x, params, is_leaf=is_part)
 
 
 def _row_slots(task) -> int:
@@ -866,12 +879,16 @@ def _host_solve(params: FlowParams, progress: bool) -> tuple:
     return out, {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}
 
 
-def _stack_bucketed(configs: Sequence[FlowParams], size: int | None = None) -> FlowParams:
+def _stack_bucketed(configs: Sequence[FlowParams], size: int | None = None, options: bool | None = None) -> FlowParams:
     """``stack_configs`` of the configs laid out in one bucket (``size``; default that of the longest chain) when
-    every one is ``bucketable``: chains of different n then share one batch and one compilation."""
+    every one is ``bucketable``: chains of different n then share one batch and one compilation, and so do masks and
+    isolated counts (``options``; None: ``options_as_data(configs)``)."""
     configs = list(configs)
     size = shared_bucket(configs) if size is None else size
-    return stack_configs(configs if size is None else [bucketed(cfg, size) for cfg in configs])
+    if size is None:
+        return stack_configs(configs)
+    options = options_as_data(configs) if options is None else options
+    return stack_configs([bucketed(cfg, size, options) for cfg in configs])
 
 
 def shared_bucket(configs: Sequence[FlowParams]) -> int | None:
@@ -1039,11 +1056,11 @@ def _threaded_batch(configs: list[FlowParams], threads: int, first: Callable) ->
     program of the slice's size run on every slice at once, one thread each (the solve releases the GIL); each
     slice is stacked on the host while the slices before it run.
     Returns (the batch's Solution on the host, compile seconds, run seconds: the later slices' stacking included)."""
-    size, bucket = len(configs), shared_bucket(configs)
+    size, bucket, options = len(configs), shared_bucket(configs), options_as_data(configs)
     part = -(-size // threads)
     slices = [configs[k : k + part] for k in range(0, size, part)]
     slices[-1] = slices[-1] + [slices[-1][-1]] * (part - len(slices[-1]))
-    stacked = lambda members: first(_stack_bucketed(members, bucket)).solver_resolved()
+    stacked = lambda members: first(_stack_bucketed(members, bucket, options)).solver_resolved()
     head = stacked(slices[0])
     executable, compile_s = _batch_program(head, False, None)
     run = lambda batch: jax.device_get(executable(batch))

@@ -79,6 +79,41 @@ class ModelSpec(eqx.Module):
             raise ValueError(f"mask_self must be True or False, got {self.mask_self!r}")
 
 
+class LaidOutModel(eqx.Module):
+    """A ``ModelSpec`` whose self-mask and number of isolated vertices are traced numbers, not structure, so that one
+    compiled program serves every ``mask_self`` and ``n_isolated`` (``gradflow.flow.bucketed`` lays the bucketable
+    flows out with it, as it lays their chains out in a ``gradflow.task.PaddedTask``).  Internal: built from a
+    validated ModelSpec by ``of``; the closed forms read the two through ``self_loops`` and ``RowLogits``, where a
+    traced flag selects and a Python one (a ModelSpec) still picks the code statically."""
+
+    attention: str = eqx.field(static=True)
+    tau: jnp.ndarray
+    mask_self: jnp.ndarray  # bool
+    n_isolated: jnp.ndarray  # float64: the count
+    context: str = eqx.field(static=True)
+    max_len: None = eqx.field(static=True)
+    values: str = eqx.field(static=True)
+    numbers: str = eqx.field(static=True)
+
+    @classmethod
+    def of(cls, model: ModelSpec) -> LaidOutModel:
+        """``model`` with its mask and isolated count as data (numpy on the host: a batch stacks them)."""
+        fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelSpec)}
+        return cls(**{**fields, "mask_self": np.asarray(model.mask_self), "n_isolated": np.asarray(float(model.n_isolated))})
+
+
+def is_data(x) -> bool:
+    """Whether a structural number (a flag, a count) is data (an array, traced or not: ``LaidOutModel``), not a
+    Python number that picks the code statically."""
+    return not isinstance(x, (bool, int, np.integer))
+
+
+def self_loops(model: ModelSpec | LaidOutModel):
+    """Whether the walk may write its current vertex (``not mask_self``): a Python bool for a ModelSpec, traced for a
+    ``LaidOutModel``."""
+    return not model.mask_self if isinstance(model.mask_self, bool) else jnp.logical_not(model.mask_self)
+
+
 def _extended_reaches(model: ModelSpec) -> bool:
     """Whether ``numbers="extended"`` reaches the model's closed form (uncapped, V fixed or trained)."""
     return model.max_len is None
@@ -394,7 +429,8 @@ class RowLogits(NamedTuple):
     vertices would get; ``g``: the row's far logit per edge end (degree-2 vertices get 2g);
     ``g_iso``: the same for an isolated query vertex.  ``deg1_*``: the vertex has degree 1 (a chain
     end).  ``far1``, ``far2``: the row's non-local degree-1 and degree-2 chain vertices (both chains).
-    Static: ``n``, ``n_isolated``.
+    ``n``, ``self_present`` and ``n_isolated`` are Python numbers (static), or traced (a ``PaddedTask``'s n, a
+    ``LaidOutModel``'s mask and count).
     """
 
     succ: jnp.ndarray
@@ -411,9 +447,9 @@ class RowLogits(NamedTuple):
     deg1_pred: jnp.ndarray
     far1: np.ndarray
     far2: np.ndarray
-    self_present: bool
-    n: int
-    n_isolated: int
+    self_present: bool | jnp.ndarray
+    n: int | jnp.ndarray
+    n_isolated: int | jnp.ndarray
     last: np.ndarray = None
 
 
@@ -449,7 +485,7 @@ def row_logits(scores: RowScores, n: int, model: ModelSpec, positions=None) -> R
         deg1_pred=targets.deg_pred == 1,
         far1=targets.far1,
         far2=targets.far2,
-        self_present=not model.mask_self,
+        self_present=self_loops(model),
         n=n,
         n_isolated=model.n_isolated,
         last=positions == n - 1,
@@ -533,7 +569,8 @@ def row_log_total(rows: RowLogits, include_self: bool) -> dict:
 
     Args:
         rows: the row logits (``row_logits``).
-        include_self: count the row's own vertex in the total (False when the current vertex is masked).
+        include_self: count the row's own vertex in the total (False when the current vertex is masked; traced for a
+            ``LaidOutModel``, ``self_loops``).
 
     Returns:
         A dict of logs, each shaped like ``rows.g``: total (Z), switch (all of chain b), jump (chain a minus
@@ -548,15 +585,21 @@ def row_log_total(rows: RowLogits, include_self: bool) -> dict:
     jump = log_sum([(g, n1), (2.0 * g, n2)])
     switch = log_sum([(g, 2.0 * one), (2.0 * g, (n - 2.0) * one)])
     total_terms = [(rows.succ, one), (rows.pred, d1(rows.has_pred)), (g, n1 + 2.0), (2.0 * g, n2 + (n - 2.0))]
-    if include_self:
+    if is_data(include_self):  # traced (``LaidOutModel``): a count of 0 or 1 (0 adds nothing, exactly)
+        total_terms.append((rows.self_, d1(include_self)))
+    elif include_self:
         total_terms.append((rows.self_, one))
-    if m:
+    if is_data(m):  # traced
         total_terms.append((jnp.zeros_like(g), m * one))
+        isolated = jnp.where(m > 0, jnp.log(jnp.where(m > 0, m, 1.0)), -jnp.inf)
+    else:
+        total_terms += [(jnp.zeros_like(g), m * one)] if m else []
+        isolated = jnp.log(m) if m else -jnp.inf
     return {
         "total": log_sum(total_terms),
         "switch": switch,
         "jump": jnp.where(n1 + n2 > 0, jump, -jnp.inf),
-        "isolated": jnp.full_like(g, jnp.log(m) if m else -jnp.inf),
+        "isolated": jnp.full_like(g, isolated),
     }
 
 
@@ -606,10 +649,11 @@ def step_probabilities(theta: Theta, task, model: ModelSpec) -> StepProbabilitie
 def _step_probabilities(theta: Theta, n, model: ModelSpec, positions) -> StepProbabilities:
     """``step_probabilities`` of the chain-a rows at ``positions`` (None: all rows)."""
     rows = chain_a_logits(row_logits(row_scores(theta, n, model), n, model, positions))
-    logs = row_log_total(rows, include_self=not model.mask_self)
+    loops = self_loops(model)
+    logs = row_log_total(rows, include_self=loops)
     log_z = logs["total"]
     prob = lambda log_w: jnp.exp(log_w - log_z)
-    stay = prob(rows.self_) if not model.mask_self else jnp.zeros_like(log_z)
+    stay = jnp.where(loops, prob(jnp.where(loops, rows.self_, log_z)), 0.0)
     local_move = jnp.stack(
         [rows.succ, jnp.where(rows.has_pred, rows.pred, -jnp.inf), logs["switch"], logs["jump"], logs["isolated"]], -1
     )

@@ -64,10 +64,12 @@ from gradflow.model import (
     RowLogits,
     Theta,
     chain_a_logits,
+    is_data,
     own_and_other,
     row_log_total,
     row_logits,
     row_scores,
+    self_loops,
     with_extended_numbers,
 )
 from gradflow.policy import distinct_rows, distinct_rows_traced
@@ -148,10 +150,8 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
         cands.append(jnp.where(interior, 2.0 * g, -jnp.inf))
     elif interior:
         cands.append(2.0 * g)
-    if m:
-        cands.append(jnp.zeros(shape))
-    if rows.self_present:
-        cands.append(self_)
+    cands += _when(m, [jnp.zeros(shape)], lambda x: jnp.where(m > 0, x, -jnp.inf))
+    cands += _when(rows.self_present, [self_], lambda x: jnp.where(rows.self_present, x, -jnp.inf))
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
     ex = lambda logit: numbers.exp(logit - top)
     none = numbers.zeros(shape)
@@ -163,13 +163,13 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
         jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(jnp.maximum(n - 2, 1))),
         jnp.log(4.0) + g_iso,
     )
-    iso1 = scale(ex(g_iso - log_2y), m) if m else none  # isolated share on a deg-1 vertex
-    iso2 = scale(ex(2.0 * g_iso - log_2y), m) if m else none  # ... on a deg-2 vertex
+    # isolated share on a deg-1 vertex, on a deg-2 vertex (a traced m of 0: exactly 0)
+    iso1, iso2 = (scale(ex(k * g_iso - log_2y), m) if is_data(m) or m else none for k in (1.0, 2.0))
     if isinstance(interior, bool):
         e_g2 = ex(2.0 * g) if interior else none
     else:
         e_g2 = where(interior, ex(jnp.where(interior, 2.0 * g, top)), none)
-    e_g, e_m = ex(g), (scale(ex(jnp.zeros(shape)), m) if m else none)
+    e_g, e_m = ex(g), (scale(ex(jnp.zeros(shape)), m) if is_data(m) or m else none)
 
     c_succ = where(last, none, diff_exp(succ, base_succ, top, numbers))
     c_pred = where(has_pred, diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top, numbers), none)
@@ -193,13 +193,24 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
     # cost: Z_u (all weights, self included when present) + m Z_iso / (2Y), Z_iso = 2Y + m - 1 + [self]
     cost = add(add(ex(succ), scale(ex(pred_or_top), pres(has_pred))), scale(e_g, bc(rows.far1)))
     cost = add(add(cost, scale(e_g2, bc(rows.far2))), e_m)
-    if rows.self_present:
+    present = rows.self_present
+    if is_data(present):  # its weight, 0 where masked (the exponent kept finite there: no NaN in a derivative)
+        cost = add(cost, where(present, ex(jnp.where(present, self_, top)), none))
+    elif present:
         cost = add(cost, ex(self_))
-    if m:
-        extra = m - 1 + (1 if rows.self_present else 0)
+    if is_data(m) or m:  # a traced m of 0 adds exact zeros
+        extra = m - 1 + (pres(present) if is_data(present) else int(present))
         cost = add(cost, e_m)
-        cost = add(cost, scale(ex(-log_2y), m * extra)) if extra else cost
+        cost = add(cost, scale(ex(-log_2y), m * extra)) if is_data(extra) or extra else cost
     return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, add(e_g, iso1), add(e_g2, iso2), to_own, cost, top)
+
+
+def _when(flag, items: list, select: Callable) -> list:
+    """``items`` where a Python ``flag`` holds (none where it does not: no code); each passed through ``select``
+    (which masks it by the flag) where the flag is traced."""
+    if is_data(flag):
+        return [select(x) for x in items]
+    return items if flag else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -647,7 +658,7 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
 
     def log_forward(position, positions=None):
         rows = chain_a_logits(row_logits(row_scores(theta, n, model, start=position), n, model, positions))
-        return rows.succ - row_log_total(rows, include_self=not model.mask_self)["total"]
+        return rows.succ - row_log_total(rows, include_self=self_loops(model))["total"]
 
     def log_path_from(position):
         return jnp.cumsum(log_forward(position)[::-1])[::-1]  # entry i-1: sum over positions i..n-1

@@ -44,7 +44,16 @@ from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import CompileRequest, compiled, run_together
 from gradflow.config import FlowParams, config_label
-from gradflow.flow import batch_chunk, bucketable, bucketed, hitting_times, over_batch, shared_bucket, stack_configs
+from gradflow.flow import (
+    batch_chunk,
+    bucketable,
+    bucketed,
+    hitting_times,
+    options_as_data,
+    over_batch,
+    shared_bucket,
+    stack_configs,
+)
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
 from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_probabilities
 from gradflow.objective import expected_reward, finite_or_extended, same_side_probability
@@ -710,7 +719,8 @@ def _in_buckets(configs: list, watched: list) -> tuple[list, list]:
     size = shared_bucket(configs)
     if size is None:
         return configs, watched
-    return [bucketed(cfg, size) for cfg in configs], [PaddedTask.padded(task, size) for task in watched]
+    options = options_as_data(configs)
+    return [bucketed(cfg, size, options) for cfg in configs], [PaddedTask.padded(task, size) for task in watched]
 
 
 def _learning_configs(tasks, model, theta0, level, t1, flow_kwargs) -> list[FlowParams]:

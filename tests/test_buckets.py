@@ -15,7 +15,7 @@ from helpers import slow_case
 
 import gradflow as gf
 from gradflow import flow, objective
-from gradflow.model import step_probabilities
+from gradflow.model import LaidOutModel, step_probabilities
 from gradflow.task import PaddedTask, bucket_size
 
 EDGES = [2, 9]
@@ -37,16 +37,21 @@ def _thetas(seed: int):
 
 
 def _check_n(n: int, model: gf.ModelSpec) -> None:
+    """Every closed form on the padded task, with the model as it is and laid out (mask and isolated count traced),
+    against the per-n one with the static model."""
     task = gf.ChainTask.mixture(n, 0.3, (1,)) if n > 2 else gf.ChainTask.uniform(n)
     padded = PaddedTask.padded(task, bucket_size(n))
+    laid_out = LaidOutModel.of(model)
     for theta in _thetas(n):
         for name, fn in QUANTITIES.items():
             want = np.asarray(fn(theta, task, model))
-            got = np.asarray(fn(theta, padded, model))
-            got = got[: n - 1] if got.ndim else got
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300, err_msg=f"{name}, n={n}, {theta}")
-        grad = lambda t: jax.grad(lambda x: objective.expected_reward(gf.Theta.from_array(x), t, model))(theta.as_array())
-        np.testing.assert_allclose(grad(padded), grad(task), rtol=1e-10, atol=1e-14, err_msg=f"gradient, n={n}")
+            for form in (model, laid_out):
+                got = np.asarray(fn(theta, padded, form))
+                got = got[: n - 1] if got.ndim else got
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300, err_msg=f"{name}, n={n}, {theta}, {form}")
+        grad = lambda t, m: jax.grad(lambda x: objective.expected_reward(gf.Theta.from_array(x), t, m))(theta.as_array())
+        for form in (model, laid_out):
+            np.testing.assert_allclose(grad(padded, form), grad(task, model), rtol=1e-10, atol=1e-14, err_msg=f"gradient, n={n}")
 
 
 @pytest.mark.parametrize("n", [EDGES[0], *(slow_case(n) for n in EDGES[1:])])
@@ -93,6 +98,37 @@ def test_a_bucketed_flow_equals_the_per_n_flow(n):
         np.testing.assert_allclose(getattr(bucketed, name), getattr(direct, name), rtol=1e-9, atol=1e-12, err_msg=name)
     for event, name in (("threshold", "reward_threshold"), ("converged", "converged")):
         assert bucketed.events[name] == pytest.approx(float(direct.event_times[event]), rel=1e-9)
+
+
+MASKS_AND_ISOLATED = [(True, 0), (False, 0), (True, 2), (False, 5)]
+
+
+def test_every_mask_and_isolated_count_of_a_bucket_is_one_program_and_equals_its_own(empty_compile_cache):
+    """The self-mask and the number of isolated vertices are data (``LaidOutModel``): flows of either mask and any
+    isolated count in one bucket compile once, alone or batched together (with the default flow too), and each equals
+    the program compiled for its own static model (saves, read-outs and events).  The default flow (masked, no
+    isolated vertex) alone keeps its own program, which holds code for neither."""
+    configs = [
+        gf.FlowParams(gf.ChainTask.uniform(n), gf.ModelSpec(mask_self=mask, n_isolated=m, tau=0.3), t1=100.0)
+        for n, (mask, m) in zip((5, 6, 7, 8), MASKS_AND_ISOLATED)
+    ]
+    assert [flow.options_as_data([cfg]) for cfg in configs] == [False, True, True, True]
+    assert isinstance(flow.bucketed(configs[0]).model, gf.ModelSpec)
+    assert isinstance(flow.bucketed(configs[1]).model, LaidOutModel)
+    before = gf.compile_cache.compilation_count()
+    alone = [gf.simulate(cfg) for cfg in configs]
+    assert gf.compile_cache.compilation_count() == before + 2  # the default's program and the options' one
+    batch = gf.simulate_many(configs)
+    assert gf.compile_cache.compilation_count() == before + 3
+    lengths = [trajectory.expected_length[-1] for trajectory in alone]
+    assert len(set(np.round(lengths, 6))) == len(configs)  # the options change what is solved
+    for cfg, one, batched in zip(configs, alone, batch):
+        direct = jax.device_get(jax.jit(flow._solve)(cfg))  # n, mask and count static: the config's own program
+        for got in (one, batched):
+            np.testing.assert_allclose(got.theta, direct.theta, rtol=1e-9, atol=1e-12)
+            for name in ("reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob"):
+                np.testing.assert_allclose(getattr(got, name), getattr(direct, name), rtol=1e-9, atol=1e-12, err_msg=name)
+            assert got.events["reward_threshold"] == pytest.approx(float(direct.event_times["threshold"]), rel=1e-9)
 
 
 def test_a_batch_runs_in_whole_chunks_and_each_member_equals_its_own_solve(monkeypatch, empty_compile_cache):
