@@ -3,7 +3,8 @@
 Rows, each with the target it is held to:
 - the default flow's first solve (compile + run, persistent cache off) against a trivial diffrax
   solve with the same solver, controller, tolerances and 201 saves (target: within 3x);
-- ``simulate`` on a new n in a warm process (n = 9 after n = 8; target: under 0.3 s);
+- ``simulate`` on a new n in a warm process (n = 7 after n = 8, one bucket; target: under 0.3 s); in the before/after probe,
+  also the default flow's other options (four self-masks and isolated counts at n = 8, after the default);
 - a warm ``gradflow run`` in a fresh process (persistent cache filled by a first run; target: 3 s);
 - sweep throughput: 1,024 mixtures at n = 16, easy mass 1e-3..1, default t1 and tolerances
   (target: 2,000 flows/s), against solving a sample of them one by one.

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import gradflow as gf  # noqa: E402
 
 SWEEP_SIZE, SWEEP_N = 1024, 16
+OPTIONS = [(False, 0), (True, 2), (False, 2), (True, 16)]  # (mask_self, n_isolated) after the default flow, n = 8
 
 
 def seconds(fn) -> float:
@@ -36,6 +37,8 @@ def value_and_grad_ms(n: int) -> float:
 def main() -> None:
     out = {"first_solve_s": seconds(lambda: gf.simulate(gf.FlowParams(gf.ChainTask.uniform(8))).reward)}
     out["new_n_s"] = seconds(lambda: gf.simulate(gf.FlowParams(gf.ChainTask.uniform(7))).reward)
+    options = [gf.ModelSpec(mask_self=mask, n_isolated=m) for mask, m in OPTIONS]
+    out["other_options_s"] = seconds(lambda: [gf.simulate(gf.FlowParams(gf.ChainTask.uniform(8), o)).reward for o in options])
     out["learning_time_first_s"] = seconds(lambda: float(gf.theory.learning_time(gf.ChainTask.hardest(12))))  # compile + run
     configs = [gf.FlowParams(gf.ChainTask.mixture(SWEEP_N, float(c)), events=()) for c in np.geomspace(1e-3, 1.0, SWEEP_SIZE)]
     out["sweep_first_s"] = seconds(lambda: [t.reward for t in gf.simulate_many(configs)][-1])  # compile + run
