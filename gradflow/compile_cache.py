@@ -276,13 +276,40 @@ def _before_compiling():
 
 def _build(folder, request: CompileRequest) -> tuple[Callable, bool]:
     """(executable, whether fn was traced) of one request (``compiled``), inside ``runtime_checks_as_nan``."""
+    lowered, traced, wrap = _lowered(folder, request)
+    return wrap(compile_lowered(lowered, request.quick)), traced
+
+
+def _lowered(folder, request: CompileRequest) -> tuple[jax.stages.Lowered, bool, Callable]:
+    """(the request's lowered program, whether fn was traced, what makes the compiled program callable as fn): from
+    its traced program kept on disk (``exported_program``) where it asks for that, else traced here."""
     kind, fn, args, static_key, export, quick = request
-    executable, traced = None, True
     if export and folder is not None:
-        executable, traced = exported_program(Path(folder) / "exported", kind, fn, args, static_key, quick)
-    if executable is None:
-        executable = compile_lowered(jax.jit(fn).lower(*args), quick)
-    return executable, traced
+        lowered, traced, wrap = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
+        if lowered is not None:
+            return lowered, traced, wrap
+    return jax.jit(fn).lower(*args), True, lambda executable: executable
+
+
+def compiled_in_turn(requests: list[CompileRequest]) -> tuple[list[Callable], float]:
+    """The executables of several ``compiled`` requests, each traced on this thread while the ones before it compile
+    on threads of their own (XLA compiles with Python's lock released): a later program's tracing, lowering and
+    compilation hide behind an earlier, longer one's compilation.  Returns them in order, and the wall seconds."""
+    start = time.perf_counter()
+    folder = _before_compiling()
+    found, pending = {}, {}
+    with runtime_checks_as_nan(), ThreadPoolExecutor(max_workers=max(1, len(requests))) as pool:
+        for i, request in enumerate(requests):
+            key = _key(request)
+            if (executable := _cached(key)) is not None:
+                found[i] = executable
+                continue
+            lowered, traced, wrap = _lowered(folder, request)
+            pending[i] = (key, traced, wrap, pool.submit(compile_lowered, lowered, request.quick))
+        for i, (key, traced, wrap, future) in pending.items():
+            found[i] = wrap(future.result())
+            _keep(key, found[i], traced)
+    return [found[i] for i in range(len(requests))], (time.perf_counter() - start if pending else 0.0)
 
 
 def _keep(key, executable: Callable, traced: bool) -> None:
@@ -319,20 +346,21 @@ def _export_key(kind: str, args: tuple, static_key) -> str | None:
 
 
 def exported_program(
-    folder: Path, kind: str, fn: Callable, args: tuple, static_key=(), quick: bool = False
-) -> tuple[Callable | None, bool]:
-    """``fn(*args)`` compiled from its traced program kept in ``folder`` (traced and kept there when missing).
+    folder: Path, kind: str, fn: Callable, args: tuple, static_key=()
+) -> tuple[jax.stages.Lowered | None, bool, Callable | None]:
+    """``fn(*args)`` lowered from its traced program kept in ``folder`` (traced and kept there when missing).
 
     The program takes and returns flat lists of arrays: the arguments' tree structure is part of the key
     and the result's is stored beside the program (a skeleton of the output with 0 leaves).
 
     Returns:
-        (executable, traced): the executable, None where ``jax.export`` cannot serialise the program (the
-        caller then compiles as usual), and whether ``fn`` was traced here.
+        (lowered, traced, wrap): the lowered program, None where ``jax.export`` cannot serialise it (the caller
+        then traces it as usual); whether ``fn`` was traced here; and ``wrap``, which makes the compiled program a
+        function of ``args``' tree (returning ``fn``'s tree).
     """
     key = _export_key(kind, args, static_key)
     if key is None or not _has_module("flatbuffers"):  # jax serialises with flatbuffers: without it, never trace twice
-        return None, False
+        return None, False, None
     leaves, treedef = jax.tree_util.tree_flatten(args)
     specs = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
     path = folder / f"{kind}-{key}.bin"
@@ -354,16 +382,15 @@ def exported_program(
             program = jax_export.export(jax.jit(flat))(*specs)
             blob = program.serialize()
         except Exception:  # noqa: BLE001  (host callbacks or shardings: not exportable)
-            return None, True
+            return None, True, None
         skeleton = jax.tree_util.tree_unflatten(box["tree"], [0] * box["tree"].num_leaves)
         _write_atomic(path, pickle.dumps((bytes(blob), skeleton)))
     out_tree = jax.tree_util.tree_structure(skeleton)
-    executable = compile_lowered(jax.jit(program.call).lower(*specs), quick)
 
-    def run(*call_args):
-        return jax.tree_util.tree_unflatten(out_tree, executable(*jax.tree_util.tree_leaves(call_args)))
+    def wrap(executable: Callable) -> Callable:
+        return lambda *call_args: jax.tree_util.tree_unflatten(out_tree, executable(*jax.tree_util.tree_leaves(call_args)))
 
-    return run, traced
+    return jax.jit(program.call).lower(*specs), traced, wrap
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import diffrax
@@ -42,8 +42,10 @@ from gradflow.ceilings import closed_form_ceiling, reward_ceiling_warning
 from gradflow.compile_cache import (
     CACHE_MAX_BYTES,
     CACHE_SIZE,
+    CompileRequest,
     compilation_count,
     compiled,
+    compiled_in_turn,
     enable_persistent_cache,
     persistent_cache_dir,
     require_x64,
@@ -417,7 +419,40 @@ def _end_field_finite(solution: diffrax.Solution) -> jnp.ndarray:
 
 
 def _solve(params: FlowParams, progress: bool = False) -> Solution:
-    """Integrate the flow, read the closed-form metrics at the saves and locate the events (traceable)."""
+    """Integrate the flow, read the closed-form metrics at the saves and locate the events (traceable): one program
+    (batches); one config's solve runs ``_bare_solve`` and ``_readouts_at`` as two (``_compiled_solve``)."""
+    bare = _bare_solve(params, progress)
+    return _with_readouts(bare, _readouts_at(params, bare.theta))
+
+
+def _readouts_at(params: FlowParams, thetas: jnp.ndarray) -> dict:
+    """The recorded read-outs besides the reward (and the eval tasks' rewards) at the saved thetas (rows, NaN after
+    a stop: those rows NaN), full width, NaN where not recorded."""
+    valid = jnp.all(jnp.isfinite(thetas), axis=1)
+    # lax.map in chunks of ~4096 / n saves bounds the intermediates of large n (a full vmap over the
+    # saves of a 64-config sweep at n = 1000 peaks at 4.4 GB); small n stays one vmapped chunk
+    chunk = max(1, min(thetas.shape[0], METRIC_CHUNK_ELEMENTS // (_row_slots(params.task) + 1)))
+    recorded = jax.lax.map(lambda y: _recorded_at(params, y), jnp.nan_to_num(thetas), batch_size=chunk)
+    mask = lambda v: jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.nan)
+    recorded = jax.tree_util.tree_map(mask, recorded)
+    n_saves, width = thetas.shape[0], _row_slots(params.task)
+    nan = lambda *shape: jnp.full(shape, jnp.nan)
+    return {
+        "forward_prob": recorded.get("forward_prob", nan(n_saves, width)),
+        "switch_prob": recorded.get("switch_prob", nan(n_saves, width)),
+        "expected_length": recorded.get("expected_length", nan(n_saves)),
+        "traversal_prob": recorded.get("traversal_prob", nan(n_saves)),
+        "eval_reward": recorded["eval_reward"],
+    }
+
+
+def _with_readouts(bare: Solution, recorded: dict) -> Solution:
+    """``_bare_solve``'s Solution with the read-outs of ``_readouts_at`` in their fields (on the host or traced)."""
+    return replace(bare, **recorded)
+
+
+def _bare_solve(params: FlowParams, progress: bool = False) -> Solution:
+    """``_solve`` without the read-outs but the reward (their fields empty: zero-width arrays and no eval reward)."""
     require_x64()
     clock = flow_clock(params)
     requested = params.times()
@@ -434,15 +469,8 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
     as_time = lambda s, want_s, want_t: jnp.where(s == want_s, want_t, clock.to_time(s))
     ts = jnp.where(valid, as_time(jnp.where(valid, saved_s, 0.0), requested_s, requested), jnp.nan)
     thetas = jnp.where(valid[:, None], saved_ys, jnp.nan)
-    # lax.map in chunks of ~4096 / n saves bounds the intermediates of large n (a full vmap over the
-    # saves of a 64-config sweep at n = 1000 peaks at 4.4 GB); small n stays one vmapped chunk
-    chunk = max(1, min(thetas.shape[0], METRIC_CHUNK_ELEMENTS // (_row_slots(params.task) + 1)))
-    recorded = jax.lax.map(lambda y: _recorded_at(params, y), jnp.nan_to_num(thetas), batch_size=chunk)
-    recorded["reward"] = main["rewards"]  # the solve's own reward at its saves
-    mask = lambda v: jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.nan)
-    recorded = jax.tree_util.tree_map(mask, recorded)
-    n_saves, width = thetas.shape[0], _row_slots(params.task)
-    nan = lambda *shape: jnp.full(shape, jnp.nan)
+    reward = jnp.where(valid, main["rewards"], jnp.nan)  # the solve's own reward at its saves
+    empty = jnp.zeros((thetas.shape[0], 0))
     # the end of the solve: the last finite saved time (t1, or the stop event's time)
     finite_s = jnp.isfinite(main["ts"])
     last = jnp.argmax(jnp.where(finite_s, main["ts"], -jnp.inf))
@@ -473,12 +501,12 @@ def _solve(params: FlowParams, progress: bool = False) -> Solution:
     return Solution(
         ts=ts,
         theta=thetas,
-        reward=recorded["reward"],
-        forward_prob=recorded.get("forward_prob", nan(n_saves, width)),
-        switch_prob=recorded.get("switch_prob", nan(n_saves, width)),
-        expected_length=recorded.get("expected_length", nan(n_saves)),
-        traversal_prob=recorded.get("traversal_prob", nan(n_saves)),
-        eval_reward=recorded["eval_reward"],
+        reward=reward,
+        forward_prob=empty,
+        switch_prob=empty,
+        expected_length=jnp.zeros(0),
+        traversal_prob=jnp.zeros(0),
+        eval_reward={},
         event_times=event_times,
         event_reached=event_reached,
         event_resolved=event_resolved,
@@ -522,9 +550,24 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
 
 
 def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
-    """The compiled ``_solve`` of one config in its program form (``bucketed(...).solver_resolved()``), and its compile
+    """``_solve`` of one config in its program form (``bucketed(...).solver_resolved()``) as two compiled programs, the
+    solve and its read-outs at the saves, the second traced and compiled while the first compiles
+    (``compile_cache.compiled_in_turn``: about a second less than one program holding both); and their compile
     seconds (0 when cached)."""
-    return compiled("solve", lambda p: _solve(p, progress), (program,), progress, export=not progress, quick=True)
+    export = not progress
+    thetas = jax.ShapeDtypeStruct((program.times().shape[0], program.theta0.as_array(program.model.values).shape[0]), float)
+    (bare, readout), seconds = compiled_in_turn(
+        [
+            CompileRequest("solve", lambda p: _bare_solve(p, progress), (program,), progress, export=export, quick=True),
+            CompileRequest("readouts", _readouts_at, (program, thetas), (), export=True, quick=True),
+        ]
+    )
+
+    def run(params: FlowParams) -> Solution:
+        solution = bare(params)
+        return _with_readouts(solution, readout(params, solution.theta))
+
+    return run, seconds
 
 
 def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = False, devices=None) -> Solution:

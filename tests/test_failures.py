@@ -209,6 +209,7 @@ def test_simulate_and_solve_check_the_levels_before_compiling(monkeypatch):
         raise Compiling
 
     monkeypatch.setattr(gf.flow, "compiled", compiling)
+    monkeypatch.setattr(gf.flow, "compiled_in_turn", compiling)
     params = FlowParams(gf.ChainTask.uniform(3), SOFTMAX, events=("converged",))
     for run in (simulate, gf.solve, lambda p: simulate_many([p]), lambda p: gf.flow.solve_many([p])):
         with pytest.warns(UserWarning, match="reward ceiling"), pytest.raises(Compiling):

@@ -399,6 +399,30 @@ def test_programs_compiled_together_are_kept_and_run_as_each_is_ready(empty_comp
     assert seconds == 0.0 and compile_cache.compilation_count() - before == 3
 
 
+def test_programs_compiled_in_turn_are_kept_and_a_single_solve_is_two_equal_to_the_batch_program(empty_compile_cache):
+    """compile_cache.compiled_in_turn returns the requests' executables in order (each traced while the ones before it
+    compile) and keeps them: a repeat compiles nothing, and a cached request is not compiled again.  One config's solve
+    is the solve and its read-outs as two programs; a batch holds both in one, with the same numbers."""
+    x = jnp.arange(4.0)
+    requests = [compile_cache.CompileRequest("in_turn_probe", lambda y, k=k: jnp.cumsum(y) * k, (x,), k) for k in (1.0, 2.0)]
+    before = compile_cache.compilation_count()
+    executables, seconds = compile_cache.compiled_in_turn(requests)
+    assert compile_cache.compilation_count() - before == 2 and seconds > 0.0
+    for executable, k in zip(executables, (1.0, 2.0)):
+        np.testing.assert_array_equal(np.asarray(executable(x)), np.cumsum(np.arange(4.0)) * k)
+    again, seconds = compile_cache.compiled_in_turn(requests)
+    assert [a is b for a, b in zip(again, executables)] == [True, True] and seconds == 0.0
+    assert compile_cache.compilation_count() - before == 2
+    config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0, eval_tasks={"hardest": gf.ChainTask.hardest(6)})
+    single = simulate(config)
+    assert {key[0] for key in compile_cache._COMPILED} >= {"solve", "readouts"}
+    whole = jax.device_get(jax.jit(gf.flow._solve)(gf.flow.bucketed(config)))  # one program holding both
+    for name in ("reward", "expected_length", "traversal_prob"):
+        np.testing.assert_allclose(getattr(single, name), getattr(whole, name), rtol=1e-13, err_msg=name)
+    np.testing.assert_allclose(single.forward_prob, whole.forward_prob[:, :5], rtol=1e-13)
+    np.testing.assert_allclose(single.eval_reward["hardest"], whole.eval_reward["hardest"], rtol=1e-13)
+
+
 def test_one_config_compiles_quick_and_a_batch_does_not_with_the_same_numbers():
     """simulate's program is a quick one (XLA level 0), simulate_many's is not, and both give the same trajectory."""
     config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0)
@@ -510,10 +534,12 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     warm_hits, _, warm_traced, warm_reward = warm.stdout.split()
     assert int(cold_hits) == 0 and int(warm_hits) >= 1, (cold.stdout, warm.stdout)
     assert any((tmp_path / "cache").iterdir())
-    # the traced program itself was kept (jax.export): the warm process traces nothing and gets the same numbers
-    assert int(cold_traced) == 1 and int(warm_traced) == 0, (cold.stdout, warm.stdout)
+    # the traced programs themselves were kept (jax.export): the solve and its read-outs; the warm process traces
+    # nothing and gets the same numbers
+    assert int(cold_traced) == 2 and int(warm_traced) == 0, (cold.stdout, warm.stdout)
     assert warm_reward == cold_reward
-    assert list((tmp_path / "cache" / "exported").glob("solve-*.bin"))
+    for kind in ("solve", "readouts"):
+        assert list((tmp_path / "cache" / "exported").glob(f"{kind}-*.bin"))
 
 
 def test_theta0_takes_its_first_numbers_the_rest_zero():
