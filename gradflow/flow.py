@@ -552,8 +552,8 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
 def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
     """``_solve`` of one config in its program form (``bucketed(...).solver_resolved()``) as two compiled programs, the
     solve and its read-outs at the saves, the second traced and compiled while the first compiles
-    (``compile_cache.compiled_in_turn``: about a second less than one program holding both); and their compile
-    seconds (0 when cached)."""
+    (``compile_cache.compiled_in_turn``: the default flow's first solve 0.9 s, 16%, faster than one program holding
+    both); and their compile seconds (0 when cached)."""
     export = not progress
     thetas = jax.ShapeDtypeStruct((program.times().shape[0], program.theta0.as_array(program.model.values).shape[0]), float)
     (bare, readout), seconds = compiled_in_turn(

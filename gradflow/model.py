@@ -111,7 +111,7 @@ def is_data(x) -> bool:
 def self_loops(model: ModelSpec | LaidOutModel):
     """Whether the walk may write its current vertex (``not mask_self``): a Python bool for a ModelSpec, traced for a
     ``LaidOutModel``."""
-    return not model.mask_self if isinstance(model.mask_self, bool) else jnp.logical_not(model.mask_self)
+    return jnp.logical_not(model.mask_self) if is_data(model.mask_self) else not model.mask_self
 
 
 def _extended_reaches(model: ModelSpec) -> bool:
