@@ -555,7 +555,7 @@ def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, floa
     (``compile_cache.compiled_in_turn``: the default flow's first solve 0.9 s, 16%, faster than one program holding
     both); and their compile seconds (0 when cached)."""
     export = not progress
-    thetas = jax.ShapeDtypeStruct((program.times().shape[0], program.theta0.as_array(program.model.values).shape[0]), float)
+    thetas = jax.ShapeDtypeStruct((program.times().shape[0], Theta.size(program.model.values)), float)
     (bare, readout), seconds = compiled_in_turn(
         [
             CompileRequest("solve", lambda p: _bare_solve(p, progress), (program,), progress, export=export, quick=True),
