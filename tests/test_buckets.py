@@ -70,6 +70,21 @@ def test_bucketed_closed_forms_with_self_loops_and_isolated_vertices():
     _check_n(6, gf.ModelSpec(mask_self=False, n_isolated=3, tau=0.3))
 
 
+@pytest.mark.parametrize("mask_self, n_isolated", [(False, 2), slow_case(True, 0)])
+def test_the_laid_out_model_in_extended_numbers_equals_the_static_one(mask_self, n_isolated):
+    """The laid-out model (mask and isolated count traced) in extended numbers, on the padded task: reward, loss,
+    lengths and the reward's gradient equal the static model's per-n extended solve."""
+    model = gf.ModelSpec(mask_self=mask_self, n_isolated=n_isolated, numbers="extended", tau=0.3)
+    task, theta = gf.ChainTask.mixture(6, 0.3, (1,)), gf.Theta(2.0, -1.0, 0.5)
+    padded, laid_out = PaddedTask.padded(task, 8), LaidOutModel.of(model)
+    for name in ("reward", "loss", "length"):
+        want = np.asarray(QUANTITIES[name](theta, task, model))
+        got = np.asarray(QUANTITIES[name](theta, padded, laid_out))
+        np.testing.assert_allclose(got[: task.n - 1] if got.ndim else got, want, rtol=1e-13, err_msg=name)
+    grad = lambda t, m: jax.grad(lambda x: objective.expected_reward(gf.Theta.from_array(x), t, m))(theta.as_array())
+    np.testing.assert_allclose(grad(padded, laid_out), grad(task, model), rtol=1e-12, atol=1e-15)
+
+
 def test_buckets_are_powers_of_two_from_four():
     assert [bucket_size(n) for n in (2, 3, 4, 5, 8, 9, 16, 17, 70)] == [4, 4, 4, 8, 8, 16, 16, 32, 128]
 
