@@ -181,7 +181,7 @@ class CompileRequest(NamedTuple):
     kind: a name for the computation, part of the cache key.  fn: the function to jit and compile.  args: the example
     arguments; their tree structure, shapes and dtypes (``structure_key``) are part of the key.  static_key (Hashable):
     anything else the executable depends on (part of the key).  export: keep the traced program on disk
-    (``exported_program``) so that a new process skips tracing; for functions without host callbacks (no progress
+    (``exported_lowered``) so that a new process skips tracing; for functions without host callbacks (no progress
     meter) on one device.  quick: compile with ``QUICK_CPU_COMPILER_OPTIONS`` (a program that runs briefly: one config)."""
 
     kind: str
@@ -282,10 +282,10 @@ def _build(folder, request: CompileRequest) -> tuple[Callable, bool]:
 
 def _lowered(folder, request: CompileRequest) -> tuple[jax.stages.Lowered, bool, Callable]:
     """(the request's lowered program, whether fn was traced, what makes the compiled program callable as fn): from
-    its traced program kept on disk (``exported_program``) where it asks for that, else traced here."""
+    its traced program kept on disk (``exported_lowered``) where it asks for that, else traced here."""
     kind, fn, args, static_key, export, quick = request
     if export and folder is not None:
-        lowered, traced, wrap = exported_program(Path(folder) / "exported", kind, fn, args, static_key)
+        lowered, traced, wrap = exported_lowered(Path(folder) / "exported", kind, fn, args, static_key)
         if lowered is not None:
             return lowered, traced, wrap
     return jax.jit(fn).lower(*args), True, lambda executable: executable
@@ -346,6 +346,20 @@ def _export_key(kind: str, args: tuple, static_key) -> str | None:
 
 
 def exported_program(
+    folder: Path, kind: str, fn: Callable, args: tuple, static_key=(), quick: bool = False
+) -> tuple[Callable | None, bool]:
+    """``fn(*args)`` compiled from its traced program kept in ``folder`` (traced and kept there when missing):
+    ``exported_lowered``, compiled (``quick``: with ``QUICK_CPU_COMPILER_OPTIONS``).
+
+    Returns:
+        (executable, traced): the executable, None where ``jax.export`` cannot serialise the program (the
+        caller then compiles as usual), and whether ``fn`` was traced here.
+    """
+    lowered, traced, wrap = exported_lowered(folder, kind, fn, args, static_key)
+    return (None, traced) if lowered is None else (wrap(compile_lowered(lowered, quick)), traced)
+
+
+def exported_lowered(
     folder: Path, kind: str, fn: Callable, args: tuple, static_key=()
 ) -> tuple[jax.stages.Lowered | None, bool, Callable | None]:
     """``fn(*args)`` lowered from its traced program kept in ``folder`` (traced and kept there when missing).

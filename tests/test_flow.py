@@ -423,6 +423,17 @@ def test_programs_compiled_in_turn_are_kept_and_a_single_solve_is_two_equal_to_t
     np.testing.assert_allclose(single.eval_reward["hardest"], whole.eval_reward["hardest"], rtol=1e-13)
 
 
+def test_an_exported_program_is_traced_once_and_compiled_from_disk_after(tmp_path):
+    """compile_cache.exported_program keeps its contract: (executable, traced), traced the first time only."""
+    x = jnp.arange(3.0)
+    fn = lambda y: {"double": 2.0 * y}
+    first, traced = compile_cache.exported_program(tmp_path, "export_probe", fn, (x,))
+    again, traced_again = compile_cache.exported_program(tmp_path, "export_probe", fn, (x,), quick=True)
+    assert traced and not traced_again
+    for executable in (first, again):
+        np.testing.assert_array_equal(np.asarray(executable(x)["double"]), 2.0 * np.arange(3.0))
+
+
 def test_one_config_compiles_quick_and_a_batch_does_not_with_the_same_numbers():
     """simulate's program is a quick one (XLA level 0), simulate_many's is not, and both give the same trajectory."""
     config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0)
