@@ -144,12 +144,10 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
     pres = lambda flag: jnp.where(flag, 1.0, 0.0)
 
     interior = n >= 3  # a Python bool, or traced when n is (``gradflow.task.PaddedTask``)
+    counted = is_data(m) or m > 0  # the isolated terms are in the program (a traced m of 0 adds exact zeros)
     # the row scale: its largest logit (stop-gradient: any constant scale gives the same solution)
     cands = [succ, jnp.where(has_pred, pred, -jnp.inf), g]
-    if not isinstance(interior, bool):
-        cands.append(jnp.where(interior, 2.0 * g, -jnp.inf))
-    elif interior:
-        cands.append(2.0 * g)
+    cands += _when(interior, [2.0 * g], lambda x: jnp.where(interior, x, -jnp.inf))
     cands += _when(m, [jnp.zeros(shape)], lambda x: jnp.where(m > 0, x, -jnp.inf))
     cands += _when(rows.self_present, [self_], lambda x: jnp.where(rows.self_present, x, -jnp.inf))
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
@@ -163,13 +161,13 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
         jnp.log(2.0) + jnp.logaddexp(g_iso + jnp.log(2.0), 2.0 * g_iso + jnp.log(jnp.maximum(n - 2, 1))),
         jnp.log(4.0) + g_iso,
     )
-    # isolated share on a deg-1 vertex, on a deg-2 vertex (a traced m of 0: exactly 0)
-    iso1, iso2 = (scale(ex(k * g_iso - log_2y), m) if is_data(m) or m else none for k in (1.0, 2.0))
-    if isinstance(interior, bool):
-        e_g2 = ex(2.0 * g) if interior else none
-    else:
+    # isolated share on a deg-1 vertex, on a deg-2 vertex
+    iso1, iso2 = (scale(ex(k * g_iso - log_2y), m) if counted else none for k in (1.0, 2.0))
+    if is_data(interior):
         e_g2 = where(interior, ex(jnp.where(interior, 2.0 * g, top)), none)
-    e_g, e_m = ex(g), (scale(ex(jnp.zeros(shape)), m) if is_data(m) or m else none)
+    else:
+        e_g2 = ex(2.0 * g) if interior else none
+    e_g, e_m = ex(g), (scale(ex(jnp.zeros(shape)), m) if counted else none)
 
     c_succ = where(last, none, diff_exp(succ, base_succ, top, numbers))
     c_pred = where(has_pred, diff_exp(jnp.where(has_pred, pred, base_pred), base_pred, top, numbers), none)
@@ -198,7 +196,7 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
         cost = add(cost, where(present, ex(jnp.where(present, self_, top)), none))
     elif present:
         cost = add(cost, ex(self_))
-    if is_data(m) or m:  # a traced m of 0 adds exact zeros
+    if counted:
         extra = m - 1 + (pres(present) if is_data(present) else int(present))
         cost = add(cost, e_m)
         cost = add(cost, scale(ex(-log_2y), m * extra)) if is_data(extra) or extra else cost
