@@ -44,6 +44,12 @@ row and three far classes: chain starts, interior vertices, terminals), so there
 start over ``two_matrix.start_logits``, each step O(n) by the same prefix and suffix sums per class,
 the start left out of its class with its own weight.
 
+n and the cap as data (``gradflow.flow.shared_layout``, linear attention with fixed V): with a ``PaddedTask`` the
+recursions run in the bucket's rows (the slots past n - 1 copies of row n - 1, never read: values past position n
+are zeros, the terminal values sit at position n, per-start entries past d = n - 1 are zeros); with a
+``LaidOutModel`` the cap is traced and the scan runs the model's ``cap_size`` steps, a ``lax.cond`` keeping the
+carry past the cap (``_capped_scan``).
+
 All public functions take ``(theta, task, model)`` and need ``model.max_len`` set (or the keyword
 ``max_len``, which wins when given).  Per-start arrays are indexed by start distance d = 1..n-1
 (entry d-1); the scalar versions weight them by ``task.start_probs``.
@@ -51,6 +57,7 @@ All public functions take ``(theta, task, model)`` and need ``model.max_len`` se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -60,9 +67,8 @@ import numpy as np
 
 from gradflow import two_matrix
 from gradflow._checks import check_int
-from gradflow.model import ModelSpec, RowScores, Theta, row_logits, row_scores
-from gradflow.policy import degree_counts
-from gradflow.task import ChainTask
+from gradflow.model import ModelSpec, RowScores, Theta, is_data, row_logits, row_scores, when
+from gradflow.task import ChainTask, by_distance, layout
 
 __all__ = [
     "CappedPerStart",
@@ -95,9 +101,11 @@ class CappedPerStart(NamedTuple):
 
 
 class _Rows(NamedTuple):
-    """Row weights (divided by exp of the row's largest logit) of the chain rows, shape (2, n-1),
-    and of the isolated row (scalars): targets succ/self/pred, far weights e1 (degree 1), e2
-    (degree 2), e0 (an isolated vertex), normaliser z, and log P(forward)."""
+    """Row weights (divided by exp of the row's largest logit) of the chain rows, shape (2, rows),
+    and of the isolated row (scalars): targets succ/self/pred, far weights e1 (a degree-1 vertex),
+    e2 (a degree-2 vertex), e0 (the m isolated vertices together), normaliser z, and log P(forward);
+    the isolated row's weights of a degree-1 and a degree-2 vertex, iso0 (the other isolated
+    vertices together) and its normaliser."""
 
     succ: jnp.ndarray
     self_: jnp.ndarray
@@ -113,11 +121,16 @@ class _Rows(NamedTuple):
     iso_z: jnp.ndarray
 
 
-def _resolve_cap(model: ModelSpec, max_len: int | None) -> int:
+def _resolve_cap(model: ModelSpec, max_len: int | None) -> tuple:
+    """(cap, steps): the cap on tokens and how many steps the recursions run.  A Python cap runs itself; a traced
+    one (``LaidOutModel``) runs the model's ``cap_size``, the steps past the cap keeping their values."""
     cap = model.max_len if max_len is None else max_len
     if cap is None:
         raise ValueError("max_len must be set (ModelSpec(max_len=...) or the max_len keyword) for capped quantities")
-    return check_int("max_len", cap, 1)
+    if is_data(cap):
+        return cap, model.cap_size
+    cap = check_int("max_len", cap, 1)
+    return cap, cap
 
 
 def _require_closed_form(model: ModelSpec) -> None:
@@ -128,81 +141,88 @@ def _require_closed_form(model: ModelSpec) -> None:
         )
 
 
-def _rows(scores: RowScores, n: int, model: ModelSpec) -> _Rows:
+def _absent_where(flag):
+    """The select of ``gradflow.model.when`` for a logit: -inf (weight 0) where ``flag`` does not hold."""
+    return lambda x: jnp.where(flag, x, -jnp.inf)
+
+
+def _weight(logits: list, top) -> jnp.ndarray:
+    """exp(logit - top) of a logit ``when`` kept (-inf where absent: an exact 0 with a zero derivative), 0 where
+    ``when`` left none."""
+    return jnp.exp(logits[0] - top) if logits else jnp.zeros_like(top)
+
+
+def _rows(scores: RowScores, n, model: ModelSpec, rows: int | None = None) -> _Rows:
     """The logits of ``gradflow.model.row_logits`` (docs/THEORY.md §2.2), exponentiated after subtracting each
-    row's largest logit (a constant that cancels: no gradient)."""
-    shape = (2, n - 1)
-    rows = row_logits(scores, n, model)
-    l_succ, l_self, l_pred, g = (jnp.broadcast_to(x, shape) for x in (rows.succ, rows.self_, rows.pred, rows.g))
-    m = model.n_isolated
-    has_self = rows.self_present
-    has_pred = rows.has_pred
-    count1, count2 = rows.far1, rows.far2  # non-local vertices of each degree
+    row's largest logit (a constant that cancels: no gradient).  ``rows``: a bucket's row slots (n traced,
+    ``gradflow.task.layout``), the slots past n - 1 copies of row n - 1 (finite, never read); None: n - 1 rows."""
+    positions = np.arange(1, n) if rows is None else jnp.minimum(jnp.arange(1, rows + 1), n - 1)
+    shape = (2, len(positions))
+    logits = row_logits(scores, n, model, positions)
+    l_succ, l_self, l_pred, g = (jnp.broadcast_to(x, shape) for x in (logits.succ, logits.self_, logits.pred, logits.g))
+    m, has_self, has_pred = logits.n_isolated, logits.self_present, logits.has_pred
+    count1, count2 = logits.far1, logits.far2  # non-local vertices of each degree
     l_far2 = 2.0 * g
+    self_logit = when(has_self, [l_self], _absent_where(has_self))
+    iso_logit = when(m, [jnp.zeros(shape)], _absent_where(m > 0))
     candidates = [l_succ, jnp.where(has_pred, l_pred, -jnp.inf), g, jnp.where(count2 > 0, l_far2, -jnp.inf)]
-    if has_self:
-        candidates.append(l_self)
-    if m > 0:
-        candidates.append(jnp.zeros(shape))
-    top = jax.lax.stop_gradient(jnp.max(jnp.stack(candidates), axis=0))
-    w_succ = jnp.exp(l_succ - top)
-    w_self = jnp.exp(l_self - top) if has_self else jnp.zeros(shape)
+    top = jax.lax.stop_gradient(jnp.max(jnp.stack(candidates + self_logit + iso_logit), axis=0))
+    w_succ, w_self = jnp.exp(l_succ - top), _weight(self_logit, top)
     w_pred = jnp.exp(jnp.where(has_pred, l_pred - top, -jnp.inf))
     e1 = jnp.exp(g - top)
     e2 = jnp.exp(jnp.where(count2 > 0, l_far2 - top, -jnp.inf))
-    e0 = jnp.exp(-top) if m > 0 else jnp.zeros(shape)
-    z = w_succ + w_self + w_pred + count1 * e1 + count2 * e2 + m * e0
+    e0 = m * _weight(iso_logit, top)
+    z = w_succ + w_self + w_pred + count1 * e1 + count2 * e2 + e0
     log_forward = (l_succ - top) - jnp.log(z)
 
-    # the isolated row: every chain vertex by degree, the other isolated vertices (itself unless masked)
-    n_deg1, n_deg2, n_deg0 = degree_counts(n, m)
-    m_iso = n_deg0 - (1 if model.mask_self else 0)
-    y = scores.isolated
-    iso_candidates = [y] + ([2.0 * y] if n_deg2 else []) + ([jnp.zeros_like(y)] if m_iso > 0 else [])
-    iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack(iso_candidates)))
-    iso1 = jnp.exp(y - iso_top)
-    iso2 = jnp.exp(2.0 * y - iso_top) if n_deg2 else jnp.zeros_like(y)
-    iso0 = jnp.exp(-iso_top) if m_iso > 0 else jnp.zeros_like(y)
-    iso_z = n_deg1 * iso1 + n_deg2 * iso2 + m_iso * iso0
+    # the isolated row: 4 chain ends, 2n - 4 interior vertices, the other isolated vertices (itself unless masked)
+    y, interior = scores.isolated, n >= 3
+    m_iso = m - 1 + (has_self.astype(float) if is_data(has_self) else int(has_self))
+    iso_far2 = when(interior, [2.0 * y], _absent_where(interior))
+    iso_other = when(m_iso if is_data(m_iso) else m_iso > 0, [jnp.zeros_like(y)], _absent_where(m_iso > 0))
+    iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack([y] + iso_far2 + iso_other)))
+    iso1, iso2, iso0 = jnp.exp(y - iso_top), _weight(iso_far2, iso_top), m_iso * _weight(iso_other, iso_top)
+    iso_z = 4 * iso1 + (2 * n - 4) * iso2 + iso0
     return _Rows(w_succ, w_self, w_pred, e1, e2, e0, z, log_forward, iso1, iso2, iso0, iso_z)
 
 
-def _apply(rows: _Rows, values: jnp.ndarray, iso: jnp.ndarray, n: int, model: ModelSpec):
+def _apply(rows: _Rows, values: jnp.ndarray, iso: jnp.ndarray, n, counted: bool):
     """One step v -> P v for K value vectors at once.
 
-    values (K, 2, n): chain a / chain b at positions 1..n (terminal values in the last column);
-    iso (K,): the shared value of the isolated vertices.  Returns the new (K, 2, n-1) chain values
-    and (K,) isolated value.  Every term is a product of non-negative numbers.
+    values (K, 2, rows + 1): chain a / chain b at positions 1..rows + 1 (``_with_terminals``: the terminal values at
+    position n, zeros past it); iso (K,): the shared value of the isolated vertices (``counted``: the isolated terms
+    are in the program).  Returns the new (K, 2, rows) chain values and (K,) isolated value.  Every term is a product
+    of non-negative numbers.
     """
-    m = model.n_isolated
-    m_iso = m - (1 if model.mask_self else 0)
-    pos = jnp.arange(1, n)
-    position = jnp.arange(1, n + 1)
+    width = values.shape[-1] - 1
+    pos = jnp.arange(1, width + 1)
+    position = jnp.arange(1, width + 2)
     degree2 = ((position >= 2) & (position <= n - 1)).astype(values.dtype)
     v2 = values * degree2
     prefix = jnp.cumsum(v2, axis=-1)  # prefix[j-1] = sum over positions <= j
     suffix = jnp.flip(jnp.cumsum(jnp.flip(v2, -1), axis=-1), -1)  # suffix[j-1] = sum over positions >= j
-    left = jnp.pad(prefix, ((0, 0), (0, 0), (2, 0)))[..., : n - 1]  # row i: positions <= i-2
-    right = jnp.pad(suffix, ((0, 0), (0, 0), (0, 3)))[..., 2 : n + 1]  # row i: positions >= i+2
-    own1 = values[..., :1] * (pos >= 3) + values[..., n - 1 :] * (pos <= n - 2)
-    total1 = values[..., 0] + values[..., n - 1]  # (K, 2)
+    left = jnp.pad(prefix, ((0, 0), (0, 0), (2, 0)))[..., :width]  # row i: positions <= i-2
+    right = jnp.pad(suffix, ((0, 0), (0, 0), (0, 3)))[..., 2 : width + 2]  # row i: positions >= i+2
+    at_n = jax.lax.dynamic_slice_in_dim(values, n - 1, 1, axis=-1)  # the terminals' values
+    own1 = values[..., :1] * (pos >= 3) + at_n * (pos <= n - 2)
+    total1 = values[..., 0] + at_n[..., 0]  # (K, 2)
     total2 = suffix[..., 0]
     other1 = jnp.flip(total1, -1)[..., None]
     other2 = jnp.flip(total2, -1)[..., None]
-    pred_values = jnp.pad(values, ((0, 0), (0, 0), (1, 0)))[..., : n - 1]
+    pred_values = jnp.pad(values, ((0, 0), (0, 0), (1, 0)))[..., :width]
     numerator = (
         rows.succ * values[..., 1:]
-        + rows.self_ * values[..., : n - 1]
+        + rows.self_ * values[..., :width]
         + rows.pred * pred_values
         + rows.e1 * (own1 + other1)
         + rows.e2 * (left + right + other2)
     )
-    if m > 0:
-        numerator = numerator + rows.e0 * m * iso[:, None, None]
+    if counted:
+        numerator = numerator + rows.e0 * iso[:, None, None]
     chain = numerator / rows.z
-    if m == 0:
+    if not counted:
         return chain, iso
-    iso_new = (rows.iso1 * jnp.sum(total1, -1) + rows.iso2 * jnp.sum(total2, -1) + rows.iso0 * m_iso * iso) / rows.iso_z
+    iso_new = (rows.iso1 * jnp.sum(total1, -1) + rows.iso2 * jnp.sum(total2, -1) + rows.iso0 * iso) / rows.iso_z
     return chain, iso_new
 
 
@@ -211,30 +231,51 @@ def _terminal_values():
     return jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])[:, :, None]
 
 
-def _recursion(rows: _Rows, n: int, model: ModelSpec, cap: int):
-    """Run the three recursions for ``cap`` steps; returns f_T, g_T, s_T and sum_{k<T} s_k, each (2, n-1)."""
-    terminal = _terminal_values()
-    chain0 = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0])[:, None, None], (3, 2, n - 1))
+def _with_terminals(chain: jnp.ndarray, n) -> jnp.ndarray:
+    """The recursions' chain values (3, 2, rows) at positions 1..rows + 1: their own before n, the terminal values at
+    n, zeros past it (a bucket's slots)."""
+    position = jnp.arange(1, chain.shape[-1] + 2)
+    padded = jnp.pad(chain, ((0, 0), (0, 0), (0, 1)))
+    return jnp.where(position < n, padded, jnp.where(position == n, _terminal_values(), 0.0))
+
+
+def _capped_scan(step: Callable, carry, cap, steps: int):
+    """``step`` applied ``cap`` times to ``carry``: a scan of ``steps`` (= cap when the cap is a Python int; its
+    bucket when traced, the steps past it keeping the carry), each step rematerialised in reverse mode
+    (``jax.checkpoint``: only the carries are stored)."""
+    step = jax.checkpoint(step, prevent_cse=False)
+    if not is_data(cap):
+        return jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=cap)[0]
+
+    def gated(c, k):
+        return jax.lax.cond(k < cap, step, lambda c: c, c), None
+
+    return jax.lax.scan(gated, carry, jnp.arange(steps))[0]
+
+
+def _recursion(rows: _Rows, n, counted: bool, cap, steps: int):
+    """Run the three recursions for ``cap`` steps; returns f_T, g_T, s_T and sum_{k<T} s_k, each (2, rows)."""
+    width = rows.z.shape[-1]
+    chain0 = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0])[:, None, None], (3, 2, width))
     iso0 = jnp.array([0.0, 0.0, 1.0])
 
-    def body(carry, _):
+    def step(carry):
         chain, iso, length = carry
-        length = length + chain[2]
-        full = jnp.concatenate([chain, jnp.broadcast_to(terminal, (3, 2, 1))], axis=-1)
-        chain, iso = _apply(rows, full, iso, n, model)
-        return (chain, iso, length), None
+        chain, iso = _apply(rows, _with_terminals(chain, n), iso, n, counted)
+        return chain, iso, length + carry[0][2]
 
-    body = jax.checkpoint(body, prevent_cse=False)
-    (chain, _, length), _ = jax.lax.scan(body, (chain0, iso0, jnp.zeros((2, n - 1))), None, length=cap)
+    chain, _, length = _capped_scan(step, (chain0, iso0, jnp.zeros((2, width))), cap, steps)
     return chain[0], chain[1], chain[2], length
 
 
-def _per_start_from_rows(rows: _Rows, n: int, model: ModelSpec, cap: int) -> CappedPerStart:
-    """All four read-outs of every chain-a position (index i-1 for a_i), shape (n-1,) each."""
-    f, g, s, length = _recursion(rows, n, model, cap)
-    log_path = jnp.cumsum(rows.log_forward[0][::-1])[::-1]  # entry i-1: log prod over positions i..n-1
-    distance = n - jnp.arange(1, n)
-    traversal = jnp.where(distance <= cap, jnp.exp(log_path), 0.0)
+def _per_start_from_rows(rows: _Rows, n, model: ModelSpec, cap, steps: int) -> CappedPerStart:
+    """All four read-outs of every chain-a row (index i-1 for a_i), shape (rows,) each."""
+    counted = is_data(model.n_isolated) or model.n_isolated > 0
+    f, g, s, length = _recursion(rows, n, counted, cap, steps)
+    position = jnp.arange(1, rows.z.shape[-1] + 1)
+    log_forward = jnp.where(position <= n - 1, rows.log_forward[0], 0.0)  # a bucket's slots past n - 1: nothing
+    log_path = jnp.cumsum(log_forward[::-1])[::-1]  # entry i-1: log prod over positions i..n-1
+    traversal = jnp.where(n - position <= cap, jnp.exp(log_path), 0.0)
     return CappedPerStart(f[0], f[0] + g[0], length[0], traversal, g[0] + s[0])
 
 
@@ -347,20 +388,18 @@ def _start_apply(rows: _StartRows, values: jnp.ndarray, iso: jnp.ndarray, n: int
     return chain, iso_new
 
 
-def _trained_at_start(theta: Theta, n: int, model: ModelSpec, cap: int, start) -> CappedPerStart:
+def _trained_at_start(theta: Theta, n: int, model: ModelSpec, cap, steps: int, start) -> CappedPerStart:
     """The read-outs of the start a_start of the trained-V model: the three recursions over its rows."""
     rows = _start_rows(theta, n, model, start)
     terminal = jnp.broadcast_to(_terminal_values(), (3, 2, 1))
 
-    def body(carry, _):
+    def step(carry):
         chain, iso, length = carry
-        length = length + chain[2, 0, start - 1]
         new_chain, new_iso = _start_apply(rows, jnp.concatenate([chain, terminal], axis=-1), iso, n, model, start)
-        return (new_chain / rows.z, new_iso / rows.iso_z if model.n_isolated else iso, length), None
+        return new_chain / rows.z, new_iso / rows.iso_z if model.n_isolated else iso, length + chain[2, 0, start - 1]
 
-    body = jax.checkpoint(body, prevent_cse=False)
     chain0 = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0])[:, None, None], (3, 2, n - 1))
-    (chain, _, length), _ = jax.lax.scan(body, (chain0, jnp.array([0.0, 0.0, 1.0]), jnp.zeros(())), None, length=cap)
+    chain, _, length = _capped_scan(step, (chain0, jnp.array([0.0, 0.0, 1.0]), jnp.zeros(())), cap, steps)
     f, g, s = chain[:, 0, start - 1]
     log_path = jnp.sum(jnp.where(jnp.arange(1, n) >= start, rows.log_forward[0], 0.0))
     traversal = jnp.where(n - start <= cap, jnp.exp(log_path), 0.0)
@@ -385,18 +424,20 @@ def per_start(theta: Theta, task: ChainTask, model: ModelSpec, max_len: int | No
             or ``model.context`` is not "prompt" (no closed form).
     """
     _require_closed_form(model)
-    cap = _resolve_cap(model, max_len)
-    n = task.n
+    cap, steps = _resolve_cap(model, max_len)
+    n, rows = layout(task)
+    if rows is not None and (model.attention != "linear" or model.values != "fixed"):
+        raise ValueError("per_start: a PaddedTask (n as data) is solved for linear attention with fixed values only")
     if model.values == "trained":
-        out = jax.vmap(lambda position: _trained_at_start(theta, n, model, cap, position))(jnp.arange(1, n))
+        out = jax.vmap(lambda position: _trained_at_start(theta, n, model, cap, steps, position))(jnp.arange(1, n))
         return CappedPerStart(*(x[::-1] for x in out))
     if model.attention == "linear":
-        out = _per_start_from_rows(_rows(row_scores(theta, n, model), n, model), n, model, cap)
-        return CappedPerStart(*(x[::-1] for x in out))
+        out = _per_start_from_rows(_rows(row_scores(theta, n, model), n, model, rows), n, model, cap, steps)
+        return CappedPerStart(*(by_distance(x, n, rows) for x in out))
 
     def at_start(position):
         rows = _rows(row_scores(theta, n, model, start=position), n, model)
-        return CappedPerStart(*(x[position - 1] for x in _per_start_from_rows(rows, n, model, cap)))
+        return CappedPerStart(*(x[position - 1] for x in _per_start_from_rows(rows, n, model, cap, steps)))
 
     out = jax.vmap(at_start)(jnp.arange(1, n))
     return CappedPerStart(*(x[::-1] for x in out))

@@ -178,13 +178,12 @@ def _recorded_at(params: FlowParams, theta: jnp.ndarray) -> dict:
 
 def bucketable(params: FlowParams) -> bool:
     """Whether the closed forms solve this config with n as data (``PaddedTask``): linear attention over the
-    prompt with the fixed value matrix, no cap, no schedule, reduced coordinates and the default vocabulary.
+    prompt with the fixed value matrix, no schedule, reduced coordinates and the default vocabulary, capped or not.
     Others compile per n."""
     model = params.model
     return (
         model.attention == "linear"
         and model.values == "fixed"
-        and model.max_len is None
         and model.context == "prompt"
         and params.problem.schedule is None
         and params.coords == "reduced"
@@ -193,26 +192,64 @@ def bucketable(params: FlowParams) -> bool:
 
 
 def options_as_data(configs: Sequence[FlowParams]) -> bool:
-    """Whether configs solved together lay their model out with its self-mask and isolated count as data
-    (``LaidOutModel``): where any of them differs from the defaults (masked, no isolated vertex).  The default flow's
-    program then holds no code for either, and every other mask and count of a bucket shares one program."""
-    return any(not cfg.model.mask_self or cfg.model.n_isolated for cfg in configs)
+    """Whether configs solved together lay their model out with its self-mask, isolated count and cap as data
+    (``LaidOutModel``): where any of them differs from the defaults (masked, no isolated vertex, no cap).  The
+    default flow's program then holds no code for any, and every other mask, count and cap of a bucket shares one
+    program."""
+    return any(not cfg.model.mask_self or cfg.model.n_isolated or cfg.model.max_len is not None for cfg in configs)
 
 
-def bucketed(params: FlowParams, size: int | None = None, options: bool | None = None) -> FlowParams:
+class Layout(NamedTuple):
+    """How configs solved together are laid out (``bucketed``): the bucket of their chains, whether their model's
+    options are data (``options_as_data``) and the bucket of their caps (None: uncapped)."""
+
+    size: int
+    options: bool
+    cap_size: int | None
+
+
+def shared_layout(configs: Sequence[FlowParams]) -> Layout | None:
+    """The layout that lets configs share one batch when every one is ``bucketable``: the longest chain's bucket and
+    the longest cap's (``bucket_size``), else None.  None too for capped configs that all share n, cap, mask and
+    isolated count: one static program serves them, and a laid-out capped recursion runs about twice as long (the
+    bucket's rows)."""
+    configs = list(configs)
+    if not configs or not all(isinstance(cfg, FlowParams) and bucketable(cfg) for cfg in configs):
+        return None
+    caps = [cfg.model.max_len for cfg in configs if cfg.model.max_len is not None]
+    if caps and len({(cfg.task.n, cfg.model.max_len, cfg.model.mask_self, cfg.model.n_isolated) for cfg in configs}) == 1:
+        return None
+    size = bucket_size(max(cfg.task.n for cfg in configs))
+    return Layout(size, options_as_data(configs), bucket_size(max(caps)) if caps else None)
+
+
+def alone(params: FlowParams) -> FlowParams:
+    """The program form of one config solved by itself: ``bucketed`` (n as data: every n of its bucket shares the
+    program) unless capped, where its own program (n and cap static) runs the capped recursions about twice as fast
+    as the bucket's; its solver resolved."""
+    return bucketed(params) if params.model.max_len is None else params.solver_resolved()
+
+
+def bucketed(params: FlowParams, size: int | None = None, options: bool | None = None, cap_size: int | None = None):
     """``params`` with its task and eval tasks laid out in a bucket of ``size`` vertices per chain (default
     ``bucket_size(n)``), n traced: every n up to the bucket shares one compiled solve; with ``options`` (None:
-    ``options_as_data([params])``) its model's self-mask and isolated count traced too (``LaidOutModel``): either
-    mask and any number of isolated vertices share that solve.  Unchanged when not ``bucketable``.  The padded config
-    is internal (its Solution's per-position read-outs have size - 1 columns, those past n - 1 meaningless):
-    ``simulate`` and friends trim them."""
+    ``options_as_data([params])``) its model's self-mask, isolated count and cap traced too (``LaidOutModel``, the
+    capped recursions running ``cap_size`` steps, default ``bucket_size(max_len)``): either mask, any number of
+    isolated vertices and every cap up to ``cap_size`` share that solve.  Its solver resolved ("auto" named: the
+    choice reads the mask and cap).  Unchanged when not ``bucketable``.  The padded config is internal (its
+    Solution's per-position read-outs have size - 1 columns, those past n - 1 meaningless): ``simulate`` and friends
+    trim them."""
     if not bucketable(params):
         return params
+    params = params.solver_resolved()
+    model = params.model
     size = bucket_size(params.task.n) if size is None else size
     options = options_as_data([params]) if options is None else options
+    if cap_size is None and model.max_len is not None:
+        cap_size = bucket_size(model.max_len)
     # the task and the eval tasks (a schedule is never bucketable), and the model when its options are data
     is_part = lambda x: isinstance(x, ChainTask) or (options and isinstance(x, ModelSpec))
-    laid_out = lambda x: PaddedTask.padded(x, size) if isinstance(x, ChainTask) else LaidOutModel.of(x)
+    laid_out = lambda x: PaddedTask.padded(x, size) if isinstance(x, ChainTask) else LaidOutModel.of(x, cap_size)
     # one flatten and unflatten (eqx.tree_at costs 1.2 ms a config: half a second for a batch of 1,024)
     return jax.tree_util.tree_map(lambda x: laid_out(x) if is_part(x) else x, params, is_leaf=is_part)
 
@@ -545,8 +582,8 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
     if not is_concrete(config):
         return _solve(config, progress)
     check_levels(config)
-    padded = bucketed(config).solver_resolved()
-    return _trimmed(_compiled_solve(padded, progress)[0](padded), config.task.n)
+    program = alone(config)
+    return _trimmed(_compiled_solve(program, progress)[0](program), config.task.n)
 
 
 def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
@@ -915,31 +952,22 @@ def _simulated(params: FlowParams, progress: bool, label: str) -> tuple:
 
 def _host_solve(params: FlowParams, progress: bool) -> tuple:
     """One config's Solution on the host (trimmed to its n) and its compile and run seconds."""
-    padded = bucketed(params).solver_resolved()
-    executable, compile_s = _compiled_solve(padded, progress)
+    program = alone(params)
+    executable, compile_s = _compiled_solve(program, progress)
     start = time.perf_counter()
-    out = jax.device_get(_trimmed(executable(padded), params.task.n))
+    out = jax.device_get(_trimmed(executable(program), params.task.n))
     return out, {"compile_seconds": compile_s, "run_seconds": time.perf_counter() - start}
 
 
-def _stack_bucketed(configs: Sequence[FlowParams], size: int | None = None, options: bool | None = None) -> FlowParams:
-    """``stack_configs`` of the configs laid out in one bucket (``size``; default that of the longest chain) when
-    every one is ``bucketable``: chains of different n then share one batch and one compilation, and so do masks and
-    isolated counts (``options``; None: ``options_as_data(configs)``)."""
+def _stack_bucketed(configs: Sequence[FlowParams], layout: Layout | None = None) -> FlowParams:
+    """``stack_configs`` of the configs laid out alike (``layout``; default ``shared_layout(configs)``) when every
+    one is ``bucketable``: chains of different n then share one batch and one compilation, and so do masks, isolated
+    counts and caps."""
     configs = list(configs)
-    size = shared_bucket(configs) if size is None else size
-    if size is None:
+    layout = shared_layout(configs) if layout is None else layout
+    if layout is None:
         return stack_configs(configs)
-    options = options_as_data(configs) if options is None else options
-    return stack_configs([bucketed(cfg, size, options) for cfg in configs])
-
-
-def shared_bucket(configs: Sequence[FlowParams]) -> int | None:
-    """The bucket of the longest chain when every config is ``bucketable`` (they can share one batch), else None."""
-    configs = list(configs)
-    if not configs or not all(isinstance(cfg, FlowParams) and bucketable(cfg) for cfg in configs):
-        return None
-    return bucket_size(max(cfg.task.n for cfg in configs))
+    return stack_configs([bucketed(cfg, *layout) for cfg in configs])
 
 
 def stack_configs(configs: Sequence[FlowParams]) -> FlowParams:
@@ -1099,11 +1127,11 @@ def _threaded_batch(configs: list[FlowParams], threads: int, first: Callable) ->
     program of the slice's size run on every slice at once, one thread each (the solve releases the GIL); each
     slice is stacked on the host while the slices before it run.
     Returns (the batch's Solution on the host, compile seconds, run seconds: the later slices' stacking included)."""
-    size, bucket, options = len(configs), shared_bucket(configs), options_as_data(configs)
+    size, layout = len(configs), shared_layout(configs)
     part = -(-size // threads)
     slices = [configs[k : k + part] for k in range(0, size, part)]
     slices[-1] = slices[-1] + [slices[-1][-1]] * (part - len(slices[-1]))
-    stacked = lambda members: first(_stack_bucketed(members, bucket, options)).solver_resolved()
+    stacked = lambda members: first(_stack_bucketed(members, layout)).solver_resolved()
     head = stacked(slices[0])
     executable, compile_s = _batch_program(head, False, None)
     run = lambda batch: jax.device_get(executable(batch))

@@ -14,6 +14,7 @@ elsewhere (the fixed V is sigma = rho = 1, omega = mu = nu = 0).  Its closed for
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -80,26 +81,36 @@ class ModelSpec(eqx.Module):
 
 
 class LaidOutModel(eqx.Module):
-    """A ``ModelSpec`` whose self-mask and number of isolated vertices are traced numbers, not structure, so that one
-    compiled program serves every ``mask_self`` and ``n_isolated`` (``gradflow.flow.bucketed`` lays the bucketable
-    flows out with it, as it lays their chains out in a ``gradflow.task.PaddedTask``).  Internal: built from a
-    validated ModelSpec by ``of``; the closed forms read the two through ``self_loops`` and ``RowLogits``, where a
-    traced flag selects and a Python one (a ModelSpec) still picks the code statically."""
+    """A ``ModelSpec`` whose self-mask, number of isolated vertices and cap are traced numbers, not structure, so that
+    one compiled program serves every ``mask_self``, ``n_isolated`` and ``max_len`` up to ``cap_size``
+    (``gradflow.flow.bucketed`` lays the bucketable flows out with it, as it lays their chains out in a
+    ``gradflow.task.PaddedTask``).  Internal: built from a validated ModelSpec by ``of``; the closed forms read the
+    mask and count through ``self_loops`` and ``RowLogits`` and the cap through ``gradflow.capped``, where a traced
+    number selects and a Python one (a ModelSpec) still picks the code statically.  ``cap_size``: the number of steps
+    the capped recursions run, those past the cap keeping their values (None: uncapped)."""
 
     attention: str = eqx.field(static=True)
     tau: jnp.ndarray
     mask_self: jnp.ndarray  # bool
     n_isolated: jnp.ndarray  # float64: the count
     context: str = eqx.field(static=True)
-    max_len: None = eqx.field(static=True)
+    max_len: jnp.ndarray | None  # int64: the cap; None: uncapped
     values: str = eqx.field(static=True)
     numbers: str = eqx.field(static=True)
+    cap_size: int | None = eqx.field(static=True, default=None)
 
     @classmethod
-    def of(cls, model: ModelSpec) -> LaidOutModel:
-        """``model`` with its mask and isolated count as data (numpy on the host: a batch stacks them)."""
+    def of(cls, model: ModelSpec, cap_size: int | None = None) -> LaidOutModel:
+        """``model`` with its mask, isolated count and cap as data (numpy on the host: a batch stacks them); a capped
+        model's recursions run ``cap_size`` >= max_len steps (default: max_len itself)."""
         fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelSpec)}
-        return cls(**{**fields, "mask_self": np.asarray(model.mask_self), "n_isolated": np.asarray(float(model.n_isolated))})
+        data = {"mask_self": np.asarray(model.mask_self), "n_isolated": np.asarray(float(model.n_isolated))}
+        if model.max_len is not None:
+            cap_size = model.max_len if cap_size is None else cap_size
+            if cap_size < model.max_len:
+                raise ValueError(f"cap_size must be at least max_len = {model.max_len}, got {cap_size}")
+            data |= {"max_len": np.asarray(model.max_len), "cap_size": cap_size}
+        return cls(**{**fields, **data})
 
 
 def is_data(x) -> bool:
@@ -112,6 +123,14 @@ def self_loops(model: ModelSpec | LaidOutModel):
     """Whether the walk may write its current vertex (``not mask_self``): a Python bool for a ModelSpec, traced for a
     ``LaidOutModel``."""
     return jnp.logical_not(model.mask_self) if is_data(model.mask_self) else not model.mask_self
+
+
+def when(flag, items: list, select: Callable) -> list:
+    """``items`` where a Python ``flag`` holds (none where it does not: no code); each passed through ``select``
+    (which masks it by the flag) where the flag is traced."""
+    if is_data(flag):
+        return [select(x) for x in items]
+    return items if flag else []
 
 
 def _extended_reaches(model: ModelSpec) -> bool:

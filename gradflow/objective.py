@@ -70,10 +70,11 @@ from gradflow.model import (
     row_logits,
     row_scores,
     self_loops,
+    when,
     with_extended_numbers,
 )
 from gradflow.policy import distinct_rows, distinct_rows_traced
-from gradflow.task import ChainTask, PaddedTask
+from gradflow.task import ChainTask, PaddedTask, by_distance, layout
 
 LENGTH_LIMIT = 1e300  # expected lengths above this are returned as inf
 
@@ -147,9 +148,9 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
     counted = is_data(m) or m > 0  # the isolated terms are in the program (a traced m of 0 adds exact zeros)
     # the row scale: its largest logit (stop-gradient: any constant scale gives the same solution)
     cands = [succ, jnp.where(has_pred, pred, -jnp.inf), g]
-    cands += _when(interior, [2.0 * g], lambda x: jnp.where(interior, x, -jnp.inf))
-    cands += _when(m, [jnp.zeros(shape)], lambda x: jnp.where(m > 0, x, -jnp.inf))
-    cands += _when(rows.self_present, [self_], lambda x: jnp.where(rows.self_present, x, -jnp.inf))
+    cands += when(interior, [2.0 * g], lambda x: jnp.where(interior, x, -jnp.inf))
+    cands += when(m, [jnp.zeros(shape)], lambda x: jnp.where(m > 0, x, -jnp.inf))
+    cands += when(rows.self_present, [self_], lambda x: jnp.where(rows.self_present, x, -jnp.inf))
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
     ex = lambda logit: numbers.exp(logit - top)
     none = numbers.zeros(shape)
@@ -201,14 +202,6 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
         cost = add(cost, e_m)
         cost = add(cost, scale(ex(-log_2y), m * extra)) if is_data(extra) or extra else cost
     return _Scaled(excess, c_pred, c_succ, rhs_q, rhs_h, rhs_e, add(e_g, iso1), add(e_g2, iso2), to_own, cost, top)
-
-
-def _when(flag, items: list, select: Callable) -> list:
-    """``items`` where a Python ``flag`` holds (none where it does not: no code); each passed through ``select``
-    (which masks it by the flag) where the flag is traced."""
-    if is_data(flag):
-        return [select(x) for x in items]
-    return items if flag else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,22 +482,6 @@ def _softmax_length(theta: Theta, n: int, model: ModelSpec, start, numbers: Numb
     return chain_solve(system, cost, numbers=numbers)[start - 1, 0]
 
 
-def _by_distance(values, n=None, rows: int | None = None):
-    """Chain-a positions 1..n-1 -> start distances d = 1..n-1 (entry d-1 is position n-d); with a
-    bucket's ``rows`` (traced n), the slots past d = n - 1 hold 0."""
-    if rows is None:
-        return values[::-1]
-    position = n - 2 - jnp.arange(rows)
-    return jnp.where(position >= 0, values[jnp.maximum(position, 0)], 0.0)
-
-
-def _layout(task) -> tuple:
-    """(n, rows): a ChainTask's static n and None, or a ``PaddedTask``'s traced n and its row slots."""
-    if isinstance(task, PaddedTask):
-        return task.n, task.size - 1
-    return task.n, None
-
-
 def _require_unpadded(task, model: ModelSpec, what: str) -> None:
     if isinstance(task, PaddedTask) and model.attention != "linear":
         raise ValueError(f"{what}: a PaddedTask (n as data) is solved for linear attention only")
@@ -553,9 +530,9 @@ def _outcome_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int |
     """(P(own), P(other)) per start distance in ``numbers`` (``_outcome_per_start``)."""
     if model.attention == "linear":
         own, other = own_and_other(*_linear_probabilities(theta, n, model, rows, numbers))
-        return _by_distance(own, n, rows), _by_distance(other, n, rows)
+        return by_distance(own, n, rows), by_distance(other, n, rows)
     own, other = own_and_other(*_softmax_per_start(functools.partial(_softmax_probabilities, numbers=numbers), theta, n, model))
-    return _by_distance(own), _by_distance(other)
+    return by_distance(own), by_distance(other)
 
 
 def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
@@ -569,7 +546,7 @@ def _outcome_per_start(theta: Theta, task: ChainTask, model: ModelSpec):
     if model.values == "trained":
         return two_matrix.outcome_per_start(theta, task, model)
     _require_unpadded(task, model, "expected_reward")
-    n, rows = _layout(task)
+    n, rows = layout(task)
     return _outcome_of(theta, model, numbers_of(model), n, rows)
 
 
@@ -618,7 +595,7 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
     """
     _require_closed_form(model)
     _require_unpadded(task, model, "length_per_start")
-    n, rows = _layout(task)
+    n, rows = layout(task)
     if model.values == "trained":
         lengths = two_matrix.length_per_start(theta, task, model)
     else:
@@ -629,8 +606,8 @@ def length_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.nda
 def _lengths_of(theta: Theta, model: ModelSpec, numbers: Numbers, n, rows: int | None):
     """``length_per_start`` in ``numbers``."""
     if model.attention == "linear":
-        return _by_distance(_linear_length(theta, n, model, rows, numbers), n, rows)
-    return _by_distance(_softmax_per_start(functools.partial(_softmax_length, numbers=numbers), theta, n, model))
+        return by_distance(_linear_length(theta, n, model, rows, numbers), n, rows)
+    return by_distance(_softmax_per_start(functools.partial(_softmax_length, numbers=numbers), theta, n, model))
 
 
 @_extended_on_nan
@@ -652,7 +629,7 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
     _require_unpadded(task, model, "traversal_per_start")
     if model.values == "trained":
         return two_matrix.traversal_per_start(theta, task, model)
-    n, rows = _layout(task)
+    n, rows = layout(task)
 
     def log_forward(position, positions=None):
         rows = chain_a_logits(row_logits(row_scores(theta, n, model, start=position), n, model, positions))
@@ -668,9 +645,9 @@ def traversal_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.
         else:
             positions, kind, valid = distinct_rows_traced(n, rows)
             per_row = jnp.where(valid, log_forward(None, positions)[kind], 0.0)
-        return jnp.exp(_by_distance(jnp.cumsum(per_row[::-1])[::-1], n, rows))
+        return jnp.exp(by_distance(jnp.cumsum(per_row[::-1])[::-1], n, rows))
     at_start = lambda position: log_path_from(position)[position - 1]
-    return jnp.exp(_by_distance(jax.vmap(at_start)(jnp.arange(1, n))))
+    return jnp.exp(by_distance(jax.vmap(at_start)(jnp.arange(1, n))))
 
 
 @eqx.filter_jit

@@ -229,7 +229,7 @@ def _greedy_per_start_field(field: str) -> Callable:
 def _reach_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """P(some terminal within the cap) by d: ``capped.reach_per_start``; 1 without a cap (absorption is certain)."""
     if model.max_len is None:
-        return jnp.ones(task.n - 1)
+        return jnp.ones(jnp.shape(task.start_probs))  # d = 1..n-1 (a bucket's slots too)
     return capped.reach_per_start(theta, task, model)
 
 

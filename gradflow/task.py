@@ -137,3 +137,19 @@ class PaddedTask(eqx.Module):
 def bucket_size(n: int) -> int:
     """The bucket a chain of length n is padded to: the next power of two, at least 4."""
     return max(4, 1 << (int(n) - 1).bit_length())
+
+
+def layout(task) -> tuple:
+    """(n, rows): a ChainTask's static n and None, or a ``PaddedTask``'s traced n and its row slots (size - 1)."""
+    if isinstance(task, PaddedTask):
+        return task.n, task.size - 1
+    return task.n, None
+
+
+def by_distance(values, n=None, rows: int | None = None):
+    """Chain-a positions 1..n-1 -> start distances d = 1..n-1 (entry d-1 is position n-d); with a
+    bucket's ``rows`` (traced n), the slots past d = n - 1 hold 0."""
+    if rows is None:
+        return values[::-1]
+    position = n - 2 - jnp.arange(rows)
+    return jnp.where(position >= 0, values[jnp.maximum(position, 0)], 0.0)

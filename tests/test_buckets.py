@@ -12,9 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import slow_case
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import dense_capped
 
 import gradflow as gf
-from gradflow import flow, objective
+from gradflow import capped, flow, objective
 from gradflow.model import LaidOutModel, step_probabilities
 from gradflow.task import PaddedTask, bucket_size
 
@@ -208,3 +211,91 @@ def test_configs_of_different_n_share_one_batch(empty_compile_cache):
         np.testing.assert_allclose(trajectory.reward, alone.reward, rtol=1e-9)
     assert not flow.bucketable(gf.FlowParams(gf.ChainTask.uniform(5), model=gf.ModelSpec(attention="softmax")))
     assert jnp.shape(flow.bucketed(configs[0]).task.start_probs) == (3,)
+
+
+# --------------------------------------------------------------------------------------------------
+# The cap as data
+# --------------------------------------------------------------------------------------------------
+
+CAPPED = [  # (n, cap, mask_self, n_isolated): bucket edges of n (2, 5, 8/9) and of the cap (1, 4/5, 8/9, 16)
+    (2, 1, True, 0),
+    (5, 6, False, 2),
+    slow_case(9, 4, True, 1),
+    slow_case(8, 9, False, 0),
+    slow_case(3, 16, True, 3),
+]
+
+
+def _laid_out_capped(n: int, cap: int, mask: bool, m: int, cap_size: int | None = None):
+    """(task, padded task, static model, laid-out model): n in its bucket, the cap in ``cap_size`` (default its own
+    bucket) with the mask and isolated count."""
+    model = gf.ModelSpec(mask_self=mask, n_isolated=m, max_len=cap, tau=0.3)
+    task = gf.ChainTask.mixture(n, 0.3, (1,)) if n > 2 else gf.ChainTask.uniform(n)
+    padded = PaddedTask.padded(task, bucket_size(n))
+    return task, padded, model, LaidOutModel.of(model, bucket_size(cap) if cap_size is None else cap_size)
+
+
+@pytest.mark.parametrize("n, cap, mask, m", CAPPED)
+def test_capped_closed_forms_in_a_bucket_equal_the_per_n_ones(n, cap, mask, m):
+    """n and the cap as data: the capped read-outs per start on the padded task with the laid-out model (the cap
+    traced, its recursions running the cap's bucket, the steps past it keeping their values) equal the static
+    per-(n, cap) program's, the bucket's slots past n - 1 hold zeros, and J and its gradient agree."""
+    task, padded, model, laid_out = _laid_out_capped(n, cap, mask, m)
+    for theta in _thetas(n + cap):
+        want, got = capped.per_start(theta, task, model), capped.per_start(theta, padded, laid_out)
+        for name in want._fields:
+            full = np.asarray(getattr(got, name))
+            assert full.shape == (bucket_size(n) - 1,) and np.all(full[n - 1 :] == 0.0), name
+            np.testing.assert_allclose(full[: n - 1], getattr(want, name), rtol=1e-12, atol=1e-300, err_msg=name)
+        reward = lambda x, t, md: capped.expected_reward(gf.Theta.from_array(x), t, md)
+        value, grad = jax.value_and_grad(reward)(theta.as_array(), padded, laid_out)
+        np.testing.assert_allclose(value, reward(theta.as_array(), task, model), rtol=1e-12)
+        np.testing.assert_allclose(grad, jax.grad(reward)(theta.as_array(), task, model), rtol=1e-10, atol=1e-14)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(5, 8),
+    cap=st.integers(1, 16),
+    mask=st.booleans(),
+    m=st.integers(0, 3),
+    x=st.tuples(*[st.floats(-40.0, 40.0)] * 3),
+)
+def test_one_capped_program_serves_every_n_cap_and_option_of_a_bucket(n, cap, mask, m, x):
+    """Property: one compiled program (n in the bucket of 8, caps up to 16, mask and isolated count traced) gives the
+    dense matrix powers of the token-built chain (tests/reference.py) for every n, cap, option and theta up to
+    |theta| / tau = 200, with a finite gradient."""
+    task, padded, model, laid_out = _laid_out_capped(n, cap, mask, m, cap_size=16)
+    theta = gf.Theta(*x)
+    got = np.stack([np.asarray(v)[: n - 1] for v in capped.per_start(theta, padded, laid_out)[:4]])
+    np.testing.assert_allclose(got, dense_capped(theta, n, model, cap), rtol=0, atol=1e-10)
+    grad = jax.grad(lambda v: capped.expected_reward(gf.Theta.from_array(v), padded, laid_out))(theta.as_array())
+    assert np.all(np.isfinite(grad))
+
+
+CAPPED_FLOWS = [(3, 4, 0), (6, 5, 2), (7, 14, 1)]  # (n, cap, n_isolated): two buckets of the cap in one batch
+
+
+@pytest.mark.parametrize("checked", [(1,), slow_case((0, 1, 2))])
+def test_capped_flows_of_different_n_and_caps_share_one_batch(checked, empty_compile_cache):
+    """Capped flows of different n, caps and isolated counts share one batch and one compilation (a capped flow alone
+    keeps its own program, n and cap static), and the ``checked`` members equal their own solves: saves, read-outs and
+    events."""
+    configs = [
+        gf.FlowParams(gf.ChainTask.uniform(n), gf.ModelSpec(n_isolated=m, max_len=cap, tau=0.3), t1=60.0)
+        for n, cap, m in CAPPED_FLOWS
+    ]
+    assert flow.shared_layout(configs) == flow.Layout(8, True, 16)
+    assert flow.shared_layout(configs[:1] * 2) is None  # one n, cap and option: nothing to share
+    assert isinstance(flow.alone(configs[0]).model, gf.ModelSpec)
+    before = gf.compile_cache.compilation_count()
+    batch = gf.simulate_many(configs)
+    assert gf.compile_cache.compilation_count() == before + 1
+    assert len({float(t.reward[-1]) for t in batch}) == len(configs)
+    for cfg, trajectory in (pair for k, pair in enumerate(zip(configs, batch)) if k in checked):
+        alone = gf.simulate(cfg)
+        assert trajectory.forward_prob.shape == alone.forward_prob.shape == (201, cfg.task.n - 1)
+        for name in ("theta", "reward", "forward_prob", "switch_prob", "expected_length", "traversal_prob"):
+            np.testing.assert_allclose(getattr(trajectory, name), getattr(alone, name), rtol=1e-9, atol=1e-12, err_msg=name)
+        for event, when in alone.events.items():
+            assert trajectory.events[event] == (None if when is None else pytest.approx(when, rel=1e-8)), event
