@@ -121,11 +121,13 @@ def test_a_bucketed_flow_equals_the_per_n_flow(n):
 MASKS_AND_ISOLATED = [(True, 0), (False, 0), (True, 2), (False, 5)]
 
 
-def test_every_mask_and_isolated_count_of_a_bucket_is_one_program_and_equals_its_own(empty_compile_cache):
+@pytest.mark.parametrize("checked", [(3,), slow_case((0, 1, 2, 3))])
+def test_every_mask_and_isolated_count_of_a_bucket_is_one_program_and_equals_its_own(checked, empty_compile_cache):
     """The self-mask and the number of isolated vertices are data (``LaidOutModel``): flows of either mask and any
-    isolated count in one bucket compile once, alone or batched together (with the default flow too), and each equals
-    the program compiled for its own static model (saves, read-outs and events).  The default flow (masked, no
-    isolated vertex) alone keeps its own program, which holds code for neither."""
+    isolated count in one bucket compile once, alone or batched together (with the default flow too), and the
+    ``checked`` ones equal the program compiled for their own static model (saves, read-outs and events; the default
+    run checks the one with self-loops and five isolated vertices).  The default flow (masked, no isolated vertex)
+    alone keeps its own program, which holds code for neither."""
     configs = [
         gf.FlowParams(gf.ChainTask.uniform(n), gf.ModelSpec(mask_self=mask, n_isolated=m, tau=0.3), t1=100.0)
         for n, (mask, m) in zip((5, 6, 7, 8), MASKS_AND_ISOLATED)
@@ -141,7 +143,7 @@ def test_every_mask_and_isolated_count_of_a_bucket_is_one_program_and_equals_its
     assert gf.compile_cache.compilation_count() == before + 5
     lengths = [trajectory.expected_length[-1] for trajectory in alone]
     assert len(set(np.round(lengths, 6))) == len(configs)  # the options change what is solved
-    for cfg, one, batched in zip(configs, alone, batch):
+    for cfg, one, batched in (triple for k, triple in enumerate(zip(configs, alone, batch)) if k in checked):
         direct = jax.device_get(jax.jit(flow._solve)(cfg))  # n, mask and count static: the config's own program
         for got in (one, batched):
             np.testing.assert_allclose(got.theta, direct.theta, rtol=1e-9, atol=1e-12)
