@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from gradflow import capped, greedy, objective, two_matrix
 from gradflow.model import ModelSpec, Theta, step_probabilities
-from gradflow.task import ChainTask
+from gradflow.task import ChainTask, by_distance, layout
 
 AXES = (None, "position", "start")
 
@@ -229,7 +229,8 @@ def _greedy_per_start_field(field: str) -> Callable:
 def _reach_per_start(theta: Theta, task: ChainTask, model: ModelSpec) -> jnp.ndarray:
     """P(some terminal within the cap) by d: ``capped.reach_per_start``; 1 without a cap (absorption is certain)."""
     if model.max_len is None:
-        return jnp.ones(jnp.shape(task.start_probs))  # d = 1..n-1 (a bucket's slots too)
+        n, rows = layout(task)
+        return by_distance(jnp.ones(n - 1 if rows is None else rows), n, rows)  # a bucket's slots past n - 1: 0
     return capped.reach_per_start(theta, task, model)
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from reference import dense_capped
 
 import gradflow as gf
-from gradflow import capped, flow, objective
+from gradflow import capped, flow, objective, readouts
 from gradflow.model import LaidOutModel, step_probabilities
 from gradflow.task import PaddedTask, bucket_size
 
@@ -301,3 +301,18 @@ def test_capped_flows_of_different_n_and_caps_share_one_batch(checked, empty_com
             np.testing.assert_allclose(getattr(trajectory, name), getattr(alone, name), rtol=1e-9, atol=1e-12, err_msg=name)
         for event, when in alone.events.items():
             assert trajectory.events[event] == (None if when is None else pytest.approx(when, rel=1e-8)), event
+
+
+@pytest.mark.parametrize("cap", [None, 4])
+def test_reach_read_outs_on_a_padded_task_equal_the_static_ones(cap):
+    """``reach_per_start`` and ``reach_probability`` through the registry on a bucket's padded task (uncapped: ones
+    on the chain's starts; capped, the laid-out model) equal the static task's, zeros past d = n - 1."""
+    task, padded, model, laid_out = _laid_out_capped(5, cap or 1, False, 1)
+    if cap is None:
+        model = laid_out = gf.ModelSpec(mask_self=False, n_isolated=1, tau=0.3)
+    names = ("reach_per_start", "reach_probability")
+    theta = gf.Theta(1.0, -0.5, 0.2)
+    want, got = readouts.read(names, theta, task, model), readouts.read(names, theta, padded, laid_out)
+    np.testing.assert_allclose(np.asarray(got["reach_per_start"])[:4], want["reach_per_start"], rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(got["reach_per_start"])[4:], 0.0)
+    np.testing.assert_allclose(got["reach_probability"], want["reach_probability"], rtol=1e-12)
