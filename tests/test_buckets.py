@@ -255,6 +255,13 @@ def test_capped_closed_forms_in_a_bucket_equal_the_per_n_ones(n, cap, mask, m):
         np.testing.assert_allclose(grad, jax.grad(reward)(theta.as_array(), task, model), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("n", WIDE)
+@pytest.mark.parametrize("cap, mask, m", [("n + 1", False, 2), ("2n", True, 0)])
+def test_capped_closed_forms_in_a_bucket_equal_the_per_n_ones_wide(n, cap, mask, m):
+    test_capped_closed_forms_in_a_bucket_equal_the_per_n_ones(n, n + 1 if cap == "n + 1" else 2 * n, mask, m)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(5, 8),
