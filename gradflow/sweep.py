@@ -1,9 +1,10 @@
 """Sweeps: many flow configs from one JSON file, one result file per config, resumable.
 
 ``run_sweep(config_path, out_dir)`` reads a JSON file holding one ``FlowParams.to_dict()`` dict or a
-list of them, groups the configs by structure (n, attention kind, solver, coords, save_ts length, ...:
-everything that fixes the compiled program) and solves each group with ``simulate_many``: one
-compilation per group.  Config i is saved as ``out_dir/<config_hash>.npz`` and ``.json`` (the
+list of them, groups the configs by structure (attention kind, solver, coords, save_ts length, ...:
+everything that fixes the compiled program; n up to its bucket for the uncapped linear-attention flows,
+``gradflow.flow.bucketable``) and solves each group with ``simulate_many``: one compilation per group.
+Config i is saved as ``out_dir/<config_hash>.npz`` and ``.json`` (the
 ``Trajectory.save`` pair, which holds the config), so ``Trajectory.load(out_dir / f"{h}.npz")``
 restores the result with its config.  ``config_hash`` is the first 16 hex digits of the sha256 of the
 canonical JSON of the config (sorted keys, no spaces; the dict is first passed through
@@ -65,7 +66,7 @@ import jax
 import numpy as np
 
 from gradflow.config import canonical_json, config_hash  # noqa: F401  (re-exported)
-from gradflow.flow import FlowParams, SolveFailure, Trajectory, simulate_many
+from gradflow.flow import FlowParams, SolveFailure, Trajectory, alone, simulate_many
 
 TMP_PREFIX = ".tmp-"
 DEFAULT_ARRAY_SIZE = 8
@@ -197,12 +198,15 @@ def is_complete(path: str | Path, config=None) -> bool:
 
 
 def _structure_key(params: FlowParams):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    """The structure of the program that solves ``params``: its program form (``gradflow.flow.alone``: a bucketable
+    uncapped config laid out in its bucket of n, so every n of a bucket has one key)."""
+    leaves, treedef = jax.tree_util.tree_flatten(alone(params))
     return treedef, tuple(np.shape(x) for x in leaves)
 
 
 def group_by_structure(configs: Sequence[FlowParams]) -> list[list[int]]:
-    """Indices of ``configs`` grouped so that each group stacks (one compilation), in first-seen order."""
+    """Indices of ``configs`` grouped so that each group is one compilation (``simulate_many``: the uncapped
+    bucketable configs of one bucket of n together, whatever their n), in first-seen order."""
     groups: dict = {}
     for i, cfg in enumerate(configs):
         groups.setdefault(_structure_key(cfg), []).append(i)

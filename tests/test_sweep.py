@@ -20,11 +20,12 @@ SAVE_TS = np.array([0.0, 0.5, 1.0, 2.0])
 
 
 def _configs():
-    """Three configs of n = 4 (one structure) and one of n = 3 (a second group)."""
+    """Three configs of n = 4 and 3 (one structure: one bucket of n) and one with three saves (a second group)."""
     configs = [
-        FlowParams(gf.ChainTask.uniform(4), theta0=gf.Theta(a, 0.0, 0.0), t1=2.0, save_ts=SAVE_TS) for a in (0.1, 0.3, 0.5)
+        FlowParams(gf.ChainTask.uniform(n), theta0=gf.Theta(a, 0.0, 0.0), t1=2.0, save_ts=SAVE_TS)
+        for n, a in ((4, 0.1), (3, 0.3), (4, 0.5))
     ]
-    configs.append(FlowParams(gf.ChainTask.uniform(3), t1=2.0, save_ts=SAVE_TS))
+    configs.append(FlowParams(gf.ChainTask.uniform(3), t1=2.0, save_ts=SAVE_TS[1:]))
     return configs
 
 
@@ -78,7 +79,8 @@ def test_sweep_writes_reloads_and_resumes(tmp_path, counted):
         assert p.exists() and p.with_suffix(".json").exists()
         trajectory = Trajectory.load(p)
         assert trajectory.config.to_dict() == cfg.to_dict()
-        np.testing.assert_allclose(trajectory.ts, SAVE_TS)
+        np.testing.assert_allclose(trajectory.ts, cfg.save_ts)
+        assert trajectory.forward_prob.shape == (len(cfg.save_ts), cfg.task.n - 1)
         assert trajectory.reward[-1] > trajectory.reward[0]
 
     counted.clear()
