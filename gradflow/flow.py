@@ -230,7 +230,7 @@ def alone(params: FlowParams) -> FlowParams:
     return bucketed(params) if params.model.max_len is None else params.solver_resolved()
 
 
-def bucketed(params: FlowParams, size: int | None = None, options: bool | None = None, cap_size: int | None = None):
+def bucketed(params: FlowParams, size: int | None = None, options: bool | None = None, cap_size: int | None = None) -> FlowParams:
     """``params`` with its task and eval tasks laid out in a bucket of ``size`` vertices per chain (default
     ``bucket_size(n)``), n traced: every n up to the bucket shares one compiled solve; with ``options`` (None:
     ``options_as_data([params])``) its model's self-mask, isolated count and cap traced too (``LaidOutModel``, the
