@@ -164,7 +164,7 @@ def _rows(scores: RowScores, n, model: ModelSpec, rows: int | None = None) -> _R
     count1, count2 = logits.far1, logits.far2  # non-local vertices of each degree
     l_far2 = 2.0 * g
     self_logit = when(has_self, [l_self], _absent_where(has_self))
-    iso_logit = when(m, [jnp.zeros(shape)], _absent_where(m > 0))
+    iso_logit = when(m > 0, [jnp.zeros(shape)], _absent_where(m > 0))
     candidates = [l_succ, jnp.where(has_pred, l_pred, -jnp.inf), g, jnp.where(count2 > 0, l_far2, -jnp.inf)]
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(candidates + self_logit + iso_logit), axis=0))
     w_succ, w_self = jnp.exp(l_succ - top), _weight(self_logit, top)
@@ -179,7 +179,7 @@ def _rows(scores: RowScores, n, model: ModelSpec, rows: int | None = None) -> _R
     y, interior = scores.isolated, n >= 3
     m_iso = m - 1 + (has_self.astype(float) if is_data(has_self) else int(has_self))
     iso_far2 = when(interior, [2.0 * y], _absent_where(interior))
-    iso_other = when(m_iso if is_data(m_iso) else m_iso > 0, [jnp.zeros_like(y)], _absent_where(m_iso > 0))
+    iso_other = when(m_iso > 0, [jnp.zeros_like(y)], _absent_where(m_iso > 0))
     iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack([y] + iso_far2 + iso_other)))
     iso1, iso2, iso0 = jnp.exp(y - iso_top), _weight(iso_far2, iso_top), m_iso * _weight(iso_other, iso_top)
     iso_z = 4 * iso1 + (2 * n - 4) * iso2 + iso0
