@@ -67,7 +67,7 @@ import numpy as np
 
 from gradflow import two_matrix
 from gradflow._checks import check_int
-from gradflow.model import ModelSpec, RowScores, Theta, is_data, row_logits, row_scores, when
+from gradflow.model import ModelSpec, RowScores, Theta, is_data, logit_when, row_logits, row_scores
 from gradflow.task import ChainTask, by_distance, layout
 
 __all__ = [
@@ -141,14 +141,9 @@ def _require_closed_form(model: ModelSpec) -> None:
         )
 
 
-def _absent_where(flag):
-    """The select of ``gradflow.model.when`` for a logit: -inf (weight 0) where ``flag`` does not hold."""
-    return lambda x: jnp.where(flag, x, -jnp.inf)
-
-
 def _weight(logits: list, top) -> jnp.ndarray:
-    """exp(logit - top) of a logit ``when`` kept (-inf where absent: an exact 0 with a zero derivative), 0 where
-    ``when`` left none."""
+    """exp(logit - top) of a logit ``logit_when`` kept (-inf where absent: an exact 0 with a zero derivative), 0 where
+    it left none."""
     return jnp.exp(logits[0] - top) if logits else jnp.zeros_like(top)
 
 
@@ -163,8 +158,7 @@ def _rows(scores: RowScores, n, model: ModelSpec, rows: int | None = None) -> _R
     m, has_self, has_pred = logits.n_isolated, logits.self_present, logits.has_pred
     count1, count2 = logits.far1, logits.far2  # non-local vertices of each degree
     l_far2 = 2.0 * g
-    self_logit = when(has_self, [l_self], _absent_where(has_self))
-    iso_logit = when(m > 0, [jnp.zeros(shape)], _absent_where(m > 0))
+    self_logit, iso_logit = logit_when(has_self, l_self), logit_when(m > 0, jnp.zeros(shape))
     candidates = [l_succ, jnp.where(has_pred, l_pred, -jnp.inf), g, jnp.where(count2 > 0, l_far2, -jnp.inf)]
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(candidates + self_logit + iso_logit), axis=0))
     w_succ, w_self = jnp.exp(l_succ - top), _weight(self_logit, top)
@@ -178,8 +172,7 @@ def _rows(scores: RowScores, n, model: ModelSpec, rows: int | None = None) -> _R
     # the isolated row: 4 chain ends, 2n - 4 interior vertices, the other isolated vertices (itself unless masked)
     y, interior = scores.isolated, n >= 3
     m_iso = m - 1 + (has_self.astype(float) if is_data(has_self) else int(has_self))
-    iso_far2 = when(interior, [2.0 * y], _absent_where(interior))
-    iso_other = when(m_iso > 0, [jnp.zeros_like(y)], _absent_where(m_iso > 0))
+    iso_far2, iso_other = logit_when(interior, 2.0 * y), logit_when(m_iso > 0, jnp.zeros_like(y))
     iso_top = jax.lax.stop_gradient(jnp.max(jnp.stack([y] + iso_far2 + iso_other)))
     iso1, iso2, iso0 = jnp.exp(y - iso_top), _weight(iso_far2, iso_top), m_iso * _weight(iso_other, iso_top)
     iso_z = 4 * iso1 + (2 * n - 4) * iso2 + iso0

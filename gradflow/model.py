@@ -14,7 +14,6 @@ elsewhere (the fixed V is sigma = rho = 1, omega = mu = nu = 0).  Its closed for
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -125,12 +124,13 @@ def self_loops(model: ModelSpec | LaidOutModel):
     return jnp.logical_not(model.mask_self) if is_data(model.mask_self) else not model.mask_self
 
 
-def when(flag, items: list, select: Callable) -> list:
-    """``items`` where a Python ``flag`` holds (none where it does not: no code); each passed through ``select``
-    (which masks it by the flag) where the flag is traced."""
+def logit_when(flag, logit) -> list:
+    """A logit that is present where ``flag`` holds, as a list of candidates for a row's scale: [logit] where a Python
+    flag holds, [] where it does not (no code), [logit where flag, -inf elsewhere] where the flag is traced (weight
+    exp(-inf) = 0, derivative 0)."""
     if is_data(flag):
-        return [select(x) for x in items]
-    return items if flag else []
+        return [jnp.where(flag, logit, -jnp.inf)]
+    return [logit] if flag else []
 
 
 def _extended_reaches(model: ModelSpec) -> bool:

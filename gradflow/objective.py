@@ -65,12 +65,12 @@ from gradflow.model import (
     Theta,
     chain_a_logits,
     is_data,
+    logit_when,
     own_and_other,
     row_log_total,
     row_logits,
     row_scores,
     self_loops,
-    when,
     with_extended_numbers,
 )
 from gradflow.policy import distinct_rows, distinct_rows_traced
@@ -148,9 +148,7 @@ def _scale_rows(rows: RowLogits, numbers: Numbers = FLOAT) -> _Scaled:
     counted = is_data(m) or m > 0  # the isolated terms are in the program (a traced m of 0 adds exact zeros)
     # the row scale: its largest logit (stop-gradient: any constant scale gives the same solution)
     cands = [succ, jnp.where(has_pred, pred, -jnp.inf), g]
-    cands += when(interior, [2.0 * g], lambda x: jnp.where(interior, x, -jnp.inf))
-    cands += when(m, [jnp.zeros(shape)], lambda x: jnp.where(m > 0, x, -jnp.inf))
-    cands += when(rows.self_present, [self_], lambda x: jnp.where(rows.self_present, x, -jnp.inf))
+    cands += logit_when(interior, 2.0 * g) + logit_when(m > 0, jnp.zeros(shape)) + logit_when(rows.self_present, self_)
     top = jax.lax.stop_gradient(jnp.max(jnp.stack(cands), axis=0))
     ex = lambda logit: numbers.exp(logit - top)
     none = numbers.zeros(shape)
