@@ -305,6 +305,7 @@ class Solution(eqx.Module):
 
 
 EVENT_ZOOMS = 4  # re-solves of each located event's bracket; each shrinks it (saves - 1)-fold
+ZOOM_SAVES = 33  # the fewest saves of each re-solve (a config with fewer saves pads its main pass's): 32^4-fold at least
 
 
 class _Bracket(NamedTuple):
@@ -359,9 +360,10 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
     """The main solve and ``EVENT_ZOOMS`` re-solves of each event's bracket, as passes of ONE integrate call.
 
     Pass 0 solves the config's span with its saves (and its stop event); pass 1 + e Z + z re-solves event
-    e's bracket from its left state with as many saves as the main solve, so the bracket shrinks
-    (T - 1)^Z-fold and the time is interpolated in it.  The program holds one copy of the solve and of
-    the reward, however many events (a dense re-solve per event cost as much again to compile).
+    e's bracket from its left state with as many saves as the main solve, at least ``ZOOM_SAVES`` (the main pass's
+    padded with copies of its last), so the bracket shrinks (T - 1)^Z-fold and the time is interpolated in it.  The
+    program holds one copy of the solve and of the reward, however many events (a dense re-solve per event cost as
+    much again to compile).
 
     Returns:
         (main, bracket): the main pass's ts, ys, rewards at the saves, result code, event mask and step
@@ -369,6 +371,9 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
     """
     clock = flow_clock(params)
     n_saves, n_events = requested_s.shape[0], levels.shape[0]
+    slots = n_saves if n_events == 0 else max(n_saves, ZOOM_SAVES)  # saves of every pass
+    if slots > n_saves:  # the main pass saves its last time again in the extra slots
+        requested_s = jnp.concatenate([requested_s, jnp.full(slots - n_saves, requested_s[-1])])
     main_span = (clock.to_solver(params.t0), clock.to_solver(params.t1), params.theta0.as_array(params.model.values))
     reward = lambda y: _reward(params, y)
     stop_level = params.event_level(params.stop_at) if params.stop_at is not None else None
@@ -384,7 +389,7 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
             s_hi = jnp.where(jnp.isfinite(s_hi) & (s_hi > s_lo), s_hi, s_lo + 1.0)  # nothing to find: any short span
             t0, t1 = jnp.where(main, main_span[0], s_lo), jnp.where(main, main_span[1], s_hi)
             y0 = jnp.where(main, main_span[2], bracket.y_lo[event])
-            saves = jnp.where(main, requested_s, jnp.linspace(s_lo, s_hi, n_saves))
+            saves = jnp.where(main, requested_s, jnp.linspace(s_lo, s_hi, slots))
         stop = None
         if stop_level is not None:
             stop = falling_event(lambda t, y, args, **kw: jnp.where(main, stop_level - reward(y), 1.0))
@@ -396,10 +401,11 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
     def outputs(solution, rewards) -> dict:
         """What the caller reads of the main pass (fixed shapes, so it can ride in the loop's carry)."""
         mask = solution.event_mask if stop_level is not None else False
+        kept = lambda x: x if slots == n_saves else jnp.concatenate([x[:n_saves], x[-1:]])  # the config's saves and t1
         return {
-            "ts": solution.ts,
-            "ys": solution.ys,
-            "rewards": rewards,
+            "ts": kept(solution.ts),
+            "ys": kept(solution.ys),
+            "rewards": rewards[:n_saves],
             "result": result_code(solution.result),
             "event_mask": jnp.asarray(mask),
             "field_finite": _end_field_finite(solution),

@@ -194,6 +194,19 @@ def test_simulate_many_refuses_mixed_structures():
         simulate_many([FlowParams(TASK), FlowParams(TASK, model=softmax)])
 
 
+def test_events_of_a_flow_with_three_saves_equal_the_dense_flows():
+    """Each re-solve of an event's bracket saves at least ``flow.ZOOM_SAVES`` times (a config with fewer saves pads its
+    main pass), so three saves locate the events as 201 do (with three, the bracket shrank 16-fold only)."""
+    assert gf.flow.ZOOM_SAVES > 3
+    sparse = simulate(FlowParams(TASK, t1=100.0, save_ts=jnp.array([0.0, 50.0, 100.0])), progress=False)
+    dense = simulate(FlowParams(TASK, t1=100.0), progress=False)
+    assert sparse.ts.shape == (3,) and sparse.forward_prob.shape == (3, N - 1)
+    assert sparse.reward[-1] == pytest.approx(dense.reward[-1], rel=1e-10)  # the same solve, saved elsewhere
+    for name, when in dense.events.items():
+        assert when is not None, name
+        assert sparse.events[name] == pytest.approx(when, rel=1e-6), name
+
+
 @pytest.mark.slow
 def test_events_with_sparse_saves_fall_back_to_a_full_bracket_solve():
     """With saves only at t0 and t1 the in-solve bracket (128 steps) is too short; the event is redone."""
