@@ -227,7 +227,8 @@ def alone(params: FlowParams) -> FlowParams:
     """The program form of one config solved by itself: ``bucketed`` (n as data: every n of its bucket shares the
     program) unless capped, where its own program (n and cap static) runs the capped recursions about twice as fast
     as the bucket's; its solver resolved."""
-    return bucketed(params) if params.model.max_len is None else params.solver_resolved()
+    program = params.solver_resolved()  # before the layout: ``bucketed`` returns a config it cannot lay out as it is
+    return bucketed(program) if program.model.max_len is None else program
 
 
 def bucketed(params: FlowParams, size: int | None = None, options: bool | None = None, cap_size: int | None = None) -> FlowParams:
@@ -593,7 +594,7 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
 
 
 def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
-    """``_solve`` of one config in its program form (``bucketed(...).solver_resolved()``) as two compiled programs, the
+    """``_solve`` of one config in its program form (``alone``) as two compiled programs, the
     solve and its read-outs at the saves, the second traced and compiled while the first compiles
     (``compile_cache.compiled_in_turn``: the default flow's first solve 0.9 s, 16%, faster than one program holding
     both); and their compile seconds (0 when cached)."""

@@ -104,6 +104,17 @@ def test_a_new_n_in_a_compiled_bucket_compiles_nothing():
     np.testing.assert_array_equal(explicit.theta, trajectory.theta)
 
 
+def test_auto_and_the_solver_it_stands_for_share_a_program_where_n_is_not_data():
+    """A config that is not laid out (softmax: n static) is solved in its resolved form too: "auto" and tsit5 share
+    one program."""
+    model = gf.ModelSpec(attention="softmax")
+    auto = gf.simulate(gf.FlowParams(gf.ChainTask.uniform(4), model, t1=20.0, events=()))
+    before = gf.compile_cache.compilation_count()
+    explicit = gf.simulate(gf.FlowParams(gf.ChainTask.uniform(4), model, t1=20.0, events=(), solver="tsit5"))
+    assert gf.compile_cache.compilation_count() == before
+    np.testing.assert_array_equal(explicit.theta, auto.theta)
+
+
 @pytest.mark.parametrize("n", [3, pytest.param(5, marks=pytest.mark.slow), pytest.param(9, marks=pytest.mark.slow)])
 def test_a_bucketed_flow_equals_the_per_n_flow(n):
     """simulate (bucketed) against the per-n program of the same config: saves, read-outs and events."""
