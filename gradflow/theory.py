@@ -46,11 +46,11 @@ from gradflow.compile_cache import CompileRequest, compiled, run_together
 from gradflow.config import FlowParams, config_label
 from gradflow.flow import (
     batch_chunk,
-    bucketable,
     bucketed,
     hitting_times,
     over_batch,
     shared_layout,
+    shares_bucket,
     stack_configs,
 )
 from gradflow.integrator import LOCAL_MAX_STEPS, Clock, crossing, falling_event, integrate
@@ -704,17 +704,10 @@ def _stacked(tasks: list):
     return jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *tasks)
 
 
-def _shares_buckets(config: FlowParams) -> bool:
-    """Whether a learning-time solve shares its bucket's program (n as data): ``bucketable`` and uncapped.  Capped
-    models keep a program per n: a laid-out capped flow compiles and runs about twice as long as its own (four n of
-    one bucket, cold: 12.0-12.7 s laid out against 8.9-9.1 s for four programs compiled side by side)."""
-    return bucketable(config) and config.model.max_len is None
-
-
 def _bucket_of(config: FlowParams):
-    """What shares a learning-time compilation in one call: the bucket of n when ``bucketable`` (n as data), every bucket
+    """What shares a learning-time compilation in one call: the bucket of n where ``shares_bucket`` (n as data), every bucket
     up to ``SHARED_PROGRAM_UP_TO`` together, else n itself."""
-    if not _shares_buckets(config):
+    if not shares_bucket(config):
         return ("n", config.task.n)
     size = bucket_size(config.task.n)
     return ("buckets up to", SHARED_PROGRAM_UP_TO) if size <= SHARED_PROGRAM_UP_TO else ("bucket", size)
@@ -887,7 +880,7 @@ def _start_rewards(configs: list, jobs: list) -> np.ndarray:
     by the eager ``_reward`` (float64, then extended numbers where that holds a NaN)."""
     groups: dict = {}
     for index, (i, _, _) in enumerate(jobs):
-        groups.setdefault("bucketed" if _shares_buckets(configs[i]) else ("n", configs[i].task.n), []).append(index)
+        groups.setdefault("bucketed" if shares_bucket(configs[i]) else ("n", configs[i].task.n), []).append(index)
     out = np.full(len(jobs), np.nan)
     for indices in (indices for indices in groups.values() if len(indices) > 1):
         laid_out, watched = _in_buckets(*_group_solve(configs, jobs, indices))
