@@ -293,18 +293,22 @@ def _lowered(folder, request: CompileRequest) -> tuple[jax.stages.Lowered, bool,
 
 def compiled_in_turn(requests: list[CompileRequest]) -> tuple[list[Callable], float]:
     """The executables of several ``compiled`` requests, each traced on this thread while the ones before it compile
-    on threads of their own (XLA compiles with Python's lock released): a later program's tracing, lowering and
-    compilation hide behind an earlier, longer one's compilation.  Returns them in order, and the wall seconds."""
+    on other threads (XLA compiles with Python's lock released): a later program's tracing, lowering and compilation
+    hide behind an earlier, longer one's compilation.  The first compiles on a thread of its own, the others on the
+    remaining cores (on two cores, one thread: the first, the longest, then shares its core with no other compilation,
+    only with this thread's tracing).  Returns them in order, and the wall seconds."""
     start = time.perf_counter()
     folder = _before_compiling()
     found, pending = {}, {}
-    with runtime_checks_as_nan(), ThreadPoolExecutor(max_workers=max(1, len(requests))) as pool:
+    others = max(1, (os.cpu_count() or 2) - 1)
+    with runtime_checks_as_nan(), ThreadPoolExecutor(max_workers=1) as first, ThreadPoolExecutor(others) as rest:
         for i, request in enumerate(requests):
             key = _key(request)
             if (executable := _cached(key)) is not None:
                 found[i] = executable
                 continue
             lowered, traced, wrap = _lowered(folder, request)
+            pool = first if not pending else rest
             pending[i] = (key, traced, wrap, pool.submit(compile_lowered, lowered, request.quick))
         for i, (key, traced, wrap, future) in pending.items():
             found[i] = wrap(future.result())

@@ -77,6 +77,7 @@ from gradflow.integrator import (
     LOCAL_MAX_STEPS,
     SOLVER_CHOICES,
     SOLVERS,
+    Clock,
     falling_event,
     flow_clock,
     integrate,
@@ -364,8 +365,152 @@ def _event_time(bracket: _Bracket, levels) -> jnp.ndarray:
     return bracket.s_lo + fraction * (bracket.s_hi - bracket.s_lo)
 
 
-def _passes(params: FlowParams, requested_s, levels, progress: bool):
-    """The main solve and ``EVENT_ZOOMS`` re-solves of each event's bracket, as passes of ONE integrate call.
+class _Plan(NamedTuple):
+    """What every pass of a config's solve shares (``_plan``): its clock, save times (solver time, padded to
+    ``slots``), the located events' names and levels, the stop event's level (None without one), the main span
+    (s0, s1, theta0) and the counts (Python ints)."""
+
+    clock: Clock
+    requested: jnp.ndarray
+    requested_s: jnp.ndarray
+    names: tuple
+    located: tuple
+    levels: jnp.ndarray
+    stop_level: jnp.ndarray | None
+    main_span: tuple
+    n_saves: int
+    slots: int
+
+    @property
+    def passes(self) -> int:
+        """The main pass and ``EVENT_ZOOMS`` re-solves of each located event."""
+        return 1 + len(self.located) * EVENT_ZOOMS
+
+
+def _event_names(params: FlowParams) -> tuple[tuple, tuple]:
+    """(the events a Solution reports: the recorded ones and the stop event, in ``EVENTS`` order; those located by
+    re-solving their brackets: the recorded ones)."""
+    names = tuple(EVENTS[k] for k in range(len(EVENTS)) if EVENTS[k] in params.events or EVENTS[k] == params.stop_at)
+    return names, tuple(event for event in names if event in params.events)
+
+
+def _save_count(params: FlowParams) -> int:
+    """How many times the config saves (``FlowParams.times``), without computing them."""
+    return N_DEFAULT_SAVES + 1 if params.save_ts is None else params.save_ts.shape[0]
+
+
+def _plan(params: FlowParams) -> _Plan:
+    """The passes' shared plan of a config (traceable)."""
+    clock = flow_clock(params)
+    requested = params.times()
+    requested_s = clock.to_solver(requested)
+    names, located = _event_names(params)
+    levels = jnp.stack([params.event_level(event) for event in located]) if located else jnp.zeros(0)
+    n_saves = requested_s.shape[0]
+    slots = n_saves if not located else max(n_saves, ZOOM_SAVES)  # saves of every pass
+    padded_s = requested_s  # the main pass saves its last time again in the extra slots
+    if slots > n_saves:
+        padded_s = jnp.concatenate([requested_s, jnp.full(slots - n_saves, requested_s[-1])])
+    main_span = (clock.to_solver(params.t0), clock.to_solver(params.t1), params.theta0.as_array(params.model.values))
+    stop_level = params.event_level(params.stop_at) if params.stop_at is not None else None
+    return _Plan(clock, requested, padded_s, names, located, levels, stop_level, main_span, n_saves, slots)
+
+
+def _integrated(params: FlowParams, plan: _Plan, index, bracket: _Bracket | None, progress: bool) -> dict:
+    """Pass ``index`` (0: the main solve; 1 + e Z + z: a re-solve of event e's bracket, ``_passes``) integrated: its
+    solution's times, states (the save slots and t1), result code, event mask, field check and step counts
+    (``_pass_shapes``)."""
+    main = index == 0
+    reward = lambda y: _reward(params, y)
+    event = jnp.clip((index - 1) // EVENT_ZOOMS, 0, max(len(plan.located) - 1, 0))
+    if bracket is None:
+        t0, t1, y0, saves = *plan.main_span, plan.requested_s
+    else:
+        s_lo, s_hi = bracket.s_lo[event], bracket.s_hi[event]
+        s_lo = jnp.where(jnp.isfinite(s_lo), s_lo, plan.main_span[0])  # saves past a stop are inf: never a NaN span
+        s_hi = jnp.where(jnp.isfinite(s_hi) & (s_hi > s_lo), s_hi, s_lo + 1.0)  # nothing to find: any short span
+        t0, t1 = jnp.where(main, plan.main_span[0], s_lo), jnp.where(main, plan.main_span[1], s_hi)
+        y0 = jnp.where(main, plan.main_span[2], bracket.y_lo[event])
+        saves = jnp.where(main, plan.requested_s, jnp.linspace(s_lo, s_hi, plan.slots))
+    stop = None
+    if plan.stop_level is not None:
+        stop = falling_event(lambda t, y, args, **kw: jnp.where(main, plan.stop_level - reward(y), 1.0))
+    saveat = diffrax.SaveAt(ts=saves, t1=True, solver_state=True)  # an FSAL solver's state: the field at the end
+    solution = integrate(params, saveat, t0=t0, t1=t1, y0=y0, event=stop, progress=progress)
+    return {
+        "ts": solution.ts,
+        "ys": solution.ys,
+        "result": result_code(solution.result),
+        "event_mask": jnp.asarray(solution.event_mask if plan.stop_level is not None else False),
+        "field_finite": _end_field_finite(solution),
+        **{name: solution.stats[name] for name in STEP_COUNTS},
+    }
+
+
+def _with_rewards(params: FlowParams, integrated: dict) -> dict:
+    """A pass's outputs with the reward at each of its saves."""
+    return {**integrated, "rewards": jax.vmap(lambda y: _reward(params, y))(jnp.nan_to_num(integrated["ys"][:-1]))}
+
+
+def _one_pass(params: FlowParams, plan: _Plan, index, bracket: _Bracket | None, progress: bool) -> dict:
+    """Pass ``index`` integrated, with its rewards at the saves."""
+    return _with_rewards(params, _integrated(params, plan, index, bracket, progress))
+
+
+STEP_COUNTS = ("num_steps", "num_accepted_steps", "num_rejected_steps")
+
+
+def _pass_shapes(params: FlowParams, saves: int) -> dict:
+    """Shape and dtype of each output of ``_integrated`` (with ``saves`` save slots), and of its rewards."""
+    width, integer = Theta.size(params.model.values), np.dtype(jnp.result_type(int))
+    shapes = {
+        "ts": ((saves + 1,), np.dtype(float)),
+        "ys": ((saves + 1, width), np.dtype(float)),
+        "rewards": ((saves,), np.dtype(float)),
+        "result": ((), np.asarray(diffrax.RESULTS.successful._value).dtype),
+        "event_mask": ((), np.dtype(bool)),
+        "field_finite": ((), np.dtype(bool)),
+    }
+    return {**shapes, **{name: ((), integer) for name in STEP_COUNTS}}
+
+
+def _main_outputs(plan: _Plan, solved: dict) -> dict:
+    """What the caller reads of the main pass: its saves (the config's, then t1) and the rest as they are."""
+    kept = lambda x: x if plan.slots == plan.n_saves else jnp.concatenate([x[: plan.n_saves], x[-1:]])
+    return {**solved, "ts": kept(solved["ts"]), "ys": kept(solved["ys"]), "rewards": solved["rewards"][: plan.n_saves]}
+
+
+def _first_carry(params: FlowParams) -> tuple[dict, _Bracket]:
+    """The passes' carry before the main pass (each entry replaced by it; every bracket resolved so far), as numpy
+    arrays."""
+    width, n_events = Theta.size(params.model.values), len(_event_names(params)[1])
+    main_out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in _pass_shapes(params, _save_count(params)).items()}
+    none, zero = np.zeros(n_events, bool), np.zeros(n_events)
+    return main_out, _Bracket(zero, zero, np.zeros((n_events, width)), zero, zero, none, none, none, np.ones(n_events, bool))
+
+
+def _after_pass(plan: _Plan, index, carry: tuple[dict, _Bracket], solved: dict) -> tuple[dict, _Bracket]:
+    """The carry after pass ``index``: the main pass's outputs kept and every bracket set from its saves; a re-solve
+    narrows its own event's bracket."""
+    main_out, bracket = carry
+    main = index == 0
+    keep = lambda old, new: jax.tree_util.tree_map(lambda a, b: jnp.where(main, b, a), old, new)
+    main_out = keep(main_out, _main_outputs(plan, solved))
+    saves_s, ys, rewards = solved["ts"][:-1], solved["ys"][:-1], solved["rewards"]
+    for event in range(len(plan.located)):  # the main pass sets every bracket ...
+        bracket = keep(bracket, _narrow(bracket, event, saves_s, ys, rewards, plan.levels[event], True, True))
+    mine = jnp.clip((index - 1) // EVENT_ZOOMS, 0, len(plan.located) - 1)  # ... and a zoom pass narrows its own
+    ok = solved["result"] == result_code(diffrax.RESULTS.successful)
+    narrowed = _narrow(bracket, mine, saves_s, ys, rewards, plan.levels[mine], False, ok)
+    active = ~main & bracket.reached[mine] & ~bracket.at_start[mine]
+    bracket = jax.tree_util.tree_map(lambda a, b: jnp.where(active, b, a), bracket, narrowed)
+    return main_out, bracket
+
+
+def _passes(params: FlowParams, plan: _Plan, progress: bool) -> tuple[dict, _Bracket | None]:
+    """The main solve and ``EVENT_ZOOMS`` re-solves of each event's bracket, as passes of ONE integrate call in a loop
+    (traced: batches and traced solves; one config runs the loop on the host, each pass a run of compiled programs,
+    ``_compiled_solve``).
 
     Pass 0 solves the config's span with its saves (and its stop event); pass 1 + e Z + z re-solves event
     e's bracket from its left state with as many saves as the main solve, at least ``ZOOM_SAVES`` (the main pass's
@@ -377,84 +522,10 @@ def _passes(params: FlowParams, requested_s, levels, progress: bool):
         (main, bracket): the main pass's ts, ys, rewards at the saves, result code, event mask and step
         counts (a dict), and the events' ``_Bracket`` (None without events).
     """
-    clock = flow_clock(params)
-    n_saves, n_events = requested_s.shape[0], levels.shape[0]
-    slots = n_saves if n_events == 0 else max(n_saves, ZOOM_SAVES)  # saves of every pass
-    if slots > n_saves:  # the main pass saves its last time again in the extra slots
-        requested_s = jnp.concatenate([requested_s, jnp.full(slots - n_saves, requested_s[-1])])
-    main_span = (clock.to_solver(params.t0), clock.to_solver(params.t1), params.theta0.as_array(params.model.values))
-    reward = lambda y: _reward(params, y)
-    stop_level = params.event_level(params.stop_at) if params.stop_at is not None else None
-
-    def one_pass(index, bracket: _Bracket | None):
-        main = index == 0
-        event = jnp.clip((index - 1) // EVENT_ZOOMS, 0, max(n_events - 1, 0))
-        if bracket is None:
-            t0, t1, y0, saves = *main_span, requested_s
-        else:
-            s_lo, s_hi = bracket.s_lo[event], bracket.s_hi[event]
-            s_lo = jnp.where(jnp.isfinite(s_lo), s_lo, main_span[0])  # saves past a stop are inf: never a NaN span
-            s_hi = jnp.where(jnp.isfinite(s_hi) & (s_hi > s_lo), s_hi, s_lo + 1.0)  # nothing to find: any short span
-            t0, t1 = jnp.where(main, main_span[0], s_lo), jnp.where(main, main_span[1], s_hi)
-            y0 = jnp.where(main, main_span[2], bracket.y_lo[event])
-            saves = jnp.where(main, requested_s, jnp.linspace(s_lo, s_hi, slots))
-        stop = None
-        if stop_level is not None:
-            stop = falling_event(lambda t, y, args, **kw: jnp.where(main, stop_level - reward(y), 1.0))
-        saveat = diffrax.SaveAt(ts=saves, t1=True, solver_state=True)  # an FSAL solver's state: the field at the end
-        solution = integrate(params, saveat, t0=t0, t1=t1, y0=y0, event=stop, progress=progress)
-        rewards = jax.vmap(reward)(jnp.nan_to_num(solution.ys[:-1]))
-        return solution, rewards
-
-    def outputs(solution, rewards) -> dict:
-        """What the caller reads of the main pass (fixed shapes, so it can ride in the loop's carry)."""
-        mask = solution.event_mask if stop_level is not None else False
-        kept = lambda x: x if slots == n_saves else jnp.concatenate([x[:n_saves], x[-1:]])  # the config's saves and t1
-        return {
-            "ts": kept(solution.ts),
-            "ys": kept(solution.ys),
-            "rewards": rewards[:n_saves],
-            "result": result_code(solution.result),
-            "event_mask": jnp.asarray(mask),
-            "field_finite": _end_field_finite(solution),
-            **{name: solution.stats[name] for name in ("num_steps", "num_accepted_steps", "num_rejected_steps")},
-        }
-
-    if n_events == 0:
-        return outputs(*one_pass(jnp.asarray(0), None)), None
-
-    def body(index, carry):
-        main_out, bracket = carry
-        solution, rewards = one_pass(index, bracket)
-        main = index == 0
-        keep = lambda old, new: jax.tree_util.tree_map(lambda a, b: jnp.where(main, b, a), old, new)
-        main_out = keep(main_out, outputs(solution, rewards))
-        saves_s, ys = solution.ts[:-1], solution.ys[:-1]
-        for event in range(n_events):  # the main pass sets every bracket ...
-            bracket = keep(bracket, _narrow(bracket, event, saves_s, ys, rewards, levels[event], True, True))
-        mine = jnp.clip((index - 1) // EVENT_ZOOMS, 0, n_events - 1)  # ... and a zoom pass narrows its own
-        ok = solution.result == diffrax.RESULTS.successful
-        narrowed = _narrow(bracket, mine, saves_s, ys, rewards, levels[mine], False, ok)
-        active = ~main & bracket.reached[mine] & ~bracket.at_start[mine]
-        bracket = jax.tree_util.tree_map(lambda a, b: jnp.where(active, b, a), bracket, narrowed)
-        return main_out, bracket
-
-    width, size = main_span[2].shape[0], n_saves + 1
-    steps = jnp.zeros((), jnp.result_type(int))
-    main_out = {
-        "ts": jnp.zeros(size),
-        "ys": jnp.zeros((size, width)),
-        "rewards": jnp.zeros(n_saves),
-        "result": jnp.zeros((), result_code(diffrax.RESULTS.successful).dtype),
-        "event_mask": jnp.asarray(False),
-        "field_finite": jnp.asarray(True),
-        "num_steps": steps,
-        "num_accepted_steps": steps,
-        "num_rejected_steps": steps,
-    }
-    none, zero = jnp.zeros(n_events, bool), jnp.zeros(n_events)
-    bracket = _Bracket(zero, zero, jnp.zeros((n_events, width)), zero, zero, none, none, none, jnp.ones(n_events, bool))
-    return jax.lax.fori_loop(0, 1 + n_events * EVENT_ZOOMS, body, (main_out, bracket))
+    if not plan.located:
+        return _main_outputs(plan, _one_pass(params, plan, jnp.asarray(0), None, progress)), None
+    body = lambda index, carry: _after_pass(plan, index, carry, _one_pass(params, plan, index, carry[1], progress))
+    return jax.lax.fori_loop(0, plan.passes, body, _first_carry(params))
 
 
 def _end_field_finite(solution: diffrax.Solution) -> jnp.ndarray:
@@ -505,13 +576,15 @@ def _with_readouts(bare: Solution, recorded: dict) -> Solution:
 def _bare_solve(params: FlowParams, progress: bool = False) -> Solution:
     """``_solve`` without the read-outs but the reward (their fields empty: zero-width arrays and no eval reward)."""
     require_x64()
-    clock = flow_clock(params)
-    requested = params.times()
-    requested_s = clock.to_solver(requested)
-    names = tuple(EVENTS[k] for k in range(len(EVENTS)) if EVENTS[k] in params.events or EVENTS[k] == params.stop_at)
-    located = tuple(event for event in names if event in params.events)
-    levels = jnp.stack([params.event_level(event) for event in located]) if located else jnp.zeros(0)
-    main, bracket = _passes(params, requested_s, levels, progress)
+    plan = _plan(params)
+    return _finished(params, plan, *_passes(params, plan, progress))
+
+
+def _finished(params: FlowParams, plan: _Plan, main: dict, bracket: _Bracket | None) -> Solution:
+    """The Solution (no read-outs but the reward) from the passes' outputs: times back in flow time, NaN past a stop,
+    each event's time interpolated in its last bracket."""
+    clock, requested, levels, names, located = plan.clock, plan.requested, plan.levels, plan.names, plan.located
+    requested_s = plan.requested_s[: plan.n_saves]
     # after a requested stop diffrax writes the stop state into the next save slot (with its time)
     # and inf into the rest: keep the real times, NaN the unused slots
     saved_s, saved_ys = main["ts"][:-1], main["ys"][:-1]
@@ -601,24 +674,57 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
 
 
 def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
-    """``_solve`` of one config in its program form (``alone``) as two compiled programs, the
-    solve and its read-outs at the saves, the second traced and compiled while the first compiles
-    (``compile_cache.compiled_in_turn``: the default flow's first solve 0.9 s, 16%, faster than one program holding
-    both); and their compile seconds (0 when cached)."""
-    export = not progress
-    thetas = jax.ShapeDtypeStruct((program.times().shape[0], Theta.size(program.model.values)), float)
-    (bare, readout), seconds = compiled_in_turn(
+    """``_solve`` of one config in its program form (``alone``) as three compiled programs, the later ones traced and
+    compiled while the first compiles (``compile_cache.compiled_in_turn``): one pass of the solve integrated
+    (``_integrated``: the main solve, and each re-solve of an event's bracket); the rewards at its saves, the passes'
+    carry after it (``_after_pass``) and the Solution so far (``_finished``), so that the loop of ``_passes`` runs
+    here, on the host; and the read-outs at the saves.  Returns the solve and the compile seconds (0 when cached).
+    The numbers are those of the batch program, which holds all of it in one (tested)."""
+    located = bool(_event_names(program)[1])
+    first = _first_carry(program)
+    shapes = _pass_shapes(program, max(_save_count(program), ZOOM_SAVES) if located else _save_count(program))
+    integrated = {name: jax.ShapeDtypeStruct(*shapes[name]) for name in shapes if name != "rewards"}
+    if located:
+        index = np.asarray(0, np.dtype(jnp.result_type(int)))
+        one_pass, pass_args = (lambda p, i, b: _integrated(p, _plan(p), i, b, progress)), (program, index, first[1])
+        after, after_args = _host_after_pass, (program, index, first, integrated)
+    else:
+        one_pass, pass_args = (lambda p: _integrated(p, _plan(p), jnp.asarray(0), None, progress)), (program,)
+        after, after_args = _host_main_pass, (program, integrated)
+    thetas = jax.ShapeDtypeStruct((_save_count(program), Theta.size(program.model.values)), float)
+    (pass_, after_, readout), seconds = compiled_in_turn(
         [
-            CompileRequest("solve", lambda p: _bare_solve(p, progress), (program,), progress, export=export, quick=True),
+            # the progress meter is in the pass's program only
+            CompileRequest("pass", one_pass, pass_args, progress, export=not progress, quick=True),
+            CompileRequest("after_pass", after, after_args, (), export=True, quick=True),
             CompileRequest("readouts", _readouts_at, (program, thetas), (), export=True, quick=True),
         ]
     )
 
     def run(params: FlowParams) -> Solution:
-        solution = bare(params)
+        if located:
+            carry = first
+            for index in range(1 + len(_event_names(params)[1]) * EVENT_ZOOMS):
+                index = np.asarray(index, np.dtype(jnp.result_type(int)))
+                carry, solution = after_(params, index, carry, pass_(params, index, carry[1]))
+        else:
+            solution = after_(params, pass_(params))
         return _with_readouts(solution, readout(params, solution.theta))
 
     return run, seconds
+
+
+def _host_after_pass(params: FlowParams, index, carry: tuple[dict, _Bracket], integrated: dict) -> tuple[tuple, Solution]:
+    """One config's solve on the host: the carry after pass ``index`` (``_after_pass``) and the Solution it gives."""
+    plan = _plan(params)
+    carry = _after_pass(plan, index, carry, _with_rewards(params, integrated))
+    return carry, _finished(params, plan, *carry)
+
+
+def _host_main_pass(params: FlowParams, integrated: dict) -> Solution:
+    """One config's solve on the host, without located events: the Solution of its only pass."""
+    plan = _plan(params)
+    return _finished(params, plan, _main_outputs(plan, _with_rewards(params, integrated)), None)
 
 
 def solve_many(configs: Sequence[FlowParams] | FlowParams, *, progress: bool = False, devices=None) -> Solution:

@@ -148,10 +148,10 @@ def test_every_mask_and_isolated_count_of_a_bucket_is_one_program_and_equals_its
     assert isinstance(flow.bucketed(configs[1]).model, LaidOutModel)
     before = gf.compile_cache.compilation_count()
     alone = [gf.simulate(cfg) for cfg in configs]
-    # the default's solve and read-out programs, and the options' two (``flow._compiled_solve``)
-    assert gf.compile_cache.compilation_count() == before + 4
+    # the default's three programs (``flow._compiled_solve``), and the options' three
+    assert gf.compile_cache.compilation_count() == before + 6
     batch = gf.simulate_many(configs)
-    assert gf.compile_cache.compilation_count() == before + 5
+    assert gf.compile_cache.compilation_count() == before + 7
     lengths = [trajectory.expected_length[-1] for trajectory in alone]
     assert len(set(np.round(lengths, 6))) == len(configs)  # the options change what is solved
     for cfg, one, batched in (triple for k, triple in enumerate(zip(configs, alone, batch)) if k in checked):

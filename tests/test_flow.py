@@ -415,7 +415,8 @@ def test_programs_compiled_together_are_kept_and_run_as_each_is_ready(empty_comp
 def test_programs_compiled_in_turn_are_kept_and_a_single_solve_is_two_equal_to_the_batch_program(empty_compile_cache):
     """compile_cache.compiled_in_turn returns the requests' executables in order (each traced while the ones before it
     compile) and keeps them: a repeat compiles nothing, and a cached request is not compiled again.  One config's solve
-    is the solve and its read-outs as two programs; a batch holds both in one, with the same numbers."""
+    is three programs (a pass of the solve, the rewards and events after it, the read-outs: ``flow._compiled_solve``);
+    a batch holds all in one, with the same numbers."""
     x = jnp.arange(4.0)
     requests = [compile_cache.CompileRequest("in_turn_probe", lambda y, k=k: jnp.cumsum(y) * k, (x,), k) for k in (1.0, 2.0)]
     before = compile_cache.compilation_count()
@@ -428,12 +429,33 @@ def test_programs_compiled_in_turn_are_kept_and_a_single_solve_is_two_equal_to_t
     assert compile_cache.compilation_count() - before == 2
     config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0, eval_tasks={"hardest": gf.ChainTask.hardest(6)})
     single = simulate(config)
-    assert {key[0] for key in compile_cache._COMPILED} >= {"solve", "readouts"}
+    assert {key[0] for key in compile_cache._COMPILED} >= {"pass", "after_pass", "readouts"}
     whole = jax.device_get(jax.jit(gf.flow._solve)(gf.flow.bucketed(config)))  # one program holding both
     for name in ("reward", "expected_length", "traversal_prob"):
         np.testing.assert_allclose(getattr(single, name), getattr(whole, name), rtol=1e-13, err_msg=name)
     np.testing.assert_allclose(single.forward_prob, whole.forward_prob[:, :5], rtol=1e-13)
     np.testing.assert_allclose(single.eval_reward["hardest"], whole.eval_reward["hardest"], rtol=1e-13)
+
+
+@pytest.mark.parametrize("save_ts", [None, (0.0, 10.0, 1e4)], ids=["default_saves", "three_saves"])
+def test_one_configs_passes_on_the_host_equal_the_traced_loop(save_ts):
+    """One config's solve runs the loop over its passes (the main solve, then each event's bracket re-solved) on the
+    host, each pass a run of two compiled programs; its Solution equals the one program holding the loop, compiled
+    at the same XLA level (the expected length within an ulp: its own solve, fused apart).  The example outputs
+    the host programs are compiled for (``flow._pass_shapes``) are the pass's own."""
+    config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), save_ts=save_ts)
+    program = gf.flow.alone(config)
+    plan = gf.flow._plan(program)
+    traced = jax.eval_shape(lambda p: gf.flow._one_pass(p, gf.flow._plan(p), jnp.asarray(0), None, False), program)
+    expected = gf.flow._pass_shapes(program, plan.slots)
+    assert {name: (s.shape, s.dtype) for name, s in traced.items()} == expected
+    whole = gf.flow._trimmed(compile_cache.compile_lowered(jax.jit(gf.flow._solve).lower(program), quick=True)(program), 6)
+    single = gf.flow.solve(config)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(single), jax.tree.leaves(whole)):
+        if jax.tree_util.keystr(path) == ".expected_length":
+            np.testing.assert_allclose(got, want, rtol=4e-16)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
 
 
 def test_an_exported_program_is_traced_once_and_compiled_from_disk_after(tmp_path):
@@ -452,7 +474,7 @@ def test_one_config_compiles_quick_and_a_batch_does_not_with_the_same_numbers():
     config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0)
     single, batch = simulate(config), gf.simulate_many([config, config])[0]
     tiers = {key[0]: key[-1] for key in compile_cache._COMPILED}
-    assert tiers["solve"] is True and tiers["solve_many"] is False
+    assert tiers["pass"] is True and tiers["after_pass"] is True and tiers["solve_many"] is False
     np.testing.assert_allclose(single.reward, batch.reward, rtol=1e-12)
     np.testing.assert_allclose(single.theta, batch.theta, rtol=1e-10, atol=1e-13)
 
@@ -558,11 +580,11 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     warm_hits, _, warm_traced, warm_reward = warm.stdout.split()
     assert int(cold_hits) == 0 and int(warm_hits) >= 1, (cold.stdout, warm.stdout)
     assert any((tmp_path / "cache").iterdir())
-    # the traced programs themselves were kept (jax.export): the solve and its read-outs; the warm process traces
-    # nothing and gets the same numbers
-    assert int(cold_traced) == 2 and int(warm_traced) == 0, (cold.stdout, warm.stdout)
+    # the traced programs themselves were kept (jax.export): the solve's pass, the rewards after it and the read-outs;
+    # the warm process traces nothing and gets the same numbers
+    assert int(cold_traced) == 3 and int(warm_traced) == 0, (cold.stdout, warm.stdout)
     assert warm_reward == cold_reward
-    for kind in ("solve", "readouts"):
+    for kind in ("pass", "after_pass", "readouts"):
         assert list((tmp_path / "cache" / "exported").glob(f"{kind}-*.bin"))
 
 
