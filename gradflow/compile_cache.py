@@ -43,6 +43,9 @@ from gradflow._version import versions
 CACHE_SIZE = 64  # compiled executables kept in memory (least recently used dropped first)
 MAP_SHARE = 0.5  # executables are dropped while the process's memory maps exceed this share of vm.max_map_count
 CACHE_MAX_BYTES = 2 << 30  # the persistent cache folder's size limit when gradflow sets it up
+# the persistent cache keeps programs that compiled for at least this long (JAX's default: JAX_MIN_COMPILE_SECONDS)
+MIN_COMPILE_SECONDS = 0.1
+JAX_MIN_COMPILE_SECONDS = 1.0
 # XLA:CPU's options for every program compiled here: its classic elemental emitters instead of the fusion emitters
 # (XLA's default): a flow compiles 20-35% faster (docs/guide/details.md, benchmarks/bench_compile.py)
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
@@ -88,7 +91,9 @@ def enable_persistent_cache() -> str | None:
     Default folder: ``$GRADFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradflow/jax``, else
     ``~/.cache/gradflow/jax``, limited to 2 GiB (least recently used entries evicted) when the
     ``filelock`` package is installed (JAX needs it for the limit), unlimited otherwise.
-    ``GRADFLOW_NO_CACHE=1`` turns it off; a folder that cannot be created (e.g. a file of that name)
+    Programs that compiled in ``MIN_COMPILE_SECONDS`` or more are kept (JAX's default, 1 s, would leave out one
+    config's rewards and read-out programs, which then compiled again in every new process), unless the user changed
+    JAX's setting.  ``GRADFLOW_NO_CACHE=1`` turns it off; a folder that cannot be created (e.g. a file of that name)
     turns it off with a warning naming the folder; a folder the user already gave JAX
     (``jax_compilation_cache_dir``) is kept.  Called by the first compiled solve, not at import.
     """
@@ -112,6 +117,8 @@ def enable_persistent_cache() -> str | None:
             )
             return None
         jax.config.update("jax_compilation_cache_dir", path)
+        if jax.config.jax_persistent_cache_min_compile_time_secs == JAX_MIN_COMPILE_SECONDS:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
         if jax.config.jax_compilation_cache_max_size in (None, -1) and _has_module("filelock"):
             jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)  # LRU eviction past 2 GiB
         try:  # jax reads the folder once, at its first compilation: start over if that already happened

@@ -570,6 +570,8 @@ _CACHE_PROBE = textwrap.dedent(
     start = time.perf_counter()
     trajectory = simulate(FlowParams(gf.ChainTask.uniform(3), t1=5.0, save_ts=[0.0, 5.0], events=(), readouts=False))
     print(len(hits), time.perf_counter() - start, programs_traced(), repr(float(trajectory.reward[-1])))
+    import jax
+    print(jax.config.jax_persistent_cache_min_compile_time_secs)
     """
 )
 
@@ -580,9 +582,12 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     run = lambda: subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True, timeout=600)
     cold, warm = run(), run()
     assert cold.returncode == 0 and warm.returncode == 0, cold.stderr[-2000:] + warm.stderr[-2000:]
-    cold_hits, _, cold_traced, cold_reward = cold.stdout.split()
-    warm_hits, _, warm_traced, warm_reward = warm.stdout.split()
+    cold_hits, _, cold_traced, cold_reward, kept_from = cold.stdout.split()
+    warm_hits, _, warm_traced, warm_reward, _ = warm.stdout.split()
     assert int(cold_hits) == 0 and int(warm_hits) >= 1, (cold.stdout, warm.stdout)
+    # programs that compile for 0.1 s or more are kept (JAX's default of 1 s left out one config's rewards and
+    # read-out programs, compiled again by every new process)
+    assert float(kept_from) == compile_cache.MIN_COMPILE_SECONDS < compile_cache.JAX_MIN_COMPILE_SECONDS
     assert any((tmp_path / "cache").iterdir())
     # the traced programs themselves were kept (jax.export): the solve's pass, the rewards after it and the read-outs;
     # the warm process traces nothing and gets the same numbers
