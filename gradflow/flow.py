@@ -1044,25 +1044,27 @@ def simulate(flow_params: FlowParams, progress: bool = False) -> Trajectory:
     if not isinstance(flow_params, FlowParams):
         raise ValueError(f"flow_params must be a gradflow.FlowParams, got {type(flow_params).__name__}")
     check_levels(flow_params)
-    label = config_label(flow_params)
-    out, stats = _simulated(flow_params, progress, label)
+    out, stats = _simulated(flow_params, progress, flow_params)
     message = failure_message(flow_params, out)
     extended = extended_config(flow_params) if message is not None and _not_finite(out) else None
     if extended is not None:  # a NaN in float64 numbers: the same flow with the extended closed form
-        out, stats = _simulated(extended, progress, label)
+        out, stats = _simulated(extended, progress, flow_params)
         stats["numbers"] = "extended"
         again = failure_message(extended, out)
         message = None if again is None else _also_extended(message, again)
     if message is not None:
-        raise RuntimeError(f"{label}: {message}")
+        raise RuntimeError(f"{config_label(flow_params)}: {message}")
     return _trajectory(flow_params, out, stats)
 
 
-def _simulated(params: FlowParams, progress: bool, label: str) -> tuple:
-    """``_host_solve`` of one config after an early solve (``_early``): raises when it is going to run out of steps."""
+def _simulated(params: FlowParams, progress: bool, named: FlowParams) -> tuple:
+    """``_host_solve`` of one config after an early solve (``_early``): raises when it is going to run out of steps,
+    naming the config ``named`` (``config_label``, computed only then: hashing a config runs eager JAX operations,
+    each compiled the first time)."""
     out, stats = _host_solve(params if progress else _early(params), progress)
     if not progress and _ran_out_early(params, out) and not _not_finite(out):  # a NaN: failure_message says so
         message, hopeless = _outlook(params, out, stats["run_seconds"])
+        label = config_label(named)
         if hopeless:
             raise RuntimeError(f"{label}: {_early_failure(message, params)}")
         warnings.warn(f"{label}: {message}; solving again up to max_steps={params.max_steps:,}", stacklevel=3)
