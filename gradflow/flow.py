@@ -381,11 +381,6 @@ class _Plan(NamedTuple):
     n_saves: int
     slots: int
 
-    @property
-    def passes(self) -> int:
-        """The main pass and ``EVENT_ZOOMS`` re-solves of each located event."""
-        return 1 + len(self.located) * EVENT_ZOOMS
-
 
 def _event_names(params: FlowParams) -> tuple[tuple, tuple]:
     """(the events a Solution reports: the recorded ones and the stop event, in ``EVENTS`` order; those located by
@@ -399,6 +394,21 @@ def _save_count(params: FlowParams) -> int:
     return N_DEFAULT_SAVES + 1 if params.save_ts is None else params.save_ts.shape[0]
 
 
+def _slots(params: FlowParams) -> int:
+    """How many times each pass saves: the config's saves, at least ``ZOOM_SAVES`` where events are located."""
+    return max(_save_count(params), ZOOM_SAVES) if _event_names(params)[1] else _save_count(params)
+
+
+def _pass_count(params: FlowParams) -> int:
+    """The main pass and ``EVENT_ZOOMS`` re-solves of each located event."""
+    return 1 + len(_event_names(params)[1]) * EVENT_ZOOMS
+
+
+def _pass_index(index: int) -> np.ndarray:
+    """A pass's index as the compiled pass programs take it."""
+    return np.asarray(index, np.dtype(jnp.result_type(int)))
+
+
 def _plan(params: FlowParams) -> _Plan:
     """The passes' shared plan of a config (traceable)."""
     clock = flow_clock(params)
@@ -406,8 +416,7 @@ def _plan(params: FlowParams) -> _Plan:
     requested_s = clock.to_solver(requested)
     names, located = _event_names(params)
     levels = jnp.stack([params.event_level(event) for event in located]) if located else jnp.zeros(0)
-    n_saves = requested_s.shape[0]
-    slots = n_saves if not located else max(n_saves, ZOOM_SAVES)  # saves of every pass
+    n_saves, slots = requested_s.shape[0], _slots(params)
     padded_s = requested_s  # the main pass saves its last time again in the extra slots
     if slots > n_saves:
         padded_s = jnp.concatenate([requested_s, jnp.full(slots - n_saves, requested_s[-1])])
@@ -525,7 +534,7 @@ def _passes(params: FlowParams, plan: _Plan, progress: bool) -> tuple[dict, _Bra
     if not plan.located:
         return _main_outputs(plan, _one_pass(params, plan, jnp.asarray(0), None, progress)), None
     body = lambda index, carry: _after_pass(plan, index, carry, _one_pass(params, plan, index, carry[1], progress))
-    return jax.lax.fori_loop(0, plan.passes, body, _first_carry(params))
+    return jax.lax.fori_loop(0, _pass_count(params), body, _first_carry(params))
 
 
 def _end_field_finite(solution: diffrax.Solution) -> jnp.ndarray:
@@ -682,10 +691,10 @@ def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, floa
     The numbers are those of the batch program, which holds all of it in one (tested)."""
     located = bool(_event_names(program)[1])
     first = _first_carry(program)
-    shapes = _pass_shapes(program, max(_save_count(program), ZOOM_SAVES) if located else _save_count(program))
+    shapes = _pass_shapes(program, _slots(program))
     integrated = {name: jax.ShapeDtypeStruct(*shapes[name]) for name in shapes if name != "rewards"}
     if located:
-        index = np.asarray(0, np.dtype(jnp.result_type(int)))
+        index = _pass_index(0)
         one_pass, pass_args = (lambda p, i, b: _integrated(p, _plan(p), i, b, progress)), (program, index, first[1])
         after, after_args = _host_after_pass, (program, index, first, integrated)
     else:
@@ -704,8 +713,7 @@ def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, floa
     def run(params: FlowParams) -> Solution:
         if located:
             carry = first
-            for index in range(1 + len(_event_names(params)[1]) * EVENT_ZOOMS):
-                index = np.asarray(index, np.dtype(jnp.result_type(int)))
+            for index in map(_pass_index, range(_pass_count(params))):
                 carry, solution = after_(params, index, carry, pass_(params, index, carry[1]))
         else:
             solution = after_(params, pass_(params))

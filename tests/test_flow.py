@@ -449,9 +449,8 @@ def test_one_configs_passes_on_the_host_equal_the_traced_loop(save_ts):
     the host programs are compiled for (``flow._pass_shapes``) are the pass's own."""
     config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), save_ts=save_ts)
     program = gf.flow.alone(config)
-    plan = gf.flow._plan(program)
     traced = jax.eval_shape(lambda p: gf.flow._one_pass(p, gf.flow._plan(p), jnp.asarray(0), None, False), program)
-    expected = gf.flow._pass_shapes(program, plan.slots)
+    expected = gf.flow._pass_shapes(program, gf.flow._slots(program))
     assert {name: (s.shape, s.dtype) for name, s in traced.items()} == expected
     whole = gf.flow._trimmed(compile_cache.compile_lowered(jax.jit(gf.flow._solve).lower(program), quick=True)(program), 6)
     single = gf.flow.solve(config)
