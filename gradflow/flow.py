@@ -315,6 +315,7 @@ class Solution(eqx.Module):
 
 EVENT_ZOOMS = 4  # re-solves of each located event's bracket; each shrinks it (saves - 1)-fold
 ZOOM_SAVES = 33  # the fewest saves of each re-solve (a config with fewer saves pads its main pass's): 32^4-fold at least
+STEP_COUNTS = ("num_steps", "num_accepted_steps", "num_rejected_steps")  # the solver's counts a pass reports
 
 
 class _Bracket(NamedTuple):
@@ -464,9 +465,6 @@ def _with_rewards(params: FlowParams, integrated: dict) -> dict:
 def _one_pass(params: FlowParams, plan: _Plan, index, bracket: _Bracket | None, progress: bool) -> dict:
     """Pass ``index`` integrated, with its rewards at the saves."""
     return _with_rewards(params, _integrated(params, plan, index, bracket, progress))
-
-
-STEP_COUNTS = ("num_steps", "num_accepted_steps", "num_rejected_steps")
 
 
 def _pass_shapes(params: FlowParams, saves: int) -> dict:
@@ -690,11 +688,10 @@ def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, floa
     here, on the host; and the read-outs at the saves.  Returns the solve and the compile seconds (0 when cached).
     The numbers are those of the batch program, which holds all of it in one (tested)."""
     located = bool(_event_names(program)[1])
-    first = _first_carry(program)
     shapes = _pass_shapes(program, _slots(program))
     integrated = {name: jax.ShapeDtypeStruct(*shapes[name]) for name in shapes if name != "rewards"}
     if located:
-        index = _pass_index(0)
+        first, index = _first_carry(program), _pass_index(0)
         one_pass, pass_args = (lambda p, i, b: _integrated(p, _plan(p), i, b, progress)), (program, index, first[1])
         after, after_args = _host_after_pass, (program, index, first, integrated)
     else:
