@@ -298,12 +298,13 @@ def _lowered(folder, request: CompileRequest) -> tuple[jax.stages.Lowered, bool,
     return jax.jit(fn).lower(*args), True, lambda executable: executable
 
 
-def compiled_in_turn(requests: list[CompileRequest]) -> tuple[list[Callable], float]:
-    """The executables of several ``compiled`` requests, each traced on this thread while the ones before it compile
-    on other threads (XLA compiles with Python's lock released): a later program's tracing, lowering and compilation
-    hide behind an earlier, longer one's compilation.  The first compiles on a thread of its own, the others on the
-    remaining cores (on two cores, one thread: the first, the longest, then shares its core with no other compilation,
-    only with this thread's tracing).  Returns them in order, and the wall seconds."""
+def compiled_in_turn(requests: list[CompileRequest], longest: int = 0) -> tuple[list[Callable], float]:
+    """The executables of several ``compiled`` requests, traced in order on this thread while the ones before compile
+    on other threads (XLA compiles with Python's lock released): a program's tracing, lowering and compilation hide
+    behind another's compilation.  The request at index ``longest`` compiles on a thread of its own, the others on
+    the remaining cores (on two cores, one thread: the longest then shares its core with no other compilation, only
+    with this thread's tracing).  A short program traced before the longest compiles while the longest traces, and
+    the jitted functions they share are traced once, for it.  Returns them in order, and the wall seconds."""
     start = time.perf_counter()
     folder = _before_compiling()
     found, pending = {}, {}
@@ -315,7 +316,7 @@ def compiled_in_turn(requests: list[CompileRequest]) -> tuple[list[Callable], fl
                 found[i] = executable
                 continue
             lowered, traced, wrap = _lowered(folder, request)
-            pool = first if not pending else rest
+            pool = first if i == longest else rest
             pending[i] = (key, traced, wrap, pool.submit(compile_lowered, lowered, request.quick))
         for i, (key, traced, wrap, future) in pending.items():
             found[i] = wrap(future.result())

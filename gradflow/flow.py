@@ -681,12 +681,13 @@ def solve(config: FlowParams, *, progress: bool = False) -> Solution:
 
 
 def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, float]:
-    """``_solve`` of one config in its program form (``alone``) as three compiled programs, the later ones traced and
-    compiled while the first compiles (``compile_cache.compiled_in_turn``): one pass of the solve integrated
-    (``_integrated``: the main solve, and each re-solve of an event's bracket); the rewards at its saves, the passes'
-    carry after it (``_after_pass``) and the Solution so far (``_finished``), so that the loop of ``_passes`` runs
-    here, on the host; and the read-outs at the saves.  Returns the solve and the compile seconds (0 when cached).
-    The numbers are those of the batch program, which holds all of it in one (tested)."""
+    """``_solve`` of one config in its program form (``alone``) as three compiled programs, traced in turn while the
+    others compile (``compile_cache.compiled_in_turn``): one pass of the solve integrated (``_integrated``: the main
+    solve, and each re-solve of an event's bracket), the longest, on a core of its own; the rewards at its saves, the
+    passes' carry after it (``_after_pass``) and the Solution so far (``_finished``), so that the loop of ``_passes``
+    runs here, on the host, traced first: it compiles while the pass traces, and the closed forms both call are
+    traced once; and the read-outs at the saves.  Returns the solve and the compile seconds (0 when cached).  The
+    numbers are those of the batch program, which holds all of it in one (tested)."""
     located = bool(_event_names(program)[1])
     shapes = _pass_shapes(program, _slots(program))
     integrated = {name: jax.ShapeDtypeStruct(*shapes[name]) for name in shapes if name != "rewards"}
@@ -698,13 +699,14 @@ def _compiled_solve(program: FlowParams, progress: bool) -> tuple[Callable, floa
         one_pass, pass_args = (lambda p: _integrated(p, _plan(p), jnp.asarray(0), None, progress)), (program,)
         after, after_args = _host_main_pass, (program, integrated)
     thetas = jax.ShapeDtypeStruct((_save_count(program), Theta.size(program.model.values)), float)
-    (pass_, after_, readout), seconds = compiled_in_turn(
+    (after_, pass_, readout), seconds = compiled_in_turn(
         [
+            CompileRequest("after_pass", after, after_args, (), export=True, quick=True),
             # the progress meter is in the pass's program only
             CompileRequest("pass", one_pass, pass_args, progress, export=not progress, quick=True),
-            CompileRequest("after_pass", after, after_args, (), export=True, quick=True),
             CompileRequest("readouts", _readouts_at, (program, thetas), (), export=True, quick=True),
-        ]
+        ],
+        longest=1,
     )
 
     def run(params: FlowParams) -> Solution:
