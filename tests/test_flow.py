@@ -419,9 +419,8 @@ def test_programs_compiled_together_are_kept_and_run_as_each_is_ready(empty_comp
 def test_programs_compiled_in_turn_are_kept_and_a_single_solve_is_two_equal_to_the_batch_program(empty_compile_cache):
     """compile_cache.compiled_in_turn returns the requests' executables in order (each traced while the ones before it
     compile, whichever has a thread of its own) and keeps them: a repeat compiles nothing, and a cached request is not
-    compiled again.  One config's solve
-    is three programs (a pass of the solve, the rewards and events after it, the read-outs: ``flow._compiled_solve``);
-    a batch holds all in one, with the same numbers."""
+    compiled again.  One config's solve is three programs (the rewards and events after a pass, a pass of the solve,
+    the read-outs: ``flow._compiled_solve``); a batch holds all in one, with the same numbers."""
     x = jnp.arange(4.0)
     requests = [compile_cache.CompileRequest("in_turn_probe", lambda y, k=k: jnp.cumsum(y) * k, (x,), k) for k in (1.0, 2.0)]
     before = compile_cache.compilation_count()
