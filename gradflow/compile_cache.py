@@ -53,6 +53,10 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 # compiling) XLA's optimisation level 0 too: the default flow compiles about a third faster and runs a few ms slower,
 # while a wide vmapped batch would run about 3x slower, so batches keep the level XLA_FLAGS sets (default 3)
 QUICK_CPU_COMPILER_OPTIONS = {**CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
+# XLA's while-loop passes, which a request with ``loop_passes=False`` compiles without: run to a fixed point they hoist
+# invariants out of nested loops one level per round, most of the compile of a program of loops within loops (a single
+# learning time: its stages around the solve around the event's root find) and no help to its run time
+WHILE_LOOP_PASSES = ("simplify-while-loops", "while-loop-invariant-code-motion", "while-loop-constant-sinking")
 
 _COMPILED: OrderedDict = OrderedDict()
 _COMPILATIONS = 0
@@ -168,12 +172,18 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def compile_lowered(lowered: jax.stages.Lowered, quick: bool = False) -> jax.stages.Compiled:
-    """XLA-compile a lowered program, with ``CPU_COMPILER_OPTIONS`` (``quick``: ``QUICK_CPU_COMPILER_OPTIONS``) when it
-    runs on CPU."""
+def cpu_compiler_options(quick: bool = False, loop_passes: bool = True) -> dict:
+    """XLA:CPU's options for a program: ``CPU_COMPILER_OPTIONS`` (``quick``: ``QUICK_CPU_COMPILER_OPTIONS``), without
+    ``WHILE_LOOP_PASSES`` unless ``loop_passes``."""
+    options = QUICK_CPU_COMPILER_OPTIONS if quick else CPU_COMPILER_OPTIONS
+    return options if loop_passes else {**options, "xla_disable_hlo_passes": ",".join(WHILE_LOOP_PASSES)}
+
+
+def compile_lowered(lowered: jax.stages.Lowered, quick: bool = False, loop_passes: bool = True) -> jax.stages.Compiled:
+    """XLA-compile a lowered program, with ``cpu_compiler_options(quick, loop_passes)`` when it runs on CPU."""
     if jax.default_backend() != "cpu":
         return lowered.compile()
-    return lowered.compile(compiler_options=QUICK_CPU_COMPILER_OPTIONS if quick else CPU_COMPILER_OPTIONS)
+    return lowered.compile(compiler_options=cpu_compiler_options(quick, loop_passes))
 
 
 def structure_key(tree) -> tuple:
@@ -189,7 +199,9 @@ class CompileRequest(NamedTuple):
     arguments; their tree structure, shapes and dtypes (``structure_key``) are part of the key.  static_key (Hashable):
     anything else the executable depends on (part of the key).  export: keep the traced program on disk
     (``exported_lowered``) so that a new process skips tracing; for functions without host callbacks (no progress
-    meter) on one device.  quick: compile with ``QUICK_CPU_COMPILER_OPTIONS`` (a program that runs briefly: one config)."""
+    meter) on one device.  quick: compile with ``QUICK_CPU_COMPILER_OPTIONS`` (a program that runs briefly: one config).
+    loop_passes: False compiles without XLA's ``WHILE_LOOP_PASSES`` (a program of nested loops whose compile they
+    dominate)."""
 
     kind: str
     fn: Callable
@@ -197,19 +209,20 @@ class CompileRequest(NamedTuple):
     static_key: Hashable = ()
     export: bool = False
     quick: bool = False
+    loop_passes: bool = True
 
 
 def compiled(
-    kind: str, fn: Callable, args: tuple, static_key=(), export: bool = False, quick: bool = False
+    kind: str, fn: Callable, args: tuple, static_key=(), export: bool = False, quick: bool = False, loop_passes: bool = True
 ) -> tuple[Callable, float]:
     """The compiled ``fn(*args)`` for this structure (bounded LRU cache), and its compile time (0 when cached).
 
-    Args: as ``CompileRequest``'s fields (kind, fn, args, static_key, export, quick).
+    Args: as ``CompileRequest``'s fields (kind, fn, args, static_key, export, quick, loop_passes).
 
     Returns:
         The compiled executable and its compile time in seconds (0.0 when it came from the cache).
     """
-    request = CompileRequest(kind, fn, args, static_key, export, quick)
+    request = CompileRequest(kind, fn, args, static_key, export, quick, loop_passes)
     key = _key(request)
     if (executable := _cached(key)) is not None:
         return executable, 0.0
@@ -269,8 +282,8 @@ def _cached(key: tuple) -> Callable | None:
 
 
 def _key(request: CompileRequest) -> tuple:
-    """An executable's key in the in-memory cache: its kind, its arguments' structure, its static key and its tier."""
-    return request.kind, structure_key(request.args), request.static_key, request.quick
+    """An executable's key in the in-memory cache: its kind, its arguments' structure, its static key and its options."""
+    return request.kind, structure_key(request.args), request.static_key, request.quick, request.loop_passes
 
 
 def _before_compiling():
@@ -284,18 +297,18 @@ def _before_compiling():
 def _build(folder, request: CompileRequest) -> tuple[Callable, bool]:
     """(executable, whether fn was traced) of one request (``compiled``), inside ``runtime_checks_as_nan``."""
     lowered, traced, wrap = _lowered(folder, request)
-    return wrap(compile_lowered(lowered, request.quick)), traced
+    return wrap(compile_lowered(lowered, request.quick, request.loop_passes)), traced
 
 
 def _lowered(folder, request: CompileRequest) -> tuple[jax.stages.Lowered, bool, Callable]:
     """(the request's lowered program, whether fn was traced, what makes the compiled program callable as fn): from
     its traced program kept on disk (``exported_lowered``) where it asks for that, else traced here."""
-    kind, fn, args, static_key, export, quick = request
-    if export and folder is not None:
-        lowered, traced, wrap = exported_lowered(Path(folder) / "exported", kind, fn, args, static_key)
+    if request.export and folder is not None:
+        kept = Path(folder) / "exported"
+        lowered, traced, wrap = exported_lowered(kept, request.kind, request.fn, request.args, request.static_key)
         if lowered is not None:
             return lowered, traced, wrap
-    return jax.jit(fn).lower(*args), True, lambda executable: executable
+    return jax.jit(request.fn).lower(*request.args), True, lambda executable: executable
 
 
 def compiled_in_turn(requests: list[CompileRequest], longest: int = 0) -> tuple[list[Callable], float]:
@@ -317,7 +330,7 @@ def compiled_in_turn(requests: list[CompileRequest], longest: int = 0) -> tuple[
                 continue
             lowered, traced, wrap = _lowered(folder, request)
             pool = first if i == longest else rest
-            pending[i] = (key, traced, wrap, pool.submit(compile_lowered, lowered, request.quick))
+            pending[i] = (key, traced, wrap, pool.submit(compile_lowered, lowered, request.quick, request.loop_passes))
         for i, (key, traced, wrap, future) in pending.items():
             found[i] = wrap(future.result())
             _keep(key, found[i], traced)

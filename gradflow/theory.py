@@ -687,7 +687,8 @@ def _learning_solve(params: FlowParams, watched: ChainTask):
 
 def _learning_request(configs, watched) -> CompileRequest:
     """The ``compile_cache.CompileRequest`` of the learning-time solve of one config (watching one task; a quick
-    program), or of a stacked batch."""
+    program, compiled without XLA's while-loop passes: 20-30% less XLA time, the same numbers), or of a stacked batch
+    (with them: without, its compile took about 10% less and its run about 20% more)."""
     batched = isinstance(configs, list)
     configs, watched = _in_buckets(configs if batched else [configs], watched if batched else [watched])
     configs, watched = (configs, watched) if batched else (configs[0], watched[0])
@@ -696,7 +697,8 @@ def _learning_request(configs, watched) -> CompileRequest:
     else:
         args = (configs.solver_resolved(), watched)
     fn = over_batch(_learning_solve) if batched else _learning_solve
-    return CompileRequest("learning_batch" if batched else "learning", fn, args, batch_chunk(), True, quick=not batched)
+    kind = "learning_batch" if batched else "learning"
+    return CompileRequest(kind, fn, args, batch_chunk(), True, quick=not batched, loop_passes=batched)
 
 
 def _stacked(tasks: list):

@@ -388,14 +388,14 @@ def test_executables_are_dropped_before_memory_maps_run_out(monkeypatch):
 
 
 def test_programs_compile_with_the_cpu_options_and_give_xla_defaults_numbers():
-    """compile_lowered's XLA:CPU options, batch and quick tier, are accepted by this XLA (a renamed option raises) and
-    change speed only."""
+    """compile_lowered's XLA:CPU options, batch and quick tier, with and without XLA's while-loop passes, are accepted
+    by this XLA (a renamed option or pass raises) and change speed only."""
     theta = jnp.array([0.7, -0.2, 0.1, 0.0, 0.0])
     fn = jax.grad(lambda y: gf.expected_reward(gf.Theta.from_array(y), gf.ChainTask.mixture(9, 0.3), gf.ModelSpec("softmax")))
     lowered = jax.jit(fn).lower(theta)
     default = lowered.compile()(theta)
-    for quick in (False, True):
-        ours = compile_cache.compile_lowered(lowered, quick)(theta)
+    for quick, loop_passes in ((False, True), (True, True), (True, False)):
+        ours = compile_cache.compile_lowered(lowered, quick, loop_passes)(theta)
         assert jnp.all(jnp.isfinite(ours)) and jnp.any(ours != 0)
         np.testing.assert_allclose(ours, default, rtol=1e-13, atol=1e-300)
 

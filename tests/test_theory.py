@@ -297,6 +297,20 @@ def test_small_buckets_share_one_learning_time_program():
     assert group(ChainTask.uniform(8), model=gf.ModelSpec("softmax")) == ("n", 8)  # softmax: compiled per n
 
 
+@pytest.mark.slow
+def test_a_single_learning_time_compiled_without_the_while_loop_passes_gives_the_same_numbers():
+    """A single learning time's program is compiled without XLA's while-loop passes (less compile time only): its
+    outputs equal the same program's compiled with them, bit for bit."""
+    from gradflow import compile_cache
+
+    config = gf.FlowParams(ChainTask.mixture(8, 0.1), t1=theory.DEFAULT_T1)
+    request = theory._learning_request(config, config.task)
+    assert request.quick and not request.loop_passes
+    without, with_them = (compile_cache.compiled(*request._replace(loop_passes=flag))[0](*request.args) for flag in (False, True))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, without, with_them)
+    assert bool(without[1]), "the level is reached"
+
+
 def test_start_rewards_are_one_batch_and_a_level_reached_at_theta0_takes_no_solve():
     """learning_times reads J(theta0) of every task from one vmapped program (n as data: n = 4 and 40 laid out at 64;
     softmax, not bucketable, per n; a task alone in its group eagerly), equal to the eager closed form; a level
