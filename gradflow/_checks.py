@@ -24,6 +24,21 @@ def is_concrete(x) -> bool:
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
 
 
+_SCALARS: dict = {}  # Python numbers already converted: JAX arrays are immutable, so configs can share them
+_SCALARS_KEPT = 4096
+
+
+def _scalar_array(x: float | int) -> jnp.ndarray:
+    """A Python float or int as a float JAX array, the same array for the same number (a sweep's thousands of configs
+    repeat their defaults; each new array costs about 30 us)."""
+    key = (float(x).hex(), str(jnp.result_type(float)))  # hex tells -0.0 from 0.0
+    if (array := _SCALARS.get(key)) is None:
+        if len(_SCALARS) >= _SCALARS_KEPT:
+            _SCALARS.clear()
+        array = _SCALARS[key] = jnp.asarray(x, dtype=float)
+    return array
+
+
 def as_float_array(x, name: str | None = None) -> jnp.ndarray:
     """``x`` as a float JAX array (float64 when x64 is on): the converter of every float field.
 
@@ -42,11 +57,15 @@ def as_float_array(x, name: str | None = None) -> jnp.ndarray:
     """
     if isinstance(x, jax.core.Tracer):
         return jnp.asarray(x, dtype=float)
+    if isinstance(x, jax.Array) and x.dtype == jnp.result_type(float):
+        return x  # already one (jnp.asarray would take about 33 us to return it: configs are rebuilt often)
+    if type(x) is float or (type(x) is int and abs(x) <= 2**53):
+        return _scalar_array(x)
     try:
         if isinstance(x, (str, bytes, bool)) or x is None:  # a flag or a name is never a float field
             raise TypeError
         return jnp.asarray(x, dtype=float)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         label = name or "value"
         raise ValueError(f"{label} must be a number or an array of numbers, got {x!r}") from None
 

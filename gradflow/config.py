@@ -183,6 +183,10 @@ class Numerics(eqx.Module):
         check_positive("rtol", self.rtol)
         check_positive("atol", self.atol)
 
+    def with_solver(self, solver: str) -> Numerics:
+        """These numerics with ``solver`` (themselves when they have it)."""
+        return self if self.solver == solver else dataclasses.replace(self, solver=solver)
+
 
 def _as_eval_tasks(x) -> dict:
     if x is None:
@@ -459,9 +463,13 @@ class FlowParams(eqx.Module):
     def solver_resolved(self) -> FlowParams:
         """This config (or stacked batch) with "auto" replaced by the solver it stands for: both trace the same
         program, so what is compiled from this form serves either spelling (one compilation, not two)."""
-        if self.solver == self.resolved_solver:
+        solver = self.resolved_solver
+        if self.solver == solver:
             return self
-        return eqx.tree_at(lambda p: p.numerics, self, dataclasses.replace(self.numerics, solver=self.resolved_solver))
+        # one flatten and unflatten with the numerics as a leaf (eqx.tree_at took 0.46 ms a config: 0.47 s of a
+        # 1,024-config batch's set-up)
+        is_numerics = lambda x: isinstance(x, Numerics)
+        return jax.tree_util.tree_map(lambda x: x.with_solver(solver) if is_numerics(x) else x, self, is_leaf=is_numerics)
 
     rtol = property(lambda self: self.numerics.rtol)
     atol = property(lambda self: self.numerics.atol)

@@ -250,15 +250,19 @@ def bucketed(params: FlowParams, size: int | None = None, options: bool | None =
     trim them."""
     if not bucketable(params):
         return params
-    params = params.solver_resolved()
-    model = params.model
+    model, solver = params.model, params.resolved_solver  # the solver first: "auto" reads the static mask and cap
     size = bucket_size(params.task.n) if size is None else size
     options = options_as_data([params]) if options is None else options
     if cap_size is None and model.max_len is not None:
         cap_size = bucket_size(model.max_len)
-    # the task and the eval tasks (a schedule is never bucketable), and the model when its options are data
-    is_part = lambda x: isinstance(x, ChainTask) or (options and isinstance(x, ModelSpec))
-    laid_out = lambda x: PaddedTask.padded(x, size) if isinstance(x, ChainTask) else LaidOutModel.of(x, cap_size)
+    # the task and the eval tasks (a schedule is never bucketable), the model when its options are data, the numerics
+    is_part = lambda x: isinstance(x, (ChainTask, Numerics)) or (options and isinstance(x, ModelSpec))
+
+    def laid_out(x):
+        if isinstance(x, Numerics):
+            return x.with_solver(solver)
+        return PaddedTask.padded(x, size) if isinstance(x, ChainTask) else LaidOutModel.of(x, cap_size)
+
     # one flatten and unflatten (eqx.tree_at costs 1.2 ms a config: half a second for a batch of 1,024)
     return jax.tree_util.tree_map(lambda x: laid_out(x) if is_part(x) else x, params, is_leaf=is_part)
 

@@ -1,5 +1,6 @@
 """The shared read-outs: gradflow._series.first_crossing and the validators of gradflow._checks."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,7 +54,25 @@ def test_checks_name_the_field():
     for bad in ("ab", None, [1, "a"], object()):
         with pytest.raises(ValueError, match="theta0"):
             _checks.as_float_array(bad, name="theta0")
+    for bad in (True, False, 10**400):  # a flag is never a float field; an int past float64's range is refused too
+        with pytest.raises(ValueError, match="tau"):
+            _checks.as_float_array(bad, name="tau")
     with pytest.raises(ValueError, match="t1"):
         _checks.check_finite("t1", [1.0, np.inf])
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e-300, -2.5, 3, -(2**53), 2**53 + 1, float("inf"), float("nan"), 7.0])
+def test_a_python_number_converts_to_one_shared_float64_array(value):
+    """as_float_array keeps the array it made for a Python number and hands the same one out again (configs of a sweep
+    share their defaults): the value, its float64 dtype and the sign of a zero are those of jnp.asarray, and a zero of
+    the other sign is another array; an int past 2**53 is converted each time; a float64 JAX array comes back as it is."""
+    first, again = _checks.as_float_array(value), _checks.as_float_array(value)
+    assert first.dtype == jnp.float64 and first.shape == ()
+    assert (first is again) == (abs(value) <= 2**53 or isinstance(value, float))
+    np.testing.assert_array_equal(first, jnp.asarray(value, dtype=float))
+    assert np.signbit(first) == np.signbit(float(value))
+    assert _checks.as_float_array(first) is first
+    if value == 0:
+        assert np.signbit(_checks.as_float_array(-value)) != np.signbit(first)
     with pytest.raises(ValueError, match="solver"):
         _checks.check_choice("solver", ["unhashable"], {"tsit5": 1})
