@@ -476,7 +476,7 @@ def test_one_config_compiles_quick_and_a_batch_does_not_with_the_same_numbers():
     """simulate's program is a quick one (XLA level 0), simulate_many's is not, and both give the same trajectory."""
     config = gf.FlowParams(gf.ChainTask.mixture(6, 0.2), t1=50.0)
     single, batch = simulate(config), gf.simulate_many([config, config])[0]
-    tiers = {key[0]: key[-1] for key in compile_cache._COMPILED}
+    tiers = {key[0]: key[3] for key in compile_cache._COMPILED}  # (kind, structure, static key, quick, loop_passes)
     assert tiers["pass"] is True and tiers["after_pass"] is True and tiers["solve_many"] is False
     np.testing.assert_allclose(single.reward, batch.reward, rtol=1e-12)
     np.testing.assert_allclose(single.theta, batch.theta, rtol=1e-10, atol=1e-13)
