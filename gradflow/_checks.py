@@ -28,14 +28,14 @@ _SCALARS: dict = {}  # Python numbers already converted: JAX arrays are immutabl
 _SCALARS_KEPT = 4096
 
 
-def _scalar_array(x: float | int) -> jnp.ndarray:
-    """A Python float or int as a float JAX array, the same array for the same number (a sweep's thousands of configs
-    repeat their defaults; each new array costs about 30 us)."""
-    key = (float(x).hex(), str(jnp.result_type(float)))  # hex tells -0.0 from 0.0
+def _scalar_array(x: float | int, dtype) -> jnp.ndarray:
+    """A Python float or int as a JAX array of the float ``dtype``, the same array for the same number (a sweep's
+    thousands of configs repeat their defaults; each new array costs about 30 us)."""
+    key = (float(x).hex(), dtype)  # hex tells -0.0 from 0.0
     if (array := _SCALARS.get(key)) is None:
         if len(_SCALARS) >= _SCALARS_KEPT:
             _SCALARS.clear()
-        array = _SCALARS[key] = jnp.asarray(x, dtype=float)
+        array = _SCALARS[key] = jnp.asarray(x, dtype=dtype)
     return array
 
 
@@ -57,10 +57,11 @@ def as_float_array(x, name: str | None = None) -> jnp.ndarray:
     """
     if isinstance(x, jax.core.Tracer):
         return jnp.asarray(x, dtype=float)
-    if isinstance(x, jax.Array) and x.dtype == jnp.result_type(float):
+    dtype = jnp.result_type(float)  # float64 when x64 is on
+    if isinstance(x, jax.Array) and x.dtype == dtype:
         return x  # already one (jnp.asarray would take about 33 us to return it: configs are rebuilt often)
     if type(x) is float or (type(x) is int and abs(x) <= 2**53):
-        return _scalar_array(x)
+        return _scalar_array(x, dtype)
     try:
         if isinstance(x, (str, bytes, bool)) or x is None:  # a flag or a name is never a float field
             raise TypeError
