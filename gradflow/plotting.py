@@ -28,6 +28,7 @@ import numpy as np
 
 from gradflow import theory
 from gradflow._series import first_crossings
+from gradflow.figure_files import write_png_and_pdf
 
 OKABE_ITO = (
     "#0072B2",  # blue
@@ -139,7 +140,8 @@ def to_jsonable(obj):
 
 
 def save_figure(fig, name: str, out_dir: str | Path = DEFAULT_OUT, data: dict | None = None) -> dict[str, Path]:
-    """Write ``out_dir/name``.png, .pdf and .json (``data``, NaN/inf as null); close ``fig``.
+    """Write ``out_dir/name``.png and .pdf (one layout, side by side: ``gradflow.figure_files``) and .json
+    (``data``, NaN/inf as null); close ``fig``.
 
     Args:
         fig (matplotlib.figure.Figure): the figure to write and close.
@@ -153,9 +155,7 @@ def save_figure(fig, name: str, out_dir: str | Path = DEFAULT_OUT, data: dict | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("png", "pdf", "json")}
-    fig.savefig(paths["png"])
-    fig.set_layout_engine("none")  # the layout of the first save is kept: the PDF does not run it again
-    fig.savefig(paths["pdf"])
+    write_png_and_pdf(fig, paths["png"], paths["pdf"])
     plt.close(fig)
     paths["json"].write_text(json.dumps(to_jsonable(data or {}), indent=1) + "\n")
     for path in paths.values():
