@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -37,11 +36,14 @@ import optax
 from gradflow import objective
 from gradflow import schedules as sched
 from gradflow._checks import check_choice, check_int, check_positive, is_concrete
+from gradflow._imports import on_first_use
 from gradflow._version import versions
 from gradflow.config import FlowParams
 from gradflow.integrator import flow_clock, integrate
 from gradflow.model import ModelSpec, Theta, default_theta0
 from gradflow.task import ChainTask
+
+diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 ADJOINTS = ("recursive", "backsolve")
 FAMILIES = ("step", "piecewise_constant", "piecewise_linear")

@@ -1,7 +1,7 @@
 """A figure's PNG and PDF, written side by side: one layout, two files, two processes where that is safe.
 
-A figure's two image files each cost a full draw of every artist (and the PDF a font subset on top), about
-equal times, one after the other on one core.  ``write_png_and_pdf`` fixes the layout once (``fix_layout``: the
+A figure's two image files each cost full draws of every artist (the PDF a font subset on top), one after the
+other on one core.  ``write_png_and_pdf`` fixes the layout once (``fix_layout``: the
 layout engine runs at the PNG's resolution, as the PNG save would run it, and is then switched off, so both
 files hold the same layout) and writes the PDF in a forked child process while this process writes the PNG.
 The files equal those written one after the other, byte for byte.
@@ -49,8 +49,11 @@ def write_png_and_pdf(fig, png: Path, pdf: Path) -> None:
     ``forks_writers()``; raises what saving raises."""
     fix_layout(fig)
     child = _fork_pdf_writer(fig, pdf) if forks_writers() else None
-    fig.savefig(png)
-    if child is None or not _finished_cleanly(child):
+    try:
+        fig.savefig(png)
+    finally:  # the child is waited for even when the PNG fails (no writer left behind)
+        written = child is not None and _finished_cleanly(child)
+    if not written:
         fig.savefig(pdf)
 
 

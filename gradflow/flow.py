@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import readouts
 from gradflow._checks import check_choice, is_concrete
-from gradflow._dependencies import is_result, result_code, result_message
+from gradflow._dependencies import RESULT_DTYPE, SUCCESSFUL, is_result, result_code, result_message
+from gradflow._imports import on_first_use
 from gradflow.ceilings import closed_form_ceiling, reward_ceiling_warning
 from gradflow.compile_cache import (
     CACHE_MAX_BYTES,
@@ -87,6 +87,8 @@ from gradflow.model import LaidOutModel, ModelSpec, Theta
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask, PaddedTask, bucket_size
 from gradflow.trajectory import QUANTITIES, Trajectory
+
+diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 __all__ = [
     "BISECTION_STEPS",
@@ -478,7 +480,7 @@ def _pass_shapes(params: FlowParams, saves: int) -> dict:
         "ts": ((saves + 1,), np.dtype(float)),
         "ys": ((saves + 1, width), np.dtype(float)),
         "rewards": ((saves,), np.dtype(float)),
-        "result": ((), np.asarray(diffrax.RESULTS.successful._value).dtype),
+        "result": ((), RESULT_DTYPE),
         "event_mask": ((), np.dtype(bool)),
         "field_finite": ((), np.dtype(bool)),
     }
@@ -1003,7 +1005,8 @@ def _early(params: FlowParams) -> FlowParams:
 
 def _ran_out_early(params: FlowParams, out) -> bool:
     """Whether an early solve (``_early``) of ``params`` stopped at ``EARLY_STEPS`` short of its own max_steps."""
-    return params.max_steps > EARLY_STEPS and is_result(int(out.result), diffrax.RESULTS.max_steps_reached)
+    code = int(out.result)  # a success never reads diffrax's codes (a warm process never imports diffrax)
+    return params.max_steps > EARLY_STEPS and code != SUCCESSFUL and is_result(code, diffrax.RESULTS.max_steps_reached)
 
 
 def _outlook(params: FlowParams, out, seconds: float) -> tuple[str, bool]:

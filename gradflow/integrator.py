@@ -21,20 +21,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
 
+from gradflow._imports import on_first_use
 from gradflow.model import Theta
 from gradflow.objective import expected_reward
 
-SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-    "kvaerno5": diffrax.Kvaerno5,
+diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
+
+SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {  # factories: diffrax is imported by the first solve built
+    "tsit5": lambda: diffrax.Tsit5(),
+    "dopri5": lambda: diffrax.Dopri5(),
+    "dopri8": lambda: diffrax.Dopri8(),
+    "kvaerno5": lambda: diffrax.Kvaerno5(),
     # Newton to 1/100 of the default step tolerances: with diffrax's default chord iteration half the steps of a
     # stiff capped flow were rejected for a failed iteration (1,516 steps to t = 1e4, 758 rejected; Newton: 154)
     "kvaerno5_newton": lambda: diffrax.Kvaerno5(root_finder=optx.Newton(rtol=1e-10, atol=1e-12)),

@@ -18,7 +18,8 @@ def test_result_codes_round_trip_every_diffrax_result():
         code = int(_dependencies.result_code(item))
         assert _dependencies.is_result(code, item)
         assert not _dependencies.is_result(code + 1, item)
-    assert int(_dependencies.result_code(diffrax.RESULTS.successful)) == 0  # theory reads 0 as success
+    assert int(_dependencies.result_code(diffrax.RESULTS.successful)) == _dependencies.SUCCESSFUL == 0  # theory reads 0
+    assert _dependencies.result_code(diffrax.RESULTS.max_steps_reached).dtype == _dependencies.RESULT_DTYPE
 
 
 def test_result_message_names_the_failure():

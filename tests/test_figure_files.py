@@ -107,6 +107,15 @@ def test_an_unwritable_pdf_raises_here(tmp_path, monkeypatch, forked):
     assert (tmp_path / "f.png").is_file()
 
 
+def test_an_unwritable_png_raises_after_the_pdf_writer_is_done(tmp_path, monkeypatch):
+    monkeypatch.setattr(figure_files, "forks_writers", lambda: hasattr(os, "fork"))
+    (tmp_path / "f.png").mkdir()
+    with pytest.raises(OSError):
+        figure_files.write_png_and_pdf(small_figure(), tmp_path / "f.png", tmp_path / "f.pdf")
+    if hasattr(os, "fork"):  # the child was waited for: its PDF is whole
+        assert (tmp_path / "f.pdf").read_bytes().rstrip().endswith(b"%%EOF")
+
+
 def test_forks_only_on_linux_outside_a_jupyter_kernel(monkeypatch):
     monkeypatch.setattr(figure_files.sys, "platform", "linux")
     monkeypatch.delitem(figure_files.sys.modules, "ipykernel", raising=False)

@@ -559,18 +559,21 @@ def test_float32_is_refused():
 
 _CACHE_PROBE = textwrap.dedent(
     """
+    import sys
     import time
     from jax._src import monitoring
     hits = []
     monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
     import gradflow as gf
+    import gradflow.cli
     from gradflow.flow import FlowParams, simulate
     from gradflow.compile_cache import programs_traced
+    imported = "diffrax" in sys.modules
     start = time.perf_counter()
     trajectory = simulate(FlowParams(gf.ChainTask.uniform(3), t1=5.0, save_ts=[0.0, 5.0], events=(), readouts=False))
     print(len(hits), time.perf_counter() - start, programs_traced(), repr(float(trajectory.reward[-1])))
     import jax
-    print(jax.config.jax_persistent_cache_min_compile_time_secs)
+    print(jax.config.jax_persistent_cache_min_compile_time_secs, imported, "diffrax" in sys.modules)
     """
 )
 
@@ -581,8 +584,8 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     run = lambda: subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True, timeout=600)
     cold, warm = run(), run()
     assert cold.returncode == 0 and warm.returncode == 0, cold.stderr[-2000:] + warm.stderr[-2000:]
-    cold_hits, _, cold_traced, cold_reward, kept_from = cold.stdout.split()
-    warm_hits, _, warm_traced, warm_reward, _ = warm.stdout.split()
+    cold_hits, _, cold_traced, cold_reward, kept_from, cold_import, cold_solve = cold.stdout.split()
+    warm_hits, _, warm_traced, warm_reward, _, warm_import, warm_solve = warm.stdout.split()
     assert int(cold_hits) == 0 and int(warm_hits) >= 1, (cold.stdout, warm.stdout)
     # programs that compile for 0.1 s or more are kept (JAX's default of 1 s left out one config's rewards and
     # read-out programs, compiled again by every new process)
@@ -592,6 +595,8 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     # the warm process traces nothing and gets the same numbers
     assert int(cold_traced) == 3 and int(warm_traced) == 0, (cold.stdout, warm.stdout)
     assert warm_reward == cold_reward
+    # diffrax is imported by the first solve built (gradflow._imports): not by the CLI's imports, not by a warm solve
+    assert (cold_import, cold_solve, warm_import, warm_solve) == ("False", "True", "False", "False")
     for kind in ("pass", "after_pass", "readouts"):
         assert list((tmp_path / "cache" / "exported").glob(f"{kind}-*.bin"))
 

@@ -1,0 +1,25 @@
+"""Third-party modules imported when first used: diffrax is read only by code that builds a solve, so a process
+whose programs all load from the caches (a warm ``gradflow run``) never imports it (about half a second).
+
+``on_first_use(name)`` returns a stand-in module whose attribute reads import ``name`` (``importlib.import_module``,
+thread-safe under the import system's locks) and read the attribute there.  A gradflow module holds it by
+assignment (``diffrax = on_first_use("diffrax")``); ``sys.modules`` is left alone, so ``import diffrax`` anywhere
+else imports the real module as always.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+
+class _OnFirstUse(types.ModuleType):
+    """Stands in for the module of its name: every attribute it lacks is read from that module, imported then."""
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def on_first_use(name: str) -> types.ModuleType:
+    """A stand-in for module ``name`` that imports it at the first attribute read (``_OnFirstUse``)."""
+    return _OnFirstUse(name)
