@@ -1,8 +1,7 @@
 """The private APIs of dependencies that gradflow needs because no public one exists, each held once.
 
 Every name here reads (or, for the two result constants, restates) a private attribute of equinox or diffrax;
-tests/test_dependencies.py fails
-as soon as a release moves one, so a dependency upgrade breaks a test, not a result.
+tests/test_dependencies.py fails as soon as a release moves one, so a dependency upgrade breaks a test, not a result.
 """
 
 from __future__ import annotations
@@ -14,10 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from equinox import _errors as equinox_errors  # private: the runtime switch behind EQX_ON_ERROR
 
-from gradflow._imports import on_first_use
-
-diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
-
+from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
 
 SUCCESSFUL = 0  # the index of diffrax.RESULTS.successful, read without importing diffrax (a warm process never does)
 RESULT_DTYPE = np.dtype(np.int32)  # the dtype of a stored result index (tests/test_dependencies.py checks both)

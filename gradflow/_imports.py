@@ -2,8 +2,8 @@
 whose programs all load from the caches (a warm ``gradflow run``) never imports it (about half a second).
 
 ``on_first_use(name)`` returns a stand-in module whose attribute reads import ``name`` (``importlib.import_module``,
-thread-safe under the import system's locks) and read the attribute there.  A gradflow module holds it by
-assignment (``diffrax = on_first_use("diffrax")``); ``sys.modules`` is left alone, so ``import diffrax`` anywhere
+thread-safe under the import system's locks) and read the attribute there.  gradflow's modules import the
+stand-in (``from gradflow._imports import diffrax``); ``sys.modules`` is left alone, so ``import diffrax`` anywhere
 else imports the real module as always.
 """
 
@@ -23,3 +23,6 @@ class _OnFirstUse(types.ModuleType):
 def on_first_use(name: str) -> types.ModuleType:
     """A stand-in for module ``name`` that imports it at the first attribute read (``_OnFirstUse``)."""
     return _OnFirstUse(name)
+
+
+diffrax = on_first_use("diffrax")  # what gradflow's modules import as diffrax

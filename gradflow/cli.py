@@ -31,15 +31,13 @@ import numpy as np
 from gradflow import design, flow, schedules, sweep, theory, training
 from gradflow._checks import check_positive
 from gradflow._deprecated import deprecated_flag
-from gradflow._imports import on_first_use
+from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
 from gradflow._version import __version__
 from gradflow.flow import COORDS, RECORDED, SOLVER_CHOICES, FlowParams, Trajectory, as_theta
 from gradflow.model import ATTENTION_KINDS, VALUE_FIELDS, VALUE_KINDS, ModelSpec, Theta
 from gradflow.plotting import DEFAULT_OUT, emergence_figure, save_figure, use_headless_backend
 from gradflow.readouts import READOUTS
 from gradflow.task import ChainTask
-
-diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 DEFAULT_N = 8
 REPORT_TIMES = (0.0, 1.0, 10.0, 100.0, 1e3, 1e4)

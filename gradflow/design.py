@@ -36,14 +36,12 @@ import optax
 from gradflow import objective
 from gradflow import schedules as sched
 from gradflow._checks import check_choice, check_int, check_positive, is_concrete
-from gradflow._imports import on_first_use
+from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
 from gradflow._version import versions
 from gradflow.config import FlowParams
 from gradflow.integrator import flow_clock, integrate
 from gradflow.model import ModelSpec, Theta, default_theta0
 from gradflow.task import ChainTask
-
-diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 ADJOINTS = ("recursive", "backsolve")
 FAMILIES = ("step", "piecewise_constant", "piecewise_linear")

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradflow import readouts
 from gradflow._checks import check_choice, is_concrete
 from gradflow._dependencies import RESULT_DTYPE, SUCCESSFUL, is_result, result_code, result_message
-from gradflow._imports import on_first_use
+from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
 from gradflow.ceilings import closed_form_ceiling, reward_ceiling_warning
 from gradflow.compile_cache import (
     CACHE_MAX_BYTES,
@@ -87,8 +87,6 @@ from gradflow.model import LaidOutModel, ModelSpec, Theta
 from gradflow.objective import expected_reward
 from gradflow.task import ChainTask, PaddedTask, bucket_size
 from gradflow.trajectory import QUANTITIES, Trajectory
-
-diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 __all__ = [
     "BISECTION_STEPS",

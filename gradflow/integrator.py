@@ -26,11 +26,9 @@ import jax
 import jax.numpy as jnp
 import optimistix as optx
 
-from gradflow._imports import on_first_use
+from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
 from gradflow.model import Theta
 from gradflow.objective import expected_reward
-
-diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {  # factories: diffrax is imported by the first solve built
     "tsit5": lambda: diffrax.Tsit5(),

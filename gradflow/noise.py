@@ -77,7 +77,7 @@ import numpy as np
 from gradflow import sampling, two_matrix
 from gradflow._checks import check_choice, check_fraction, check_int, check_positive
 from gradflow._extended import EXTENDED, FLOAT, Extended, Numbers
-from gradflow._imports import on_first_use
+from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
 from gradflow._series import first_crossing
 from gradflow.config import config_label
 from gradflow.integrator import EulerMaruyama, integrate
@@ -95,8 +95,6 @@ from gradflow.objective import (
 )
 from gradflow.policy import chain_targets, degree_counts
 from gradflow.task import ChainTask
-
-diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 BASELINES = ("mean", "none")
 BATCH_BASELINES = ("mean", "none", "leave_one_out")

@@ -39,7 +39,7 @@ from gradflow import readouts
 from gradflow._checks import check_fraction, check_int, check_nonnegative
 from gradflow._dependencies import is_result, result_code, result_message
 from gradflow._deprecated import module_getattr
-from gradflow._imports import on_first_use
+from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
 from gradflow._series import first_crossing
 from gradflow.ceilings import RewardCeiling, max_reward, reward_ceiling, reward_ceiling_warning  # noqa: F401  (re-exported)
 from gradflow.compile_cache import CompileRequest, compiled, run_together
@@ -58,8 +58,6 @@ from gradflow.model import ModelSpec, Theta, as_task, default_theta0, step_proba
 from gradflow.objective import expected_reward, finite_or_extended, same_side_probability
 from gradflow.task import ChainTask, PaddedTask, bucket_size
 from gradflow.trajectory import Trajectory
-
-diffrax = on_first_use("diffrax")  # imported when first read (gradflow._imports)
 
 REGIMES = ("polynomial", "exponential", "undetermined")
 DEFAULT_T1 = 1e40
