@@ -11,7 +11,8 @@ Rows, each with the target it is held to:
 Floors, measured in the same run, that bound two of these on this machine: a fresh process that imports
 gradflow's CLI and writes an empty four-panel figure (what any ``gradflow run`` pays before it solves), and
 the sweep's flows/s if every core did nothing but its grad J evaluations (steps x 6 per flow, each timed in a
-compiled loop over a 64-member chunk).
+compiled loop over a 64-member chunk); and where a plain vmapped diffrax solve of such a chunk spends a step (the
+sweep's mean steps, constant): diffrax's own work (a field that costs nothing) against the six grad J evaluations.
 Before/after: ``--baseline REV`` (default ``BASELINE``, the tree before issue 21's work) runs
 ``compile_probe.py`` in fresh processes on that revision (``git archive``) and on this tree, alternating, twice
 each in this run, and prints the best of each with their ratio.
@@ -38,7 +39,7 @@ import diffrax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import check, finish, header, table  # noqa: E402
+from _common import best_time, check, finish, header, table  # noqa: E402
 from bench_sweep import vector_field_seconds  # noqa: E402
 
 import gradflow as gf  # noqa: E402
@@ -159,15 +160,39 @@ def cli_floor_seconds() -> tuple[float, float, float]:
     return wall, imports, figure
 
 
-def grad_j_floor(configs: list[gf.FlowParams], trajectories) -> tuple[float, float, float]:
+def sweep_chunk(configs: list[gf.FlowParams]) -> gf.FlowParams:
+    """64 of the sweep's configs, spread over its masses, bucketed and stacked (one batch chunk)."""
+    return flow_module.stack_configs([flow_module.bucketed(c) for c in configs[:: len(configs) // 64][:64]])
+
+
+def grad_j_floor(configs: list[gf.FlowParams], steps: float) -> tuple[float, float, float]:
     """The sweep's bound from its vector field alone: (evaluations per flow, us per member-evaluation of grad J in
     a compiled loop over a 64-member vmapped chunk of the sweep's bucketed configs, flows/s on every core if the
     solve did nothing else).  Evaluations: 6 per Tsit5 step, accepted or rejected (first same as last)."""
-    steps = np.mean([t.stats["num_steps"] for t in trajectories])
-    chunk = flow_module.stack_configs([flow_module.bucketed(c) for c in configs[:: len(configs) // 64][:64]])
-    per_eval = vector_field_seconds(chunk, batched=True) / 64
+    per_eval = vector_field_seconds(sweep_chunk(configs), batched=True) / 64
     evaluations = 6 * steps
     return evaluations, per_eval * 1e6, os.cpu_count() / (evaluations * per_eval)
+
+
+def step_costs(configs: list[gf.FlowParams], steps: float) -> tuple[float, float]:
+    """A plain vmapped diffrax solve of a 64-member chunk (Tsit5, ``steps`` constant steps over [0, t1], the flow's
+    201 saves), once with a field that costs nothing and once with the flow's grad J: (us per member-step of
+    diffrax's own work, us per member-step of the six grad J evaluations), on one core."""
+    chunk, count = sweep_chunk(configs), int(round(steps))
+    saves = jnp.asarray(configs[0].times())
+
+    def solver(field):
+        def one(p):
+            term = diffrax.ODETerm(lambda t, y, args: field(p, t, y))
+            y0, t1 = p.theta0.as_array(), p.t1
+            return diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, t1, t1 / count, y0, saveat=diffrax.SaveAt(ts=saves)).ys
+
+        solve = jax.jit(jax.vmap(one))
+        jax.block_until_ready(solve(chunk))
+        return best_time(lambda: jax.block_until_ready(solve(chunk)), repeats=3) / (64 * count) * 1e6
+
+    machinery = solver(lambda p, t, y: -1e-6 * y)
+    return machinery, solver(lambda p, t, y: p.vector_field(t, y)) - machinery
 
 
 def sweep_configs() -> list[gf.FlowParams]:
@@ -226,10 +251,16 @@ def main():
         ],
         ("flows", "batched s", "batched flows/s", "devices", "sharded flows/s", "one by one flows/s"),
     )
-    evaluations, per_eval_us, bound = grad_j_floor(configs, solved)
+    steps = np.mean([t.stats["num_steps"] for t in solved])
+    evaluations, per_eval_us, bound = grad_j_floor(configs, steps)
     table(
         [(f"{evaluations:.0f}", f"{per_eval_us:.2f}", os.cpu_count(), f"{bound:.0f}")],
         ("grad J evaluations per flow", "us per member-evaluation", "cores", "flows/s if grad J were all"),
+    )
+    machinery_us, field_us = step_costs(configs, steps)
+    table(
+        [(f"{steps:.0f}", f"{machinery_us:.2f}", f"{field_us:.2f}", f"{field_us / (machinery_us + field_us):.0%}")],
+        ("plain vmapped diffrax solve, steps", "diffrax us per member-step", "grad J x6 us per member-step", "grad J share"),
     )
     best = SWEEP_SIZE / min(batched, sharded)
     check("sweep at >= 2,000 flows/s", best >= 2000, f"{best:.0f} flows/s")
