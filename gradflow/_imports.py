@@ -1,5 +1,6 @@
 """Third-party modules imported when first used: diffrax is read only by code that builds a solve, so a process
-whose programs all load from the caches (a warm ``gradflow run``) never imports it (about half a second).
+whose programs all load from the caches (a warm ``gradflow run``) never imports it (about half a second), and optax
+only by training and design.
 
 ``on_first_use(name)`` returns a stand-in module whose attribute reads import ``name`` (``importlib.import_module``,
 thread-safe under the import system's locks) and read the attribute there.  gradflow's modules import the
@@ -25,4 +26,5 @@ def on_first_use(name: str) -> types.ModuleType:
     return _OnFirstUse(name)
 
 
-diffrax = on_first_use("diffrax")  # what gradflow's modules import as diffrax
+diffrax = on_first_use("diffrax")  # what gradflow's modules import as diffrax ...
+optax = on_first_use("optax")  # ... and as optax (0.1 s, for training and design only)

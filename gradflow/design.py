@@ -22,6 +22,7 @@ candidate onto this set by moving off-target mass onto the target distribution (
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,12 +32,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gradflow import objective
 from gradflow import schedules as sched
 from gradflow._checks import check_choice, check_int, check_positive, is_concrete
-from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
+from gradflow._imports import diffrax, optax  # stand-ins: each is imported when first read
 from gradflow._version import versions
 from gradflow.config import FlowParams
 from gradflow.integrator import flow_clock, integrate
@@ -199,8 +199,13 @@ def _feasible_schedule(schedule, target_probs, cap, t0, t1):
 # Compiled pieces (module level, so every call with one structure reuses one compilation)
 # --------------------------------------------------------------------------------------------------
 
-_OPTIMIZER = optax.inject_hyperparams(optax.adam)(learning_rate=0.05)
-_adam_update = jax.jit(_OPTIMIZER.update)
+
+@functools.cache
+def _adam() -> tuple:
+    """The design's Adam (its learning rate a hyperparameter in its state) and its jitted update: built at the first
+    design, so that importing this module does not import optax."""
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=0.05)
+    return optimizer, jax.jit(optimizer.update)
 
 
 def _with_probs(base: FlowParams, probs) -> FlowParams:
@@ -478,7 +483,8 @@ class _Problem:
         the best iterate seen, and the reward of every iterate (steps x restarts)."""
         names = list(inits)
         params = _stack(list(inits.values()))
-        opt_state = _OPTIMIZER.init(params)
+        optimizer, update = _adam()
+        opt_state = optimizer.init(params)
         opt_state.hyperparams["learning_rate"] = jnp.asarray(np.float64(lr))
         history, best, last_gain = [], (-np.inf, None, ""), 0
         for step in range(steps + 1):
@@ -497,7 +503,7 @@ class _Problem:
             if step == steps or step - last_gain >= patience:
                 break
             ascent = jax.tree_util.tree_map(lambda g: -jnp.nan_to_num(g), grads)  # a failed solve adds nothing
-            updates, opt_state = _adam_update(ascent, opt_state, params)
+            updates, opt_state = update(ascent, opt_state, params)
             params = optax.apply_updates(params, updates)
         return best + (history,)
 

@@ -39,11 +39,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gradflow import objective, readouts
 from gradflow._checks import check_choice, check_int, check_positive
 from gradflow._deprecated import module_getattr, renamed_keyword
+from gradflow._imports import optax  # a stand-in: optax is imported when first read
 from gradflow.compile_cache import compiled
 from gradflow.config import config_label, extended_config, extended_configs
 from gradflow.flow import FlowParams, Trajectory, stack_configs
