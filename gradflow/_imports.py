@@ -1,6 +1,7 @@
 """Third-party modules imported when first used: diffrax is read only by code that builds a solve, so a process
 whose programs all load from the caches (a warm ``gradflow run``) never imports it (about half a second), and optax
-only by training and design.
+only by training and design, and matplotlib only by a figure drawn (a warm ``gradflow run`` whose figure the figure
+cache holds draws none).
 
 ``on_first_use(name)`` returns a stand-in module whose attribute reads import ``name`` (``importlib.import_module``,
 thread-safe under the import system's locks) and read the attribute there.  gradflow's modules import the
@@ -28,3 +29,5 @@ def on_first_use(name: str) -> types.ModuleType:
 
 diffrax = on_first_use("diffrax")  # what gradflow's modules import as diffrax ...
 optax = on_first_use("optax")  # ... and as optax (0.1 s, for training and design only)
+matplotlib = on_first_use("matplotlib")  # ... and as matplotlib and its pyplot (0.5 s, for figures only)
+plt = on_first_use("matplotlib.pyplot")

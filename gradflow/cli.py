@@ -35,7 +35,7 @@ from gradflow._imports import diffrax  # a stand-in: diffrax is imported when fi
 from gradflow._version import __version__
 from gradflow.flow import COORDS, RECORDED, SOLVER_CHOICES, FlowParams, Trajectory, as_theta
 from gradflow.model import ATTENTION_KINDS, VALUE_FIELDS, VALUE_KINDS, ModelSpec, Theta
-from gradflow.plotting import DEFAULT_OUT, emergence_figure, save_figure, use_headless_backend
+from gradflow.plotting import DEFAULT_OUT, draw_emergence, emergence_data, save_drawn, use_headless_backend
 from gradflow.readouts import READOUTS
 from gradflow.task import ChainTask
 
@@ -411,11 +411,10 @@ def cmd_run(args) -> int:
 
 
 def _plot_emergence(trajectory, out: Path) -> None:
-    """The emergence figure of ``experiments/emergence.py`` (one code path): out.png, .pdf and .json."""
-    use_headless_backend()
+    """The emergence figure of ``experiments/emergence.py`` (one code path): out.png, .pdf and .json, the images
+    copied from the figure cache when it holds this figure (``plotting.save_drawn``)."""
     out = Path(out)
-    fig, data = emergence_figure(trajectory)
-    save_figure(fig, out.with_suffix("").name, out.parent, data)
+    save_drawn(draw_emergence, emergence_data(trajectory), out.with_suffix("").name, out.parent)
 
 
 def cmd_simulate(args) -> int:

@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-import matplotlib
+from gradflow._imports import matplotlib
 
 WRITER_TIMEOUT = 120.0  # seconds the PDF child may take after the PNG is written, before it is given up
 _POLL_SECONDS = 0.005

@@ -8,8 +8,8 @@ three parts: a computation on the mode's preset that returns plain data, the cla
 and the plot of it (both on the data as the JSON holds it, so either can be redone from the file).
 The levels marked on the shared figures are the ones ``gradflow.theory.phases`` defines.
 
-Importing this module does not choose a matplotlib backend: the figure scripts and the CLI do
-(``use_headless_backend()``), so a user's interactive session keeps its own.
+Importing this module does not import matplotlib (``gradflow._imports``: the first figure drawn does) nor choose a
+backend: the figure scripts and the CLI do (``use_headless_backend()``), so a user's interactive session keeps its own.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 
-from gradflow import theory
+from gradflow import figure_cache, theory
+from gradflow._imports import matplotlib, plt  # stand-ins: matplotlib is imported when a figure is first drawn
 from gradflow._series import first_crossings
 from gradflow.figure_files import write_png_and_pdf
 
@@ -50,7 +49,7 @@ EMERGENCE_LEVEL = _PHASE_LEVELS["emergence_level"].default  # P(forward | move) 
 TRAVERSAL_LEVEL = _PHASE_LEVELS["traversal_level"].default  # ... and at traversal
 
 STYLE = {
-    "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
+    "axes.prop_cycle": f"cycler(color={list(OKABE_ITO)!r})",  # parsed by rcParams (no matplotlib import here)
     "axes.grid": True,
     "grid.alpha": 0.3,
     "grid.linewidth": 0.6,
@@ -152,11 +151,47 @@ def save_figure(fig, name: str, out_dir: str | Path = DEFAULT_OUT, data: dict | 
     Returns:
         The written paths by extension ("png", "pdf", "json").
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("png", "pdf", "json")}
+    paths = _figure_paths(name, out_dir)
     write_png_and_pdf(fig, paths["png"], paths["pdf"])
     plt.close(fig)
+    return _with_json(paths, data)
+
+
+def save_drawn(draw: Callable[[dict], object], data: dict, name: str, out_dir: str | Path = DEFAULT_OUT) -> dict[str, Path]:
+    """``save_figure(draw(plain(data)), name, out_dir, data)``, the PNG and PDF copied from the figure cache where
+    it holds this drawer's figure of this data (``gradflow.figure_cache``: nothing drawn, matplotlib not imported),
+    and kept there once drawn (a drawer without a source file, e.g. from a notebook cell, is drawn every time).
+
+    Args:
+        draw: data as its JSON file holds it -> the matplotlib figure (a pure function of the data).
+        data: the figure's data (written to the .json file).
+        name: the file stem.
+        out_dir: the output directory (created if missing).
+
+    Returns:
+        The written paths by extension ("png", "pdf", "json").
+    """
+    data = plain(data)
+    paths = _figure_paths(name, out_dir)
+    key = figure_cache.figure_key(draw, data)
+    if key is not None and figure_cache.restore(key, paths):
+        return _with_json(paths, data)
+    use_headless_backend()
+    save_figure(draw(data), name, out_dir, data)
+    if key is not None:
+        figure_cache.keep(key, paths)
+    return paths
+
+
+def _figure_paths(name: str, out_dir: str | Path) -> dict[str, Path]:
+    """``out_dir/name``.png, .pdf and .json by extension (the folder created if missing)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {ext: out_dir / f"{name}.{ext}" for ext in ("png", "pdf", "json")}
+
+
+def _with_json(paths: dict[str, Path], data: dict | None) -> dict[str, Path]:
+    """Write ``data`` (``to_jsonable``) to the .json path, report every path written and return them."""
     paths["json"].write_text(json.dumps(to_jsonable(data or {}), indent=1) + "\n")
     for path in paths.values():
         print(f"wrote {path}")

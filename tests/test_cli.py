@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gradflow as gf
-from gradflow import cli
+from gradflow import cli, figure_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n", "4", "--t1", "20", "--no-progress"]  # one small compiled flow shared by the smoke tests
@@ -74,6 +74,13 @@ def test_run_writes_the_figure_and_reports_the_final_time(tmp_path, capsys):
         assert figure.with_suffix(f".{ext}").stat().st_size > 0
     out = capsys.readouterr().out
     assert "t_hit(0.9)" in out and "(final)" in out  # t1 = 20 is past the report's t = 10 row
+    # the same run again: its figure comes from the figure cache (gradflow.figure_cache), the same files
+    again = tmp_path / "again" / "emergence.png"
+    assert cli.main(["run", *SMALL, "--figure", str(again)]) == 0
+    for ext in ("png", "json"):
+        assert again.with_suffix(f".{ext}").read_bytes() == figure.with_suffix(f".{ext}").read_bytes(), ext
+    if figure_cache.folder() is not None:  # copied, so the PDF too (drawn again, it would hold a later date)
+        assert again.with_suffix(".pdf").read_bytes() == figure.with_suffix(".pdf").read_bytes()
 
 
 @pytest.mark.slow
