@@ -9,7 +9,8 @@ Rows, each with the target it is held to:
 - sweep throughput: 1,024 mixtures at n = 16, easy mass 1e-3..1, default t1 and tolerances
   (target: 2,000 flows/s), against solving a sample of them one by one.
 Floors, measured in the same run, that bound two of these on this machine: a fresh process that imports
-gradflow's CLI and writes an empty four-panel figure (what any ``gradflow run`` pays before it solves), and
+gradflow's CLI and writes an empty four-panel figure (what a ``gradflow run`` that draws its figure pays before it
+solves; a warm run copies its figure from ``gradflow.figure_cache``, so only the imports bound it), and
 the sweep's flows/s if every core did nothing but its grad J evaluations (steps x 6 per flow, each timed in a
 compiled loop over a 64-member chunk); and where a plain vmapped diffrax solve of such a chunk spends a step (the
 sweep's mean steps, constant): diffrax's own work (a field that costs nothing) against the six grad J evaluations.
@@ -149,8 +150,8 @@ print(imported - start, time.perf_counter() - imported)
 
 def cli_floor_seconds() -> tuple[float, float, float]:
     """What any `gradflow run` costs on this machine before it solves anything: a fresh process that imports
-    gradflow's CLI (jax, diffrax, matplotlib) and writes a four-panel log-time figure of no data as PNG, PDF and
-    JSON in gradflow's style.  Returns (wall s, of it imports s, of it the figure s)."""
+    gradflow's CLI (jax, equinox; matplotlib when the figure is drawn) and writes a four-panel log-time figure of no
+    data as PNG, PDF and JSON in gradflow's style.  Returns (wall s, of it imports s, of it the figure s)."""
     folder = tempfile.mkdtemp(prefix="gradflow-bench-floor-")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, folder], capture_output=True, text=True, check=True)
