@@ -1,5 +1,6 @@
 """Third-party modules imported when first used: diffrax is read only by code that builds a solve, so a process
-whose programs all load from the caches (a warm ``gradflow run``) never imports it (about half a second), and optax
+whose programs all load from the caches (a warm ``gradflow run``) never imports it (about half a second), nor
+optimistix (its event bisection and Newton iteration, read by the same code), and optax
 only by training and design, and matplotlib only by a figure drawn (a warm ``gradflow run`` whose figure the figure
 cache holds draws none).
 
@@ -29,5 +30,6 @@ def on_first_use(name: str) -> types.ModuleType:
 
 diffrax = on_first_use("diffrax")  # what gradflow's modules import as diffrax ...
 optax = on_first_use("optax")  # ... and as optax (0.1 s, for training and design only)
+optx = on_first_use("optimistix")  # ... and as optx (with lineax 0.2 s, for a solve built: its event bisection)
 matplotlib = on_first_use("matplotlib")  # ... and as matplotlib and its pyplot (0.5 s, for figures only)
 plt = on_first_use("matplotlib.pyplot")

@@ -19,14 +19,14 @@ by the clock's rate.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optimistix as optx
 
-from gradflow._imports import diffrax  # a stand-in: diffrax is imported when first read
+from gradflow._imports import diffrax, optx  # stand-ins: diffrax and optimistix are imported when first read
 from gradflow.model import Theta
 from gradflow.objective import expected_reward
 
@@ -115,22 +115,37 @@ def jump_ts(params, clock: Clock):
     return None if jumps is None else clock.to_solver(jnp.maximum(jnp.asarray(jumps, dtype=float), params.t0))
 
 
-class BracketBisection(optx.Bisection):
-    """optimistix's ``Bisection`` (stop when the bracket is below atol + rtol |t| and |condition| < atol) that
-    also stops when the bracket is down to two neighbouring floats, where no halving can shrink it.
+@functools.cache
+def _bracket_bisection() -> type:
+    """The class ``BracketBisection``, defined at its first use: it subclasses optimistix's ``Bisection``, and
+    optimistix (with lineax, about 0.2 s) is imported only when a solve is built, never by a warm run."""
 
-    Where one ulp of t moves the condition by more than atol (a growth or level event in a linear-time
-    segment at t ~ 1e4..5e5, n >= 240: 1e-12..8e-11 per ulp) no float has |condition| < atol: the bracket
-    collapsed and the search spun to optimistix's 256 steps, failing the solve ("maximum number of steps
-    reached in the nonlinear solver").  The collapsed bracket still holds the sign change, so its end is
-    the event time to one ulp; every search that stopped before stops at the same point.
-    """
+    class BracketBisection(optx.Bisection):
+        """optimistix's ``Bisection`` (stop when the bracket is below atol + rtol |t| and |condition| < atol) that
+        also stops when the bracket is down to two neighbouring floats, where no halving can shrink it.
 
-    def terminate(self, fn, y, args, options, state, tags):  # y: the point just evaluated, an end of the bracket
-        small = jnp.abs(state.lower - state.upper) < self.atol + self.rtol * jnp.abs(y)
-        middle = state.lower + 0.5 * (state.upper - state.lower)  # the next point ``step`` would evaluate
-        collapsed = (middle == state.lower) | (middle == state.upper)
-        return small & ((jnp.abs(state.error) < self.atol) | collapsed), optx.RESULTS.successful
+        Where one ulp of t moves the condition by more than atol (a growth or level event in a linear-time
+        segment at t ~ 1e4..5e5, n >= 240: 1e-12..8e-11 per ulp) no float has |condition| < atol: the bracket
+        collapsed and the search spun to optimistix's 256 steps, failing the solve ("maximum number of steps
+        reached in the nonlinear solver").  The collapsed bracket still holds the sign change, so its end is
+        the event time to one ulp; every search that stopped before stops at the same point.
+        """
+
+        def terminate(self, fn, y, args, options, state, tags):  # y: the point just evaluated, an end of the bracket
+            small = jnp.abs(state.lower - state.upper) < self.atol + self.rtol * jnp.abs(y)
+            middle = state.lower + 0.5 * (state.upper - state.lower)  # the next point ``step`` would evaluate
+            collapsed = (middle == state.lower) | (middle == state.upper)
+            return small & ((jnp.abs(state.error) < self.atol) | collapsed), optx.RESULTS.successful
+
+    BracketBisection.__module__ = __name__
+    return BracketBisection
+
+
+def __getattr__(name: str):
+    """``integrator.BracketBisection`` (``_bracket_bisection``: optimistix imported at its first read)."""
+    if name == "BracketBisection":
+        return _bracket_bisection()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def falling_event(cond: Callable) -> diffrax.Event:
@@ -143,7 +158,7 @@ def falling_event(cond: Callable) -> diffrax.Event:
     falls; with a rising condition and ``flip=False`` their bisection ran the wrong way and failed
     (issue 12.4).  A bracket down to neighbouring floats ends the bisection too (``BracketBisection``).
     """
-    return diffrax.Event(cond, root_finder=BracketBisection(rtol=EVENT_RTOL, atol=EVENT_ATOL, flip=True))
+    return diffrax.Event(cond, root_finder=_bracket_bisection()(rtol=EVENT_RTOL, atol=EVENT_ATOL, flip=True))
 
 
 def level_event(params, level, quantity: Callable | None = None, rising=True) -> diffrax.Event:

@@ -568,12 +568,13 @@ _CACHE_PROBE = textwrap.dedent(
     import gradflow.cli
     from gradflow.flow import FlowParams, simulate
     from gradflow.compile_cache import programs_traced
-    imported = "diffrax" in sys.modules or "optax" in sys.modules
+    imported = any(name in sys.modules for name in ("diffrax", "optax", "optimistix", "matplotlib"))
     start = time.perf_counter()
     trajectory = simulate(FlowParams(gf.ChainTask.uniform(3), t1=5.0, save_ts=[0.0, 5.0], events=(), readouts=False))
     print(len(hits), time.perf_counter() - start, programs_traced(), repr(float(trajectory.reward[-1])))
     import jax
-    print(jax.config.jax_persistent_cache_min_compile_time_secs, imported, "diffrax" in sys.modules)
+    solver_imported = "diffrax" in sys.modules or "optimistix" in sys.modules
+    print(jax.config.jax_persistent_cache_min_compile_time_secs, imported, solver_imported)
     """
 )
 
@@ -595,8 +596,8 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
     # the warm process traces nothing and gets the same numbers
     assert int(cold_traced) == 3 and int(warm_traced) == 0, (cold.stdout, warm.stdout)
     assert warm_reward == cold_reward
-    # diffrax is imported by the first solve built (gradflow._imports): not by the CLI's imports (nor optax, which only
-    # training and design use), not by a warm solve
+    # diffrax and optimistix are imported by the first solve built (gradflow._imports): not by the CLI's imports (nor
+    # optax, which only training and design use, nor matplotlib, which a figure drawn imports), not by a warm solve
     assert (cold_import, cold_solve, warm_import, warm_solve) == ("False", "True", "False", "False")
     for kind in ("pass", "after_pass", "readouts"):
         assert list((tmp_path / "cache" / "exported").glob(f"{kind}-*.bin"))

@@ -12,7 +12,7 @@ import pytest
 from helpers import slow_case
 
 import gradflow as gf
-from gradflow import schedules
+from gradflow import integrator, schedules
 from gradflow.flow import FlowParams
 from gradflow.integrator import STIFF_SOLVER, Clock, falling_event, flow_clock, integrate, resolve_solver, solver_for
 from gradflow.sweep import config_hash
@@ -135,3 +135,13 @@ def test_an_event_whose_condition_outruns_one_ulp_of_time_is_located():
     solution = integrate(FlowParams(gf.ChainTask.uniform(2), t1=1e6), diffrax.SaveAt(t1=True), event=event)
     assert solution.result == diffrax.RESULTS.event_occurred, solution.result
     assert 0 < float(solution.ts[-1]) - root <= np.spacing(root)
+    assert isinstance(event.root_finder, integrator.BracketBisection)
+
+
+def test_bracket_bisection_is_one_class_defined_at_its_first_read():
+    """``integrator.BracketBisection`` is built when first read (optimistix is imported then), once."""
+    assert integrator.BracketBisection is integrator.BracketBisection
+    assert issubclass(integrator.BracketBisection, optx.Bisection)
+    assert integrator.BracketBisection.__module__ == "gradflow.integrator"
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchSolver'"):
+        integrator.NoSuchSolver  # noqa: B018
