@@ -82,7 +82,10 @@ def matplotlibrc() -> Path | None:
     """The user's matplotlibrc that matplotlib would read, found as matplotlib finds it (the current folder, then
     $MATPLOTLIBRC (a file, or a folder holding one), then $MPLCONFIGDIR, else $XDG_CONFIG_HOME/matplotlib or
     ~/.config/matplotlib); None: matplotlib's own defaults."""
-    candidates = [Path.cwd() / "matplotlibrc"]
+    try:
+        candidates = [Path.cwd() / "matplotlibrc"]
+    except OSError:  # the current folder was removed: matplotlib cannot read one there either
+        candidates = []
     if os.environ.get("MATPLOTLIBRC"):
         given = Path(os.environ["MATPLOTLIBRC"])
         candidates += [given, given / "matplotlibrc"]
