@@ -6,8 +6,8 @@ all: the drawer's name and its module's source, the data (canonical JSON), the s
 ``gradflow.figure_files``, the versions of gradflow and of the libraries that draw and encode the files (matplotlib,
 NumPy, Pillow, fontTools), the matplotlibrc matplotlib would read and ``SOURCE_DATE_EPOCH`` (the PDF's date), none of
 them importing matplotlib.  ``restore`` copies the PNG and PDF kept under a key; ``keep`` stores them, each written to
-a temporary name and renamed, so no reader sees half a file.  A kept PDF carries the date it was first drawn (unless
-``SOURCE_DATE_EPOCH`` fixes it).
+a temporary name and renamed (``trajectory.atomic_write``), so no reader sees half a file.  A kept PDF carries the
+date it was first drawn (unless ``SOURCE_DATE_EPOCH`` fixes it).
 
 The folder is ``figures`` inside the compilation cache's (``compile_cache.enable_persistent_cache``):
 ``GRADFLOW_CACHE_DIR`` moves both and ``GRADFLOW_NO_CACHE=1`` turns both off.  It holds the ``KEPT_FIGURES`` most
@@ -24,12 +24,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from gradflow import compile_cache
 from gradflow._version import __version__
+from gradflow.trajectory import atomic_write
 
 KEPT_FIGURES = 32  # figures the folder keeps (least recently used removed first)
 IMAGE_FORMATS = ("png", "pdf")  # the files kept for each figure
@@ -133,15 +133,9 @@ def keep(key: str, paths: dict[str, Path]) -> None:
 
 
 def _copy_whole(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` through a temporary file in the target's folder, renamed over it at the end."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
-    try:
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Copy ``source`` to ``target`` through a temporary file renamed over it (``trajectory.atomic_write``)."""
+    with open(source, "rb") as original:
+        atomic_write(target, lambda copy: shutil.copyfileobj(original, copy))
 
 
 def _prune(cache: Path) -> None:

@@ -185,8 +185,8 @@ class Trajectory:
         }
         if sidecar.exists():  # a rewrite: drop the old marker first, so a crash in between leaves no stale pair
             sidecar.unlink()
-        _atomic_write(npz, lambda f: np.savez(f, **arrays))
-        _atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(npz, lambda f: np.savez(f, **arrays))
+        atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return npz
 
     @classmethod
@@ -258,7 +258,9 @@ def _check_shapes(config: FlowParams, saves: int, arrays: dict, eval_reward: dic
             )
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
+def atomic_write(path: Path, write: Callable) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (flushed to disk), then renamed over ``path``: a reader never
+    sees half a file; the temporary file is removed whatever happens, and errors are raised."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
